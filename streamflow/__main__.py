@@ -1,0 +1,5 @@
+import sys
+
+from streamflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""The ``streamflow`` command: run, validate, broker."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+
+from streamflow import __version__
+from streamflow.config import ConfigError, load_pipeline
+from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
+from streamflow.transport.broker import BrokerUnavailableError, EmbeddedBroker
+
+EXIT_CONFIG = 2
+
+log = logging.getLogger("streamflow")
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_pipeline(args.file)
+    runner = PipelineRunner(config, stage=args.stage, until_idle_s=args.until_idle,
+                            metrics_port=args.metrics_port)
+    install_signal_handlers(runner)
+    result = runner.run()
+    for error in result.errors:
+        log.error("%s", error)
+    log.info("pipeline %s ended: %s (exit %d)", config.pipeline, result.reason, result.exit_code)
+    return result.exit_code
+
+
+def _validate(args: argparse.Namespace) -> int:
+    config = load_pipeline(args.file)
+    stages = len(config.processors) + len(config.models) + len(config.sinks)
+    print(f"{args.file}: valid pipeline {config.pipeline!r} "
+          f"({len(config.sources)} sources, {stages} stages, {len(config.topic_specs())} topics)")
+    return 0
+
+
+def _broker(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with EmbeddedBroker(args.port) as broker:
+        print(f"embedded broker listening on {broker.bootstrap} (in memory); Ctrl-C stops it",
+              flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"streamflow {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a pipeline")
+    run.add_argument("file", help="pipeline YAML file")
+    run.add_argument("--stage", help="run only this source or stage (one container per stage)")
+    run.add_argument("--until-idle", type=float, metavar="SECONDS",
+                     help="exit 0 once every stage was idle with zero lag for SECONDS")
+    run.add_argument("--metrics-port", type=int, help="override metrics.port")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="check a pipeline file; exit 2 if invalid")
+    validate.add_argument("file")
+    validate.set_defaults(handler=_validate)
+
+    broker = commands.add_parser("broker", help="run the embedded broker for local development")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.set_defaults(handler=_broker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"invalid pipeline {exc.source}:", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (UnknownStageError, BrokerUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, UnknownStageError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

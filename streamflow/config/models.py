@@ -1,0 +1,220 @@
+"""Pipeline configuration: pydantic models for the YAML file and the Python API alike."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=200)]
+FieldType = Literal["string", "int", "float", "bool"]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors, so that a typo is reported instead of ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbeddedBrokerConfig(Strict):
+    """Settings of the embedded broker used with ``bootstrap: embedded``."""
+
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    log_file: str | None = None
+
+
+class KafkaConfig(Strict):
+    """How to reach Kafka."""
+
+    bootstrap: str = Field("embedded", description="'embedded' or host:port[,host:port...]")
+    client: Literal["confluent", "kafka-python"] = "confluent"
+    config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="client settings passed through, in librdkafka's names (security.protocol, ...)",
+    )
+    embedded: EmbeddedBrokerConfig = Field(default_factory=EmbeddedBrokerConfig)
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        if value == "embedded":
+            return value
+        for server in value.split(","):
+            if not re.fullmatch(r"[^\s:,]+:\d{1,5}", server.strip()):
+                raise ValueError(
+                    f"{server!r} is not host:port; use 'embedded' or a list like 'kafka:9092'"
+                )
+        return value
+
+    def client_settings(self) -> dict[str, str]:
+        return {key: str(value).lower() if isinstance(value, bool) else str(value)
+                for key, value in self.config.items()}
+
+
+class TopicConfig(Strict):
+    """A topic the pipeline creates when it does not exist."""
+
+    name: Name
+    partitions: int = Field(4, ge=1, le=10_000)
+    replication_factor: int = Field(1, ge=1)
+    config: dict[str, str] = Field(default_factory=dict)
+
+
+class BatchConfig(Strict):
+    """Micro-batching: a stage processes up to ``max_records`` gathered within ``max_wait_ms``."""
+
+    max_records: int = Field(5000, ge=1, le=1_000_000)
+    max_wait_ms: int = Field(100, ge=0, le=60_000)
+
+
+class FieldSpec(Strict):
+    """One field of a declared record schema."""
+
+    type: FieldType
+    required: bool = False
+
+
+class SchemaStep(Strict):
+    """Checks records against declared fields: types must match, required fields present."""
+
+    schema_: dict[str, FieldSpec] = Field(alias="schema", min_length=1)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SqlStep(Strict):
+    """A DuckDB statement over the batch, exposed as the table ``batch``."""
+
+    sql: str = Field(min_length=1)
+
+
+def _step_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return next((kind for kind in STEP_KINDS if kind in value), None)
+    return "schema" if isinstance(value, SchemaStep) else "sql"
+
+
+STEP_KINDS = ("schema", "sql")
+StepConfig = Annotated[
+    Annotated[SchemaStep, Tag("schema")] | Annotated[SqlStep, Tag("sql")],
+    Discriminator(
+        _step_kind,
+        custom_error_type="unknown_step",
+        custom_error_message=f"a step is a mapping with one of the keys: {', '.join(STEP_KINDS)}",
+    ),
+]
+
+
+class StageBase(Strict):
+    name: Name
+    input: Name = Field(description="topic to consume")
+    batch: BatchConfig | None = Field(None, description="overrides runtime.batch")
+
+
+class ProcessorConfig(StageBase):
+    """A topic → topic stage: parse, then run its steps in order."""
+
+    output: Name
+    dead_letter: Name | None = Field(None, description="default: <pipeline>.dlq")
+    steps: list[StepConfig] = Field(default_factory=list)
+
+
+class ModelConfig(StageBase):
+    """A river model stage: predict each record, then learn from it."""
+
+    output: Name
+    dead_letter: Name | None = None
+    estimator: list[dict[str, dict[str, Any] | None]] | str = Field(
+        description="river pipeline as [{module.Class: {params}}, ...] or 'module:factory'"
+    )
+    features: list[str] | None = Field(None, description="default: numeric fields but the target")
+    target: str
+    metric: str = Field("MAE", description="a river.metrics class name")
+    prediction_field: str = "prediction"
+
+
+class ConnectorConfig(BaseModel):
+    """Common fields of sources and sinks; the rest is validated by the connector's own model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: Name
+    type: str = Field(min_length=1, description="connector name from `streamflow connectors list`")
+
+    def connector_settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SourceConfig(ConnectorConfig):
+    """A source publishes records to ``topic``."""
+
+    topic: Name
+
+
+class SinkConfig(ConnectorConfig):
+    """A sink consumes ``input`` and makes records durable outside Kafka."""
+
+    input: Name
+    dead_letter: Name | None = None
+    batch: BatchConfig | None = None
+
+
+class MetricsConfig(Strict):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(9108, ge=0, le=65535)
+
+
+class RuntimeConfig(Strict):
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    commit_interval_s: float = Field(
+        2.0, gt=0, description="how often sinks flush and commit their input offsets"
+    )
+    shutdown_timeout_s: float = Field(30.0, gt=0)
+
+
+class PipelineConfig(Strict):
+    """A whole pipeline: source → topic → stage → topic → sink."""
+
+    pipeline: Name
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    topics: list[TopicConfig] = Field(default_factory=list)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    processors: list[ProcessorConfig] = Field(default_factory=list)
+    models: list[ModelConfig] = Field(default_factory=list)
+    sinks: list[SinkConfig] = Field(default_factory=list)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PipelineConfig:
+        seen: set[str] = set()
+        for component in [*self.sources, *self.processors, *self.models, *self.sinks]:
+            if component.name in seen:
+                raise ValueError(f"component name {component.name!r} is used twice")
+            seen.add(component.name)
+        return self
+
+    def dead_letter_topic(self, stage: ProcessorConfig | ModelConfig | SinkConfig) -> str:
+        return stage.dead_letter or f"{self.pipeline}.dlq"
+
+    def topic_specs(self) -> list[TopicConfig]:
+        """Every topic the pipeline touches: declared ones as declared, others with defaults."""
+        declared = {topic.name: topic for topic in self.topics}
+        names: list[str] = [source.topic for source in self.sources]
+        for stage in [*self.processors, *self.models]:
+            names += [stage.input, stage.output, self.dead_letter_topic(stage)]
+        for sink in self.sinks:
+            names += [sink.input, self.dead_letter_topic(sink)]
+        for name in names:
+            declared.setdefault(name, TopicConfig(name=name))
+        return list(declared.values())

@@ -1,0 +1,6 @@
+"""Prometheus metrics of one running pipeline, and the HTTP endpoint that serves them."""
+
+from streamflow.metrics.registry import PipelineMetrics, SinkMetrics, SourceMetrics, StageMetrics
+from streamflow.metrics.server import MetricsServer
+
+__all__ = ["MetricsServer", "PipelineMetrics", "SinkMetrics", "SourceMetrics", "StageMetrics"]

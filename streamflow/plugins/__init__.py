@@ -1,0 +1,194 @@
+"""The plugin API: the contracts of sources, sinks and processor steps, and their discovery.
+
+Built-in connectors (``connectors/``) use exactly this API and register through the same entry
+point groups a third-party package uses::
+
+    [project.entry-points."streamflow.sinks"]
+    mysink = "my_package.sink:MySink"
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Generic, TypeVar
+
+import pyarrow as pa
+from pydantic import BaseModel
+
+from streamflow.transport.base import TopicPartition
+
+SOURCE_GROUP = "streamflow.sources"
+SINK_GROUP = "streamflow.sinks"
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class ComponentContext:
+    """Where a component runs: its pipeline and its own name (also the metrics labels)."""
+
+    pipeline: str
+    name: str
+
+
+@dataclass
+class SourceBatch:
+    """Records a source emits: serialized values with optional keys and event timestamps (ms)."""
+
+    values: list[bytes]
+    keys: list[bytes | None] = field(default_factory=list)
+    timestamps_ms: list[int | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+class Source(ABC, Generic[ConfigT]):
+    """Reads an external system and emits records to the source's topic.
+
+    Contract:
+    - :meth:`open` receives the last checkpointed position (None on the first run) and resumes
+      from it, so that nothing is skipped or repeated.
+    - :meth:`poll` returns the next records, an empty batch when nothing is ready yet, or None
+      once a bounded source is exhausted. It never blocks much longer than ``timeout_s``.
+    - :meth:`position` describes the point just after the last polled record, as JSON-able data.
+      The runtime checkpoints it only after Kafka has acknowledged every record polled before it.
+    """
+
+    config_model: ClassVar[type[BaseModel]]
+
+    def __init__(self, config: ConfigT, context: ComponentContext) -> None:
+        self.config = config
+        self.context = context
+
+    @abstractmethod
+    def open(self, position: Any | None) -> None:
+        """Prepare to read, resuming after ``position``."""
+
+    @abstractmethod
+    def poll(self, max_records: int, timeout_s: float) -> SourceBatch | None:
+        """Up to ``max_records`` new records; None when a bounded source has nothing more."""
+
+    @abstractmethod
+    def position(self) -> Any:
+        """The resume point after the last record returned by :meth:`poll`."""
+
+    def close(self) -> None:
+        """Release resources."""
+
+
+class SinkRecordError(Exception):
+    """Raised by a sink for records it cannot write; they are dead-lettered, the rest goes on."""
+
+    def __init__(self, rows: Sequence[int], error: BaseException) -> None:
+        super().__init__(str(error))
+        self.rows = list(rows)
+        self.error = error
+
+
+class Sink(ABC, Generic[ConfigT]):
+    """Makes records durable outside Kafka.
+
+    Contract:
+    - :meth:`write` receives consecutive records of one topic-partition as an Arrow table, in
+      offset order. It may buffer them; records it cannot write raise :class:`SinkRecordError`.
+    - :meth:`flush` makes everything written so far durable. The runtime commits the input
+      offsets only after it returns, so a crash before then replays the records (at-least-once);
+      a sink that names its output by topic, partition and first offset turns replays into
+      overwrites.
+    - :meth:`revoke` is called before partitions move to another replica: flush or drop their
+      buffers (the runtime flushes and commits first, so dropping is safe).
+    """
+
+    config_model: ClassVar[type[BaseModel]]
+
+    def __init__(self, config: ConfigT, context: ComponentContext) -> None:
+        self.config = config
+        self.context = context
+
+    def open(self) -> None:
+        """Connect, create directories or tables."""
+
+    @abstractmethod
+    def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
+        """Accept records of ``partition`` starting at ``first_offset``."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every record passed to :meth:`write` durable."""
+
+    def revoke(self, partitions: Sequence[TopicPartition]) -> None:
+        """Forget state of partitions that were flushed and are moving away."""
+
+    def close(self) -> None:
+        """Release resources; :meth:`flush` was already called."""
+
+
+@dataclass
+class StepResult:
+    """What a processor step returns.
+
+    ``table`` holds the records that go on. ``failures`` lists input rows (indices into the table
+    the step received) that must be dead-lettered, each with its error. Rows that are neither in
+    ``table`` nor in ``failures`` count as filtered.
+    """
+
+    table: pa.Table
+    failures: list[tuple[int, BaseException]] = field(default_factory=list)
+
+
+class Processor(ABC):
+    """A step of a processor stage, on Arrow micro-batches.
+
+    Contract: :meth:`process` gets a table whose column ``_sf_row`` identifies each record; every
+    output row must keep the ``_sf_row`` of the input row it came from (vectorised operations and
+    ``SELECT *`` do this by themselves). It raises only for failures of the whole batch, which
+    dead-letter every record of it.
+    """
+
+    name: str = "step"
+
+    @abstractmethod
+    def process(self, table: pa.Table) -> StepResult:
+        """Transform one micro-batch."""
+
+
+ROW_ID = "_sf_row"
+
+
+class PluginNotFoundError(LookupError):
+    """No installed connector has the requested name."""
+
+
+def discover(group: str) -> dict[str, Any]:
+    """Installed plugins of an entry point group, by name (loaded lazily by :func:`load`)."""
+    return {entry.name: entry for entry in entry_points(group=group)}
+
+
+def load(group: str, name: str) -> type[Any]:
+    """The class registered as ``name`` in ``group``."""
+    found = discover(group)
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none installed"
+        raise PluginNotFoundError(f"unknown type {name!r} (installed: {known})")
+    return found[name].load()
+
+
+__all__ = [
+    "ROW_ID",
+    "SINK_GROUP",
+    "SOURCE_GROUP",
+    "ComponentContext",
+    "PluginNotFoundError",
+    "Processor",
+    "Sink",
+    "SinkRecordError",
+    "Source",
+    "SourceBatch",
+    "StepResult",
+    "discover",
+    "load",
+]

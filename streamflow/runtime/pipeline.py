@@ -1,0 +1,214 @@
+"""Running a pipeline: broker, topics, metrics endpoint, sources and stages, and a clean stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from streamflow.config.loader import connector_settings
+from streamflow.config.models import ModelConfig, PipelineConfig, ProcessorConfig, SinkConfig
+from streamflow.metrics import MetricsServer, PipelineMetrics
+from streamflow.ml.model import ModelStep, RiverModel, build_estimator, build_metric
+from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
+from streamflow.processing.steps import build_step, decode_schema
+from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
+from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, TopicStage
+from streamflow.transport import TopicSpec, Transport, create_transport
+from streamflow.transport.broker import EmbeddedBroker
+
+log = logging.getLogger(__name__)
+
+SUPERVISE_INTERVAL_S = 0.2
+
+
+class UnknownStageError(ValueError):
+    """``--stage`` names no stage of the pipeline."""
+
+
+@dataclass
+class RunResult:
+    """How a run ended."""
+
+    exit_code: int
+    reason: str
+    errors: list[str] = field(default_factory=list)
+
+
+class PipelineRunner:
+    """Runs the sources and stages of one pipeline (or one stage of it) in this process."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        stage: str | None = None,
+        until_idle_s: float | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.config = config
+        self.only_stage = stage
+        self.until_idle_s = until_idle_s
+        self.metrics = PipelineMetrics(config.pipeline)
+        self.metrics_port = config.metrics.port if metrics_port is None else metrics_port
+        self.bootstrap: str | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.sources: list[SourceRunner] = []
+        self.stages: list[StageRunner] = []
+        self._stop = threading.Event()
+        self._stop_reason = "stopped"
+        stage_names = [s.name for s in [*config.processors, *config.models, *config.sinks]]
+        source_names = [s.name for s in config.sources]
+        if stage is not None and stage not in stage_names + source_names:
+            raise UnknownStageError(
+                f"--stage {stage!r} is not in pipeline {config.pipeline!r}; "
+                f"choose one of: {', '.join(source_names + stage_names)}"
+            )
+
+    def _selected(self, name: str) -> bool:
+        return self.only_stage is None or self.only_stage == name
+
+    def stop(self, reason: str = "stopped") -> None:
+        self._stop_reason = reason
+        self._stop.set()
+
+    def run(self) -> RunResult:
+        """Run until stopped (signal, ``stop()``, idleness or a failure); never raises for stages."""
+        with ExitStack() as stack:
+            kafka = self.config.kafka
+            if kafka.bootstrap == "embedded":
+                log_file = Path(kafka.embedded.log_file) if kafka.embedded.log_file else None
+                broker = stack.enter_context(EmbeddedBroker(kafka.embedded.port, log_path=log_file))
+                self.bootstrap = broker.bootstrap
+                log.info("embedded broker started at %s (in memory: data ends with the run)",
+                         self.bootstrap)
+            else:
+                self.bootstrap = kafka.bootstrap
+            transport = create_transport(kafka.client, self.bootstrap, kafka.client_settings())
+            self._create_topics(transport)
+            if self.config.metrics.enabled:
+                self.metrics_server = MetricsServer(
+                    self.metrics.registry, self.config.metrics.host, self.metrics_port
+                ).start()
+                stack.callback(self.metrics_server.stop)
+                log.info("metrics at http://127.0.0.1:%d/metrics", self.metrics_server.port)
+            self._build(transport)
+            for runner in [*self.stages, *self.sources]:
+                runner.start()
+            return self._supervise()
+
+    def _create_topics(self, transport: Transport) -> None:
+        admin = transport.admin()
+        try:
+            specs = [
+                TopicSpec(t.name, t.partitions, t.replication_factor, t.config)
+                for t in self.config.topic_specs()
+            ]
+            admin.create_topics([*specs, POSITIONS_TOPIC_SPEC])
+        finally:
+            admin.close()
+
+    def _build(self, transport: Transport) -> None:
+        config = self.config
+        batch = config.runtime.batch
+        if any(self._selected(s.name) for s in config.sources):
+            positions = read_positions(transport, config.pipeline)
+        for source_config in config.sources:
+            if not self._selected(source_config.name):
+                continue
+            plugin, settings = connector_settings(source_config, SOURCE_GROUP)
+            source = plugin(settings, ComponentContext(config.pipeline, source_config.name))
+            self.sources.append(SourceRunner(
+                config.pipeline, source, source_config.topic, transport,
+                self.metrics.source(source_config.name), positions.get(source_config.name),
+                batch.max_records,
+            ))
+        for stage in [*config.processors, *config.models]:
+            if self._selected(stage.name):
+                self.stages.append(self._topic_stage(stage, transport))
+        for sink_config in config.sinks:
+            if self._selected(sink_config.name):
+                self.stages.append(self._sink_stage(sink_config, transport))
+
+    def _identity(self, stage: ProcessorConfig | ModelConfig | SinkConfig) -> StageIdentity:
+        return StageIdentity(
+            self.config.pipeline, stage.name, stage.input, self.config.dead_letter_topic(stage)
+        )
+
+    def _topic_stage(self, stage: ProcessorConfig | ModelConfig, transport: Transport) -> TopicStage:
+        batch = stage.batch or self.config.runtime.batch
+        metrics = self.metrics.stage(stage.name)
+        if isinstance(stage, ProcessorConfig):
+            return TopicStage(
+                self._identity(stage), transport, batch, metrics, stage.output,
+                [build_step(step) for step in stage.steps], decode_schema(stage),
+            )
+        metric = build_metric(stage.metric)
+        gauge = self.metrics.model_metric(stage.name, stage.metric)
+        learned = self.metrics.records_learned(stage.name)
+
+        def on_learned(count: int, value: float) -> None:
+            learned.inc(count)
+            gauge.set(value)
+
+        step = ModelStep(
+            RiverModel(build_estimator(stage.estimator)), stage.target, stage.features, metric,
+            stage.prediction_field, on_learned,
+        )
+        return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, [step])
+
+    def _sink_stage(self, sink_config: SinkConfig, transport: Transport) -> SinkStage:
+        plugin, settings = connector_settings(sink_config, SINK_GROUP)
+        sink = plugin(settings, ComponentContext(self.config.pipeline, sink_config.name))
+        return SinkStage(
+            self._identity(sink_config), transport, sink_config.batch or self.config.runtime.batch,
+            self.metrics.stage(sink_config.name), sink, self.metrics.sink(sink_config.name),
+            self.config.runtime.commit_interval_s,
+        )
+
+    def _supervise(self) -> RunResult:
+        while not self._stop.wait(SUPERVISE_INTERVAL_S):
+            failed = [r for r in [*self.sources, *self.stages] if r.error is not None]
+            if failed:
+                self.stop("failed: " + ", ".join(r.name for r in failed))
+            elif self.until_idle_s is not None and self._idle(self.until_idle_s):
+                self.stop(f"idle for {self.until_idle_s:g}s with zero lag")
+        log.info("stopping pipeline %s (%s)", self.config.pipeline, self._stop_reason)
+        return self._shutdown()
+
+    def _idle(self, seconds: float) -> bool:
+        return all(s.finished for s in self.sources) and all(
+            stage.is_idle(seconds) for stage in self.stages
+        )
+
+    def _shutdown(self) -> RunResult:
+        deadline = time.monotonic() + self.config.runtime.shutdown_timeout_s
+        for source in self.sources:
+            source.stop()
+        for source in self.sources:
+            source.thread.join(max(deadline - time.monotonic(), 0))
+        for stage in self.stages:
+            stage.stop()
+        for stage in self.stages:
+            stage.thread.join(max(deadline - time.monotonic(), 0))
+        runners: list[Any] = [*self.sources, *self.stages]
+        hung = [r.name for r in runners if r.thread.is_alive()]
+        errors = [f"{r.name}: {type(r.error).__name__}: {r.error}" for r in runners if r.error]
+        if hung:
+            errors.append(f"did not stop within the shutdown timeout: {', '.join(hung)}")
+        return RunResult(1 if errors else 0, self._stop_reason, errors)
+
+
+def install_signal_handlers(runner: PipelineRunner) -> None:
+    """SIGINT and SIGTERM stop the pipeline gracefully."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        runner.stop(f"received {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)

@@ -1,0 +1,53 @@
+"""Kafka clients behind one small interface, and the embedded broker."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from streamflow.transport.base import (
+    Admin,
+    ConsumedBatch,
+    Consumer,
+    OutgoingBatch,
+    Producer,
+    RebalanceInProgressError,
+    RebalanceListener,
+    TopicPartition,
+    TopicSpec,
+    Transport,
+    TransportError,
+)
+
+CLIENTS = ("confluent", "kafka-python")
+
+
+def create_transport(
+    client: str, bootstrap: str, client_config: Mapping[str, str] | None = None
+) -> Transport:
+    """The transport named by ``kafka.client``."""
+    if client == "confluent":
+        from streamflow.transport.confluent import ConfluentTransport
+
+        return ConfluentTransport(bootstrap, client_config)
+    if client == "kafka-python":
+        from streamflow.transport.kafkapython import KafkaPythonTransport
+
+        return KafkaPythonTransport(bootstrap, client_config)
+    raise ValueError(f"unknown kafka.client {client!r}; choose one of {', '.join(CLIENTS)}")
+
+
+__all__ = [
+    "CLIENTS",
+    "Admin",
+    "ConsumedBatch",
+    "Consumer",
+    "OutgoingBatch",
+    "Producer",
+    "RebalanceInProgressError",
+    "RebalanceListener",
+    "TopicPartition",
+    "TopicSpec",
+    "Transport",
+    "TransportError",
+    "create_transport",
+]

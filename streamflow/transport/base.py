@@ -1,0 +1,181 @@
+"""The transport contract: what streamflow needs from a Kafka client, and nothing more.
+
+Two implementations exist (``confluent`` and ``kafka-python``); both pass the same contract
+test suite against a real broker. Records cross this boundary column-wise (:class:`ConsumedBatch`)
+so that the runtime can hand them to Arrow without building one object per record.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+Headers = list[tuple[str, bytes]]
+TopicPartition = tuple[str, int]
+
+
+class TransportError(Exception):
+    """A broker-side failure: delivery, commit, admin or connectivity."""
+
+
+class RebalanceInProgressError(TransportError):
+    """A commit was refused because the group is rebalancing; the records will be redelivered."""
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic to create: name, partition count and topic-level configs (e.g. cleanup.policy)."""
+
+    name: str
+    partitions: int = 1
+    replication_factor: int = 1
+    config: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ConsumedBatch:
+    """Records from one ``consume_batch`` call, column-wise; index ``i`` is one record."""
+
+    topics: list[str] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    keys: list[bytes | None] = field(default_factory=list)
+    values: list[bytes | None] = field(default_factory=list)
+    timestamps_ms: list[int] = field(default_factory=list)
+    headers: list[Headers | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def next_offsets(self) -> dict[TopicPartition, int]:
+        """The offsets to commit once every record of this batch is durable downstream."""
+        positions: dict[TopicPartition, int] = {}
+        for topic, partition, offset in zip(self.topics, self.partitions, self.offsets, strict=True):
+            positions[(topic, partition)] = offset + 1
+        return positions
+
+
+@dataclass
+class OutgoingBatch:
+    """Records to produce to one topic; ``keys`` and ``headers`` may be empty (meaning none)."""
+
+    topic: str
+    values: Sequence[bytes]
+    keys: Sequence[bytes | None] = ()
+    headers: Sequence[Headers | None] = ()
+    timestamps_ms: Sequence[int | None] = ()
+
+
+class Producer(ABC):
+    """Produces batches; :meth:`produce` returns only once the broker has acknowledged every record."""
+
+    @abstractmethod
+    def produce(self, batches: Sequence[OutgoingBatch]) -> None:
+        """Send every record and block until all are acknowledged; raise TransportError otherwise."""
+
+    @abstractmethod
+    def begin_transaction(self) -> None:
+        """Start a transaction (only on a producer created with a transactional id)."""
+
+    @abstractmethod
+    def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, int], consumer: Consumer
+    ) -> None:
+        """Commit ``offsets`` for ``consumer``'s group as part of the open transaction."""
+
+    @abstractmethod
+    def commit_transaction(self) -> None:
+        """Commit the open transaction: its records become visible to read_committed consumers."""
+
+    @abstractmethod
+    def abort_transaction(self) -> None:
+        """Abort the open transaction: its records are never visible to read_committed consumers."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush what is queued and release the client."""
+
+
+class RebalanceListener(ABC):
+    """Told when the group coordinator assigns or takes away partitions."""
+
+    @abstractmethod
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        """Partitions were assigned; consumption resumes from their committed offsets."""
+
+    @abstractmethod
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Partitions are being taken away: flush and commit their work now."""
+
+
+class Consumer(ABC):
+    """A member of a consumer group; offsets are committed only explicitly (no auto-commit)."""
+
+    @abstractmethod
+    def consume_batch(self, max_records: int, timeout_s: float) -> ConsumedBatch:
+        """Return up to ``max_records`` records, waiting at most ``timeout_s`` for the first."""
+
+    @abstractmethod
+    def commit(self, offsets: Mapping[TopicPartition, int], asynchronous: bool = False) -> None:
+        """Commit next-offsets to read; synchronous commits raise TransportError on failure."""
+
+    @abstractmethod
+    def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """The group's committed next-offset for each partition (None if nothing committed)."""
+
+    @abstractmethod
+    def assignment(self) -> list[TopicPartition]:
+        """The partitions currently assigned to this member."""
+
+    @abstractmethod
+    def lag(self) -> dict[TopicPartition, int]:
+        """Records between this member's position and the high watermark, per assigned partition."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Leave the group (without committing anything further)."""
+
+
+class Admin(ABC):
+    """Topic administration."""
+
+    @abstractmethod
+    def create_topics(self, topics: Sequence[TopicSpec]) -> None:
+        """Create the topics that do not exist yet; existing ones are left untouched."""
+
+    @abstractmethod
+    def describe_topics(self, names: Sequence[str] | None = None) -> dict[str, int]:
+        """Partition count of each named topic that exists (all topics when ``names`` is None)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the client."""
+
+
+class Transport(ABC):
+    """Factory for clients bound to one cluster and one set of client settings."""
+
+    name: str
+
+    def __init__(self, bootstrap: str, client_config: Mapping[str, str] | None = None) -> None:
+        self.bootstrap = bootstrap
+        self.client_config = dict(client_config or {})
+
+    @abstractmethod
+    def producer(self, transactional_id: str | None = None) -> Producer:
+        """A producer; with ``transactional_id`` it is idempotent and transactional."""
+
+    @abstractmethod
+    def consumer(
+        self,
+        group_id: str,
+        topics: Sequence[str],
+        listener: RebalanceListener | None = None,
+        read_committed: bool = True,
+    ) -> Consumer:
+        """A group member subscribed to ``topics``, starting at the earliest offset when none is committed."""
+
+    @abstractmethod
+    def admin(self) -> Admin:
+        """An admin client."""

@@ -1,0 +1,268 @@
+"""The default transport, on confluent-kafka (librdkafka)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import (
+    Consumer as _Consumer,
+)
+from confluent_kafka import (
+    KafkaError,
+    KafkaException,
+)
+from confluent_kafka import (
+    Producer as _Producer,
+)
+from confluent_kafka import (
+    TopicPartition as _TP,
+)
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streamflow.transport.base import (
+    Admin,
+    ConsumedBatch,
+    Consumer,
+    OutgoingBatch,
+    Producer,
+    RebalanceInProgressError,
+    RebalanceListener,
+    TopicPartition,
+    TopicSpec,
+    Transport,
+    TransportError,
+)
+
+_FLUSH_TIMEOUT_S = 60.0
+
+
+class ConfluentProducer(Producer):
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._producer = _Producer(config)
+        self._failures: list[KafkaError] = []
+        self._transactional = "transactional.id" in config
+        if self._transactional:
+            self._call(self._producer.init_transactions, 30)
+
+    def _on_delivery(self, error: KafkaError | None, _message: object) -> None:
+        if error is not None:
+            self._failures.append(error)
+
+    def produce(self, batches: Sequence[OutgoingBatch]) -> None:
+        produce = self._producer.produce
+        on_delivery = self._on_delivery
+        for batch in batches:
+            keys = batch.keys or [None] * len(batch.values)
+            headers = batch.headers or [None] * len(batch.values)
+            timestamps = batch.timestamps_ms or [None] * len(batch.values)
+            for value, key, header, timestamp in zip(
+                batch.values, keys, headers, timestamps, strict=True
+            ):
+                kwargs: dict[str, Any] = {"key": key, "on_delivery": on_delivery}
+                if header:
+                    kwargs["headers"] = header
+                if timestamp:
+                    kwargs["timestamp"] = timestamp
+                while True:
+                    try:
+                        produce(batch.topic, value, **kwargs)
+                        break
+                    except BufferError:
+                        self._producer.poll(0.05)
+        remaining = self._producer.flush(_FLUSH_TIMEOUT_S)
+        failures, self._failures = self._failures, []
+        if remaining:
+            raise TransportError(f"{remaining} records not acknowledged within {_FLUSH_TIMEOUT_S}s")
+        if failures:
+            raise TransportError(f"{len(failures)} records failed delivery, first: {failures[0]}")
+
+    @staticmethod
+    def _call(method: Any, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except KafkaException as exc:
+            raise TransportError(str(exc)) from exc
+
+    def begin_transaction(self) -> None:
+        self._call(self._producer.begin_transaction)
+
+    def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, int], consumer: Consumer
+    ) -> None:
+        assert isinstance(consumer, ConfluentConsumer)
+        tps = [_TP(topic, partition, offset) for (topic, partition), offset in offsets.items()]
+        metadata = consumer.raw.consumer_group_metadata()
+        self._call(self._producer.send_offsets_to_transaction, tps, metadata, 30)
+
+    def commit_transaction(self) -> None:
+        self._call(self._producer.commit_transaction, 60)
+
+    def abort_transaction(self) -> None:
+        self._call(self._producer.abort_transaction, 60)
+
+    def close(self) -> None:
+        self._producer.flush(_FLUSH_TIMEOUT_S)
+
+
+class ConfluentConsumer(Consumer):
+    def __init__(
+        self, config: dict[str, Any], topics: Sequence[str], listener: RebalanceListener | None
+    ) -> None:
+        self.raw = _Consumer(config)
+        self._listener = listener
+        self.raw.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def _on_assign(self, _consumer: Any, partitions: list[_TP]) -> None:
+        if self._listener:
+            self._listener.on_assign([(tp.topic, tp.partition) for tp in partitions])
+
+    def _on_revoke(self, _consumer: Any, partitions: list[_TP]) -> None:
+        if self._listener:
+            self._listener.on_revoke([(tp.topic, tp.partition) for tp in partitions])
+
+    def consume_batch(self, max_records: int, timeout_s: float) -> ConsumedBatch:
+        try:
+            messages = self.raw.consume(max_records, timeout_s)
+        except KafkaException as exc:
+            raise TransportError(str(exc)) from exc
+        good = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                good.append(message)
+            elif error.code() != KafkaError._PARTITION_EOF and error.fatal():
+                raise TransportError(str(error))
+        return ConsumedBatch(
+            topics=[m.topic() for m in good],
+            partitions=[m.partition() for m in good],
+            offsets=[m.offset() for m in good],
+            keys=[m.key() for m in good],
+            values=[m.value() for m in good],
+            timestamps_ms=[m.timestamp()[1] for m in good],
+            headers=[m.headers() for m in good],
+        )
+
+    def commit(self, offsets: Mapping[TopicPartition, int], asynchronous: bool = False) -> None:
+        if not offsets:
+            return
+        tps = [_TP(topic, partition, offset) for (topic, partition), offset in offsets.items()]
+        try:
+            self.raw.commit(offsets=tps, asynchronous=asynchronous)
+        except KafkaException as exc:
+            code = exc.args[0].code() if exc.args else None
+            if code in (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION):
+                raise RebalanceInProgressError(str(exc)) from exc
+            raise TransportError(str(exc)) from exc
+
+    def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
+        tps = [_TP(topic, partition) for topic, partition in partitions]
+        try:
+            result = self.raw.committed(tps, timeout=10)
+        except KafkaException as exc:
+            raise TransportError(str(exc)) from exc
+        return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in result}
+
+    def assignment(self) -> list[TopicPartition]:
+        return [(tp.topic, tp.partition) for tp in self.raw.assignment()]
+
+    def lag(self) -> dict[TopicPartition, int]:
+        assigned = self.raw.assignment()
+        if not assigned:
+            return {}
+        positions = self.raw.position(assigned)
+        committed: dict[TopicPartition, int | None] | None = None
+        lags: dict[TopicPartition, int] = {}
+        for tp in positions:
+            _low, high = self.raw.get_watermark_offsets(tp, timeout=5, cached=False)
+            position = tp.offset
+            if position < 0:  # nothing consumed yet: fall back to the committed offset
+                if committed is None:
+                    committed = self.committed(self.assignment())
+                position = committed.get((tp.topic, tp.partition)) or _low
+            lags[(tp.topic, tp.partition)] = max(high - position, 0)
+        return lags
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class ConfluentAdmin(Admin):
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._admin = AdminClient(config)
+
+    def create_topics(self, topics: Sequence[TopicSpec]) -> None:
+        existing = self.describe_topics()
+        new = [
+            NewTopic(
+                spec.name,
+                num_partitions=spec.partitions,
+                replication_factor=spec.replication_factor,
+                config=dict(spec.config),
+            )
+            for spec in topics
+            if spec.name not in existing
+        ]
+        if not new:
+            return
+        for name, future in self._admin.create_topics(new, operation_timeout=30).items():
+            try:
+                future.result()
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise TransportError(f"creating topic {name!r}: {exc}") from exc
+
+    def describe_topics(self, names: Sequence[str] | None = None) -> dict[str, int]:
+        try:
+            metadata = self._admin.list_topics(timeout=10)
+        except KafkaException as exc:
+            raise TransportError(str(exc)) from exc
+        return {
+            name: len(topic.partitions)
+            for name, topic in metadata.topics.items()
+            if topic.error is None and (names is None or name in names)
+        }
+
+    def close(self) -> None:
+        """AdminClient holds no resources that need an explicit close."""
+
+
+class ConfluentTransport(Transport):
+    """confluent-kafka: the fast default."""
+
+    name = "confluent"
+
+    def _base(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.bootstrap, **self.client_config}
+
+    def producer(self, transactional_id: str | None = None) -> Producer:
+        config = {"linger.ms": 5, "enable.idempotence": True, **self._base()}
+        config.pop("session.timeout.ms", None)
+        if transactional_id:
+            config["transactional.id"] = transactional_id
+        return ConfluentProducer(config)
+
+    def consumer(
+        self,
+        group_id: str,
+        topics: Sequence[str],
+        listener: RebalanceListener | None = None,
+        read_committed: bool = True,
+    ) -> Consumer:
+        config = {
+            "group.id": group_id,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1500,
+            **self._base(),
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+        }
+        return ConfluentConsumer(config, topics, listener)
+
+    def admin(self) -> Admin:
+        config = self._base()
+        config.pop("session.timeout.ms", None)
+        config.pop("heartbeat.interval.ms", None)
+        return ConfluentAdmin(config)

@@ -1,0 +1,41 @@
+"""Shared fixtures: a real Kafka-compatible broker for the whole session.
+
+With a Docker engine answering, testcontainers' Kafka container is used; otherwise the bundled
+Tansu broker (the same one ``bootstrap: embedded`` runs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from streamflow.transport.broker import EmbeddedBroker
+
+
+def _docker_available() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap address of a broker that lives for the whole test session."""
+    if os.environ.get("STREAMFLOW_TEST_BOOTSTRAP"):
+        yield os.environ["STREAMFLOW_TEST_BOOTSTRAP"]
+        return
+    if _docker_available():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as kafka:
+            yield kafka.get_bootstrap_server()
+        return
+    log_path = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_path=log_path) as broker:
+        yield broker.bootstrap
