@@ -39,3 +39,10 @@ def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_path = tmp_path_factory.mktemp("broker") / "tansu.log"
     with EmbeddedBroker(log_path=log_path) as broker:
         yield broker.bootstrap
+
+
+@pytest.fixture
+def fresh_broker() -> Iterator[str]:
+    """A broker of this test's own (Tansu starts in well under a second), for pipeline runs."""
+    with EmbeddedBroker(log_path=None) as broker:
+        yield broker.bootstrap

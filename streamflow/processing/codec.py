@@ -55,10 +55,14 @@ def decode_json(
     if not values:
         empty = schema.empty_table() if schema is not None else pa.table({})
         return _with_rows(empty, []), []
-    try:
-        return _with_rows(_read(values, schema), range(len(values))), []  # type: ignore[arg-type]
-    except (pa.ArrowInvalid, DecodeError):
-        return _decode_slowly(values, schema)
+    # Only batches of values that all open an object take the fast path: pyarrow's reader
+    # crashes on a leading top-level ``null`` and reads a later one as an all-null record.
+    if all(value is not None and value[:1] == b"{" for value in values):
+        try:
+            return _with_rows(_read(values, schema), range(len(values))), []  # type: ignore[arg-type]
+        except (pa.ArrowInvalid, DecodeError):
+            pass
+    return _decode_slowly(values, schema)
 
 
 def _decode_slowly(

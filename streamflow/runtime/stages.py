@@ -138,6 +138,7 @@ class StageRunner(RebalanceListener, ABC):
                     client.close()
                 except Exception:
                     log.exception("stage %s: closing a client failed", self.name)
+        self.consumer = self.producer = None  # let the native clients go now, not at exit
 
     def commit(self, offsets: dict[TopicPartition, int], asynchronous: bool) -> None:
         assert self.consumer is not None
@@ -219,6 +220,11 @@ class TopicStage(StageRunner):
         self.output_topic = output_topic
         self.steps = list(steps)
         self.schema = schema
+        self._last_offsets: dict[TopicPartition, int] = {}
+
+    def drain(self) -> None:
+        """Confirm the last asynchronous commits synchronously before leaving the group."""
+        self.commit(self._last_offsets, asynchronous=False)
 
     def handle(self, batch: ConsumedBatch) -> None:
         assert self.producer is not None
@@ -234,7 +240,9 @@ class TopicStage(StageRunner):
         )
         self.producer.produce([output])
         self.produce_dead_letters(failures, batch)
-        self.commit(batch.next_offsets(), asynchronous=True)
+        offsets = batch.next_offsets()
+        self.commit(offsets, asynchronous=True)
+        self._last_offsets.update(offsets)
         consumed = len(batch)
         self.metrics.records_in.inc(consumed)
         self.metrics.records_out.inc(len(rows))

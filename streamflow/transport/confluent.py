@@ -233,7 +233,7 @@ class ConfluentTransport(Transport):
     name = "confluent"
 
     def _base(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap, **self.client_config}
+        return {"bootstrap.servers": self.bootstrap, "log.connection.close": False, **self.client_config}
 
     def producer(self, transactional_id: str | None = None) -> Producer:
         config = {"linger.ms": 5, "enable.idempotence": True, **self._base()}

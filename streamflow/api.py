@@ -1,0 +1,75 @@
+"""The Python API: builds exactly the pipeline object a YAML file describes.
+
+    pipeline = (
+        Pipeline("quickstart")
+        .source("sensors", "generator", topic="sensors.raw", count=1000)
+        .processor("clean", input="sensors.raw", output="sensors.clean",
+                   steps=[schema(device_id="string!", temperature="float!")])
+        .sink("lake", "parquet", input="sensors.clean", path="./out")
+    )
+    pipeline.run(until_idle_s=2)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamflow.config.loader import parse_pipeline
+from streamflow.config.models import PipelineConfig
+from streamflow.runtime.pipeline import PipelineRunner, RunResult
+
+
+def schema(**fields: str) -> dict[str, Any]:
+    """A schema step; a type ending in ``!`` is required: ``schema(id="string!", x="float")``."""
+    return {"schema": {
+        name: {"type": kind.rstrip("!"), "required": kind.endswith("!")}
+        for name, kind in fields.items()
+    }}
+
+
+def sql(statement: str) -> dict[str, Any]:
+    """A DuckDB SQL step over the batch (table ``batch``)."""
+    return {"sql": statement}
+
+
+class Pipeline:
+    """A fluent builder; :meth:`build` validates with the same rules and messages as YAML."""
+
+    def __init__(self, name: str, *, bootstrap: str = "embedded", client: str = "confluent",
+                 **kafka: Any) -> None:
+        self._data: dict[str, Any] = {
+            "pipeline": name,
+            "kafka": {"bootstrap": bootstrap, "client": client, **kafka},
+        }
+
+    def _add(self, section: str, item: dict[str, Any]) -> Pipeline:
+        self._data.setdefault(section, []).append(item)
+        return self
+
+    def topic(self, name: str, partitions: int = 4, **config: Any) -> Pipeline:
+        return self._add("topics", {"name": name, "partitions": partitions, **config})
+
+    def source(self, name: str, type: str, *, topic: str, **settings: Any) -> Pipeline:  # noqa: A002
+        return self._add("sources", {"name": name, "type": type, "topic": topic, **settings})
+
+    def processor(self, name: str, *, input: str, output: str,  # noqa: A002
+                  steps: list[dict[str, Any]], **options: Any) -> Pipeline:
+        return self._add("processors", {"name": name, "input": input, "output": output,
+                                        "steps": steps, **options})
+
+    def model(self, name: str, *, input: str, output: str, **options: Any) -> Pipeline:  # noqa: A002
+        return self._add("models", {"name": name, "input": input, "output": output, **options})
+
+    def sink(self, name: str, type: str, *, input: str, **settings: Any) -> Pipeline:  # noqa: A002
+        return self._add("sinks", {"name": name, "type": type, "input": input, **settings})
+
+    def configure(self, section: str, **values: Any) -> Pipeline:
+        """Set ``metrics`` or ``runtime`` options, e.g. ``configure("metrics", port=9200)``."""
+        self._data.setdefault(section, {}).update(values)
+        return self
+
+    def build(self) -> PipelineConfig:
+        return parse_pipeline(self._data, source=f"<python pipeline {self._data['pipeline']!r}>")
+
+    def run(self, *, stage: str | None = None, until_idle_s: float | None = None) -> RunResult:
+        return PipelineRunner(self.build(), stage=stage, until_idle_s=until_idle_s).run()

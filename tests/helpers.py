@@ -1,0 +1,25 @@
+"""Helpers for integration tests: read a whole topic back."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from streamflow.transport import ConsumedBatch, create_transport
+
+
+def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> ConsumedBatch:
+    """Every record currently in ``topic``, read by a throwaway consumer group."""
+    consumer = create_transport("confluent", bootstrap).consumer(f"reader-{uuid.uuid4().hex}", [topic])
+    everything = ConsumedBatch()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            batch = consumer.consume_batch(10_000, 0.5)
+            for name in ("topics", "partitions", "offsets", "keys", "values", "timestamps_ms", "headers"):
+                getattr(everything, name).extend(getattr(batch, name))
+            if not len(batch) and consumer.assignment() and sum(consumer.lag().values()) == 0:
+                return everything
+        raise TimeoutError(f"reading {topic} did not finish in {timeout_s}s")
+    finally:
+        consumer.close()

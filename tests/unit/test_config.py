@@ -1,0 +1,144 @@
+"""Pipeline files: interpolation, validation errors with field paths, CLI exit codes, Python API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from streamflow import Pipeline, schema, sql
+from streamflow.cli import main
+from streamflow.config import ConfigError, load_pipeline
+from streamflow.config.loader import format_location, interpolate
+
+QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def minimal(**overrides: object) -> dict[str, object]:
+    return {
+        "pipeline": "p",
+        "sources": [{"name": "gen", "type": "generator", "topic": "raw", "count": 10}],
+        "sinks": [{"name": "lake", "type": "parquet", "input": "raw", "path": "/tmp/x"}],
+        **overrides,
+    }
+
+
+def test_interpolation_uses_environment_and_defaults() -> None:
+    text, missing = interpolate("a=${A} b=${B:-two} c=${C}", {"A": "one"})
+    assert text == "a=one b=two c=${C}"
+    assert missing == ["C"]
+
+
+def test_empty_variable_takes_the_default() -> None:
+    assert interpolate("${A:-x}", {"A": ""})[0] == "x"
+
+
+def test_format_location() -> None:
+    assert format_location(("sinks", 0, "path")) == "sinks[0].path"
+    assert format_location(()) == "(top level)"
+
+
+def test_quickstart_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(QUICKSTART)]) == 0
+    assert "valid pipeline 'quickstart'" in capsys.readouterr().out
+
+
+def test_missing_sink_path_is_reported_with_its_field_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = minimal(sinks=[{"name": "lake", "type": "parquet", "input": "raw"}])
+    assert main(["validate", str(write(tmp_path, data))]) == 2
+    err = capsys.readouterr().err
+    assert "sinks[0].path: field required" in err
+    assert "pipeline.yaml" in err
+
+
+def test_every_error_is_listed(tmp_path: Path) -> None:
+    data = minimal(
+        kafka={"bootstrap": "not a broker", "client": "java"},
+        processors=[{"name": "clean", "input": "raw", "output": "clean",
+                     "steps": [{"schema": {"x": {"type": "decimal"}}}, {"bogus": 1}]}],
+    )
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(write(tmp_path, data))
+    text = "\n".join(info.value.errors)
+    assert "kafka.bootstrap:" in text and "host:port" in text
+    assert "kafka.client:" in text
+    assert "processors[0].steps[0].schema.x.type:" in text
+    assert "processors[0].steps[1]: a step is a mapping with one of the keys: schema, sql" in text
+
+
+def test_unknown_connector_type_names_installed_ones(tmp_path: Path) -> None:
+    data = minimal(sinks=[{"name": "lake", "type": "s4", "input": "raw"}])
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(write(tmp_path, data))
+    assert info.value.errors == ["sinks[0].type: unknown type 's4' (installed: parquet)"]
+
+
+def test_connector_settings_are_validated_by_the_connector(tmp_path: Path) -> None:
+    data = minimal(sources=[{"name": "g", "type": "generator", "topic": "raw", "rate": -1,
+                             "colour": "red"}])
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(write(tmp_path, data))
+    assert any(e.startswith("sources[0].rate:") for e in info.value.errors)
+    assert any(e.startswith("sources[0].colour: extra inputs") for e in info.value.errors)
+
+
+def test_unset_variable_and_bad_yaml_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\$\{NOPE\}: environment variable is not set"):
+        load_pipeline(write(tmp_path, "pipeline: ${NOPE}\n"), environ={})
+    with pytest.raises(ConfigError, match=r"line 2, column 1: invalid YAML"):
+        load_pipeline(write(tmp_path, "pipeline: [unclosed\n"))
+
+
+def test_duplicate_names_are_rejected(tmp_path: Path) -> None:
+    data = minimal(sinks=[{"name": "gen", "type": "parquet", "input": "raw", "path": "/x"}])
+    with pytest.raises(ConfigError, match="used twice"):
+        load_pipeline(write(tmp_path, data))
+
+
+def test_run_with_invalid_file_exits_2(tmp_path: Path) -> None:
+    assert main(["run", str(write(tmp_path, {"pipeline": "p", "extra": 1}))]) == 2
+
+
+def test_unknown_stage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(QUICKSTART), "--stage", "nope"]) == 2
+    assert "choose one of: sensors, clean, predict, lake" in capsys.readouterr().err
+
+
+def test_python_api_builds_the_same_pipeline_as_the_yaml() -> None:
+    built = (
+        Pipeline("quickstart", bootstrap="embedded")
+        .topic("sensors.raw").topic("sensors.clean").topic("sensors.scored")
+        .topic("quickstart.dlq", partitions=1)
+        .source("sensors", "generator", topic="sensors.raw", count=20000, rate=2000, seed=7,
+                malformed_fraction=0.02)
+        .processor("clean", input="sensors.raw", output="sensors.clean", steps=[
+            schema(device_id="string!", ts="int!", temperature="float!", humidity="float!",
+                   pressure="float!", battery="float"),
+            sql("SELECT *, temperature * 1.8 + 32 AS temperature_f,\n"
+                "       battery < 3.3 AS battery_low\nFROM batch\n"),
+        ])
+        .model("predict", input="sensors.clean", output="sensors.scored", target="temperature",
+               features=["humidity", "pressure"], metric="MAE", estimator=[
+                   {"preprocessing.StandardScaler": {}},
+                   {"linear_model.LinearRegression": {"intercept_lr": 0.1}},
+               ])
+        .sink("lake", "parquet", input="sensors.scored", path="./output/quickstart")
+        .configure("metrics", port=9108)
+        .build()
+    )
+    assert built == load_pipeline(QUICKSTART, environ={})
+
+
+def test_topic_specs_cover_every_topic_with_declared_partitions() -> None:
+    config = load_pipeline(QUICKSTART, environ={})
+    specs = {t.name: t.partitions for t in config.topic_specs()}
+    assert specs == {"sensors.raw": 4, "sensors.clean": 4, "sensors.scored": 4, "quickstart.dlq": 1}
