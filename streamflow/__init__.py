@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from streamflow.api import Pipeline, schema, sql  # noqa: E402
-from streamflow.config import ConfigError, PipelineConfig, load_pipeline  # noqa: E402
+from streamflow.api import Pipeline, schema, sql
+from streamflow.config import ConfigError, PipelineConfig, load_pipeline
 
 __all__ = ["ConfigError", "Pipeline", "PipelineConfig", "__version__", "load_pipeline", "schema", "sql"]

@@ -49,18 +49,18 @@ class Pipeline:
     def topic(self, name: str, partitions: int = 4, **config: Any) -> Pipeline:
         return self._add("topics", {"name": name, "partitions": partitions, **config})
 
-    def source(self, name: str, type: str, *, topic: str, **settings: Any) -> Pipeline:  # noqa: A002
+    def source(self, name: str, type: str, *, topic: str, **settings: Any) -> Pipeline:
         return self._add("sources", {"name": name, "type": type, "topic": topic, **settings})
 
-    def processor(self, name: str, *, input: str, output: str,  # noqa: A002
+    def processor(self, name: str, *, input: str, output: str,
                   steps: list[dict[str, Any]], **options: Any) -> Pipeline:
         return self._add("processors", {"name": name, "input": input, "output": output,
                                         "steps": steps, **options})
 
-    def model(self, name: str, *, input: str, output: str, **options: Any) -> Pipeline:  # noqa: A002
+    def model(self, name: str, *, input: str, output: str, **options: Any) -> Pipeline:
         return self._add("models", {"name": name, "input": input, "output": output, **options})
 
-    def sink(self, name: str, type: str, *, input: str, **settings: Any) -> Pipeline:  # noqa: A002
+    def sink(self, name: str, type: str, *, input: str, **settings: Any) -> Pipeline:
         return self._add("sinks", {"name": name, "type": type, "input": input, **settings})
 
     def configure(self, section: str, **values: Any) -> Pipeline:

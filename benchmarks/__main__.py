@@ -1,0 +1,32 @@
+"""Run a benchmark workload and write ``[{system, workload, events_per_s, ...}]`` as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.core import run_core
+
+WORKLOADS = {"core": run_core}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("--json", type=Path, help="write the results to this file")
+    parser.add_argument("--records", type=int, default=300_000)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per system; the best is kept")
+    args = parser.parse_args(argv)
+    results = WORKLOADS[args.workload](records=args.records, repeat=args.repeat)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
