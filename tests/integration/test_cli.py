@@ -1,0 +1,65 @@
+"""The command line: the standalone broker, a missing broker binary, and one stage at a time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamflow.cli import main
+from streamflow.transport import TopicSpec, create_transport
+from streamflow.transport.broker import free_port
+from tests.helpers import read_topic
+
+QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
+
+
+def test_broker_command_serves_kafka_until_sigterm() -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamflow", "broker", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        assert process.stdout is not None
+        assert f"127.0.0.1:{port}" in process.stdout.readline().decode()
+        admin = create_transport("confluent", f"127.0.0.1:{port}").admin()
+        admin.create_topics([TopicSpec("hello", 2)])
+        assert admin.describe_topics(["hello"]) == {"hello": 2}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+
+
+def test_missing_broker_binary_says_to_use_a_real_kafka(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("STREAMFLOW_TANSU_BINARY", "/nonexistent/tansu")
+    monkeypatch.delenv("STREAMFLOW_BOOTSTRAP", raising=False)
+    assert main(["run", str(QUICKSTART), "--metrics-port", "0"]) == 1
+    assert "set kafka.bootstrap to a real Kafka" in capsys.readouterr().err
+
+
+def test_stages_run_one_at_a_time(fresh_broker: str, tmp_path: Path) -> None:
+    env = {**os.environ, "STREAMFLOW_BOOTSTRAP": fresh_broker, "QUICKSTART_COUNT": "800",
+           "QUICKSTART_RATE": "0", "QUICKSTART_OUTPUT": str(tmp_path)}
+
+    def run_stage(name: str) -> None:
+        completed = subprocess.run(
+            [sys.executable, "-m", "streamflow", "run", str(QUICKSTART), "--stage", name,
+             "--until-idle", "1", "--metrics-port", "0"],
+            env=env, capture_output=True, timeout=120,
+        )
+        assert completed.returncode == 0, completed.stdout.decode()[-2000:]
+
+    run_stage("sensors")
+    assert len(read_topic(fresh_broker, "sensors.raw")) == 800
+    assert len(read_topic(fresh_broker, "sensors.clean")) == 0
+    run_stage("clean")
+    cleaned = len(read_topic(fresh_broker, "sensors.clean"))
+    assert cleaned + len(read_topic(fresh_broker, "quickstart.dlq")) == 800
+    assert not list(tmp_path.rglob("*.parquet")), "the sink stage did not run"
