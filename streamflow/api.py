@@ -22,7 +22,7 @@ from streamflow.runtime.pipeline import PipelineRunner, RunResult
 def schema(**fields: str) -> dict[str, Any]:
     """A schema step; a type ending in ``!`` is required: ``schema(id="string!", x="float")``."""
     return {"schema": {
-        name: {"type": kind.rstrip("!"), "required": kind.endswith("!")}
+        name: {"type": kind.rstrip("!"), **({"required": True} if kind.endswith("!") else {})}
         for name, kind in fields.items()
     }}
 

@@ -11,8 +11,20 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from streamflow.config.models import STEP_KINDS, ConnectorConfig, PipelineConfig
-from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, PluginNotFoundError, load
+from streamflow.config.models import (
+    ConnectorConfig,
+    PipelineConfig,
+    SinkConfig,
+    SourceConfig,
+    StepConfig,
+)
+from streamflow.plugins import (
+    PROCESSOR_GROUP,
+    SINK_GROUP,
+    SOURCE_GROUP,
+    PluginNotFoundError,
+    load,
+)
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -51,44 +63,60 @@ def format_location(location: tuple[str | int, ...]) -> str:
     return text or "(top level)"
 
 
-def _strip_union_tags(location: tuple[str | int, ...]) -> tuple[str | int, ...]:
-    """Drop the step-kind tag pydantic inserts after ``steps[i]``."""
-    parts = list(location)
-    for index in range(len(parts) - 2):
-        if parts[index] == "steps" and isinstance(parts[index + 1], int):
-            if parts[index + 2] in STEP_KINDS:
-                del parts[index + 2]
-            break
-    return tuple(parts)
-
-
 def _pydantic_errors(error: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
     lines = []
     for item in error.errors():
-        location = _strip_union_tags(item["loc"])
+        location = item["loc"]
         message = item["msg"][0].lower() + item["msg"][1:] if item["msg"] else ""
         lines.append(f"{format_location((*prefix, *location))}: {message}")
     return lines
 
 
-def _connector_errors(config: PipelineConfig) -> list[str]:
+def _plugin_errors(group: str, name: Any, settings: Any, where: tuple[str | int, ...],
+                   name_field: tuple[str | int, ...]) -> list[str]:
+    """Errors of one plugin reference: unknown name, or settings its model rejects."""
+    if not isinstance(name, str):
+        return []  # reported by the pipeline model
+    try:
+        plugin = load(group, name)
+    except PluginNotFoundError as exc:
+        return [f"{format_location((*where, *name_field))}: {exc}"]
+    try:
+        plugin.config_model.model_validate(settings)
+    except ValidationError as exc:
+        return _pydantic_errors(exc, where)
+    return []
+
+
+def _items(data: dict[str, Any], key: str) -> list[tuple[int, dict[str, Any]]]:
+    value = data.get(key)
+    if not isinstance(value, list):
+        return []
+    return [(index, item) for index, item in enumerate(value) if isinstance(item, dict)]
+
+
+def _plugin_config_errors(data: dict[str, Any]) -> list[str]:
+    """Validate connector and step settings on the raw data, so they are reported alongside
+    errors elsewhere in the file."""
     errors: list[str] = []
-    kinds: list[tuple[str, str, list[ConnectorConfig]]] = [
-        ("sources", SOURCE_GROUP, list(config.sources)),
-        ("sinks", SINK_GROUP, list(config.sinks)),
-    ]
-    for section, group, components in kinds:
-        for index, component in enumerate(components):
-            try:
-                plugin = load(group, component.type)
-            except PluginNotFoundError as exc:
-                errors.append(f"{section}[{index}].type: {exc}")
-                continue
-            try:
-                plugin.config_model.model_validate(component.connector_settings())
-            except ValidationError as exc:
-                errors.extend(_pydantic_errors(exc, (section, index)))
+    for section, group in (("sources", SOURCE_GROUP), ("sinks", SINK_GROUP)):
+        common = set((SourceConfig if section == "sources" else SinkConfig).model_fields)
+        for index, item in _items(data, section):
+            settings = {key: value for key, value in item.items() if key not in common}
+            errors += _plugin_errors(group, item.get("type"), settings, (section, index), ("type",))
+    for stage_index, stage in _items(data, "processors"):
+        for step_index, step in _items(stage, "steps"):
+            kinds = [key for key in step if key not in StepConfig.model_fields]
+            if len(kinds) == 1:
+                where = ("processors", stage_index, "steps", step_index, kinds[0])
+                errors += _plugin_errors(PROCESSOR_GROUP, kinds[0], step[kinds[0]], where, ())
     return errors
+
+
+def step_settings(step: StepConfig) -> tuple[type[Any], BaseModel]:
+    """The processor class of ``step`` and its validated settings."""
+    plugin = load(PROCESSOR_GROUP, step.kind)
+    return plugin, plugin.config_model.model_validate(step.settings)
 
 
 def connector_settings(component: ConnectorConfig, group: str) -> tuple[type[Any], BaseModel]:
@@ -101,11 +129,12 @@ def parse_pipeline(data: Any, source: str = "<pipeline>") -> PipelineConfig:
     """Validate already-loaded data (a mapping) into a pipeline, with every error listed."""
     if not isinstance(data, dict):
         raise ConfigError(source, ["(top level): expected a mapping with at least 'pipeline:'"])
+    errors: list[str] = []
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _pydantic_errors(exc)) from None
-    errors = _connector_errors(config)
+        errors = _pydantic_errors(exc)
+    errors += _plugin_config_errors(data)
     if errors:
         raise ConfigError(source, errors)
     return config

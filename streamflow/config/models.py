@@ -8,16 +8,13 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
-    Tag,
     field_validator,
     model_validator,
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=200)]
-FieldType = Literal["string", "int", "float", "bool"]
 
 
 class Strict(BaseModel):
@@ -77,41 +74,36 @@ class BatchConfig(Strict):
     max_wait_ms: int = Field(100, ge=0, le=60_000)
 
 
-class FieldSpec(Strict):
-    """One field of a declared record schema."""
+class StepConfig(BaseModel):
+    """One processor step: ``{KIND: settings, on_error: dlq|drop|fail}``.
 
-    type: FieldType
-    required: bool = False
+    KIND names a registered processor (``streamflow.processors`` entry points); its settings are
+    validated by that processor's own model.
+    """
 
+    model_config = ConfigDict(extra="allow")
 
-class SchemaStep(Strict):
-    """Checks records against declared fields: types must match, required fields present."""
+    on_error: Literal["dlq", "drop", "fail"] = Field(
+        "dlq", description="failed records: dead-letter them, count them as filtered, or stop"
+    )
 
-    schema_: dict[str, FieldSpec] = Field(alias="schema", min_length=1)
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    @model_validator(mode="after")
+    def _one_kind(self) -> StepConfig:
+        kinds = list(self.model_extra or {})
+        if len(kinds) != 1:
+            raise ValueError(
+                "a step is a mapping with exactly one step kind (e.g. 'sql: ...') "
+                f"besides on_error; got {kinds or 'none'}"
+            )
+        return self
 
+    @property
+    def kind(self) -> str:
+        return next(iter(self.model_extra or {}))
 
-class SqlStep(Strict):
-    """A DuckDB statement over the batch, exposed as the table ``batch``."""
-
-    sql: str = Field(min_length=1)
-
-
-def _step_kind(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return next((kind for kind in STEP_KINDS if kind in value), None)
-    return "schema" if isinstance(value, SchemaStep) else "sql"
-
-
-STEP_KINDS = ("schema", "sql")
-StepConfig = Annotated[
-    Annotated[SchemaStep, Tag("schema")] | Annotated[SqlStep, Tag("sql")],
-    Discriminator(
-        _step_kind,
-        custom_error_type="unknown_step",
-        custom_error_message=f"a step is a mapping with one of the keys: {', '.join(STEP_KINDS)}",
-    ),
-]
+    @property
+    def settings(self) -> Any:
+        return (self.model_extra or {})[self.kind]
 
 
 class StageBase(Strict):

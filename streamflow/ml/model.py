@@ -94,8 +94,12 @@ class RiverModel(Model):
         self.estimator.learn_one(features, target)
 
 
-class ModelStep(Processor):
-    """Adds the prediction to each record, updates the metric, then learns the record."""
+class ModelStep(Processor[Any]):
+    """Adds the prediction to each record, updates the metric, then learns the record.
+
+    Model stages are configured in their own ``models:`` section, so this step is built
+    directly rather than through the processor registry.
+    """
 
     name = "model"
 

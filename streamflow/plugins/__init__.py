@@ -22,6 +22,7 @@ from streamflow.transport.base import TopicPartition
 
 SOURCE_GROUP = "streamflow.sources"
 SINK_GROUP = "streamflow.sinks"
+PROCESSOR_GROUP = "streamflow.processors"
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -140,16 +141,26 @@ class StepResult:
     failures: list[tuple[int, BaseException]] = field(default_factory=list)
 
 
-class Processor(ABC):
+class Processor(ABC, Generic[ConfigT]):
     """A step of a processor stage, on Arrow micro-batches.
 
     Contract: :meth:`process` gets a table whose column ``_sf_row`` identifies each record; every
     output row must keep the ``_sf_row`` of the input row it came from (vectorised operations and
     ``SELECT *`` do this by themselves). It raises only for failures of the whole batch, which
-    dead-letter every record of it.
+    then fail as a whole under the step's ``on_error`` policy.
+
+    ``config_model`` validates the step's settings (the value under its kind in YAML; use a
+    pydantic ``RootModel`` for a scalar or a plain mapping). ``input_schema``, when a step sets
+    it and is the first of its stage, makes the stage parse records straight into that schema.
     """
 
     name: str = "step"
+    config_model: ClassVar[type[BaseModel]]
+    input_schema: pa.Schema | None = None
+
+    def __init__(self, config: ConfigT, context: ComponentContext) -> None:
+        self.config = config
+        self.context = context
 
     @abstractmethod
     def process(self, table: pa.Table) -> StepResult:
@@ -178,6 +189,7 @@ def load(group: str, name: str) -> type[Any]:
 
 
 __all__ = [
+    "PROCESSOR_GROUP",
     "ROW_ID",
     "SINK_GROUP",
     "SOURCE_GROUP",

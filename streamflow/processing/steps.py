@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, RootModel
 
-from streamflow.config.models import FieldSpec, ProcessorConfig, SchemaStep, SqlStep, StepConfig
-from streamflow.plugins import ROW_ID, Processor, StepResult
+from streamflow.plugins import ROW_ID, ComponentContext, Processor, StepResult
 
 ARROW_TYPES: dict[str, pa.DataType] = {
     "string": pa.string(),
@@ -15,6 +17,23 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     "float": pa.float64(),
     "bool": pa.bool_(),
 }
+
+
+class FieldSpec(BaseModel):
+    """One field of a declared record schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["string", "int", "float", "bool"]
+    required: bool = False
+
+
+class SchemaConfig(RootModel[dict[str, FieldSpec]]):
+    """``{field: {type: ..., required: ...}}``, in output order."""
+
+
+class SqlConfig(RootModel[str]):
+    """A DuckDB statement over the table ``batch``."""
 
 
 class SchemaViolation(ValueError):
@@ -26,15 +45,17 @@ def arrow_schema(fields: dict[str, FieldSpec]) -> pa.Schema:
     return pa.schema([pa.field(name, ARROW_TYPES[spec.type]) for name, spec in fields.items()])
 
 
-class SchemaCheck(Processor):
+class SchemaCheck(Processor[SchemaConfig]):
     """Keeps exactly the declared fields, typed; rows with a missing required field or a value
     that cannot take the declared type fail."""
 
     name = "schema"
+    config_model = SchemaConfig
 
-    def __init__(self, fields: dict[str, FieldSpec]) -> None:
-        self.fields = fields
-        self.schema = arrow_schema(fields)
+    def __init__(self, config: SchemaConfig, context: ComponentContext) -> None:
+        super().__init__(config, context)
+        self.fields = config.root
+        self.schema = self.input_schema = arrow_schema(self.fields)
 
     def process(self, table: pa.Table) -> StepResult:
         failures: dict[int, BaseException] = {}
@@ -83,17 +104,19 @@ class SchemaCheck(Processor):
         return pa.chunked_array([pa.array(values, target)])
 
 
-class SqlTransform(Processor):
+class SqlTransform(Processor[SqlConfig]):
     """Runs a DuckDB statement over the batch, registered as the table ``batch``.
 
-    ``SELECT *`` carries the ``_sf_row`` column along, so later failures still point at the
-    original records; a statement that drops it produces records without provenance.
+    ``SELECT *`` carries the ``_sf_row`` column along, tying each output row to its input
+    record; a statement that drops it breaks the processor contract and fails its batch.
     """
 
     name = "sql"
+    config_model = SqlConfig
 
-    def __init__(self, statement: str) -> None:
-        self.statement = statement
+    def __init__(self, config: SqlConfig, context: ComponentContext) -> None:
+        super().__init__(config, context)
+        self.statement = config.root
         self._connection = duckdb.connect(config={"preserve_insertion_order": True})
 
     def process(self, table: pa.Table) -> StepResult:
@@ -103,19 +126,3 @@ class SqlTransform(Processor):
         finally:
             self._connection.unregister("batch")
         return StepResult(result)
-
-
-def build_step(step: StepConfig) -> Processor:
-    """The processor for one configured step."""
-    if isinstance(step, SchemaStep):
-        return SchemaCheck(step.schema_)
-    if isinstance(step, SqlStep):
-        return SqlTransform(step.sql)
-    raise TypeError(f"unsupported step {step!r}")
-
-
-def decode_schema(stage: ProcessorConfig) -> pa.Schema | None:
-    """Parse straight into the first step's schema when the stage starts with a schema step."""
-    if stage.steps and isinstance(stage.steps[0], SchemaStep):
-        return arrow_schema(stage.steps[0].schema_)
-    return None

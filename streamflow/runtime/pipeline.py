@@ -12,14 +12,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from streamflow.config.loader import connector_settings
+from streamflow.config.loader import connector_settings, step_settings
 from streamflow.config.models import ModelConfig, PipelineConfig, ProcessorConfig, SinkConfig
 from streamflow.metrics import MetricsServer, PipelineMetrics
 from streamflow.ml.model import ModelStep, RiverModel, build_estimator, build_metric
 from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
-from streamflow.processing.steps import build_step, decode_schema
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
-from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, TopicStage
+from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, StepRunner, TopicStage
 from streamflow.transport import TopicSpec, Transport, create_transport
 from streamflow.transport.broker import EmbeddedBroker
 
@@ -144,10 +143,12 @@ class PipelineRunner:
         batch = stage.batch or self.config.runtime.batch
         metrics = self.metrics.stage(stage.name)
         if isinstance(stage, ProcessorConfig):
-            return TopicStage(
-                self._identity(stage), transport, batch, metrics, stage.output,
-                [build_step(step) for step in stage.steps], decode_schema(stage),
-            )
+            context = ComponentContext(self.config.pipeline, stage.name)
+            steps = []
+            for step in stage.steps:
+                plugin, settings = step_settings(step)
+                steps.append(StepRunner(plugin(settings, context), step.on_error))
+            return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps)
         metric = build_metric(stage.metric)
         gauge = self.metrics.model_metric(stage.name, stage.metric)
         learned = self.metrics.records_learned(stage.name)
@@ -160,7 +161,9 @@ class PipelineRunner:
             RiverModel(build_estimator(stage.estimator)), stage.target, stage.features, metric,
             stage.prediction_field, on_learned,
         )
-        return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, [step])
+        return TopicStage(
+            self._identity(stage), transport, batch, metrics, stage.output, [StepRunner(step)]
+        )
 
     def _sink_stage(self, sink_config: SinkConfig, transport: Transport) -> SinkStage:
         plugin, settings = connector_settings(sink_config, SINK_GROUP)

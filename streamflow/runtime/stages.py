@@ -13,13 +13,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from streamflow.config.models import BatchConfig
 from streamflow.metrics import SinkMetrics, StageMetrics
-from streamflow.plugins import ROW_ID, Processor, Sink, SinkRecordError
+from streamflow.plugins import ROW_ID, Processor, Sink, SinkRecordError, StepResult
 from streamflow.processing.codec import decode_json, encode_json
 from streamflow.runtime.dead_letters import Failure, dead_letter_batch
 from streamflow.transport import (
@@ -179,26 +180,47 @@ class StageRunner(RebalanceListener, ABC):
         log.info("stage %s revoked %s", self.name, partitions)
 
 
-def run_steps(
-    steps: Sequence[Processor], table: pa.Table, failures: list[Failure]
-) -> pa.Table:
-    """Run ``steps`` in order; failed rows (as ``_sf_row`` ids) are appended to ``failures``."""
-    for step in steps:
+class StepFailedError(RuntimeError):
+    """A step with ``on_error: fail`` failed: the stage stops without committing the batch."""
+
+
+@dataclass(frozen=True)
+class StepRunner:
+    """A processor step with its ``on_error`` policy: ``dlq``, ``drop`` or ``fail``."""
+
+    step: Processor[Any]
+    on_error: str = "dlq"
+
+
+def run_steps(steps: Sequence[StepRunner], table: pa.Table, failures: list[Failure]) -> pa.Table:
+    """Run ``steps`` in order; rows to dead-letter (as ``_sf_row`` ids) go to ``failures``.
+
+    Rows failed by a ``drop`` step simply vanish (they count as filtered); a failure in a
+    ``fail`` step raises :class:`StepFailedError`.
+    """
+    for runner in steps:
+        step = runner.step
         try:
             result = step.process(table)
             if ROW_ID not in result.table.column_names:
                 raise StepOutputError(
                     f"step {step.name!r} dropped the {ROW_ID} column; keep it (SELECT * does)"
                 )
-        except Exception as exc:  # the whole batch failed in this step: dead-letter all of it
-            failures.extend(Failure(row, step.name, exc) for row in table[ROW_ID].to_pylist())
-            return table.slice(0, 0)
+        except Exception as exc:  # the whole batch failed in this step
+            result = StepResult(table.slice(0, 0), [(i, exc) for i in range(table.num_rows)])
         if result.failures:
-            row_ids = table[ROW_ID]
-            failures.extend(
-                Failure(row_ids[index].as_py(), step.name, error)
-                for index, error in result.failures
-            )
+            if runner.on_error == "fail":
+                _row, error = result.failures[0]
+                raise StepFailedError(
+                    f"step {step.name!r} failed ({type(error).__name__}: {error}) and has "
+                    "on_error: fail"
+                ) from error
+            if runner.on_error == "dlq":
+                row_ids = table[ROW_ID]
+                failures.extend(
+                    Failure(row_ids[index].as_py(), step.name, error)
+                    for index, error in result.failures
+                )
         table = result.table
     return table
 
@@ -213,13 +235,13 @@ class TopicStage(StageRunner):
         batch: BatchConfig,
         metrics: StageMetrics,
         output_topic: str,
-        steps: Sequence[Processor],
-        schema: pa.Schema | None = None,
+        steps: Sequence[StepRunner],
     ) -> None:
         super().__init__(identity, transport, batch, metrics)
         self.output_topic = output_topic
         self.steps = list(steps)
-        self.schema = schema
+        # Parse straight into the first step's schema when it declares one.
+        self.schema = self.steps[0].step.input_schema if self.steps else None
         self._last_offsets: dict[TopicPartition, int] = {}
 
     def drain(self) -> None:

@@ -64,7 +64,9 @@ def test_every_error_is_listed(tmp_path: Path) -> None:
     data = minimal(
         kafka={"bootstrap": "not a broker", "client": "java"},
         processors=[{"name": "clean", "input": "raw", "output": "clean",
-                     "steps": [{"schema": {"x": {"type": "decimal"}}}, {"bogus": 1}]}],
+                     "steps": [{"schema": {"x": {"type": "decimal"}}}, {"bogus": 1},
+                               {"sql": "SELECT 1", "filter": "x", "on_error": "dlq"},
+                               {"sql": "SELECT * FROM batch", "on_error": "ignore"}]}],
     )
     with pytest.raises(ConfigError) as info:
         load_pipeline(write(tmp_path, data))
@@ -72,7 +74,9 @@ def test_every_error_is_listed(tmp_path: Path) -> None:
     assert "kafka.bootstrap:" in text and "host:port" in text
     assert "kafka.client:" in text
     assert "processors[0].steps[0].schema.x.type:" in text
-    assert "processors[0].steps[1]: a step is a mapping with one of the keys: schema, sql" in text
+    assert "processors[0].steps[1].bogus: unknown type 'bogus'" in text
+    assert "processors[0].steps[2]: value error, a step is a mapping with exactly one step kind" in text
+    assert "processors[0].steps[3].on_error: input should be 'dlq', 'drop' or 'fail'" in text
 
 
 def test_unknown_connector_type_names_installed_ones(tmp_path: Path) -> None:
