@@ -120,18 +120,60 @@ class ProcessorConfig(StageBase):
     steps: list[StepConfig] = Field(default_factory=list)
 
 
+RiverSpec = dict[str, dict[str, Any] | None]
+
+
+class CheckpointConfig(Strict):
+    """Where and how often a model stage saves its state with the offsets it learned up to."""
+
+    path: str = Field("./checkpoints", description="directory of the checkpoint store")
+    every_records: int = Field(10_000, ge=1)
+    every_seconds: float = Field(30.0, gt=0)
+
+
+class LabelsConfig(Strict):
+    """Labels arriving on their own topic, joined to earlier feature records by record key."""
+
+    topic: Name
+    field: str | None = Field(None, description="label field in label records (default: target)")
+    ttl_s: float = Field(3600.0, gt=0, description="how long features wait for their label")
+    max_pending: int = Field(100_000, ge=1, description="most feature records kept waiting")
+
+
+class DriftConfig(Strict):
+    """A river drift detector on the model's error stream."""
+
+    detector: RiverSpec = Field(description="one {drift.Class: {params}}, e.g. {drift.ADWIN: {}}")
+    topic: Name | None = Field(None, description="drift events topic (default <pipeline>.drift)")
+    policy: Literal["none", "reset", "swap"] = Field(
+        "none", description="on drift: keep the model, reset it, or swap in the background model"
+    )
+
+
 class ModelConfig(StageBase):
-    """A river model stage: predict each record, then learn from it."""
+    """A river model stage: predict each record, then learn from it (progressive validation)."""
 
     output: Name
     dead_letter: Name | None = None
-    estimator: list[dict[str, dict[str, Any] | None]] | str = Field(
+    estimator: list[RiverSpec] | str = Field(
         description="river pipeline as [{module.Class: {params}}, ...] or 'module:factory'"
     )
+    task: Literal["regression", "classification", "anomaly", "clustering"] | None = Field(
+        None, description="inferred from the estimator when absent"
+    )
+    target: str | None = Field(None, description="label field; not used by anomaly and clustering")
     features: list[str] | None = Field(None, description="default: numeric fields but the target")
-    target: str
-    metric: str = Field("MAE", description="a river.metrics class name")
+    metrics: list[str] | None = Field(None, description="river.metrics names; default by task")
+    rolling_window: int = Field(1000, ge=1, description="window of the rolling metric values")
     prediction_field: str = "prediction"
+    key_field: str | None = Field(None, description="one model per value of this field")
+    max_models: int = Field(1000, ge=1, description="keyed models kept in memory (LRU)")
+    labels: LabelsConfig | None = None
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    drift: DriftConfig | None = None
+    mini_batch: bool = Field(
+        False, description="use learn_many/predict_many per micro-batch (predicts before learning)"
+    )
 
 
 class ConnectorConfig(BaseModel):
@@ -199,12 +241,20 @@ class PipelineConfig(Strict):
     def dead_letter_topic(self, stage: ProcessorConfig | ModelConfig | SinkConfig) -> str:
         return stage.dead_letter or f"{self.pipeline}.dlq"
 
+    def drift_topic(self, model: ModelConfig) -> str:
+        return (model.drift.topic if model.drift else None) or f"{self.pipeline}.drift"
+
     def topic_specs(self) -> list[TopicConfig]:
         """Every topic the pipeline touches: declared ones as declared, others with defaults."""
         declared = {topic.name: topic for topic in self.topics}
         names: list[str] = [source.topic for source in self.sources]
         for stage in [*self.processors, *self.models]:
             names += [stage.input, stage.output, self.dead_letter_topic(stage)]
+        for model in self.models:
+            if model.labels:
+                names.append(model.labels.topic)
+            if model.drift:
+                names.append(self.drift_topic(model))
         for sink in self.sinks:
             names += [sink.input, self.dead_letter_topic(sink)]
         for name in names:

@@ -1,6 +1,12 @@
 """Prometheus metrics of one running pipeline, and the HTTP endpoint that serves them."""
 
-from streamflow.metrics.registry import PipelineMetrics, SinkMetrics, SourceMetrics, StageMetrics
+from streamflow.metrics.registry import (
+    ModelMetrics,
+    PipelineMetrics,
+    SinkMetrics,
+    SourceMetrics,
+    StageMetrics,
+)
 from streamflow.metrics.server import MetricsServer
 
-__all__ = ["MetricsServer", "PipelineMetrics", "SinkMetrics", "SourceMetrics", "StageMetrics"]
+__all__ = ["MetricsServer", "ModelMetrics", "PipelineMetrics", "SinkMetrics", "SourceMetrics", "StageMetrics"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -32,6 +33,19 @@ class SourceMetrics:
 class SinkMetrics:
     rows_written: Counter
     flush_seconds: Histogram
+
+
+@dataclass
+class ModelMetrics:
+    """Metrics of one model stage; ``metric(name, window, partition)`` gives a gauge."""
+
+    metric: Callable[[str, str, int], Gauge]
+    records_learned: Counter
+    drift_events: Counter
+    labels_unmatched: Counter
+    features_expired: Counter
+    evictions: Counter
+    checkpoint_time: Gauge
 
 
 class PipelineMetrics:
@@ -77,13 +91,37 @@ class PipelineMetrics:
             "streamflow_sink_flush_seconds", "Time a sink flush took.", ("pipeline", "sink"),
             buckets=BATCH_SECONDS_BUCKETS, registry=r,
         )
+        model = (*STAGE, "model")
         self._model_metric = Gauge(
-            "streamflow_model_metric", "Progressive-validation metric of a model stage.",
-            ("pipeline", "stage", "metric"), registry=r,
+            "streamflow_model_metric",
+            "Progressive-validation metric of a model stage, per input partition; window is "
+            "'cumulative' or 'rolling'.",
+            (*model, "metric", "window", "partition"), registry=r,
         )
         self._learned = Counter(
-            "streamflow_model_records_learned", "Records a model stage learned from.", STAGE,
+            "streamflow_model_records_learned", "Records a model stage learned from.", model,
             registry=r,
+        )
+        self._drift = Counter(
+            "streamflow_model_drift_events", "Drifts the model stage's detector found.", model,
+            registry=r,
+        )
+        self._unmatched = Counter(
+            "streamflow_model_labels_unmatched", "Labels that matched no waiting features.", model,
+            registry=r,
+        )
+        self._expired = Counter(
+            "streamflow_model_features_expired",
+            "Feature records dropped from the label wait list (TTL or size limit).", model,
+            registry=r,
+        )
+        self._evicted = Counter(
+            "streamflow_model_evictions", "Keyed models moved from memory to the checkpoint store.",
+            model, registry=r,
+        )
+        self._checkpoint_time = Gauge(
+            "streamflow_checkpoint_last_success_timestamp_seconds",
+            "Unix time of the stage's last successful checkpoint.", STAGE, registry=r,
         )
 
     def stage(self, name: str) -> StageMetrics:
@@ -109,8 +147,16 @@ class PipelineMetrics:
             self._sink_flush.labels(self.pipeline, name),
         )
 
-    def model_metric(self, stage: str, metric: str) -> Gauge:
-        return self._model_metric.labels(self.pipeline, stage, metric)
-
-    def records_learned(self, stage: str) -> Counter:
-        return self._learned.labels(self.pipeline, stage)
+    def model(self, stage: str, model: str) -> ModelMetrics:
+        labels = (self.pipeline, stage, model)
+        return ModelMetrics(
+            lambda metric, window, partition: self._model_metric.labels(
+                *labels, metric, window, str(partition)
+            ),
+            self._learned.labels(*labels),
+            self._drift.labels(*labels),
+            self._unmatched.labels(*labels),
+            self._expired.labels(*labels),
+            self._evicted.labels(*labels),
+            self._checkpoint_time.labels(self.pipeline, stage),
+        )

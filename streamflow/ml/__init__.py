@@ -1,5 +1,5 @@
-"""Online learning: the Model contract and its river implementation."""
+"""Online learning: the Model contract, its river implementation, state and checkpoints."""
 
-from streamflow.ml.model import Model, ModelStep, RiverModel, build_estimator
+from streamflow.ml.model import Model, Prediction, RiverModel
 
-__all__ = ["Model", "ModelStep", "RiverModel", "build_estimator"]
+__all__ = ["Model", "Prediction", "RiverModel"]

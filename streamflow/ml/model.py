@@ -1,161 +1,106 @@
-"""Model stages: predict each record, then learn from it (progressive validation).
-
-Estimators are built from names resolved only inside the ``river`` package, or from a
-``module:function`` factory the user names. No configuration string is ever evaluated.
-"""
+"""The Model contract and its river implementation."""
 
 from __future__ import annotations
 
-import importlib
-import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-from river import compose, metrics
+import pandas as pd
 
-from streamflow.plugins import Processor, StepResult
-
-_RIVER_NAME = re.compile(r"^(?P<module>[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)\.(?P<cls>[A-Z]\w*)$")
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+Features = dict[str, Any]
 
 
-class ModelSpecError(ValueError):
-    """The estimator or metric named in the config cannot be built."""
+@dataclass(frozen=True)
+class Prediction:
+    """What a model says about one record: the prediction, class probabilities (classifiers)
+    and an anomaly score (anomaly detectors)."""
 
-
-def _river_class(qualified: str) -> type[Any]:
-    match = _RIVER_NAME.match(qualified)
-    if not match:
-        raise ModelSpecError(f"{qualified!r} is not a river name like 'linear_model.LinearRegression'")
-    try:
-        module = importlib.import_module(f"river.{match['module']}")
-        return getattr(module, match["cls"])
-    except (ImportError, AttributeError):
-        raise ModelSpecError(f"river has no {qualified!r}") from None
-
-
-def build_estimator(spec: list[dict[str, dict[str, Any] | None]] | str) -> Any:
-    """A river estimator from ``[{module.Class: {params}}, ...]`` or a ``module:function`` factory."""
-    if isinstance(spec, str):
-        if not _FACTORY.match(spec):
-            raise ModelSpecError(f"estimator {spec!r} must be 'package.module:function'")
-        module_name, function = spec.split(":")
-        factory: Callable[[], Any] = getattr(importlib.import_module(module_name), function)
-        return factory()
-    steps = []
-    for step in spec:
-        if len(step) != 1:
-            raise ModelSpecError(f"each estimator step is one {{module.Class: params}}, got {step}")
-        (qualified, params), = step.items()
-        try:
-            steps.append(_river_class(qualified)(**(params or {})))
-        except TypeError as exc:
-            raise ModelSpecError(f"{qualified}: {exc}") from None
-    if not steps:
-        raise ModelSpecError("the estimator needs at least one step")
-    return steps[0] if len(steps) == 1 else compose.Pipeline(*steps)
-
-
-def build_metric(name: str) -> metrics.base.Metric:
-    metric_class = getattr(metrics, name, None)
-    if not isinstance(metric_class, type) or not issubclass(metric_class, metrics.base.Metric):
-        raise ModelSpecError(f"river.metrics has no metric {name!r}")
-    return metric_class()
+    value: Any
+    probabilities: dict[Any, float] | None = None
+    score: float | None = None
 
 
 class Model(ABC):
     """An incrementally trained model.
 
-    Contract: records arrive in offset order; for each, :meth:`predict_one` is called before
-    :meth:`learn_one`, so a prediction never saw its own label.
+    Contract: for every record, :meth:`predict` is called before :meth:`learn`, in offset order,
+    so a prediction never saw its own label. A model must be picklable: checkpoints store it.
     """
 
-    @abstractmethod
-    def predict_one(self, features: dict[str, Any]) -> Any:
-        """Predict from the features; may return None before the model has learned anything."""
+    task: str
 
     @abstractmethod
-    def learn_one(self, features: dict[str, Any], target: Any) -> None:
-        """Update the model with one labelled record."""
+    def predict(self, features: Features) -> Prediction:
+        """Predict from ``features``; the value may be None before anything was learned."""
+
+    @abstractmethod
+    def learn(self, features: Features, target: Any) -> None:
+        """Update with one record (``target`` is None for anomaly detection and clustering)."""
+
+    @abstractmethod
+    def fresh(self) -> Model:
+        """An untrained model with the same parameters (for drift resets)."""
+
+    @property
+    def supports_batches(self) -> bool:
+        return False
+
+    def predict_batch(self, rows: list[Features]) -> list[Prediction]:
+        """Predict a whole micro-batch before learning any of it."""
+        return [self.predict(row) for row in rows]
+
+    def learn_batch(self, rows: list[Features], targets: list[Any]) -> None:
+        for row, target in zip(rows, targets, strict=True):
+            self.learn(row, target)
 
 
 class RiverModel(Model):
-    """A river estimator with river's own ``predict_one``/``learn_one``."""
+    """A river estimator, used through river's own methods for its task."""
 
-    def __init__(self, estimator: Any) -> None:
+    def __init__(self, estimator: Any, task: str) -> None:
         self.estimator = estimator
+        self.task = task
 
-    def predict_one(self, features: dict[str, Any]) -> Any:
-        return self.estimator.predict_one(features)
+    def predict(self, features: Features) -> Prediction:
+        estimator = self.estimator
+        if self.task == "classification":
+            return Prediction(estimator.predict_one(features), estimator.predict_proba_one(features))
+        if self.task == "anomaly":
+            score = estimator.score_one(features)
+            return Prediction(score, score=score)
+        return Prediction(estimator.predict_one(features))
 
-    def learn_one(self, features: dict[str, Any], target: Any) -> None:
-        self.estimator.learn_one(features, target)
+    def learn(self, features: Features, target: Any) -> None:
+        if self.task in ("anomaly", "clustering"):
+            self.estimator.learn_one(features)
+        else:
+            self.estimator.learn_one(features, target)
 
+    def fresh(self) -> RiverModel:
+        return RiverModel(self.estimator.clone(), self.task)
 
-class ModelStep(Processor[Any]):
-    """Adds the prediction to each record, updates the metric, then learns the record.
+    @property
+    def supports_batches(self) -> bool:
+        return self.task in ("regression", "classification") and all(
+            hasattr(self.estimator, method) for method in ("learn_many", "predict_many")
+        )
 
-    Model stages are configured in their own ``models:`` section, so this step is built
-    directly rather than through the processor registry.
-    """
+    def predict_batch(self, rows: list[Features]) -> list[Prediction]:
+        if not self.supports_batches:
+            return super().predict_batch(rows)
+        frame = pd.DataFrame(rows)
+        values = self.estimator.predict_many(frame).tolist()
+        if self.task == "classification":
+            probabilities = self.estimator.predict_proba_many(frame).to_dict("records")
+            return [Prediction(v, p) for v, p in zip(values, probabilities, strict=True)]
+        return [Prediction(value) for value in values]
 
-    name = "model"
+    def learn_batch(self, rows: list[Features], targets: list[Any]) -> None:
+        if not self.supports_batches:
+            super().learn_batch(rows, targets)
+            return
+        self.estimator.learn_many(pd.DataFrame(rows), pd.Series(targets))
 
-    def __init__(
-        self,
-        model: Model,
-        target: str,
-        features: list[str] | None,
-        metric: metrics.base.Metric,
-        prediction_field: str = "prediction",
-        on_learned: Callable[[int, float], None] | None = None,
-    ) -> None:
-        self.model = model
-        self.target = target
-        self.features = features
-        self.metric = metric
-        self.prediction_field = prediction_field
-        self.on_learned = on_learned
-
-    def _feature_names(self, table: pa.Table) -> list[str]:
-        if self.features is not None:
-            return self.features
-        return [
-            field.name for field in table.schema
-            if field.name != self.target and not field.name.startswith("_sf_")
-            and (pa.types.is_integer(field.type) or pa.types.is_floating(field.type))
-        ]
-
-    def process(self, table: pa.Table) -> StepResult:
-        names = self._feature_names(table)
-        missing = [name for name in [*names, self.target] if name not in table.column_names]
-        if missing:
-            raise KeyError(f"fields missing from the batch: {', '.join(missing)}")
-        rows = table.select(names).to_pylist()
-        targets = table.column(self.target).to_pylist()
-        predictions: list[Any] = []
-        failures: list[tuple[int, BaseException]] = []
-        learned = 0
-        for index, (row, target) in enumerate(zip(rows, targets, strict=True)):
-            features = {key: value for key, value in row.items() if value is not None}
-            try:
-                prediction = self.model.predict_one(features)
-                if target is not None:
-                    if prediction is not None:
-                        self.metric.update(target, prediction)
-                    self.model.learn_one(features, target)
-                    learned += 1
-            except Exception as exc:  # a record the model cannot take goes to the dead letters
-                failures.append((index, exc))
-                predictions.append(None)
-                continue
-            predictions.append(prediction)
-        output = table.append_column(self.prediction_field, pa.array(predictions))
-        if failures:
-            failed = {index for index, _error in failures}
-            output = output.filter(pa.array([i not in failed for i in range(table.num_rows)]))
-        if self.on_learned:
-            self.on_learned(learned, self.metric.get())
-        return StepResult(output, failures)
+    def __repr__(self) -> str:
+        return f"RiverModel({self.estimator}, task={self.task!r})"

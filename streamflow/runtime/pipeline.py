@@ -13,10 +13,20 @@ from types import FrameType
 from typing import Any
 
 from streamflow.config.loader import connector_settings, step_settings
-from streamflow.config.models import ModelConfig, PipelineConfig, ProcessorConfig, SinkConfig
-from streamflow.metrics import MetricsServer, PipelineMetrics
-from streamflow.ml.model import ModelStep, RiverModel, build_estimator, build_metric
+from streamflow.config.models import (
+    BatchConfig,
+    ModelConfig,
+    PipelineConfig,
+    ProcessorConfig,
+    SinkConfig,
+)
+from streamflow.metrics import MetricsServer, PipelineMetrics, StageMetrics
+from streamflow.ml.checkpoint import CheckpointStore
+from streamflow.ml.engine import EngineSettings, ModelEngine
+from streamflow.ml.model import RiverModel
+from streamflow.ml.spec import DEFAULT_METRICS, build_estimator, infer_task, model_label
 from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
+from streamflow.runtime.model_stage import ModelStage
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
 from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, StepRunner, TopicStage
 from streamflow.transport import TopicSpec, Transport, create_transport
@@ -139,7 +149,9 @@ class PipelineRunner:
             self.config.pipeline, stage.name, stage.input, self.config.dead_letter_topic(stage)
         )
 
-    def _topic_stage(self, stage: ProcessorConfig | ModelConfig, transport: Transport) -> TopicStage:
+    def _topic_stage(
+        self, stage: ProcessorConfig | ModelConfig, transport: Transport
+    ) -> TopicStage | ModelStage:
         batch = stage.batch or self.config.runtime.batch
         metrics = self.metrics.stage(stage.name)
         if isinstance(stage, ProcessorConfig):
@@ -149,21 +161,46 @@ class PipelineRunner:
                 plugin, settings = step_settings(step)
                 steps.append(StepRunner(plugin(settings, context), step.on_error))
             return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps)
-        metric = build_metric(stage.metric)
-        gauge = self.metrics.model_metric(stage.name, stage.metric)
-        learned = self.metrics.records_learned(stage.name)
+        return self._model_stage(stage, transport, batch, metrics)
 
-        def on_learned(count: int, value: float) -> None:
-            learned.inc(count)
-            gauge.set(value)
-
-        step = ModelStep(
-            RiverModel(build_estimator(stage.estimator)), stage.target, stage.features, metric,
-            stage.prediction_field, on_learned,
+    def _model_stage(
+        self, stage: ModelConfig, transport: Transport, batch: BatchConfig, metrics: StageMetrics
+    ) -> ModelStage:
+        estimator = build_estimator(stage.estimator)
+        task = stage.task or infer_task(estimator)
+        model_metrics = self.metrics.model(stage.name, model_label(estimator))
+        labels = stage.labels
+        settings = EngineSettings(
+            task=task,
+            target=stage.target,
+            metrics=stage.metrics if stage.metrics is not None else DEFAULT_METRICS[task],
+            rolling_window=stage.rolling_window,
+            key_field=stage.key_field,
+            max_models=stage.max_models,
+            features_topic=stage.input,
+            labels_topic=labels.topic if labels else None,
+            labels_ttl_s=labels.ttl_s if labels else 0.0,
+            max_waiting=labels.max_pending if labels else 0,
+            drift_detector=stage.drift.detector if stage.drift else None,
+            drift_policy=stage.drift.policy if stage.drift else "none",
+            mini_batch=stage.mini_batch,
         )
-        return TopicStage(
-            self._identity(stage), transport, batch, metrics, stage.output, [StepRunner(step)]
+        runner: ModelStage | None = None
+        engine = ModelEngine(
+            settings,
+            lambda: RiverModel(estimator.clone(), task),
+            CheckpointStore(stage.checkpoint.path, self.config.pipeline, stage.name),
+            on_learned=model_metrics.records_learned.inc,
+            on_drift=lambda event: runner.record_drift(event) if runner else None,
+            on_evicted=model_metrics.evictions.inc,
+            on_expired=model_metrics.features_expired.inc,
+            on_unmatched=model_metrics.labels_unmatched.inc,
         )
+        runner = ModelStage(
+            self._identity(stage), transport, batch, metrics, model_metrics, stage, engine,
+            self.config.drift_topic(stage) if stage.drift else None,
+        )
+        return runner
 
     def _sink_stage(self, sink_config: SinkConfig, transport: Transport) -> SinkStage:
         plugin, settings = connector_settings(sink_config, SINK_GROUP)

@@ -100,7 +100,7 @@ class StageRunner(RebalanceListener, ABC):
         try:
             self.producer = self.transport.producer()
             self.consumer = self.transport.consumer(
-                self.identity.group_id, [self.identity.input_topic], listener=self
+                self.identity.group_id, self.topics(), listener=self
             )
             self.open()
             while not self._stop.is_set():
@@ -159,6 +159,10 @@ class StageRunner(RebalanceListener, ABC):
             identity.dead_letter_topic, identity.pipeline, identity.name, failures, batch
         )])
         self.metrics.records_dead_lettered.inc(len(failures))
+
+    def topics(self) -> list[str]:
+        """The topics this stage consumes."""
+        return [self.identity.input_topic]
 
     def open(self) -> None:
         """Called once the clients exist, before the first batch."""

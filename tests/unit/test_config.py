@@ -131,7 +131,8 @@ def test_python_api_builds_the_same_pipeline_as_the_yaml() -> None:
                 "       battery < 3.3 AS battery_low\nFROM batch\n"),
         ])
         .model("predict", input="sensors.clean", output="sensors.scored", target="temperature",
-               features=["humidity", "pressure"], metric="MAE", estimator=[
+               features=["humidity", "pressure"], metrics=["MAE", "RMSE"],
+               checkpoint={"path": "./output/checkpoints"}, estimator=[
                    {"preprocessing.StandardScaler": {}},
                    {"linear_model.LinearRegression": {"intercept_lr": 0.1}},
                ])

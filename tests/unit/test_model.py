@@ -1,15 +1,21 @@
-"""Model stages: river estimators from names, and agreement with river's own progressive validation."""
+"""Model stages without Kafka: estimator specs, progressive validation, delayed labels, keyed
+models, drift, mini-batches and checkpoints."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
+from typing import Any
 
-import pyarrow as pa
 import pytest
 from river import datasets, evaluate, linear_model, metrics, preprocessing
 
-from streamflow.ml.model import ModelSpecError, ModelStep, RiverModel, build_estimator, build_metric
-from streamflow.plugins import ROW_ID
+from streamflow.ml.checkpoint import MAGIC, CheckpointError, CheckpointStore
+from streamflow.ml.engine import EngineSettings, ModelEngine
+from streamflow.ml.model import RiverModel
+from streamflow.ml.spec import ModelSpecError, build_estimator, build_metric, infer_task
+
+TOPIC = "features"
 
 
 def test_estimators_resolve_only_inside_river() -> None:
@@ -17,6 +23,9 @@ def test_estimators_resolve_only_inside_river() -> None:
                              {"linear_model.LogisticRegression": {"l2": 0.001}}])
     assert [type(step).__name__ for step in model.steps.values()] == [
         "StandardScaler", "LogisticRegression"]
+    assert infer_task(model) == "classification"
+    assert infer_task(build_estimator([{"anomaly.HalfSpaceTrees": {}}])) == "anomaly"
+    assert infer_task(build_estimator([{"cluster.KMeans": {}}])) == "clustering"
     for bad in ("os.system", "__import__('os')", "linear_model.__class__", "..x.Y"):
         with pytest.raises(ModelSpecError):
             build_estimator([{bad: {}}])
@@ -29,44 +38,132 @@ def test_estimators_resolve_only_inside_river() -> None:
 
 
 def test_factory_names_a_user_function() -> None:
-    model = build_estimator("river.linear_model:LinearRegression")
-    assert isinstance(model, linear_model.LinearRegression)
+    assert isinstance(build_estimator("river.linear_model:LinearRegression"),
+                      linear_model.LinearRegression)
 
 
-def test_model_step_matches_river_progressive_validation() -> None:
-    """Streaming TrumpApproval through the step in batches gives river's own MAE."""
-    stream = list(itertools.islice(datasets.TrumpApproval(), 1000))
-    expected = evaluate.progressive_val_score(
-        stream, preprocessing.StandardScaler() | linear_model.LinearRegression(), metrics.MAE()
+def engine(tmp_path: Path, estimator: Any, task: str, metric_names: list[str],
+           **overrides: Any) -> ModelEngine:
+    settings = EngineSettings(
+        task=task, target="y", metrics=metric_names, rolling_window=50, key_field=None,
+        max_models=10, features_topic=TOPIC, **overrides,
     )
-    rows = [{**x, "y": y} for x, y in stream]
-    step = ModelStep(
-        RiverModel(preprocessing.StandardScaler() | linear_model.LinearRegression()),
-        target="y", features=None, metric=metrics.MAE(),
-    )
-    for start in range(0, len(rows), 128):
-        table = pa.Table.from_pylist(rows[start:start + 128])
-        table = table.append_column(ROW_ID, pa.array(range(table.num_rows), pa.int64()))
-        result = step.process(table)
-        assert not result.failures
-        assert result.table.num_rows == table.num_rows
-    assert step.metric.get() == pytest.approx(expected.get(), abs=1e-9)
+    store = CheckpointStore(tmp_path, "p", "model")
+    built = ModelEngine(settings, lambda: RiverModel(estimator.clone(), task), store)
+    built.assign(0)
+    return built
 
 
-def test_records_the_model_cannot_take_fail_alone() -> None:
-    step = ModelStep(RiverModel(linear_model.LinearRegression()), target="y", features=["x"],
-                     metric=metrics.MAE())
-    table = pa.table({"x": [1.0, 2.0], "y": [1.0, 2.0]})
-    table = table.append_column(ROW_ID, pa.array([0, 1], pa.int64()))
+def feed(eng: ModelEngine, stream: list[tuple[dict[str, Any], Any]], start: int = 0,
+         batch: int = 100, keys: list[str] | None = None) -> None:
+    for first in range(start, len(stream), batch):
+        chunk = stream[first:first + batch]
+        eng.score(0, list(range(first, first + len(chunk))), [None] * len(chunk),
+                  [x for x, _ in chunk], [y for _, y in chunk],
+                  keys[first:first + len(chunk)] if keys else [""] * len(chunk))
 
-    class Picky(RiverModel):
-        def learn_one(self, features: dict[str, object], target: object) -> None:
-            if target == 2.0:
-                raise ValueError("cannot learn 2")
-            super().learn_one(features, target)
 
-    step.model = Picky(linear_model.LinearRegression())
-    result = step.process(table)
-    assert result.table[ROW_ID].to_pylist() == [0]
-    assert "prediction" in result.table.column_names
-    assert [(row, str(error)) for row, error in result.failures] == [(1, "cannot learn 2")]
+@pytest.mark.parametrize(("dataset", "estimator", "metric"), [
+    (datasets.TrumpApproval(), preprocessing.StandardScaler() | linear_model.LinearRegression(),
+     "MAE"),
+    (datasets.Phishing(), preprocessing.StandardScaler() | linear_model.LogisticRegression(),
+     "LogLoss"),
+    (datasets.Phishing(), preprocessing.StandardScaler() | linear_model.LogisticRegression(),
+     "Accuracy"),
+])
+def test_engine_agrees_with_river(tmp_path: Path, dataset: Any, estimator: Any,
+                                  metric: str) -> None:
+    stream = list(dataset)
+    expected = evaluate.progressive_val_score(stream, estimator.clone(), getattr(metrics, metric)())
+    eng = engine(tmp_path, estimator, infer_task(estimator), [metric])
+    feed(eng, stream)
+    assert eng.states[0].metrics[0].cumulative.get() == pytest.approx(expected.get(), abs=1e-9)
+
+
+def test_mini_batches_predict_the_batch_before_learning_it(tmp_path: Path) -> None:
+    stream = list(itertools.islice(datasets.TrumpApproval(), 300))
+    eng = engine(tmp_path, preprocessing.StandardScaler() | linear_model.LinearRegression(),
+                 "regression", ["MAE"], mini_batch=True)
+    feed(eng, stream, batch=100)
+    slot = eng.slot(0, "")
+    assert slot.learned == 300
+    # The first batch was predicted by an untrained model: every prediction is 0.
+    assert eng.states[0].metrics[0].cumulative.get() > 0
+
+
+def test_restored_state_skips_what_it_already_covered(tmp_path: Path) -> None:
+    stream = list(itertools.islice(datasets.TrumpApproval(), 600))
+    estimator = preprocessing.StandardScaler() | linear_model.LinearRegression()
+    whole = engine(tmp_path / "whole", estimator, "regression", ["MAE"])
+    feed(whole, stream)
+
+    first = engine(tmp_path / "crash", estimator, "regression", ["MAE"])
+    feed(first, stream[:300])
+    first.checkpoint()
+    feed(first, stream[:450])  # processed past the checkpoint, then "crashed"
+    restored = engine(tmp_path / "crash", estimator, "regression", ["MAE"])
+    assert restored.committable() == {(TOPIC, 0): 300}
+    feed(restored, stream[:600], start=200)  # redelivery starts before the checkpoint
+    assert restored.states[0].metrics[0].cumulative.get() == whole.states[0].metrics[0].cumulative.get()
+    assert restored.slot(0, "").model.estimator["LinearRegression"].weights == \
+        whole.slot(0, "").model.estimator["LinearRegression"].weights
+
+
+def test_delayed_labels_learn_when_the_label_arrives(tmp_path: Path) -> None:
+    eng = engine(tmp_path, linear_model.LinearRegression(), "regression", ["MAE"],
+                 labels_topic="labels", labels_ttl_s=60, max_waiting=2)
+    expired: list[int] = []
+    unmatched: list[int] = []
+    eng._on_expired = expired.append
+    eng._on_unmatched = lambda: unmatched.append(1)
+    eng.score(0, [0, 1, 2], [b"a", b"b", b"c"], [{"x": 1.0}, {"x": 2.0}, {"x": 3.0}],
+              [None] * 3, [""] * 3)
+    assert sum(expired) == 1  # max_waiting=2 pushed out the oldest ("a")
+    assert eng.slot(0, "").learned == 0, "nothing is learned before its label"
+    eng.label(0, 0, b"b", 4.0)
+    eng.label(0, 1, b"a", 2.0)  # its features were pushed out
+    assert eng.slot(0, "").learned == 1
+    assert unmatched == [1]
+    assert eng.states[0].metrics[0].cumulative.get() == pytest.approx(4.0)  # predicted 0 for 4
+    eng.expire(now=10**12)
+    assert not eng.states[0].waiting and sum(expired) == 2
+
+
+def test_keyed_models_are_evicted_to_the_store_and_come_back(tmp_path: Path) -> None:
+    settings_keys = [f"device-{i % 3}" for i in range(30)]
+    stream = [({"x": float(i)}, float(2 * i)) for i in range(30)]
+    eng = engine(tmp_path, linear_model.LinearRegression(), "regression", ["MAE"])
+    eng.settings = EngineSettings(**{**eng.settings.__dict__, "key_field": "device",
+                                     "max_models": 2})
+    evictions: list[int] = []
+    eng._on_evicted = lambda: evictions.append(1)
+    feed(eng, stream, keys=settings_keys, batch=7)
+    assert len(eng.slots) == 2 and evictions
+    assert sum(eng.slot(0, f"device-{i}").learned for i in range(3)) == 30
+    assert all(eng.slot(0, f"device-{i}").learned == 10 for i in range(3))
+
+
+def test_drift_resets_the_model(tmp_path: Path) -> None:
+    stream = [({"x": 1.0}, 1.0)] * 500 + [({"x": 1.0}, 50.0)] * 500
+    eng = engine(tmp_path, linear_model.LinearRegression(), "regression", ["MAE"],
+                 drift_detector={"drift.PageHinkley": {"mode": "up"}},
+                 drift_policy="reset")
+    events: list[Any] = []
+    eng._on_drift = events.append
+    feed(eng, stream)
+    assert events and events[0].offset >= 500
+    assert eng.states[0].drift_events == len(events)
+
+
+def test_checkpoints_check_magic_and_version(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "p", "s")
+    store.save("a", "model", {"w": 1})
+    assert store.load("a", "model") is not None
+    assert store.load("missing", "model") is None
+    path = store.path("a")
+    path.write_bytes(MAGIC + b'{"format": 99, "kind": "model", "name": "a"}\n')
+    with pytest.raises(CheckpointError, match="format 99"):
+        store.load("a", "model")
+    path.write_bytes(b"not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="not a streamflow checkpoint"):
+        store.load("a", "model")

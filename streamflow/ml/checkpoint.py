@@ -1,0 +1,77 @@
+"""The checkpoint store: versioned, atomically written files in one configured directory.
+
+A file is a magic line, a JSON header line (format version, kind, metadata) and a pickled
+payload. Pickle runs code when loaded, so checkpoints are read only from the store the pipeline
+configures, and the header is checked before anything is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+MAGIC = b"STREAMFLOW-CHECKPOINT\n"
+FORMAT_VERSION = 1
+SUFFIX = ".ckpt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is not one this version of streamflow can read."""
+
+
+def _safe(name: str) -> str:
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:40]
+    return f"{readable}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+
+
+class CheckpointStore:
+    """Checkpoints of one stage: ``<root>/<pipeline>/<stage>/<name>.ckpt``."""
+
+    def __init__(self, root: str | Path, pipeline: str, stage: str) -> None:
+        self.directory = Path(root) / pipeline / stage
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.directory.rglob("*.tmp"):
+            leftover.unlink()
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{_safe(name)}{SUFFIX}"
+
+    def save(self, name: str, kind: str, payload: Any, metadata: dict[str, Any] | None = None) -> None:
+        """Write ``payload`` under ``name`` atomically (temporary file, fsync, rename)."""
+        header = {"format": FORMAT_VERSION, "kind": kind, "name": name, "saved_at": time.time(),
+                  **(metadata or {})}
+        final = self.path(name)
+        temporary = final.with_suffix(".tmp")
+        with open(temporary, "wb") as handle:
+            handle.write(MAGIC)
+            handle.write(json.dumps(header).encode() + b"\n")
+            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+
+    def load(self, name: str, kind: str) -> tuple[dict[str, Any], Any] | None:
+        """The header and payload saved under ``name``, or None if there is none."""
+        path = self.path(name)
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return None
+        with handle:
+            if handle.readline() != MAGIC:
+                raise CheckpointError(f"{path} is not a streamflow checkpoint")
+            header = json.loads(handle.readline())
+            if header.get("format") != FORMAT_VERSION:
+                raise CheckpointError(
+                    f"{path} has checkpoint format {header.get('format')}; this streamflow reads "
+                    f"format {FORMAT_VERSION}. Move the store aside to start the model afresh."
+                )
+            if header.get("kind") != kind or header.get("name") != name:
+                raise CheckpointError(f"{path} holds {header.get('kind')} {header.get('name')!r}")
+            return header, pickle.load(handle)

@@ -1,0 +1,373 @@
+"""The state of a model stage and the predict-then-learn loop, without any Kafka.
+
+State is kept per input partition (features and labels topics are co-partitioned by key), so a
+partition can move to another replica with its model, metrics and waiting features. A
+partition's state and its models in memory are saved together in one atomic checkpoint with the
+offsets they cover; on restore, records below those offsets are skipped, which makes learning
+exactly-once across restarts.
+
+Keyed models evicted from memory (LRU) are written to files of their own at eviction and carry
+their own offsets, so they are never learned twice either. A model evicted, reloaded and
+evicted again between two checkpoints is saved ahead of its partition's checkpoint; after a
+crash in that window its replayed records are predicted by that newer model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from river import utils
+
+from streamflow.ml.checkpoint import CheckpointStore
+from streamflow.ml.model import Features, Model, Prediction
+from streamflow.ml.spec import build_detector, build_metric
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrackedMetric:
+    """A river metric, cumulative and over a rolling window."""
+
+    name: str
+    cumulative: Any
+    rolling: Any
+    uses_probabilities: bool
+
+    @classmethod
+    def create(cls, name: str, window: int, task: str) -> TrackedMetric:
+        metric = build_metric(name)
+        return cls(
+            name,
+            metric,
+            utils.Rolling(type(metric), window_size=window),
+            task == "classification" and not metric.requires_labels,
+        )
+
+    def update(self, target: Any, prediction: Prediction) -> None:
+        value = prediction.probabilities if self.uses_probabilities else prediction.value
+        if value is None or value == {}:
+            return
+        self.cumulative.update(target, value)
+        self.rolling.update(target, value)
+
+
+@dataclass
+class ModelSlot:
+    """One model (the stage's, or one key's) with what it has learned."""
+
+    model: Model
+    background: Model | None = None
+    learned: int = 0
+    next_offsets: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Waiting:
+    """Features predicted on, waiting for their label."""
+
+    features: Features
+    prediction: Prediction
+    model_key: str
+    expires_at: float
+
+
+@dataclass
+class PartitionState:
+    """Everything a partition's checkpoint holds besides the models."""
+
+    partition: int
+    next_offsets: dict[str, int] = field(default_factory=dict)
+    metrics: list[TrackedMetric] = field(default_factory=list)
+    waiting: OrderedDict[bytes, Waiting] = field(default_factory=OrderedDict)
+    detector: Any | None = None
+    drift_events: int = 0
+    records_since_checkpoint: int = 0
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    task: str
+    target: str | None
+    metrics: list[str]
+    rolling_window: int
+    key_field: str | None
+    max_models: int
+    features_topic: str
+    labels_topic: str | None = None
+    labels_ttl_s: float = 3600.0
+    max_waiting: int = 100_000
+    drift_detector: dict[str, Any] | None = None
+    drift_policy: str = "none"
+    mini_batch: bool = False
+
+
+@dataclass
+class Scored:
+    """The outcome for one features record: its prediction and the model version, or an error."""
+
+    prediction: Prediction | None
+    model_version: int
+    error: BaseException | None = None
+
+
+@dataclass
+class DriftEvent:
+    partition: int
+    offset: int
+    model_key: str
+    error: float
+    policy: str
+
+
+class ModelEngine:
+    """Predicts and learns per partition; checkpoints to a :class:`CheckpointStore`."""
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        new_model: Callable[[], Model],
+        store: CheckpointStore,
+        on_learned: Callable[[int], None] = lambda count: None,
+        on_drift: Callable[[DriftEvent], None] = lambda event: None,
+        on_evicted: Callable[[], None] = lambda: None,
+        on_expired: Callable[[int], None] = lambda count: None,
+        on_unmatched: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.new_model = new_model
+        self.store = store
+        self.states: dict[int, PartitionState] = {}
+        self.slots: OrderedDict[tuple[int, str], ModelSlot] = OrderedDict()
+        self._on_learned = on_learned
+        self._on_drift = on_drift
+        self._on_evicted = on_evicted
+        self._on_expired = on_expired
+        self._on_unmatched = on_unmatched
+
+    # --- partitions -------------------------------------------------------------------------
+
+    def _state_name(self, partition: int) -> str:
+        return f"{self.settings.features_topic}+{partition}"
+
+    def _model_name(self, partition: int, key: str) -> str:
+        return f"{self.settings.features_topic}+{partition}/model/{key}"
+
+    def assign(self, partition: int) -> None:
+        """Restore a partition's state from the store, or start it fresh."""
+        loaded = self.store.load(self._state_name(partition), "partition-state")
+        if loaded is not None:
+            state, models = loaded[1]
+            self.states[partition] = state
+            for key, slot in models.items():
+                self.slots[(partition, key)] = slot
+            log.info("restored partition %d at offsets %s", partition, state.next_offsets)
+            return
+        state = PartitionState(partition)
+        state.metrics = [
+            TrackedMetric.create(name, self.settings.rolling_window, self.settings.task)
+            for name in self.settings.metrics
+        ]
+        if self.settings.drift_detector:
+            state.detector = build_detector(self.settings.drift_detector)
+        self.states[partition] = state
+
+    def revoke(self, partition: int) -> None:
+        """Forget a partition (after :meth:`checkpoint`)."""
+        self.states.pop(partition, None)
+        for slot_key in [k for k in self.slots if k[0] == partition]:
+            del self.slots[slot_key]
+
+    def committable(self) -> dict[tuple[str, int], int]:
+        """Offsets covered by the in-memory states: commit them only after a checkpoint."""
+        return {
+            (topic, partition): offset
+            for partition, state in self.states.items()
+            for topic, offset in state.next_offsets.items()
+        }
+
+    # --- models ---------------------------------------------------------------------------
+
+    def slot(self, partition: int, key: str) -> ModelSlot:
+        """The model for ``key`` on ``partition``: in memory, from the store, or new."""
+        slot_key = (partition, key)
+        slot = self.slots.get(slot_key)
+        if slot is not None:
+            self.slots.move_to_end(slot_key)
+            return slot
+        loaded = self.store.load(self._model_name(partition, key), "model")
+        slot = loaded[1] if loaded is not None else ModelSlot(self.new_model())
+        if slot.background is None and self.settings.drift_policy == "swap":
+            slot.background = slot.model.fresh()
+        self.slots[slot_key] = slot
+        while len(self.slots) > self.settings.max_models:
+            (old_partition, old_key), old = self.slots.popitem(last=False)
+            self.store.save(self._model_name(old_partition, old_key), "model", old)
+            self._on_evicted()
+        return slot
+
+    def checkpoint(self) -> None:
+        """Save each partition's state together with its models in memory, in one atomic file.
+
+        Keyed models evicted from memory live in files of their own, written at eviction.
+        """
+        for partition, state in self.states.items():
+            state.records_since_checkpoint = 0
+            models = {key: slot for (p, key), slot in self.slots.items() if p == partition}
+            learned = {key: slot.learned for key, slot in models.items()}
+            self.store.save(self._state_name(partition), "partition-state", (state, models),
+                            {"next_offsets": state.next_offsets, "learned": learned})
+
+    # --- records --------------------------------------------------------------------------
+
+    def _learn(self, slot: ModelSlot, topic: str, offset: int, features: Features,
+               target: Any) -> None:
+        if offset < slot.next_offsets.get(topic, 0):
+            return  # this model already learned the record before a restart
+        slot.model.learn(features, target)
+        if slot.background is not None:
+            slot.background.learn(features, target)
+        slot.learned += 1
+        slot.next_offsets[topic] = offset + 1
+        self._on_learned(1)
+
+    def _evaluate(self, state: PartitionState, slot: ModelSlot, model_key: str, offset: int,
+                  target: Any, prediction: Prediction) -> None:
+        for metric in state.metrics:
+            metric.update(target, prediction)
+        if state.detector is None or prediction.value is None:
+            return
+        if self.settings.task == "classification":
+            error = float(prediction.value != target)
+        else:
+            error = abs(float(target) - float(prediction.value))
+        state.detector.update(error)
+        if not state.detector.drift_detected:
+            return
+        state.drift_events += 1
+        policy = self.settings.drift_policy
+        if policy == "reset":
+            slot.model = slot.model.fresh()
+        elif policy == "swap" and slot.background is not None:
+            slot.model, slot.background = slot.background, slot.model.fresh()
+        self._on_drift(DriftEvent(state.partition, offset, model_key, error, policy))
+
+    def score(
+        self,
+        partition: int,
+        offsets: list[int],
+        keys: list[bytes | None],
+        rows: list[Features],
+        targets: list[Any],
+        model_keys: list[str],
+    ) -> list[Scored | None]:
+        """Predict, evaluate and learn features records of one partition, in offset order.
+
+        Returns one entry per record: None for a record already covered by the restored state
+        (it was fully handled before a restart), else its :class:`Scored`.
+        """
+        state = self.states[partition]
+        topic = self.settings.features_topic
+        start = state.next_offsets.get(topic, 0)
+        delayed = self.settings.labels_topic is not None
+        if self.settings.mini_batch and not delayed and self.settings.key_field is None:
+            return self._score_batch(state, offsets, rows, targets, start)
+        results: list[Scored | None] = []
+        for offset, key, features, target, model_key in zip(
+            offsets, keys, rows, targets, model_keys, strict=True
+        ):
+            if offset < start:
+                results.append(None)
+                continue
+            slot = self.slot(partition, model_key)
+            version = slot.learned  # the predicting model's version: records it had learned
+            try:
+                prediction = slot.model.predict(features)
+                if delayed:
+                    self._wait_for_label(state, key, features, prediction, model_key)
+                elif target is not None or self.settings.task in ("anomaly", "clustering"):
+                    if target is not None:
+                        self._evaluate(state, slot, model_key, offset, target, prediction)
+                    self._learn(slot, topic, offset, features, target)
+                results.append(Scored(prediction, version))
+            except Exception as exc:  # the record goes to the dead letters; the stage goes on
+                results.append(Scored(None, version, exc))
+            state.next_offsets[topic] = offset + 1
+            state.records_since_checkpoint += 1
+        return results
+
+    def _score_batch(self, state: PartitionState, offsets: list[int], rows: list[Features],
+                     targets: list[Any], start: int) -> list[Scored | None]:
+        """Mini-batch mode: predict the whole batch, then learn it with ``learn_many``."""
+        fresh = [i for i, offset in enumerate(offsets) if offset >= start]
+        results: list[Scored | None] = [None] * len(offsets)
+        if not fresh:
+            return results
+        slot = self.slot(state.partition, "")
+        batch_rows = [rows[i] for i in fresh]
+        predictions = slot.model.predict_batch(batch_rows)
+        labelled = [i for i in fresh if targets[i] is not None]
+        for i, prediction in zip(fresh, predictions, strict=True):
+            results[i] = Scored(prediction, slot.learned)
+            if targets[i] is not None:
+                self._evaluate(state, slot, "", offsets[i], targets[i], prediction)
+        if labelled:
+            slot.model.learn_batch([rows[i] for i in labelled], [targets[i] for i in labelled])
+            slot.learned += len(labelled)
+            self._on_learned(len(labelled))
+        topic = self.settings.features_topic
+        slot.next_offsets[topic] = state.next_offsets[topic] = offsets[fresh[-1]] + 1
+        state.records_since_checkpoint += len(fresh)
+        return results
+
+    def _wait_for_label(self, state: PartitionState, key: bytes | None, features: Features,
+                        prediction: Prediction, model_key: str) -> None:
+        if key is None:
+            raise ValueError("delayed labels join on the record key, and this record has none")
+        if state.waiting.pop(key, None) is not None:
+            self._on_expired(1)  # superseded by newer features for the same key
+        state.waiting[key] = Waiting(
+            features, prediction, model_key, time.time() + self.settings.labels_ttl_s
+        )
+        while len(state.waiting) > self.settings.max_waiting:
+            state.waiting.popitem(last=False)
+            self._on_expired(1)
+
+    def expire(self, now: float | None = None) -> None:
+        """Drop waiting features whose label did not come within the TTL."""
+        now = time.time() if now is None else now
+        for state in self.states.values():
+            expired = 0
+            while state.waiting:
+                key, waiting = next(iter(state.waiting.items()))
+                if waiting.expires_at > now:
+                    break
+                del state.waiting[key]
+                expired += 1
+            if expired:
+                self._on_expired(expired)
+
+    def label(self, partition: int, offset: int, key: bytes | None, target: Any) -> None:
+        """A label arrived: evaluate the prediction made earlier and learn from it."""
+        state = self.states[partition]
+        topic = self.settings.labels_topic
+        assert topic is not None
+        if offset < state.next_offsets.get(topic, 0):
+            return
+        state.next_offsets[topic] = offset + 1
+        state.records_since_checkpoint += 1
+        waiting = state.waiting.pop(key, None) if key is not None else None
+        if waiting is None or target is None:
+            self._on_unmatched()
+            return
+        slot = self.slot(partition, waiting.model_key)
+        self._evaluate(state, slot, waiting.model_key, offset, target, waiting.prediction)
+        self._learn(slot, topic, offset, waiting.features, target)
+
+    def due_for_checkpoint(self, every_records: int) -> bool:
+        return any(s.records_since_checkpoint >= every_records for s in self.states.values())
