@@ -8,18 +8,19 @@ import sys
 from pathlib import Path
 
 from benchmarks.core import run_core
+from benchmarks.model import run_model
 
-WORKLOADS = {"core": run_core}
+WORKLOADS = {"core": run_core, "model": run_model}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("workload", choices=sorted(WORKLOADS))
     parser.add_argument("--json", type=Path, help="write the results to this file")
-    parser.add_argument("--records", type=int, default=300_000)
+    parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3, help="runs per system; the best is kept")
     args = parser.parse_args(argv)
-    results = WORKLOADS[args.workload](records=args.records, repeat=args.repeat)
+    results = WORKLOADS[args.workload](args.records, args.repeat)
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

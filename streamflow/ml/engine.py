@@ -107,7 +107,7 @@ class EngineSettings:
     mini_batch: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Scored:
     """The outcome for one features record: its prediction and the model version, or an error."""
 
@@ -226,15 +226,16 @@ class ModelEngine:
     # --- records --------------------------------------------------------------------------
 
     def _learn(self, slot: ModelSlot, topic: str, offset: int, features: Features,
-               target: Any) -> None:
+               target: Any) -> int:
+        """Learn one record unless this model already did before a restart; 1 if learned."""
         if offset < slot.next_offsets.get(topic, 0):
-            return  # this model already learned the record before a restart
+            return 0
         slot.model.learn(features, target)
         if slot.background is not None:
             slot.background.learn(features, target)
         slot.learned += 1
         slot.next_offsets[topic] = offset + 1
-        self._on_learned(1)
+        return 1
 
     def _evaluate(self, state: PartitionState, slot: ModelSlot, model_key: str, offset: int,
                   target: Any, prediction: Prediction) -> None:
@@ -278,27 +279,35 @@ class ModelEngine:
         if self.settings.mini_batch and not delayed and self.settings.key_field is None:
             return self._score_batch(state, offsets, rows, targets, start)
         results: list[Scored | None] = []
+        unsupervised = self.settings.task in ("anomaly", "clustering")
+        slot_key, slot = None, None
+        learned = handled = 0
         for offset, key, features, target, model_key in zip(
             offsets, keys, rows, targets, model_keys, strict=True
         ):
             if offset < start:
                 results.append(None)
                 continue
-            slot = self.slot(partition, model_key)
+            if model_key != slot_key or slot is None:
+                slot_key, slot = model_key, self.slot(partition, model_key)
             version = slot.learned  # the predicting model's version: records it had learned
             try:
                 prediction = slot.model.predict(features)
                 if delayed:
                     self._wait_for_label(state, key, features, prediction, model_key)
-                elif target is not None or self.settings.task in ("anomaly", "clustering"):
+                elif target is not None or unsupervised:
                     if target is not None:
                         self._evaluate(state, slot, model_key, offset, target, prediction)
-                    self._learn(slot, topic, offset, features, target)
+                    learned += self._learn(slot, topic, offset, features, target)
                 results.append(Scored(prediction, version))
             except Exception as exc:  # the record goes to the dead letters; the stage goes on
                 results.append(Scored(None, version, exc))
-            state.next_offsets[topic] = offset + 1
-            state.records_since_checkpoint += 1
+            handled += 1
+        if handled:
+            state.next_offsets[topic] = offsets[-1] + 1
+            state.records_since_checkpoint += handled
+        if learned:
+            self._on_learned(learned)
         return results
 
     def _score_batch(self, state: PartitionState, offsets: list[int], rows: list[Features],
@@ -367,7 +376,8 @@ class ModelEngine:
             return
         slot = self.slot(partition, waiting.model_key)
         self._evaluate(state, slot, waiting.model_key, offset, target, waiting.prediction)
-        self._learn(slot, topic, offset, waiting.features, target)
+        if self._learn(slot, topic, offset, waiting.features, target):
+            self._on_learned(1)
 
     def due_for_checkpoint(self, every_records: int) -> bool:
         return any(s.records_since_checkpoint >= every_records for s in self.states.values())

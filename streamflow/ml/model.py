@@ -11,7 +11,7 @@ import pandas as pd
 Features = dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Prediction:
     """What a model says about one record: the prediction, class probabilities (classifiers)
     and an anomaly score (anomaly detectors)."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from streamflow.config.models import BatchConfig, ModelConfig
 from streamflow.metrics import ModelMetrics, StageMetrics
@@ -26,6 +27,9 @@ from streamflow.runtime.stages import StageIdentity, StageRunner
 from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicPartition, Transport
 
 log = logging.getLogger(__name__)
+
+_UNSAFE_BEFORE_BRACE = (b"{", b" ", b"\t", b"\r", b"\n")
+_MAX_BYTES = 2**31 - 1
 
 
 class ModelStage(StageRunner):
@@ -120,10 +124,10 @@ class ModelStage(StageRunner):
             error = KeyError(f"feature fields missing: {', '.join(missing)}")
             failures += [Failure(int(row), "model", error) for row in rows_in_batch]
             return OutgoingBatch(self.config.output, []), failures
-        features = [
-            {key: value for key, value in row.items() if value is not None}
-            for row in table.select(names).to_pylist()
-        ]
+        selected = table.select(names)
+        features = selected.to_pylist()
+        if any(column.null_count for column in selected.columns):
+            features = [{k: v for k, v in row.items() if v is not None} for row in features]
         target = self.config.target
         targets = (
             table[target].to_pylist() if target and target in table.column_names and not self.labels_topic
@@ -156,30 +160,50 @@ class ModelStage(StageRunner):
                 failures.append(Failure(int(rows_in_batch[row]), "model", result.error))
             else:
                 keep.append(row)
-        output = self._with_predictions(table.take(keep), [scored[row] for row in keep])
         out_rows = rows_in_batch[keep]
+        originals = [batch.values[row] for row in out_rows]
+        added = self._predictions_table([scored[row] for row in keep])
         return OutgoingBatch(
             self.config.output,
-            encode_json(output),
+            self._encode(table.take(keep), originals, added),
             [batch.keys[row] for row in out_rows],
             timestamps_ms=[batch.timestamps_ms[row] for row in out_rows],
         ), failures
 
-    def _with_predictions(self, table: pa.Table, scored: list[Any]) -> pa.Table:
-        predictions = [result.prediction for result in scored]
-        table = table.append_column(
-            self.config.prediction_field, pa.array([p.value for p in predictions])
+    @staticmethod
+    def _encode(table: pa.Table, originals: list[bytes | None], added: pa.Table) -> list[bytes]:
+        """Output JSON: the original bytes with the added fields spliced in before the closing
+        brace when that is safe, else the whole record re-encoded."""
+        splice = not set(added.column_names) & set(table.column_names) and all(
+            value is not None and value.endswith(b"}") and value[-2:-1] not in _UNSAFE_BEFORE_BRACE
+            for value in originals
         )
+        if not splice:
+            for name in added.column_names:
+                if name in table.column_names:
+                    table = table.drop_columns([name])
+            for name, column in zip(added.column_names, added.columns, strict=True):
+                table = table.append_column(name, column)
+            return encode_json(table)
+        body = pc.binary_slice(pa.array(originals, pa.binary()), 0, -1)
+        extra = pc.binary_slice(pa.array(encode_json(added), pa.binary()), 1, _MAX_BYTES)
+        return pc.binary_join_element_wise(body, extra, pa.scalar(b",")).to_pylist()
+
+    def _predictions_table(self, scored: list[Any]) -> pa.Table:
+        """The fields a model stage adds: prediction, probabilities or score, model_version."""
+        predictions = [result.prediction for result in scored]
+        columns: dict[str, pa.Array] = {
+            self.config.prediction_field: pa.array([p.value for p in predictions])
+        }
         if self.engine.settings.task == "classification":
-            table = table.append_column("probabilities", pa.array([
+            columns["probabilities"] = pa.array([
                 {str(label): probability for label, probability in (p.probabilities or {}).items()}
                 or None for p in predictions
-            ]))
+            ])
         if self.engine.settings.task == "anomaly":
-            table = table.append_column("score", pa.array([p.score for p in predictions]))
-        return table.append_column(
-            "model_version", pa.array([result.model_version for result in scored], pa.int64())
-        )
+            columns["score"] = pa.array([p.score for p in predictions])
+        columns["model_version"] = pa.array([r.model_version for r in scored], pa.int64())
+        return pa.table(columns)
 
     def _learn_labels(self, batch: ConsumedBatch, indices: np.ndarray) -> list[Failure]:
         table, decode_failures = decode_json([batch.values[i] for i in indices])

@@ -236,7 +236,12 @@ class ConfluentTransport(Transport):
         return {"bootstrap.servers": self.bootstrap, "log.connection.close": False, **self.client_config}
 
     def producer(self, transactional_id: str | None = None) -> Producer:
-        config = {"linger.ms": 5, "enable.idempotence": True, **self._base()}
+        config = {
+            "linger.ms": 5,
+            "enable.idempotence": True,
+            "delivery.report.only.error": True,  # no Python callback per acknowledged record
+            **self._base(),
+        }
         config.pop("session.timeout.ms", None)
         if transactional_id:
             config["transactional.id"] = transactional_id

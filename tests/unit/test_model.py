@@ -4,9 +4,11 @@ models, drift, mini-batches and checkpoints."""
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from river import datasets, evaluate, linear_model, metrics, preprocessing
 
@@ -167,3 +169,19 @@ def test_checkpoints_check_magic_and_version(tmp_path: Path) -> None:
     path.write_bytes(b"not a checkpoint\n")
     with pytest.raises(CheckpointError, match="not a streamflow checkpoint"):
         store.load("a", "model")
+
+
+@pytest.mark.parametrize("original", [
+    b'{"x":1.5}', b'{"x": 1.5 }', b"{}", b'{ "x":1}\n', b'{"prediction":3,"x":1}',
+])
+def test_model_output_json_is_valid_whatever_the_input_layout(original: bytes) -> None:
+    from streamflow.processing.codec import decode_json
+    from streamflow.runtime.model_stage import ModelStage
+
+    table, failures = decode_json([original])
+    assert not failures
+    added = pa.table({"prediction": [2.5], "model_version": pa.array([7], pa.int64())})
+    (encoded,) = ModelStage._encode(table.drop_columns(["_sf_row"]), [original], added)
+    document = json.loads(encoded)
+    assert document["prediction"] == 2.5 and document["model_version"] == 7
+    assert document.get("x") == json.loads(original).get("x")
