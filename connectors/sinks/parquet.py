@@ -50,7 +50,8 @@ class ParquetSink(Sink[ParquetConfig]):
         topic, number = partition
         return self.root / topic / f"{topic}+{number:04d}+{first_offset:020d}.parquet"
 
-    def flush(self) -> None:
+    def flush(self) -> int:
+        written = 0
         for partition, (first_offset, tables) in self._buffers.items():
             table = pa.concat_tables(tables, promote_options="permissive")
             final = self.file_path(partition, first_offset)
@@ -60,7 +61,9 @@ class ParquetSink(Sink[ParquetConfig]):
             with open(temporary, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(temporary, final)
+            written += final.stat().st_size
         self._buffers.clear()
+        return written
 
     def revoke(self, partitions: Sequence[TopicPartition]) -> None:
         for partition in partitions:

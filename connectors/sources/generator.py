@@ -88,15 +88,15 @@ class GeneratorSource(Source[GeneratorConfig]):
                 time.sleep(min(timeout_s, 1 / self.config.rate))
                 return SourceBatch([])
             remaining = min(remaining, allowed)
-        keys, values, timestamps = [], [], []
+        keys, values = [], []
         for index in range(self._next, self._next + remaining):
             key, value = sensor_event(self.config, index)
             keys.append(key)
             values.append(value)
-            timestamps.append(self.config.start_ms + index * self.config.interval_ms)
         self._next += remaining
         self._emitted_since_start += remaining
-        return SourceBatch(values, keys, timestamps)
+        # The event time is the record's "ts" field; the Kafka timestamp is when it was emitted.
+        return SourceBatch(values, keys)
 
     def position(self) -> int:
         return self._next

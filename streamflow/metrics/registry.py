@@ -1,162 +1,200 @@
-"""The metric catalogue. Each pipeline run owns a registry; components get label-bound handles."""
+"""The metric catalogue. Each pipeline run owns a registry; components get label-bound handles.
+
+Names follow Prometheus conventions: base units (seconds, bytes), ``_total`` on counters (added
+by prometheus-client), components in labels, and only bounded label values (pipeline, stage,
+topic and partition, step names, metric names from the config).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from streamflow import __version__
+
 STAGE = ("pipeline", "stage")
-BATCH_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+SOURCE = ("pipeline", "source")
+SINK = ("pipeline", "sink")
+MODEL = ("pipeline", "stage", "model")
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SIZE_BUCKETS = (1, 10, 100, 500, 1000, 2500, 5000, 10_000, 50_000)
+
+# name, type, help, labels, extra constructor arguments
+CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
+    ("streamflow_build_info", Gauge, "Always 1: the version and a hash of the pipeline config.",
+     ("pipeline", "version", "config_hash"), {}),
+    ("streamflow_records_in", Counter, "Records consumed by a stage.", STAGE, {}),
+    ("streamflow_records_out", Counter, "Records a stage passed on (produced or written).", STAGE,
+     {}),
+    ("streamflow_records_filtered", Counter, "Records a stage dropped on purpose.", STAGE, {}),
+    ("streamflow_records_dead_lettered", Counter,
+     "Records a stage sent to its dead-letter topic.", STAGE, {}),
+    ("streamflow_record_errors", Counter,
+     "Failed records by the step that failed them (parse, a step name, model, sink).",
+     (*STAGE, "step"), {}),
+    ("streamflow_stage_restarts", Counter,
+     "Times a stage or source was restarted after a transient failure.", STAGE, {}),
+    ("streamflow_batch_size_records", Histogram, "Records per consumed micro-batch.", STAGE,
+     {"buckets": SIZE_BUCKETS}),
+    ("streamflow_batch_processing_seconds", Histogram, "Time to process one micro-batch.", STAGE,
+     {"buckets": SECONDS_BUCKETS}),
+    ("streamflow_end_to_end_latency_seconds", Histogram,
+     "From a record's source timestamp to its sink's commit.", SINK, {"buckets": LATENCY_BUCKETS}),
+    ("streamflow_consumer_lag_records", Gauge,
+     "Records between a stage's position and the end of a partition.",
+     (*STAGE, "topic", "partition"), {}),
+    ("streamflow_last_processed_timestamp_seconds", Gauge,
+     "Unix time a stage last processed a batch.", STAGE, {}),
+    ("streamflow_checkpoint_last_success_timestamp_seconds", Gauge,
+     "Unix time of a stage's last successful commit of offsets (and state).", STAGE, {}),
+    ("streamflow_source_records", Counter, "Records a source published.", SOURCE, {}),
+    ("streamflow_source_errors", Counter, "Failed source polls or publishes.", SOURCE, {}),
+    ("streamflow_sink_rows_written", Counter, "Rows a sink made durable.", SINK, {}),
+    ("streamflow_sink_bytes_written", Counter, "Bytes a sink made durable.", SINK, {}),
+    ("streamflow_sink_flush_seconds", Histogram, "Time a sink flush took.", SINK,
+     {"buckets": SECONDS_BUCKETS}),
+    ("streamflow_model_metric", Gauge,
+     "Progressive-validation metric of a model stage per input partition; window is "
+     "'cumulative' or 'rolling'.", (*MODEL, "metric", "window", "partition"), {}),
+    ("streamflow_model_records_learned", Counter, "Records a model stage learned from.", MODEL, {}),
+    ("streamflow_model_drift_events", Counter, "Drifts the model stage's detector found.", MODEL,
+     {}),
+    ("streamflow_model_labels_unmatched", Counter, "Labels that matched no waiting features.",
+     MODEL, {}),
+    ("streamflow_model_features_expired", Counter,
+     "Feature records dropped from the label wait list (TTL or size limit).", MODEL, {}),
+    ("streamflow_model_evictions", Counter,
+     "Keyed models moved from memory to the checkpoint store.", MODEL, {}),
+]
 
 
 @dataclass
 class StageMetrics:
-    """Counters of one stage: in = out + filtered + dead-lettered."""
+    """Metrics of one stage; :meth:`count` keeps in = out + filtered + dead-lettered."""
 
     records_in: Counter
     records_out: Counter
     records_filtered: Counter
     records_dead_lettered: Counter
+    batch_size: Histogram
     batch_seconds: Histogram
-    lag: Gauge
+    last_processed: Gauge
+    checkpoint_time: Gauge
+    restarts: Counter
+    _errors: Any
+    _lag: Any
+
+    def count(self, consumed: int, out: int, dead_lettered: int) -> None:
+        """Account for one batch: whatever was neither passed on nor dead-lettered is filtered."""
+        self.records_in.inc(consumed)
+        self.records_out.inc(out)
+        self.records_dead_lettered.inc(dead_lettered)
+        # A step that fans one record out into several can make out exceed in.
+        self.records_filtered.inc(max(consumed - out - dead_lettered, 0))
+        self.batch_size.observe(consumed)
+        self.last_processed.set(time.time())
+
+    def error(self, step: str) -> Counter:
+        return self._errors(step)
+
+    def lag(self, topic: str, partition: int) -> Gauge:
+        return self._lag(topic, str(partition))
 
 
 @dataclass
 class SourceMetrics:
     records_produced: Counter
     errors: Counter
+    restarts: Counter
 
 
 @dataclass
 class SinkMetrics:
     rows_written: Counter
+    bytes_written: Counter
     flush_seconds: Histogram
+    latency: Histogram
 
 
 @dataclass
 class ModelMetrics:
     """Metrics of one model stage; ``metric(name, window, partition)`` gives a gauge."""
 
-    metric: Callable[[str, str, int], Gauge]
+    _metric: Any
     records_learned: Counter
     drift_events: Counter
     labels_unmatched: Counter
     features_expired: Counter
     evictions: Counter
-    checkpoint_time: Gauge
+
+    def metric(self, name: str, window: str, partition: int) -> Gauge:
+        return self._metric(name, window, str(partition))
 
 
 class PipelineMetrics:
     """All metrics of one pipeline, in a registry of their own."""
 
-    def __init__(self, pipeline: str) -> None:
+    def __init__(self, pipeline: str, config_hash: str = "") -> None:
         self.pipeline = pipeline
         self.registry = CollectorRegistry()
-        r = self.registry
-        self._in = Counter("streamflow_records_in", "Records consumed by a stage.", STAGE, registry=r)
-        self._out = Counter(
-            "streamflow_records_out", "Records a stage passed on (produced or written).", STAGE,
-            registry=r,
-        )
-        self._filtered = Counter(
-            "streamflow_records_filtered", "Records a stage dropped on purpose.", STAGE, registry=r
-        )
-        self._dead = Counter(
-            "streamflow_records_dead_lettered", "Records a stage sent to its dead-letter topic.",
-            STAGE, registry=r,
-        )
-        self._batch_seconds = Histogram(
-            "streamflow_batch_processing_seconds", "Time to process one micro-batch.", STAGE,
-            buckets=BATCH_SECONDS_BUCKETS, registry=r,
-        )
-        self._lag = Gauge(
-            "streamflow_consumer_lag_records", "Records not yet consumed by a stage.", STAGE,
-            registry=r,
-        )
-        self._source_records = Counter(
-            "streamflow_source_records", "Records a source published.", ("pipeline", "source"),
-            registry=r,
-        )
-        self._source_errors = Counter(
-            "streamflow_source_errors", "Failed source polls or publishes.", ("pipeline", "source"),
-            registry=r,
-        )
-        self._sink_rows = Counter(
-            "streamflow_sink_rows_written", "Rows a sink made durable.", ("pipeline", "sink"),
-            registry=r,
-        )
-        self._sink_flush = Histogram(
-            "streamflow_sink_flush_seconds", "Time a sink flush took.", ("pipeline", "sink"),
-            buckets=BATCH_SECONDS_BUCKETS, registry=r,
-        )
-        model = (*STAGE, "model")
-        self._model_metric = Gauge(
-            "streamflow_model_metric",
-            "Progressive-validation metric of a model stage, per input partition; window is "
-            "'cumulative' or 'rolling'.",
-            (*model, "metric", "window", "partition"), registry=r,
-        )
-        self._learned = Counter(
-            "streamflow_model_records_learned", "Records a model stage learned from.", model,
-            registry=r,
-        )
-        self._drift = Counter(
-            "streamflow_model_drift_events", "Drifts the model stage's detector found.", model,
-            registry=r,
-        )
-        self._unmatched = Counter(
-            "streamflow_model_labels_unmatched", "Labels that matched no waiting features.", model,
-            registry=r,
-        )
-        self._expired = Counter(
-            "streamflow_model_features_expired",
-            "Feature records dropped from the label wait list (TTL or size limit).", model,
-            registry=r,
-        )
-        self._evicted = Counter(
-            "streamflow_model_evictions", "Keyed models moved from memory to the checkpoint store.",
-            model, registry=r,
-        )
-        self._checkpoint_time = Gauge(
-            "streamflow_checkpoint_last_success_timestamp_seconds",
-            "Unix time of the stage's last successful checkpoint.", STAGE, registry=r,
-        )
+        self.families: dict[str, Any] = {
+            name: kind(name, text, labels, registry=self.registry, **extra)
+            for name, kind, text, labels, extra in CATALOG
+        }
+        self.families["streamflow_build_info"].labels(pipeline, __version__, config_hash).set(1)
 
-    def stage(self, name: str) -> StageMetrics:
+    def _bound(self, name: str, *labels: str) -> Any:
+        return self.families[name].labels(*labels)
+
+    def _partial(self, name: str, *labels: str) -> Any:
+        family = self.families[name]
+        return lambda *rest: family.labels(*labels, *rest)
+
+    def stage(self, name: str, steps: tuple[str, ...] = ()) -> StageMetrics:
+        """Handles for a stage; error counters of ``steps`` (and parse) start at 0."""
         labels = (self.pipeline, name)
-        return StageMetrics(
-            self._in.labels(*labels),
-            self._out.labels(*labels),
-            self._filtered.labels(*labels),
-            self._dead.labels(*labels),
-            self._batch_seconds.labels(*labels),
-            self._lag.labels(*labels),
+        metrics = StageMetrics(
+            *(self._bound(family, *labels) for family in (
+                "streamflow_records_in", "streamflow_records_out", "streamflow_records_filtered",
+                "streamflow_records_dead_lettered", "streamflow_batch_size_records",
+                "streamflow_batch_processing_seconds",
+                "streamflow_last_processed_timestamp_seconds",
+                "streamflow_checkpoint_last_success_timestamp_seconds",
+                "streamflow_stage_restarts",
+            )),
+            self._partial("streamflow_record_errors", *labels),
+            self._partial("streamflow_consumer_lag_records", *labels),
         )
+        for step in ("parse", *steps):
+            metrics.error(step)
+        return metrics
 
     def source(self, name: str) -> SourceMetrics:
+        labels = (self.pipeline, name)
         return SourceMetrics(
-            self._source_records.labels(self.pipeline, name),
-            self._source_errors.labels(self.pipeline, name),
+            self._bound("streamflow_source_records", *labels),
+            self._bound("streamflow_source_errors", *labels),
+            self._bound("streamflow_stage_restarts", *labels),
         )
 
     def sink(self, name: str) -> SinkMetrics:
-        return SinkMetrics(
-            self._sink_rows.labels(self.pipeline, name),
-            self._sink_flush.labels(self.pipeline, name),
-        )
+        labels = (self.pipeline, name)
+        return SinkMetrics(*(self._bound(family, *labels) for family in (
+            "streamflow_sink_rows_written", "streamflow_sink_bytes_written",
+            "streamflow_sink_flush_seconds", "streamflow_end_to_end_latency_seconds",
+        )))
 
     def model(self, stage: str, model: str) -> ModelMetrics:
         labels = (self.pipeline, stage, model)
         return ModelMetrics(
-            lambda metric, window, partition: self._model_metric.labels(
-                *labels, metric, window, str(partition)
-            ),
-            self._learned.labels(*labels),
-            self._drift.labels(*labels),
-            self._unmatched.labels(*labels),
-            self._expired.labels(*labels),
-            self._evicted.labels(*labels),
-            self._checkpoint_time.labels(self.pipeline, stage),
+            self._partial("streamflow_model_metric", *labels),
+            *(self._bound(family, *labels) for family in (
+                "streamflow_model_records_learned", "streamflow_model_drift_events",
+                "streamflow_model_labels_unmatched", "streamflow_model_features_expired",
+                "streamflow_model_evictions",
+            )),
         )

@@ -56,6 +56,16 @@ class CheckpointStore:
             os.fsync(handle.fileno())
         os.replace(temporary, final)
 
+    def delete_tree(self, name: str) -> None:
+        """Remove the checkpoint ``name`` and those named ``name/...``."""
+        for path in self.directory.glob(f"*{SUFFIX}"):
+            with open(path, "rb") as handle:
+                if handle.readline() != MAGIC:
+                    continue
+                stored = json.loads(handle.readline()).get("name", "")
+            if stored == name or stored.startswith(f"{name}/"):
+                path.unlink()
+
     def load(self, name: str, kind: str) -> tuple[dict[str, Any], Any] | None:
         """The header and payload saved under ``name``, or None if there is none."""
         path = self.path(name)

@@ -177,6 +177,12 @@ class ModelEngine:
             state.detector = build_detector(self.settings.drift_detector)
         self.states[partition] = state
 
+    def reset(self, partition: int) -> None:
+        """Discard a partition's state and models, in memory and in the store."""
+        self.revoke(partition)
+        self.store.delete_tree(self._state_name(partition))
+        self.assign(partition)
+
     def revoke(self, partition: int) -> None:
         """Forget a partition (after :meth:`checkpoint`)."""
         self.states.pop(partition, None)

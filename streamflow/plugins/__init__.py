@@ -118,8 +118,8 @@ class Sink(ABC, Generic[ConfigT]):
         """Accept records of ``partition`` starting at ``first_offset``."""
 
     @abstractmethod
-    def flush(self) -> None:
-        """Make every record passed to :meth:`write` durable."""
+    def flush(self) -> int | None:
+        """Make every record passed to :meth:`write` durable; return the bytes written if known."""
 
     def revoke(self, partitions: Sequence[TopicPartition]) -> None:
         """Forget state of partitions that were flushed and are moving away."""

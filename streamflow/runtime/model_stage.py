@@ -61,9 +61,22 @@ class ModelStage(StageRunner):
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
         super().on_assign(partitions)
+        assert self.consumer is not None
+        ends = self.consumer.end_offsets(partitions)
         for _topic, partition in partitions:
             if partition not in self.engine.states:
                 self.engine.assign(partition)
+        for (topic, partition), end in ends.items():
+            state = self.engine.states[partition]
+            if state.next_offsets.get(topic, 0) > end:
+                # The log is shorter than what the checkpoint covered: the topic was recreated
+                # (or the embedded broker restarted). The checkpoint describes another log.
+                log.warning(
+                    "stage %s: checkpoint of %s[%d] covers offset %d but the partition ends at %d;"
+                    " the topic was recreated, so the model starts afresh",
+                    self.name, topic, partition, state.next_offsets[topic], end,
+                )
+                self.engine.reset(partition)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         super().on_revoke(partitions)
@@ -96,9 +109,7 @@ class ModelStage(StageRunner):
         self._drift_events = []
         self.producer.produce(outgoing)
         self.produce_dead_letters(failures, batch)
-        self.metrics.records_in.inc(len(batch))
-        self.metrics.records_out.inc(produced)
-        self.metrics.records_filtered.inc(len(batch) - produced - len(failures))
+        self.metrics.count(len(batch), produced, len(failures))
         self._publish_metric_values()
         if self.engine.due_for_checkpoint(self.config.checkpoint.every_records):
             self.checkpoint()
@@ -248,7 +259,6 @@ class ModelStage(StageRunner):
             return
         self.engine.checkpoint()
         self.commit(self.engine.committable(), asynchronous=False)
-        self.model_metrics.checkpoint_time.set(time.time())
 
     def drain(self) -> None:
         self.checkpoint()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import signal
 import threading
@@ -37,6 +39,12 @@ log = logging.getLogger(__name__)
 SUPERVISE_INTERVAL_S = 0.2
 
 
+def config_hash(config: PipelineConfig) -> str:
+    """A short, stable hash of the validated pipeline (for streamflow_build_info)."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(canonical).hexdigest()[:12]
+
+
 class UnknownStageError(ValueError):
     """``--stage`` names no stage of the pipeline."""
 
@@ -63,7 +71,7 @@ class PipelineRunner:
         self.config = config
         self.only_stage = stage
         self.until_idle_s = until_idle_s
-        self.metrics = PipelineMetrics(config.pipeline)
+        self.metrics = PipelineMetrics(config.pipeline, config_hash(config))
         self.metrics_port = config.metrics.port if metrics_port is None else metrics_port
         self.bootstrap: str | None = None
         self.metrics_server: MetricsServer | None = None
@@ -153,15 +161,15 @@ class PipelineRunner:
         self, stage: ProcessorConfig | ModelConfig, transport: Transport
     ) -> TopicStage | ModelStage:
         batch = stage.batch or self.config.runtime.batch
-        metrics = self.metrics.stage(stage.name)
         if isinstance(stage, ProcessorConfig):
+            metrics = self.metrics.stage(stage.name, tuple(step.kind for step in stage.steps))
             context = ComponentContext(self.config.pipeline, stage.name)
             steps = []
             for step in stage.steps:
                 plugin, settings = step_settings(step)
                 steps.append(StepRunner(plugin(settings, context), step.on_error))
             return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps)
-        return self._model_stage(stage, transport, batch, metrics)
+        return self._model_stage(stage, transport, batch, self.metrics.stage(stage.name, ("model",)))
 
     def _model_stage(
         self, stage: ModelConfig, transport: Transport, batch: BatchConfig, metrics: StageMetrics
@@ -207,7 +215,7 @@ class PipelineRunner:
         sink = plugin(settings, ComponentContext(self.config.pipeline, sink_config.name))
         return SinkStage(
             self._identity(sink_config), transport, sink_config.batch or self.config.runtime.batch,
-            self.metrics.stage(sink_config.name), sink, self.metrics.sink(sink_config.name),
+            self.metrics.stage(sink_config.name, ("sink",)), sink, self.metrics.sink(sink_config.name),
             self.config.runtime.commit_interval_s,
         )
 

@@ -130,7 +130,8 @@ class StageRunner(RebalanceListener, ABC):
         self._lag_checked = now
         lags = self.consumer.lag()
         self.lag = sum(lags.values()) if lags else None
-        self.metrics.lag.set(self.lag or 0)
+        for (topic, partition), lag in lags.items():
+            self.metrics.lag(topic, partition).set(lag)
 
     def _close(self) -> None:
         for client in (self.consumer, self.producer):
@@ -148,6 +149,9 @@ class StageRunner(RebalanceListener, ABC):
         except RebalanceInProgressError:
             log.warning("stage %s: commit refused during a rebalance; records will be replayed",
                         self.name)
+            return
+        if not asynchronous:
+            self.metrics.checkpoint_time.set(time.time())
 
     def produce_dead_letters(self, failures: list[Failure], batch: ConsumedBatch) -> None:
         """Publish failed records to the dead-letter topic and count them."""
@@ -158,7 +162,8 @@ class StageRunner(RebalanceListener, ABC):
         self.producer.produce([dead_letter_batch(
             identity.dead_letter_topic, identity.pipeline, identity.name, failures, batch
         )])
-        self.metrics.records_dead_lettered.inc(len(failures))
+        for failure in failures:
+            self.metrics.error(failure.step).inc()
 
     def topics(self) -> list[str]:
         """The topics this stage consumes."""
@@ -269,10 +274,7 @@ class TopicStage(StageRunner):
         offsets = batch.next_offsets()
         self.commit(offsets, asynchronous=True)
         self._last_offsets.update(offsets)
-        consumed = len(batch)
-        self.metrics.records_in.inc(consumed)
-        self.metrics.records_out.inc(len(rows))
-        self.metrics.records_filtered.inc(consumed - len(np.unique(rows)) - len(failures))
+        self.metrics.count(len(batch), len(rows), len(failures))
 
 
 class SinkStage(StageRunner):
@@ -294,6 +296,7 @@ class SinkStage(StageRunner):
         self.commit_interval_s = commit_interval_s
         self._pending: dict[TopicPartition, int] = {}
         self._pending_rows = 0
+        self._pending_timestamps: list[np.ndarray] = []
         self._last_flush = time.monotonic()
 
     def open(self) -> None:
@@ -322,9 +325,8 @@ class SinkStage(StageRunner):
         self.produce_dead_letters(failures, batch)
         self._pending.update(batch.next_offsets())
         self._pending_rows += written
-        self.metrics.records_in.inc(len(batch))
-        self.metrics.records_out.inc(written)
-        self.metrics.records_filtered.inc(len(batch) - written - len(failures))
+        self._pending_timestamps.append(np.asarray(batch.timestamps_ms, dtype=np.float64))
+        self.metrics.count(len(batch), written, len(failures))
 
     def tick(self) -> None:
         if self._pending and time.monotonic() - self._last_flush >= self.commit_interval_s:
@@ -336,11 +338,16 @@ class SinkStage(StageRunner):
         if not self._pending:
             return
         started = time.perf_counter()
-        self.sink.flush()
+        written_bytes = self.sink.flush()
         self.sink_metrics.flush_seconds.observe(time.perf_counter() - started)
         self.sink_metrics.rows_written.inc(self._pending_rows)
+        self.sink_metrics.bytes_written.inc(written_bytes or 0)
         self.commit(self._pending, asynchronous=False)
-        self._pending, self._pending_rows = {}, 0
+        committed_at_ms = time.time() * 1000
+        for timestamps in self._pending_timestamps:
+            for latency_ms in committed_at_ms - timestamps[timestamps > 0]:
+                self.sink_metrics.latency.observe(latency_ms / 1000)
+        self._pending, self._pending_rows, self._pending_timestamps = {}, 0, []
 
     def drain(self) -> None:
         self.checkpoint()

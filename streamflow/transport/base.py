@@ -129,6 +129,10 @@ class Consumer(ABC):
         """The partitions currently assigned to this member."""
 
     @abstractmethod
+    def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The offset after the last record of each partition (its high watermark)."""
+
+    @abstractmethod
     def lag(self) -> dict[TopicPartition, int]:
         """Records between this member's position and the high watermark, per assigned partition."""
 

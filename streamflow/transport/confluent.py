@@ -111,21 +111,33 @@ class ConfluentConsumer(Consumer):
     ) -> None:
         self.raw = _Consumer(config)
         self._listener = listener
+        self._listener_error: BaseException | None = None
         self.raw.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def _notify(self, callback: Any, partitions: list[_TP]) -> None:
+        # librdkafka cannot carry a Python exception out of a rebalance callback: keep it and
+        # raise it from consume_batch instead.
+        try:
+            callback([(tp.topic, tp.partition) for tp in partitions])
+        except BaseException as exc:
+            self._listener_error = exc
 
     def _on_assign(self, _consumer: Any, partitions: list[_TP]) -> None:
         if self._listener:
-            self._listener.on_assign([(tp.topic, tp.partition) for tp in partitions])
+            self._notify(self._listener.on_assign, partitions)
 
     def _on_revoke(self, _consumer: Any, partitions: list[_TP]) -> None:
         if self._listener:
-            self._listener.on_revoke([(tp.topic, tp.partition) for tp in partitions])
+            self._notify(self._listener.on_revoke, partitions)
 
     def consume_batch(self, max_records: int, timeout_s: float) -> ConsumedBatch:
         try:
             messages = self.raw.consume(max_records, timeout_s)
         except KafkaException as exc:
             raise TransportError(str(exc)) from exc
+        if self._listener_error is not None:
+            error, self._listener_error = self._listener_error, None
+            raise error
         good = []
         for message in messages:
             error = message.error()
@@ -165,6 +177,18 @@ class ConfluentConsumer(Consumer):
 
     def assignment(self) -> list[TopicPartition]:
         return [(tp.topic, tp.partition) for tp in self.raw.assignment()]
+
+    def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        ends = {}
+        for topic, partition in partitions:
+            try:
+                _low, high = self.raw.get_watermark_offsets(
+                    _TP(topic, partition), timeout=10, cached=False
+                )
+            except KafkaException as exc:
+                raise TransportError(str(exc)) from exc
+            ends[(topic, partition)] = high
+        return ends
 
     def lag(self) -> dict[TopicPartition, int]:
         assigned = self.raw.assignment()

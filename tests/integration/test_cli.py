@@ -46,7 +46,8 @@ def test_missing_broker_binary_says_to_use_a_real_kafka(
 
 def test_stages_run_one_at_a_time(fresh_broker: str, tmp_path: Path) -> None:
     env = {**os.environ, "STREAMFLOW_BOOTSTRAP": fresh_broker, "QUICKSTART_COUNT": "800",
-           "QUICKSTART_RATE": "0", "QUICKSTART_OUTPUT": str(tmp_path)}
+           "QUICKSTART_RATE": "0", "QUICKSTART_OUTPUT": str(tmp_path),
+           "QUICKSTART_CHECKPOINTS": str(tmp_path / "checkpoints")}
 
     def run_stage(name: str) -> None:
         completed = subprocess.run(

@@ -12,6 +12,7 @@ import pytest
 from connectors.sources.generator import GeneratorConfig, sensor_event
 from streamflow.config import load_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
+from streamflow.transport.broker import EmbeddedBroker
 from tests.helpers import read_topic
 
 QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
@@ -22,6 +23,7 @@ def quickstart_env(bootstrap: str, output: Path, **extra: str) -> dict[str, str]
     return {
         "STREAMFLOW_BOOTSTRAP": bootstrap,
         "QUICKSTART_OUTPUT": str(output),
+        "QUICKSTART_CHECKPOINTS": str(output.parent / "checkpoints"),
         "QUICKSTART_COUNT": str(COUNT),
         "QUICKSTART_RATE": "0",
         **extra,
@@ -135,3 +137,17 @@ def test_quickstart_on_the_second_transport(fresh_broker: str, tmp_path: Path, c
     assert result.exit_code == 0, result.errors
     dead = read_topic(fresh_broker, "quickstart.dlq")
     assert parquet_rows(output) + len(dead) == 1500
+
+
+def test_a_rerun_on_a_new_broker_starts_models_afresh(tmp_path: Path) -> None:
+    """Checkpoints outlive the in-memory embedded broker; a rerun must not skip its records."""
+    for run in range(2):
+        with EmbeddedBroker() as broker:
+            output = tmp_path / f"lake{run}"
+            env = quickstart_env(broker.bootstrap, output, QUICKSTART_COUNT="1000",
+                                 QUICKSTART_CHECKPOINTS=str(tmp_path / "checkpoints"))
+            result = PipelineRunner(load_pipeline(QUICKSTART, env), until_idle_s=1,
+                                    metrics_port=0).run()
+            assert result.exit_code == 0, result.errors
+            dead = read_topic(broker.bootstrap, "quickstart.dlq")
+            assert parquet_rows(output) + len(dead) == 1000

@@ -23,6 +23,7 @@ def run_quickstart(bootstrap: str, output: Path, *extra: str) -> subprocess.Pope
         **os.environ,
         "STREAMFLOW_BOOTSTRAP": bootstrap,
         "QUICKSTART_OUTPUT": str(output),
+        "QUICKSTART_CHECKPOINTS": str(output.parent / "checkpoints"),
         "QUICKSTART_COUNT": str(COUNT),
         "QUICKSTART_RATE": "1500",
     }
