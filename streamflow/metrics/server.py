@@ -1,42 +1,87 @@
-"""A small HTTP server on the metrics port: ``/metrics`` and ``/healthz``."""
+"""The HTTP endpoint on the metrics port.
+
+- ``/metrics``: Prometheus text format.
+- ``/healthz``: 200 while the process serves requests (liveness).
+- ``/readyz``: 200 when the pipeline is ready, else 503 with a JSON reason (readiness).
+- ``/api/status``: the pipeline graph and component state, for the dashboard.
+- ``/``: the live dashboard; its assets ship in the package (no CDN).
+"""
 
 from __future__ import annotations
 
+import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+Readiness = Callable[[], tuple[bool, dict[str, Any]]]
+Status = Callable[[], dict[str, Any]]
+
+ASSETS = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+}
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("streamflow.metrics").joinpath("dashboard", name).read_bytes()
+
 
 class MetricsServer:
-    """Serves the registry in Prometheus text format until :meth:`stop`."""
+    """Serves metrics, health and the dashboard until :meth:`stop`."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        registry_ = registry
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        readiness: Readiness = lambda: (True, {"status": "ready"}),
+        status: Status = dict,
+    ) -> None:
+        assets = {path: (_asset(name), kind) for path, (name, kind) in ASSETS.items()}
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry_))
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
                 elif path == "/healthz":
                     self._send(200, "text/plain; charset=utf-8", b"ok\n")
+                elif path == "/readyz":
+                    ready, detail = readiness()
+                    self._json(200 if ready else 503, detail)
+                elif path == "/api/status":
+                    self._json(200, status())
+                elif path in assets:
+                    body, kind = assets[path]
+                    self._send(200, kind, body)
                 else:
                     self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
-            def _send(self, status: int, content_type: str, body: bytes) -> None:
-                self.send_response(status)
+            def _json(self, code: int, document: dict[str, Any]) -> None:
+                self._send(code, "application/json", json.dumps(document).encode())
+
+            def _send(self, code: int, content_type: str, body: bytes) -> None:
+                self.send_response(code)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: object) -> None:
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 """Requests are not logged: scrapes would drown everything else."""
 
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
 
     @property
     def port(self) -> int:

@@ -81,6 +81,11 @@ class Source(ABC, Generic[ConfigT]):
         """Release resources."""
 
 
+class TransientError(Exception):
+    """A failure worth retrying (a service briefly unreachable, a timeout): the runtime restarts
+    the component with exponential backoff instead of stopping the pipeline."""
+
+
 class SinkRecordError(Exception):
     """Raised by a sink for records it cannot write; they are dead-lettered, the rest goes on."""
 
@@ -201,6 +206,7 @@ __all__ = [
     "Source",
     "SourceBatch",
     "StepResult",
+    "TransientError",
     "discover",
     "load",
 ]

@@ -8,6 +8,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from streamflow.config.models import (
     PipelineConfig,
     ProcessorConfig,
     SinkConfig,
+    SourceConfig,
 )
-from streamflow.metrics import MetricsServer, PipelineMetrics, StageMetrics
+from streamflow.metrics import MetricsServer, PipelineMetrics, SourceMetrics, StageMetrics
 from streamflow.ml.checkpoint import CheckpointStore
 from streamflow.ml.engine import EngineSettings, ModelEngine
 from streamflow.ml.model import RiverModel
@@ -31,7 +33,14 @@ from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
 from streamflow.runtime.model_stage import ModelStage
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
 from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, StepRunner, TopicStage
-from streamflow.transport import TopicSpec, Transport, create_transport
+from streamflow.runtime.supervisor import Supervisor, backoff_delay
+from streamflow.transport import (
+    AuthenticationError,
+    TopicSpec,
+    Transport,
+    TransportError,
+    create_transport,
+)
 from streamflow.transport.broker import EmbeddedBroker
 
 log = logging.getLogger(__name__)
@@ -75,8 +84,9 @@ class PipelineRunner:
         self.metrics_port = config.metrics.port if metrics_port is None else metrics_port
         self.bootstrap: str | None = None
         self.metrics_server: MetricsServer | None = None
-        self.sources: list[SourceRunner] = []
-        self.stages: list[StageRunner] = []
+        self.supervisor = Supervisor()
+        self._started = False
+        self._fatal: str | None = None
         self._stop = threading.Event()
         self._stop_reason = "stopped"
         stage_names = [s.name for s in [*config.processors, *config.models, *config.sinks]]
@@ -95,7 +105,7 @@ class PipelineRunner:
         self._stop.set()
 
     def run(self) -> RunResult:
-        """Run until stopped (signal, ``stop()``, idleness or a failure); never raises for stages."""
+        """Run until stopped (signal, ``stop()``, idleness or a fatal failure)."""
         with ExitStack() as stack:
             kafka = self.config.kafka
             if kafka.bootstrap == "embedded":
@@ -106,18 +116,41 @@ class PipelineRunner:
                          self.bootstrap)
             else:
                 self.bootstrap = kafka.bootstrap
-            transport = create_transport(kafka.client, self.bootstrap, kafka.client_settings())
-            self._create_topics(transport)
             if self.config.metrics.enabled:
                 self.metrics_server = MetricsServer(
-                    self.metrics.registry, self.config.metrics.host, self.metrics_port
+                    self.metrics.registry, self.config.metrics.host, self.metrics_port,
+                    readiness=self.readiness, status=self.status,
                 ).start()
                 stack.callback(self.metrics_server.stop)
-                log.info("metrics at http://127.0.0.1:%d/metrics", self.metrics_server.port)
+                log.info("metrics at http://127.0.0.1:%d/metrics, dashboard at http://127.0.0.1:%d/",
+                         self.metrics_server.port, self.metrics_server.port)
+            transport = create_transport(kafka.client, self.bootstrap, kafka.client_settings())
+            try:
+                self._wait_for_broker(transport)
+            except AuthenticationError as exc:
+                return RunResult(1, "Kafka refused the credentials", [f"kafka: {exc}"])
+            if self._stop.is_set():
+                return RunResult(0, self._stop_reason)
             self._build(transport)
-            for runner in [*self.stages, *self.sources]:
-                runner.start()
+            self.supervisor.start()
+            self._started = True
             return self._supervise()
+
+    def _wait_for_broker(self, transport: Transport) -> None:
+        """Create the topics, waiting with backoff while the broker is unreachable."""
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                self._create_topics(transport)
+                return
+            except AuthenticationError:
+                raise
+            except TransportError as exc:
+                delay = backoff_delay(attempt)
+                attempt += 1
+                log.warning("waiting for Kafka at %s (%s); retrying in %.1fs", self.bootstrap,
+                            exc, delay)
+                self._stop.wait(delay)
 
     def _create_topics(self, transport: Transport) -> None:
         admin = transport.admin()
@@ -132,25 +165,43 @@ class PipelineRunner:
 
     def _build(self, transport: Transport) -> None:
         config = self.config
-        batch = config.runtime.batch
-        if any(self._selected(s.name) for s in config.sources):
-            positions = read_positions(transport, config.pipeline)
         for source_config in config.sources:
-            if not self._selected(source_config.name):
-                continue
-            plugin, settings = connector_settings(source_config, SOURCE_GROUP)
-            source = plugin(settings, ComponentContext(config.pipeline, source_config.name))
-            self.sources.append(SourceRunner(
-                config.pipeline, source, source_config.topic, transport,
-                self.metrics.source(source_config.name), positions.get(source_config.name),
-                batch.max_records,
-            ))
+            if self._selected(source_config.name):
+                metrics = self.metrics.source(source_config.name)
+                self.supervisor.add(self._source_factory(source_config, transport, metrics),
+                                    metrics.restarts)
         for stage in [*config.processors, *config.models]:
             if self._selected(stage.name):
-                self.stages.append(self._topic_stage(stage, transport))
+                self._supervise_stage(stage.name, lambda s=stage: self._topic_stage(s, transport))
         for sink_config in config.sinks:
             if self._selected(sink_config.name):
-                self.stages.append(self._sink_stage(sink_config, transport))
+                self._supervise_stage(sink_config.name,
+                                      lambda s=sink_config: self._sink_stage(s, transport))
+
+    def _supervise_stage(self, name: str, factory: Callable[[], StageRunner]) -> None:
+        self.supervisor.add(factory, self.metrics.stage(name).restarts)
+
+    def _source_factory(
+        self, source_config: SourceConfig, transport: Transport, metrics: SourceMetrics
+    ) -> Callable[[], SourceRunner]:
+        plugin, settings = connector_settings(source_config, SOURCE_GROUP)
+        pipeline = self.config.pipeline
+
+        def build() -> SourceRunner:
+            position = read_positions(transport, pipeline).get(source_config.name)
+            source = plugin(settings, ComponentContext(pipeline, source_config.name))
+            return SourceRunner(pipeline, source, source_config.topic, transport, metrics,
+                                position, self.config.runtime.batch.max_records)
+
+        return build
+
+    @property
+    def sources(self) -> list[SourceRunner]:
+        return [r for r in self.supervisor.runners if isinstance(r, SourceRunner)]
+
+    @property
+    def stages(self) -> list[StageRunner]:
+        return [r for r in self.supervisor.runners if isinstance(r, StageRunner)]
 
     def _identity(self, stage: ProcessorConfig | ModelConfig | SinkConfig) -> StageIdentity:
         return StageIdentity(
@@ -221,9 +272,10 @@ class PipelineRunner:
 
     def _supervise(self) -> RunResult:
         while not self._stop.wait(SUPERVISE_INTERVAL_S):
-            failed = [r for r in [*self.sources, *self.stages] if r.error is not None]
-            if failed:
-                self.stop("failed: " + ", ".join(r.name for r in failed))
+            fatal = self.supervisor.check()
+            if fatal:
+                self._fatal = fatal
+                self.stop(fatal)
             elif self.until_idle_s is not None and self._idle(self.until_idle_s):
                 self.stop(f"idle for {self.until_idle_s:g}s with zero lag")
         log.info("stopping pipeline %s (%s)", self.config.pipeline, self._stop_reason)
@@ -234,19 +286,48 @@ class PipelineRunner:
             stage.is_idle(seconds) for stage in self.stages
         )
 
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready once every source and stage runs and every stage has joined its group."""
+        if not self._started:
+            return False, {"reason": "starting: waiting for Kafka and creating topics"}
+        problems = {}
+        for runner in self.supervisor.runners:
+            if isinstance(runner, SourceRunner) and runner.finished:
+                continue
+            if not runner.thread.is_alive():
+                problems[runner.name] = "not running (restarting)" if runner.error else "stopped"
+            elif isinstance(runner, StageRunner) and not runner.assigned:
+                problems[runner.name] = "joining its consumer group"
+        if problems:
+            return False, {"reason": "components not ready", "components": problems}
+        return True, {"status": "ready"}
+
+    def status(self) -> dict[str, Any]:
+        """The pipeline's shape and state, for the dashboard."""
+        config = self.config
+        running = {r.name: r.thread.is_alive() for r in self.supervisor.runners}
+        nodes = [{"name": s.name, "kind": "source", "type": s.type, "output": [s.topic]}
+                 for s in config.sources]
+        nodes += [{"name": s.name, "kind": "processor", "input": [s.input], "output": [s.output]}
+                  for s in config.processors]
+        nodes += [{"name": m.name, "kind": "model", "input": [m.input], "output": [m.output]}
+                  for m in config.models]
+        nodes += [{"name": s.name, "kind": "sink", "type": s.type, "input": [s.input]}
+                  for s in config.sinks]
+        for node in nodes:
+            node["running"] = running.get(node["name"], False)
+        return {"pipeline": config.pipeline, "nodes": nodes, "ready": self.readiness()[0]}
+
     def _shutdown(self) -> RunResult:
         deadline = time.monotonic() + self.config.runtime.shutdown_timeout_s
-        for source in self.sources:
-            source.stop()
-        for source in self.sources:
-            source.thread.join(max(deadline - time.monotonic(), 0))
-        for stage in self.stages:
-            stage.stop()
-        for stage in self.stages:
-            stage.thread.join(max(deadline - time.monotonic(), 0))
-        runners: list[Any] = [*self.sources, *self.stages]
+        for group in (self.sources, self.stages):
+            for runner in group:
+                runner.stop()
+            for runner in group:
+                runner.thread.join(max(deadline - time.monotonic(), 0))
+        runners: list[Any] = self.supervisor.runners
         hung = [r.name for r in runners if r.thread.is_alive()]
-        errors = [f"{r.name}: {type(r.error).__name__}: {r.error}" for r in runners if r.error]
+        errors = [self._fatal] if self._fatal else []
         if hung:
             errors.append(f"did not stop within the shutdown timeout: {', '.join(hung)}")
         return RunResult(1 if errors else 0, self._stop_reason, errors)

@@ -77,6 +77,7 @@ class StageRunner(RebalanceListener, ABC):
         self._lag_checked = 0.0
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        self.assigned = False  # joined the group at least once (possibly with no partitions)
 
     @property
     def name(self) -> str:
@@ -113,8 +114,7 @@ class StageRunner(RebalanceListener, ABC):
                     started = time.perf_counter()
                     self.handle(batch)
                     self.metrics.batch_seconds.observe(time.perf_counter() - started)
-                else:
-                    self._check_lag()
+                self._check_lag()
                 self.tick()
             self.drain()
         except BaseException as exc:
@@ -129,7 +129,7 @@ class StageRunner(RebalanceListener, ABC):
             return
         self._lag_checked = now
         lags = self.consumer.lag()
-        self.lag = sum(lags.values()) if lags else None
+        self.lag = sum(lags.values()) if lags else None  # None: no partitions (yet)
         for (topic, partition), lag in lags.items():
             self.metrics.lag(topic, partition).set(lag)
 
@@ -184,6 +184,7 @@ class StageRunner(RebalanceListener, ABC):
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
         log.info("stage %s assigned %s", self.name, partitions)
+        self.assigned = True
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         log.info("stage %s revoked %s", self.name, partitions)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from streamflow.transport.base import (
     Admin,
+    AuthenticationError,
     ConsumedBatch,
     Consumer,
     OutgoingBatch,
@@ -39,6 +40,7 @@ def create_transport(
 __all__ = [
     "CLIENTS",
     "Admin",
+    "AuthenticationError",
     "ConsumedBatch",
     "Consumer",
     "OutgoingBatch",

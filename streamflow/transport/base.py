@@ -19,6 +19,10 @@ class TransportError(Exception):
     """A broker-side failure: delivery, commit, admin or connectivity."""
 
 
+class AuthenticationError(TransportError):
+    """The broker rejected the client's credentials or authorization: not worth retrying."""
+
+
 class RebalanceInProgressError(TransportError):
     """A commit was refused because the group is rebalancing; the records will be redelivered."""
 

@@ -22,6 +22,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamflow.transport.base import (
     Admin,
+    AuthenticationError,
     ConsumedBatch,
     Consumer,
     OutgoingBatch,
@@ -35,6 +36,21 @@ from streamflow.transport.base import (
 )
 
 _FLUSH_TIMEOUT_S = 60.0
+_AUTH_ERRORS = {
+    KafkaError._AUTHENTICATION,
+    KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+}
+
+
+def _error(exc: KafkaException | KafkaError) -> TransportError:
+    """The transport error for a client failure; authentication failures are fatal."""
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
+    if isinstance(error, KafkaError) and error.code() in _AUTH_ERRORS:
+        return AuthenticationError(str(error))
+    return TransportError(str(error))
 
 
 class ConfluentProducer(Producer):
@@ -134,7 +150,7 @@ class ConfluentConsumer(Consumer):
         try:
             messages = self.raw.consume(max_records, timeout_s)
         except KafkaException as exc:
-            raise TransportError(str(exc)) from exc
+            raise _error(exc) from exc
         if self._listener_error is not None:
             error, self._listener_error = self._listener_error, None
             raise error
@@ -143,8 +159,10 @@ class ConfluentConsumer(Consumer):
             error = message.error()
             if error is None:
                 good.append(message)
-            elif error.code() != KafkaError._PARTITION_EOF and error.fatal():
-                raise TransportError(str(error))
+            elif error.code() in _AUTH_ERRORS or (
+                error.code() != KafkaError._PARTITION_EOF and error.fatal()
+            ):
+                raise _error(error)
         return ConsumedBatch(
             topics=[m.topic() for m in good],
             partitions=[m.partition() for m in good],
@@ -240,7 +258,7 @@ class ConfluentAdmin(Admin):
         try:
             metadata = self._admin.list_topics(timeout=10)
         except KafkaException as exc:
-            raise TransportError(str(exc)) from exc
+            raise _error(exc) from exc
         return {
             name: len(topic.partitions)
             for name, topic in metadata.topics.items()

@@ -1,0 +1,178 @@
+"""Operating the daemon: health and readiness, the live dashboard in a real browser, the metric
+catalogue checked by promtool, and a real Prometheus server scraping a running pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamflow.config import load_pipeline
+from streamflow.runtime.pipeline import PipelineRunner
+from streamflow.transport.broker import free_port
+from tests.browser import Browser, chromium_binary
+
+QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
+ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
+
+
+@pytest.fixture
+def running_pipeline(fresh_broker: str, tmp_path: Path) -> Iterator[PipelineRunner]:
+    """The quickstart, unbounded at 1,500 records/s, running in a background thread."""
+    env = {"STREAMFLOW_BOOTSTRAP": fresh_broker, "QUICKSTART_OUTPUT": str(tmp_path / "lake"),
+           "QUICKSTART_CHECKPOINTS": str(tmp_path / "checkpoints"),
+           "QUICKSTART_COUNT": "10000000", "QUICKSTART_RATE": "1500"}
+    config = load_pipeline(QUICKSTART, env)
+    config.runtime.commit_interval_s = 0.5
+    runner = PipelineRunner(config, metrics_port=free_port())
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+        thread.join(60)
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except urllib.error.URLError:
+        return 0, b""  # not listening yet
+
+
+def wait_until(predicate: Any, timeout_s: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout_s}s")
+        time.sleep(0.2)
+
+
+def base_url(runner: PipelineRunner) -> str:
+    wait_until(lambda: runner.metrics_server is not None, what="metrics server")
+    assert runner.metrics_server is not None
+    return f"http://127.0.0.1:{runner.metrics_server.port}"
+
+
+def test_health_and_readiness(running_pipeline: PipelineRunner) -> None:
+    url = base_url(running_pipeline)
+    assert get(f"{url}/healthz") == (200, b"ok\n")
+    status, body = get(f"{url}/readyz")
+    if status == 503:  # still joining consumer groups: the reason says so
+        assert "reason" in json.loads(body)
+    wait_until(lambda: get(f"{url}/readyz")[0] == 200, what="readiness")
+    assert json.loads(get(f"{url}/readyz")[1]) == {"status": "ready"}
+
+
+def test_readyz_is_503_with_a_reason_while_kafka_is_unreachable(tmp_path: Path) -> None:
+    env = {"STREAMFLOW_BOOTSTRAP": f"127.0.0.1:{free_port()}", "QUICKSTART_OUTPUT": str(tmp_path)}
+    runner = PipelineRunner(load_pipeline(QUICKSTART, env), metrics_port=free_port())
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        url = base_url(runner)
+        status, body = get(f"{url}/readyz")
+        assert status == 503
+        assert "waiting for Kafka" in json.loads(body)["reason"]
+        time.sleep(2)
+        assert thread.is_alive(), "the daemon must wait for the broker, not crash"
+    finally:
+        runner.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None,
+                    reason="needs promtool (apt-get install prometheus)")
+def test_promtool_accepts_the_metrics(running_pipeline: PipelineRunner) -> None:
+    url = base_url(running_pipeline)
+    wait_until(lambda: b"streamflow_model_metric{" in get(f"{url}/metrics")[1], what="model metric")
+    text = get(f"{url}/metrics")[1]
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    for name in ("streamflow_build_info", "streamflow_records_in_total",
+                 "streamflow_end_to_end_latency_seconds_bucket",
+                 "streamflow_consumer_lag_records", "streamflow_sink_bytes_written_total",
+                 "streamflow_checkpoint_last_success_timestamp_seconds",
+                 "streamflow_last_processed_timestamp_seconds",
+                 'streamflow_record_errors_total{pipeline="quickstart",stage="clean",step="sql"} 0.0'):
+        assert name.encode() in text, name
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason="needs chromium (apt-get install chromium)")
+def test_dashboard_charts_update_in_a_real_browser(running_pipeline: PipelineRunner) -> None:
+    url = base_url(running_pipeline)
+    wait_until(lambda: get(f"{url}/readyz")[0] == 200, what="readiness")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with Browser(f"{url}/") as browser:
+        def updates() -> int:
+            return int(browser.evaluate("Number(document.body.dataset.updates || 0)") or 0)
+
+        wait_until(lambda: updates() >= 2, 30, "two dashboard refreshes")
+        first = browser.evaluate("document.getElementById('chart-throughput').dataset.points")
+        wait_until(lambda: updates() >= 6, 30, "six dashboard refreshes")
+        charts = browser.evaluate("""Object.fromEntries([...document.querySelectorAll('canvas')]
+            .map(c => [c.id, {points: Number(c.dataset.points),
+                              last: JSON.parse(c.dataset.last || '{}')}]))""")
+        nodes = browser.evaluate("""[...document.querySelectorAll('#graph .node')]
+            .map(n => [n.dataset.name, n.querySelector('.rate').textContent])""")
+        browser.screenshot(ARTIFACTS / "dashboard.png")
+    assert charts["chart-throughput"]["points"] > int(first)
+    assert max(charts["chart-throughput"]["last"].values()) > 0, charts
+    for chart in ("chart-lag", "chart-errors", "chart-latency", "chart-model"):
+        assert charts[chart]["points"] > 0, chart
+    assert any(name.endswith("(rolling)") for name in charts["chart-model"]["last"])
+    assert {name for name, _rate in nodes} == {"sensors", "clean", "predict", "lake"}
+    assert any(rate.endswith("/s") and not rate.startswith("0 ") for _name, rate in nodes)
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None,
+                    reason="needs prometheus (apt-get install prometheus)")
+def test_prometheus_scrapes_a_nonzero_rate_for_every_stage(
+    running_pipeline: PipelineRunner, tmp_path: Path
+) -> None:
+    url = base_url(running_pipeline)
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: streamflow\n    static_configs: [{{targets: ['{url.split('//')[1]}']}}]\n"
+    )
+    server = subprocess.Popen(
+        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    query = urllib.parse.quote("sum by (stage) (rate(streamflow_records_out_total[10s]))")
+    rates: dict[str, float] = {}
+
+    def every_stage_flowing() -> bool:
+        status, body = get(f"http://127.0.0.1:{port}/api/v1/query?query={query}")
+        if status != 200:
+            return False
+        result = json.loads(body)["data"]["result"]
+        rates.update({r["metric"]["stage"]: float(r["value"][1]) for r in result})
+        return {"clean", "predict", "lake"} <= {s for s, v in rates.items() if v > 0}
+
+    try:
+        wait_until(every_stage_flowing, 90, "a non-zero rate for every stage in Prometheus")
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert all(rates[stage] > 0 for stage in ("clean", "predict", "lake")), rates
