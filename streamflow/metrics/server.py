@@ -74,7 +74,7 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 """Requests are not logged: scrapes would drown everything else."""
 
         self._server = ThreadingHTTPServer((host, port), Handler)

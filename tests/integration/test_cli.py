@@ -64,3 +64,26 @@ def test_stages_run_one_at_a_time(fresh_broker: str, tmp_path: Path) -> None:
     cleaned = len(read_topic(fresh_broker, "sensors.clean"))
     assert cleaned + len(read_topic(fresh_broker, "quickstart.dlq")) == 800
     assert not list(tmp_path.rglob("*.parquet")), "the sink stage did not run"
+
+
+def test_a_fatal_failure_exits_non_zero_with_one_clear_message(
+    fresh_broker: str, tmp_path: Path
+) -> None:
+    pipeline = QUICKSTART.read_text().replace(
+        "      - schema:\n", "      - on_error: fail\n        schema:\n"
+    )
+    assert "on_error: fail" in pipeline
+    path = tmp_path / "strict.yaml"
+    path.write_text(pipeline)
+    env = {**os.environ, "STREAMFLOW_BOOTSTRAP": fresh_broker, "QUICKSTART_COUNT": "2000",
+           "QUICKSTART_RATE": "0", "QUICKSTART_OUTPUT": str(tmp_path / "lake"),
+           "QUICKSTART_CHECKPOINTS": str(tmp_path / "checkpoints")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "streamflow", "run", str(path), "--metrics-port", "0"],
+        env=env, capture_output=True, timeout=120,
+    )
+    assert completed.returncode == 1
+    errors = [line for line in completed.stderr.decode().splitlines() if " ERROR streamflow: " in line]
+    assert len(errors) == 1, completed.stderr.decode()[-3000:]
+    assert "clean failed: StepFailedError: step 'schema' failed" in errors[0]
+    assert "on_error: fail" in errors[0]

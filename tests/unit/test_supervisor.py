@@ -1,0 +1,72 @@
+"""The supervisor: transient failures restart with exponential backoff, fatal ones stop."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter
+
+from streamflow.plugins import TransientError
+from streamflow.runtime.supervisor import Supervisor, backoff_delay, is_transient
+from streamflow.transport import AuthenticationError, TransportError
+
+
+class FailingRunner:
+    def __init__(self, name: str, error: BaseException | None) -> None:
+        self.name = name
+        self.error = error
+        self.thread = threading.Thread(target=lambda: None)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.thread.join()
+
+    def stop(self) -> None:
+        """Nothing runs."""
+
+
+def counter() -> tuple[Counter, CollectorRegistry]:
+    registry = CollectorRegistry()
+    return Counter("restarts", "restarts", registry=registry), registry
+
+
+def test_backoff_doubles_up_to_a_cap() -> None:
+    assert [backoff_delay(n) for n in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+
+
+def test_transient_and_fatal_errors() -> None:
+    assert is_transient(TransportError("broker down"))
+    assert is_transient(TransientError("warehouse down"))
+    assert is_transient(ConnectionRefusedError())
+    assert not is_transient(AuthenticationError("SASL authentication failed"))
+    assert not is_transient(ValueError("bug"))
+
+
+def test_transient_failures_restart_with_backoff_and_are_counted() -> None:
+    built: list[FailingRunner] = []
+
+    def factory() -> FailingRunner:
+        runner = FailingRunner("sink", TransportError("down") if len(built) < 2 else None)
+        built.append(runner)
+        return runner
+
+    restarts, registry = counter()
+    supervisor = Supervisor()
+    supervisor.add(factory, restarts)
+    supervisor.start()
+    started = time.monotonic()
+    while len(built) < 3 and time.monotonic() - started < 5:
+        assert supervisor.check() is None
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    assert len(built) == 3
+    assert registry.get_sample_value("restarts_total") == 2
+    assert elapsed >= backoff_delay(0) + backoff_delay(1) - 0.1
+
+
+def test_a_fatal_failure_stops_with_one_clear_reason() -> None:
+    supervisor = Supervisor()
+    supervisor.add(lambda: FailingRunner("clean", AuthenticationError("bad password")), counter()[0])
+    supervisor.start()
+    assert supervisor.check() == "clean failed: AuthenticationError: bad password"
