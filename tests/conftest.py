@@ -25,12 +25,20 @@ def _docker_available() -> bool:
 
 
 @pytest.fixture(scope="session")
-def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def broker_kind() -> str:
+    """'kafka' (an external or containerised Apache Kafka) or 'tansu' (the bundled broker)."""
+    if os.environ.get("STREAMFLOW_TEST_BOOTSTRAP"):
+        return os.environ.get("STREAMFLOW_TEST_BROKER_KIND", "kafka")
+    return "kafka" if _docker_available() else "tansu"
+
+
+@pytest.fixture(scope="session")
+def bootstrap(tmp_path_factory: pytest.TempPathFactory, broker_kind: str) -> Iterator[str]:
     """Bootstrap address of a broker that lives for the whole test session."""
     if os.environ.get("STREAMFLOW_TEST_BOOTSTRAP"):
         yield os.environ["STREAMFLOW_TEST_BOOTSTRAP"]
         return
-    if _docker_available():
+    if broker_kind == "kafka":
         from testcontainers.kafka import KafkaContainer
 
         with KafkaContainer().with_kraft() as kafka:

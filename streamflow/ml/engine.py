@@ -143,6 +143,7 @@ class ModelEngine:
         self.new_model = new_model
         self.store = store
         self.states: dict[int, PartitionState] = {}
+        self.cluster_id: str | None = None  # of the Kafka cluster whose offsets states hold
         self.slots: OrderedDict[tuple[int, str], ModelSlot] = OrderedDict()
         self._on_learned = on_learned
         self._on_drift = on_drift
@@ -161,6 +162,13 @@ class ModelEngine:
     def assign(self, partition: int) -> None:
         """Restore a partition's state from the store, or start it fresh."""
         loaded = self.store.load(self._state_name(partition), "partition-state")
+        if loaded is not None and loaded[0].get("cluster_id") != self.cluster_id:
+            # The offsets in this checkpoint belong to another cluster's log (for example an
+            # earlier run of the in-memory embedded broker): they mean nothing here.
+            log.warning("checkpoint of partition %d was taken on cluster %s, not %s: "
+                        "starting afresh", partition, loaded[0].get("cluster_id"), self.cluster_id)
+            self.store.delete_tree(self._state_name(partition))
+            loaded = None
         if loaded is not None:
             state, models = loaded[1]
             self.states[partition] = state
@@ -176,12 +184,6 @@ class ModelEngine:
         if self.settings.drift_detector:
             state.detector = build_detector(self.settings.drift_detector)
         self.states[partition] = state
-
-    def reset(self, partition: int) -> None:
-        """Discard a partition's state and models, in memory and in the store."""
-        self.revoke(partition)
-        self.store.delete_tree(self._state_name(partition))
-        self.assign(partition)
 
     def revoke(self, partition: int) -> None:
         """Forget a partition (after :meth:`checkpoint`)."""
@@ -227,7 +229,8 @@ class ModelEngine:
             models = {key: slot for (p, key), slot in self.slots.items() if p == partition}
             learned = {key: slot.learned for key, slot in models.items()}
             self.store.save(self._state_name(partition), "partition-state", (state, models),
-                            {"next_offsets": state.next_offsets, "learned": learned})
+                            {"next_offsets": state.next_offsets, "learned": learned,
+                             "cluster_id": self.cluster_id})
 
     # --- records --------------------------------------------------------------------------
 

@@ -55,31 +55,34 @@ class ModelStage(StageRunner):
         self.label_field = (config.labels.field if config.labels else None) or config.target
         self._last_checkpoint = time.monotonic()
         self._drift_events: list[DriftEvent] = []
+        self._assigned: list[TopicPartition] = []
 
     def topics(self) -> list[str]:
         return [self.identity.input_topic, *([self.labels_topic] if self.labels_topic else [])]
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
         super().on_assign(partitions)
-        assert self.consumer is not None
-        ends = self.consumer.end_offsets(partitions)
-        for _topic, partition in partitions:
+        # Restoring needs broker calls, which some clients forbid inside rebalance callbacks:
+        # do it before the next batch is scored instead.
+        self._assigned.extend(partitions)
+
+    def open(self) -> None:
+        admin = self.transport.admin()
+        try:
+            self.engine.cluster_id = admin.cluster_id()
+        finally:
+            admin.close()
+
+    def _restore_assigned(self) -> None:
+        """Restore the state of newly assigned partitions from the checkpoint store."""
+        partitions, self._assigned = self._assigned, []
+        for partition in sorted({partition for _topic, partition in partitions}):
             if partition not in self.engine.states:
                 self.engine.assign(partition)
-        for (topic, partition), end in ends.items():
-            state = self.engine.states[partition]
-            if state.next_offsets.get(topic, 0) > end:
-                # The log is shorter than what the checkpoint covered: the topic was recreated
-                # (or the embedded broker restarted). The checkpoint describes another log.
-                log.warning(
-                    "stage %s: checkpoint of %s[%d] covers offset %d but the partition ends at %d;"
-                    " the topic was recreated, so the model starts afresh",
-                    self.name, topic, partition, state.next_offsets[topic], end,
-                )
-                self.engine.reset(partition)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         super().on_revoke(partitions)
+        self._assigned = [tp for tp in self._assigned if tp not in partitions]
         self.checkpoint()
         for partition in {p for _topic, p in partitions}:
             self.engine.revoke(partition)
@@ -92,6 +95,7 @@ class ModelStage(StageRunner):
 
     def handle(self, batch: ConsumedBatch) -> None:
         assert self.producer is not None
+        self._restore_assigned()
         is_label = np.asarray([topic == self.labels_topic for topic in batch.topics], dtype=bool)
         failures: list[Failure] = []
         outgoing: list[OutgoingBatch] = []
@@ -249,6 +253,7 @@ class ModelStage(StageRunner):
                 self.model_metrics.metric(metric.name, "rolling", partition).set(metric.rolling.get())
 
     def tick(self) -> None:
+        self._restore_assigned()
         if time.monotonic() - self._last_checkpoint >= self.config.checkpoint.every_seconds:
             self.checkpoint()
 

@@ -153,6 +153,10 @@ class Admin(ABC):
         """Create the topics that do not exist yet; existing ones are left untouched."""
 
     @abstractmethod
+    def cluster_id(self) -> str:
+        """The cluster's id: it changes when a cluster is replaced by a new one."""
+
+    @abstractmethod
     def describe_topics(self, names: Sequence[str] | None = None) -> dict[str, int]:
         """Partition count of each named topic that exists (all topics when ``names`` is None)."""
 

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from types import TracebackType
 
@@ -71,6 +72,8 @@ class EmbeddedBroker:
             "--listener-url", url,
             "--advertised-listener-url", url,
             "--storage-engine", "memory://tansu/",
+            # A new id per start: state saved against an earlier (in-memory) run is recognisable.
+            "--cluster-id", f"streamflow-{uuid.uuid4().hex[:12]}",
         ]
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}

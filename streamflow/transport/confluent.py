@@ -254,6 +254,12 @@ class ConfluentAdmin(Admin):
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise TransportError(f"creating topic {name!r}: {exc}") from exc
 
+    def cluster_id(self) -> str:
+        try:
+            return str(self._admin.list_topics(timeout=10).cluster_id)
+        except KafkaException as exc:
+            raise _error(exc) from exc
+
     def describe_topics(self, names: Sequence[str] | None = None) -> dict[str, int]:
         try:
             metadata = self._admin.list_topics(timeout=10)
