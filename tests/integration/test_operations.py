@@ -21,6 +21,7 @@ from streamflow.config import load_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
 from streamflow.transport.broker import free_port
 from tests.browser import Browser, chromium_binary
+from tests.unit.test_docker_files import dashboard_queries
 
 QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
@@ -172,7 +173,16 @@ def test_prometheus_scrapes_a_nonzero_rate_for_every_stage(
 
     try:
         wait_until(every_stage_flowing, 90, "a non-zero rate for every stage in Prometheus")
+        # Every query of the provisioned Grafana dashboard is valid and returns data.
+        empty = []
+        for expr in dashboard_queries():
+            status, body = get(f"http://127.0.0.1:{port}/api/v1/query?query="
+                               f"{urllib.parse.quote(expr)}")
+            assert status == 200, (expr, body)
+            if not json.loads(body)["data"]["result"]:
+                empty.append(expr)
     finally:
         server.terminate()
         server.wait(10)
     assert all(rates[stage] > 0 for stage in ("clean", "predict", "lake")), rates
+    assert not empty, f"dashboard queries without data: {empty}"
