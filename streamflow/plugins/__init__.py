@@ -9,6 +9,8 @@ point groups a third-party package uses::
 
 from __future__ import annotations
 
+import importlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -173,6 +175,7 @@ class Processor(ABC, Generic[ConfigT]):
 
 
 ROW_ID = "_sf_row"
+GROUP_BASES: dict[str, type] = {SOURCE_GROUP: Source, SINK_GROUP: Sink, PROCESSOR_GROUP: Processor}
 
 
 class PluginNotFoundError(LookupError):
@@ -184,8 +187,22 @@ def discover(group: str) -> dict[str, Any]:
     return {entry.name: entry for entry in entry_points(group=group)}
 
 
+_CLASS_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
 def load(group: str, name: str) -> type[Any]:
-    """The class registered as ``name`` in ``group``."""
+    """The class registered as ``name`` in ``group``, or named directly as ``module:Class``
+    (as Kafka Connect names ``connector.class``) for plugins not packaged with entry points."""
+    if _CLASS_PATH.match(name):
+        module_name, class_name = name.split(":")
+        try:
+            plugin = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as exc:
+            raise PluginNotFoundError(f"cannot import {name!r}: {exc}") from None
+        base = GROUP_BASES[group]
+        if not (isinstance(plugin, type) and issubclass(plugin, base)):
+            raise PluginNotFoundError(f"{name!r} is not a {base.__name__} subclass")
+        return plugin
     found = discover(group)
     if name not in found:
         known = ", ".join(sorted(found)) or "none installed"

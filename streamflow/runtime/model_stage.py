@@ -83,7 +83,8 @@ class ModelStage(StageRunner):
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         super().on_revoke(partitions)
         self._assigned = [tp for tp in self._assigned if tp not in partitions]
-        self.checkpoint()
+        if self.error is None:  # after a failure the state may be ahead of the output: replay
+            self.checkpoint()
         for partition in {p for _topic, p in partitions}:
             self.engine.revoke(partition)
 

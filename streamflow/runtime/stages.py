@@ -356,5 +356,6 @@ class SinkStage(StageRunner):
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         super().on_revoke(partitions)
-        self.checkpoint()
+        if self.error is None:  # after a failure, nothing more is made durable: it replays
+            self.checkpoint()
         self.sink.revoke(partitions)

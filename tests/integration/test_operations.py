@@ -186,3 +186,30 @@ def test_prometheus_scrapes_a_nonzero_rate_for_every_stage(
         server.wait(10)
     assert all(rates[stage] > 0 for stage in ("clean", "predict", "lake")), rates
     assert not empty, f"dashboard queries without data: {empty}"
+
+
+def test_a_transient_sink_failure_restarts_the_stage_and_loses_nothing(
+    fresh_broker: str, tmp_path: Path
+) -> None:
+    from streamflow import Pipeline
+
+    lake = tmp_path / "lake"
+    pipeline = (
+        Pipeline("flaky", bootstrap=fresh_broker)
+        .topic("raw", partitions=2)
+        .source("gen", "generator", topic="raw", count=3000, rate=0)
+        .sink("lake", "tests.plugins:FlakySink", input="raw", path=str(lake), failures=2)
+        .configure("metrics", port=0)
+        .configure("runtime", commit_interval_s=0.5)
+        .build()
+    )
+    runner = PipelineRunner(pipeline, until_idle_s=2)
+    result = runner.run()
+    assert result.exit_code == 0, result.errors
+    restarts = runner.metrics.registry.get_sample_value(
+        "streamflow_stage_restarts_total", {"pipeline": "flaky", "stage": "lake"})
+    assert restarts == 2
+    import duckdb
+
+    rows = duckdb.sql(f"SELECT count(DISTINCT ts) FROM read_parquet('{lake}/*.parquet')")
+    assert rows.fetchall()[0][0] == 3000
