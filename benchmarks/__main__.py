@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from benchmarks.core import run_core
+from benchmarks.dashboard import run_dashboard
 from benchmarks.model import run_model
 
-WORKLOADS = {"core": run_core, "model": run_model}
+WORKLOADS = {"core": run_core, "model": run_model, "dashboard": run_dashboard}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,18 +8,19 @@ record, so the consumer-group join is not counted for either.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
+from benchmarks.common import measure_stage
 from connectors.sources.generator import GeneratorConfig, sensor_event
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
 from streamflow.transport import TopicSpec, create_transport
-from streamflow.transport.broker import EmbeddedBroker
+from streamflow.transport.broker import EmbeddedBroker, free_port
 
 WORKLOAD = "json-parse-schema-derive-produce"
 PARTITIONS = 4
@@ -85,8 +86,12 @@ def run_raw_confluent(bootstrap: str, source: str, records: int) -> float:
     return records / elapsed
 
 
-def run_streamflow(bootstrap: str, source: str, records: int) -> float:
-    """The same work as a streamflow processor stage: schema step, then a SQL derived field."""
+def run_streamflow(bootstrap: str, source: str, records: int,
+                   on_running: Callable[[PipelineRunner], None] | None = None) -> float:
+    """The same work as a streamflow processor stage: schema step, then a SQL derived field.
+
+    With ``on_running``, the metrics endpoint and dashboard are served on a free port.
+    """
     name = f"bench{uuid.uuid4().hex[:8]}"
     config = parse_pipeline({
         "pipeline": name,
@@ -102,30 +107,15 @@ def run_streamflow(bootstrap: str, source: str, records: int) -> float:
                 {"sql": "SELECT *, temperature * 1.8 + 32 AS temperature_f FROM batch"},
             ],
         }],
-        "metrics": {"enabled": False},
+        "metrics": {"enabled": on_running is not None, "port": free_port()},
         "runtime": {"batch": {"max_records": 10_000, "max_wait_ms": 50}},
     })
-    runner = PipelineRunner(config)
-    thread = threading.Thread(target=runner.run)
-    thread.start()
-    started = finished = None
-    labels = {"pipeline": name, "stage": "clean"}
-    while finished is None:
-        time.sleep(0.002)
-        # records_in grows only after the batch's output was acknowledged and its offsets committed
-        consumed = runner.metrics.registry.get_sample_value("streamflow_records_in_total", labels) or 0
-        if started is None and consumed:
-            started = time.perf_counter()
-        if consumed >= records:
-            finished = time.perf_counter()
-    runner.stop()
-    thread.join()
-    assert started is not None
-    return records / (finished - started)
+    return measure_stage(PipelineRunner(config), "clean", records, on_running or (lambda r: None))
 
 
-def run_core(records: int, repeat: int) -> list[dict[str, Any]]:
-    systems = {"streamflow": run_streamflow, "raw-confluent": run_raw_confluent}
+def compare(systems: dict[str, Callable[[str, str, int], float]], workload: str, records: int,
+            repeat: int) -> list[dict[str, Any]]:
+    """Run each system ``repeat`` times on the same pre-loaded topic; keep each one's best."""
     best: dict[str, float] = {}
     with EmbeddedBroker() as broker:
         source = "bench.input"
@@ -139,6 +129,11 @@ def run_core(records: int, repeat: int) -> list[dict[str, Any]]:
                 print(f"{system}: {rate:,.0f} events/s", flush=True)
                 best[system] = max(best.get(system, 0.0), rate)
     return [
-        {"system": system, "workload": WORKLOAD, "events_per_s": round(rate), "records": records}
+        {"system": system, "workload": workload, "events_per_s": round(rate), "records": records}
         for system, rate in best.items()
     ]
+
+
+def run_core(records: int, repeat: int) -> list[dict[str, Any]]:
+    return compare({"streamflow": run_streamflow, "raw-confluent": run_raw_confluent},
+                   WORKLOAD, records, repeat)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import tempfile
-import threading
 import time
 import uuid
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from confluent_kafka import Producer
 from river import datasets, linear_model, metrics, preprocessing
 
+from benchmarks.common import measure_stage
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
 from streamflow.transport import TopicSpec, create_transport
@@ -59,22 +59,7 @@ def run_streamflow(bootstrap: str, topic: str, count: int) -> float:
             "metrics": {"enabled": False},
             "runtime": {"batch": {"max_records": 5000, "max_wait_ms": 20}},
         })
-        runner = PipelineRunner(config)
-        thread = threading.Thread(target=runner.run)
-        thread.start()
-        labels = {"pipeline": name, "stage": "model"}
-        started = finished = None
-        while finished is None:
-            time.sleep(0.002)
-            done = runner.metrics.registry.get_sample_value("streamflow_records_in_total", labels) or 0
-            if started is None and done:
-                started = time.perf_counter()
-            if done >= count:
-                finished = time.perf_counter()
-        runner.stop()
-        thread.join()
-    assert started is not None
-    return count / (finished - started)
+        return measure_stage(PipelineRunner(config), "model", count)
 
 
 def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:

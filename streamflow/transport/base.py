@@ -8,7 +8,7 @@ so that the runtime can hand them to Arrow without building one object per recor
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 Headers = list[tuple[str, bytes]]
@@ -69,6 +69,12 @@ class OutgoingBatch:
     keys: Sequence[bytes | None] = ()
     headers: Sequence[Headers | None] = ()
     timestamps_ms: Sequence[int | None] = ()
+
+    def records(self) -> Iterator[tuple[bytes, bytes | None, Headers | None, int | None]]:
+        """(value, key, headers, timestamp) per record, None where a column was left empty."""
+        count = len(self.values)
+        return zip(self.values, self.keys or [None] * count, self.headers or [None] * count,
+                   self.timestamps_ms or [None] * count, strict=True)
 
 
 class Producer(ABC):

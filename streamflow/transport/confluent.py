@@ -69,12 +69,7 @@ class ConfluentProducer(Producer):
         produce = self._producer.produce
         on_delivery = self._on_delivery
         for batch in batches:
-            keys = batch.keys or [None] * len(batch.values)
-            headers = batch.headers or [None] * len(batch.values)
-            timestamps = batch.timestamps_ms or [None] * len(batch.values)
-            for value, key, header, timestamp in zip(
-                batch.values, keys, headers, timestamps, strict=True
-            ):
+            for value, key, header, timestamp in batch.records():
                 kwargs: dict[str, Any] = {"key": key, "on_delivery": on_delivery}
                 if header:
                     kwargs["headers"] = header

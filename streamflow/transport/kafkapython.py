@@ -78,13 +78,7 @@ class KafkaPythonProducer(Producer):
         futures = []
         try:
             for batch in batches:
-                count = len(batch.values)
-                keys = batch.keys or [None] * count
-                headers = batch.headers or [None] * count
-                timestamps = batch.timestamps_ms or [None] * count
-                for value, key, header, timestamp in zip(
-                    batch.values, keys, headers, timestamps, strict=True
-                ):
+                for value, key, header, timestamp in batch.records():
                     futures.append(self._producer.send(
                         batch.topic, value=value, key=key, headers=header or None,
                         timestamp_ms=timestamp or None,

@@ -1,0 +1,37 @@
+"""Timing a streamflow stage from inside its own process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from streamflow.runtime.pipeline import PipelineRunner
+
+
+def measure_stage(runner: PipelineRunner, stage: str, records: int,
+                  on_running: Callable[[PipelineRunner], None] = lambda runner: None) -> float:
+    """Run the pipeline until ``stage`` has handled ``records``; return its records per second.
+
+    Time runs from the first handled batch to the last one, so the consumer-group join is not
+    counted. ``streamflow_records_in_total`` grows only after a batch's output was acknowledged.
+    """
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    labels = {"pipeline": runner.config.pipeline, "stage": stage}
+    started = finished = None
+    notified = False
+    while finished is None:
+        time.sleep(0.002)
+        if not notified and runner.stages:
+            on_running(runner)
+            notified = True
+        done = runner.metrics.registry.get_sample_value("streamflow_records_in_total", labels) or 0
+        if started is None and done:
+            started = time.perf_counter()
+        if done >= records:
+            finished = time.perf_counter()
+    runner.stop()
+    thread.join()
+    assert started is not None
+    return records / (finished - started)
