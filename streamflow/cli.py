@@ -11,7 +11,10 @@ import threading
 
 from streamflow import __version__
 from streamflow.config import ConfigError, load_pipeline
+from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
 from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
+from streamflow.runtime.progress import ProgressReporter
+from streamflow.runtime.status import fetch_status, render_status
 from streamflow.transport.broker import BrokerUnavailableError, EmbeddedBroker
 
 EXIT_CONFIG = 2
@@ -21,10 +24,19 @@ log = logging.getLogger("streamflow")
 
 def _run(args: argparse.Namespace) -> int:
     config = load_pipeline(args.file)
+    REDACTOR.add(config_secrets(config))
     runner = PipelineRunner(config, stage=args.stage, until_idle_s=args.until_idle,
                             metrics_port=args.metrics_port)
     install_signal_handlers(runner)
-    result = runner.run()
+    progress = (
+        ProgressReporter(runner.metrics.registry, args.progress_interval).start()
+        if args.until_idle is not None else None
+    )
+    try:
+        result = runner.run()
+    finally:
+        if progress:
+            progress.stop()
     for error in result.errors:
         log.error("%s", error)
     log.info("pipeline %s ended: %s (exit %d)", config.pipeline, result.reason, result.exit_code)
@@ -37,6 +49,17 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"{args.file}: valid pipeline {config.pipeline!r} "
           f"({len(config.sources)} sources, {stages} stages, {len(config.topic_specs())} topics)")
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        report = fetch_status(args.url)
+    except OSError as exc:
+        print(f"error: no streamflow daemon answers at {args.url} ({exc}); "
+              "start one with `streamflow run FILE` or pass --url", file=sys.stderr)
+        return 1
+    print(render_status(report))
+    return 0 if report.ready else 3
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -54,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamflow", description=__doc__)
     parser.add_argument("--version", action="version", version=f"streamflow {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a pipeline")
@@ -62,7 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until-idle", type=float, metavar="SECONDS",
                      help="exit 0 once every stage was idle with zero lag for SECONDS")
     run.add_argument("--metrics-port", type=int, help="override metrics.port")
+    run.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
+                     help="with --until-idle: how often to report progress (default 5)")
     run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="health and per-stage figures of a running daemon")
+    status.add_argument("--url", default="http://127.0.0.1:9108",
+                        help="the daemon's metrics address (default http://127.0.0.1:9108)")
+    status.set_defaults(handler=_status)
 
     validate = commands.add_parser("validate", help="check a pipeline file; exit 2 if invalid")
     validate.add_argument("file")
@@ -76,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     try:
         return int(args.handler(args))
     except ConfigError as exc:

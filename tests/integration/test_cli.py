@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,79 @@ def test_a_fatal_failure_exits_non_zero_with_one_clear_message(
     assert len(errors) == 1, completed.stderr.decode()[-3000:]
     assert "clean failed: StepFailedError: step 'schema' failed" in errors[0]
     assert "on_error: fail" in errors[0]
+
+
+def run_bounded(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "streamflow", *extra, "run", str(QUICKSTART), "--until-idle",
+            "1", "--metrics-port", "0", "--progress-interval", "0.5"]
+
+
+def bounded_env(bootstrap: str, tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "STREAMFLOW_BOOTSTRAP": bootstrap, "QUICKSTART_COUNT": "3000",
+            "QUICKSTART_RATE": "1500", "QUICKSTART_OUTPUT": str(tmp_path / "lake"),
+            "QUICKSTART_CHECKPOINTS": str(tmp_path / "checkpoints")}
+
+
+def test_a_bounded_run_logs_progress_and_json_on_request(fresh_broker: str, tmp_path: Path) -> None:
+    completed = subprocess.run(
+        run_bounded("--log-format", "json"),
+        env=bounded_env(fresh_broker, tmp_path), capture_output=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr.decode()[-2000:]
+    lines = [json.loads(line) for line in completed.stderr.decode().splitlines()
+             if line.startswith("{")]
+    progress = [line["message"] for line in lines if line["logger"] == "streamflow.progress"]
+    assert progress and all(p.startswith("progress: ") and " lag " in p for p in progress)
+    assert any("sensors 1," in p or "sensors 2," in p or "/s" in p for p in progress)
+
+
+def test_a_bounded_run_on_a_terminal_shows_a_live_line(fresh_broker: str, tmp_path: Path) -> None:
+    import pty
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        run_bounded(), env=bounded_env(fresh_broker, tmp_path),
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
+    )
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(timeout=120) == 0
+    os.close(controller)
+    assert b"\r\x1b[K" in output and b" lag " in output
+    assert b"streamflow.progress" not in output, "a terminal gets the live line, not log lines"
+
+
+def test_secrets_in_the_config_never_appear_in_the_logs(fresh_broker: str, tmp_path: Path) -> None:
+    secret = "hunter2-do-not-log"
+    pipeline = QUICKSTART.read_text().replace(
+        "  bootstrap: ${STREAMFLOW_BOOTSTRAP:-embedded}\n",
+        "  bootstrap: ${STREAMFLOW_BOOTSTRAP:-embedded}\n"
+        "  config:\n"
+        "    security.protocol: SASL_PLAINTEXT\n"
+        "    sasl.mechanism: PLAIN\n"
+        "    sasl.username: streamflow\n"
+        f"    sasl.password: {secret}\n",
+    )
+    path = tmp_path / "secret.yaml"
+    path.write_text(pipeline)
+    for log_format in ("text", "json"):
+        # The broker does not speak SASL, so the daemon keeps waiting for it, logging why.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamflow", "--log-level", "DEBUG", "--log-format",
+             log_format, "run", str(path), "--metrics-port", "0"],
+            env=bounded_env(fresh_broker, tmp_path), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        time.sleep(8)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+        assert "waiting for Kafka" in output
+        assert secret not in output

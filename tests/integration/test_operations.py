@@ -213,3 +213,29 @@ def test_a_transient_sink_failure_restarts_the_stage_and_loses_nothing(
 
     rows = duckdb.sql(f"SELECT count(DISTINCT ts) FROM read_parquet('{lake}/*.parquet')")
     assert rows.fetchall()[0][0] == 3000
+
+
+def test_status_command_prints_a_table_of_a_running_daemon(
+    running_pipeline: PipelineRunner, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streamflow.cli import main
+
+    url = base_url(running_pipeline)
+    wait_until(lambda: get(f"{url}/readyz")[0] == 200, what="readiness")
+    wait_until(lambda: b'stage="lake"} ' in get(f"{url}/metrics")[1]
+               and running_pipeline.metrics.registry.get_sample_value(
+                   "streamflow_records_out_total", {"pipeline": "quickstart", "stage": "lake"}),
+               what="records at the sink")
+    assert main(["status", "--url", url]) == 0
+    output = capsys.readouterr().out.splitlines()
+    assert output[0] == "status: ready"
+    assert output[1].split() == ["stage", "in", "out", "filtered", "dead_lettered", "lag",
+                                 "last", "batch"]
+    assert [line.split()[0] for line in output[2:]] == ["clean", "lake", "predict"]
+
+
+def test_status_command_says_when_no_daemon_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    from streamflow.cli import main
+
+    assert main(["status", "--url", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert "no streamflow daemon answers" in capsys.readouterr().err

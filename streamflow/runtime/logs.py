@@ -1,0 +1,81 @@
+"""Logging: readable text or JSON lines, with secrets from the config masked everywhere."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable
+
+from streamflow.config.models import PipelineConfig
+
+SECRET_KEY = re.compile(r"pass(word)?|secret|token|jaas|credential|private", re.IGNORECASE)
+MASK = "***"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the exception if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document)
+
+
+class Redactor(logging.Filter):
+    """Replaces every known secret in a record's rendered message and exception with ***."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def add(self, secrets: Iterable[str]) -> None:
+        self.secrets.update(secret for secret in secrets if len(secret) >= 4)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        exception = logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
+        if any(secret in message or secret in exception for secret in self.secrets):
+            for secret in self.secrets:
+                message = message.replace(secret, MASK)
+                exception = exception.replace(secret, MASK)
+            record.msg, record.args = message, None
+            if record.exc_info:
+                record.exc_info, record.exc_text = None, None
+                record.msg = f"{message}\n{exception}"
+        return True
+
+
+REDACTOR = Redactor()
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Text (default) or JSON to stderr, every record passing through the redactor."""
+    handler = logging.StreamHandler()
+    handler.addFilter(REDACTOR)
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def config_secrets(config: PipelineConfig) -> list[str]:
+    """Values of settings whose names say they are secret (Kafka client and connectors)."""
+    found = [str(value) for key, value in config.kafka.config.items() if SECRET_KEY.search(key)]
+    for component in [*config.sources, *config.sinks]:
+        found += [str(value) for key, value in component.connector_settings().items()
+                  if SECRET_KEY.search(key) and isinstance(value, str | int)]
+    return found
