@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,7 +37,7 @@ class FlakySink(Sink[FlakyConfig]):
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
         self.buffers.setdefault(partition, (first_offset, []))[1].append(table)
 
-    def flush(self) -> int:
+    def flush(self, offsets: Mapping[TopicPartition, int], cluster_id: str) -> int:
         counter = self.root / "failed-flushes"
         failed = int(counter.read_text()) if counter.exists() else 0
         if failed < self.config.failures:

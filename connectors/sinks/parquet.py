@@ -7,7 +7,7 @@ partial file, and a replay of the same records overwrites the same file instead 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -50,7 +50,7 @@ class ParquetSink(Sink[ParquetConfig]):
         topic, number = partition
         return self.root / topic / f"{topic}+{number:04d}+{first_offset:020d}.parquet"
 
-    def flush(self) -> int:
+    def flush(self, offsets: Mapping[TopicPartition, int], cluster_id: str) -> int:
         written = 0
         for partition, (first_offset, tables) in self._buffers.items():
             table = pa.concat_tables(tables, promote_options="permissive")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Generic, TypeVar
@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import pyarrow as pa
 from pydantic import BaseModel
 
-from streamflow.transport.base import TopicPartition
+from streamflow.transport.base import TopicPartition, Transport
 
 SOURCE_GROUP = "streamflow.sources"
 SINK_GROUP = "streamflow.sinks"
@@ -31,10 +31,12 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 @dataclass(frozen=True)
 class ComponentContext:
-    """Where a component runs: its pipeline and its own name (also the metrics labels)."""
+    """Where a component runs: its pipeline and its own name (also the metrics labels), and the
+    pipeline's Kafka transport for connectors that talk to Kafka themselves (None outside a run)."""
 
     pipeline: str
     name: str
+    transport: Transport | None = None
 
 
 @dataclass
@@ -59,6 +61,10 @@ class Source(ABC, Generic[ConfigT]):
       once a bounded source is exhausted. It never blocks much longer than ``timeout_s``.
     - :meth:`position` describes the point just after the last polled record, as JSON-able data.
       The runtime checkpoints it only after Kafka has acknowledged every record polled before it.
+    - :meth:`acknowledged` is then called with that same position: every record polled before it
+      is in Kafka and the position is checkpointed. Sources that cannot replay (a webhook, an
+      MQTT subscription) answer or acknowledge their senders only here, which makes them
+      at-least-once; replayable sources can ignore it (e.g. to commit an upstream cursor).
     """
 
     config_model: ClassVar[type[BaseModel]]
@@ -79,6 +85,10 @@ class Source(ABC, Generic[ConfigT]):
     def position(self) -> Any:
         """The resume point after the last record returned by :meth:`poll`."""
 
+    def acknowledged(self, position: Any) -> None:
+        """Every record polled before ``position`` (a value :meth:`position` returned) is durable
+        in Kafka and ``position`` is checkpointed. Called from the thread that polls."""
+
     def close(self) -> None:
         """Release resources."""
 
@@ -89,12 +99,18 @@ class TransientError(Exception):
 
 
 class SinkRecordError(Exception):
-    """Raised by a sink for records it cannot write; they are dead-lettered, the rest goes on."""
+    """Raised by a sink for records it cannot write; they are dead-lettered, the rest goes on.
 
-    def __init__(self, rows: Sequence[int], error: BaseException) -> None:
-        super().__init__(str(error))
+    ``rows`` index the table given to :meth:`Sink.write`; ``error`` is the reason for all of
+    them, or a sequence with one reason per row.
+    """
+
+    def __init__(self, rows: Sequence[int], error: BaseException | Sequence[BaseException]) -> None:
         self.rows = list(rows)
-        self.error = error
+        self.errors = [error] * len(self.rows) if isinstance(error, BaseException) else list(error)
+        if len(self.errors) != len(self.rows):
+            raise ValueError("SinkRecordError needs one error per row, or a single error")
+        super().__init__("; ".join(dict.fromkeys(str(error) for error in self.errors)))
 
 
 class Sink(ABC, Generic[ConfigT]):
@@ -102,13 +118,22 @@ class Sink(ABC, Generic[ConfigT]):
 
     Contract:
     - :meth:`write` receives consecutive records of one topic-partition as an Arrow table, in
-      offset order. It may buffer them; records it cannot write raise :class:`SinkRecordError`.
-    - :meth:`flush` makes everything written so far durable. The runtime commits the input
-      offsets only after it returns, so a crash before then replays the records (at-least-once);
-      a sink that names its output by topic, partition and first offset turns replays into
-      overwrites.
+      offset order. It may buffer them; records it cannot write raise :class:`SinkRecordError`
+      (they are dead-lettered); a failure worth retrying raises :class:`TransientError`.
+    - :meth:`flush` makes everything written so far durable. ``offsets`` holds, per partition
+      written since the last flush, the next offset to read: every record before it was written,
+      dead-lettered or skipped. The runtime commits these offsets to Kafka only after
+      :meth:`flush` returns, so a crash before then replays the records (at-least-once); a sink
+      that names its output by topic, partition and first offset turns replays into overwrites.
+    - Exactly-once: a sink that stores ``offsets`` (with ``cluster_id``, the Kafka cluster they
+      belong to) atomically with its data implements :meth:`resume_offsets`. On assignment the
+      runtime asks it where each partition stands and skips records below the returned offset
+      (they count as filtered), so a replay after a crash between the sink's commit and Kafka's
+      writes nothing twice.
     - :meth:`revoke` is called before partitions move to another replica: flush or drop their
       buffers (the runtime flushes and commits first, so dropping is safe).
+    - :meth:`close` releases resources; anything written but not flushed (after a failure) is
+      discarded, to be replayed.
     """
 
     config_model: ClassVar[type[BaseModel]]
@@ -125,14 +150,21 @@ class Sink(ABC, Generic[ConfigT]):
         """Accept records of ``partition`` starting at ``first_offset``."""
 
     @abstractmethod
-    def flush(self) -> int | None:
+    def flush(self, offsets: Mapping[TopicPartition, int], cluster_id: str) -> int | None:
         """Make every record passed to :meth:`write` durable; return the bytes written if known."""
+
+    def resume_offsets(
+        self, partitions: Sequence[TopicPartition], cluster_id: str
+    ) -> dict[TopicPartition, int]:
+        """For sinks that store offsets with their data: the next offset stored for each of
+        ``partitions`` by flushes on ``cluster_id`` (partitions without one are left out)."""
+        return {}
 
     def revoke(self, partitions: Sequence[TopicPartition]) -> None:
         """Forget state of partitions that were flushed and are moving away."""
 
     def close(self) -> None:
-        """Release resources; :meth:`flush` was already called."""
+        """Release resources, discarding records written since the last :meth:`flush`."""
 
 
 @dataclass

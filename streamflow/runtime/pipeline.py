@@ -30,10 +30,13 @@ from streamflow.ml.engine import EngineSettings, ModelEngine
 from streamflow.ml.model import RiverModel
 from streamflow.ml.spec import DEFAULT_METRICS, build_estimator, infer_task, model_label
 from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
+from streamflow.plugins.agents import load_agent
+from streamflow.runtime.faust_stage import FaustStage
 from streamflow.runtime.model_stage import ModelStage
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
 from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, StepRunner, TopicStage
 from streamflow.runtime.supervisor import Supervisor, backoff_delay
+from streamflow.runtime.window_stage import WindowStage
 from streamflow.transport import (
     AuthenticationError,
     TopicSpec,
@@ -171,14 +174,18 @@ class PipelineRunner:
                 self.supervisor.add(self._source_factory(source_config, transport, metrics),
                                     metrics.restarts)
         for stage in [*config.processors, *config.models]:
-            if self._selected(stage.name):
+            if not self._selected(stage.name):
+                continue
+            if isinstance(stage, ProcessorConfig) and stage.type == "faust":
+                self._supervise_stage(stage.name, lambda s=stage: self._faust_stage(s))
+            else:
                 self._supervise_stage(stage.name, lambda s=stage: self._topic_stage(s, transport))
         for sink_config in config.sinks:
             if self._selected(sink_config.name):
                 self._supervise_stage(sink_config.name,
                                       lambda s=sink_config: self._sink_stage(s, transport))
 
-    def _supervise_stage(self, name: str, factory: Callable[[], StageRunner]) -> None:
+    def _supervise_stage(self, name: str, factory: Callable[[], StageRunner | FaustStage]) -> None:
         self.supervisor.add(factory, self.metrics.stage(name).restarts)
 
     def _source_factory(
@@ -200,12 +207,21 @@ class PipelineRunner:
         return [r for r in self.supervisor.runners if isinstance(r, SourceRunner)]
 
     @property
-    def stages(self) -> list[StageRunner]:
-        return [r for r in self.supervisor.runners if isinstance(r, StageRunner)]
+    def stages(self) -> list[StageRunner | FaustStage]:
+        return [r for r in self.supervisor.runners if isinstance(r, StageRunner | FaustStage)]
 
     def _identity(self, stage: ProcessorConfig | ModelConfig | SinkConfig) -> StageIdentity:
         return StageIdentity(
             self.config.pipeline, stage.name, stage.input, self.config.dead_letter_topic(stage)
+        )
+
+    def _faust_stage(self, stage: ProcessorConfig) -> FaustStage:
+        """A processor stage run by the user's Faust agent (docs/faust.md)."""
+        assert self.bootstrap is not None and stage.agent is not None
+        partitions = {topic.name: topic.partitions for topic in self.config.topic_specs()}
+        return FaustStage(
+            self._identity(stage), self.bootstrap, self.metrics.stage(stage.name, ("agent",)),
+            stage.output, load_agent(stage.agent), partitions[stage.input],
         )
 
     def _topic_stage(
@@ -219,6 +235,12 @@ class PipelineRunner:
             for step in stage.steps:
                 plugin, settings = step_settings(step)
                 steps.append(StepRunner(plugin(settings, context), step.on_error))
+            if stage.window:
+                return WindowStage(
+                    self._identity(stage), transport, batch, metrics, stage.output, steps,
+                    stage.window, self.metrics.window(stage.name),
+                    self.config.late_topic(stage.window), self.config.changelog_topic(stage),
+                )
             return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps)
         return self._model_stage(stage, transport, batch, self.metrics.stage(stage.name, ("model",)))
 
@@ -263,7 +285,7 @@ class PipelineRunner:
 
     def _sink_stage(self, sink_config: SinkConfig, transport: Transport) -> SinkStage:
         plugin, settings = connector_settings(sink_config, SINK_GROUP)
-        sink = plugin(settings, ComponentContext(self.config.pipeline, sink_config.name))
+        sink = plugin(settings, ComponentContext(self.config.pipeline, sink_config.name, transport))
         return SinkStage(
             self._identity(sink_config), transport, sink_config.batch or self.config.runtime.batch,
             self.metrics.stage(sink_config.name, ("sink",)), sink, self.metrics.sink(sink_config.name),
@@ -296,7 +318,7 @@ class PipelineRunner:
                 continue
             if not runner.thread.is_alive():
                 problems[runner.name] = "not running (restarting)" if runner.error else "stopped"
-            elif isinstance(runner, StageRunner) and not runner.assigned:
+            elif isinstance(runner, StageRunner | FaustStage) and not runner.assigned:
                 problems[runner.name] = "joining its consumer group"
         if problems:
             return False, {"reason": "components not ready", "components": problems}

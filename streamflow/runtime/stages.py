@@ -17,11 +17,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from streamflow.config.models import BatchConfig
 from streamflow.metrics import SinkMetrics, StageMetrics
 from streamflow.plugins import ROW_ID, Processor, Sink, SinkRecordError, StepResult
 from streamflow.processing.codec import decode_json, encode_json
+from streamflow.processing.parse import ParseStep, raw_table
+from streamflow.processing.routing import TOPIC_COLUMN
 from streamflow.runtime.dead_letters import Failure, dead_letter_batch
 from streamflow.transport import (
     ConsumedBatch,
@@ -250,36 +253,92 @@ class TopicStage(StageRunner):
         super().__init__(identity, transport, batch, metrics)
         self.output_topic = output_topic
         self.steps = list(steps)
-        # Parse straight into the first step's schema when it declares one.
-        self.schema = self.steps[0].step.input_schema if self.steps else None
         self._last_offsets: dict[TopicPartition, int] = {}
 
     def drain(self) -> None:
         """Confirm the last asynchronous commits synchronously before leaving the group."""
         self.commit(self._last_offsets, asynchronous=False)
 
+    def transform(self, batch: ConsumedBatch) -> tuple[pa.Table, list[Failure]]:
+        """Decode ``batch`` and run the steps: the surviving rows (with ``_sf_row``) and the
+        records to dead-letter."""
+        table, failures = self.decode(batch)
+        return run_steps(self.steps, table, failures), failures
+
     def handle(self, batch: ConsumedBatch) -> None:
         assert self.producer is not None
-        table, decode_failures = decode_json(batch.values, self.schema)
-        failures = [Failure(row, "parse", error) for row, error in decode_failures]
-        table = run_steps(self.steps, table, failures)
-        rows = table[ROW_ID].to_numpy()
-        output = OutgoingBatch(
-            topic=self.output_topic,
-            values=encode_json(table),
-            keys=[batch.keys[row] for row in rows],
-            timestamps_ms=[batch.timestamps_ms[row] for row in rows],
-        )
-        self.producer.produce([output])
+        table, failures = self.transform(batch)
+        produced = self.produce_output(table, batch)
         self.produce_dead_letters(failures, batch)
         offsets = batch.next_offsets()
         self.commit(offsets, asynchronous=True)
         self._last_offsets.update(offsets)
-        self.metrics.count(len(batch), len(rows), len(failures))
+        self.metrics.count(len(batch), produced, len(failures))
+
+    def decode(self, batch: ConsumedBatch) -> tuple[pa.Table, list[Failure]]:
+        """The table the first step gets, and the records that failed to decode."""
+        return decode_input(batch.values, self.steps)
+
+    def produce_output(self, table: pa.Table, batch: ConsumedBatch) -> int:
+        """Produce the rows of ``table`` (records of ``batch``) to their topics; the row count."""
+        assert self.producer is not None
+        self.producer.produce(output_batches(table, self.output_topic, batch.keys,
+                                             batch.timestamps_ms))
+        return table.num_rows
+
+
+def decode_input(
+    values: Sequence[bytes | None], steps: Sequence[StepRunner]
+) -> tuple[pa.Table, list[Failure]]:
+    """Record values as the first step's input: raw for a ``parse`` step, which decodes them
+    itself; otherwise JSON, read into the first step's ``input_schema`` when it fits."""
+    first = steps[0].step if steps else None
+    if isinstance(first, ParseStep):
+        return raw_table(values), []
+    schema = first.input_schema if first is not None else None
+    table, errors = decode_json(values, schema, lenient=True)
+    return table, [Failure(row, "parse", error) for row, error in errors]
+
+
+def output_batches(
+    table: pa.Table, default_topic: str, keys: Sequence[bytes | None],
+    timestamps_ms: Sequence[int | None],
+) -> list[OutgoingBatch]:
+    """The rows of ``table`` as JSON records per topic (``_sf_topic``, else ``default_topic``),
+    with the key and timestamp of the consumed record each came from."""
+    if TOPIC_COLUMN not in table.column_names:
+        groups = [(default_topic, table)]
+    else:
+        topics = pc.fill_null(table.column(TOPIC_COLUMN), default_topic)
+        table = table.drop_columns([TOPIC_COLUMN])
+        groups = [(topic, table.filter(pc.equal(topics, topic)))
+                  for topic in pc.unique(topics).to_pylist()]
+    batches = []
+    for topic, rows in groups:
+        origin = rows[ROW_ID].to_numpy()
+        batches.append(OutgoingBatch(
+            topic=topic,
+            values=encode_json(rows),
+            keys=[keys[row] for row in origin],
+            timestamps_ms=[timestamps_ms[row] for row in origin],
+        ))
+    return batches
+
+
+def select_records(batch: ConsumedBatch, rows: np.ndarray) -> ConsumedBatch:
+    """The records of ``batch`` at ``rows``, in that order."""
+    return ConsumedBatch(**{
+        name: [column[row] for row in rows] if column else []
+        for name, column in vars(batch).items()
+    })
 
 
 class SinkStage(StageRunner):
-    """Hands batches to a sink per partition; flushes and commits every ``commit_interval_s``."""
+    """Hands batches to a sink per partition; flushes and commits every ``commit_interval_s``.
+
+    For sinks that store offsets with their data, records below the offset the sink reports for
+    a newly assigned partition were already written: they are skipped and counted as filtered.
+    """
 
     def __init__(
         self,
@@ -299,11 +358,49 @@ class SinkStage(StageRunner):
         self._pending_rows = 0
         self._pending_timestamps: list[np.ndarray] = []
         self._last_flush = time.monotonic()
+        self._cluster_id = ""
+        self._newly_assigned: list[TopicPartition] = []
+        self._already_written: dict[TopicPartition, int] = {}  # next offset the sink stored
 
     def open(self) -> None:
+        admin = self.transport.admin()
+        try:
+            self._cluster_id = admin.cluster_id()
+        finally:
+            admin.close()
         self.sink.open()
 
-    def handle(self, batch: ConsumedBatch) -> None:
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        super().on_assign(partitions)
+        # Asked before the next batch rather than inside the rebalance callback, where some
+        # clients swallow exceptions.
+        self._newly_assigned.extend(partitions)
+
+    def _skip_already_written(self, batch: ConsumedBatch) -> ConsumedBatch:
+        """``batch`` without the records the sink reported as already written."""
+        if self._newly_assigned:
+            assigned, self._newly_assigned = self._newly_assigned, []
+            self._already_written.update(self.sink.resume_offsets(assigned, self._cluster_id))
+        if not self._already_written:
+            return batch
+        topic = batch.topics[0]
+        partitions, offsets = np.asarray(batch.partitions), np.asarray(batch.offsets)
+        fresh = np.ones(len(batch), dtype=bool)
+        for partition in np.unique(partitions):
+            written_before = self._already_written.get((topic, int(partition)))
+            if written_before is not None:
+                fresh &= (partitions != partition) | (offsets >= written_before)
+        for partition, next_offset in batch.next_offsets().items():
+            if next_offset >= self._already_written.get(partition, next_offset + 1):
+                del self._already_written[partition]  # caught up: nothing more to skip
+        return batch if fresh.all() else select_records(batch, np.flatnonzero(fresh))
+
+    def handle(self, consumed: ConsumedBatch) -> None:
+        batch = self._skip_already_written(consumed)
+        self._pending.update(consumed.next_offsets())
+        if not len(batch):
+            self.metrics.count(len(consumed), 0, 0)
+            return
         table, decode_failures = decode_json(batch.values)
         failures = [Failure(row, "parse", error) for row, error in decode_failures]
         partitions = np.asarray(batch.partitions)
@@ -321,13 +418,13 @@ class SinkStage(StageRunner):
             except SinkRecordError as exc:
                 part_rows = row_ids[mask]
                 failed = set(exc.rows)
-                failures += [Failure(int(part_rows[i]), "sink", exc.error) for i in exc.rows]
+                failures += [Failure(int(part_rows[row]), "sink", error)
+                             for row, error in zip(exc.rows, exc.errors, strict=True)]
                 written += part.num_rows - len(failed)
         self.produce_dead_letters(failures, batch)
-        self._pending.update(batch.next_offsets())
         self._pending_rows += written
         self._pending_timestamps.append(np.asarray(batch.timestamps_ms, dtype=np.float64))
-        self.metrics.count(len(batch), written, len(failures))
+        self.metrics.count(len(consumed), written, len(failures))
 
     def tick(self) -> None:
         if self._pending and time.monotonic() - self._last_flush >= self.commit_interval_s:
@@ -339,7 +436,7 @@ class SinkStage(StageRunner):
         if not self._pending:
             return
         started = time.perf_counter()
-        written_bytes = self.sink.flush()
+        written_bytes = self.sink.flush(self._pending, self._cluster_id)
         self.sink_metrics.flush_seconds.observe(time.perf_counter() - started)
         self.sink_metrics.rows_written.inc(self._pending_rows)
         self.sink_metrics.bytes_written.inc(written_bytes or 0)
@@ -352,10 +449,19 @@ class SinkStage(StageRunner):
 
     def drain(self) -> None:
         self.checkpoint()
-        self.sink.close()
+
+    def _close(self) -> None:
+        super()._close()
+        try:
+            self.sink.close()
+        except Exception:
+            log.exception("stage %s: closing the sink failed", self.name)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         super().on_revoke(partitions)
         if self.error is None:  # after a failure, nothing more is made durable: it replays
             self.checkpoint()
         self.sink.revoke(partitions)
+        for partition in partitions:
+            self._already_written.pop(partition, None)
+        self._newly_assigned = [p for p in self._newly_assigned if p not in partitions]
