@@ -69,6 +69,14 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
      "Feature records dropped from the label wait list (TTL or size limit).", MODEL, {}),
     ("streamflow_model_evictions", Counter,
      "Keyed models moved from memory to the checkpoint store.", MODEL, {}),
+    ("streamflow_model_checkpoint_age_seconds", Gauge,
+     "Seconds since a model stage last saved its state (or started, before its first save).",
+     MODEL, {}),
+    ("streamflow_records_late", Counter,
+     "Records a windowed stage sent to its late topic: one or more of their windows had closed.",
+     STAGE, {}),
+    ("streamflow_window_results", Counter, "Aggregate records a windowed stage emitted.", STAGE, {}),
+    ("streamflow_window_open", Gauge, "Windows held open in a windowed stage's state.", STAGE, {}),
 ]
 
 
@@ -130,9 +138,19 @@ class ModelMetrics:
     labels_unmatched: Counter
     features_expired: Counter
     evictions: Counter
+    checkpoint_age: Gauge
 
     def metric(self, name: str, window: str, partition: int) -> Gauge:
         return self._metric(name, window, str(partition))
+
+
+@dataclass
+class WindowMetrics:
+    """Metrics of one windowed stage, besides its :class:`StageMetrics`."""
+
+    late: Counter
+    results: Counter
+    open_windows: Gauge
 
 
 class PipelineMetrics:
@@ -188,6 +206,12 @@ class PipelineMetrics:
             "streamflow_sink_flush_seconds", "streamflow_end_to_end_latency_seconds",
         )))
 
+    def window(self, stage: str) -> WindowMetrics:
+        labels = (self.pipeline, stage)
+        return WindowMetrics(*(self._bound(family, *labels) for family in (
+            "streamflow_records_late", "streamflow_window_results", "streamflow_window_open",
+        )))
+
     def model(self, stage: str, model: str) -> ModelMetrics:
         labels = (self.pipeline, stage, model)
         return ModelMetrics(
@@ -195,6 +219,6 @@ class PipelineMetrics:
             *(self._bound(family, *labels) for family in (
                 "streamflow_model_records_learned", "streamflow_model_drift_events",
                 "streamflow_model_labels_unmatched", "streamflow_model_features_expired",
-                "streamflow_model_evictions",
+                "streamflow_model_evictions", "streamflow_model_checkpoint_age_seconds",
             )),
         )

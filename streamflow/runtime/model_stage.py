@@ -54,6 +54,7 @@ class ModelStage(StageRunner):
         self.labels_topic = config.labels.topic if config.labels else None
         self.label_field = (config.labels.field if config.labels else None) or config.target
         self._last_checkpoint = time.monotonic()
+        model_metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last_checkpoint)
         self._drift_events: list[DriftEvent] = []
         self._assigned: list[TopicPartition] = []
 

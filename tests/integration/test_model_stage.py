@@ -79,6 +79,9 @@ def test_regression_output_agrees_with_river(fresh_broker: str, tmp_path: Path) 
         "pipeline": "learn", "stage": "model", "model": "StandardScaler|LinearRegression",
         "metric": "MAE", "window": "cumulative", "partition": "0"})
     assert gauge == pytest.approx(expected.get(), abs=1e-9)
+    age = runner.metrics.registry.get_sample_value("streamflow_model_checkpoint_age_seconds", {
+        "pipeline": "learn", "stage": "model", "model": "StandardScaler|LinearRegression"})
+    assert age is not None and 0 <= age < 5  # the stage saved its state when it stopped
 
 
 def test_classification_output_agrees_with_river(fresh_broker: str, tmp_path: Path) -> None:
