@@ -32,6 +32,21 @@ def sql(statement: str) -> dict[str, Any]:
     return {"sql": statement}
 
 
+def window(kind: str, *, aggregates: dict[str, str | dict[str, Any]], key: list[str] | None = None,
+           **options: Any) -> dict[str, Any]:
+    """A processor's ``window`` block; an aggregate is ``"fn"``, ``"fn:field"`` or a mapping:
+    ``window("tumbling", size_s=60, key=["device"], aggregates={"n": "count",
+    "avg": "mean:temperature", "p95": {"fn": "quantile", "field": "temperature", "q": 0.95}})``."""
+    def spec(value: str | dict[str, Any]) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        fn, _, field = value.partition(":")
+        return {"fn": fn, **({"field": field} if field else {})}
+
+    return {"kind": kind, "key": key or [], **options,
+            "aggregates": {name: spec(value) for name, value in aggregates.items()}}
+
+
 class Pipeline:
     """A fluent builder; :meth:`build` validates with the same rules and messages as YAML."""
 

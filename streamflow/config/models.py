@@ -112,12 +112,77 @@ class StageBase(Strict):
     batch: BatchConfig | None = Field(None, description="overrides runtime.batch")
 
 
+AggregateFunction = Literal["count", "sum", "mean", "min", "max", "first", "last", "quantile"]
+WINDOW_FIELDS = ("window_start", "window_end")
+
+
+class AggregateConfig(Strict):
+    """One aggregate of a window: ``{fn: mean, field: temperature}``."""
+
+    fn: AggregateFunction
+    field: str | None = Field(None, description="the input field; count takes none")
+    q: float | None = Field(None, ge=0, le=1, description="quantile's rank, e.g. 0.95")
+    accuracy: float = Field(0.01, gt=0, lt=1, description="quantile's relative error bound")
+
+    @model_validator(mode="after")
+    def _fields_fit_fn(self) -> AggregateConfig:
+        if self.fn == "count" and self.field is not None:
+            raise ValueError("count counts records: remove 'field'")
+        if self.fn != "count" and self.field is None:
+            raise ValueError(f"{self.fn} needs 'field': the input field to aggregate")
+        if (self.fn == "quantile") != (self.q is not None):
+            raise ValueError("'q' (0 to 1, e.g. q: 0.95) goes with fn: quantile and only with it")
+        return self
+
+
+class WindowCheckpointConfig(Strict):
+    """How often window state is snapshotted to the changelog (and input offsets committed)."""
+
+    every_records: int = Field(10_000, ge=1)
+    every_seconds: float = Field(5.0, gt=0)
+
+
+class WindowConfig(Strict):
+    """Event-time windows over a processor stage's output, keyed by fields."""
+
+    kind: Literal["tumbling", "hopping", "session"]
+    size_s: float | None = Field(None, ge=0.001, description="tumbling and hopping windows")
+    hop_s: float | None = Field(None, ge=0.001, description="hopping windows: start every hop_s")
+    gap_s: float | None = Field(None, ge=0.001, description="session windows: inactivity gap")
+    time_field: str | None = Field(None, description="event time field; default: record timestamp")
+    time_unit: Literal["ms", "s"] = Field("ms", description="unit of numeric event times")
+    key: list[str] = Field(default_factory=list, description="fields the windows are keyed by")
+    aggregates: dict[str, AggregateConfig] = Field(min_length=1, description="output field → aggregate")
+    allowed_lateness_s: float = Field(0.0, ge=0, description="watermark = max event time - this")
+    emit: Literal["final", "update"] = Field("final", description="once when closed, or on every change")
+    late_topic: Name | None = Field(None, description="late records (default <pipeline>.late)")
+    checkpoint: WindowCheckpointConfig = Field(default_factory=WindowCheckpointConfig)
+
+    @model_validator(mode="after")
+    def _settings_fit_kind(self) -> WindowConfig:
+        needed = {"tumbling": {"size_s"}, "hopping": {"size_s", "hop_s"}, "session": {"gap_s"}}
+        wanted = needed[self.kind]
+        given = {name for name in ("size_s", "hop_s", "gap_s") if getattr(self, name) is not None}
+        if given != wanted:
+            raise ValueError(f"{self.kind} windows take {' and '.join(sorted(wanted))}"
+                             f"; got {', '.join(sorted(given)) or 'none'}")
+        if self.hop_s is not None and self.size_s is not None and self.hop_s > self.size_s:
+            raise ValueError("hop_s must not exceed size_s (records between windows would be lost)")
+        names = [*self.key, *WINDOW_FIELDS, *self.aggregates]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"output field names must be unique; {repeated} appear twice among "
+                             f"key fields, {' and '.join(WINDOW_FIELDS)} and aggregate names")
+        return self
+
+
 class ProcessorConfig(StageBase):
     """A topic → topic stage: parse, then run its steps in order."""
 
     output: Name
     dead_letter: Name | None = Field(None, description="default: <pipeline>.dlq")
     steps: list[StepConfig] = Field(default_factory=list)
+    window: WindowConfig | None = Field(None, description="aggregate the steps' output in windows")
 
 
 RiverSpec = dict[str, dict[str, Any] | None]
@@ -244,6 +309,13 @@ class PipelineConfig(Strict):
     def drift_topic(self, model: ModelConfig) -> str:
         return (model.drift.topic if model.drift else None) or f"{self.pipeline}.drift"
 
+    def late_topic(self, window: WindowConfig) -> str:
+        return window.late_topic or f"{self.pipeline}.late"
+
+    def changelog_topic(self, stage: ProcessorConfig) -> str:
+        """The compacted topic holding a windowed stage's state snapshots."""
+        return f"{self.pipeline}.{stage.name}.changelog"
+
     def topic_specs(self) -> list[TopicConfig]:
         """Every topic the pipeline touches: declared ones as declared, others with defaults."""
         declared = {topic.name: topic for topic in self.topics}
@@ -257,6 +329,13 @@ class PipelineConfig(Strict):
                 names.append(self.drift_topic(model))
         for sink in self.sinks:
             names += [sink.input, self.dead_letter_topic(sink)]
+        for stage in self.processors:
+            if stage.window:
+                names.append(self.late_topic(stage.window))
+                declared.setdefault(self.changelog_topic(stage), TopicConfig(
+                    name=self.changelog_topic(stage), partitions=1,
+                    config={"cleanup.policy": "compact"},
+                ))
         for name in names:
             declared.setdefault(name, TopicConfig(name=name))
         return list(declared.values())

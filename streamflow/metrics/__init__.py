@@ -6,7 +6,9 @@ from streamflow.metrics.registry import (
     SinkMetrics,
     SourceMetrics,
     StageMetrics,
+    WindowMetrics,
 )
 from streamflow.metrics.server import MetricsServer
 
-__all__ = ["MetricsServer", "ModelMetrics", "PipelineMetrics", "SinkMetrics", "SourceMetrics", "StageMetrics"]
+__all__ = ["MetricsServer", "ModelMetrics", "PipelineMetrics", "SinkMetrics", "SourceMetrics", "StageMetrics",
+           "WindowMetrics"]

@@ -1,0 +1,257 @@
+"""The windowed processor stage: a topic stage whose steps' output is aggregated in event-time
+windows, with the window state checkpointed to a compacted changelog topic.
+
+State is kept per input partition. After a batch's output, late records and dead letters were
+acknowledged, the stage may snapshot the state of every partition that changed, including the
+next input offset each covers, to ``<pipeline>.<stage>.changelog`` (keyed by partition); only
+then does it commit those offsets. Offsets are committed at snapshots only, so a commit never
+runs ahead of a snapshot. When a partition is assigned, its latest snapshot is restored and
+input records below the snapshot's offset are skipped: no record is counted twice or lost.
+Aggregate records emitted after the last snapshot are emitted again, with the same values,
+when a crash makes the stage replay (at-least-once output).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from streamflow.config.models import BatchConfig, WindowConfig
+from streamflow.metrics import StageMetrics, WindowMetrics
+from streamflow.plugins import ROW_ID
+from streamflow.processing.windows import (
+    LateRecordError,
+    PartitionWindows,
+    SnapshotError,
+    WindowRecordError,
+    event_time_ms,
+    iso_utc,
+    jsonable,
+    record_values,
+    window_record,
+)
+from streamflow.runtime.dead_letters import Failure, dead_letter_batch
+from streamflow.runtime.stages import StageIdentity, StepRunner, TopicStage, select_records
+from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicPartition, Transport
+
+log = logging.getLogger(__name__)
+
+WINDOW_STEP = "window"
+READ_CHANGELOG_TIMEOUT_S = 30.0
+
+
+def read_latest(transport: Transport, topic: str, group_id: str,
+                timeout_s: float = READ_CHANGELOG_TIMEOUT_S) -> dict[bytes, bytes]:
+    """The last value of each key in ``topic`` (a compacted topic read to its end)."""
+    consumer = transport.consumer(group_id, [topic])
+    latest: dict[bytes, bytes] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            batch = consumer.consume_batch(1000, 0.2)
+            for key, value in zip(batch.keys, batch.values, strict=True):
+                if key is not None and value is not None:
+                    latest[key] = value
+            if not len(batch) and consumer.assignment() and sum(consumer.lag().values()) == 0:
+                return latest
+        raise TimeoutError(f"could not read {topic} to its end in {timeout_s:g}s")
+    finally:
+        consumer.close()
+
+
+def _key_value(value: Any) -> Any:
+    """A hashable key component: JSON scalars as they are, anything else as its JSON text."""
+    value = jsonable(value)
+    return value if not isinstance(value, list | dict) else json.dumps(value, sort_keys=True)
+
+
+class WindowStage(TopicStage):
+    """Decode, steps, then windows: emits aggregate records and sends late records aside."""
+
+    def __init__(
+        self,
+        identity: StageIdentity,
+        transport: Transport,
+        batch: BatchConfig,
+        metrics: StageMetrics,
+        output_topic: str,
+        steps: Sequence[StepRunner],
+        window: WindowConfig,
+        window_metrics: WindowMetrics,
+        late_topic: str,
+        changelog_topic: str,
+    ) -> None:
+        super().__init__(identity, transport, batch, metrics, output_topic, steps)
+        self.window = window
+        self.window_metrics = window_metrics
+        self.late_topic = late_topic
+        self.changelog_topic = changelog_topic
+        self.states: dict[int, PartitionWindows] = {}
+        self._revoked: dict[int, PartitionWindows] = {}  # reusable if assigned back unchanged
+        self._assigned: list[int] = []
+        self._dirty: set[int] = set()
+        self._records_since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        metrics.error(WINDOW_STEP)  # the counter starts at 0
+
+    # --- partitions ------------------------------------------------------------------------
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        super().on_assign(partitions)
+        # Restoring reads the changelog, which clients forbid inside rebalance callbacks.
+        self._assigned.extend(partition for _topic, partition in partitions)
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        super().on_revoke(partitions)
+        revoked = {partition for _topic, partition in partitions}
+        self._assigned = [p for p in self._assigned if p not in revoked]
+        if self.error is None:  # after a failure the state may be ahead of the output: replay
+            self.snapshot()
+        for partition in revoked & set(self.states):
+            self._revoked[partition] = self.states.pop(partition)
+
+    def _restore(self, partitions: set[int]) -> None:
+        """Load the state of newly assigned partitions (kept from before a rebalance when nobody
+        committed past it since, else from the changelog)."""
+        assert self.consumer is not None
+        topic = self.identity.input_topic
+        committed = self.consumer.committed([(topic, p) for p in sorted(partitions)])
+        to_read = set()
+        for partition in partitions:
+            kept = self._revoked.pop(partition, None)
+            if kept is not None and committed.get((topic, partition)) == kept.next_offset:
+                self.states[partition] = kept
+            else:
+                to_read.add(partition)
+        snapshots = self._read_snapshots() if to_read else {}
+        for partition in to_read:
+            state = PartitionWindows(self.window, partition)
+            snapshot = snapshots.get(str(partition).encode())
+            if snapshot is not None:
+                try:
+                    state = PartitionWindows.from_bytes(self.window, snapshot)
+                except SnapshotError as exc:
+                    log.warning("stage %s: snapshot of partition %d not restored (%s): its open "
+                                "windows start afresh", self.name, partition, exc)
+                else:
+                    log.info("stage %s restored partition %d at offset %d with %d windows",
+                             self.name, partition, state.next_offset, state.window_count())
+            self.states[partition] = state
+
+    def _read_snapshots(self) -> dict[bytes, bytes]:
+        assert self.consumer is not None
+        if not sum(self.consumer.end_offsets([(self.changelog_topic, 0)]).values()):
+            return {}  # nothing was ever snapshotted: skip joining a reader group
+        return read_latest(self.transport, self.changelog_topic,
+                           f"{self.identity.group_id}.changelog-reader.{uuid.uuid4().hex}")
+
+    def _prepare(self, batch: ConsumedBatch) -> ConsumedBatch:
+        """Restore what was assigned; return ``batch`` without the records states already hold."""
+        pending = set(self._assigned) | (set(batch.partitions) - set(self.states))
+        self._assigned = []
+        if pending:
+            self._restore(pending)
+        fresh = [row for row, (partition, offset) in enumerate(zip(batch.partitions, batch.offsets,
+                                                                     strict=True))
+                 if offset >= self.states[partition].next_offset]
+        return batch if len(fresh) == len(batch) else select_records(batch, np.asarray(fresh))
+
+    # --- records ---------------------------------------------------------------------------
+
+    def handle(self, consumed: ConsumedBatch) -> None:
+        assert self.producer is not None
+        batch = self._prepare(consumed)
+        if not len(batch):
+            return
+        table, failures = self.transform(batch)
+        rows = table[ROW_ID].to_pylist()
+        order = np.argsort(rows, kind="stable")  # steps may reorder rows; windows need offset order
+        window = self.window
+
+        def column(name: str | None) -> list[Any]:
+            if name is None or name not in table.column_names:
+                return [None] * len(rows)
+            return table.column(name).to_pylist()
+
+        times = column(window.time_field) if window.time_field else None
+        keys = [column(name) for name in window.key]
+        fields = [column(spec.field) for spec in window.aggregates.values()]
+        late: list[Failure] = []
+        aggregated = 0
+        for index in order:
+            row = rows[index]
+            state = self.states[batch.partitions[row]]
+            try:
+                time_ms = (event_time_ms(times[index], window.time_unit) if times is not None
+                           else batch.timestamps_ms[row])
+                values = record_values(list(window.aggregates.values()),
+                                       [column_values[index] for column_values in fields])
+            except WindowRecordError as exc:
+                failures.append(Failure(row, WINDOW_STEP, exc))
+                continue
+            watermark = state.watermark
+            added = state.add(tuple(_key_value(k[index]) for k in keys), time_ms, values)
+            aggregated += added.aggregated
+            if added.missed:
+                late.append(Failure(row, WINDOW_STEP, LateRecordError(
+                    f"event time {iso_utc(time_ms)} is behind the watermark "
+                    f"{iso_utc(watermark or 0)}; closed windows missed: "
+                    + ", ".join(f"[{iso_utc(start)}, {iso_utc(end)})" for start, end in added.missed)
+                )))
+        emitted = [window_record(window, w) for p in sorted(set(batch.partitions))
+                   for w in self.states[p].emit()]
+        outgoing = [OutgoingBatch(
+            self.output_topic,
+            [json.dumps(record, separators=(",", ":")).encode() for record in emitted],
+            [json.dumps([record[k] for k in window.key]).encode() for record in emitted],
+        )]
+        if late:
+            outgoing.append(dead_letter_batch(self.late_topic, self.identity.pipeline, self.name,
+                                              late, batch))
+        self.producer.produce(outgoing)
+        self.produce_dead_letters(failures, batch)
+        for partition, next_offset in batch.next_offsets().items():
+            self.states[partition[1]].next_offset = next_offset
+            self._dirty.add(partition[1])
+        self.metrics.count(len(batch), aggregated, len(failures))
+        self.window_metrics.late.inc(len(late))
+        self.window_metrics.results.inc(len(emitted))
+        self.window_metrics.open_windows.set(sum(s.window_count() for s in self.states.values()))
+        self._records_since_snapshot += len(batch)
+        if self._records_since_snapshot >= window.checkpoint.every_records:
+            self.snapshot()
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def tick(self) -> None:
+        if self._assigned and self.consumer is not None:
+            self._restore(set(self._assigned))
+            self._assigned = []
+        if time.monotonic() - self._last_snapshot >= self.window.checkpoint.every_seconds:
+            self.snapshot()
+
+    def snapshot(self) -> None:
+        """Write the changed partitions' states to the changelog, then commit what they cover."""
+        self._last_snapshot = time.monotonic()
+        self._records_since_snapshot = 0
+        dirty = sorted(self._dirty & set(self.states))
+        self._dirty.clear()
+        if not dirty:
+            return
+        assert self.producer is not None
+        topic = self.identity.input_topic
+        self.producer.produce([OutgoingBatch(
+            self.changelog_topic,
+            [self.states[p].to_bytes(topic) for p in dirty],
+            [str(p).encode() for p in dirty],
+        )])
+        self.commit({(topic, p): self.states[p].next_offset for p in dirty}, asynchronous=False)
+
+    def drain(self) -> None:
+        self.snapshot()
