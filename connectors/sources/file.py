@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors.sources.records import record_key
 from streamflow.plugins import ComponentContext, Source, SourceBatch
 
 
@@ -123,5 +124,4 @@ class FileSource(Source[FileConfig]):
             document = json.loads(value)
         except ValueError:
             return None
-        key = document.get(self.config.key_field) if isinstance(document, dict) else None
-        return None if key is None else str(key).encode()
+        return record_key(document, self.config.key_field)

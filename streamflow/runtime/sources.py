@@ -97,8 +97,11 @@ class SourceRunner:
                     self.topic, batch.values, batch.keys, timestamps_ms=batch.timestamps_ms
                 )])
                 self.metrics.records_produced.inc(len(batch))
-                position = json.dumps(self.source.position()).encode()
-                producer.produce([OutgoingBatch(POSITIONS_TOPIC, [position], [position_key])])
+                position = self.source.position()
+                producer.produce([OutgoingBatch(
+                    POSITIONS_TOPIC, [json.dumps(position).encode()], [position_key]
+                )])
+                self.source.acknowledged(position)
         except BaseException as exc:
             self.metrics.errors.inc()
             log.exception("source %s failed", self.name)

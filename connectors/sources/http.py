@@ -1,0 +1,257 @@
+"""A webhook: POSTed JSON objects (one, an array, or NDJSON) become records.
+
+A request is answered 202 only after Kafka acknowledged all of its records, so a sender that
+retries until it gets 202 loses nothing (at-least-once: a retry after a lost 202 or a 503 may
+repeat records). The webhook has no replayable position of its own: its position is the count
+of requests taken so far, kept only for reporting. Answers: 400 malformed body (with the reason),
+401 missing or wrong bearer token, 404 other paths, 411 no Content-Length, 413 body over
+``max_body_bytes``, 503 when Kafka did not take the records within ``ack_timeout_s`` (retry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from connectors.sources.records import AckTracker, encode_record, record_key
+from streamflow.plugins import ComponentContext, Source, SourceBatch
+
+log = logging.getLogger(__name__)
+
+
+class HttpConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to listen on; anything but loopback needs token")
+    port: int = Field(8080, ge=0, le=65535, description="port to listen on; 0 picks a free one")
+    path: str = Field("/", pattern=r"^/", description="the URL path that accepts POSTs")
+    token: str | None = Field(
+        None, min_length=16, description="bearer token senders must present (Authorization header)"
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1, description="larger bodies are refused with 413")
+    ack_timeout_s: float = Field(
+        10.0, gt=0, description="how long a request waits for Kafka before it is answered 503"
+    )
+    key_field: str | None = Field(None, description="field whose value becomes the record key")
+
+    @model_validator(mode="after")
+    def _token_unless_loopback(self) -> HttpConfig:
+        if self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines: set token (a bearer "
+                "token of at least 16 characters) or listen on 127.0.0.1"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class BodyError(ValueError):
+    """A request body that is not JSON objects; the message is sent back with the 400."""
+
+
+def parse_body(body: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of a body: one object, an array of objects, or NDJSON lines."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BodyError(f"body is not UTF-8: {exc}") from None
+    try:
+        document = json.loads(text)
+    except ValueError as whole_error:
+        lines = [line for line in text.splitlines() if line.strip()]
+        if len(lines) < 2:
+            raise BodyError(f"body is not JSON: {whole_error}") from None
+        return [_object(_line(line, number), f"line {number}")
+                for number, line in enumerate(lines, 1)]
+    if isinstance(document, list):
+        return [_object(item, f"element {index}") for index, item in enumerate(document)]
+    return [_object(document, "body")]
+
+
+def _line(line: str, number: int) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise BodyError(f"line {number} is not JSON: {exc}") from None
+
+
+def _object(document: Any, where: str) -> dict[str, Any]:
+    if not isinstance(document, dict):
+        raise BodyError(f"{where} is a JSON {type(document).__name__}, expected an object")
+    return document
+
+
+@dataclass
+class PendingRequest:
+    """The records of one request, and the answer its handler waits for."""
+
+    values: list[bytes]
+    keys: list[bytes | None]
+    done: threading.Event = field(default_factory=threading.Event)
+    acknowledged: bool = False
+
+    def finish(self, acknowledged: bool) -> None:
+        self.acknowledged = acknowledged
+        self.done.set()
+
+
+class HttpSource(Source[HttpConfig]):
+    """Listens for POSTs and emits their records; see the module docstring for the answers."""
+
+    config_model = HttpConfig
+
+    def __init__(self, config: HttpConfig, context: ComponentContext) -> None:
+        super().__init__(config, context)
+        self._queue: deque[PendingRequest] = deque()
+        self._ready = threading.Condition()
+        self._tracker: AckTracker[PendingRequest] = AckTracker()
+        self._server: ThreadingHTTPServer | None = None
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with ``port: 0``)."""
+        assert self._server is not None, "open() first"
+        return int(self._server.server_address[1])
+
+    def open(self, position: dict[str, int] | None) -> None:
+        self._tracker = AckTracker((position or {}).get("requests", 0))
+        try:
+            self._server = _WebhookServer((self.config.host, self.config.port), self)
+        except OSError as exc:
+            raise OSError(f"http source {self.context.name} cannot listen on "
+                          f"{self.config.host}:{self.config.port}: {exc.strerror or exc}") from exc
+        threading.Thread(target=self._server.serve_forever, name=f"http-{self.context.name}",
+                         daemon=True).start()
+        log.info("http source %s listening on http://%s:%d%s", self.context.name,
+                 self.config.host, self.port, self.config.path)
+
+    def submit(self, values: list[bytes], keys: list[bytes | None]) -> PendingRequest:
+        """Queue one request's records for :meth:`poll` (called by the request handler)."""
+        pending = PendingRequest(values, keys)
+        with self._ready:
+            if self._closed:
+                pending.finish(False)
+            else:
+                self._queue.append(pending)
+                self._ready.notify()
+        return pending
+
+    def withdraw(self, pending: PendingRequest) -> None:
+        """Forget a timed-out request that was not polled yet, so it is never produced."""
+        with self._ready, contextlib.suppress(ValueError):
+            self._queue.remove(pending)
+
+    def poll(self, max_records: int, timeout_s: float) -> SourceBatch:
+        values: list[bytes] = []
+        keys: list[bytes | None] = []
+        with self._ready:
+            if not self._queue:
+                self._ready.wait(timeout_s)
+            while self._queue and (not values or len(values) + len(self._queue[0].values) <= max_records):
+                pending = self._queue.popleft()
+                values += pending.values
+                keys += pending.keys
+                self._tracker.polled(pending)
+        return SourceBatch(values, keys)
+
+    def position(self) -> dict[str, int]:
+        return {"requests": self._tracker.polled_count}
+
+    def acknowledged(self, position: dict[str, int]) -> None:
+        for pending in self._tracker.release(position["requests"]):
+            pending.finish(True)
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            waiting = list(self._queue)
+            self._queue.clear()
+        for pending in waiting + self._tracker.drain():
+            pending.finish(False)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class _WebhookServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], source: HttpSource) -> None:
+        self.source = source
+        super().__init__(address, _WebhookHandler)
+
+
+class _WebhookHandler(BaseHTTPRequestHandler):
+    server: _WebhookServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _answer(self, status: HTTPStatus, body: dict[str, Any], **headers: str) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_POST(self) -> None:
+        source = self.server.source
+        config = source.config
+        if self.path.split("?", 1)[0] != config.path:
+            self.close_connection = True
+            return self._answer(HTTPStatus.NOT_FOUND, {"error": f"POST to {config.path}"})
+        if config.token is not None and not hmac.compare_digest(
+            self.headers.get("Authorization", "").encode(), f"Bearer {config.token}".encode()
+        ):
+            self.close_connection = True
+            return self._answer(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"},
+                                WWW_Authenticate="Bearer")
+        length_header = self.headers.get("Content-Length")
+        if length_header is None or not length_header.isdigit():
+            self.close_connection = True
+            return self._answer(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length is required"})
+        length = int(length_header)
+        if length > config.max_body_bytes:
+            self.close_connection = True
+            return self._answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                {"error": f"body of {length} bytes exceeds {config.max_body_bytes}"})
+        try:
+            documents = parse_body(self.rfile.read(length))
+        except BodyError as exc:
+            return self._answer(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        if not documents:
+            return self._answer(HTTPStatus.ACCEPTED, {"accepted": 0})
+        pending = source.submit([encode_record(d) for d in documents],
+                                [record_key(d, config.key_field) for d in documents])
+        if not pending.done.wait(config.ack_timeout_s):
+            source.withdraw(pending)
+        if pending.acknowledged:
+            return self._answer(HTTPStatus.ACCEPTED, {"accepted": len(documents)})
+        return self._answer(HTTPStatus.SERVICE_UNAVAILABLE,
+                            {"error": "Kafka did not acknowledge the records in time; retry"},
+                            Retry_After="1")
