@@ -19,10 +19,12 @@ from streamflow.config.models import PipelineConfig
 from streamflow.runtime.pipeline import PipelineRunner, RunResult
 
 
-def schema(**fields: str) -> dict[str, Any]:
-    """A schema step; a type ending in ``!`` is required: ``schema(id="string!", x="float")``."""
+def schema(**fields: str | dict[str, Any]) -> dict[str, Any]:
+    """A schema step; a type ending in ``!`` is required, a mapping is a full field spec:
+    ``schema(id="string!", x="float", ts={"type": "timestamp", "unit": "s"})``."""
     return {"schema": {
-        name: {"type": kind.rstrip("!"), **({"required": True} if kind.endswith("!") else {})}
+        name: kind if isinstance(kind, dict) else
+        {"type": kind.rstrip("!"), **({"required": True} if kind.endswith("!") else {})}
         for name, kind in fields.items()
     }}
 
@@ -30,6 +32,67 @@ def schema(**fields: str) -> dict[str, Any]:
 def sql(statement: str) -> dict[str, Any]:
     """A DuckDB SQL step over the batch (table ``batch``)."""
     return {"sql": statement}
+
+
+def parse(format: str, **options: Any) -> dict[str, Any]:
+    """A parse step: ``parse("csv", columns=["id", "x"])``, ``parse("avro", schema={...})``."""
+    return {"parse": {"format": format, **options}}
+
+
+def select(*fields: str) -> dict[str, Any]:
+    """Keep only these fields, in this order."""
+    return {"select": list(fields)}
+
+
+def rename(**names: str) -> dict[str, Any]:
+    """Rename fields: ``rename(temp="temperature")``."""
+    return {"rename": names}
+
+
+def drop(*fields: str) -> dict[str, Any]:
+    """Remove these fields."""
+    return {"drop": list(fields)}
+
+
+def fill_null(**values: Any) -> dict[str, Any]:
+    """Replace nulls by constants: ``fill_null(battery=0.0, site="unknown")``."""
+    return {"fill_null": values}
+
+
+def normalize(**fields: str | list[str]) -> dict[str, Any]:
+    """Normalise text fields: ``normalize(name=["trim", "lower", "nfc"], code="upper")``."""
+    return {"normalize": {name: [ops] if isinstance(ops, str) else ops for name, ops in fields.items()}}
+
+
+def validate(**rules: dict[str, Any]) -> dict[str, Any]:
+    """Per-field rules: ``validate(temperature={"min": -50, "max": 60}, id={"not_null": True})``."""
+    return {"validate": rules}
+
+
+def filter_(predicate: str) -> dict[str, Any]:
+    """Keep records matching a DuckDB predicate: ``filter_("temperature > 0")``."""
+    return {"filter": predicate}
+
+
+def python(function: str, mode: str = "record") -> dict[str, Any]:
+    """A user function ``"package.module:function"`` per ``record`` or per ``batch``."""
+    return {"python": {"function": function, "mode": mode}}
+
+
+def dedupe(key: str | list[str], window_s: float, **options: Any) -> dict[str, Any]:
+    """Drop repeats of ``key`` within ``window_s``: ``dedupe("id", 60, time_field="ts")``."""
+    return {"dedupe": {"key": key, "window_s": window_s, **options}}
+
+
+def enrich(source: str, key: str, **options: Any) -> dict[str, Any]:
+    """Join lookup fields by key: ``enrich("csv", "device_id", path="devices.csv")``."""
+    return {"enrich": {"source": source, "key": key, **options}}
+
+
+def route(routes: dict[str, str], default: str | None = None) -> dict[str, Any]:
+    """Send records to topics by predicate, first match wins: ``route({"t > 30": "hot"})``."""
+    return {"route": {"routes": [{"when": when, "topic": topic} for when, topic in routes.items()],
+                      **({"default": default} if default else {})}}
 
 
 def window(kind: str, *, aggregates: dict[str, str | dict[str, Any]], key: list[str] | None = None,

@@ -322,6 +322,10 @@ class PipelineConfig(Strict):
         names: list[str] = [source.topic for source in self.sources]
         for stage in [*self.processors, *self.models]:
             names += [stage.input, stage.output, self.dead_letter_topic(stage)]
+        from streamflow.processing.routing import routed_topics  # it imports this module
+
+        for processor in self.processors:
+            names += routed_topics(processor.steps)
         for model in self.models:
             if model.labels:
                 names.append(model.labels.topic)

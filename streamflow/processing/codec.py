@@ -45,12 +45,14 @@ def _with_rows(table: pa.Table, rows: Sequence[int] | np.ndarray) -> pa.Table:
 
 
 def decode_json(
-    values: Sequence[bytes | None], schema: pa.Schema | None = None
+    values: Sequence[bytes | None], schema: pa.Schema | None = None, *, lenient: bool = False
 ) -> tuple[pa.Table, Failures]:
     """Parse JSON objects into a table with a ``_sf_row`` column; bad records become failures.
 
     With ``schema``, fields outside it are dropped and type mismatches are failures; without
-    one, types are inferred.
+    one, types are inferred. ``lenient`` makes the schema a fast-path hint only: when a batch
+    does not fit it, its fields are read with their own types (as text where records disagree)
+    for the caller to coerce, and only records that are not JSON objects fail.
     """
     if not values:
         empty = schema.empty_table() if schema is not None else pa.table({})
@@ -62,31 +64,55 @@ def decode_json(
             return _with_rows(_read(values, schema), range(len(values))), []  # type: ignore[arg-type]
         except (pa.ArrowInvalid, DecodeError):
             pass
-    return _decode_slowly(values, schema)
+    return _decode_slowly(values, schema, lenient)
 
 
-def _decode_slowly(
-    values: Sequence[bytes | None], schema: pa.Schema | None
-) -> tuple[pa.Table, Failures]:
+def _objects(values: Sequence[bytes | None]) -> tuple[dict[int, dict[str, object]], Failures]:
+    """The records that are JSON objects, by index, and a failure for each of the others."""
+    documents: dict[int, dict[str, object]] = {}
     failures: Failures = []
-    candidates: list[int] = []
-    cleaned: dict[int, bytes] = {}
     for index, value in enumerate(values):
         if not value:
             failures.append((index, DecodeError("empty record value")))
             continue
         try:
             document = json.loads(value)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             failures.append((index, DecodeError(f"invalid JSON: {exc}")))
             continue
         if not isinstance(document, dict):
             kind = type(document).__name__
             failures.append((index, DecodeError(f"expected a JSON object, got {kind}")))
             continue
-        # Raw line breaks can only be insignificant whitespace in valid JSON.
-        cleaned[index] = value.replace(b"\n", b" ").replace(b"\r", b" ")
-        candidates.append(index)
+        documents[index] = document
+    return documents, failures
+
+
+def _as_read(documents: dict[int, dict[str, object]], schema: pa.Schema) -> pa.Table:
+    """The schema's fields of ``documents`` with their own types, as text where they disagree."""
+    columns: dict[str, pa.Array] = {}
+    for name in schema.names:
+        column = [document.get(name) for document in documents.values()]
+        try:
+            columns[name] = pa.array(column)
+        except (pa.ArrowException, OverflowError):
+            columns[name] = pa.array(
+                [value if value is None or isinstance(value, str) else json.dumps(value)
+                 for value in column], pa.string())
+    rows = list(documents)
+    table = pa.table(columns) if columns else pa.table({"_": pa.nulls(len(rows))}).drop_columns(["_"])
+    return _with_rows(table, rows)
+
+
+def _decode_slowly(
+    values: Sequence[bytes | None], schema: pa.Schema | None, lenient: bool = False
+) -> tuple[pa.Table, Failures]:
+    documents, failures = _objects(values)
+    not_objects = len(failures)
+    candidates = list(documents)
+    # Raw line breaks can only be insignificant whitespace in valid JSON.
+    cleaned = {index: values[index].replace(b"\n", b" ").replace(b"\r", b" ")  # type: ignore[union-attr]
+               for index in candidates}
 
     pieces: list[tuple[list[int], pa.Table]] = []
 
@@ -103,6 +129,8 @@ def _decode_slowly(
 
     if candidates:
         bisect(candidates)
+    if lenient and schema is not None and len(failures) > not_objects:
+        return _as_read(documents, schema), failures[:not_objects]
     failures.sort(key=lambda failure: failure[0])
     if not pieces:
         empty = schema.empty_table() if schema is not None else pa.table({})

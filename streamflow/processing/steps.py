@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, RootModel
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
-from streamflow.plugins import ROW_ID, ComponentContext, Processor, StepResult
+from streamflow.plugins import ComponentContext, Processor, StepResult
 
+TIMESTAMP = pa.timestamp("us", tz="UTC")
 ARROW_TYPES: dict[str, pa.DataType] = {
     "string": pa.string(),
     "int": pa.int64(),
     "float": pa.float64(),
     "bool": pa.bool_(),
+    "timestamp": TIMESTAMP,
 }
+HIDDEN_PREFIX = "_sf_"
+EPOCH_MICROS = {"s": 1_000_000, "ms": 1_000}
+Scalar = str | int | float | bool
 
 
 class FieldSpec(BaseModel):
@@ -24,12 +32,40 @@ class FieldSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["string", "int", "float", "bool"]
-    required: bool = False
+    type: Literal["string", "int", "float", "bool", "timestamp"] = Field(
+        description="numeric strings become int/float; timestamps take ISO-8601 text (with an "
+        "offset, or UTC) or epoch numbers and become UTC"
+    )
+    required: bool = Field(False, description="a record without a value (after default) fails")
+    default: Scalar | None = Field(None, description="value for a missing or null field")
+    enum: list[Scalar] | None = Field(
+        None, min_length=1, description="allowed values; any other value fails the record"
+    )
+    unit: Literal["s", "ms"] = Field("ms", description="timestamp: unit of epoch numbers")
+
+    @model_validator(mode="after")
+    def _values_take_the_type(self) -> FieldSpec:
+        _typed(self, [self.default])
+        if self.enum is not None:
+            _typed(self, self.enum)
+        return self
+
+
+def _typed(spec: FieldSpec, values: list[Scalar | None]) -> pa.Array:
+    """Configured values (``default``, ``enum``) as the field's type, or a ValueError."""
+    failures: dict[int, BaseException] = {}
+    try:
+        column = coerce(pa.chunked_array([pa.array(values)]), spec, "default/enum", failures)
+    except (pa.ArrowException, OverflowError) as exc:
+        raise ValueError(f"{values} do not all take the type {spec.type}: {exc}") from None
+    if failures:
+        raise ValueError(str(failures[min(failures)]))
+    return column.combine_chunks()
 
 
 class SchemaConfig(RootModel[dict[str, FieldSpec]]):
-    """``{field: {type: ..., required: ...}}``, in output order."""
+    """``{field: {type: ..., required: ..., default: ..., enum: [...], unit: ...}}``, in output
+    order."""
 
 
 class SqlConfig(RootModel[str]):
@@ -40,14 +76,103 @@ class SchemaViolation(ValueError):
     """A record does not match the declared schema."""
 
 
+def hidden_columns(table: pa.Table) -> list[str]:
+    """The runtime's own columns (``_sf_row``, ``_sf_topic``), which every step carries along."""
+    return [name for name in table.column_names if name.startswith(HIDDEN_PREFIX)]
+
+
 def arrow_schema(fields: dict[str, FieldSpec]) -> pa.Schema:
     """The Arrow schema of declared fields, in declaration order."""
     return pa.schema([pa.field(name, ARROW_TYPES[spec.type]) for name, spec in fields.items()])
 
 
+def _input_type(spec: FieldSpec) -> pa.DataType:
+    """The type the JSON reader tries first: epoch numbers when a unit is given, else the
+    declared type."""
+    if spec.type == "timestamp" and "unit" in spec.model_fields_set:
+        return pa.float64()
+    return ARROW_TYPES[spec.type]
+
+
+def coerce(
+    column: pa.ChunkedArray, spec: FieldSpec, name: str, failures: dict[int, BaseException]
+) -> pa.ChunkedArray:
+    """``column`` as the declared type; rows whose value cannot take it go to ``failures``."""
+    target = ARROW_TYPES[spec.type]
+    if column.type == target:
+        return column
+    if pa.types.is_null(column.type):
+        return pa.chunked_array([pa.nulls(len(column), target)])
+    if spec.type == "timestamp":
+        return _timestamps(column, spec, name, failures)
+    try:
+        return pc.cast(column, target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    values = []
+    for row, value in enumerate(column.to_pylist()):
+        try:
+            values.append(pc.cast(pa.array([value]), target)[0].as_py())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            failures.setdefault(
+                row, SchemaViolation(f"field {name!r}: {value!r} is not a valid {spec.type}")
+            )
+            values.append(None)
+    return pa.chunked_array([pa.array(values, target)])
+
+
+_EPOCH_TEXT = re.compile(r"^\s*-?\d+(\.\d*)?\s*$")
+
+
+def _timestamps(
+    column: pa.ChunkedArray, spec: FieldSpec, name: str, failures: dict[int, BaseException]
+) -> pa.ChunkedArray:
+    """Timestamps, epoch numbers or ISO-8601 text as UTC timestamps."""
+    scale = EPOCH_MICROS[spec.unit]
+    try:
+        if pa.types.is_timestamp(column.type):
+            if column.type.tz is None:  # naive: taken as UTC
+                return pc.cast(pc.cast(column, pa.timestamp("us")), TIMESTAMP)
+            return pc.cast(column, TIMESTAMP)
+        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+            micros = pc.round(pc.multiply_checked(pc.cast(column, pa.float64()), scale))
+            return pc.cast(pc.cast(micros, pa.int64()), TIMESTAMP)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            return pc.cast(column, TIMESTAMP)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    values: list[datetime | None] = []
+    for row, value in enumerate(column.to_pylist()):
+        try:
+            values.append(_timestamp(value, scale))
+        except (ValueError, TypeError, OverflowError):
+            failures.setdefault(row, SchemaViolation(
+                f"field {name!r}: {value!r} is not an ISO-8601 timestamp or epoch {spec.unit}"))
+            values.append(None)
+    return pa.chunked_array([pa.array(values, TIMESTAMP)])
+
+
+def _timestamp(value: object, scale: int) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str) and not _EPOCH_TEXT.match(value):
+        parsed = datetime.fromisoformat(value.strip())
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(f"{type(value).__name__} is not a time")
+    micros = round(float(value) * scale)
+    return EPOCH + timedelta(microseconds=micros)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 class SchemaCheck(Processor[SchemaConfig]):
-    """Keeps exactly the declared fields, typed; rows with a missing required field or a value
-    that cannot take the declared type fail."""
+    """Keeps exactly the declared fields, typed (coercing text, numbers and timestamps); rows
+    with a missing required field, a value that cannot take the declared type or a value outside
+    ``enum`` fail."""
 
     name = "schema"
     config_model = SchemaConfig
@@ -55,53 +180,46 @@ class SchemaCheck(Processor[SchemaConfig]):
     def __init__(self, config: SchemaConfig, context: ComponentContext) -> None:
         super().__init__(config, context)
         self.fields = config.root
-        self.schema = self.input_schema = arrow_schema(self.fields)
+        self.schema = arrow_schema(self.fields)
+        self.input_schema = pa.schema(
+            [pa.field(name, _input_type(spec)) for name, spec in self.fields.items()]
+        )
+        self.defaults = {name: _typed(spec, [spec.default])[0]
+                         for name, spec in self.fields.items() if spec.default is not None}
+        self.allowed = {name: _typed(spec, spec.enum)
+                        for name, spec in self.fields.items() if spec.enum is not None}
 
     def process(self, table: pa.Table) -> StepResult:
         failures: dict[int, BaseException] = {}
         columns: dict[str, pa.ChunkedArray] = {}
         for field in self.schema:
-            if field.name not in table.column_names:
-                columns[field.name] = pa.chunked_array([pa.nulls(table.num_rows, field.type)])
-                continue
-            column = table.column(field.name)
-            if column.type != field.type:
-                column = self._cast(column, field.type, field.name, failures)
+            spec = self.fields[field.name]
+            if field.name in table.column_names:
+                column = coerce(table.column(field.name), spec, field.name, failures)
+            else:
+                column = pa.chunked_array([pa.nulls(table.num_rows, field.type)])
+            if field.name in self.defaults:
+                column = pc.fill_null(column, self.defaults[field.name])
             columns[field.name] = column
-        for name, spec in self.fields.items():
             if spec.required:
-                for row in pc.indices_nonzero(pc.is_null(columns[name])).to_pylist():
+                for row in pc.indices_nonzero(pc.is_null(column)).to_pylist():
                     failures.setdefault(
-                        row, SchemaViolation(f"required field {name!r} is missing or null")
+                        row, SchemaViolation(f"required field {field.name!r} is missing or null")
                     )
-        columns[ROW_ID] = table.column(ROW_ID)
+            if field.name in self.allowed:
+                allowed = self.allowed[field.name]
+                outside = pc.invert(pc.fill_null(pc.is_in(column, value_set=allowed), True))
+                for row in pc.indices_nonzero(outside).to_pylist():
+                    failures.setdefault(row, SchemaViolation(
+                        f"field {field.name!r}: {column[row].as_py()!r} is not one of {spec.enum}"))
+        for name in hidden_columns(table):
+            columns[name] = table.column(name)
         typed = pa.table(columns)
         if failures:
-            keep = pa.array([row not in failures for row in range(table.num_rows)])
-            typed = typed.filter(keep)
+            keep = np.ones(table.num_rows, dtype=bool)
+            keep[list(failures)] = False
+            typed = typed.filter(pa.array(keep))
         return StepResult(typed, sorted(failures.items()))
-
-    @staticmethod
-    def _cast(
-        column: pa.ChunkedArray,
-        target: pa.DataType,
-        name: str,
-        failures: dict[int, BaseException],
-    ) -> pa.ChunkedArray:
-        try:
-            return pc.cast(column, target)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
-        values = []
-        for row, value in enumerate(column.to_pylist()):
-            try:
-                values.append(pc.cast(pa.array([value]), target)[0].as_py())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                failures.setdefault(
-                    row, SchemaViolation(f"field {name!r}: {value!r} is not a valid {target}")
-                )
-                values.append(None)
-        return pa.chunked_array([pa.array(values, target)])
 
 
 class SqlTransform(Processor[SqlConfig]):
@@ -116,13 +234,22 @@ class SqlTransform(Processor[SqlConfig]):
 
     def __init__(self, config: SqlConfig, context: ComponentContext) -> None:
         super().__init__(config, context)
-        self.statement = config.root
-        self._connection = duckdb.connect(config={"preserve_insertion_order": True})
+        self.query = BatchQuery(config.root)
 
     def process(self, table: pa.Table) -> StepResult:
+        return StepResult(self.query.run(table))
+
+
+class BatchQuery:
+    """A DuckDB statement run over each micro-batch, registered as the table ``batch``."""
+
+    def __init__(self, statement: str) -> None:
+        self.statement = statement
+        self._connection = duckdb.connect(config={"preserve_insertion_order": True})
+
+    def run(self, table: pa.Table) -> pa.Table:
         self._connection.register("batch", table)
         try:
-            result = self._connection.sql(self.statement).to_arrow_table()
+            return self._connection.sql(self.statement).to_arrow_table()
         finally:
             self._connection.unregister("batch")
-        return StepResult(result)

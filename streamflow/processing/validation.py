@@ -1,0 +1,122 @@
+"""The ``validate`` and ``filter`` steps: per-field rules whose violations fail records, and a
+SQL predicate whose non-matching records are filtered out."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
+
+from streamflow.plugins import ComponentContext, Processor, StepResult
+from streamflow.processing.steps import BatchQuery, Scalar
+
+
+class Rules(BaseModel):
+    """The rules one field must satisfy; null values pass every rule but ``not_null``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    not_null: bool = Field(False, description="the field is present and not null")
+    min: float | None = Field(None, description="smallest allowed value (inclusive)")
+    max: float | None = Field(None, description="largest allowed value (inclusive)")
+    regex: str | None = Field(None, description="the whole text value matches this RE2 pattern")
+    allowed: list[Scalar] | None = Field(None, min_length=1, description="the only allowed values")
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from None
+        return pattern
+
+    @model_validator(mode="after")
+    def _range(self) -> Rules:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        if not self.model_fields_set:
+            raise ValueError("no rule given: use not_null, min, max, regex or allowed")
+        return self
+
+
+class ValidateConfig(RootModel[dict[str, Rules]]):
+    """``{field: {not_null: true, min: 0, max: 100, regex: '...', allowed: [...]}}``."""
+
+    root: dict[str, Rules] = Field(min_length=1)
+
+
+class ValidationError(ValueError):
+    """A record breaks a validation rule."""
+
+
+class ValidateStep(Processor[ValidateConfig]):
+    """Fails every record that breaks a rule, naming the field and the first rule it breaks."""
+
+    name = "validate"
+    config_model = ValidateConfig
+
+    def process(self, table: pa.Table) -> StepResult:
+        failures: dict[int, BaseException] = {}
+        for name, rules in self.config.root.items():
+            column = table.column(name) if name in table.column_names else pa.nulls(table.num_rows)
+            for rule, broken in self._violations(name, column, rules):
+                for row in pc.indices_nonzero(pc.fill_null(broken, False)).to_pylist():
+                    failures.setdefault(row, ValidationError(
+                        f"field {name!r} breaks rule {rule}: value {column[row].as_py()!r}"))
+        if not failures:
+            return StepResult(table)
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[list(failures)] = False
+        return StepResult(table.filter(pa.array(keep)), sorted(failures.items()))
+
+    @staticmethod
+    def _violations(
+        name: str, column: pa.ChunkedArray | pa.Array, rules: Rules
+    ) -> list[tuple[str, pa.ChunkedArray | pa.Array]]:
+        """(rule, rows breaking it) per rule of the field; null means not broken."""
+        found = []
+        if rules.not_null:
+            found.append(("not_null", pc.is_null(column)))
+        if pa.types.is_null(column.type):
+            return found
+        try:
+            if rules.min is not None:
+                found.append((f"min {rules.min:g}", pc.less(column, rules.min)))
+            if rules.max is not None:
+                found.append((f"max {rules.max:g}", pc.greater(column, rules.max)))
+            if rules.regex is not None:
+                matches = pc.match_substring_regex(column, f"^(?:{rules.regex})$")
+                found.append((f"regex {rules.regex!r}", pc.invert(matches)))
+            if rules.allowed is not None:
+                allowed = pa.array(rules.allowed).cast(column.type)
+                found.append((f"allowed {rules.allowed}", pc.invert(pc.is_in(column, allowed))))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise TypeError(f"validate: the rules of field {name!r} do not apply to its type "
+                            f"{column.type}: {exc}") from None
+        return found
+
+
+class FilterConfig(RootModel[str]):
+    """A DuckDB boolean expression over the record's fields (a WHERE clause)."""
+
+    root: str = Field(min_length=1)
+
+
+class FilterStep(Processor[FilterConfig]):
+    """Keeps the records for which the predicate is true; the others (false or null) are
+    filtered."""
+
+    name = "filter"
+    config_model = FilterConfig
+
+    def __init__(self, config: FilterConfig, context: ComponentContext) -> None:
+        super().__init__(config, context)
+        self.query = BatchQuery(f"SELECT * FROM batch WHERE ({config.root})")
+
+    def process(self, table: pa.Table) -> StepResult:
+        return StepResult(self.query.run(table))
