@@ -11,6 +11,7 @@ import threading
 
 from streamflow import __version__
 from streamflow.config import ConfigError, load_pipeline
+from streamflow.processing.testing import run_test_file
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
 from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
 from streamflow.runtime.progress import ProgressReporter
@@ -94,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default="http://127.0.0.1:9108",
                         help="the daemon's metrics address (default http://127.0.0.1:9108)")
     status.set_defaults(handler=_status)
+
+    test = commands.add_parser(
+        "test", help="run a processor stage's test cases without a broker (docs/processors.md)")
+    test.add_argument("file", help="test file (YAML)")
+    test.set_defaults(handler=lambda args: run_test_file(args.file))
 
     validate = commands.add_parser("validate", help="check a pipeline file; exit 2 if invalid")
     validate.add_argument("file")

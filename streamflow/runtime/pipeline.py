@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from streamflow.config.loader import connector_settings, step_settings
+from streamflow.config.loader import connector_settings
 from streamflow.config.models import (
     BatchConfig,
     ModelConfig,
@@ -34,7 +34,7 @@ from streamflow.plugins.agents import load_agent
 from streamflow.runtime.faust_stage import FaustStage
 from streamflow.runtime.model_stage import ModelStage
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
-from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, StepRunner, TopicStage
+from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, TopicStage, build_steps
 from streamflow.runtime.supervisor import Supervisor, backoff_delay
 from streamflow.runtime.window_stage import WindowStage
 from streamflow.transport import (
@@ -230,11 +230,7 @@ class PipelineRunner:
         batch = stage.batch or self.config.runtime.batch
         if isinstance(stage, ProcessorConfig):
             metrics = self.metrics.stage(stage.name, tuple(step.kind for step in stage.steps))
-            context = ComponentContext(self.config.pipeline, stage.name)
-            steps = []
-            for step in stage.steps:
-                plugin, settings = step_settings(step)
-                steps.append(StepRunner(plugin(settings, context), step.on_error))
+            steps = build_steps(stage, self.config.pipeline)
             if stage.window:
                 return WindowStage(
                     self._identity(stage), transport, batch, metrics, stage.output, steps,

@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streamflow.config.models import BatchConfig
+from streamflow.config.loader import step_settings
+from streamflow.config.models import BatchConfig, ProcessorConfig
 from streamflow.metrics import SinkMetrics, StageMetrics
-from streamflow.plugins import ROW_ID, Processor, Sink, SinkRecordError, StepResult
+from streamflow.plugins import ROW_ID, ComponentContext, Processor, Sink, SinkRecordError, StepResult
 from streamflow.processing.codec import decode_json, encode_json
 from streamflow.processing.parse import ParseStep, raw_table
 from streamflow.processing.routing import TOPIC_COLUMN
@@ -285,6 +286,16 @@ class TopicStage(StageRunner):
         self.producer.produce(output_batches(table, self.output_topic, batch.keys,
                                              batch.timestamps_ms))
         return table.num_rows
+
+
+def build_steps(stage: ProcessorConfig, pipeline: str) -> list[StepRunner]:
+    """The steps of a processor stage, with their settings validated and their policies."""
+    context = ComponentContext(pipeline, stage.name)
+    steps = []
+    for step in stage.steps:
+        plugin, settings = step_settings(step)
+        steps.append(StepRunner(plugin(settings, context), step.on_error))
+    return steps
 
 
 def decode_input(
