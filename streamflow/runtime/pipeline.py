@@ -33,7 +33,7 @@ from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
 from streamflow.plugins.agents import load_agent
 from streamflow.runtime.faust_stage import FaustStage
 from streamflow.runtime.model_stage import ModelStage
-from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
+from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner
 from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, TopicStage, build_steps
 from streamflow.runtime.supervisor import Supervisor, backoff_delay
 from streamflow.runtime.window_stage import WindowStage
@@ -195,10 +195,9 @@ class PipelineRunner:
         pipeline = self.config.pipeline
 
         def build() -> SourceRunner:
-            position = read_positions(transport, pipeline).get(source_config.name)
             source = plugin(settings, ComponentContext(pipeline, source_config.name))
             return SourceRunner(pipeline, source, source_config.topic, transport, metrics,
-                                position, self.config.runtime.batch.max_records)
+                                self.config.runtime.batch.max_records)
 
         return build
 
