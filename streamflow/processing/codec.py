@@ -51,8 +51,9 @@ def decode_json(
 
     With ``schema``, fields outside it are dropped and type mismatches are failures; without
     one, types are inferred. ``lenient`` makes the schema a fast-path hint only: when a batch
-    does not fit it, its fields are read with their own types (as text where records disagree)
-    for the caller to coerce, and only records that are not JSON objects fail.
+    does not fit it (or, without a schema, its records disagree on a field's type), its fields
+    are read with their own types (as text where records disagree) for the caller to coerce,
+    and only records that are not JSON objects fail.
     """
     if not values:
         empty = schema.empty_table() if schema is not None else pa.table({})
@@ -88,10 +89,10 @@ def _objects(values: Sequence[bytes | None]) -> tuple[dict[int, dict[str, object
     return documents, failures
 
 
-def _as_read(documents: dict[int, dict[str, object]], schema: pa.Schema) -> pa.Table:
-    """The schema's fields of ``documents`` with their own types, as text where they disagree."""
+def _as_read(documents: dict[int, dict[str, object]], names: list[str]) -> pa.Table:
+    """The ``names`` fields of ``documents`` with their own types, as text where they disagree."""
     columns: dict[str, pa.Array] = {}
-    for name in schema.names:
+    for name in names:
         column = [document.get(name) for document in documents.values()]
         try:
             columns[name] = pa.array(column)
@@ -130,7 +131,7 @@ def _decode_slowly(
     if candidates:
         bisect(candidates)
     if lenient and schema is not None and len(failures) > not_objects:
-        return _as_read(documents, schema), failures[:not_objects]
+        return _as_read(documents, schema.names), failures[:not_objects]
     failures.sort(key=lambda failure: failure[0])
     if not pieces:
         empty = schema.empty_table() if schema is not None else pa.table({})
@@ -139,6 +140,9 @@ def _decode_slowly(
     try:
         return pa.concat_tables(tables, promote_options="permissive"), failures
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        if lenient:
+            names = list(dict.fromkeys(name for document in documents.values() for name in document))
+            return _as_read(documents, names), failures[:not_objects]
         # Inferred types disagree between pieces: keep the first piece's type, fail the rest.
         for indices, _table in pieces[1:]:
             failures.extend((index, DecodeError(f"field types conflict: {exc}")) for index in indices)

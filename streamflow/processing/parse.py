@@ -68,7 +68,8 @@ class ParseConfig(BaseModel):
 class ParseStep(Processor[ParseConfig]):
     """Decodes one column of values into records; a value that does not decode is a failure.
 
-    CSV values are read as text (follow with a ``schema`` step to type them); Avro values take
+    JSON fields whose records disagree on the type are read as text (a ``schema`` step types
+    them); CSV values are read as text (follow with a ``schema`` step to type them); Avro values take
     the types of the Avro schema.
     """
 
@@ -86,7 +87,7 @@ class ParseStep(Processor[ParseConfig]):
             raise DecodeError(f"parse: the batch has no column {self.config.field!r}")
         values = [_as_bytes(value) for value in table.column(self.config.field).to_pylist()]
         if self.config.format == "json":
-            parsed, failures = decode_json(values)
+            parsed, failures = decode_json(values, lenient=True)
         elif self.config.format == "avro":
             parsed, failures = self._avro(values)
         elif self.config.header:

@@ -307,7 +307,7 @@ def decode_input(
     if isinstance(first, ParseStep):
         return raw_table(values), []
     schema = first.input_schema if first is not None else None
-    table, errors = decode_json(values, schema, lenient=True)
+    table, errors = decode_json(values, schema, lenient=schema is not None)
     return table, [Failure(row, "parse", error) for row, error in errors]
 
 
