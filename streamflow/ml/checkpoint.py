@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 MAGIC = b"STREAMFLOW-CHECKPOINT\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rolling metrics keep their unapplied updates
 SUFFIX = ".ckpt"
 
 

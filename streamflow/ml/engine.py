@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,12 +32,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrackedMetric:
-    """A river metric, cumulative and over a rolling window."""
+    """A river metric, cumulative and over a rolling window.
+
+    The rolling value is read once per micro-batch, so updates to it are queued (at most one
+    window's worth) and applied when it is read: with batches larger than the window, most
+    records never pay for river's update-and-revert.
+    """
 
     name: str
     cumulative: Any
     rolling: Any
     uses_probabilities: bool
+    unapplied: deque[tuple[Any, Any]]
 
     @classmethod
     def create(cls, name: str, window: int, task: str) -> TrackedMetric:
@@ -47,6 +53,7 @@ class TrackedMetric:
             metric,
             utils.Rolling(type(metric), window_size=window),
             task == "classification" and not metric.requires_labels,
+            deque(maxlen=window),
         )
 
     def update(self, target: Any, prediction: Prediction) -> None:
@@ -54,7 +61,17 @@ class TrackedMetric:
         if value is None or value == {}:
             return
         self.cumulative.update(target, value)
-        self.rolling.update(target, value)
+        self.unapplied.append((target, value))
+
+    def rolling_value(self) -> float:
+        """The metric over the last ``window`` updates."""
+        window = self.unapplied.maxlen
+        if len(self.unapplied) == window:  # every earlier update has left the window
+            self.rolling = utils.Rolling(type(self.cumulative), window_size=window)
+        for target, value in self.unapplied:
+            self.rolling.update(target, value)
+        self.unapplied.clear()
+        return float(self.rolling.get())
 
 
 @dataclass

@@ -252,7 +252,7 @@ class ModelStage(StageRunner):
                 self.model_metrics.metric(metric.name, "cumulative", partition).set(
                     metric.cumulative.get()
                 )
-                self.model_metrics.metric(metric.name, "rolling", partition).set(metric.rolling.get())
+                self.model_metrics.metric(metric.name, "rolling", partition).set(metric.rolling_value())
 
     def tick(self) -> None:
         self._restore_assigned()

@@ -10,11 +10,13 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from river import datasets, evaluate, linear_model, metrics, preprocessing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from river import datasets, evaluate, linear_model, metrics, preprocessing, utils
 
 from streamflow.ml.checkpoint import MAGIC, CheckpointError, CheckpointStore
-from streamflow.ml.engine import EngineSettings, ModelEngine
-from streamflow.ml.model import RiverModel
+from streamflow.ml.engine import EngineSettings, ModelEngine, TrackedMetric
+from streamflow.ml.model import Prediction, RiverModel
 from streamflow.ml.spec import ModelSpecError, build_estimator, build_metric, infer_task
 
 TOPIC = "features"
@@ -185,3 +187,22 @@ def test_model_output_json_is_valid_whatever_the_input_layout(original: bytes) -
     document = json.loads(encoded)
     assert document["prediction"] == 2.5 and document["model_version"] == 7
     assert document.get("x") == json.loads(original).get("x")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(st.floats(-1e3, 1e3), st.floats(-1e3, 1e3)), max_size=60),
+    reads=st.sets(st.integers(0, 60)),
+    window=st.integers(1, 12),
+)
+def test_rolling_value_matches_rivers_rolling_metric(
+    pairs: list[tuple[float, float]], reads: set[int], window: int
+) -> None:
+    tracked = TrackedMetric.create("MAE", window, "regression")
+    reference = utils.Rolling(metrics.MAE(), window_size=window)
+    for index, (target, predicted) in enumerate(pairs):
+        tracked.update(target, Prediction(predicted))
+        reference.update(target, predicted)
+        if index in reads:
+            assert tracked.rolling_value() == pytest.approx(reference.get(), abs=1e-9)
+    assert tracked.rolling_value() == pytest.approx(reference.get(), abs=1e-9)
