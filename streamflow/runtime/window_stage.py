@@ -93,7 +93,7 @@ class WindowStage(TopicStage):
         self.late_topic = late_topic
         self.changelog_topic = changelog_topic
         self.states: dict[int, PartitionWindows] = {}
-        self._revoked: dict[int, PartitionWindows] = {}  # reusable if assigned back unchanged
+        self._known: dict[int, PartitionWindows] = {}  # states of partitions not assigned now
         self._assigned: list[int] = []
         self._dirty: set[int] = set()
         self._records_since_snapshot = 0
@@ -114,42 +114,60 @@ class WindowStage(TopicStage):
         if self.error is None:  # after a failure the state may be ahead of the output: replay
             self.snapshot()
         for partition in revoked & set(self.states):
-            self._revoked[partition] = self.states.pop(partition)
+            self._known[partition] = self.states.pop(partition)
+
+    def open(self) -> None:
+        super().open()
+        # Read while the group join goes on (in the client's background thread, for librdkafka).
+        self._known = self._read_snapshots()
 
     def _restore(self, partitions: set[int]) -> None:
-        """Load the state of newly assigned partitions (kept from before a rebalance when nobody
-        committed past it since, else from the changelog)."""
+        """Load the state of newly assigned partitions.
+
+        A known state (read from the changelog at start, or kept from before a rebalance) is
+        used when it covers at least the group's committed offset: records from there on up to
+        its offset are skipped, so it is consistent even if a newer snapshot exists. Otherwise
+        the changelog is read again.
+        """
         assert self.consumer is not None
         topic = self.identity.input_topic
         committed = self.consumer.committed([(topic, p) for p in sorted(partitions)])
-        to_read = set()
-        for partition in partitions:
-            kept = self._revoked.pop(partition, None)
-            if kept is not None and committed.get((topic, partition)) == kept.next_offset:
-                self.states[partition] = kept
+        behind = []
+        for partition in sorted(partitions):
+            state = self._known.pop(partition, None) or PartitionWindows(self.window, partition)
+            if state.next_offset >= (committed.get((topic, partition)) or 0):
+                self._adopt(state)
             else:
-                to_read.add(partition)
-        snapshots = self._read_snapshots() if to_read else {}
-        for partition in to_read:
-            state = PartitionWindows(self.window, partition)
-            snapshot = snapshots.get(str(partition).encode())
-            if snapshot is not None:
-                try:
-                    state = PartitionWindows.from_bytes(self.window, snapshot)
-                except SnapshotError as exc:
-                    log.warning("stage %s: snapshot of partition %d not restored (%s): its open "
-                                "windows start afresh", self.name, partition, exc)
-                else:
-                    log.info("stage %s restored partition %d at offset %d with %d windows",
-                             self.name, partition, state.next_offset, state.window_count())
-            self.states[partition] = state
+                behind.append(partition)
+        if behind:
+            self._known.update(self._read_snapshots())
+            for partition in behind:
+                state = self._known.pop(partition, None) or PartitionWindows(self.window, partition)
+                if state.next_offset < (committed.get((topic, partition)) or 0):
+                    log.warning("stage %s: no snapshot of partition %d covers its committed "
+                                "offset; its windows start afresh there", self.name, partition)
+                self._adopt(state)
 
-    def _read_snapshots(self) -> dict[bytes, bytes]:
+    def _adopt(self, state: PartitionWindows) -> None:
+        self.states[state.partition] = state
+        log.info("stage %s took partition %d at offset %d with %d open windows",
+                 self.name, state.partition, state.next_offset, state.window_count())
+
+    def _read_snapshots(self) -> dict[int, PartitionWindows]:
+        """The latest snapshot of every partition in the changelog."""
         assert self.consumer is not None
         if not sum(self.consumer.end_offsets([(self.changelog_topic, 0)]).values()):
             return {}  # nothing was ever snapshotted: skip joining a reader group
-        return read_latest(self.transport, self.changelog_topic,
-                           f"{self.identity.group_id}.changelog-reader.{uuid.uuid4().hex}")
+        latest = read_latest(self.transport, self.changelog_topic,
+                             f"{self.identity.group_id}.changelog-reader.{uuid.uuid4().hex}")
+        states = {}
+        for key, snapshot in latest.items():
+            try:
+                states[int(key)] = PartitionWindows.from_bytes(self.window, snapshot)
+            except SnapshotError as exc:
+                log.warning("stage %s: snapshot of partition %s not restored (%s): its open "
+                            "windows start afresh", self.name, key.decode(), exc)
+        return states
 
     def _prepare(self, batch: ConsumedBatch) -> ConsumedBatch:
         """Restore what was assigned; return ``batch`` without the records states already hold."""
