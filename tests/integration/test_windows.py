@@ -8,9 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,11 +151,11 @@ def events(first: int, last: int) -> list[tuple[str, dict[str, Any]]]:
     return produced
 
 
-def expected_windows(count: int) -> dict[tuple[str, str], dict[str, Any]]:
-    """Tumbling windows of the first ``count`` events closed by their watermark, by hand."""
+def expected_windows(stream: list[tuple[str, dict[str, Any]]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Tumbling windows of one partition's events closed by its watermark, by hand."""
     windows: dict[tuple[str, int], list[int]] = defaultdict(list)
     max_ms = None
-    for device, value in events(0, count):
+    for device, value in stream:
         ms = round((value["value"] / 10 - (30 if value["value"] % 37 == 36 else 0)) * 1000)
         max_ms = ms if max_ms is None else max(max_ms, ms)
         start = ms // (SIZE_S * 1000) * SIZE_S * 1000
@@ -244,6 +246,73 @@ def test_window_state_survives_a_stop_and_a_sigkill(fresh_broker: str, tmp_path:
     assert replayed, "the kill left nothing to replay"
     assert all(versions.count(versions[0]) == len(versions) for versions in replayed)
     assert {key: {k: v for k, v in versions[0].items() if k != "window_end"}
-            for key, versions in emitted.items()} == expected_windows(800)
+            for key, versions in emitted.items()} == expected_windows(events(0, 800))
     late = {json.loads(value)["value"] for value in values(fresh_broker, "restart.late")}
     assert sorted(late) == [i for i in range(800) if i % 37 == 36]  # replays may repeat some
+
+
+def test_window_state_moves_with_its_partition_in_a_rebalance(fresh_broker: str) -> None:
+    config = (
+        Pipeline("moving", bootstrap=fresh_broker)
+        .topic("events", partitions=2)
+        .topic("windows", partitions=1)
+        .processor("agg", input="events", output="windows", steps=[],
+                   batch={"max_records": 20, "max_wait_ms": 10},
+                   window=window("tumbling", size_s=SIZE_S, key=["device"], time_field="ts",
+                                 allowed_lateness_s=LATENESS_S,
+                                 aggregates={"n": "count", "total": "sum:value", "last": "last:value"}))
+        .configure("metrics", port=0)
+        .build()
+    )
+    admin = create_transport("confluent", fresh_broker).admin()
+    admin.create_topics([TopicSpec(t.name, t.partitions, config=t.config) for t in config.topic_specs()])
+    members: list[tuple[PipelineRunner, threading.Thread]] = []
+
+    def join() -> PipelineRunner:
+        runner = PipelineRunner(config, metrics_port=0)
+        thread = threading.Thread(target=runner.run, daemon=True)
+        thread.start()
+        members.append((runner, thread))
+        return runner
+
+    def settled(runner: PipelineRunner) -> bool:
+        return bool(runner.stages) and runner.stages[0].is_idle(1.0)
+
+    def wait_until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.1)
+
+    produce(fresh_broker, "events", events(0, 400))
+    first = join()
+    wait_until(lambda: settled(first))
+    second = join()  # the first member hands one partition over, with its snapshot
+    wait_until(lambda: settled(second) and settled(first)
+               and all(len(r.stages[0].states) == 1 for r in (first, second)))
+    produce(fresh_broker, "events", events(400, 800))
+
+    def consumed() -> float:
+        return sum(runner.metrics.registry.get_sample_value(
+            "streamflow_records_in_total", {"pipeline": "moving", "stage": "agg"}) or 0
+            for runner in (first, second))
+
+    wait_until(lambda: consumed() >= 800 and settled(first) and settled(second))
+    for runner, thread in members:
+        runner.stop()
+        thread.join(30)
+
+    by_partition: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+    for message in peek(fresh_broker, "events"):
+        value = json.loads(message.value())
+        by_partition[message.partition()].append((value["device"], value))
+    expected = {}
+    for partition_events in by_partition.values():
+        expected |= expected_windows(partition_events)
+    emitted = defaultdict(list)
+    for value in values(fresh_broker, "windows"):
+        record = json.loads(value)
+        emitted[(record.pop("device"), record.pop("window_start"))].append(record)
+    assert all(len(versions) == 1 for versions in emitted.values()), "a window was emitted twice"
+    assert {key: {k: v for k, v in versions[0].items() if k != "window_end"}
+            for key, versions in emitted.items()} == expected
