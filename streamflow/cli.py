@@ -11,6 +11,7 @@ import threading
 
 from streamflow import __version__
 from streamflow.config import ConfigError, load_pipeline
+from streamflow.plugins import catalog
 from streamflow.processing.testing import run_test_file
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
 from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     broker = commands.add_parser("broker", help="run the embedded broker for local development")
     broker.add_argument("--port", type=int, default=9092)
     broker.set_defaults(handler=_broker)
+
+    catalog.add_command(commands)
     return parser
 
 

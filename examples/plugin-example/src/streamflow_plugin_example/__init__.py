@@ -1,0 +1,1 @@
+"""An example streamflow plugin package (see docs/writing-a-connector.md)."""
