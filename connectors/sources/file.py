@@ -65,8 +65,8 @@ class FileSource(Source[FileConfig]):
                 "header": self._header}
 
     def _next_file(self) -> str | None:
-        finished = set(self._done)
-        candidates = sorted(p for p in glob.glob(self.config.path) if p not in finished)
+        skipped = {*self._done, self._current}
+        candidates = sorted(p for p in glob.glob(self.config.path) if p not in skipped)
         return candidates[0] if candidates else None
 
     def poll(self, max_records: int, timeout_s: float) -> SourceBatch | None:
@@ -80,7 +80,7 @@ class FileSource(Source[FileConfig]):
         batch = self._read(Path(self._current), max_records)
         if not len(batch) and self._at_end(Path(self._current)):
             following = self._next_file() if self.config.follow else None
-            if not self.config.follow or (following and following != self._current):
+            if not self.config.follow or following:
                 self._done.append(self._current)
                 self._current = None
             else:
