@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from streamflow.config.models import BatchConfig, WindowConfig
 from streamflow.metrics import StageMetrics, WindowMetrics
@@ -169,12 +170,16 @@ class WindowStage(TopicStage):
                             "windows start afresh", self.name, key.decode(), exc)
         return states
 
-    def _prepare(self, batch: ConsumedBatch) -> ConsumedBatch:
-        """Restore what was assigned; return ``batch`` without the records states already hold."""
-        pending = set(self._assigned) | (set(batch.partitions) - set(self.states))
+    def _restore_assigned(self, unknown: set[int]) -> None:
+        """Restore newly assigned partitions and any ``unknown`` ones records came from."""
+        pending = set(self._assigned) | unknown
         self._assigned = []
         if pending:
             self._restore(pending)
+
+    def _prepare(self, batch: ConsumedBatch) -> ConsumedBatch:
+        """Restore what was assigned; return ``batch`` without the records states already hold."""
+        self._restore_assigned(set(batch.partitions) - set(self.states))
         fresh = [row for row, (partition, offset) in enumerate(zip(batch.partitions, batch.offsets,
                                                                      strict=True))
                  if offset >= self.states[partition].next_offset]
@@ -188,40 +193,8 @@ class WindowStage(TopicStage):
         if not len(batch):
             return
         table, failures = self.transform(batch)
-        rows = table[ROW_ID].to_pylist()
-        order = np.argsort(rows, kind="stable")  # steps may reorder rows; windows need offset order
+        aggregated, late = self._aggregate(batch, table, failures)
         window = self.window
-
-        def column(name: str | None) -> list[Any]:
-            if name is None or name not in table.column_names:
-                return [None] * len(rows)
-            return table.column(name).to_pylist()
-
-        times = column(window.time_field) if window.time_field else None
-        keys = [column(name) for name in window.key]
-        fields = [column(spec.field) for spec in window.aggregates.values()]
-        late: list[Failure] = []
-        aggregated = 0
-        for index in order:
-            row = rows[index]
-            state = self.states[batch.partitions[row]]
-            try:
-                time_ms = (event_time_ms(times[index], window.time_unit) if times is not None
-                           else batch.timestamps_ms[row])
-                values = record_values(list(window.aggregates.values()),
-                                       [column_values[index] for column_values in fields])
-            except WindowRecordError as exc:
-                failures.append(Failure(row, WINDOW_STEP, exc))
-                continue
-            watermark = state.watermark
-            added = state.add(tuple(_key_value(k[index]) for k in keys), time_ms, values)
-            aggregated += added.aggregated
-            if added.missed:
-                late.append(Failure(row, WINDOW_STEP, LateRecordError(
-                    f"event time {iso_utc(time_ms)} is behind the watermark "
-                    f"{iso_utc(watermark or 0)}; closed windows missed: "
-                    + ", ".join(f"[{iso_utc(start)}, {iso_utc(end)})" for start, end in added.missed)
-                )))
         emitted = [window_record(window, w) for p in sorted(set(batch.partitions))
                    for w in self.states[p].emit()]
         outgoing = [OutgoingBatch(
@@ -234,9 +207,9 @@ class WindowStage(TopicStage):
                                               late, batch))
         self.producer.produce(outgoing)
         self.produce_dead_letters(failures, batch)
-        for partition, next_offset in batch.next_offsets().items():
-            self.states[partition[1]].next_offset = next_offset
-            self._dirty.add(partition[1])
+        for (_topic, partition), next_offset in batch.next_offsets().items():
+            self.states[partition].next_offset = next_offset
+            self._dirty.add(partition)
         self.metrics.count(len(batch), aggregated, len(failures))
         self.window_metrics.late.inc(len(late))
         self.window_metrics.results.inc(len(emitted))
@@ -245,12 +218,51 @@ class WindowStage(TopicStage):
         if self._records_since_snapshot >= window.checkpoint.every_records:
             self.snapshot()
 
+    def _aggregate(self, batch: ConsumedBatch, table: pa.Table,
+                   failures: list[Failure]) -> tuple[int, list[Failure]]:
+        """Add the steps' output rows to their partitions' windows in offset order; bad rows go
+        to ``failures``. Returns how many rows were aggregated, and the late ones."""
+        rows = table[ROW_ID].to_pylist()
+        order = np.argsort(rows, kind="stable")  # steps may reorder rows; windows need offset order
+        window = self.window
+
+        def column(name: str | None) -> list[Any]:
+            if name is None or name not in table.column_names:
+                return [None] * len(rows)
+            return table.column(name).to_pylist()
+
+        times = column(window.time_field) if window.time_field else None
+        keys = [column(name) for name in window.key]
+        specs = list(window.aggregates.values())
+        fields = [column(spec.field) for spec in specs]
+        late: list[Failure] = []
+        aggregated = 0
+        for index in order:
+            row = rows[index]
+            state = self.states[batch.partitions[row]]
+            try:
+                time_ms = (event_time_ms(times[index], window.time_unit) if times is not None
+                           else batch.timestamps_ms[row])
+                values = record_values(specs, [column_values[index] for column_values in fields])
+            except WindowRecordError as exc:
+                failures.append(Failure(row, WINDOW_STEP, exc))
+                continue
+            added = state.add(tuple(_key_value(k[index]) for k in keys), time_ms, values)
+            aggregated += added.aggregated
+            if added.missed:
+                watermark = state.watermark
+                assert watermark is not None  # nothing is late before the first record
+                late.append(Failure(row, WINDOW_STEP, LateRecordError(
+                    f"event time {iso_utc(time_ms)} is behind the watermark "
+                    f"{iso_utc(watermark)}; closed windows missed: "
+                    + ", ".join(f"[{iso_utc(start)}, {iso_utc(end)})" for start, end in added.missed)
+                )))
+        return aggregated, late
+
     # --- checkpoints -----------------------------------------------------------------------
 
     def tick(self) -> None:
-        if self._assigned and self.consumer is not None:
-            self._restore(set(self._assigned))
-            self._assigned = []
+        self._restore_assigned(set())
         if time.monotonic() - self._last_snapshot >= self.window.checkpoint.every_seconds:
             self.snapshot()
 
