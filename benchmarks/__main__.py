@@ -10,8 +10,10 @@ from pathlib import Path
 from benchmarks.core import run_core
 from benchmarks.dashboard import run_dashboard
 from benchmarks.model import run_model
+from benchmarks.sinks import run_sinks
 
-WORKLOADS = {"core": run_core, "model": run_model, "dashboard": run_dashboard}
+WORKLOADS = {"core": run_core, "model": run_model, "dashboard": run_dashboard,
+             "sinks": run_sinks}
 
 
 def main(argv: list[str] | None = None) -> int:

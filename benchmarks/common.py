@@ -10,11 +10,13 @@ from streamflow.runtime.pipeline import PipelineRunner
 
 
 def measure_stage(runner: PipelineRunner, stage: str, records: int,
-                  on_running: Callable[[PipelineRunner], None] = lambda runner: None) -> float:
+                  on_running: Callable[[PipelineRunner], None] = lambda runner: None,
+                  done: Callable[[PipelineRunner], float] | None = None) -> float:
     """Run the pipeline until ``stage`` has handled ``records``; return its records per second.
 
     Time runs from the first handled batch to the last one, so the consumer-group join is not
     counted. ``streamflow_records_in_total`` grows only after a batch's output was acknowledged.
+    ``done``, when given, counts the finished records instead (e.g. rows a sink made durable).
     """
     thread = threading.Thread(target=runner.run)
     thread.start()
@@ -26,10 +28,11 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
         if not notified and runner.stages:
             on_running(runner)
             notified = True
-        done = runner.metrics.registry.get_sample_value("streamflow_records_in_total", labels) or 0
-        if started is None and done:
+        handled = runner.metrics.registry.get_sample_value("streamflow_records_in_total",
+                                                           labels) or 0
+        if started is None and handled:
             started = time.perf_counter()
-        if done >= records:
+        if (done(runner) if done else handled) >= records:
             finished = time.perf_counter()
     runner.stop()
     thread.join()

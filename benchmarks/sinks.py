@@ -1,0 +1,89 @@
+"""Sinks workload: one sink stage writing a pre-loaded topic of sensor events, per sink.
+
+Each sink reads the same input topic on the embedded broker with a consumer group of its own.
+Time runs from the first consumed batch until the sink reports every row durable (its flush
+returned), so the consumer-group join is not counted; the figure is rows per second.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from benchmarks.common import measure_stage
+from benchmarks.core import PARTITIONS, load_input
+from streamflow.config import parse_pipeline
+from streamflow.runtime.pipeline import PipelineRunner
+from streamflow.transport import TopicSpec, create_transport
+from streamflow.transport.broker import EmbeddedBroker
+
+WORKLOAD = "sink-rows-durable"
+POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+SINK_TYPES = ("parquet", "postgres", "duckdb", "delta", "kafka")
+
+
+@contextmanager
+def sink_settings(sink_type: str) -> Iterator[dict[str, Any]]:
+    """Settings writing somewhere of the run's own, removed afterwards."""
+    with tempfile.TemporaryDirectory() as temporary:
+        directory = Path(temporary)
+        if sink_type != "postgres":
+            yield {
+                "parquet": {"path": str(directory / "lake")},
+                "duckdb": {"path": str(directory / "warehouse.duckdb"), "table": "events"},
+                "delta": {"path": str(directory / "events")},
+                "kafka": {"topic": f"bench.copy.{directory.name}", "partitions": PARTITIONS},
+            }[sink_type]
+            return
+        table = f"bench_{uuid.uuid4().hex[:8]}"
+        try:
+            yield {"dsn": POSTGRES_DSN, "table": table}
+        finally:
+            with psycopg.connect(POSTGRES_DSN, autocommit=True) as connection:
+                connection.execute(f'DROP TABLE IF EXISTS "{table}"')
+
+
+def run_sink(bootstrap: str, source: str, records: int, sink_type: str) -> float:
+    """Rows per second the sink ``sink_type`` makes durable, reading ``source`` from the start."""
+    name = f"sink{uuid.uuid4().hex[:8]}"
+    with sink_settings(sink_type) as settings:
+        config = parse_pipeline({
+            "pipeline": name,
+            "kafka": {"bootstrap": bootstrap},
+            "sinks": [{"name": "out", "type": sink_type, "input": source, **settings}],
+            "metrics": {"enabled": False},
+            "runtime": {"batch": {"max_records": 10_000, "max_wait_ms": 50},
+                        "commit_interval_s": 1.0},
+        })
+        labels = {"pipeline": name, "sink": "out"}
+        return measure_stage(PipelineRunner(config), "out", records, done=lambda runner: (
+            runner.metrics.registry.get_sample_value("streamflow_sink_rows_written_total",
+                                                     labels) or 0
+        ))
+
+
+def run_sinks(records: int, repeat: int) -> list[dict[str, Any]]:
+    """Each sink ``repeat`` times on the same pre-loaded topic; keep each one's best."""
+    best: dict[str, float] = {}
+    with EmbeddedBroker() as broker:
+        source = "bench.input"
+        create_transport("confluent", broker.bootstrap).admin().create_topics(
+            [TopicSpec(source, PARTITIONS)]
+        )
+        load_input(broker.bootstrap, source, records)
+        for _round in range(repeat):
+            for sink_type in SINK_TYPES:
+                rate = run_sink(broker.bootstrap, source, records, sink_type)
+                print(f"streamflow-{sink_type}: {rate:,.0f} rows/s", flush=True)
+                best[sink_type] = max(best.get(sink_type, 0.0), rate)
+    return [
+        {"system": f"streamflow-{sink_type}", "workload": WORKLOAD, "events_per_s": round(rate),
+         "records": records}
+        for sink_type, rate in best.items()
+    ]

@@ -1,0 +1,253 @@
+"""PostgreSQL: the warehouse sink, exactly once.
+
+Rows are bulk-loaded with COPY inside one transaction per flush; the consumed offsets go into
+``offsets_table`` in that same transaction, so after a crash the runtime resumes each partition
+exactly where the committed rows end. The table is created from the first records and gains a
+column (ALTER TABLE ADD COLUMN) when a new field appears. Every identifier is quoted.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import psycopg
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
+from pydantic import Field
+
+from connectors.sinks.warehouse import (
+    JSON,
+    SEQUENCE_COLUMN,
+    ColumnType,
+    WarehouseConfig,
+    conform,
+)
+from streamflow.plugins import ComponentContext, Sink, SinkRecordError, TransientError
+from streamflow.transport.base import TopicPartition
+
+# PostgreSQL's names for the Arrow types a JSON batch can hold, and back.
+_SQL_TYPES = {"int": "bigint", "float": "double precision", "bool": "boolean", "string": "text",
+              "date": "date", "timestamp": "timestamp", "timestamptz": "timestamptz",
+              JSON: "jsonb"}
+_ARROW_TYPES: dict[str, ColumnType] = {
+    "bigint": pa.int64(), "integer": pa.int32(), "smallint": pa.int16(),
+    "double precision": pa.float64(), "real": pa.float32(), "boolean": pa.bool_(),
+    "text": pa.string(), "character varying": pa.string(), "character": pa.string(),
+    "date": pa.date32(), "timestamp without time zone": pa.timestamp("us"),
+    "timestamp with time zone": pa.timestamp("us", "UTC"), "json": JSON, "jsonb": JSON,
+}
+# The server answered but refuses this connection for good (wrong credentials, database or
+# role, pg_hba.conf); other connection failures (refused, timeout, starting up) are retried.
+_FATAL_CONNECTION_ERRORS = ("does not exist", "authentication failed", "no pg_hba.conf entry",
+                            "permission denied")
+
+
+class PostgresConfig(WarehouseConfig):
+    dsn: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+        description="libpq connection URI or key=value string (password via PGPASSWORD or ${VAR})",
+    )
+    db_schema: str = Field("public", alias="schema", description="schema of the tables")
+    connect_timeout_s: int = Field(10, ge=1, description="seconds to wait for a connection")
+
+
+def sql_type(kind: pa.DataType | Literal["json"]) -> str:
+    """PostgreSQL's type for a new column of Arrow type ``kind``."""
+    if kind == JSON:
+        return _SQL_TYPES[JSON]
+    assert isinstance(kind, pa.DataType)
+    if pa.types.is_timestamp(kind):
+        return _SQL_TYPES["timestamptz" if kind.tz else "timestamp"]
+    for name, test in (("int", pa.types.is_integer), ("float", pa.types.is_floating),
+                       ("bool", pa.types.is_boolean), ("date", pa.types.is_date)):
+        if test(kind):
+            return _SQL_TYPES[name]
+    if pa.types.is_decimal(kind):
+        return "numeric"
+    return _SQL_TYPES["string"]
+
+
+def csv_bytes(table: pa.Table) -> bytes:
+    """``table`` as headerless CSV for COPY: nulls unquoted and empty, strings quoted."""
+    sink = io.BytesIO()
+    pa_csv.write_csv(table, sink, pa_csv.WriteOptions(include_header=False))
+    return sink.getvalue()
+
+
+class PostgresSink(Sink[PostgresConfig]):
+    """COPY into one open transaction; :meth:`flush` adds the offsets and commits."""
+
+    config_model = PostgresConfig
+
+    def __init__(self, config: PostgresConfig, context: ComponentContext) -> None:
+        super().__init__(config, context)
+        params = conninfo_to_dict(config.dsn)
+        self.address = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}"
+        self.connection: psycopg.Connection | None = None
+        self.columns: dict[str, ColumnType] = {}
+        self.table_exists = False
+        self._bytes = 0
+        self._table = sql.Identifier(config.db_schema, config.table)
+        self._offsets = sql.Identifier(config.db_schema, config.offsets_table)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Database failures as clear errors: transient ones as :class:`TransientError`."""
+        try:
+            yield
+        except psycopg.OperationalError as exc:
+            message = f"PostgreSQL at {self.address}: {str(exc).strip()}"
+            if any(reason in str(exc) for reason in _FATAL_CONNECTION_ERRORS):
+                raise RuntimeError(f"{message} (check the sink's dsn)") from exc
+            raise TransientError(message) from exc
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise RuntimeError(f"PostgreSQL at {self.address}: {exc}") from exc
+
+    def open(self) -> None:
+        with self._errors():
+            self.connection = psycopg.connect(self.config.dsn,
+                                              connect_timeout=self.config.connect_timeout_s)
+            with self.connection.cursor() as cursor:
+                cursor.execute(sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (pipeline text, sink text, topic text, "
+                    "partition integer, cluster_id text, next_offset bigint NOT NULL, "
+                    "PRIMARY KEY (pipeline, sink, topic, partition))"
+                ).format(self._offsets))
+                cursor.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns "
+                    "WHERE table_schema = %s AND table_name = %s",
+                    (self.config.db_schema, self.config.table),
+                )
+                found = cursor.fetchall()
+            self.connection.commit()
+        self.table_exists = bool(found)
+        self.columns = {name: _ARROW_TYPES.get(kind) for name, kind in found}
+
+    def resume_offsets(
+        self, partitions: Sequence[TopicPartition], cluster_id: str
+    ) -> dict[TopicPartition, int]:
+        assert self.connection is not None
+        with self._errors(), self.connection.cursor() as cursor:
+            cursor.execute(sql.SQL(
+                "SELECT topic, partition, next_offset FROM {} "
+                "WHERE pipeline = %s AND sink = %s AND cluster_id = %s"
+            ).format(self._offsets), (self.context.pipeline, self.context.name, cluster_id))
+            stored = {(topic, partition): offset for topic, partition, offset in cursor}
+        return {partition: stored[partition] for partition in partitions if partition in stored}
+
+    def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
+        assert self.connection is not None
+        conformed = conform(table, self.columns, self.config.keys)
+        with self._errors():
+            if self.connection.info.transaction_status == TransactionStatus.IDLE:
+                # Open the flush's transaction now, so that the savepoints of _load nest in it.
+                self.connection.execute("SELECT 1")
+            if conformed.new_columns:
+                self._add_columns(conformed.new_columns)
+            rows = conformed.good_rows()
+            if rows.num_rows:
+                conformed.failures.update(self._load(rows))
+        if conformed.failures:
+            failed = sorted(conformed.failures)
+            raise SinkRecordError(failed, [conformed.failures[row] for row in failed])
+
+    def _add_columns(self, new_columns: Mapping[str, pa.DataType | Literal["json"]]) -> None:
+        assert self.connection is not None
+        definitions = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(sql_type(kind)))
+            for name, kind in new_columns.items()
+        )
+        with self.connection.cursor() as cursor:
+            if not self.table_exists:
+                keys = sql.SQL("")
+                if self.config.keys:
+                    keys = sql.SQL(", PRIMARY KEY ({})").format(
+                        sql.SQL(", ").join(map(sql.Identifier, self.config.keys)))
+                cursor.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}{})").format(
+                    self._table, definitions, keys))
+                self.table_exists = True
+            else:
+                cursor.execute(sql.SQL("ALTER TABLE {} {}").format(self._table, sql.SQL(", ").join(
+                    sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(
+                        sql.Identifier(name), sql.SQL(sql_type(kind)))
+                    for name, kind in new_columns.items()
+                )))
+        self.columns.update(new_columns)
+
+    def _load(self, rows: pa.Table) -> dict[int, BaseException]:
+        """Load ``rows``; those the database rejects are found by halving and returned by their
+        ``_sf_seq``. Each attempt runs under a savepoint, so a rejection undoes only itself."""
+        assert self.connection is not None
+        try:
+            with self.connection.transaction():
+                self._copy(rows)
+            return {}
+        except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+            if rows.num_rows == 1:
+                return {rows.column(SEQUENCE_COLUMN)[0].as_py(): ValueError(
+                    f"PostgreSQL rejected the record: {str(exc).strip()}")}
+        middle = rows.num_rows // 2
+        return {**self._load(rows.slice(0, middle)), **self._load(rows.slice(middle))}
+
+    def _copy(self, rows: pa.Table) -> None:
+        assert self.connection is not None
+        names = [name for name in rows.column_names if name != SEQUENCE_COLUMN]
+        columns = sql.SQL(", ").join(map(sql.Identifier, names))
+        with self.connection.cursor() as cursor:
+            if self.config.mode == "append":
+                payload = csv_bytes(rows.select(names))
+                with cursor.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+                        self._table, columns)) as copy:
+                    copy.write(payload)
+            else:
+                payload = csv_bytes(rows)
+                staging = sql.Identifier("sf_upsert_staging")
+                cursor.execute(sql.SQL(
+                    "CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA"
+                ).format(staging, columns, self._table))
+                cursor.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint").format(
+                    staging, sql.Identifier(SEQUENCE_COLUMN)))
+                with cursor.copy(sql.SQL("COPY {} ({}, {}) FROM STDIN (FORMAT csv)").format(
+                        staging, columns, sql.Identifier(SEQUENCE_COLUMN))) as copy:
+                    copy.write(payload)
+                keys = sql.SQL(", ").join(map(sql.Identifier, self.config.keys))
+                updates = [name for name in names if name not in self.config.keys]
+                action = sql.SQL("DO NOTHING") if not updates else sql.SQL(
+                    "DO UPDATE SET {}").format(sql.SQL(", ").join(
+                        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name))
+                        for name in updates))
+                cursor.execute(sql.SQL(
+                    "INSERT INTO {table} ({columns}) SELECT DISTINCT ON ({keys}) {columns} "
+                    "FROM {staging} ORDER BY {keys}, {seq} DESC ON CONFLICT ({keys}) {action}"
+                ).format(table=self._table, columns=columns, keys=keys, staging=staging,
+                         seq=sql.Identifier(SEQUENCE_COLUMN), action=action))
+                cursor.execute(sql.SQL("DROP TABLE {}").format(staging))
+        self._bytes += len(payload)
+
+    def flush(self, offsets: Mapping[TopicPartition, int], cluster_id: str) -> int:
+        assert self.connection is not None
+        with self._errors():
+            with self.connection.cursor() as cursor:
+                cursor.executemany(sql.SQL(
+                    "INSERT INTO {} (pipeline, sink, topic, partition, cluster_id, next_offset) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (pipeline, sink, topic, partition) "
+                    "DO UPDATE SET cluster_id = EXCLUDED.cluster_id, "
+                    "next_offset = EXCLUDED.next_offset"
+                ).format(self._offsets), [
+                    (self.context.pipeline, self.context.name, topic, partition, cluster_id, offset)
+                    for (topic, partition), offset in offsets.items()
+                ])
+            self.connection.commit()
+        written, self._bytes = self._bytes, 0
+        return written
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()  # an unflushed transaction is rolled back
+            self.connection = None

@@ -1,0 +1,103 @@
+"""Helpers for sink tests: run a file → topic → sink pipeline and read each sink's output back."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import psycopg
+import pyarrow as pa
+from confluent_kafka import Consumer, TopicPartition
+from deltalake import DeltaTable
+
+from streamflow.api import Pipeline
+from streamflow.runtime.pipeline import PipelineRunner, RunResult
+
+POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def append_records(path: Path, records: list[dict[str, Any] | str]) -> None:
+    """Append JSON lines (a string is written as is, e.g. malformed JSON)."""
+    with open(path, "a") as handle:
+        for record in records:
+            handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+
+
+def run_to_sink(bootstrap: str, pipeline: str, data: Path, sink_type: str,
+                **settings: Any) -> tuple[RunResult, PipelineRunner]:
+    """Load file ``data`` into topic ``raw`` (2 partitions, keyed by ``id``), then run sink
+    ``out`` until idle and return that run. Loading first means the sink's idleness is judged
+    on a complete topic. Later runs of the same pipeline consume only the new records."""
+    config = (Pipeline(pipeline, bootstrap=bootstrap)
+              .topic("raw", 2)
+              .source("file", "file", topic="raw", path=str(data), key_field="id")
+              .sink("out", sink_type, input="raw", **settings)
+              .configure("metrics", port=0)
+              .configure("runtime", commit_interval_s=0.2)
+              .build())
+    loaded = PipelineRunner(config, stage="file", until_idle_s=0.5).run()
+    assert loaded.exit_code == 0, loaded.errors
+    runner = PipelineRunner(config, stage="out", until_idle_s=1)
+    return runner.run(), runner
+
+
+def stage_counts(runner: PipelineRunner, stage: str = "out") -> dict[str, float]:
+    labels = {"pipeline": runner.config.pipeline, "stage": stage}
+    return {name: runner.metrics.registry.get_sample_value(f"streamflow_records_{name}_total", labels)
+            or 0.0 for name in ("in", "out", "filtered", "dead_lettered")}
+
+
+@contextmanager
+def postgres_names() -> Iterator[tuple[str, str]]:
+    """A pipeline and a table name of this test's own; the table and the pipeline's stored
+    offsets are removed afterwards."""
+    pipeline, table = unique("pl"), unique("sf_test")
+    try:
+        yield pipeline, table
+    finally:
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as connection:
+            connection.execute(f'DROP TABLE IF EXISTS "{table}"')
+            if connection.execute("SELECT to_regclass('streamflow_offsets')").fetchone() != (None,):
+                connection.execute("DELETE FROM streamflow_offsets WHERE pipeline = %s",
+                                   (pipeline,))
+
+
+def postgres_rows(table: str) -> pa.Table:
+    with psycopg.connect(POSTGRES_DSN) as connection:
+        cursor = connection.execute(f'SELECT * FROM "{table}"')
+        names = [column.name for column in cursor.description or []]
+        rows = cursor.fetchall()
+    return pa.table({name: [row[i] for row in rows] for i, name in enumerate(names)})
+
+
+def duckdb_rows(path: Path, table: str) -> pa.Table:
+    with duckdb.connect(str(path), read_only=True) as connection:
+        return connection.sql(f'SELECT * FROM "{table}"').to_arrow_table()
+
+
+def delta_rows(path: Path) -> pa.Table:
+    return pa.table(DeltaTable(str(path)).to_pyarrow_table())
+
+
+def parquet_rows(path: Path) -> pa.Table:
+    return duckdb.sql(f"SELECT * FROM read_parquet('{path}/**/*.parquet')").to_arrow_table()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """``group``'s committed next offsets on ``topic`` (read without joining the group)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        offsets = consumer.committed([TopicPartition(topic, p) for p in range(partitions)],
+                                     timeout=10)
+    finally:
+        consumer.close()
+    return {tp.partition: tp.offset for tp in offsets if tp.offset >= 0}
