@@ -25,6 +25,7 @@ from streamflow.plugins import (
     PluginNotFoundError,
     load,
 )
+from streamflow.plugins.agents import AgentError, load_agent, require_faust
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -110,6 +111,36 @@ def _plugin_config_errors(data: dict[str, Any]) -> list[str]:
             if len(kinds) == 1:
                 where = ("processors", stage_index, "steps", step_index, kinds[0])
                 errors += _plugin_errors(PROCESSOR_GROUP, kinds[0], step[kinds[0]], where, ())
+        if stage.get("type") == "faust":
+            errors += _faust_stage_errors(data, stage, ("processors", stage_index))
+    return errors
+
+
+SECURITY_SETTINGS = ("sasl.", "ssl.")
+
+
+def _faust_stage_errors(data: dict[str, Any], stage: dict[str, Any],
+                        where: tuple[str | int, ...]) -> list[str]:
+    """The faust extra is installed, the agent imports, and Kafka needs no security settings."""
+    try:
+        require_faust()
+    except AgentError as exc:
+        return [f"{format_location((*where, 'type'))}: {exc}"]
+    errors = []
+    kafka = data.get("kafka")
+    client_config = kafka.get("config") if isinstance(kafka, dict) else None
+    if isinstance(client_config, dict) and (
+        str(client_config.get("security.protocol", "plaintext")).lower() != "plaintext"
+        or any(str(key).startswith(SECURITY_SETTINGS) for key in client_config)
+    ):
+        errors.append(f"{format_location((*where, 'type'))}: faust stages connect to Kafka in "
+                      "plaintext and do not apply kafka.config security settings; use a native "
+                      "stage (remove type: faust) or a plaintext listener")
+    if isinstance(stage.get("agent"), str):
+        try:
+            load_agent(stage["agent"])
+        except AgentError as exc:
+            errors.append(f"{format_location((*where, 'agent'))}: {exc}")
     return errors
 
 

@@ -9,6 +9,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -177,12 +178,36 @@ class WindowConfig(Strict):
 
 
 class ProcessorConfig(StageBase):
-    """A topic → topic stage: parse, then run its steps in order."""
+    """A topic → topic stage: parse, then run its steps in order (or a user's Faust agent)."""
 
     output: Name
     dead_letter: Name | None = Field(None, description="default: <pipeline>.dlq")
+    type: Literal["native", "faust"] = Field(
+        "native", description="native: steps on Arrow micro-batches; faust: a Faust agent"
+    )
+    agent: str | None = Field(
+        None, validate_default=True,
+        description="type: faust only: the agent as 'package.module:function' (docs/faust.md)",
+    )
     steps: list[StepConfig] = Field(default_factory=list)
     window: WindowConfig | None = Field(None, description="aggregate the steps' output in windows")
+
+    @field_validator("agent")
+    @classmethod
+    def _agent_fits_type(cls, agent: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("type")
+        if kind == "faust" and agent is None:
+            raise ValueError("a type: faust stage needs agent: 'package.module:function'")
+        if kind == "native" and agent is not None:
+            raise ValueError("only type: faust stages take an agent; set type: faust or remove agent")
+        return agent
+
+    @field_validator("steps", "window")
+    @classmethod
+    def _nothing_besides_agent(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.data.get("type") == "faust" and value:
+            raise ValueError(f"a type: faust stage runs its agent instead: remove {info.field_name}")
+        return value
 
 
 RiverSpec = dict[str, dict[str, Any] | None]
