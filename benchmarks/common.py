@@ -17,10 +17,15 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
     Time runs from the first handled batch to the last one, so the consumer-group join is not
     counted. ``streamflow_records_in_total`` grows only after a batch's output was acknowledged.
     ``done``, when given, counts the finished records instead (e.g. rows a sink made durable).
+    Each poll reads the registry once, which holds the GIL: polls stay few.
     """
     thread = threading.Thread(target=runner.run)
     thread.start()
     labels = {"pipeline": runner.config.pipeline, "stage": stage}
+
+    def handled(runner: PipelineRunner) -> float:
+        return runner.metrics.registry.get_sample_value("streamflow_records_in_total", labels) or 0
+
     started = finished = None
     notified = False
     while finished is None:
@@ -28,11 +33,10 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
         if not notified and runner.stages:
             on_running(runner)
             notified = True
-        handled = runner.metrics.registry.get_sample_value("streamflow_records_in_total",
-                                                           labels) or 0
-        if started is None and handled:
-            started = time.perf_counter()
-        if (done(runner) if done else handled) >= records:
+        if started is None:
+            if handled(runner):
+                started = time.perf_counter()
+        elif (done or handled)(runner) >= records:
             finished = time.perf_counter()
     runner.stop()
     thread.join()

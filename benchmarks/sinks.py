@@ -59,7 +59,7 @@ def run_sink(bootstrap: str, source: str, records: int, sink_type: str) -> float
             "sinks": [{"name": "out", "type": sink_type, "input": source, **settings}],
             "metrics": {"enabled": False},
             "runtime": {"batch": {"max_records": 10_000, "max_wait_ms": 50},
-                        "commit_interval_s": 1.0},
+                        "commit_interval_s": 0.25},
         })
         labels = {"pipeline": name, "sink": "out"}
         return measure_stage(PipelineRunner(config), "out", records, done=lambda runner: (

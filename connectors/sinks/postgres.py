@@ -108,6 +108,11 @@ class PostgresSink(Sink[PostgresConfig]):
             raise TransientError(message) from exc
         except psycopg.errors.InsufficientPrivilege as exc:
             raise RuntimeError(f"PostgreSQL at {self.address}: {exc}") from exc
+        except psycopg.errors.InvalidColumnReference as exc:  # ON CONFLICT without a key
+            raise RuntimeError(
+                f"PostgreSQL at {self.address}: mode upsert needs a primary key or unique "
+                f"constraint on {self.config.keys} in table {self.config.table!r} ({exc})"
+            ) from exc
 
     def open(self) -> None:
         with self._errors():
