@@ -299,8 +299,15 @@ class PipelineRunner:
         return self._shutdown()
 
     def _idle(self, seconds: float) -> bool:
-        return all(s.finished for s in self.sources) and all(
-            stage.is_idle(seconds) for stage in self.stages
+        """Sources done, and no stage handled anything for ``seconds`` while every stage's lag,
+        measured after the last activity anywhere, is zero (so a record a source or an upstream
+        stage wrote just before is never missed)."""
+        if not all(s.finished for s in self.sources):
+            return False
+        last_activity = max([s.finished_at for s in self.sources]
+                            + [stage.idle_since for stage in self.stages], default=0.0)
+        return time.monotonic() - last_activity >= seconds and all(
+            stage.is_idle(last_activity) for stage in self.stages
         )
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:

@@ -73,6 +73,7 @@ class SourceRunner:
         self.max_records = max_records
         self.name = source.context.name
         self.finished = False
+        self.finished_at = 0.0  # monotonic time the source ran out of records
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)
@@ -92,6 +93,7 @@ class SourceRunner:
             while not self._stop.is_set():
                 batch = self.source.poll(self.max_records, POLL_TIMEOUT_S)
                 if batch is None:
+                    self.finished_at = time.monotonic()
                     self.finished = True
                     log.info("source %s finished", self.name)
                     return

@@ -78,7 +78,7 @@ class StageRunner(RebalanceListener, ABC):
         self.error: BaseException | None = None
         self.idle_since = time.monotonic()
         self.lag: int | None = None
-        self._lag_checked = 0.0
+        self.lag_checked_at = 0.0  # monotonic time of the measurement behind ``lag``
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self.assigned = False  # joined the group at least once (possibly with no partitions)
@@ -93,11 +93,12 @@ class StageRunner(RebalanceListener, ABC):
     def stop(self) -> None:
         self._stop.set()
 
-    def is_idle(self, seconds: float) -> bool:
-        """No records for ``seconds`` and nothing left to read on assigned partitions."""
+    def is_idle(self, since: float) -> bool:
+        """Nothing left to read on the assigned partitions, as measured after ``since`` (the
+        pipeline's last activity)."""
         return (
             self.lag == 0
-            and time.monotonic() - self.idle_since >= seconds
+            and self.lag_checked_at > since
             and self.thread.is_alive()
         )
 
@@ -118,6 +119,7 @@ class StageRunner(RebalanceListener, ABC):
                     started = time.perf_counter()
                     self.handle(batch)
                     self.metrics.batch_seconds.observe(time.perf_counter() - started)
+                    self.idle_since = time.monotonic()  # its output is out: idle from now
                 self._check_lag()
                 self.tick()
             self.drain()
@@ -129,11 +131,11 @@ class StageRunner(RebalanceListener, ABC):
 
     def _check_lag(self) -> None:
         now = time.monotonic()
-        if self.consumer is None or now - self._lag_checked < LAG_CHECK_INTERVAL_S:
+        if self.consumer is None or now - self.lag_checked_at < LAG_CHECK_INTERVAL_S:
             return
-        self._lag_checked = now
         lags = self.consumer.lag()
         self.lag = sum(lags.values()) if lags else None  # None: no partitions (yet)
+        self.lag_checked_at = now
         for (topic, partition), lag in lags.items():
             self.metrics.lag(topic, partition).set(lag)
 

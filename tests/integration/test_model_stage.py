@@ -21,6 +21,7 @@ from river import datasets, evaluate, linear_model, metrics, preprocessing
 from streamflow.config import load_pipeline
 from streamflow.ml.checkpoint import CheckpointStore
 from streamflow.runtime.pipeline import PipelineRunner
+from tests.helpers import read_topic
 
 
 def write_dataset(path: Path, stream: list[tuple[dict[str, Any], Any]]) -> None:
@@ -145,7 +146,9 @@ def test_sigkill_mid_stream_then_restart_learns_each_record_once(
     model = linear_model.LinearRegression()
     expected = evaluate.progressive_val_score(stream, model, metrics.MAE())
     header, (state, models) = store.load("features+0", "partition-state")
-    assert header["next_offsets"] == {"features": len(stream)}
+    # Offsets are not dense (sources write in transactions, whose markers take offsets too).
+    last_offset = max(read_topic(fresh_broker, "features").offsets)
+    assert header["next_offsets"] == {"features": last_offset + 1}
     assert state.metrics[0].cumulative.get() == pytest.approx(expected.get(), abs=1e-9)
     slot = models[""]
     assert slot.learned == len(stream)

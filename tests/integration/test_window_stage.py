@@ -276,7 +276,10 @@ def test_window_state_moves_with_its_partition_in_a_rebalance(fresh_broker: str)
         return runner
 
     def settled(runner: PipelineRunner) -> bool:
-        return bool(runner.stages) and runner.stages[0].is_idle(1.0)
+        if not runner.stages:
+            return False
+        stage = runner.stages[0]
+        return time.monotonic() - stage.idle_since >= 1.0 and stage.is_idle(stage.idle_since)
 
     def wait_until(condition: Callable[[], bool]) -> None:
         deadline = time.monotonic() + 60
