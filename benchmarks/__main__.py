@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.clean import run_clean
 from benchmarks.core import run_core
 from benchmarks.dashboard import run_dashboard
 from benchmarks.model import run_model
@@ -15,7 +14,7 @@ from benchmarks.sinks import run_sinks
 from benchmarks.windows import run_windows
 
 WORKLOADS = {"core": run_core, "model": run_model, "dashboard": run_dashboard,
-             "sinks": run_sinks, "windows": run_windows, "clean": run_clean}
+             "sinks": run_sinks, "windows": run_windows}
 
 
 def main(argv: list[str] | None = None) -> int:
