@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.clean import run_clean
 from benchmarks.core import run_core
 from benchmarks.dashboard import run_dashboard
 from benchmarks.model import run_model
@@ -14,7 +15,7 @@ from benchmarks.sinks import run_sinks
 from benchmarks.windows import run_windows
 
 WORKLOADS = {"core": run_core, "model": run_model, "dashboard": run_dashboard,
-             "sinks": run_sinks, "windows": run_windows}
+             "sinks": run_sinks, "windows": run_windows, "clean": run_clean}
 
 
 def main(argv: list[str] | None = None) -> int:

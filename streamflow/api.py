@@ -131,9 +131,10 @@ class Pipeline:
         return self._add("sources", {"name": name, "type": type, "topic": topic, **settings})
 
     def processor(self, name: str, *, input: str, output: str,
-                  steps: list[dict[str, Any]], **options: Any) -> Pipeline:
+                  steps: list[dict[str, Any]] | None = None, **options: Any) -> Pipeline:
+        """A processor stage: ``steps``, or ``type="faust", agent="module:function"``."""
         return self._add("processors", {"name": name, "input": input, "output": output,
-                                        "steps": steps, **options})
+                                        "steps": steps or [], **options})
 
     def model(self, name: str, *, input: str, output: str, **options: Any) -> Pipeline:
         return self._add("models", {"name": name, "input": input, "output": output, **options})

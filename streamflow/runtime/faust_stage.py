@@ -110,6 +110,7 @@ class EventFeed:
         """Count the current event, now that the agent is done with it."""
         if self.current is None:
             return
+        self._stage.idle_since = time.monotonic()  # its outputs were just sent: activity
         self._stage.metrics.count(1, self.outputs, int(self.dead_lettered))
         self.current, self.outputs, self.dead_lettered = None, 0, False
 

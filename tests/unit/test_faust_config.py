@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from streamflow.api import Pipeline
 from streamflow.config import ConfigError, parse_pipeline
 from streamflow.plugins.agents import AgentError, load_agent, require_faust
 from tests import faust_agents
@@ -84,3 +85,11 @@ def test_a_missing_faust_extra_says_how_to_install_it(monkeypatch: pytest.Monkey
 
 def test_load_agent_returns_the_function() -> None:
     assert load_agent("tests.faust_agents:enrich") is faust_agents.enrich
+
+
+def test_the_python_api_declares_faust_stages() -> None:
+    pytest.importorskip("faust")
+    config = (Pipeline("p").processor("enrich", input="in", output="out", type="faust",
+                                      agent="tests.faust_agents:enrich").build())
+    assert (config.processors[0].type, config.processors[0].agent) == (
+        "faust", "tests.faust_agents:enrich")
