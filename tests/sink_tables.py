@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,28 +34,63 @@ def append_records(path: Path, records: list[dict[str, Any] | str]) -> None:
             handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
 
 
-def run_to_sink(bootstrap: str, pipeline: str, data: Path, sink_type: str,
-                **settings: Any) -> tuple[RunResult, PipelineRunner]:
-    """Load file ``data`` into topic ``raw`` (2 partitions, keyed by ``id``), then run sink
-    ``out`` until idle and return that run. Loading first means the sink's idleness is judged
-    on a complete topic. Later runs of the same pipeline consume only the new records."""
-    config = (Pipeline(pipeline, bootstrap=bootstrap)
-              .topic("raw", 2)
-              .source("file", "file", topic="raw", path=str(data), key_field="id")
-              .sink("out", sink_type, input="raw", **settings)
-              .configure("metrics", port=0)
-              .configure("runtime", commit_interval_s=0.2)
-              .build())
-    loaded = PipelineRunner(config, stage="file", until_idle_s=0.5).run()
-    assert loaded.exit_code == 0, loaded.errors
-    runner = PipelineRunner(config, stage="out", until_idle_s=1)
-    return runner.run(), runner
+class RunningPipeline:
+    """Files ``data-N.jsonl`` → topic ``raw`` (2 partitions, keyed by ``id``) → sink ``out``,
+    running in a thread; :meth:`feed` adds a file and waits until the sink consumed it, so each
+    feed reaches the sink in batches of its own (one consumer-group join for the whole test)."""
 
+    def __init__(self, bootstrap: str, directory: Path, sink_type: str, pipeline: str | None = None,
+                 **settings: Any) -> None:
+        self.directory = directory
+        self.pipeline = pipeline or unique("pl")
+        config = (Pipeline(self.pipeline, bootstrap=bootstrap)
+                  .topic("raw", 2)
+                  .source("file", "file", topic="raw", path=str(directory / "data-*.jsonl"),
+                          follow=True, key_field="id")
+                  .sink("out", sink_type, input="raw", **settings)
+                  .configure("metrics", port=0)
+                  .configure("runtime", commit_interval_s=0.2)
+                  .build())
+        self.runner = PipelineRunner(config)
+        self.result: RunResult | None = None
+        self._fed = 0
+        self._thread = threading.Thread(target=self._run)
 
-def stage_counts(runner: PipelineRunner, stage: str = "out") -> dict[str, float]:
-    labels = {"pipeline": runner.config.pipeline, "stage": stage}
-    return {name: runner.metrics.registry.get_sample_value(f"streamflow_records_{name}_total", labels)
-            or 0.0 for name in ("in", "out", "filtered", "dead_lettered")}
+    def _run(self) -> None:
+        self.result = self.runner.run()
+
+    def __enter__(self) -> RunningPipeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def feed(self, records: list[dict[str, Any]] | list[dict[str, Any] | str],
+             timeout_s: float = 60) -> None:
+        """Add a file of ``records`` and wait until the sink stage consumed every one."""
+        append_records(self.directory / f"data-{self._fed:06d}.jsonl", records)
+        self._fed += len(records)
+        deadline = time.monotonic() + timeout_s
+        while self.counts()["in"] < self._fed:
+            assert self._thread.is_alive(), self.result
+            assert time.monotonic() < deadline, f"the sink consumed {self.counts()}"
+            time.sleep(0.05)
+
+    def counts(self) -> dict[str, float]:
+        """The sink stage's counters: in, out, filtered, dead_lettered."""
+        labels = {"pipeline": self.pipeline, "stage": "out"}
+        registry = self.runner.metrics.registry
+        return {name: registry.get_sample_value(f"streamflow_records_{name}_total", labels) or 0.0
+                for name in ("in", "out", "filtered", "dead_lettered")}
+
+    def stop(self) -> RunResult:
+        """Stop gracefully (the sink flushes and commits) and return how the run ended."""
+        if self._thread.is_alive():
+            self.runner.stop()
+            self._thread.join(60)
+        assert self.result is not None
+        return self.result
 
 
 @contextmanager

@@ -21,7 +21,10 @@ class ConsoleConfig(BaseModel):
 
 
 class ConsoleSink(Sink[ConsoleConfig]):
-    """One JSON object per line, written as records arrive and flushed with each checkpoint."""
+    """Prints records as JSON lines, for debugging.
+
+    Lines are written as records arrive and flushed with each checkpoint.
+    """
 
     config_model = ConsoleConfig
 

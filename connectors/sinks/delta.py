@@ -31,7 +31,10 @@ class DeltaConfig(BaseModel):
 
 
 class DeltaSink(Sink[DeltaConfig]):
-    """Buffers conformed batches; :meth:`flush` commits them with the offsets as app transactions."""
+    """Appends records to a Delta Lake table exactly once; new fields become columns.
+
+    Buffers conformed batches; :meth:`flush` commits them with the offsets as app transactions.
+    """
 
     config_model = DeltaConfig
 

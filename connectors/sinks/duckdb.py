@@ -61,7 +61,9 @@ def sql_type(kind: pa.DataType | Literal["json"]) -> str:
 
 
 class DuckDBSink(Sink[DuckDBConfig]):
-    """Inserts into one open transaction; :meth:`flush` adds the offsets and commits."""
+    """Writes records to a table in a DuckDB file exactly once: append or upsert, new fields become
+    columns. Rows go into one open transaction; :meth:`flush` adds the offsets and commits.
+    """
 
     config_model = DuckDBConfig
 

@@ -42,7 +42,10 @@ class KafkaSinkConfig(BaseModel):
 
 
 class KafkaSink(Sink[KafkaSinkConfig]):
-    """Buffers encoded records; :meth:`flush` produces them and waits for acknowledgement."""
+    """Produces records as JSON to another topic, on this cluster or another (at least once).
+
+    Buffers encoded records; :meth:`flush` produces them and waits for acknowledgement.
+    """
 
     config_model = KafkaSinkConfig
 

@@ -28,7 +28,10 @@ class ParquetConfig(BaseModel):
 
 
 class ParquetSink(Sink[ParquetConfig]):
-    """Buffers per partition; :meth:`flush` writes one file per buffered partition."""
+    """Writes Parquet files named by topic, partition and first offset; replays rewrite them.
+
+    Buffers per partition; :meth:`flush` writes one file per buffered partition.
+    """
 
     config_model = ParquetConfig
 

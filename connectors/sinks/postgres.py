@@ -81,7 +81,10 @@ def csv_bytes(table: pa.Table) -> bytes:
 
 
 class PostgresSink(Sink[PostgresConfig]):
-    """COPY into one open transaction; :meth:`flush` adds the offsets and commits."""
+    """Writes records to a PostgreSQL table exactly once: append or upsert, new fields become columns.
+
+    Rows are COPied into one open transaction; :meth:`flush` adds the offsets and commits.
+    """
 
     config_model = PostgresConfig
 

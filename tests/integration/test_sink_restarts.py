@@ -1,8 +1,10 @@
-"""SIGKILL a sink stage mid-stream, restart it on the same broker: every record lands exactly once.
+"""SIGKILL a pipeline of sinks mid-stream, restart it on the same broker: every record lands
+exactly once in each sink's output.
 
-For the sinks that store offsets with their rows, the test also throws away the Kafka commits of
-the killed run (the group is rewound to the start), so that only the offsets in the sink's own
-table keep the restart from writing anything twice.
+The postgres, duckdb and delta sinks store offsets with their rows: for them the test also throws
+away the Kafka commits of the killed run (their groups are rewound to the start), so that only the
+offsets in the sink's own storage keep the restart from writing anything twice. The parquet sink
+relies on the Kafka commit (a replay rewrites the same files), so its group is left alone.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pytest
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
+from streamflow.config import load_pipeline
+from streamflow.runtime.pipeline import PipelineRunner
 from tests.sink_tables import (
     POSTGRES_DSN,
     append_records,
@@ -32,44 +35,22 @@ from tests.sink_tables import (
     postgres_rows,
 )
 
-COUNT = 6000
+COUNT = 8000
 PARTITIONS = 2
+EXACTLY_ONCE = ("postgres", "duckdb", "delta")
 
 
-@contextmanager
-def postgres_sink(tmp_path: Path) -> Iterator[tuple[str, dict[str, Any], Callable[[], pa.Table]]]:
-    with postgres_names() as (pipeline, table):
-        yield pipeline, {"dsn": POSTGRES_DSN, "table": table}, lambda: postgres_rows(table)
-
-
-@contextmanager
-def duckdb_sink(tmp_path: Path) -> Iterator[tuple[str, dict[str, Any], Callable[[], pa.Table]]]:
-    path = tmp_path / "warehouse.duckdb"
-    yield "killed", {"path": str(path), "table": "events"}, lambda: duckdb_rows(path, "events")
-
-
-@contextmanager
-def delta_sink(tmp_path: Path) -> Iterator[tuple[str, dict[str, Any], Callable[[], pa.Table]]]:
-    path = tmp_path / "events"
-    yield "killed", {"path": str(path)}, lambda: delta_rows(path)
-
-
-@contextmanager
-def parquet_sink(tmp_path: Path) -> Iterator[tuple[str, dict[str, Any], Callable[[], pa.Table]]]:
-    path = tmp_path / "lake"
-    yield "killed", {"path": str(path)}, lambda: parquet_rows(path)
-
-
-def pipeline_file(tmp_path: Path, bootstrap: str, pipeline: str, sink_type: str,
-                  settings: dict[str, Any]) -> Path:
+def pipeline_file(tmp_path: Path, bootstrap: str, pipeline: str,
+                  sinks: dict[str, dict[str, Any]]) -> Path:
     config = {
         "pipeline": pipeline,
         "kafka": {"bootstrap": bootstrap},
         "topics": [{"name": "raw", "partitions": PARTITIONS}],
         "sources": [{"name": "load", "type": "file", "topic": "raw", "key_field": "id",
                      "path": str(tmp_path / "data.jsonl")}],
-        "sinks": [{"name": "out", "type": sink_type, "input": "raw",
-                   "batch": {"max_records": 100, "max_wait_ms": 10}, **settings}],
+        "sinks": [{"name": sink_type, "type": sink_type, "input": "raw",
+                   "batch": {"max_records": 100, "max_wait_ms": 10}, **settings}
+                  for sink_type, settings in sinks.items()],
         "runtime": {"commit_interval_s": 0.05},
         "metrics": {"port": 0},
     }
@@ -87,7 +68,7 @@ def rewind(bootstrap: str, group: str) -> None:
     deadline = time.monotonic() + 60
     try:
         while len(consumer.assignment()) < PARTITIONS:
-            assert time.monotonic() < deadline, "could not join the killed stage's group"
+            assert time.monotonic() < deadline, f"could not join the killed group {group}"
             consumer.poll(0.2)
         consumer.commit(offsets=[TopicPartition("raw", p, 0) for p in range(PARTITIONS)],
                         asynchronous=False)
@@ -95,18 +76,32 @@ def rewind(bootstrap: str, group: str) -> None:
         consumer.close()
 
 
-@pytest.mark.parametrize(("sink_type", "sink", "lose_kafka_commits"), [
-    ("postgres", postgres_sink, True),
-    ("duckdb", duckdb_sink, True),
-    ("delta", delta_sink, True),
-    ("parquet", parquet_sink, False),  # idempotent by file name only from the committed offset
-])
+def topic_end(bootstrap: str) -> int:
+    """The sum of the input partitions' end offsets."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "end-offsets"})
+    try:
+        return sum(consumer.get_watermark_offsets(TopicPartition("raw", p), timeout=10)[1]
+                   for p in range(PARTITIONS))
+    finally:
+        consumer.close()
+
+
 def test_sigkill_mid_stream_then_restart_writes_each_record_once(
-    fresh_broker: str, tmp_path: Path, sink_type: str, sink: Any, lose_kafka_commits: bool
+    fresh_broker: str, tmp_path: Path
 ) -> None:
     append_records(tmp_path / "data.jsonl", [{"id": i, "value": i * 0.5} for i in range(COUNT)])
-    with sink(tmp_path) as (pipeline, settings, read_rows):
-        path = pipeline_file(tmp_path, fresh_broker, pipeline, sink_type, settings)
+    with postgres_names() as (pipeline, table):
+        outputs: dict[str, tuple[dict[str, Any], Callable[[], pa.Table]]] = {
+            "postgres": ({"dsn": POSTGRES_DSN, "table": table}, lambda: postgres_rows(table)),
+            "duckdb": ({"path": str(tmp_path / "warehouse.duckdb"), "table": "events"},
+                       lambda: duckdb_rows(tmp_path / "warehouse.duckdb", "events")),
+            "delta": ({"path": str(tmp_path / "events")}, lambda: delta_rows(tmp_path / "events")),
+            "parquet": ({"path": str(tmp_path / "lake")}, lambda: parquet_rows(tmp_path / "lake")),
+        }
+        path = pipeline_file(tmp_path, fresh_broker, pipeline,
+                             {name: settings for name, (settings, _read) in outputs.items()})
+        loaded = PipelineRunner(load_pipeline(path), stage="load", until_idle_s=0.2).run()
+        assert loaded.exit_code == 0, loaded.errors
 
         def run(*extra: str) -> subprocess.Popen[bytes]:
             return subprocess.Popen(
@@ -114,25 +109,33 @@ def test_sigkill_mid_stream_then_restart_writes_each_record_once(
                  *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )
 
-        loaded = run("--stage", "load", "--until-idle", "0.5")
-        assert loaded.wait(timeout=120) == 0
+        def committed(name: str) -> int:
+            offsets = committed_offsets(fresh_broker, f"{pipeline}.{name}", "raw", PARTITIONS)
+            return sum(offsets.values())
 
-        stage = run("--stage", "out")
-        group = f"{pipeline}.out"
-        deadline = time.monotonic() + 60
-        committed = 0
-        while time.monotonic() < deadline and committed < COUNT // 4:
+        # One process per sink, each killed once a quarter of its input is durable.
+        end = topic_end(fresh_broker)
+        running = {name: run("--stage", name) for name in outputs}
+        killed: list[subprocess.Popen[bytes]] = []
+        deadline = time.monotonic() + 90
+        while running and time.monotonic() < deadline:
             time.sleep(0.02)
-            committed = sum(committed_offsets(fresh_broker, group, "raw", PARTITIONS).values())
-        stage.send_signal(signal.SIGKILL)
-        stage.wait(timeout=30)
-        assert COUNT // 4 <= committed < COUNT, f"killed after {committed} records: not mid-stream"
-        if lose_kafka_commits:
-            rewind(fresh_broker, group)
+            for name in [name for name in running if committed(name) >= end // 4]:
+                killed.append(running.pop(name))
+                killed[-1].send_signal(signal.SIGKILL)
+        for process in [*killed, *running.values()]:
+            process.kill()
+            process.wait(timeout=30)
+        assert not running, f"not a quarter through before the deadline: {sorted(running)}"
+        progress = {name: committed(name) for name in outputs}
+        assert max(progress.values()) < end, f"killed after the end ({end}): {progress}"
+        with ThreadPoolExecutor(len(EXACTLY_ONCE)) as pool:
+            list(pool.map(lambda name: rewind(fresh_broker, f"{pipeline}.{name}"), EXACTLY_ONCE))
 
-        restarted = run("--stage", "out", "--until-idle", "1")
+        restarted = run("--until-idle", "0.5")
         log, _ = restarted.communicate(timeout=180)
         assert restarted.returncode == 0, log.decode()[-3000:]
-        ids = read_rows().column("id").to_pylist()
-        assert len(ids) == COUNT, f"{len(ids) - len(set(ids))} duplicates"
-        assert sorted(ids) == list(range(COUNT))
+        for name, (_settings, read_rows) in outputs.items():
+            ids = read_rows().column("id").to_pylist()
+            assert len(ids) == COUNT, f"{name}: {len(ids) - len(set(ids))} duplicates"
+            assert sorted(ids) == list(range(COUNT)), f"{name}: records are missing"

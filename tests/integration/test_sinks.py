@@ -8,22 +8,24 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import pytest
 
+from connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
 from connectors.sinks.postgres import PostgresConfig, PostgresSink
 from streamflow.plugins import ComponentContext, TransientError
 from streamflow.runtime.supervisor import is_transient
+from streamflow.transport import create_transport
+from streamflow.transport.broker import EmbeddedBroker
 from tests.helpers import read_topic
 from tests.sink_tables import (
     POSTGRES_DSN,
-    append_records,
+    RunningPipeline,
     committed_offsets,
     delta_rows,
     duckdb_rows,
     postgres_names,
     postgres_rows,
-    run_to_sink,
-    stage_counts,
     unique,
 )
 
@@ -33,39 +35,57 @@ SECOND = [{"id": i, "name": f"device-{i}", "reading": i * 0.5, "score": i, "tags
           for i in range(40, 60)]
 
 
-def assert_reconciled(runner: Any, dead_letters: int) -> None:
-    counts = stage_counts(runner)
+def assert_reconciled(counts: dict[str, float], expected: dict[str, int]) -> None:
+    """in = out + filtered + dead-lettered, with the expected out and dead-lettered counts."""
     assert counts["in"] == counts["out"] + counts["filtered"] + counts["dead_lettered"], counts
-    assert counts["dead_lettered"] == dead_letters
+    assert {name: counts[name] for name in expected} == expected, counts
 
 
-def check_landed_once_with_new_columns(rows: Any) -> None:
+# Then valid JSON the table cannot hold (``score`` is a bigint column by now) and malformed JSON.
+BAD = ['{"id": 100, "score": "lots"}', '{"id": 101, "score": "a few"}', "{not json"]
+LAST = {"id": 102}
+
+
+def land_evolve_and_reject(bootstrap: str, tmp_path: Path, sink_type: str,
+                           pipeline: str | None = None, **settings: Any) -> None:
+    """FIRST creates the table, SECOND adds columns, then BAD records are dead-lettered while
+    LAST is written; each reaches the sink in batches of its own."""
+    with RunningPipeline(bootstrap, tmp_path, sink_type, pipeline, **settings) as running:
+        running.feed(FIRST)
+        running.feed(SECOND)
+        running.feed([*BAD, LAST])
+        result = running.stop()
+    assert result.exit_code == 0, result.errors
+    assert_reconciled(running.counts(), {"out": 61, "dead_lettered": len(BAD)})
+    dead = read_topic(bootstrap, f"{running.pipeline}.dlq")
+    letters = {value.decode(): dict(headers or []) for value, headers
+               in zip(dead.values, dead.headers, strict=True)}
+    assert set(letters) == set(BAD)
+    assert letters["{not json"]["streamflow.step"] == b"parse"
+    conflict = letters[BAD[0]]
+    assert conflict["streamflow.step"] == b"sink"
+    assert conflict["streamflow.stage"] == b"out"
+    assert conflict["streamflow.error.class"] == b"ColumnTypeError"
+    assert b"'score'" in conflict["streamflow.error.message"]
+    assert b"lots" in conflict["streamflow.error.message"]
+    assert conflict["streamflow.original.topic"] == b"raw"
+
+
+def check_rows(rows: Any) -> None:
+    """Each written record once; columns added mid-stream are null for the earlier rows."""
     ids = rows.column("id").to_pylist()
-    assert sorted(ids) == list(range(60)), "a record is missing or was written twice"
+    assert sorted(ids) == [*range(60), LAST["id"]], "a record is missing or was written twice"
     by_id = dict(zip(ids, rows.column("score").to_pylist(), strict=True))
     assert [by_id[i] for i in range(38, 42)] == [None, None, 40, 41]
     tags = {json.dumps(t) if isinstance(t, dict) else t for t in rows.column("tags").to_pylist()}
     assert tags - {None} in ({'{"site": "x"}'}, {json.dumps(json.dumps({"site": "x"}))})
 
 
-def run_twice(fresh_broker: str, tmp_path: Path, pipeline: str, sink_type: str,
-              **settings: Any) -> None:
-    append_records(tmp_path / "data-1.jsonl", FIRST)
-    result, runner = run_to_sink(fresh_broker, pipeline, tmp_path / "data-1.jsonl", sink_type,
-                                 **settings)
-    assert result.exit_code == 0, result.errors
-    assert_reconciled(runner, 0)
-    append_records(tmp_path / "data-2.jsonl", SECOND)
-    result, runner = run_to_sink(fresh_broker, pipeline, tmp_path / "data-2.jsonl", sink_type,
-                                 **settings)
-    assert result.exit_code == 0, result.errors
-    assert stage_counts(runner)["out"] == len(SECOND), stage_counts(runner)
-
-
-def test_postgres_writes_once_and_adds_columns(fresh_broker: str, tmp_path: Path) -> None:
+def test_postgres_lands_once_evolves_and_dead_letters(fresh_broker: str, tmp_path: Path) -> None:
     with postgres_names() as (pipeline, table):
-        run_twice(fresh_broker, tmp_path, pipeline, "postgres", dsn=POSTGRES_DSN, table=table)
-        check_landed_once_with_new_columns(postgres_rows(table))
+        land_evolve_and_reject(fresh_broker, tmp_path, "postgres", pipeline, dsn=POSTGRES_DSN,
+                               table=table)
+        check_rows(postgres_rows(table))
         with psycopg.connect(POSTGRES_DSN) as connection:
             types = dict(connection.execute(
                 "SELECT column_name, data_type FROM information_schema.columns "
@@ -79,19 +99,29 @@ def test_postgres_writes_once_and_adds_columns(fresh_broker: str, tmp_path: Path
         assert dict(stored) == committed_offsets(fresh_broker, f"{pipeline}.out", "raw", 2)
 
 
-def test_duckdb_writes_once_and_adds_columns(fresh_broker: str, tmp_path: Path) -> None:
+def test_duckdb_lands_once_evolves_and_dead_letters(fresh_broker: str, tmp_path: Path) -> None:
     path = tmp_path / "warehouse.duckdb"
-    run_twice(fresh_broker, tmp_path, unique("pl"), "duckdb", path=str(path), table="readings")
-    check_landed_once_with_new_columns(duckdb_rows(path, "readings"))
+    land_evolve_and_reject(fresh_broker, tmp_path, "duckdb", path=str(path), table="readings")
+    check_rows(duckdb_rows(path, "readings"))
 
 
-def test_delta_writes_once_and_adds_columns(fresh_broker: str, tmp_path: Path) -> None:
+def test_delta_lands_once_evolves_and_dead_letters(fresh_broker: str, tmp_path: Path) -> None:
     path = tmp_path / "readings"
-    run_twice(fresh_broker, tmp_path, unique("pl"), "delta", path=str(path))
-    check_landed_once_with_new_columns(delta_rows(path))
+    land_evolve_and_reject(fresh_broker, tmp_path, "delta", path=str(path))
+    check_rows(delta_rows(path))
 
 
 VERSIONS = [{"id": i % 5, "version": i, **({"note": f"v{i}"} if i % 2 else {})} for i in range(30)]
+
+
+def upsert(bootstrap: str, tmp_path: Path, sink_type: str, pipeline: str | None = None,
+           **settings: Any) -> None:
+    """Two feeds of versions (the second one also updates keys written by the first)."""
+    with RunningPipeline(bootstrap, tmp_path, sink_type, pipeline, mode="upsert", keys=["id"],
+                         **settings) as running:
+        running.feed(VERSIONS[:12])
+        running.feed(VERSIONS[12:])
+        assert running.stop().exit_code == 0
 
 
 def check_last_versions(rows: Any) -> None:
@@ -99,67 +129,22 @@ def check_last_versions(rows: Any) -> None:
                       strict=True))
     assert rows.num_rows == 5
     assert latest == {key: max(i for i in range(30) if i % 5 == key) for key in range(5)}
+    notes = dict(zip(rows.column("id").to_pylist(), rows.column("note").to_pylist(), strict=True))
+    assert notes == {key: f"v{latest[key]}" if latest[key] % 2 else None for key in range(5)}
 
 
 def test_postgres_upsert_keeps_the_last_version_of_each_key(fresh_broker: str,
                                                             tmp_path: Path) -> None:
-    data = tmp_path / "data.jsonl"
-    append_records(data, VERSIONS)
     with postgres_names() as (pipeline, table):
-        result, _runner = run_to_sink(fresh_broker, pipeline, data, "postgres", dsn=POSTGRES_DSN,
-                                      table=table, mode="upsert", keys=["id"])
-        assert result.exit_code == 0, result.errors
+        upsert(fresh_broker, tmp_path, "postgres", pipeline, dsn=POSTGRES_DSN, table=table)
         check_last_versions(postgres_rows(table))
 
 
 def test_duckdb_upsert_keeps_the_last_version_of_each_key(fresh_broker: str,
                                                           tmp_path: Path) -> None:
-    data = tmp_path / "data.jsonl"
-    append_records(data, VERSIONS)
     path = tmp_path / "warehouse.duckdb"
-    result, _runner = run_to_sink(fresh_broker, unique("pl"), data, "duckdb", path=str(path),
-                                  table="latest", mode="upsert", keys=["id"])
-    assert result.exit_code == 0, result.errors
+    upsert(fresh_broker, tmp_path, "duckdb", path=str(path), table="latest")
     check_last_versions(duckdb_rows(path, "latest"))
-
-
-GOOD = [{"id": i, "amount": float(i)} for i in range(10)]
-# Valid JSON that the table cannot hold (amount is a number column), and malformed JSON.
-BAD = ['{"id": 100, "amount": "lots"}', '{"id": 101, "amount": "a few"}', "{not json"]
-
-
-def run_bad_input(bootstrap: str, tmp_path: Path, pipeline: str, sink_type: str,
-                  **settings: Any) -> dict[str, dict[str, bytes]]:
-    """First a run that creates the table from good records, then one with bad records."""
-    append_records(tmp_path / "data-1.jsonl", GOOD)
-    result, _runner = run_to_sink(bootstrap, pipeline, tmp_path / "data-1.jsonl", sink_type,
-                                  **settings)
-    assert result.exit_code == 0, result.errors
-    # Within one batch the bad records agree on types (else decoding already fails them).
-    append_records(tmp_path / "data-2.jsonl", [*BAD, {"id": 11}])
-    result, runner = run_to_sink(bootstrap, pipeline, tmp_path / "data-2.jsonl", sink_type,
-                                 **settings)
-    assert result.exit_code == 0, result.errors
-    assert_reconciled(runner, len(BAD))
-    dead = read_topic(bootstrap, f"{pipeline}.dlq")
-    letters = {value.decode(): dict(headers or []) for value, headers
-               in zip(dead.values, dead.headers, strict=True)}
-    assert set(letters) == set(BAD)
-    assert letters["{not json"]["streamflow.step"] == b"parse"
-    conflict = letters['{"id": 100, "amount": "lots"}']
-    assert conflict["streamflow.step"] == b"sink"
-    assert conflict["streamflow.stage"] == b"out"
-    assert conflict["streamflow.error.class"] == b"ColumnTypeError"
-    assert b"'amount'" in conflict["streamflow.error.message"]
-    assert b"lots" in conflict["streamflow.error.message"]
-    assert conflict["streamflow.original.topic"] == b"raw"
-    return letters
-
-
-def test_postgres_dead_letters_records_it_cannot_write(fresh_broker: str, tmp_path: Path) -> None:
-    with postgres_names() as (pipeline, table):
-        run_bad_input(fresh_broker, tmp_path, pipeline, "postgres", dsn=POSTGRES_DSN, table=table)
-        assert sorted(postgres_rows(table).column("id").to_pylist()) == [*range(10), 11]
 
 
 def test_postgres_dead_letters_rows_the_database_rejects(fresh_broker: str,
@@ -169,12 +154,11 @@ def test_postgres_dead_letters_rows_the_database_rejects(fresh_broker: str,
         with psycopg.connect(POSTGRES_DSN) as connection:
             connection.execute(f'CREATE TABLE "{table}" (id bigint, amount double precision '
                                "CHECK (amount >= 0))")
-        data = tmp_path / "data.jsonl"
-        append_records(data, [{"id": i, "amount": -1.0 if i in (3, 7) else 1.0} for i in range(20)])
-        result, runner = run_to_sink(fresh_broker, pipeline, data, "postgres", dsn=POSTGRES_DSN,
-                                     table=table)
-        assert result.exit_code == 0, result.errors
-        assert_reconciled(runner, 2)
+        with RunningPipeline(fresh_broker, tmp_path, "postgres", pipeline, dsn=POSTGRES_DSN,
+                             table=table) as running:
+            running.feed([{"id": i, "amount": -1.0 if i in (3, 7) else 1.0} for i in range(20)])
+            assert running.stop().exit_code == 0
+        assert_reconciled(running.counts(), {"out": 18, "dead_lettered": 2})
         assert sorted(postgres_rows(table).column("id").to_pylist()) == [
             i for i in range(20) if i not in (3, 7)]
         dead = read_topic(fresh_broker, f"{pipeline}.dlq")
@@ -183,59 +167,46 @@ def test_postgres_dead_letters_rows_the_database_rejects(fresh_broker: str,
         assert b"PostgreSQL rejected the record" in message and b"check constraint" in message
 
 
-def test_duckdb_dead_letters_records_it_cannot_write(fresh_broker: str, tmp_path: Path) -> None:
-    path = tmp_path / "warehouse.duckdb"
-    run_bad_input(fresh_broker, tmp_path, unique("pl"), "duckdb", path=str(path), table="t")
-    assert sorted(duckdb_rows(path, "t").column("id").to_pylist()) == [*range(10), 11]
-
-
-def test_delta_dead_letters_records_it_cannot_write(fresh_broker: str, tmp_path: Path) -> None:
-    path = tmp_path / "table"
-    run_bad_input(fresh_broker, tmp_path, unique("pl"), "delta", path=str(path))
-    assert sorted(delta_rows(path).column("id").to_pylist()) == [*range(10), 11]
-
-
 def test_kafka_sink_produces_each_record_keyed(fresh_broker: str, tmp_path: Path) -> None:
-    data = tmp_path / "data.jsonl"
-    append_records(data, [*FIRST, "{not json"])
-    pipeline = unique("pl")
-    # The pipeline's own cluster by default; an explicit cluster for the second sink's topic.
-    result, runner = run_to_sink(fresh_broker, pipeline, data, "kafka", topic="copied",
-                                 partitions=3, key_field="id",
-                                 cluster={"bootstrap": fresh_broker, "config": {"linger.ms": 5}})
-    assert result.exit_code == 0, result.errors
-    assert_reconciled(runner, 1)
+    with RunningPipeline(fresh_broker, tmp_path, "kafka", topic="copied", partitions=3,
+                         key_field="id") as running:
+        running.feed([*FIRST, "{not json"])
+        assert running.stop().exit_code == 0
+    assert_reconciled(running.counts(), {"out": len(FIRST), "dead_lettered": 1})
     copied = read_topic(fresh_broker, "copied")
     records = [json.loads(value) for value in copied.values]
     assert sorted(record["id"] for record in records) == list(range(40))
     assert records[0] == FIRST[records[0]["id"]]
     assert all(key == str(record["id"]).encode()
                for key, record in zip(copied.keys, records, strict=True))
-    assert {partition for partition in copied.partitions} == {0, 1, 2}
-    dead = read_topic(fresh_broker, f"{pipeline}.dlq")
-    assert dead.values == [b"{not json"]
+    assert set(copied.partitions) == {0, 1, 2}
+    assert read_topic(fresh_broker, f"{running.pipeline}.dlq").values == [b"{not json"]
 
 
-def test_kafka_sink_defaults_to_the_pipeline_cluster(fresh_broker: str, tmp_path: Path) -> None:
-    data = tmp_path / "data.jsonl"
-    append_records(data, FIRST)
-    result, _runner = run_to_sink(fresh_broker, unique("pl"), data, "kafka", topic="copy")
-    assert result.exit_code == 0, result.errors
-    assert len(read_topic(fresh_broker, "copy")) == len(FIRST)
+def test_kafka_sink_produces_to_another_cluster(fresh_broker: str) -> None:
+    """``cluster`` names the cluster to produce to (here a second, separate broker)."""
+    with EmbeddedBroker() as other:
+        sink = KafkaSink(KafkaSinkConfig(topic="copy", cluster={"bootstrap": other.bootstrap}),
+                         ComponentContext("p", "mirror", create_transport("confluent", fresh_broker)))
+        sink.open()
+        try:
+            sink.write(pa.table({"id": [1, 2]}), ("raw", 0), 0)
+            sink.flush({("raw", 0): 2}, "cluster")
+        finally:
+            sink.close()
+        assert read_topic(other.bootstrap, "copy").values == [b'{"id":1}', b'{"id":2}']
 
 
 def test_console_sink_prints_json_lines(fresh_broker: str, tmp_path: Path,
                                         capfd: pytest.CaptureFixture[str]) -> None:
-    data = tmp_path / "data.jsonl"
-    append_records(data, [*FIRST, "{not json"])
-    pipeline = unique("pl")
-    result, runner = run_to_sink(fresh_broker, pipeline, data, "console")
-    assert result.exit_code == 0, result.errors
-    assert_reconciled(runner, 1)
+    with RunningPipeline(fresh_broker, tmp_path, "console") as running:
+        running.feed([*FIRST, "{not json"])
+        assert running.stop().exit_code == 0
+    assert_reconciled(running.counts(), {"out": len(FIRST), "dead_lettered": 1})
     printed = [json.loads(line) for line in capfd.readouterr().out.splitlines()
                if line.startswith("{")]
     assert sorted(printed, key=lambda record: record["id"]) == FIRST
-    assert read_topic(fresh_broker, f"{pipeline}.dlq").values == [b"{not json"]
+    assert read_topic(fresh_broker, f"{running.pipeline}.dlq").values == [b"{not json"]
 
 
 def test_unreachable_postgres_is_named_and_retried() -> None:
