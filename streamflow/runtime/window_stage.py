@@ -113,7 +113,8 @@ class WindowStage(TopicStage):
         revoked = {partition for _topic, partition in partitions}
         self._assigned = [p for p in self._assigned if p not in revoked]
         if self.error is None:  # after a failure the state may be ahead of the output: replay
-            self.snapshot()
+            # kafka-python runs this callback on its IO thread, where a commit cannot block.
+            self.snapshot(asynchronous=True)
         for partition in revoked & set(self.states):
             self._known[partition] = self.states.pop(partition)
 
@@ -266,8 +267,12 @@ class WindowStage(TopicStage):
         if time.monotonic() - self._last_snapshot >= self.window.checkpoint.every_seconds:
             self.snapshot()
 
-    def snapshot(self) -> None:
-        """Write the changed partitions' states to the changelog, then commit what they cover."""
+    def snapshot(self, asynchronous: bool = False) -> None:
+        """Write the changed partitions' states to the changelog, then commit what they cover.
+
+        A commit that does not happen leaves the group's offsets behind the snapshots, which is
+        safe: the next owner of a partition restores a snapshot and skips the records it covers.
+        """
         self._last_snapshot = time.monotonic()
         self._records_since_snapshot = 0
         dirty = sorted(self._dirty & set(self.states))
@@ -281,7 +286,7 @@ class WindowStage(TopicStage):
             [self.states[p].to_bytes(topic) for p in dirty],
             [str(p).encode() for p in dirty],
         )])
-        self.commit({(topic, p): self.states[p].next_offset for p in dirty}, asynchronous=False)
+        self.commit({(topic, p): self.states[p].next_offset for p in dirty}, asynchronous)
 
     def drain(self) -> None:
         self.snapshot()

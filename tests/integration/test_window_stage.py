@@ -246,9 +246,10 @@ def test_window_state_survives_a_stop_and_a_sigkill(fresh_broker: str, tmp_path:
     assert sorted(late) == [i for i in range(800) if i % 37 == 36]  # replays may repeat some
 
 
-def test_window_state_moves_with_its_partition_in_a_rebalance(fresh_broker: str) -> None:
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_window_state_moves_with_its_partition_in_a_rebalance(fresh_broker: str, client: str) -> None:
     config = (
-        Pipeline("moving", bootstrap=fresh_broker, config=FAST_GROUPS)
+        Pipeline("moving", bootstrap=fresh_broker, client=client, config=FAST_GROUPS)
         .topic("events", partitions=2)
         .topic("windows", partitions=1)
         .processor("agg", input="events", output="windows", steps=[],
@@ -311,6 +312,8 @@ def test_window_state_moves_with_its_partition_in_a_rebalance(fresh_broker: str)
     for value in values(fresh_broker, "windows"):
         record = json.loads(value)
         emitted[(record.pop("device"), record.pop("window_start"))].append(record)
-    assert all(len(versions) == 1 for versions in emitted.values()), "a window was emitted twice"
+    # A new owner that got the partition before the old one's revoke commit landed replays
+    # from the committed offset (at-least-once output): any repeat must be identical.
+    assert all(versions.count(versions[0]) == len(versions) for versions in emitted.values())
     assert {key: {k: v for k, v in versions[0].items() if k != "window_end"}
             for key, versions in emitted.items()} == expected
