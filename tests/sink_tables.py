@@ -21,6 +21,8 @@ from streamflow.api import Pipeline
 from streamflow.runtime.pipeline import PipelineRunner, RunResult
 
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+# Short sessions: quicker group joins, and a killed member leaves its group sooner.
+FAST_GROUPS = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
 
 
 def unique(prefix: str) -> str:
@@ -43,7 +45,7 @@ class RunningPipeline:
                  **settings: Any) -> None:
         self.directory = directory
         self.pipeline = pipeline or unique("pl")
-        config = (Pipeline(self.pipeline, bootstrap=bootstrap)
+        config = (Pipeline(self.pipeline, bootstrap=bootstrap, config=FAST_GROUPS)
                   .topic("raw", 2)
                   .source("file", "file", topic="raw", path=str(directory / "data-*.jsonl"),
                           follow=True, key_field="id")

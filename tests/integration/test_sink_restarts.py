@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, TopicPartition
 from streamflow.config import load_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
 from tests.sink_tables import (
+    FAST_GROUPS,
     POSTGRES_DSN,
     append_records,
     committed_offsets,
@@ -44,7 +45,7 @@ def pipeline_file(tmp_path: Path, bootstrap: str, pipeline: str,
                   sinks: dict[str, dict[str, Any]]) -> Path:
     config = {
         "pipeline": pipeline,
-        "kafka": {"bootstrap": bootstrap},
+        "kafka": {"bootstrap": bootstrap, "config": FAST_GROUPS},
         "topics": [{"name": "raw", "partitions": PARTITIONS}],
         "sources": [{"name": "load", "type": "file", "topic": "raw", "key_field": "id",
                      "path": str(tmp_path / "data.jsonl")}],
@@ -63,7 +64,7 @@ def rewind(bootstrap: str, group: str) -> None:
     """Commit offset 0 for ``group``, as if the killed run's Kafka commits were lost. The broker
     takes commits only from members, so this joins the group (once the killed member expired)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "session.timeout.ms": 6000, "enable.auto.commit": False})
+                         "enable.auto.commit": False, **FAST_GROUPS})
     consumer.subscribe(["raw"])
     deadline = time.monotonic() + 60
     try:
