@@ -50,13 +50,13 @@ def test_parquet_sink_names_files_by_partition_and_offset(tmp_path: Path) -> Non
     sink.write(pa.table({"x": [1, 2]}), ("t", 1), 40)
     sink.write(pa.table({"x": [3]}), ("t", 1), 42)
     assert not list(tmp_path.rglob("*.parquet")), "nothing is visible before flush"
-    sink.flush()
+    sink.flush({("t", 1): 43}, "cluster")
     files = sorted(tmp_path.rglob("*"))
     assert [f.name for f in files if f.is_file()] == ["t+0001+00000000000000000040.parquet"]
     assert pq.read_table(files[-1])["x"].to_pylist() == [1, 2, 3]
     # A replay of the same records overwrites the same file.
     sink.write(pa.table({"x": [1, 2, 3]}), ("t", 1), 40)
-    sink.flush()
+    sink.flush({("t", 1): 43}, "cluster")
     assert len([f for f in tmp_path.rglob("*") if f.is_file()]) == 1
 
 
