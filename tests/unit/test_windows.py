@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamflow.api import Pipeline, window
-from streamflow.config.loader import ConfigError, parse_pipeline
+from streamflow.config.loader import ConfigError, load_pipeline, parse_pipeline
 from streamflow.config.models import WindowConfig
 from streamflow.processing.windows import (
     PartitionWindows,
@@ -41,7 +42,8 @@ def config(kind: str, aggregates: dict[str, Any] | None = None, **options: Any) 
     )
 
 
-def feed(state: PartitionWindows, events: list[Event], every: int = 1) -> tuple[list[dict[str, Any]], list[Any]]:
+def feed(state: PartitionWindows, events: list[Event],
+         every: int = 1) -> tuple[list[dict[str, Any]], list[Any]]:
     """Add events (emitting after every ``every`` of them); the emitted records and late events."""
     emitted, late = [], []
     for number, (key, seconds, x) in enumerate(events, 1):
@@ -267,10 +269,10 @@ def test_states_of_split_input_merge_to_the_whole(kind: dict[str, Any], events: 
     feed(first, events[:split])
     feed(second, events[split:])
     for key, windows in second.open.items():
-        for start, window in windows.items():
-            mine = first.open.setdefault(key, {}).setdefault(start, window)
-            if mine is not window:
-                for aggregate, other in zip(mine.aggregates, window.aggregates, strict=True):
+        for start, theirs in windows.items():
+            mine = first.open.setdefault(key, {}).setdefault(start, theirs)
+            if mine is not theirs:
+                for aggregate, other in zip(mine.aggregates, theirs.aggregates, strict=True):
                     aggregate.merge(other)
     assert open_results(first) == open_results(whole)
 
@@ -362,3 +364,9 @@ def test_window_topics_and_python_api() -> None:
     assert specs["p.late"].partitions == 4
     assert specs["p.w.changelog"].partitions == 1
     assert specs["p.w.changelog"].config == {"cleanup.policy": "compact"}
+
+
+def test_the_windows_example_is_valid() -> None:
+    example = load_pipeline(Path(__file__).parents[2] / "examples" / "windows.yaml", environ={})
+    window_config = example.processors[0].window
+    assert window_config is not None and window_config.key == ["device_id"]
