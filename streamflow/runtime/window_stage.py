@@ -171,19 +171,19 @@ class WindowStage(TopicStage):
                             "windows start afresh", self.name, key.decode(), exc)
         return states
 
-    def _restore_assigned(self, unknown: set[int]) -> None:
-        """Restore newly assigned partitions and any ``unknown`` ones records came from."""
-        pending = set(self._assigned) | unknown
-        self._assigned = []
+    def _restore_assigned(self) -> None:
+        pending, self._assigned = set(self._assigned), []
         if pending:
             self._restore(pending)
 
     def _prepare(self, batch: ConsumedBatch) -> ConsumedBatch:
-        """Restore what was assigned; return ``batch`` without the records states already hold."""
-        self._restore_assigned(set(batch.partitions) - set(self.states))
+        """Restore what was assigned; return ``batch`` without the records the states already
+        hold, nor any of a partition revoked meanwhile (its new owner handles them)."""
+        self._restore_assigned()
+        states = self.states
         fresh = [row for row, (partition, offset) in enumerate(zip(batch.partitions, batch.offsets,
                                                                      strict=True))
-                 if offset >= self.states[partition].next_offset]
+                 if partition in states and offset >= states[partition].next_offset]
         return batch if len(fresh) == len(batch) else select_records(batch, np.asarray(fresh))
 
     # --- records ---------------------------------------------------------------------------
@@ -263,7 +263,7 @@ class WindowStage(TopicStage):
     # --- checkpoints -----------------------------------------------------------------------
 
     def tick(self) -> None:
-        self._restore_assigned(set())
+        self._restore_assigned()
         if time.monotonic() - self._last_snapshot >= self.window.checkpoint.every_seconds:
             self.snapshot()
 
