@@ -5,10 +5,10 @@ State is kept per input partition. After a batch's output, late records and dead
 acknowledged, the stage may snapshot the state of every partition that changed, including the
 next input offset each covers, to ``<pipeline>.<stage>.changelog`` (keyed by partition); only
 then does it commit those offsets. Offsets are committed at snapshots only, so a commit never
-runs ahead of a snapshot. When a partition is assigned, its latest snapshot is restored and
-input records below the snapshot's offset are skipped: no record is counted twice or lost.
-Aggregate records emitted after the last snapshot are emitted again, with the same values,
-when a crash makes the stage replay (at-least-once output).
+runs ahead of a snapshot. When a partition is assigned, a snapshot covering at least the
+group's committed offset is restored and input records below the snapshot's offset are skipped:
+no record is counted twice or lost. Aggregate records emitted after the restored snapshot are
+emitted again, with the same values, when the stage replays (at-least-once output).
 """
 
 from __future__ import annotations
