@@ -24,3 +24,9 @@ async def enrich(stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[st
 def not_an_agent(event: dict[str, Any]) -> dict[str, Any]:
     """A plain function: rejected as an agent."""
     return event
+
+
+async def fahrenheit(stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """Adds ``temperature_f`` to generator sensor events."""
+    async for event in stream:
+        yield {**event, "temperature_f": event["temperature"] * 1.8 + 32}

@@ -33,7 +33,7 @@ from streamflow.plugins.agents import AgentFunction, require_faust
 from streamflow.processing.codec import DecodeError
 from streamflow.runtime.dead_letters import Failure, dead_letter_batch
 from streamflow.runtime.stages import StageIdentity
-from streamflow.transport import ConsumedBatch, TransportError
+from streamflow.transport import ConsumedBatch, TopicPartition, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,11 @@ class EventFeed:
         """Count the current event, now that the agent is done with it."""
         if self.current is None:
             return
-        self._stage.idle_since = time.monotonic()  # its outputs were just sent: activity
-        self._stage.metrics.count(1, self.outputs, int(self.dead_lettered))
+        stage = self._stage
+        stage.idle_since = time.monotonic()  # its outputs were just sent: activity
+        stage.metrics.count(1, self.outputs, int(self.dead_lettered))
+        message = self.current.message
+        stage.handled[(message.topic, message.partition)] = message.offset + 1
         self.current, self.outputs, self.dead_lettered = None, 0, False
 
     async def emit(self, value: Any) -> None:
@@ -172,6 +175,9 @@ class FaustStage:
         self._stop = threading.Event()
         self._agent_error: BaseException | None = None
         self.feed: EventFeed | None = None
+        self.handled: dict[TopicPartition, int] = {}  # next offset after the last handled event
+        self._committed: dict[TopicPartition, int] = {}
+        self.app: Any = None
         self.output: Any = None
         self.dead_letters: Any = None
 
@@ -232,7 +238,34 @@ class FaustStage:
         self.dead_letters = app.topic(identity.dead_letter_topic, **raw)
         app.agent(source, name=f"{identity.name}-agent")(self._drive)
         app.on_rebalance_complete.connect(self._on_rebalance_complete)
+        # Every commit Faust makes (periodic, on rebalance, on stop) goes through this stage's
+        # bookkeeping: Faust's own stalls at offset gaps such as the transaction markers that
+        # sources write (faust-streaming/faust#606).
+        app.consumer.commit = self._commit_handled
+        self.app = app
         return app
+
+    async def _commit_handled(self, *_topics: Any, **_options: Any) -> bool:
+        """Commit, per assigned partition, the offset after the last event the agent finished,
+        once the producer delivered everything sent so far (outputs and dead letters)."""
+        consumer = self.app.consumer
+        offsets = {
+            tp: self.handled[(tp.topic, tp.partition)] for tp in consumer.assignment()
+            if self.handled.get((tp.topic, tp.partition), -1)
+            > self._committed.get((tp.topic, tp.partition), -1)
+        }
+        if not offsets:
+            return False
+        await self.app.producer.flush()
+        try:
+            committed = bool(await consumer._commit(offsets))
+        except self.kafka_errors.KafkaError as exc:  # e.g. a rebalance: the records replay
+            log.warning("stage %s: commit refused (%s); records will be replayed", self.name, exc)
+            return False
+        if committed:
+            self._committed.update({(tp.topic, tp.partition): offset for tp, offset in offsets.items()})
+            self.metrics.checkpoint_time.set(time.time())
+        return committed
 
     async def _drive(self, stream: Any) -> None:
         """The Faust agent; a failure outside the user's code stops the stage."""
@@ -293,7 +326,8 @@ class FaustStage:
         raise error
 
     async def _check_lag(self, app: Any) -> None:
-        """Records between the last handled offset and the end of each assigned partition."""
+        """Records between the consumer's position and the end of each assigned partition."""
+        measured_at = time.monotonic()
         consumer = app.consumer
         assignment = consumer.assignment()
         try:
@@ -311,4 +345,4 @@ class FaustStage:
             lags[tp] = max(highwaters[tp] - positions[tp], 0)
             self.metrics.lag(tp.topic, tp.partition).set(lags[tp])
         self.lag = sum(lags.values()) if assignment else None
-        self.lag_checked_at = time.monotonic()
+        self.lag_checked_at = measured_at

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import duckdb
 import pytest
+import yaml
 from confluent_kafka import Consumer, TopicPartition
 
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
+from streamflow.transport.broker import free_port
 from tests.helpers import read_topic
+from tests.integration.test_shutdown import committed_total
 
 pytest.importorskip("faust", reason="needs the faust extra: pip install 'streamflow[faust]'")
 
@@ -79,9 +87,63 @@ def test_faust_agent_stage_accounts_for_every_record(fresh_broker: str, tmp_path
     assert stage_counts(runner, "lake")["out"] == len(rows)
     assert all(stage.assigned for stage in runner.stages)  # what /readyz reports
     # The agent's progress is committed for the consumer group <pipeline>.<stage>.
-    group = Consumer({"bootstrap.servers": fresh_broker, "group.id": "fst.enrich"})  # no join
+    # The group <pipeline>.<stage> committed the offset after each partition's last record.
+    (stage,) = [stage for stage in runner.stages if stage.name == "enrich"]
+    assert committed_offsets(fresh_broker, "fst.enrich", "fst.raw", 2) == {
+        partition: stage.handled.get(("fst.raw", partition), -1001) for partition in (0, 1)
+    }
+
+
+def test_faust_stage_is_ready_then_stops_on_sigterm(fresh_broker: str, tmp_path: Path) -> None:
+    port = free_port()
+    pipeline = tmp_path / "faust.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "pipeline": "fsig",
+        "kafka": {"bootstrap": fresh_broker},
+        "sources": [{"name": "sensors", "type": "generator", "topic": "fsig.raw", "rate": 200}],
+        "processors": [{"name": "convert", "type": "faust", "input": "fsig.raw",
+                        "output": "fsig.out", "agent": "tests.faust_agents:fahrenheit"}],
+        "metrics": {"port": port, "host": "127.0.0.1"},
+    }))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamflow", "run", str(pipeline)],
+        cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
     try:
-        committed = group.committed([TopicPartition("fst.raw", p) for p in (0, 1)], timeout=10)
+        deadline = time.monotonic() + 60
+        while not _ready(port) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _ready(port), "/readyz never answered 200"
+        while _records_in(port) < 50 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        log, _ = process.communicate(timeout=30)
     finally:
-        group.close()
-    assert sum(max(tp.offset, 0) for tp in committed) >= len(lines)
+        process.kill()
+    assert process.returncode == 0, log.decode()[-3000:]
+    assert committed_total(fresh_broker, "fsig.convert", "fsig.raw", 4) >= 50
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """``group``'s committed offset per partition (-1001: none), read without joining it."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        offsets = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: tp.offset for tp in offsets}
+    finally:
+        consumer.close()
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _records_in(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('streamflow_records_in_total{') and 'stage="convert"' in line)
