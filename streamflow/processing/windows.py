@@ -27,6 +27,7 @@ SNAPSHOT_FORMAT = 1
 Key = tuple[Any, ...]
 _UNIT_MS = {"ms": 1, "s": 1000}
 _JSON_SCALARS = (str, int, float, bool, type(None))
+_NUMBERS = (int, float)
 
 
 class WindowRecordError(ValueError):
@@ -81,6 +82,8 @@ def jsonable(value: Any) -> Any:
 
 def numeric(value: Any, name: str) -> float | int:
     """A finite number for a numeric aggregate, or :class:`WindowRecordError`."""
+    if type(value) in _NUMBERS and math.isfinite(value):
+        return value  # the common case, checked first
     if isinstance(value, bool) or not isinstance(value, int | float):
         shown = "missing" if value is None else f"{type(value).__name__} {value!r}"
         raise WindowRecordError(f"field {name!r} is {shown}, not a number")
@@ -421,13 +424,17 @@ class PartitionWindows:
 
     def add(self, key: Key, time_ms: int, values: Sequence[Any]) -> Added:
         """Aggregate one record (values checked by :func:`record_values`) into its open windows."""
-        self.max_time = time_ms if self.max_time is None else max(self.max_time, time_ms)
+        if self.max_time is None or time_ms > self.max_time:
+            self.max_time = time_ms
+        watermark = self.max_time - self.lateness_ms
         if self.config.kind == "session":
-            return self._add_to_session(key, time_ms, values)
+            return self._add_to_session(key, time_ms, values, watermark)
         missed, aggregated = [], False
-        windows = self.open.setdefault(key, {})
+        windows = self.open.get(key)
+        if windows is None:
+            windows = self.open[key] = {}
         for start, end in self.window_bounds(time_ms):
-            if self._closed(end):
+            if end <= watermark:  # closed
                 missed.append((start, end))
                 continue
             window = windows.get(start)
@@ -444,16 +451,17 @@ class PartitionWindows:
             aggregate.add(value, time_ms)
         window.changed = True
 
-    def _add_to_session(self, key: Key, time_ms: int, values: Sequence[Any]) -> Added:
+    def _add_to_session(self, key: Key, time_ms: int, values: Sequence[Any],
+                        watermark: int) -> Added:
         """Sessions are ``[first event, last event + gap)``; a record joins (and so merges)
         every open session its own ``[time, time + gap)`` overlaps."""
         start, end = time_ms, time_ms + self.gap_ms
         sessions = self.open.setdefault(key, {})
         overlapping = sorted(
-            (s for s in sessions.values() if not self._closed(s.end) and s.start < end and s.end > start),
+            (s for s in sessions.values() if s.end > watermark and s.start < end and s.end > start),
             key=lambda s: s.start,
         )
-        if not overlapping and self._closed(end):
+        if not overlapping and end <= watermark:
             if not sessions:
                 del self.open[key]
             return Added(False, [(start, end)])
