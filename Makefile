@@ -24,7 +24,7 @@ run: $(STAMP)
 ## The whole test suite (slow soak and benchmark runs are excluded by the default markers).
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks core --json benchmarks/results/core.json

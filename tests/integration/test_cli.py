@@ -154,14 +154,18 @@ def test_secrets_in_the_config_never_appear_in_the_logs(fresh_broker: str, tmp_p
     path.write_text(pipeline)
     for log_format in ("text", "json"):
         # The broker does not speak SASL, so the daemon keeps waiting for it, logging why.
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamflow", "--log-level", "DEBUG", "--log-format",
-             log_format, "run", str(path), "--metrics-port", "0"],
-            env=bounded_env(fresh_broker, tmp_path), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        time.sleep(8)
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=60)[0].decode()
-        assert "waiting for Kafka" in output
-        assert secret not in output
+        log_path = tmp_path / f"daemon-{log_format}.log"
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "streamflow", "--log-level", "DEBUG", "--log-format",
+                 log_format, "run", str(path), "--metrics-port", "0"],
+                env=bounded_env(fresh_broker, tmp_path), stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+            deadline = time.monotonic() + 60
+            while b"waiting for Kafka" not in log_path.read_bytes():
+                assert time.monotonic() < deadline and process.poll() is None, log_path.read_text()
+                time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+        assert secret not in log_path.read_text()

@@ -199,7 +199,7 @@ def test_rolling_value_matches_rivers_rolling_metric(
     pairs: list[tuple[float, float]], reads: set[int], window: int
 ) -> None:
     tracked = TrackedMetric.create("MAE", window, "regression")
-    reference = utils.Rolling(metrics.MAE(), window_size=window)
+    reference = utils.Rolling(metrics.MAE, window_size=window)
     for index, (target, predicted) in enumerate(pairs):
         tracked.update(target, Prediction(predicted))
         reference.update(target, predicted)
