@@ -22,10 +22,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from streamflow.config.models import BatchConfig, WindowConfig
 from streamflow.metrics import StageMetrics, WindowMetrics
 from streamflow.plugins import ROW_ID
+from streamflow.processing.routing import TOPIC_COLUMN
 from streamflow.processing.windows import (
     LateRecordError,
     PartitionWindows,
@@ -194,6 +196,7 @@ class WindowStage(TopicStage):
         if not len(batch):
             return
         table, failures = self.transform(batch)
+        table, diverted = self._divert_routed(table, batch)
         aggregated, late = self._aggregate(batch, table, failures)
         window = self.window
         emitted = [window_record(window, w) for p in sorted(set(batch.partitions))
@@ -211,13 +214,24 @@ class WindowStage(TopicStage):
         for (_topic, partition), next_offset in batch.next_offsets().items():
             self.states[partition].next_offset = next_offset
             self._dirty.add(partition)
-        self.metrics.count(len(batch), aggregated, len(failures))
+        self.metrics.count(len(batch), aggregated + diverted, len(failures))
         self.window_metrics.late.inc(len(late))
         self.window_metrics.results.inc(len(emitted))
         self.window_metrics.open_windows.set(sum(s.window_count() for s in self.states.values()))
         self._records_since_snapshot += len(batch)
         if self._records_since_snapshot >= window.checkpoint.every_records:
             self.snapshot()
+
+    def _divert_routed(self, table: pa.Table, batch: ConsumedBatch) -> tuple[pa.Table, int]:
+        """Produce the rows a ``route`` step sent to another topic than the stage's output, as
+        they are; return the rest (for the windows) and how many were diverted."""
+        if TOPIC_COLUMN not in table.column_names:
+            return table, 0
+        to_windows = pc.fill_null(pc.equal(table.column(TOPIC_COLUMN), self.output_topic), True)
+        diverted = table.filter(pc.invert(to_windows))
+        if diverted.num_rows:
+            self.produce_output(diverted, batch)
+        return table.filter(to_windows).drop_columns([TOPIC_COLUMN]), diverted.num_rows
 
     def _aggregate(self, batch: ConsumedBatch, table: pa.Table,
                    failures: list[Failure]) -> tuple[int, list[Failure]]:

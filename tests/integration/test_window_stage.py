@@ -19,7 +19,7 @@ import pytest
 import yaml
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from streamflow.api import Pipeline, sql, window
+from streamflow.api import Pipeline, route, sql, window
 from streamflow.config import load_pipeline
 from streamflow.processing.windows import iso_utc
 from streamflow.runtime.pipeline import PipelineRunner
@@ -73,7 +73,8 @@ def test_windowed_stage_emits_aggregates_and_sends_late_records_aside(fresh_brok
         Pipeline("win", bootstrap=fresh_broker, config=FAST_GROUPS)
         .topic("readings", partitions=2)
         .processor("agg", input="readings", output="per10s",
-                   steps=[sql("SELECT * FROM batch WHERE device <> 'ignored'")],
+                   steps=[sql("SELECT * FROM batch WHERE device <> 'ignored'"),
+                          route({"device = 'c'": "win.other"})],
                    batch={"max_records": 4, "max_wait_ms": 20},
                    window=window("tumbling", size_s=10, key=["device"], time_field="ts",
                                  allowed_lateness_s=5,
@@ -85,7 +86,8 @@ def test_windowed_stage_emits_aggregates_and_sends_late_records_aside(fresh_brok
     admin = create_transport("confluent", fresh_broker).admin()
     admin.create_topics([TopicSpec(t.name, t.partitions, config=t.config) for t in config.topic_specs()])
     readings = [
-        ("a", 1, 10), ("b", 2, 20), ("a", 4, 12), ("ignored", 5, 0), ("b", 6, 22), ("a", 11, 14),
+        ("a", 1, 10), ("b", 2, 20), ("a", 4, 12), ("ignored", 5, 0), ("c", 5, 30),  # not windowed
+        ("b", 6, 22), ("a", 11, 14),
         ("b", 12, 24),
         ("a", 9, 16),  # out of order, within the allowed lateness
         ("a", None, 1), ("b", 13, None),  # dead letters: no event time, no temp
@@ -115,6 +117,8 @@ def test_windowed_stage_emits_aggregates_and_sends_late_records_aside(fresh_brok
     ]
     assert sorted(m.key() for m in output) == [b'["a"]', b'["a"]', b'["b"]', b'["b"]']
 
+    assert [json.loads(m.value()) for m in peek(fresh_broker, "win.other")] == [
+        {"device": "c", "temp": 30, "ts": at(5)}]
     late = peek(fresh_broker, "win.late")
     assert sorted(json.loads(m.value())["temp"] for m in late) == [15, 98, 99]
     headers = dict(late[0].headers())
@@ -127,8 +131,8 @@ def test_windowed_stage_emits_aggregates_and_sends_late_records_aside(fresh_brok
     def sample(name: str) -> float | None:
         return runner.metrics.registry.get_sample_value(name, {"pipeline": "win", "stage": "agg"})
 
-    assert sample("streamflow_records_in_total") == 15
-    assert sample("streamflow_records_out_total") == 9  # aggregated into a window
+    assert sample("streamflow_records_in_total") == 16
+    assert sample("streamflow_records_out_total") == 10  # aggregated into a window, or routed
     assert sample("streamflow_records_filtered_total") == 4  # 'ignored' and the 3 late ones
     assert sample("streamflow_records_dead_lettered_total") == 2
     assert sample("streamflow_records_late_total") == 3
