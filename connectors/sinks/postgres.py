@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import psycopg
 import pyarrow as pa
@@ -42,6 +42,8 @@ _ARROW_TYPES: dict[str, ColumnType] = {
     "date": pa.date32(), "timestamp without time zone": pa.timestamp("us"),
     "timestamp with time zone": pa.timestamp("us", "UTC"), "json": JSON, "jsonb": JSON,
 }
+Stored = tuple[str, int]  # a partition's row in the offsets table: cluster id, next offset
+
 # The server answered but refuses this connection for good (wrong credentials, database or
 # role, pg_hba.conf); other connection failures (refused, timeout, starting up) are retried.
 _FATAL_CONNECTION_ERRORS = ("does not exist", "authentication failed", "no pg_hba.conf entry",
@@ -96,6 +98,8 @@ class PostgresSink(Sink[PostgresConfig]):
         self.columns: dict[str, ColumnType] = {}
         self.table_exists = False
         self._bytes = 0
+        # Per partition, the stored (cluster id, next offset) this sink last read or wrote.
+        self._expected: dict[TopicPartition, Stored | None] = {}
         self._table = sql.Identifier(config.db_schema, config.table)
         self._offsets = sql.Identifier(config.db_schema, config.offsets_table)
 
@@ -137,17 +141,29 @@ class PostgresSink(Sink[PostgresConfig]):
         self.table_exists = bool(found)
         self.columns = {name: _ARROW_TYPES.get(kind) for name, kind in found}
 
+    def _stored(self, cursor: psycopg.Cursor[Any],
+                locking: Sequence[TopicPartition] = ()) -> dict[TopicPartition, Stored]:
+        """This sink's rows of the offsets table; with ``locking``, only those partitions' rows,
+        locked until the transaction ends."""
+        query = "SELECT topic, partition, cluster_id, next_offset FROM {} WHERE pipeline = %s " \
+                "AND sink = %s"
+        params: list[Any] = [self.context.pipeline, self.context.name]
+        if locking:
+            query += " AND topic = ANY(%s) AND partition = ANY(%s) FOR UPDATE"
+            params += [sorted({topic for topic, _ in locking}), sorted({p for _, p in locking})]
+        cursor.execute(sql.SQL(query).format(self._offsets), params)
+        return {(topic, partition): (cluster, offset) for topic, partition, cluster, offset in cursor}
+
     def resume_offsets(
         self, partitions: Sequence[TopicPartition], cluster_id: str
     ) -> dict[TopicPartition, int]:
         assert self.connection is not None
         with self._errors(), self.connection.cursor() as cursor:
-            cursor.execute(sql.SQL(
-                "SELECT topic, partition, next_offset FROM {} "
-                "WHERE pipeline = %s AND sink = %s AND cluster_id = %s"
-            ).format(self._offsets), (self.context.pipeline, self.context.name, cluster_id))
-            stored = {(topic, partition): offset for topic, partition, offset in cursor}
-        return {partition: stored[partition] for partition in partitions if partition in stored}
+            stored = self._stored(cursor)
+        for partition in partitions:
+            self._expected[partition] = stored.get(partition)
+        return {partition: offset for partition, (cluster, offset) in stored.items()
+                if partition in partitions and cluster == cluster_id}
 
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
         assert self.connection is not None
@@ -239,9 +255,19 @@ class PostgresSink(Sink[PostgresConfig]):
         self._bytes += len(payload)
 
     def flush(self, offsets: Mapping[TopicPartition, int], cluster_id: str) -> int:
+        """Store ``offsets`` and commit, unless another writer moved them since this sink read
+        them (a replica that took the partitions over): then roll back, to be replayed."""
         assert self.connection is not None
         with self._errors():
             with self.connection.cursor() as cursor:
+                stored = self._stored(cursor, locking=list(offsets))
+                moved = [p for p in offsets if stored.get(p) != self._expected.get(p)]
+                if moved:
+                    self.connection.rollback()
+                    raise TransientError(
+                        f"PostgreSQL at {self.address}: the offsets of {moved} in "
+                        f"{self.config.offsets_table} were moved by another writer; replaying"
+                    )
                 cursor.executemany(sql.SQL(
                     "INSERT INTO {} (pipeline, sink, topic, partition, cluster_id, next_offset) "
                     "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (pipeline, sink, topic, partition) "
@@ -252,8 +278,14 @@ class PostgresSink(Sink[PostgresConfig]):
                     for (topic, partition), offset in offsets.items()
                 ])
             self.connection.commit()
+        self._expected.update({partition: (cluster_id, offset)
+                               for partition, offset in offsets.items()})
         written, self._bytes = self._bytes, 0
         return written
+
+    def revoke(self, partitions: Sequence[TopicPartition]) -> None:
+        for partition in partitions:
+            self._expected.pop(partition, None)
 
     def close(self) -> None:
         if self.connection is not None:

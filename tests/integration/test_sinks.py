@@ -167,6 +167,30 @@ def test_postgres_dead_letters_rows_the_database_rejects(fresh_broker: str,
         assert b"PostgreSQL rejected the record" in message and b"check constraint" in message
 
 
+def test_postgres_refuses_offsets_another_writer_moved() -> None:
+    """A replica that lost its partitions (but not yet its connection) cannot commit rows the
+    new owner already wrote: its flush finds the stored offsets moved and rolls back."""
+    with postgres_names() as (pipeline, table):
+        config = PostgresConfig(dsn=POSTGRES_DSN, table=table)
+        stale, owner = (PostgresSink(config, ComponentContext(pipeline, "out")) for _ in range(2))
+        partition = ("raw", 0)
+        try:
+            for sink in (stale, owner):
+                sink.open()
+                assert sink.resume_offsets([partition], "cluster") == {}
+            owner.write(pa.table({"id": [1, 2]}), partition, 0)
+            owner.flush({partition: 2}, "cluster")
+            stale.write(pa.table({"id": [1, 2]}), partition, 0)
+            with pytest.raises(TransientError, match="moved by another writer"):
+                stale.flush({partition: 2}, "cluster")
+            assert owner.resume_offsets([partition], "cluster") == {partition: 2}
+            assert owner.resume_offsets([partition], "another cluster") == {}
+        finally:
+            stale.close()
+            owner.close()
+        assert sorted(postgres_rows(table).column("id").to_pylist()) == [1, 2]
+
+
 def test_kafka_sink_produces_each_record_keyed(fresh_broker: str, tmp_path: Path) -> None:
     with RunningPipeline(fresh_broker, tmp_path, "kafka", topic="copied", partitions=3,
                          key_field="id") as running:
