@@ -232,9 +232,9 @@ def run_steps(steps: Sequence[StepRunner], table: pa.Table, failures: list[Failu
                     "on_error: fail"
                 ) from error
             if runner.on_error == "dlq":
-                row_ids = table[ROW_ID]
+                row_ids = table[ROW_ID].to_numpy()  # one conversion, not a scalar per failure
                 failures.extend(
-                    Failure(row_ids[index].as_py(), step.name, error)
+                    Failure(int(row_ids[index]), step.name, error)
                     for index, error in result.failures
                 )
         table = result.table
