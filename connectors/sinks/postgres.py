@@ -125,12 +125,8 @@ class PostgresSink(Sink[PostgresConfig]):
         with self._errors():
             self.connection = psycopg.connect(self.config.dsn,
                                               connect_timeout=self.config.connect_timeout_s)
+            self._create_offsets_table()
             with self.connection.cursor() as cursor:
-                cursor.execute(sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} (pipeline text, sink text, topic text, "
-                    "partition integer, cluster_id text, next_offset bigint NOT NULL, "
-                    "PRIMARY KEY (pipeline, sink, topic, partition))"
-                ).format(self._offsets))
                 cursor.execute(
                     "SELECT column_name, data_type FROM information_schema.columns "
                     "WHERE table_schema = %s AND table_name = %s",
@@ -140,6 +136,18 @@ class PostgresSink(Sink[PostgresConfig]):
             self.connection.commit()
         self.table_exists = bool(found)
         self.columns = {name: _ARROW_TYPES.get(kind) for name, kind in found}
+
+    def _create_offsets_table(self) -> None:
+        assert self.connection is not None
+        try:
+            self.connection.execute(sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (pipeline text, sink text, topic text, "
+                "partition integer, cluster_id text, next_offset bigint NOT NULL, "
+                "PRIMARY KEY (pipeline, sink, topic, partition))"
+            ).format(self._offsets))
+            self.connection.commit()
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+            self.connection.rollback()  # another sink created it at the same moment
 
     def _stored(self, cursor: psycopg.Cursor[Any],
                 locking: Sequence[TopicPartition] = ()) -> dict[TopicPartition, Stored]:
