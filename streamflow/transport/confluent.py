@@ -211,8 +211,12 @@ class ConfluentConsumer(Consumer):
         committed: dict[TopicPartition, int | None] | None = None
         lags: dict[TopicPartition, int] = {}
         for tp in positions:
-            _low, high = self.raw.get_watermark_offsets(tp, timeout=5, cached=False)
             position = tp.offset
+            # Fetch responses keep the cached high watermark current; asking the broker instead
+            # waits behind the consumer's long-polling fetch (about 0.5 s a partition on Tansu).
+            _low, high = self.raw.get_watermark_offsets(tp, timeout=5, cached=position >= 0)
+            if high < 0:  # nothing fetched yet for this partition
+                _low, high = self.raw.get_watermark_offsets(tp, timeout=5, cached=False)
             if position < 0:  # nothing consumed yet: fall back to the committed offset
                 if committed is None:
                     committed = self.committed(self.assignment())
