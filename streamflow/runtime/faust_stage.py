@@ -41,6 +41,7 @@ MONITOR_INTERVAL_S = 0.2
 LAG_CHECK_INTERVAL_S = 1.0
 PRODUCER_LINGER_S = 0.005  # batch outputs as librdkafka does; one record per request is ~1k/s
 AGENT_STEP = "agent"
+FAUST_LOGGERS = ("faust", "mode", "aiokafka")
 
 
 class AgentReturnedError(RuntimeError):
@@ -215,6 +216,9 @@ class FaustStage:
             shutil.rmtree(data_dir, ignore_errors=True)
 
     def _build_app(self, data_dir: str) -> Any:
+        if not log.isEnabledFor(logging.DEBUG):  # Faust logs every service start and stop
+            for library in FAUST_LOGGERS:
+                logging.getLogger(library).setLevel(logging.WARNING)
         faust = self.faust
         identity = self.identity
         app = faust.App(
@@ -300,6 +304,8 @@ class FaustStage:
 
     async def _on_rebalance_complete(self, _sender: Any, **_kwargs: Any) -> None:
         self.assigned = True
+        log.info("stage %s assigned %s", self.name,
+                 sorted((tp.topic, tp.partition) for tp in self.app.consumer.assignment()))
 
     async def _serve(self, data_dir: str) -> None:
         app = self._build_app(data_dir)
