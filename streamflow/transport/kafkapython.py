@@ -6,11 +6,14 @@ platforms without librdkafka wheels and small pipelines.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, errors
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, errors
 from kafka import TopicPartition as _TP
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.future import Future as KafkaFuture
 from kafka.structs import OffsetAndMetadata
 
 from streamflow.transport.base import (
@@ -123,17 +126,46 @@ class KafkaPythonProducer(Producer):
         self._producer.close(timeout=_TIMEOUT_S)
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs the rebalance callbacks on a worker thread while the consumer's IO loop awaits them:
+    they may call the consumer's blocking methods (a synchronous commit before partitions move),
+    which kafka-python forbids on its IO thread."""
+
     def __init__(self, listener: RebalanceListener | None) -> None:
         self.listener = listener
+        self.consumer: KafkaConsumer | None = None
 
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        if self.listener:
-            self.listener.on_revoke([(tp.topic, tp.partition) for tp in revoked])
+    async def _off_the_io_thread(self, callback: Callable[[list[TopicPartition]], None],
+                                 partitions: Any) -> None:
+        assert self.consumer is not None
+        loop = self.consumer._client._net  # kafka-python's own event loop (not asyncio)
+        done: KafkaFuture = KafkaFuture()
 
-    def on_partitions_assigned(self, assigned: Any) -> None:
+        def work() -> None:
+            try:
+                callback([(tp.topic, tp.partition) for tp in partitions])
+                outcome: BaseException | None = None
+            except BaseException as exc:
+                outcome = exc
+
+            async def settle() -> None:
+                if outcome is None:
+                    done.success(None)
+                else:
+                    done.failure(outcome)
+
+            loop.call_soon_threadsafe(settle)
+
+        threading.Thread(target=work, name="rebalance-listener", daemon=True).start()
+        await done
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
         if self.listener:
-            self.listener.on_assign([(tp.topic, tp.partition) for tp in assigned])
+            await self._off_the_io_thread(self.listener.on_revoke, revoked)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if self.listener:
+            await self._off_the_io_thread(self.listener.on_assign, assigned)
 
 
 class KafkaPythonConsumer(Consumer):
@@ -142,7 +174,9 @@ class KafkaPythonConsumer(Consumer):
     ) -> None:
         try:
             self.raw = KafkaConsumer(**config)
-            self.raw.subscribe(list(topics), listener=_Listener(listener))
+            rebalance_listener = _Listener(listener)
+            rebalance_listener.consumer = self.raw
+            self.raw.subscribe(list(topics), listener=rebalance_listener)
         except errors.KafkaError as exc:
             raise _error(exc) from exc
 

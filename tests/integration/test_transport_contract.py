@@ -213,6 +213,47 @@ def test_the_listener_sees_assignment(bootstrap: str, client: str) -> None:
     consumer.close()
 
 
+class CommitOnRevoke(Recorder):
+    """Commits synchronously while partitions are revoked, as sink and model stages do."""
+
+    def __init__(self, offsets: dict[TopicPartition, int]) -> None:
+        super().__init__()
+        self.offsets = offsets
+        self.consumer: Consumer | None = None
+        self.errors: list[BaseException] = []
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        super().on_revoke(partitions)
+        if partitions and self.consumer is not None:
+            try:
+                self.consumer.commit(self.offsets)
+            except BaseException as exc:
+                self.errors.append(exc)
+
+
+def test_a_listener_may_commit_synchronously_on_revoke(bootstrap: str, client: str) -> None:
+    transport = create_transport(client, bootstrap)
+    name = topic(transport, partitions=2)
+    producer = transport.producer()
+    producer.produce([OutgoingBatch(name, [b"a"] * 4)])
+    producer.close()
+    group = unique("group")
+    listener = CommitOnRevoke({(name, 0): 1, (name, 1): 1})
+    first = transport.consumer(group, [name], listener=listener)
+    listener.consumer = first
+    settle(first, lambda: len(first.assignment()) == 2)
+    second = transport.consumer(group, [name])
+    deadline = time.monotonic() + 60
+    while not listener.revoked or not second.assignment():  # both members poll to rebalance
+        assert time.monotonic() < deadline, "no rebalance"
+        first.consume_batch(100, 0.2)
+        second.consume_batch(100, 0.2)
+    assert listener.errors == []
+    assert second.committed([(name, 0), (name, 1)]) == {(name, 0): 1, (name, 1): 1}
+    first.close()
+    second.close()
+
+
 @pytest.mark.parametrize("reader", CLIENTS)
 def test_clients_read_each_others_records(bootstrap: str, client: str, reader: str) -> None:
     writer = create_transport(client, bootstrap)
