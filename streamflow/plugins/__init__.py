@@ -125,6 +125,8 @@ class Sink(ABC, Generic[ConfigT]):
       dead-lettered or skipped. The runtime commits these offsets to Kafka only after
       :meth:`flush` returns, so a crash before then replays the records (at-least-once); a sink
       that names its output by topic, partition and first offset turns replays into overwrites.
+      The runtime flushes every ``runtime.commit_interval_s``, and earlier whenever
+      :meth:`should_flush` says so (a file reached its size, for example).
     - Exactly-once: a sink that stores ``offsets`` (with ``cluster_id``, the Kafka cluster they
       belong to) atomically with its data implements :meth:`resume_offsets`. On assignment the
       runtime asks it where each partition stands and skips records below the returned offset
@@ -152,6 +154,10 @@ class Sink(ABC, Generic[ConfigT]):
     @abstractmethod
     def flush(self, offsets: Mapping[TopicPartition, int], cluster_id: str) -> int | None:
         """Make every record passed to :meth:`write` durable; return the bytes written if known."""
+
+    def should_flush(self) -> bool:
+        """True when buffered records should be flushed now, before the commit interval."""
+        return False
 
     def resume_offsets(
         self, partitions: Sequence[TopicPartition], cluster_id: str

@@ -440,7 +440,8 @@ class SinkStage(StageRunner):
         self.metrics.count(len(consumed), written, len(failures))
 
     def tick(self) -> None:
-        if self._pending and time.monotonic() - self._last_flush >= self.commit_interval_s:
+        if self._pending and (time.monotonic() - self._last_flush >= self.commit_interval_s
+                              or self.sink.should_flush()):
             self.checkpoint()
 
     def checkpoint(self) -> None:

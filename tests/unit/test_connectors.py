@@ -70,3 +70,62 @@ def test_leftover_temporary_files_are_removed_on_open(tmp_path: Path) -> None:
 def test_builtins_register_through_entry_points() -> None:
     assert discover(SOURCE_GROUP)["generator"].value == "connectors.sources.generator:GeneratorSource"
     assert discover(SINK_GROUP)["parquet"].value == "connectors.sinks.parquet:ParquetSink"
+
+
+def parquet_files(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*.parquet"))
+
+
+def test_parquet_sink_partitions_by_field_values_and_replays_onto_the_same_files(
+    tmp_path: Path,
+) -> None:
+    config = ParquetConfig(path=str(tmp_path), partition_by=["day", "site"])
+    batch = pa.table({"day": ["2024-01-01", "2024-01-02", "2024-01-01", None],
+                      "site": ["a/b", "c", "a/b", "c"], "x": [1, 2, 3, 4]})
+    sink = ParquetSink(config, CONTEXT)
+    sink.open()
+    sink.write(batch, ("t", 0), 7)
+    sink.flush({("t", 0): 11}, "cluster")
+    assert parquet_files(tmp_path) == [
+        "t/day=2024-01-01/site=a%2Fb/t+0000+00000000000000000007.parquet",
+        "t/day=2024-01-02/site=c/t+0000+00000000000000000007.parquet",
+        "t/day=__HIVE_DEFAULT_PARTITION__/site=c/t+0000+00000000000000000007.parquet",
+    ]
+    first = tmp_path / "t/day=2024-01-01/site=a%2Fb/t+0000+00000000000000000007.parquet"
+    assert pq.read_table(first)["x"].to_pylist() == [1, 3]
+    # After a crash the same records come again from offset 7: the same files are rewritten.
+    replay = ParquetSink(config, CONTEXT)
+    replay.open()
+    replay.write(batch, ("t", 0), 7)
+    replay.flush({("t", 0): 11}, "cluster")
+    assert len(parquet_files(tmp_path)) == 3
+    assert sum(pq.read_table(tmp_path / name).num_rows for name in parquet_files(tmp_path)) == 4
+
+
+def test_parquet_sink_asks_for_a_flush_when_a_file_reaches_its_size(tmp_path: Path) -> None:
+    by_rows = ParquetSink(ParquetConfig(path=str(tmp_path), roll_rows=3), CONTEXT)
+    by_rows.write(pa.table({"x": [1, 2]}), ("t", 0), 0)
+    assert not by_rows.should_flush()
+    by_rows.write(pa.table({"x": [3]}), ("t", 0), 2)
+    assert by_rows.should_flush()
+    by_rows.flush({("t", 0): 3}, "cluster")
+    assert not by_rows.should_flush()
+    table = pa.table({"x": list(range(1000))})
+    by_bytes = ParquetSink(ParquetConfig(path=str(tmp_path), roll_bytes=table.nbytes), CONTEXT)
+    by_bytes.write(table.slice(0, 500), ("t", 1), 0)
+    assert not by_bytes.should_flush()
+    by_bytes.write(table.slice(500), ("t", 1), 500)
+    assert by_bytes.should_flush()
+
+
+def test_parquet_sink_rolls_files_by_event_time(tmp_path: Path) -> None:
+    sink = ParquetSink(ParquetConfig(path=str(tmp_path), roll_interval_s=3600, time_field="ts"),
+                       CONTEXT)
+    hour = 3_600_000
+    sink.write(pa.table({"ts": [5, hour + 1, 10, 2 * hour, None], "x": [1, 2, 3, 4, 5]}),
+               ("t", 0), 0)
+    sink.flush({("t", 0): 5}, "cluster")
+    files = parquet_files(tmp_path)
+    assert files == [f"t/t+0000+00000000000000000000+{start:015d}.parquet"
+                     for start in (-1, 0, hour, 2 * hour)]
+    assert pq.read_table(tmp_path / files[1])["x"].to_pylist() == [1, 3]
