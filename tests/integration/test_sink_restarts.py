@@ -4,11 +4,14 @@ exactly once in each sink's output.
 The postgres, duckdb and delta sinks store offsets with their rows: for them the test also throws
 away the Kafka commits of the killed run (their groups are rewound to the start), so that only the
 offsets in the sink's own storage keep the restart from writing anything twice. The parquet sink
-relies on the Kafka commit (a replay rewrites the same files), so its group is left alone.
+relies on the Kafka commit (a replay rewrites the same files), so its group is left alone. The
+kafka and console sinks are at least once: together, the killed and the restarted run must
+have produced or printed every record, possibly some twice.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -24,6 +27,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from streamflow.config import load_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
+from tests.helpers import read_topic
 from tests.sink_tables import (
     FAST_GROUPS,
     POSTGRES_DSN,
@@ -77,6 +81,19 @@ def rewind(bootstrap: str, group: str) -> None:
         consumer.close()
 
 
+def printed_ids(logs: list[Path]) -> list[int]:
+    """Ids of the records the console sink printed (one JSON object a line, among log lines)."""
+    ids = []
+    for line in b"".join(log.read_bytes() for log in logs).splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "id" in record:
+            ids.append(record["id"])
+    return ids
+
+
 def topic_end(bootstrap: str) -> int:
     """The sum of the input partitions' end offsets."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "end-offsets"})
@@ -98,17 +115,25 @@ def test_sigkill_mid_stream_then_restart_writes_each_record_once(
                        lambda: duckdb_rows(tmp_path / "warehouse.duckdb", "events")),
             "delta": ({"path": str(tmp_path / "events")}, lambda: delta_rows(tmp_path / "events")),
             "parquet": ({"path": str(tmp_path / "lake")}, lambda: parquet_rows(tmp_path / "lake")),
+            "kafka": ({"topic": f"{pipeline}.copied"}, lambda: pa.table({"id": [
+                json.loads(value)["id"]
+                for value in read_topic(fresh_broker, f"{pipeline}.copied").values]})),
+            "console": ({}, lambda: pa.table({"id": printed_ids(logs)})),
         }
         path = pipeline_file(tmp_path, fresh_broker, pipeline,
                              {name: settings for name, (settings, _read) in outputs.items()})
         loaded = PipelineRunner(load_pipeline(path), stage="load", until_idle_s=0.2).run()
         assert loaded.exit_code == 0, loaded.errors
 
+        logs: list[Path] = []
+
         def run(*extra: str) -> subprocess.Popen[bytes]:
-            return subprocess.Popen(
-                [sys.executable, "-m", "streamflow", "run", str(path), "--metrics-port", "0",
-                 *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            )
+            logs.append(tmp_path / f"run-{len(logs)}.log")
+            with open(logs[-1], "wb") as log_file:  # a file: a full pipe would stall the console
+                return subprocess.Popen(
+                    [sys.executable, "-m", "streamflow", "run", str(path), "--metrics-port", "0",
+                     *extra], stdout=log_file, stderr=subprocess.STDOUT,
+                )
 
         def committed(name: str) -> int:
             offsets = committed_offsets(fresh_broker, f"{pipeline}.{name}", "raw", PARTITIONS)
@@ -134,9 +159,12 @@ def test_sigkill_mid_stream_then_restart_writes_each_record_once(
             list(pool.map(lambda name: rewind(fresh_broker, f"{pipeline}.{name}"), EXACTLY_ONCE))
 
         restarted = run("--until-idle", "0.5")
-        log, _ = restarted.communicate(timeout=180)
-        assert restarted.returncode == 0, log.decode()[-3000:]
+        restarted.wait(timeout=180)
+        assert restarted.returncode == 0, logs[-1].read_text()[-3000:]
         for name, (_settings, read_rows) in outputs.items():
             ids = read_rows().column("id").to_pylist()
+            if name in ("kafka", "console"):
+                assert set(ids) == set(range(COUNT)), f"{name}: records are missing"
+                continue
             assert len(ids) == COUNT, f"{name}: {len(ids) - len(set(ids))} duplicates"
             assert sorted(ids) == list(range(COUNT)), f"{name}: records are missing"
