@@ -13,12 +13,14 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from streamflow.plugins import ComponentContext, Sink
+from connectors.sinks.warehouse import conform
+from streamflow.plugins import ComponentContext, Sink, SinkRecordError
 from streamflow.transport.base import TopicPartition
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -72,9 +74,14 @@ class ParquetSink(Sink[ParquetConfig]):
 
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
         _start, tables = self._buffers.setdefault(partition, (first_offset, []))
+        failures: dict[int, BaseException] = {}
+        if tables:
+            table, failures = _fit(table, tables[0].schema)
         tables.append(table)
         self._buffered_rows += table.num_rows
         self._buffered_bytes += table.nbytes
+        if failures:
+            raise SinkRecordError(list(failures), list(failures.values()))
 
     def should_flush(self) -> bool:
         rows, size = self.config.roll_rows, self.config.roll_bytes
@@ -157,6 +164,31 @@ class ParquetSink(Sink[ParquetConfig]):
             _first, tables = self._buffers.pop(partition, (0, []))
             self._buffered_rows -= sum(table.num_rows for table in tables)
             self._buffered_bytes -= sum(table.nbytes for table in tables)
+
+
+def _fit(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, dict[int, BaseException]]:
+    """``table`` without the rows whose values cannot take the types ``schema`` (the file's
+    first records) gave their fields, and those rows with their errors."""
+    try:
+        pa.unify_schemas([schema, table.schema], promote_options="permissive")
+        return table, {}
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    known = {field.name: field.type for field in schema if field.name in table.column_names}
+    conformed = conform(table.select(list(known)), known, [])
+    fitted = _replace_columns(table, conformed.table)
+    if conformed.failures:
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[list(conformed.failures)] = False
+        fitted = fitted.filter(pa.array(keep))
+    return fitted, dict(sorted(conformed.failures.items()))
+
+
+def _replace_columns(table: pa.Table, replacements: pa.Table) -> pa.Table:
+    for name in replacements.column_names:
+        table = table.set_column(table.schema.get_field_index(name), name,
+                                 replacements.column(name))
+    return table
 
 
 def _directory_value(value: str | None) -> str:

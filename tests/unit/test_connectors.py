@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from connectors.sinks.parquet import ParquetConfig, ParquetSink
 from connectors.sources.generator import GeneratorConfig, GeneratorSource
-from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext, discover
+from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext, SinkRecordError, discover
 
 CONTEXT = ComponentContext("p", "c")
 
@@ -129,3 +130,20 @@ def test_parquet_sink_rolls_files_by_event_time(tmp_path: Path) -> None:
     assert files == [f"t/t+0000+00000000000000000000+{start:015d}.parquet"
                      for start in (-1, 0, hour, 2 * hour)]
     assert pq.read_table(tmp_path / files[1])["x"].to_pylist() == [1, 3]
+
+
+def test_parquet_sink_rejects_only_the_values_that_cannot_take_the_files_types(
+    tmp_path: Path,
+) -> None:
+    sink = ParquetSink(ParquetConfig(path=str(tmp_path)), CONTEXT)
+    sink.write(pa.table({"id": [1, 2], "x": [1.5, 2.5]}), ("t", 0), 0)
+    with pytest.raises(SinkRecordError) as rejected:
+        sink.write(pa.table({"id": [3, 4, 5], "x": ["3.5", "lots", "5"]}), ("t", 0), 2)
+    assert rejected.value.rows == [1]
+    assert "'x'" in str(rejected.value.errors[0]) and "lots" in str(rejected.value.errors[0])
+    sink.write(pa.table({"id": [6], "x": [6.0], "new": ["field"]}), ("t", 0), 5)
+    sink.flush({("t", 0): 6}, "cluster")
+    [written] = tmp_path.rglob("*.parquet")
+    rows = pq.read_table(written).to_pylist()
+    assert [(row["id"], row["x"], row["new"]) for row in rows] == [
+        (1, 1.5, None), (2, 2.5, None), (3, 3.5, None), (5, 5.0, None), (6, 6.0, "field")]
