@@ -15,14 +15,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from benchmarks.common import measure_stage
-from benchmarks.core import PARTITIONS, REQUIRED, compare
+from benchmarks.core import PARTITIONS, REQUIRED, TYPE_NAMES, compare, schema_step
 from streamflow.config import parse_pipeline
 from streamflow.processing.steps import SchemaViolation
 from streamflow.processing.validation import ValidationError
 from streamflow.runtime.pipeline import PipelineRunner
 
 WORKLOAD = "parse-schema-validate-filter-sql-produce"
-TYPE_NAMES = {str: "string", int: "int", float: "float"}
 MAX_HUMIDITY = 85.0
 DEVICE_PATTERN = r"sensor-\d{4}"
 MIN_PRESSURE = 1000.0
@@ -32,8 +31,7 @@ DERIVE = "temperature * 1.8 + 32 AS temperature_f, humidity / 100 AS humidity_ra
 def clean_steps() -> list[dict[str, Any]]:
     """The native stage's steps."""
     return [
-        {"schema": {field: {"type": TYPE_NAMES[kind], "required": True}
-                    for field, kind in REQUIRED.items()}},
+        schema_step(),
         {"validate": {"humidity": {"min": 0, "max": MAX_HUMIDITY},
                       "device_id": {"regex": DEVICE_PATTERN}}},
         {"filter": f"pressure >= {MIN_PRESSURE}"},

@@ -25,6 +25,13 @@ from streamflow.transport.broker import EmbeddedBroker, free_port
 WORKLOAD = "json-parse-schema-derive-produce"
 PARTITIONS = 4
 REQUIRED = {"device_id": str, "ts": int, "temperature": float, "humidity": float, "pressure": float}
+TYPE_NAMES = {str: "string", int: "int", float: "float"}
+
+
+def schema_step() -> dict[str, Any]:
+    """The schema step the stage workloads start with: REQUIRED's fields, each required."""
+    return {"schema": {field: {"type": TYPE_NAMES[kind], "required": True}
+                       for field, kind in REQUIRED.items()}}
 
 
 def load_input(bootstrap: str, topic: str, records: int) -> None:
@@ -102,8 +109,7 @@ def run_streamflow(bootstrap: str, source: str, records: int,
             "input": source,
             "output": f"{name}.out",
             "steps": [
-                {"schema": {field: {"type": {str: "string", int: "int", float: "float"}[kind],
-                                    "required": True} for field, kind in REQUIRED.items()}},
+                schema_step(),
                 {"sql": "SELECT *, temperature * 1.8 + 32 AS temperature_f FROM batch"},
             ],
         }],

@@ -11,17 +11,16 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from benchmarks.common import measure_stage
-from benchmarks.core import PARTITIONS, load_input
+from benchmarks.core import PARTITIONS, compare
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
-from streamflow.transport import TopicSpec, create_transport
-from streamflow.transport.broker import EmbeddedBroker
 
 WORKLOAD = "sink-rows-durable"
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -70,20 +69,5 @@ def run_sink(bootstrap: str, source: str, records: int, sink_type: str) -> float
 
 def run_sinks(records: int, repeat: int) -> list[dict[str, Any]]:
     """Each sink ``repeat`` times on the same pre-loaded topic; keep each one's best."""
-    best: dict[str, float] = {}
-    with EmbeddedBroker() as broker:
-        source = "bench.input"
-        create_transport("confluent", broker.bootstrap).admin().create_topics(
-            [TopicSpec(source, PARTITIONS)]
-        )
-        load_input(broker.bootstrap, source, records)
-        for _round in range(repeat):
-            for sink_type in SINK_TYPES:
-                rate = run_sink(broker.bootstrap, source, records, sink_type)
-                print(f"streamflow-{sink_type}: {rate:,.0f} rows/s", flush=True)
-                best[sink_type] = max(best.get(sink_type, 0.0), rate)
-    return [
-        {"system": f"streamflow-{sink_type}", "workload": WORKLOAD, "events_per_s": round(rate),
-         "records": records}
-        for sink_type, rate in best.items()
-    ]
+    return compare({f"streamflow-{sink_type}": partial(run_sink, sink_type=sink_type)
+                    for sink_type in SINK_TYPES}, WORKLOAD, records, repeat)

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from benchmarks.common import measure_stage
-from benchmarks.core import PARTITIONS, REQUIRED, compare, run_streamflow
+from benchmarks.core import PARTITIONS, compare, run_streamflow, schema_step
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
 
@@ -24,8 +24,7 @@ def run_windowed(bootstrap: str, source: str, records: int) -> float:
             "name": "agg",
             "input": source,
             "output": f"{name}.out",
-            "steps": [{"schema": {field: {"type": {str: "string", int: "int", float: "float"}[kind],
-                                          "required": True} for field, kind in REQUIRED.items()}}],
+            "steps": [schema_step()],
             "window": {
                 "kind": "tumbling", "size_s": 10, "time_field": "ts", "key": ["device_id"],
                 "aggregates": {"n": {"fn": "count"},
