@@ -7,6 +7,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from streamflow.config.models import PipelineConfig
 
@@ -73,9 +74,23 @@ def configure_logging(level: str, log_format: str) -> None:
 
 
 def config_secrets(config: PipelineConfig) -> list[str]:
-    """Values of settings whose names say they are secret (Kafka client and connectors)."""
-    found = [str(value) for key, value in config.kafka.config.items() if SECRET_KEY.search(key)]
+    """Values of settings whose names say they are secret (Kafka client and connectors, at any
+    depth: a connector's own ``config`` of client settings, say)."""
+    found = _secrets(config.kafka.config)
     for component in [*config.sources, *config.sinks]:
-        found += [str(value) for key, value in component.connector_settings().items()
-                  if SECRET_KEY.search(key) and isinstance(value, str | int)]
+        found += _secrets(component.connector_settings())
+    return found
+
+
+def _secrets(settings: Any) -> list[str]:
+    if isinstance(settings, list):
+        return [secret for item in settings for secret in _secrets(item)]
+    if not isinstance(settings, dict):
+        return []
+    found = []
+    for key, value in settings.items():
+        if SECRET_KEY.search(str(key)) and isinstance(value, str | int) and str(value):
+            found.append(str(value))
+        else:
+            found += _secrets(value)
     return found

@@ -32,6 +32,19 @@ def test_secrets_from_the_config_are_found() -> None:
     assert sorted(config_secrets(config)) == ["hunter2-kafka", "hunter2-key"]
 
 
+def test_secrets_nested_in_connector_settings_are_found() -> None:
+    config = parse_pipeline({
+        "pipeline": "p",
+        "kafka": {"bootstrap": "kafka:9092"},
+        "sources": [{"name": "mirror", "type": "kafka", "topic": "copy",
+                     "bootstrap": "other:9092", "topics": ["orders"],
+                     "config": {"sasl.password": "hunter2-nested", "sasl.username": "bob"}},
+                    {"name": "things", "type": "mqtt", "topic": "raw", "topics": ["sensors/#"],
+                     "username": "bob", "password": "hunter2-mqtt"}],
+    })
+    assert sorted(config_secrets(config)) == ["hunter2-mqtt", "hunter2-nested"]
+
+
 def test_secrets_never_reach_the_output_in_text_or_json() -> None:
     redactor = Redactor()
     redactor.add(["hunter2-kafka"])
