@@ -55,8 +55,9 @@ def _error(exc: KafkaException | KafkaError) -> TransportError:
 
 class ConfluentProducer(Producer):
     def __init__(self, config: dict[str, Any]) -> None:
-        self._producer = _Producer(config)
         self._failures: list[KafkaError] = []
+        # One delivery callback for the producer, not a keyword argument per record.
+        self._producer = _Producer({**config, "on_delivery": self._on_delivery})
         self._transactional = "transactional.id" in config
         if self._transactional:
             self._call(self._producer.init_transactions, 30)
@@ -67,17 +68,15 @@ class ConfluentProducer(Producer):
 
     def produce(self, batches: Sequence[OutgoingBatch]) -> None:
         produce = self._producer.produce
-        on_delivery = self._on_delivery
         for batch in batches:
+            topic = batch.topic
             for value, key, header, timestamp in batch.records():
-                kwargs: dict[str, Any] = {"key": key, "on_delivery": on_delivery}
-                if header:
-                    kwargs["headers"] = header
-                if timestamp:
-                    kwargs["timestamp"] = timestamp
                 while True:
-                    try:
-                        produce(batch.topic, value, **kwargs)
+                    try:  # timestamp 0 means "now", as when none is given
+                        if header:
+                            produce(topic, value, key, timestamp=timestamp or 0, headers=header)
+                        else:
+                            produce(topic, value, key, timestamp=timestamp or 0)
                         break
                     except BufferError:
                         self._producer.poll(0.05)
