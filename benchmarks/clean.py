@@ -10,16 +10,12 @@ fail the pressure filter (filtered), the rest are produced with two derived fiel
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from benchmarks.common import measure_stage
-from benchmarks.core import PARTITIONS, REQUIRED, TYPE_NAMES, compare, schema_step
-from streamflow.config import parse_pipeline
+from benchmarks.core import REQUIRED, TYPE_NAMES, compare, run_stage, schema_step
 from streamflow.processing.steps import SchemaViolation
 from streamflow.processing.validation import ValidationError
-from streamflow.runtime.pipeline import PipelineRunner
 
 WORKLOAD = "parse-schema-validate-filter-sql-produce"
 MAX_HUMIDITY = 85.0
@@ -66,20 +62,6 @@ async def clean_agent(stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[di
         if record["pressure"] >= MIN_PRESSURE:
             yield {**record, "temperature_f": record["temperature"] * 1.8 + 32,
                    "humidity_ratio": record["humidity"] / 100}
-
-
-def run_stage(bootstrap: str, source: str, records: int, stage: dict[str, Any]) -> float:
-    """Events per second of one processor stage (``stage``: its type-specific settings)."""
-    name = f"bench{uuid.uuid4().hex[:8]}"
-    config = parse_pipeline({
-        "pipeline": name,
-        "kafka": {"bootstrap": bootstrap},
-        "topics": [{"name": f"{name}.out", "partitions": PARTITIONS}],
-        "processors": [{"name": "clean", "input": source, "output": f"{name}.out", **stage}],
-        "metrics": {"enabled": False},
-        "runtime": {"batch": {"max_records": 10_000, "max_wait_ms": 50}},
-    })
-    return measure_stage(PipelineRunner(config), "clean", records)
 
 
 def run_native(bootstrap: str, source: str, records: int) -> float:

@@ -93,30 +93,29 @@ def run_raw_confluent(bootstrap: str, source: str, records: int) -> float:
     return records / elapsed
 
 
-def run_streamflow(bootstrap: str, source: str, records: int,
-                   on_running: Callable[[PipelineRunner], None] | None = None) -> float:
-    """The same work as a streamflow processor stage: schema step, then a SQL derived field.
-
-    With ``on_running``, the metrics endpoint and dashboard are served on a free port.
-    """
+def run_stage(bootstrap: str, source: str, records: int, stage: dict[str, Any],
+              on_running: Callable[[PipelineRunner], None] | None = None) -> float:
+    """Events per second of one processor stage reading ``source`` (``stage``: its settings
+    besides name, input and output). With ``on_running``, the metrics endpoint and dashboard
+    are served on a free port and ``on_running`` is called once the stage runs."""
     name = f"bench{uuid.uuid4().hex[:8]}"
     config = parse_pipeline({
         "pipeline": name,
         "kafka": {"bootstrap": bootstrap},
         "topics": [{"name": f"{name}.out", "partitions": PARTITIONS}],
-        "processors": [{
-            "name": "clean",
-            "input": source,
-            "output": f"{name}.out",
-            "steps": [
-                schema_step(),
-                {"sql": "SELECT *, temperature * 1.8 + 32 AS temperature_f FROM batch"},
-            ],
-        }],
+        "processors": [{"name": "stage", "input": source, "output": f"{name}.out", **stage}],
         "metrics": {"enabled": on_running is not None, "port": free_port()},
         "runtime": {"batch": {"max_records": 10_000, "max_wait_ms": 50}},
     })
-    return measure_stage(PipelineRunner(config), "clean", records, on_running or (lambda r: None))
+    return measure_stage(PipelineRunner(config), "stage", records, on_running or (lambda r: None))
+
+
+def run_streamflow(bootstrap: str, source: str, records: int,
+                   on_running: Callable[[PipelineRunner], None] | None = None) -> float:
+    """The same work as a streamflow processor stage: schema step, then a SQL derived field."""
+    return run_stage(bootstrap, source, records, {"steps": [
+        schema_step(), {"sql": "SELECT *, temperature * 1.8 + 32 AS temperature_f FROM batch"},
+    ]}, on_running)
 
 
 def compare(systems: dict[str, Callable[[str, str, int], float]], workload: str, records: int,
