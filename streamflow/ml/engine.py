@@ -14,6 +14,7 @@ crash in that window its replayed records are predicted by that newer model.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections import OrderedDict, deque
@@ -62,6 +63,20 @@ class TrackedMetric:
             return
         self.cumulative.update(target, value)
         self.unapplied.append((target, value))
+
+    def update_many(self, targets: list[Any], predictions: list[Prediction | None]) -> None:
+        """:meth:`update` for a run of records; those without a prediction or target are left out."""
+        pairs = []
+        for target, prediction in zip(targets, predictions, strict=True):
+            if prediction is None or target is None:
+                continue
+            value = prediction.probabilities if self.uses_probabilities else prediction.value
+            if value is not None and value != {}:
+                pairs.append((target, value))
+        update = self.cumulative.update
+        for target, value in pairs:
+            update(target, value)
+        self.unapplied.extend(pairs)  # the deque keeps the last window's worth
 
     def rolling_value(self) -> float:
         """The metric over the last ``window`` updates."""
@@ -124,13 +139,20 @@ class EngineSettings:
     mini_batch: bool = False
 
 
-@dataclass(slots=True)
-class Scored:
-    """The outcome for one features record: its prediction and the model version, or an error."""
+@dataclass
+class ScoredRun:
+    """What :meth:`ModelEngine.score` did with a run of records, by position in the run.
 
-    prediction: Prediction | None
-    model_version: int
-    error: BaseException | None = None
+    Records before ``first`` were handled before a restart (already learned and produced). From
+    ``first`` on, each has its prediction and the version of the model that made it (the
+    records that model had learned), or, when it failed, an entry in ``errors`` and a None
+    prediction.
+    """
+
+    first: int
+    predictions: list[Prediction | None] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    errors: dict[int, BaseException] = field(default_factory=dict)
 
 
 @dataclass
@@ -292,73 +314,110 @@ class ModelEngine:
         rows: list[Features],
         targets: list[Any],
         model_keys: list[str],
-    ) -> list[Scored | None]:
+    ) -> ScoredRun:
         """Predict, evaluate and learn features records of one partition, in offset order.
 
-        Returns one entry per record: None for a record already covered by the restored state
-        (it was fully handled before a restart), else its :class:`Scored`.
+        Records below the restored state's offset were fully handled before a restart; as
+        offsets rise, they come first, and they are skipped.
         """
         state = self.states[partition]
         topic = self.settings.features_topic
-        start = state.next_offsets.get(topic, 0)
+        run = ScoredRun(bisect.bisect_left(offsets, state.next_offsets.get(topic, 0)))
+        if run.first == len(offsets):
+            return run
+        one_model = self.settings.labels_topic is None and self.settings.key_field is None
+        unsupervised = self.settings.task in ("anomaly", "clustering")
+        if one_model and self.settings.mini_batch:
+            self._score_batch(state, run, offsets, rows, targets)
+        elif one_model and state.detector is None and (
+            unsupervised or None not in targets[run.first:]
+        ):
+            self._score_progressively(state, run, offsets[-1] + 1, rows, targets)
+        else:
+            self._score_each(state, run, offsets, keys, rows, targets, model_keys)
+        state.next_offsets[topic] = offsets[-1] + 1
+        state.records_since_checkpoint += len(offsets) - run.first
+        return run
+
+    def _score_progressively(self, state: PartitionState, run: ScoredRun, next_offset: int,
+                             rows: list[Features], targets: list[Any]) -> None:
+        """The common case (one model, labels in the records, no drift detector): the model
+        predicts and learns the run in one call, then the metrics take the predictions. Metrics
+        never feed back into the model, so this equals :meth:`_score_each`."""
+        slot = self.slot(state.partition, "")
+        fresh_targets = targets[run.first:]
+        run.predictions, errors = slot.model.progressive(rows[run.first:], fresh_targets)
+        version = slot.learned
+        if errors:
+            for position in range(len(run.predictions)):
+                run.versions.append(version)
+                version += position not in errors
+        else:
+            run.versions = list(range(version, version + len(run.predictions)))
+            version += len(run.predictions)
+        run.errors = {run.first + position: error for position, error in errors.items()}
+        for metric in state.metrics:
+            metric.update_many(fresh_targets, run.predictions)
+        learned = version - slot.learned
+        slot.learned = version
+        slot.next_offsets[self.settings.features_topic] = next_offset
+        if learned:
+            self._on_learned(learned)
+
+    def _score_each(
+        self,
+        state: PartitionState,
+        run: ScoredRun,
+        offsets: list[int],
+        keys: list[bytes | None],
+        rows: list[Features],
+        targets: list[Any],
+        model_keys: list[str],
+    ) -> None:
+        """Record by record: keyed models, delayed labels, drift detection."""
+        topic = self.settings.features_topic
         delayed = self.settings.labels_topic is not None
-        if self.settings.mini_batch and not delayed and self.settings.key_field is None:
-            return self._score_batch(state, offsets, rows, targets, start)
-        results: list[Scored | None] = []
         unsupervised = self.settings.task in ("anomaly", "clustering")
         slot_key, slot = None, None
-        learned = handled = 0
-        for offset, key, features, target, model_key in zip(
-            offsets, keys, rows, targets, model_keys, strict=True
-        ):
-            if offset < start:
-                results.append(None)
-                continue
+        learned = 0
+        for position in range(run.first, len(offsets)):
+            offset, features, target = offsets[position], rows[position], targets[position]
+            model_key = model_keys[position]
             if model_key != slot_key or slot is None:
-                slot_key, slot = model_key, self.slot(partition, model_key)
-            version = slot.learned  # the predicting model's version: records it had learned
+                slot_key, slot = model_key, self.slot(state.partition, model_key)
+            run.versions.append(slot.learned)  # the predicting model's version
+            prediction: Prediction | None
             try:
                 prediction = slot.model.predict(features)
                 if delayed:
-                    self._wait_for_label(state, key, features, prediction, model_key)
+                    self._wait_for_label(state, keys[position], features, prediction, model_key)
                 elif target is not None or unsupervised:
                     if target is not None:
                         self._evaluate(state, slot, model_key, offset, target, prediction)
                     learned += self._learn(slot, topic, offset, features, target)
-                results.append(Scored(prediction, version))
             except Exception as exc:  # the record goes to the dead letters; the stage goes on
-                results.append(Scored(None, version, exc))
-            handled += 1
-        if handled:
-            state.next_offsets[topic] = offsets[-1] + 1
-            state.records_since_checkpoint += handled
+                prediction = None
+                run.errors[position] = exc
+            run.predictions.append(prediction)
         if learned:
             self._on_learned(learned)
-        return results
 
-    def _score_batch(self, state: PartitionState, offsets: list[int], rows: list[Features],
-                     targets: list[Any], start: int) -> list[Scored | None]:
-        """Mini-batch mode: predict the whole batch, then learn it with ``learn_many``."""
-        fresh = [i for i, offset in enumerate(offsets) if offset >= start]
-        results: list[Scored | None] = [None] * len(offsets)
-        if not fresh:
-            return results
+    def _score_batch(self, state: PartitionState, run: ScoredRun, offsets: list[int],
+                     rows: list[Features], targets: list[Any]) -> None:
+        """Mini-batch mode: predict the whole run, then learn it with ``learn_many``."""
         slot = self.slot(state.partition, "")
-        batch_rows = [rows[i] for i in fresh]
-        predictions = slot.model.predict_batch(batch_rows)
+        fresh = range(run.first, len(rows))
+        run.predictions = list(slot.model.predict_batch(rows[run.first:]))
+        run.versions = [slot.learned] * len(fresh)
         labelled = [i for i in fresh if targets[i] is not None]
-        for i, prediction in zip(fresh, predictions, strict=True):
-            results[i] = Scored(prediction, slot.learned)
-            if targets[i] is not None:
-                self._evaluate(state, slot, "", offsets[i], targets[i], prediction)
+        for position, prediction in zip(fresh, run.predictions, strict=True):
+            if targets[position] is not None and prediction is not None:
+                self._evaluate(state, slot, "", offsets[position], targets[position], prediction)
         if labelled:
             slot.model.learn_batch([rows[i] for i in labelled], [targets[i] for i in labelled])
             slot.learned += len(labelled)
             self._on_learned(len(labelled))
-        topic = self.settings.features_topic
-        slot.next_offsets[topic] = state.next_offsets[topic] = offsets[fresh[-1]] + 1
-        state.records_since_checkpoint += len(fresh)
-        return results
+        slot.next_offsets[self.settings.features_topic] = offsets[-1] + 1
 
     def _wait_for_label(self, state: PartitionState, key: bytes | None, features: Features,
                         prediction: Prediction, model_key: str) -> None:
@@ -387,23 +446,30 @@ class ModelEngine:
             if expired:
                 self._on_expired(expired)
 
-    def label(self, partition: int, offset: int, key: bytes | None, target: Any) -> None:
-        """A label arrived: evaluate the prediction made earlier and learn from it."""
+    def label(
+        self, partition: int, offset: int, key: bytes | None, target: Any
+    ) -> BaseException | None:
+        """A label arrived: evaluate the prediction made earlier and learn from it. Returns the
+        error that evaluating or learning raised, for the label's dead letter."""
         state = self.states[partition]
         topic = self.settings.labels_topic
         assert topic is not None
         if offset < state.next_offsets.get(topic, 0):
-            return
+            return None
         state.next_offsets[topic] = offset + 1
         state.records_since_checkpoint += 1
         waiting = state.waiting.pop(key, None) if key is not None else None
         if waiting is None or target is None:
             self._on_unmatched()
-            return
+            return None
         slot = self.slot(partition, waiting.model_key)
-        self._evaluate(state, slot, waiting.model_key, offset, target, waiting.prediction)
-        if self._learn(slot, topic, offset, waiting.features, target):
-            self._on_learned(1)
+        try:
+            self._evaluate(state, slot, waiting.model_key, offset, target, waiting.prediction)
+            if self._learn(slot, topic, offset, waiting.features, target):
+                self._on_learned(1)
+        except Exception as exc:  # the label goes to the dead letters; the stage goes on
+            return exc
+        return None
 
     def due_for_checkpoint(self, every_records: int) -> bool:
         return any(s.records_since_checkpoint >= every_records for s in self.states.values())

@@ -42,6 +42,27 @@ class Model(ABC):
     def fresh(self) -> Model:
         """An untrained model with the same parameters (for drift resets)."""
 
+    def progressive(
+        self, rows: list[Features], targets: list[Any]
+    ) -> tuple[list[Prediction | None], dict[int, BaseException]]:
+        """Predict each row, then learn it with its target, in order (progressive validation).
+
+        A row whose prediction or learning raised gets a None prediction and its error under its
+        position; the others are unaffected.
+        """
+        predict, learn = self.predict, self.learn
+        predictions: list[Prediction | None] = []
+        errors: dict[int, BaseException] = {}
+        for position, (row, target) in enumerate(zip(rows, targets, strict=True)):
+            try:
+                prediction: Prediction | None = predict(row)
+                learn(row, target)
+            except Exception as exc:  # the record goes to the dead letters; the run goes on
+                prediction = None
+                errors[position] = exc
+            predictions.append(prediction)
+        return predictions, errors
+
     @property
     def supports_batches(self) -> bool:
         return False

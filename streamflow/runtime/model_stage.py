@@ -4,6 +4,12 @@ Unlike a processor stage, a model stage commits input offsets only at checkpoint
 the model states covering them were saved. After a crash it resumes from the checkpoint and
 skips what the restored state already covered, so no record is learned twice or skipped. Output
 records produced after the last checkpoint may be produced again (at-least-once output).
+
+The engine runs in a worker process (:mod:`streamflow.ml.worker`). This thread decodes each
+batch, hands it over, and produces the output of the batch before it while the worker learns:
+one batch is always queued ahead of the worker. A checkpoint request queues behind the batches
+before it, and the offsets it covers are committed when its reply comes: replies are handled in
+order, so by then the output of those batches is out.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +26,16 @@ import pyarrow.compute as pc
 
 from streamflow.config.models import BatchConfig, ModelConfig
 from streamflow.metrics import ModelMetrics, StageMetrics
-from streamflow.ml.engine import DriftEvent, ModelEngine, Scored
+from streamflow.ml.engine import DriftEvent
+from streamflow.ml.worker import (
+    BatchReply,
+    BatchRequest,
+    Effects,
+    EngineSpec,
+    EngineWorker,
+    MetricValue,
+    record_error_type,
+)
 from streamflow.plugins import ROW_ID
 from streamflow.processing.codec import decode_json, encode_json
 from streamflow.runtime.dead_letters import Failure
@@ -30,10 +46,21 @@ log = logging.getLogger(__name__)
 
 _UNSAFE_BEFORE_BRACE = (b"{", b" ", b"\t", b"\r", b"\n")
 _MAX_BYTES = 2**31 - 1
+METRIC_VALUES_INTERVAL_S = 1.0
+
+
+@dataclass
+class InFlight:
+    """A batch handed to the worker: what producing its output needs besides the reply."""
+
+    batch: ConsumedBatch
+    failures: list[Failure] = field(default_factory=list)
+    table: pa.Table | None = None  # the decoded features records
+    rows_in_batch: np.ndarray | None = None  # table row → consumed-batch row
 
 
 class ModelStage(StageRunner):
-    """Runs a :class:`ModelEngine` as a consumer group member."""
+    """Runs a model engine, in its worker process, as a consumer group member."""
 
     def __init__(
         self,
@@ -43,23 +70,41 @@ class ModelStage(StageRunner):
         metrics: StageMetrics,
         model_metrics: ModelMetrics,
         config: ModelConfig,
-        engine: ModelEngine,
+        spec: EngineSpec,
         drift_topic: str | None,
     ) -> None:
         super().__init__(identity, transport, batch, metrics)
         self.config = config
-        self.engine = engine
+        self.spec = spec
+        self.task = spec.settings.task
         self.model_metrics = model_metrics
         self.drift_topic = drift_topic
         self.labels_topic = config.labels.topic if config.labels else None
         self.label_field = (config.labels.field if config.labels else None) or config.target
+        self.worker: EngineWorker | None = None
         self._last_checkpoint = time.monotonic()
         model_metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last_checkpoint)
+        self._metric_values_at = 0.0
         self._drift_events: list[DriftEvent] = []
         self._assigned: list[TopicPartition] = []
+        self._restored: set[int] = set()  # partitions whose state the worker holds
+        self._in_flight: deque[InFlight | None] = deque()  # None: a checkpoint
+        self._checkpoint_due = False
 
     def topics(self) -> list[str]:
         return [self.identity.input_topic, *([self.labels_topic] if self.labels_topic else [])]
+
+    def open(self) -> None:
+        admin = self.transport.admin()
+        try:
+            cluster_id = admin.cluster_id()
+        finally:
+            admin.close()
+        self.worker = EngineWorker(self.spec, f"model-{self.name}", self._apply)
+        self.worker.call("start", cluster_id)
+
+    def is_idle(self, since: float) -> bool:
+        return super().is_idle(since) and not self._in_flight
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
         super().on_assign(partitions)
@@ -67,58 +112,65 @@ class ModelStage(StageRunner):
         # do it before the next batch is scored instead.
         self._assigned.extend(partitions)
 
-    def open(self) -> None:
-        admin = self.transport.admin()
-        try:
-            self.engine.cluster_id = admin.cluster_id()
-        finally:
-            admin.close()
-
     def _restore_assigned(self) -> None:
-        """Restore the state of newly assigned partitions from the checkpoint store."""
-        partitions, self._assigned = self._assigned, []
-        for partition in sorted({partition for _topic, partition in partitions}):
-            if partition not in self.engine.states:
-                self.engine.assign(partition)
+        """Have the worker restore newly assigned partitions from the checkpoint store."""
+        assert self.worker is not None
+        partitions = sorted({partition for _topic, partition in self._assigned} - self._restored)
+        self._assigned = []
+        if partitions:
+            self._finish_all()
+            self.worker.call("assign", partitions)
+            self._restored.update(partitions)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         super().on_revoke(partitions)
         self._assigned = [tp for tp in self._assigned if tp not in partitions]
-        if self.error is None:  # after a failure the state may be ahead of the output: replay
-            self.checkpoint()
-        for partition in {p for _topic, p in partitions}:
-            self.engine.revoke(partition)
+        if self.worker is None or self.error is not None:
+            return  # after a failure the state may be ahead of the output: replay
+        self.checkpoint()
+        revoked = sorted({p for _topic, p in partitions} & self._restored)
+        self.worker.call("revoke", revoked)
+        self._restored.difference_update(revoked)
 
-    def record_drift(self, event: DriftEvent) -> None:
-        log.warning("stage %s: drift on partition %d at offset %d (policy %s)",
-                    self.name, event.partition, event.offset, event.policy)
-        self.model_metrics.drift_events.inc()
-        self._drift_events.append(event)
+    def _apply(self, effects: Effects) -> None:
+        """Count and log what the worker's engine did."""
+        for logger, level, message in effects.logs:
+            logging.getLogger(logger).log(level, "%s (stage %s)", message, self.name)
+        self.model_metrics.records_learned.inc(effects.learned)
+        self.model_metrics.evictions.inc(effects.evicted)
+        self.model_metrics.features_expired.inc(effects.expired)
+        self.model_metrics.labels_unmatched.inc(effects.unmatched)
+        for event in effects.drift:
+            log.warning("stage %s: drift on partition %d at offset %d (policy %s)",
+                        self.name, event.partition, event.offset, event.policy)
+            self.model_metrics.drift_events.inc()
+        self._drift_events += effects.drift
 
     def handle(self, batch: ConsumedBatch) -> None:
-        assert self.producer is not None
+        assert self.worker is not None
         self._restore_assigned()
+        request, in_flight = self._prepare(batch)
+        now = time.monotonic()
+        if now - self._metric_values_at >= METRIC_VALUES_INTERVAL_S:
+            request.metric_values = True
+            self._metric_values_at = now
+        self.worker.submit("handle", request)
+        self._in_flight.append(in_flight)
+        if self._checkpoint_due:
+            self._request_checkpoint()
+        while self._in_flight[0] is not in_flight:  # keep this batch queued for the worker
+            self._finish()
+
+    def _prepare(self, batch: ConsumedBatch) -> tuple[BatchRequest, InFlight]:
+        """Decode a batch into the worker's request; decoding failures stay here."""
+        request = BatchRequest()
+        in_flight = InFlight(batch)
         is_label = np.asarray([topic == self.labels_topic for topic in batch.topics], dtype=bool)
-        failures: list[Failure] = []
-        outgoing: list[OutgoingBatch] = []
-        produced = 0
         if not is_label.all():
-            output, failed = self._score(batch, np.flatnonzero(~is_label))
-            failures += failed
-            produced = len(output.values)
-            outgoing.append(output)
+            self._prepare_features(batch, np.flatnonzero(~is_label), request, in_flight)
         if is_label.any():
-            failures += self._learn_labels(batch, np.flatnonzero(is_label))
-        self.engine.expire()
-        if self._drift_events and self.drift_topic:
-            outgoing.append(self._drift_batch())
-        self._drift_events = []
-        self.producer.produce(outgoing)
-        self.produce_dead_letters(failures, batch)
-        self.metrics.count(len(batch), produced, len(failures))
-        self._publish_metric_values()
-        if self.engine.due_for_checkpoint(self.config.checkpoint.every_records):
-            self.checkpoint()
+            self._prepare_labels(batch, np.flatnonzero(is_label), request, in_flight)
+        return request, in_flight
 
     def _feature_names(self, table: pa.Table) -> list[str]:
         if self.config.features is not None:
@@ -130,62 +182,101 @@ class ModelStage(StageRunner):
             and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
         ]
 
-    def _score(self, batch: ConsumedBatch, indices: np.ndarray) -> tuple[OutgoingBatch, list[Failure]]:
-        values = [batch.values[i] for i in indices]
-        table, decode_failures = decode_json(values)
-        failures = [Failure(int(indices[row]), "parse", error) for row, error in decode_failures]
+    def _prepare_features(self, batch: ConsumedBatch, indices: np.ndarray, request: BatchRequest,
+                          in_flight: InFlight) -> None:
+        table, decode_failures = decode_json([batch.values[i] for i in indices])
+        in_flight.failures += [
+            Failure(int(indices[row]), "parse", error) for row, error in decode_failures
+        ]
+        rows_in_batch = indices[table[ROW_ID].to_numpy()]
         names = self._feature_names(table)
         missing = [name for name in names if name not in table.column_names]
-        rows_in_batch = indices[table[ROW_ID].to_numpy()]  # table row → consumed-batch row
         if missing:
             error = KeyError(f"feature fields missing: {', '.join(missing)}")
-            failures += [Failure(int(row), "model", error) for row in rows_in_batch]
-            return OutgoingBatch(self.config.output, []), failures
-        selected = table.select(names)
-        features = selected.to_pylist()
-        if any(column.null_count for column in selected.columns):
-            features = [{k: v for k, v in row.items() if v is not None} for row in features]
-        target = self.config.target
-        targets = (
-            table[target].to_pylist() if target and target in table.column_names and not self.labels_topic
+            in_flight.failures += [Failure(int(row), "model", error) for row in rows_in_batch]
+            return
+        in_flight.table, in_flight.rows_in_batch = table, rows_in_batch
+        request.features = table.select(names)
+        request.partitions = np.asarray(batch.partitions)[rows_in_batch]
+        request.offsets = np.asarray(batch.offsets)[rows_in_batch]
+        target, key_field = self.config.target, self.config.key_field
+        if target and target in table.column_names and not self.labels_topic:
+            request.targets = table[target].to_pylist()
+        if self.labels_topic:
+            request.keys = [batch.keys[row] for row in rows_in_batch]
+        if key_field and key_field in table.column_names:
+            request.model_keys = [str(value) for value in table[key_field].to_pylist()]
+
+    def _prepare_labels(self, batch: ConsumedBatch, indices: np.ndarray, request: BatchRequest,
+                        in_flight: InFlight) -> None:
+        table, decode_failures = decode_json([batch.values[i] for i in indices])
+        in_flight.failures += [
+            Failure(int(indices[row]), "parse", error) for row, error in decode_failures
+        ]
+        labels = (
+            table[self.label_field].to_pylist()
+            if self.label_field and self.label_field in table.column_names
             else [None] * table.num_rows
         )
-        key_field = self.config.key_field
-        model_keys = (
-            [str(value) for value in table[key_field].to_pylist()]
-            if key_field and key_field in table.column_names else [""] * table.num_rows
-        )
-        partitions = np.asarray(batch.partitions)[rows_in_batch]
-        scored: list[Scored | None] = [None] * table.num_rows
-        for partition in np.unique(partitions):
-            members = np.flatnonzero(partitions == partition)
-            results = self.engine.score(
-                int(partition),
-                [batch.offsets[rows_in_batch[m]] for m in members],
-                [batch.keys[rows_in_batch[m]] for m in members],
-                [features[m] for m in members],
-                [targets[m] for m in members],
-                [model_keys[m] for m in members],
-            )
-            for member, result in zip(members, results, strict=True):
-                scored[member] = result
-        keep = []
-        for row, result in enumerate(scored):
-            if result is None:
-                continue  # handled before a restart: already learned and already produced
-            if result.error is not None:
-                failures.append(Failure(int(rows_in_batch[row]), "model", result.error))
-            else:
-                keep.append(row)
-        out_rows = rows_in_batch[keep]
+        for row, label in zip(table[ROW_ID].to_pylist(), labels, strict=True):
+            position = int(indices[row])
+            request.labels.append((position, batch.partitions[position], batch.offsets[position],
+                                   batch.keys[position], label))
+
+    def _finish(self) -> None:
+        """Once the worker replied to the oldest request, produce that batch's output, or
+        commit the offsets that checkpoint covers."""
+        assert self.worker is not None and self.producer is not None
+        in_flight = self._in_flight[0]
+        reply = self.worker.receive()
+        self._in_flight.popleft()
+        if in_flight is None:
+            committable, values = reply
+            self._publish(values)
+            if committable:  # the output of every batch before the checkpoint is out
+                self.commit(committable, asynchronous=False)
+            return
+        batch, failures = in_flight.batch, in_flight.failures
+        outgoing = []
+        produced = 0
+        failures += [Failure(row, "model", record_error_type(kind)(message))
+                     for row, kind, message in reply.label_errors]
+        if in_flight.table is not None:
+            assert in_flight.rows_in_batch is not None
+            failures += [
+                Failure(int(in_flight.rows_in_batch[row]), "model", record_error_type(kind)(message))
+                for row, kind, message in reply.errors
+            ]
+            output = self._output(in_flight, reply)
+            produced = len(output.values)
+            outgoing.append(output)
+        if self._drift_events and self.drift_topic:
+            outgoing.append(self._drift_batch())
+        self._drift_events = []
+        self.producer.produce(outgoing)
+        self.produce_dead_letters(failures, batch)
+        self.metrics.count(len(batch), produced, len(failures))
+        if reply.metric_values is not None:
+            self._publish(reply.metric_values)
+        if reply.checkpoint_due and None not in self._in_flight:  # none queued already
+            self._checkpoint_due = True
+        self.idle_since = time.monotonic()
+
+    def _finish_all(self) -> None:
+        while self._in_flight:
+            self._finish()
+
+    def _output(self, in_flight: InFlight, reply: BatchReply) -> OutgoingBatch:
+        assert in_flight.table is not None and in_flight.rows_in_batch is not None
+        batch = in_flight.batch
+        out_rows = in_flight.rows_in_batch[reply.rows]
         originals = [batch.values[row] for row in out_rows]
-        added = self._predictions_table([scored[row] for row in keep])
         return OutgoingBatch(
             self.config.output,
-            self._encode(table.take(keep), originals, added),
+            self._encode(in_flight.table.take(reply.rows), originals, self._predictions_table(reply)),
             [batch.keys[row] for row in out_rows],
             timestamps_ms=[batch.timestamps_ms[row] for row in out_rows],
-        ), failures
+        )
 
     @staticmethod
     def _encode(table: pa.Table, originals: list[bytes | None], added: pa.Table) -> list[bytes]:
@@ -206,36 +297,21 @@ class ModelStage(StageRunner):
         extra = pc.binary_slice(pa.array(encode_json(added), pa.binary()), 1, _MAX_BYTES)
         return pc.binary_join_element_wise(body, extra, pa.scalar(b",")).to_pylist()
 
-    def _predictions_table(self, scored: list[Any]) -> pa.Table:
+    def _predictions_table(self, reply: BatchReply) -> pa.Table:
         """The fields a model stage adds: prediction, probabilities or score, model_version."""
-        predictions = [result.prediction for result in scored]
+        predictions = reply.predictions
         columns: dict[str, pa.Array] = {
             self.config.prediction_field: pa.array([p.value for p in predictions])
         }
-        if self.engine.settings.task == "classification":
+        if self.task == "classification":
             columns["probabilities"] = pa.array([
                 {str(label): probability for label, probability in (p.probabilities or {}).items()}
                 or None for p in predictions
             ])
-        if self.engine.settings.task == "anomaly":
+        if self.task == "anomaly":
             columns["score"] = pa.array([p.score for p in predictions])
-        columns["model_version"] = pa.array([r.model_version for r in scored], pa.int64())
+        columns["model_version"] = pa.array(reply.versions, pa.int64())
         return pa.table(columns)
-
-    def _learn_labels(self, batch: ConsumedBatch, indices: np.ndarray) -> list[Failure]:
-        table, decode_failures = decode_json([batch.values[i] for i in indices])
-        failures = [Failure(int(indices[row]), "parse", error) for row, error in decode_failures]
-        labels = (
-            table[self.label_field].to_pylist()
-            if self.label_field and self.label_field in table.column_names
-            else [None] * table.num_rows
-        )
-        for row, label in zip(table[ROW_ID].to_pylist(), labels, strict=True):
-            position = int(indices[row])
-            self.engine.label(
-                batch.partitions[position], batch.offsets[position], batch.keys[position], label
-            )
-        return failures
 
     def _drift_batch(self) -> OutgoingBatch:
         assert self.drift_topic is not None
@@ -246,26 +322,40 @@ class ModelStage(StageRunner):
         }).encode() for event in self._drift_events]
         return OutgoingBatch(self.drift_topic, events)
 
-    def _publish_metric_values(self) -> None:
-        for partition, state in self.engine.states.items():
-            for metric in state.metrics:
-                self.model_metrics.metric(metric.name, "cumulative", partition).set(
-                    metric.cumulative.get()
-                )
-                self.model_metrics.metric(metric.name, "rolling", partition).set(metric.rolling_value())
+    def _publish(self, values: list[MetricValue]) -> None:
+        for partition, name, cumulative, rolling in values:
+            self.model_metrics.metric(name, "cumulative", partition).set(cumulative)
+            self.model_metrics.metric(name, "rolling", partition).set(rolling)
 
     def tick(self) -> None:
+        assert self.worker is not None
+        while self.worker.ready():
+            self._finish()
         self._restore_assigned()
-        if time.monotonic() - self._last_checkpoint >= self.config.checkpoint.every_seconds:
-            self.checkpoint()
+        if self._checkpoint_due or (
+            time.monotonic() - self._last_checkpoint >= self.config.checkpoint.every_seconds
+        ):
+            self._request_checkpoint()
+
+    def _request_checkpoint(self) -> None:
+        """Have the worker save the models and partition states once the batches before have
+        been learned; their offsets are committed when the reply comes, after their output."""
+        assert self.worker is not None
+        self._last_checkpoint = time.monotonic()
+        self._checkpoint_due = False
+        self.worker.submit("checkpoint")
+        self._in_flight.append(None)
 
     def checkpoint(self) -> None:
-        """Save models and partition states, then commit the offsets they cover."""
-        self._last_checkpoint = time.monotonic()
-        if not self.engine.states:
-            return
-        self.engine.checkpoint()
-        self.commit(self.engine.committable(), asynchronous=False)
+        """Checkpoint now: save, then commit the offsets covered, before returning."""
+        self._request_checkpoint()
+        self._finish_all()
 
     def drain(self) -> None:
         self.checkpoint()
+
+    def _close(self) -> None:
+        super()._close()  # closing the consumer may still checkpoint through the worker
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None

@@ -25,10 +25,9 @@ from streamflow.config.models import (
     SourceConfig,
 )
 from streamflow.metrics import MetricsServer, PipelineMetrics, SourceMetrics, StageMetrics
-from streamflow.ml.checkpoint import CheckpointStore
-from streamflow.ml.engine import EngineSettings, ModelEngine
-from streamflow.ml.model import RiverModel
+from streamflow.ml.engine import EngineSettings
 from streamflow.ml.spec import DEFAULT_METRICS, build_estimator, infer_task, model_label
+from streamflow.ml.worker import EngineSpec
 from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
 from streamflow.plugins.agents import load_agent
 from streamflow.runtime.faust_stage import FaustStage
@@ -261,22 +260,14 @@ class PipelineRunner:
             drift_policy=stage.drift.policy if stage.drift else "none",
             mini_batch=stage.mini_batch,
         )
-        runner: ModelStage | None = None
-        engine = ModelEngine(
-            settings,
-            lambda: RiverModel(estimator.clone(), task),
-            CheckpointStore(stage.checkpoint.path, self.config.pipeline, stage.name),
-            on_learned=model_metrics.records_learned.inc,
-            on_drift=lambda event: runner.record_drift(event) if runner else None,
-            on_evicted=model_metrics.evictions.inc,
-            on_expired=model_metrics.features_expired.inc,
-            on_unmatched=model_metrics.labels_unmatched.inc,
+        spec = EngineSpec(
+            settings, stage.estimator, str(stage.checkpoint.path), self.config.pipeline,
+            stage.name, stage.checkpoint.every_records,
         )
-        runner = ModelStage(
-            self._identity(stage), transport, batch, metrics, model_metrics, stage, engine,
+        return ModelStage(
+            self._identity(stage), transport, batch, metrics, model_metrics, stage, spec,
             self.config.drift_topic(stage) if stage.drift else None,
         )
-        return runner
 
     def _sink_stage(self, sink_config: SinkConfig, transport: Transport) -> SinkStage:
         plugin, settings = connector_settings(sink_config, SINK_GROUP)

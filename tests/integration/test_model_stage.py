@@ -16,11 +16,13 @@ from typing import Any
 import duckdb
 import pytest
 import yaml
+from confluent_kafka import Producer
 from river import datasets, evaluate, linear_model, metrics, preprocessing
 
 from streamflow.config import load_pipeline
 from streamflow.ml.checkpoint import CheckpointStore
 from streamflow.runtime.pipeline import PipelineRunner
+from streamflow.transport import TopicSpec, create_transport
 from tests.helpers import read_topic
 
 
@@ -156,3 +158,57 @@ def test_sigkill_mid_stream_then_restart_learns_each_record_once(
     assert set(weights) == {str(name) for name in model.weights}
     for name, weight in model.weights.items():
         assert weights[str(name)] == pytest.approx(weight, abs=1e-9)
+
+
+def test_delayed_labels_drift_and_failures_cross_the_worker(fresh_broker: str, tmp_path: Path) -> None:
+    """Labels on their own topic, a drift detector with its topic, a user's estimator factory
+    and records it refuses, through the stage and its worker process."""
+    config = {
+        "pipeline": "late",
+        "kafka": {"bootstrap": fresh_broker},
+        "topics": [{"name": name, "partitions": 1} for name in ("features", "labels", "scored")],
+        "models": [{
+            "name": "model", "input": "features", "output": "scored", "target": "y",
+            "features": ["x"], "estimator": "tests.estimators:picky",
+            "metrics": ["MAE"], "labels": {"topic": "labels"},
+            "drift": {"detector": {"drift.PageHinkley": {"mode": "up"}}, "topic": "late.drift"},
+            "checkpoint": {"path": str(tmp_path / "checkpoints")},
+        }],
+        "metrics": {"port": 0},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    count, refused_features, refused_label = 600, range(0, 600, 50), 7
+    create_transport("confluent", fresh_broker).admin().create_topics(
+        [TopicSpec("features", 1), TopicSpec("labels", 1)]
+    )
+    producer = Producer({"bootstrap.servers": fresh_broker})
+    for i in range(count):
+        x = -1.0 if i in refused_features else 1.0
+        producer.produce("features", json.dumps({"x": x}).encode(), f"k{i}".encode())
+    producer.flush()
+    for i in range(count):  # the target jumps halfway: drift
+        y = -1.0 if i == refused_label else 1.0 if i < count // 2 else 80.0
+        producer.produce("labels", json.dumps({"y": y}).encode(), f"k{i}".encode())
+    producer.produce("labels", b'{"y": 1.0}', b"nobody")
+    producer.flush()
+
+    runner = PipelineRunner(load_pipeline(path), until_idle_s=1.5)
+    assert runner.run().exit_code == 0
+
+    def sample(name: str) -> float:
+        labels = {"pipeline": "late", "stage": "model", "model": "Picky"}
+        return runner.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    assert len(read_topic(fresh_broker, "scored").values) == count - len(refused_features)
+    dead = read_topic(fresh_broker, "late.dlq")
+    errors = sorted((h["streamflow.original.topic"], h["streamflow.error.class"])
+                    for h in map(dict, dead.headers))
+    assert errors == [(b"features", b"ValueError")] * len(refused_features) + [
+        (b"labels", b"ArithmeticError")]
+    assert sample("streamflow_model_records_learned_total") == count - len(refused_features) - 1
+    # The refused features never waited for their labels; one label matches no key at all.
+    assert sample("streamflow_model_labels_unmatched_total") == len(refused_features) + 1
+    drift = read_topic(fresh_broker, "late.drift")
+    assert drift.values and sample("streamflow_model_drift_events_total") == len(drift.values)
+    assert all(json.loads(value)["offset"] >= count // 2 for value in drift.values)

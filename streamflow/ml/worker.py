@@ -1,0 +1,394 @@
+"""A model stage's engine in a process of its own, so that learning gets a core to itself.
+
+River learns in pure Python and holds the GIL while it does: in the stage's thread, Kafka I/O,
+JSON and the model would take turns on one core. So the stage thread keeps Kafka and JSON, and
+the :class:`ModelEngine` lives in a child process that takes requests over a pipe, in order.
+Batch requests are pipelined (the stage decodes batch N+1 and produces the output of batch N-1
+while the engine learns batch N); every other call waits for its reply. Replies come back in
+request order, each with the side effects (counts, drift events, log lines) of its request.
+
+The child ignores SIGINT and SIGTERM, since its stage checkpoints through it on the way out, and
+it exits when the stage closes it or when its pipe breaks because the stage's process died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from streamflow.ml.checkpoint import CheckpointStore
+from streamflow.ml.engine import DriftEvent, EngineSettings, ModelEngine
+from streamflow.ml.model import Features, Prediction, RiverModel
+from streamflow.ml.spec import build_estimator
+
+log = logging.getLogger(__name__)
+
+_CLOSE_TIMEOUT_S = 30.0
+_PR_SET_PDEATHSIG = 1
+
+
+class ModelWorkerError(RuntimeError):
+    """The model worker process failed or exited."""
+
+
+class ModelRecordError(Exception):
+    """A record's prediction or learning failed in the worker; subclasses carry the original
+    error's class name, which the dead-letter headers report."""
+
+
+@cache
+def record_error_type(name: str) -> type[ModelRecordError]:
+    """A :class:`ModelRecordError` subclass named like the worker's original error class."""
+    return type(name, (ModelRecordError,), {})
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything the worker needs to build the engine (picklable)."""
+
+    settings: EngineSettings
+    estimator: list[dict[str, dict[str, Any] | None]] | str
+    checkpoint_root: str
+    pipeline: str
+    stage: str
+    checkpoint_every_records: int
+
+
+@dataclass
+class Effects:
+    """What the engine did besides answering a request, for the stage's metrics and logs."""
+
+    learned: int = 0
+    evicted: int = 0
+    expired: int = 0
+    unmatched: int = 0
+    drift: list[DriftEvent] = field(default_factory=list)
+    logs: list[tuple[str, int, str]] = field(default_factory=list)  # logger, level, message
+
+    def take(self) -> Effects:
+        """These effects, and start afresh."""
+        taken = Effects(self.learned, self.evicted, self.expired, self.unmatched, self.drift,
+                        self.logs)
+        self.learned = self.evicted = self.expired = self.unmatched = 0
+        self.drift, self.logs = [], []
+        return taken
+
+
+@dataclass
+class BatchRequest:
+    """One consumed micro-batch: features records to score, label records to learn from.
+
+    Features come as a table of the feature columns with, per row, its partition, offset and,
+    as needed, target, record key (delayed labels join on it) and model key (keyed models).
+    Labels come as (consumed-batch row, partition, offset, record key, label).
+    """
+
+    features: pa.Table | None = None
+    partitions: np.ndarray | None = None
+    offsets: np.ndarray | None = None
+    targets: list[Any] | None = None
+    keys: list[bytes | None] | None = None
+    model_keys: list[str] | None = None
+    labels: list[tuple[int, int, int, bytes | None, Any]] = field(default_factory=list)
+    metric_values: bool = False
+
+
+MetricValue = tuple[int, str, float, float]  # partition, metric, cumulative, rolling
+
+
+@dataclass
+class BatchReply:
+    """Per scored features row (by row of the request's table): the prediction and version;
+    failed rows as (row, error class, message). Rows handled before a restart are absent.
+    Failed labels come as (consumed-batch row, error class, message)."""
+
+    rows: list[int] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+    label_errors: list[tuple[int, str, str]] = field(default_factory=list)
+    metric_values: list[MetricValue] | None = None
+    checkpoint_due: bool = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Predictions travel as plain columns: pickling one object per record is slow.
+        state = dict(self.__dict__)
+        predictions = state.pop("predictions")
+        state["columns"] = (
+            [p.value for p in predictions],
+            [p.probabilities for p in predictions]
+            if any(p.probabilities is not None for p in predictions) else None,
+            [p.score for p in predictions] if any(p.score is not None for p in predictions) else None,
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        values, probabilities, scores = state.pop("columns")
+        state["predictions"] = [
+            Prediction(value, probabilities[i] if probabilities else None,
+                       scores[i] if scores else None)
+            for i, value in enumerate(values)
+        ]
+        self.__dict__.update(state)
+
+
+def feature_rows(table: pa.Table) -> list[Features]:
+    """One dict per row of ``table``; nulls are left out, as river expects of missing values."""
+    names = table.column_names  # a property that builds a new list: read it once
+    if not names:
+        return [{} for _ in range(table.num_rows)]
+    columns = [
+        column.to_numpy().tolist()  # much faster than to_pylist, and the same Python values
+        if column.null_count == 0 and (pa.types.is_integer(column.type)
+                                       or pa.types.is_floating(column.type))
+        else column.to_pylist()
+        for column in table.columns
+    ]
+    rows = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+    if any(column.null_count for column in table.columns):
+        rows = [{k: v for k, v in row.items() if v is not None} for row in rows]
+    return rows
+
+
+class EngineHost:
+    """The worker's side: the engine and the requests it serves."""
+
+    def __init__(self, spec: EngineSpec, effects: Effects) -> None:
+        estimator = build_estimator(spec.estimator)
+        task = spec.settings.task
+        self.every_records = spec.checkpoint_every_records
+        self.effects = effects
+
+        def learned(count: int) -> None:
+            effects.learned += count
+
+        def evicted() -> None:
+            effects.evicted += 1
+
+        def expired(count: int) -> None:
+            effects.expired += count
+
+        def unmatched() -> None:
+            effects.unmatched += 1
+
+        def drifted(event: DriftEvent) -> None:
+            effects.drift.append(event)  # not a bound append: take() replaces the list
+
+        self.engine = ModelEngine(
+            spec.settings,
+            lambda: RiverModel(estimator.clone(), task),
+            CheckpointStore(spec.checkpoint_root, spec.pipeline, spec.stage),
+            on_learned=learned,
+            on_drift=drifted,
+            on_evicted=evicted,
+            on_expired=expired,
+            on_unmatched=unmatched,
+        )
+
+    def start(self, cluster_id: str | None) -> None:
+        self.engine.cluster_id = cluster_id
+
+    def assign(self, partitions: list[int]) -> None:
+        for partition in partitions:
+            if partition not in self.engine.states:
+                self.engine.assign(partition)
+
+    def revoke(self, partitions: list[int]) -> None:
+        for partition in partitions:
+            self.engine.revoke(partition)
+
+    def checkpoint(self) -> tuple[dict[tuple[str, int], int], list[MetricValue]]:
+        """Save every partition; the offsets that may now be committed, and the metric values."""
+        if not self.engine.states:
+            return {}, []
+        self.engine.checkpoint()
+        return self.engine.committable(), self.metric_values()
+
+    def metric_values(self) -> list[MetricValue]:
+        return [
+            (partition, metric.name, float(metric.cumulative.get()), metric.rolling_value())
+            for partition, state in self.engine.states.items()
+            for metric in state.metrics
+        ]
+
+    def handle(self, request: BatchRequest) -> BatchReply:
+        reply = BatchReply()
+        if request.features is not None:
+            self._score(request, reply)
+        for row, partition, offset, key, label in request.labels:
+            error = self.engine.label(partition, offset, key, label)
+            if error is not None:
+                reply.label_errors.append((row, type(error).__name__, str(error)))
+        self.engine.expire()
+        if request.metric_values:
+            reply.metric_values = self.metric_values()
+        reply.checkpoint_due = self.engine.due_for_checkpoint(self.every_records)
+        return reply
+
+    def _score(self, request: BatchRequest, reply: BatchReply) -> None:
+        assert request.features is not None and request.partitions is not None
+        assert request.offsets is not None
+        rows = feature_rows(request.features)
+        count = len(rows)
+        offsets: list[int] = request.offsets.tolist()
+        targets = request.targets or [None] * count
+        keys = request.keys or [None] * count
+        model_keys = request.model_keys or [""] * count
+        partitions = np.unique(request.partitions)
+        for partition in partitions:
+            members = (np.arange(count) if len(partitions) == 1
+                       else np.flatnonzero(request.partitions == partition)).tolist()
+
+            def pick(values: list[Any], members: list[int] = members) -> list[Any]:
+                return values if len(partitions) == 1 else [values[m] for m in members]
+
+            run = self.engine.score(int(partition), pick(offsets), pick(keys), pick(rows),
+                                    pick(targets), pick(model_keys))
+            for position, error in run.errors.items():
+                reply.errors.append((members[position], type(error).__name__, str(error)))
+            for position, (prediction, version) in enumerate(
+                zip(run.predictions, run.versions, strict=True), run.first
+            ):
+                if prediction is not None:
+                    reply.rows.append(members[position])
+                    reply.predictions.append(prediction)
+                    reply.versions.append(version)
+
+
+class _EffectsLogHandler(logging.Handler):
+    """Keeps the worker's log lines for the stage's process to log."""
+
+    def __init__(self, effects: Effects) -> None:
+        super().__init__()
+        self.effects = effects
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.effects.logs.append((record.name, record.levelno, record.getMessage()))
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this process when the thread that started it ends, so
+    that a worker never outlives a stage killed with SIGKILL (elsewhere, it exits at EOF)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def serve(connection: Connection) -> None:
+    """The worker process: take the spec, then answer requests until told to close or until
+    the pipe breaks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    spec, search_path, log_level = connection.recv()
+    sys.path[:] = search_path  # to import the user's estimator factory as the stage would
+    effects = Effects()
+    root = logging.getLogger()
+    root.addHandler(_EffectsLogHandler(effects))
+    root.setLevel(log_level)
+    host: EngineHost | None = None
+    failure = None
+    try:
+        host = EngineHost(spec, effects)
+    except Exception:
+        failure = traceback.format_exc()
+    while True:
+        try:
+            method, args = connection.recv()
+        except (EOFError, OSError):
+            return  # the stage's process is gone
+        if method == "close":
+            return
+        try:
+            if host is None:
+                raise ModelWorkerError(f"the model engine could not be built:\n{failure}")
+            reply = ("ok", getattr(host, method)(*args), effects.take())
+        except Exception:
+            reply = ("error", traceback.format_exc(), effects.take())
+        connection.send(reply)
+
+
+class EngineWorker:
+    """The stage's side of the worker: requests go out in order and replies come back in order.
+
+    ``on_effects`` is called with each reply's :class:`Effects` before the reply is returned.
+    """
+
+    def __init__(self, spec: EngineSpec, name: str, on_effects: Callable[[Effects], None]) -> None:
+        # A fresh interpreter, not fork (which would copy librdkafka's threads' locks) nor
+        # multiprocessing's spawn (which would import the caller's __main__ script again).
+        ours, theirs = socket.socketpair()
+        self.name = name
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "streamflow.ml", str(theirs.fileno())], pass_fds=[theirs.fileno()]
+        )
+        theirs.close()
+        self._connection = Connection(ours.detach())
+        self._connection.send((spec, sys.path, logging.getLogger().getEffectiveLevel()))
+        self._on_effects = on_effects
+        self.pending = 0  # requests sent whose reply was not received yet
+
+    def submit(self, method: str, *args: Any) -> None:
+        """Send a request; its reply comes from a later :meth:`receive`."""
+        try:
+            self._connection.send((method, args))
+        except OSError as exc:
+            raise self._exited() from exc
+        self.pending += 1
+
+    def ready(self) -> bool:
+        """Whether the oldest pending reply has arrived."""
+        return self.pending > 0 and self._connection.poll()
+
+    def receive(self) -> Any:
+        """The oldest pending reply (waiting for it); raises :class:`ModelWorkerError` if the
+        request failed in the worker."""
+        try:
+            status, payload, effects = self._connection.recv()
+        except (EOFError, OSError) as exc:
+            raise self._exited() from exc
+        self.pending -= 1
+        self._on_effects(effects)
+        if status == "error":
+            raise ModelWorkerError(f"model worker: {payload}")
+        return payload
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Send a request and wait for its reply; nothing may be pending."""
+        if self.pending:
+            raise RuntimeError("receive the pending replies before a call")
+        self.submit(method, *args)
+        return self.receive()
+
+    def _exited(self) -> ModelWorkerError:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(1)
+        return ModelWorkerError(
+            f"the model worker process exited (exit code {self._process.returncode})"
+        )
+
+    def close(self) -> None:
+        """Stop the worker (it has nothing to save: checkpoints are explicit calls)."""
+        if self._process.poll() is None:
+            with contextlib.suppress(OSError):  # it is exiting already
+                self._connection.send(("close", ()))
+            try:
+                self._process.wait(_CLOSE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("model worker %s did not stop: killing it", self.name)
+                self._process.kill()
+                self._process.wait()
+        self._connection.close()
