@@ -66,13 +66,12 @@ class TrackedMetric:
 
     def update_many(self, targets: list[Any], predictions: list[Prediction | None]) -> None:
         """:meth:`update` for a run of records; those without a prediction or target are left out."""
-        pairs = []
-        for target, prediction in zip(targets, predictions, strict=True):
-            if prediction is None or target is None:
-                continue
-            value = prediction.probabilities if self.uses_probabilities else prediction.value
-            if value is not None and value != {}:
-                pairs.append((target, value))
+        if self.uses_probabilities:
+            values = [p.probabilities if p is not None else None for p in predictions]
+        else:
+            values = [p.value if p is not None else None for p in predictions]
+        pairs = [(target, value) for target, value in zip(targets, values, strict=True)
+                 if target is not None and value is not None and value != {}]
         update = self.cumulative.update
         for target, value in pairs:
             update(target, value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ class Model(ABC):
         A row whose prediction or learning raised gets a None prediction and its error under its
         position; the others are unaffected.
         """
-        predict, learn = self.predict, self.learn
+        predict, learn = self._record_functions()
         predictions: list[Prediction | None] = []
         errors: dict[int, BaseException] = {}
         for position, (row, target) in enumerate(zip(rows, targets, strict=True)):
@@ -62,6 +63,12 @@ class Model(ABC):
                 errors[position] = exc
             predictions.append(prediction)
         return predictions, errors
+
+    def _record_functions(
+        self,
+    ) -> tuple[Callable[[Features], Prediction], Callable[[Features, Any], None]]:
+        """The predict and learn functions :meth:`progressive` calls for each record."""
+        return self.predict, self.learn
 
     @property
     def supports_batches(self) -> bool:
@@ -97,6 +104,15 @@ class RiverModel(Model):
             self.estimator.learn_one(features)
         else:
             self.estimator.learn_one(features, target)
+
+    def _record_functions(
+        self,
+    ) -> tuple[Callable[[Features], Prediction], Callable[[Features, Any], None]]:
+        if self.task != "regression":
+            return super()._record_functions()
+        # The common case without the per-record dispatch on the task.
+        predict_one = self.estimator.predict_one
+        return (lambda features: Prediction(predict_one(features))), self.estimator.learn_one
 
     def fresh(self) -> RiverModel:
         return RiverModel(self.estimator.clone(), self.task)

@@ -258,6 +258,11 @@ class EngineHost:
 
             run = self.engine.score(int(partition), pick(offsets), pick(keys), pick(rows),
                                     pick(targets), pick(model_keys))
+            if not run.errors:
+                reply.rows += members[run.first:]
+                reply.predictions += run.predictions  # none is None: none failed
+                reply.versions += run.versions
+                continue
             for position, error in run.errors.items():
                 reply.errors.append((members[position], type(error).__name__, str(error)))
             for position, (prediction, version) in enumerate(

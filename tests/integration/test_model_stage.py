@@ -162,7 +162,8 @@ def test_sigkill_mid_stream_then_restart_learns_each_record_once(
 
 def test_delayed_labels_drift_and_failures_cross_the_worker(fresh_broker: str, tmp_path: Path) -> None:
     """Labels on their own topic, a drift detector with its topic, a user's estimator factory
-    and records it refuses, through the stage and its worker process."""
+    and records it refuses, through the stage and its worker process. The labels come in a
+    second run: the features wait for them in the checkpoint (two topics have no order)."""
     config = {
         "pipeline": "late",
         "kafka": {"bootstrap": fresh_broker},
@@ -187,6 +188,7 @@ def test_delayed_labels_drift_and_failures_cross_the_worker(fresh_broker: str, t
         x = -1.0 if i in refused_features else 1.0
         producer.produce("features", json.dumps({"x": x}).encode(), f"k{i}".encode())
     producer.flush()
+    assert PipelineRunner(load_pipeline(path), until_idle_s=1.5).run().exit_code == 0
     for i in range(count):  # the target jumps halfway: drift
         y = -1.0 if i == refused_label else 1.0 if i < count // 2 else 80.0
         producer.produce("labels", json.dumps({"y": y}).encode(), f"k{i}".encode())
