@@ -112,38 +112,29 @@ MetricValue = tuple[int, str, float, float]  # partition, metric, cumulative, ro
 
 @dataclass
 class BatchReply:
-    """Per scored features row (by row of the request's table): the prediction and version;
-    failed rows as (row, error class, message). Rows handled before a restart are absent.
-    Failed labels come as (consumed-batch row, error class, message)."""
+    """Per scored features row (by row of the request's table): the prediction, class
+    probabilities (classifiers) or score (anomaly detectors), and model version, as columns
+    (one object per record would be slow to pickle). Failed rows come as (row, error class,
+    message); rows handled before a restart are absent. Failed labels come as (consumed-batch
+    row, error class, message)."""
 
     rows: list[int] = field(default_factory=list)
-    predictions: list[Prediction] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)
+    probabilities: list[dict[Any, float] | None] | None = None
+    scores: list[float | None] | None = None
     versions: list[int] = field(default_factory=list)
     errors: list[tuple[int, str, str]] = field(default_factory=list)
     label_errors: list[tuple[int, str, str]] = field(default_factory=list)
     metric_values: list[MetricValue] | None = None
     checkpoint_due: bool = False
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Predictions travel as plain columns: pickling one object per record is slow.
-        state = dict(self.__dict__)
-        predictions = state.pop("predictions")
-        state["columns"] = (
-            [p.value for p in predictions],
-            [p.probabilities for p in predictions]
-            if any(p.probabilities is not None for p in predictions) else None,
-            [p.score for p in predictions] if any(p.score is not None for p in predictions) else None,
-        )
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        values, probabilities, scores = state.pop("columns")
-        state["predictions"] = [
-            Prediction(value, probabilities[i] if probabilities else None,
-                       scores[i] if scores else None)
-            for i, value in enumerate(values)
-        ]
-        self.__dict__.update(state)
+    def add(self, predictions: list[Prediction], task: str) -> None:
+        """Append the columns of ``predictions``."""
+        self.values += [p.value for p in predictions]
+        if task == "classification":
+            self.probabilities = (self.probabilities or []) + [p.probabilities for p in predictions]
+        if task == "anomaly":
+            self.scores = (self.scores or []) + [p.score for p in predictions]
 
 
 def feature_rows(table: pa.Table) -> list[Features]:
@@ -169,7 +160,7 @@ class EngineHost:
 
     def __init__(self, spec: EngineSpec, effects: Effects) -> None:
         estimator = build_estimator(spec.estimator)
-        task = spec.settings.task
+        task = self.task = spec.settings.task
         self.every_records = spec.checkpoint_every_records
         self.effects = effects
 
@@ -258,20 +249,14 @@ class EngineHost:
 
             run = self.engine.score(int(partition), pick(offsets), pick(keys), pick(rows),
                                     pick(targets), pick(model_keys))
-            if not run.errors:
-                reply.rows += members[run.first:]
-                reply.predictions += run.predictions  # none is None: none failed
-                reply.versions += run.versions
-                continue
-            for position, error in run.errors.items():
-                reply.errors.append((members[position], type(error).__name__, str(error)))
-            for position, (prediction, version) in enumerate(
-                zip(run.predictions, run.versions, strict=True), run.first
-            ):
-                if prediction is not None:
-                    reply.rows.append(members[position])
-                    reply.predictions.append(prediction)
-                    reply.versions.append(version)
+            kept = range(len(run.predictions))
+            if run.errors:
+                for position, error in run.errors.items():
+                    reply.errors.append((members[position], type(error).__name__, str(error)))
+                kept = [i for i, prediction in enumerate(run.predictions) if prediction is not None]
+            reply.rows += [members[run.first + i] for i in kept]
+            reply.versions += [run.versions[i] for i in kept]
+            reply.add([p for p in run.predictions if p is not None], self.task)  # the kept ones
 
 
 class _EffectsLogHandler(logging.Handler):

@@ -76,7 +76,6 @@ class ModelStage(StageRunner):
         super().__init__(identity, transport, batch, metrics)
         self.config = config
         self.spec = spec
-        self.task = spec.settings.task
         self.model_metrics = model_metrics
         self.drift_topic = drift_topic
         self.labels_topic = config.labels.topic if config.labels else None
@@ -299,17 +298,14 @@ class ModelStage(StageRunner):
 
     def _predictions_table(self, reply: BatchReply) -> pa.Table:
         """The fields a model stage adds: prediction, probabilities or score, model_version."""
-        predictions = reply.predictions
-        columns: dict[str, pa.Array] = {
-            self.config.prediction_field: pa.array([p.value for p in predictions])
-        }
-        if self.task == "classification":
+        columns: dict[str, pa.Array] = {self.config.prediction_field: pa.array(reply.values)}
+        if reply.probabilities is not None:
             columns["probabilities"] = pa.array([
-                {str(label): probability for label, probability in (p.probabilities or {}).items()}
-                or None for p in predictions
+                {str(label): probability for label, probability in (probabilities or {}).items()}
+                or None for probabilities in reply.probabilities
             ])
-        if self.task == "anomaly":
-            columns["score"] = pa.array([p.score for p in predictions])
+        if reply.scores is not None:
+            columns["score"] = pa.array(reply.scores)
         columns["model_version"] = pa.array(reply.versions, pa.int64())
         return pa.table(columns)
 
