@@ -150,33 +150,72 @@ def _decode_slowly(
         return tables[0], failures
 
 
-_CONTROL_CHARACTERS = r"[\x00-\x1f]"
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _utf8_bytes(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """The UTF-8 bytes of each chunk of a string column, as views of its data buffers."""
+    pieces = []
+    for chunk in column.chunks:
+        _validity, offsets, data = chunk.buffers()
+        if not len(chunk) or data is None:
+            continue
+        width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        start, end = np.frombuffer(offsets, width)[[chunk.offset, chunk.offset + len(chunk)]]
+        pieces.append(np.frombuffer(data, np.uint8, count=int(end - start), offset=int(start)))
+    return pieces
+
+
+def _escaped(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The values of a string column escaped for JSON, without their quotes; nulls stay null.
+
+    A byte scan decides which escapes are needed (in UTF-8, bytes below 0x80 are only ever
+    themselves), so the common text without quotes, backslashes or control characters is used
+    as it is.
+    """
+    pieces = _utf8_bytes(column)
+    if any((piece < 0x20).any() for piece in pieces):  # control characters: json.dumps
+        return pa.chunked_array([pa.array(
+            [json.dumps(value, ensure_ascii=False)[1:-1] if value is not None else None
+             for value in column.to_pylist()], pa.string())])
+    if any((piece == ord("\\")).any() for piece in pieces):
+        column = pc.replace_substring(column, "\\", "\\\\")
+    if any((piece == ord('"')).any() for piece in pieces):
+        column = pc.replace_substring(column, '"', '\\"')
+    return column
 
 
 def _json_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
     """JSON text of each value of a string column (quoted and escaped), nulls as null."""
-    if pc.any(pc.match_substring_regex(column, _CONTROL_CHARACTERS)).as_py():
-        return pa.chunked_array([pa.array(
-            [json.dumps(value, ensure_ascii=False) if value is not None else None
-             for value in column.to_pylist()], pa.string())])
-    escaped = pc.replace_substring(column, "\\", "\\\\")
-    escaped = pc.replace_substring(escaped, '"', '\\"')
-    return pc.binary_join_element_wise('"', escaped, '"', "")
+    return pc.binary_join_element_wise('"', _escaped(column), '"', "")
+
+
+def _json_floats(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """JSON text of each value of a float column; NaN and infinities become null."""
+    finite = pc.if_else(pc.is_finite(column), column, None)
+    text = pc.cast(finite, pa.string())
+    # Arrow prints 21.0 as "21"; keep a float looking like a float for the next reader. Only
+    # whole numbers can lack a "." (or an exponent), so only their text is looked at.
+    whole = pc.fill_null(pc.equal(finite, pc.floor(finite)), False)
+    if not pc.any(whole).as_py():
+        return text
+    printed = pc.filter(text, whole)
+    fixed = pc.if_else(pc.match_substring_regex(printed, r"[.eE]"), printed,
+                       pc.binary_join_element_wise(printed, ".0", ""))
+    return pa.chunked_array([pc.replace_with_mask(
+        text.combine_chunks(), whole.combine_chunks(), fixed.combine_chunks())])
 
 
 def _json_values(column: pa.ChunkedArray) -> pa.ChunkedArray:
     """JSON text of each value of a column; nulls stay null (written as ``null`` later)."""
     kind = column.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    if _is_text(kind):
         return _json_strings(column)
     if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
         return pc.cast(column, pa.string())
     if pa.types.is_floating(kind):
-        finite = pc.if_else(pc.is_finite(column), column, None)
-        text = pc.cast(finite, pa.string())
-        # Arrow prints 21.0 as "21"; keep a float looking like a float for the next reader.
-        integral = pc.invert(pc.match_substring_regex(text, r"[.eE]"))
-        return pc.if_else(integral, pc.binary_join_element_wise(text, ".0", ""), text)
+        return _json_floats(column)
     if pa.types.is_timestamp(kind):  # "2024-01-01 12:00:00.123Z" → ISO-8601 with a "T"
         return _json_strings(pc.replace_substring(pc.cast(column, pa.string()), " ", "T"))
     return pa.chunked_array([pa.array(
@@ -185,17 +224,27 @@ def _json_values(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def encode_json(table: pa.Table) -> list[bytes]:
-    """One compact JSON object per row, fields in column order (``_sf_row`` left out)."""
+    """One compact JSON object per row, fields in column order (``_sf_row`` left out).
+
+    The constant text between values (braces, field names, commas, and the quotes of text
+    columns without nulls) goes into a single element-wise join with the value columns.
+    """
     names = [name for name in table.column_names if name != ROW_ID]
     if table.num_rows == 0:
         return []
     if not names:
         return [b"{}"] * table.num_rows
-    fragments = []
+    parts: list[pa.Scalar | pa.ChunkedArray] = []
+    literal = "{"
     for index, name in enumerate(names):
-        prefix = ("{" if index == 0 else ",") + json.dumps(name) + ":"
-        values = pc.fill_null(_json_values(table.column(name)), "null")
-        fragments.append(pc.binary_join_element_wise(prefix, values, ""))
-    fragments.append(pa.scalar("}"))
-    joined = pc.binary_join_element_wise(*fragments, "")
+        literal += ("," if index else "") + json.dumps(name) + ":"
+        column = table.column(name)
+        if _is_text(column.type) and not column.null_count:
+            parts += [pa.scalar(literal + '"'), _escaped(column)]
+            literal = '"'
+        else:
+            parts += [pa.scalar(literal), pc.fill_null(_json_values(column), "null")]
+            literal = ""
+    parts.append(pa.scalar(literal + "}"))
+    joined = pc.binary_join_element_wise(*parts, "")
     return pc.cast(joined, pa.binary()).to_pylist()

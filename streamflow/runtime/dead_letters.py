@@ -20,21 +20,28 @@ class Failure:
     error: BaseException
 
 
+_PIPELINE, _STAGE, _STEP, _CLASS, _MESSAGE, _TOPIC, _PARTITION, _OFFSET = (
+    f"{HEADER_PREFIX}{name}" for name in (
+        "pipeline", "stage", "step", "error.class", "error.message",
+        "original.topic", "original.partition", "original.offset",
+    )
+)
+
+
 def dead_letter_headers(
     pipeline: str, stage: str, failure: Failure, batch: ConsumedBatch
 ) -> Headers:
     """Headers naming the stage, step, error class and message, and the record's origin."""
-    row = failure.row
-    message = str(failure.error).encode("utf-8", "replace")[:MAX_MESSAGE_BYTES]
+    row, error = failure.row, failure.error
     return [
-        (f"{HEADER_PREFIX}pipeline", pipeline.encode()),
-        (f"{HEADER_PREFIX}stage", stage.encode()),
-        (f"{HEADER_PREFIX}step", failure.step.encode()),
-        (f"{HEADER_PREFIX}error.class", type(failure.error).__name__.encode()),
-        (f"{HEADER_PREFIX}error.message", message),
-        (f"{HEADER_PREFIX}original.topic", batch.topics[row].encode()),
-        (f"{HEADER_PREFIX}original.partition", str(batch.partitions[row]).encode()),
-        (f"{HEADER_PREFIX}original.offset", str(batch.offsets[row]).encode()),
+        (_PIPELINE, pipeline.encode()),
+        (_STAGE, stage.encode()),
+        (_STEP, failure.step.encode()),
+        (_CLASS, type(error).__name__.encode()),
+        (_MESSAGE, str(error).encode("utf-8", "replace")[:MAX_MESSAGE_BYTES]),
+        (_TOPIC, batch.topics[row].encode()),
+        (_PARTITION, b"%d" % batch.partitions[row]),
+        (_OFFSET, b"%d" % batch.offsets[row]),
     ]
 
 
@@ -42,10 +49,11 @@ def dead_letter_batch(
     topic: str, pipeline: str, stage: str, failures: list[Failure], batch: ConsumedBatch
 ) -> OutgoingBatch:
     """The original records of ``failures``, addressed to the dead-letter ``topic``."""
+    rows = [failure.row for failure in failures]
     return OutgoingBatch(
         topic=topic,
-        values=[batch.values[f.row] or b"" for f in failures],
-        keys=[batch.keys[f.row] for f in failures],
-        headers=[dead_letter_headers(pipeline, stage, f, batch) for f in failures],
-        timestamps_ms=[batch.timestamps_ms[f.row] for f in failures],
+        values=[batch.values[row] or b"" for row in rows],
+        keys=list(map(batch.keys.__getitem__, rows)),
+        headers=[dead_letter_headers(pipeline, stage, failure, batch) for failure in failures],
+        timestamps_ms=list(map(batch.timestamps_ms.__getitem__, rows)),
     )

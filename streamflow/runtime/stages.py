@@ -7,10 +7,12 @@ stage hands batches to its sink and commits after the sink's flush made them dur
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,12 +166,22 @@ class StageRunner(RebalanceListener, ABC):
         if not failures:
             return
         assert self.producer is not None
+        self.producer.produce(self.dead_letters(failures, batch))
+        self.count_dead_letters(failures)
+
+    def dead_letters(self, failures: list[Failure], batch: ConsumedBatch) -> list[OutgoingBatch]:
+        """The records of ``failures`` addressed to the dead-letter topic (no batch if none)."""
+        if not failures:
+            return []
         identity = self.identity
-        self.producer.produce([dead_letter_batch(
+        return [dead_letter_batch(
             identity.dead_letter_topic, identity.pipeline, identity.name, failures, batch
-        )])
-        for failure in failures:
-            self.metrics.error(failure.step).inc()
+        )]
+
+    def count_dead_letters(self, failures: list[Failure]) -> None:
+        """Count published dead letters by the step that failed them."""
+        for step, count in Counter(failure.step for failure in failures).items():
+            self.metrics.error(step).inc(count)
 
     def topics(self) -> list[str]:
         """The topics this stage consumes."""
@@ -258,6 +270,14 @@ class TopicStage(StageRunner):
         self.steps = list(steps)
         self._last_offsets: dict[TopicPartition, int] = {}
 
+    def open(self) -> None:
+        """Collect garbage, then freeze what exists now (modules, settings, clients) out of the
+        cyclic collector's reach: each batch pushes thousands of librdkafka messages into the
+        oldest generation, whose full collections otherwise walk the whole process (about
+        80 ms every few batches, a fifth of the stage's time)."""
+        gc.collect()
+        gc.freeze()
+
     def drain(self) -> None:
         """Confirm the last asynchronous commits synchronously before leaving the group."""
         self.commit(self._last_offsets, asynchronous=False)
@@ -271,12 +291,16 @@ class TopicStage(StageRunner):
     def handle(self, batch: ConsumedBatch) -> None:
         assert self.producer is not None
         table, failures = self.transform(batch)
-        produced = self.produce_output(table, batch)
-        self.produce_dead_letters(failures, batch)
+        # Output and dead letters in one call: one wait for the broker's acknowledgements.
+        self.producer.produce([
+            *output_batches(table, self.output_topic, batch.keys, batch.timestamps_ms),
+            *self.dead_letters(failures, batch),
+        ])
+        self.count_dead_letters(failures)
         offsets = batch.next_offsets()
         self.commit(offsets, asynchronous=True)
         self._last_offsets.update(offsets)
-        self.metrics.count(len(batch), produced, len(failures))
+        self.metrics.count(len(batch), table.num_rows, len(failures))
 
     def decode(self, batch: ConsumedBatch) -> tuple[pa.Table, list[Failure]]:
         """The table the first step gets, and the records that failed to decode."""
@@ -328,12 +352,12 @@ def output_batches(
                   for topic in pc.unique(topics).to_pylist()]
     batches = []
     for topic, rows in groups:
-        origin = rows[ROW_ID].to_numpy()
+        origin = rows[ROW_ID].to_numpy().tolist()
         batches.append(OutgoingBatch(
             topic=topic,
             values=encode_json(rows),
-            keys=[keys[row] for row in origin],
-            timestamps_ms=[timestamps_ms[row] for row in origin],
+            keys=list(map(keys.__getitem__, origin)),
+            timestamps_ms=list(map(timestamps_ms.__getitem__, origin)),
         ))
     return batches
 

@@ -54,10 +54,9 @@ class ConsumedBatch:
 
     def next_offsets(self) -> dict[TopicPartition, int]:
         """The offsets to commit once every record of this batch is durable downstream."""
-        positions: dict[TopicPartition, int] = {}
-        for topic, partition, offset in zip(self.topics, self.partitions, self.offsets, strict=True):
-            positions[(topic, partition)] = offset + 1
-        return positions
+        # Offsets grow within a partition: the last one of each partition wins.
+        last = dict(zip(zip(self.topics, self.partitions, strict=True), self.offsets, strict=True))
+        return {partition: offset + 1 for partition, offset in last.items()}
 
 
 @dataclass

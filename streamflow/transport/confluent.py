@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 from confluent_kafka import (
@@ -11,6 +12,7 @@ from confluent_kafka import (
 from confluent_kafka import (
     KafkaError,
     KafkaException,
+    Message,
 )
 from confluent_kafka import (
     Producer as _Producer,
@@ -44,6 +46,8 @@ _AUTH_ERRORS = {
     KafkaError.CLUSTER_AUTHORIZATION_FAILED,
 }
 
+_timestamp_ms = itemgetter(1)  # of a message's (timestamp type, timestamp) pair
+
 
 def _error(exc: KafkaException | KafkaError) -> TransportError:
     """The transport error for a client failure; authentication failures are fatal."""
@@ -67,25 +71,36 @@ class ConfluentProducer(Producer):
             self._failures.append(error)
 
     def produce(self, batches: Sequence[OutgoingBatch]) -> None:
-        produce = self._producer.produce
         for batch in batches:
-            topic = batch.topic
-            for value, key, header, timestamp in batch.records():
-                while True:
-                    try:  # timestamp 0 means "now", as when none is given
-                        if header:
-                            produce(topic, value, key, timestamp=timestamp or 0, headers=header)
-                        else:
-                            produce(topic, value, key, timestamp=timestamp or 0)
-                        break
-                    except BufferError:
-                        self._producer.poll(0.05)
+            self._enqueue(batch)
         remaining = self._producer.flush(_FLUSH_TIMEOUT_S)
         failures, self._failures = self._failures, []
         if remaining:
             raise TransportError(f"{remaining} records not acknowledged within {_FLUSH_TIMEOUT_S}s")
         if failures:
             raise TransportError(f"{len(failures)} records failed delivery, first: {failures[0]}")
+
+    def _enqueue(self, batch: OutgoingBatch) -> None:
+        """Queue every record of ``batch``, waiting for room when the local queue is full."""
+        produce, topic = self._producer.produce, batch.topic
+        # Arguments by position, as keywords cost about a third of the call: topic, value, key,
+        # partition -1 (the partitioner's choice), callback and on_delivery None (the producer's
+        # callback), timestamp (0 means now), headers.
+        for value, key, headers, timestamp in batch.records():
+            try:
+                produce(topic, value, key, -1, None, None, timestamp or 0, headers or None)
+            except BufferError:
+                self._enqueue_when_room(
+                    (topic, value, key, -1, None, None, timestamp or 0, headers or None))
+
+    def _enqueue_when_room(self, record: tuple[Any, ...]) -> None:
+        while True:
+            self._producer.poll(0.05)
+            try:
+                self._producer.produce(*record)
+                return
+            except BufferError:
+                pass
 
     @staticmethod
     def _call(method: Any, *args: Any) -> Any:
@@ -148,6 +163,22 @@ class ConfluentConsumer(Consumer):
         if self._listener_error is not None:
             error, self._listener_error = self._listener_error, None
             raise error
+        if any(map(Message.error, messages)):  # errors are KafkaError objects, never falsy
+            messages = self._without_errors(messages)
+        # Columns through C-level map calls: no Python frame per record and column.
+        return ConsumedBatch(
+            topics=list(map(Message.topic, messages)),
+            partitions=list(map(Message.partition, messages)),
+            offsets=list(map(Message.offset, messages)),
+            keys=list(map(Message.key, messages)),
+            values=list(map(Message.value, messages)),
+            timestamps_ms=list(map(_timestamp_ms, map(Message.timestamp, messages))),
+            headers=list(map(Message.headers, messages)),
+        )
+
+    @staticmethod
+    def _without_errors(messages: list[Message]) -> list[Message]:
+        """The records among ``messages``; fatal and authentication errors are raised."""
         good = []
         for message in messages:
             error = message.error()
@@ -157,15 +188,7 @@ class ConfluentConsumer(Consumer):
                 error.code() != KafkaError._PARTITION_EOF and error.fatal()
             ):
                 raise _error(error)
-        return ConsumedBatch(
-            topics=[m.topic() for m in good],
-            partitions=[m.partition() for m in good],
-            offsets=[m.offset() for m in good],
-            keys=[m.key() for m in good],
-            values=[m.value() for m in good],
-            timestamps_ms=[m.timestamp()[1] for m in good],
-            headers=[m.headers() for m in good],
-        )
+        return good
 
     def commit(self, offsets: Mapping[TopicPartition, int], asynchronous: bool = False) -> None:
         if not offsets:
@@ -305,6 +328,9 @@ class ConfluentTransport(Transport):
             "auto.offset.reset": "earliest",
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 1500,
+            # Once the local queue holds queued.min.messages, fetching pauses this long (1 s by
+            # default, longer than a stage takes to drain the queue: it then waited for data).
+            "fetch.queue.backoff.ms": 20,
             **self._base(),
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,

@@ -88,3 +88,16 @@ def test_encoding_escapes_strings_and_keeps_floats_floats() -> None:
     assert json.loads(encoded[0]) == {"s": 'quote " and \\ and \n and é', "f": 21.0}
     assert b'"f":21.0' in encoded[0]
     assert json.loads(encoded[1]) == {"s": None, "f": None}
+
+
+
+def test_encoding_reads_sliced_and_chunked_columns_and_whole_floats() -> None:
+    whole = pa.table({"s": ["plain", 'a "quote"', "back\\slash", "é", "", "tab\there"],
+                      "f": [21.0, 1e21, -0.0, 0.5, 1e-7, 3.0]})
+    table = pa.concat_tables([whole.slice(1, 2), whole.slice(4)])  # offsets into shared buffers
+    assert encode_json(table) == [
+        b'{"s":"a \\"quote\\"","f":1e+21}',
+        b'{"s":"back\\\\slash","f":-0.0}',
+        b'{"s":"","f":1e-7}',
+        b'{"s":"tab\\there","f":3.0}',
+    ]
