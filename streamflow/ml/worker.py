@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -24,6 +26,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from itertools import repeat
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -149,7 +152,7 @@ def feature_rows(table: pa.Table) -> list[Features]:
         else column.to_pylist()
         for column in table.columns
     ]
-    rows = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+    rows = list(map(dict, map(zip, repeat(names), zip(*columns, strict=True))))  # C loops
     if any(column.null_count for column in table.columns):
         rows = [{k: v for k, v in row.items() if v is not None} for row in rows]
     return rows
@@ -295,12 +298,15 @@ def serve(connection: Connection) -> None:
         host = EngineHost(spec, effects)
     except Exception:
         failure = traceback.format_exc()
+    gc.collect()  # then keep what exists now (modules, the engine) out of full collections,
+    gc.freeze()  # which each batch's thousands of feature dicts would otherwise trigger
     while True:
         try:
             method, args = connection.recv()
         except (EOFError, OSError):
-            return  # the stage's process is gone
+            os._exit(0)  # the stage's process is gone: nothing left to do or to clean up
         if method == "close":
+            gc.unfreeze()  # native extensions report objects never collected at exit as leaks
             return
         try:
             if host is None:

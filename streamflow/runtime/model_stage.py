@@ -44,7 +44,8 @@ from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicPartition, T
 
 log = logging.getLogger(__name__)
 
-_UNSAFE_BEFORE_BRACE = (b"{", b" ", b"\t", b"\r", b"\n")
+# A closing brace right after a value: an added field can go before it, after a comma.
+_SPLICEABLE = r"[^{\s]}$"
 _MAX_BYTES = 2**31 - 1
 METRIC_VALUES_INTERVAL_S = 1.0
 
@@ -281,9 +282,11 @@ class ModelStage(StageRunner):
     def _encode(table: pa.Table, originals: list[bytes | None], added: pa.Table) -> list[bytes]:
         """Output JSON: the original bytes with the added fields spliced in before the closing
         brace when that is safe, else the whole record re-encoded."""
-        splice = not set(added.column_names) & set(table.column_names) and all(
-            value is not None and value.endswith(b"}") and value[-2:-1] not in _UNSAFE_BEFORE_BRACE
-            for value in originals
+        original = pa.array(originals, pa.binary())
+        splice = (
+            not set(added.column_names) & set(table.column_names)
+            and original.null_count == 0
+            and pc.all(pc.match_substring_regex(original, _SPLICEABLE)).as_py()
         )
         if not splice:
             for name in added.column_names:
@@ -292,7 +295,7 @@ class ModelStage(StageRunner):
             for name, column in zip(added.column_names, added.columns, strict=True):
                 table = table.append_column(name, column)
             return encode_json(table)
-        body = pc.binary_slice(pa.array(originals, pa.binary()), 0, -1)
+        body = pc.binary_slice(original, 0, -1)
         extra = pc.binary_slice(pa.array(encode_json(added), pa.binary()), 1, _MAX_BYTES)
         return pc.binary_join_element_wise(body, extra, pa.scalar(b",")).to_pylist()
 

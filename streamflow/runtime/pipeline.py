@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -134,6 +135,13 @@ class PipelineRunner:
             if self._stop.is_set():
                 return RunResult(0, self._stop_reason)
             self._build(transport)
+            # Collect garbage, then freeze what exists now (modules, settings, clients) out of
+            # the cyclic collector's reach: each batch pushes thousands of librdkafka messages
+            # into the oldest generation, whose full collections otherwise walk the whole
+            # process (about 80 ms every few batches, a fifth of a processor stage's time).
+            gc.collect()
+            gc.freeze()
+            stack.callback(gc.unfreeze)  # so that what ends with the run is collected again
             self.supervisor.start()
             self._started = True
             return self._supervise()
