@@ -7,8 +7,9 @@ Batch requests are pipelined (the stage decodes batch N+1 and produces the outpu
 while the engine learns batch N); every other call waits for its reply. Replies come back in
 request order, each with the side effects (counts, drift events, log lines) of its request.
 
-The child ignores SIGINT and SIGTERM, since its stage checkpoints through it on the way out, and
-it exits when the stage closes it or when its pipe breaks because the stage's process died.
+The child ignores SIGINT and SIGTERM, since its stage checkpoints through it on the way out. It
+exits when the stage closes it; on Linux the kernel kills it when the stage's thread ends (a
+SIGKILL of the stage's process included), elsewhere it exits when its pipe breaks.
 """
 
 from __future__ import annotations
