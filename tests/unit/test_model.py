@@ -206,3 +206,14 @@ def test_rolling_value_matches_rivers_rolling_metric(
         if index in reads:
             assert tracked.rolling_value() == pytest.approx(reference.get(), abs=1e-9)
     assert tracked.rolling_value() == pytest.approx(reference.get(), abs=1e-9)
+
+
+def test_feature_rows_are_the_rows_python_values_without_nulls() -> None:
+    from streamflow.ml.worker import feature_rows
+
+    table = pa.table({"a": [1, 2, None], "b": [0.5, 1.5, 2.5], "c": ["x", None, "z"]})
+    rows = feature_rows(table)
+    assert rows == [{"a": 1, "b": 0.5, "c": "x"}, {"a": 2, "b": 1.5}, {"b": 2.5, "c": "z"}]
+    assert type(feature_rows(table.select(["b"]))[0]["b"]) is float
+    assert type(feature_rows(pa.table({"n": [3]}))[0]["n"]) is int  # not numpy's int64
+    assert feature_rows(table.select([])) == [{}, {}, {}]
