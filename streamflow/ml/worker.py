@@ -166,7 +166,6 @@ class EngineHost:
         estimator = build_estimator(spec.estimator)
         task = self.task = spec.settings.task
         self.every_records = spec.checkpoint_every_records
-        self.effects = effects
 
         def learned(count: int) -> None:
             effects.learned += count

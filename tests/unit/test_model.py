@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +218,31 @@ def test_feature_rows_are_the_rows_python_values_without_nulls() -> None:
     assert type(feature_rows(table.select(["b"]))[0]["b"]) is float
     assert type(feature_rows(pa.table({"n": [3]}))[0]["n"]) is int  # not numpy's int64
     assert feature_rows(table.select([])) == [{}, {}, {}]
+
+
+def test_the_worker_process_reports_logs_and_failures(tmp_path: Path) -> None:
+    from streamflow.ml.worker import Effects, EngineSpec, EngineWorker, ModelWorkerError
+
+    settings = EngineSettings(task="regression", target="y", metrics=["MAE"], rolling_window=5,
+                              key_field=None, max_models=1, features_topic=TOPIC)
+    spec = EngineSpec(settings, [{"linear_model.LinearRegression": {}}], str(tmp_path), "p", "m", 10)
+    first = EngineWorker(spec, "first", lambda effects: None)
+    try:
+        first.call("start", "cluster-a")
+        first.call("assign", [0])
+        assert first.call("checkpoint") == ({}, [(0, "MAE", 0.0, 0.0)])
+    finally:
+        first.close()
+    effects: list[Effects] = []
+    second = EngineWorker(spec, "second", effects.append)
+    try:
+        second.call("start", "cluster-b")
+        second.call("assign", [0])
+        logs = [(logger, level, message) for e in effects for logger, level, message in e.logs]
+        assert any(logger == "streamflow.ml.engine" and level == logging.WARNING
+                   and "taken on cluster cluster-a" in message for logger, level, message in logs)
+        with pytest.raises(ModelWorkerError, match="no_such_call"):
+            second.call("no_such_call")
+        second.call("revoke", [0])  # still serving after a failed request
+    finally:
+        second.close()
