@@ -253,8 +253,8 @@ class ModelStage(StageRunner):
         if self._drift_events and self.drift_topic:
             outgoing.append(self._drift_batch())
         self._drift_events = []
-        self.producer.produce(outgoing)
-        self.produce_dead_letters(failures, batch)
+        self.producer.produce([*outgoing, *self.dead_letters(failures, batch)])  # one wait for acks
+        self.count_dead_letters(failures)
         self.metrics.count(len(batch), produced, len(failures))
         if reply.metric_values is not None:
             self._publish(reply.metric_values)

@@ -209,8 +209,8 @@ class WindowStage(TopicStage):
         if late:
             outgoing.append(dead_letter_batch(self.late_topic, self.identity.pipeline, self.name,
                                               late, batch))
-        self.producer.produce(outgoing)
-        self.produce_dead_letters(failures, batch)
+        self.producer.produce([*outgoing, *self.dead_letters(failures, batch)])  # one wait for acks
+        self.count_dead_letters(failures)
         for (_topic, partition), next_offset in batch.next_offsets().items():
             self.states[partition].next_offset = next_offset
             self._dirty.add(partition)
