@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,24 @@ def _safe(name: str) -> str:
     return f"{readable}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A checkpoint file's bytes, taken when the state was consistent and written later (the
+    model worker writes them while it serves the next batch)."""
+
+    path: Path
+    data: bytes
+
+    def write(self) -> None:
+        """Write atomically: a temporary file, fsync, rename."""
+        temporary = self.path.with_suffix(".tmp")
+        with open(temporary, "wb") as handle:
+            handle.write(self.data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.path)
+
+
 class CheckpointStore:
     """Checkpoints of one stage: ``<root>/<pipeline>/<stage>/<name>.ckpt``."""
 
@@ -42,19 +61,17 @@ class CheckpointStore:
     def path(self, name: str) -> Path:
         return self.directory / f"{_safe(name)}{SUFFIX}"
 
-    def save(self, name: str, kind: str, payload: Any, metadata: dict[str, Any] | None = None) -> None:
-        """Write ``payload`` under ``name`` atomically (temporary file, fsync, rename)."""
+    def snapshot(self, name: str, kind: str, payload: Any,
+                 metadata: dict[str, Any] | None = None) -> Snapshot:
+        """``payload`` encoded under ``name`` now, to be written by :meth:`Snapshot.write`."""
         header = {"format": FORMAT_VERSION, "kind": kind, "name": name, "saved_at": time.time(),
                   **(metadata or {})}
-        final = self.path(name)
-        temporary = final.with_suffix(".tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(MAGIC)
-            handle.write(json.dumps(header).encode() + b"\n")
-            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
+        encoded = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        return Snapshot(self.path(name), MAGIC + json.dumps(header).encode() + b"\n" + encoded)
+
+    def save(self, name: str, kind: str, payload: Any, metadata: dict[str, Any] | None = None) -> None:
+        """Write ``payload`` under ``name`` atomically."""
+        self.snapshot(name, kind, payload, metadata).write()
 
     def delete_tree(self, name: str) -> None:
         """Remove the checkpoint ``name`` and those named ``name/...``."""

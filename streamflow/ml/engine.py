@@ -24,7 +24,7 @@ from typing import Any
 
 from river import utils
 
-from streamflow.ml.checkpoint import CheckpointStore
+from streamflow.ml.checkpoint import CheckpointStore, Snapshot
 from streamflow.ml.model import Features, Model, Prediction
 from streamflow.ml.spec import build_detector, build_metric
 
@@ -262,13 +262,22 @@ class ModelEngine:
 
         Keyed models evicted from memory live in files of their own, written at eviction.
         """
+        for snapshot in self.snapshots():
+            snapshot.write()
+
+    def snapshots(self) -> list[Snapshot]:
+        """What :meth:`checkpoint` writes, taken now, for the caller to write later."""
+        snapshots = []
         for partition, state in self.states.items():
             state.records_since_checkpoint = 0
             models = {key: slot for (p, key), slot in self.slots.items() if p == partition}
             learned = {key: slot.learned for key, slot in models.items()}
-            self.store.save(self._state_name(partition), "partition-state", (state, models),
-                            {"next_offsets": state.next_offsets, "learned": learned,
-                             "cluster_id": self.cluster_id})
+            snapshots.append(self.store.snapshot(
+                self._state_name(partition), "partition-state", (state, models),
+                {"next_offsets": state.next_offsets, "learned": learned,
+                 "cluster_id": self.cluster_id},
+            ))
+        return snapshots
 
     # --- records --------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from streamflow.ml.checkpoint import CheckpointStore
+from streamflow.ml.checkpoint import CheckpointStore, Snapshot
 from streamflow.ml.engine import DriftEvent, EngineSettings, ModelEngine
 from streamflow.ml.model import Features, Prediction, RiverModel
 from streamflow.ml.spec import build_estimator
@@ -96,12 +97,14 @@ class Effects:
 class BatchRequest:
     """One consumed micro-batch: features records to score, label records to learn from.
 
-    Features come as a table of the feature columns with, per row, its partition, offset and,
-    as needed, target, record key (delayed labels join on it) and model key (keyed models).
+    Features come as one dict per record (see :func:`feature_rows`: a list of dicts with shared
+    keys unpickles faster than the worker could build it from columns) with, per row, its
+    partition, offset and, as needed, target, record key (delayed labels join on it) and model
+    key (keyed models).
     Labels come as (consumed-batch row, partition, offset, record key, label).
     """
 
-    features: pa.Table | None = None
+    features: list[Features] | None = None
     partitions: np.ndarray | None = None
     offsets: np.ndarray | None = None
     targets: list[Any] | None = None
@@ -116,7 +119,7 @@ MetricValue = tuple[int, str, float, float]  # partition, metric, cumulative, ro
 
 @dataclass
 class BatchReply:
-    """Per scored features row (by row of the request's table): the prediction, class
+    """Per scored features row (by position in the request): the prediction, class
     probabilities (classifiers) or score (anomaly detectors), and model version, as columns
     (one object per record would be slow to pickle). Failed rows come as (row, error class,
     message); rows handled before a restart are absent. Failed labels come as (consumed-batch
@@ -157,6 +160,14 @@ def feature_rows(table: pa.Table) -> list[Features]:
     if any(column.null_count for column in table.columns):
         rows = [{k: v for k, v in row.items() if v is not None} for row in rows]
     return rows
+
+
+@dataclass
+class Durable:
+    """A reply that may be sent only once ``snapshots`` are written."""
+
+    reply: Any
+    snapshots: list[Snapshot]
 
 
 class EngineHost:
@@ -205,12 +216,10 @@ class EngineHost:
         for partition in partitions:
             self.engine.revoke(partition)
 
-    def checkpoint(self) -> tuple[dict[tuple[str, int], int], list[MetricValue]]:
-        """Save every partition; the offsets that may now be committed, and the metric values."""
-        if not self.engine.states:
-            return {}, []
-        self.engine.checkpoint()
-        return self.engine.committable(), self.metric_values()
+    def checkpoint(self) -> Durable:
+        """Snapshot every partition; once written, the offsets that may be committed, and the
+        metric values."""
+        return Durable((self.engine.committable(), self.metric_values()), self.engine.snapshots())
 
     def metric_values(self) -> list[MetricValue]:
         return [
@@ -236,7 +245,7 @@ class EngineHost:
     def _score(self, request: BatchRequest, reply: BatchReply) -> None:
         assert request.features is not None and request.partitions is not None
         assert request.offsets is not None
-        rows = feature_rows(request.features)
+        rows = request.features
         count = len(rows)
         offsets: list[int] = request.offsets.tolist()
         targets = request.targets or [None] * count
@@ -280,6 +289,39 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+class _Replies:
+    """Sends replies in request order. A checkpoint's reply is sent by a thread once it has
+    written the checkpoint's files (fsync takes milliseconds), while the requests after it are
+    served; their replies wait for it."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.writer: threading.Thread | None = None
+
+    def send(self, reply: tuple[str, Any, Effects], snapshots: list[Snapshot]) -> None:
+        self.wait()
+        if not snapshots:
+            self.connection.send(reply)
+            return
+        self.writer = threading.Thread(target=self._write, args=(reply, snapshots), daemon=True)
+        self.writer.start()
+
+    def _write(self, reply: tuple[str, Any, Effects], snapshots: list[Snapshot]) -> None:
+        try:
+            for snapshot in snapshots:
+                snapshot.write()
+        except Exception:
+            reply = ("error", traceback.format_exc(), reply[2])
+        with contextlib.suppress(OSError):  # the stage is gone: the main thread exits at EOF
+            self.connection.send(reply)
+
+    def wait(self) -> None:
+        """Until the reply of a checkpoint being written has been sent."""
+        if self.writer is not None:
+            self.writer.join()
+            self.writer = None
+
+
 def serve(connection: Connection) -> None:
     """The worker process: take the spec, then answer requests until told to close or until
     the pipe breaks."""
@@ -300,21 +342,27 @@ def serve(connection: Connection) -> None:
         failure = traceback.format_exc()
     gc.collect()  # then keep what exists now (modules, the engine) out of full collections,
     gc.freeze()  # which each batch's thousands of feature dicts would otherwise trigger
+    replies = _Replies(connection)
     while True:
         try:
             method, args = connection.recv()
         except (EOFError, OSError):
             os._exit(0)  # the stage's process is gone: nothing left to do or to clean up
         if method == "close":
+            replies.wait()
             gc.unfreeze()  # native extensions report objects never collected at exit as leaks
             return
+        snapshots: list[Snapshot] = []
         try:
             if host is None:
                 raise ModelWorkerError(f"the model engine could not be built:\n{failure}")
-            reply = ("ok", getattr(host, method)(*args), effects.take())
+            result = getattr(host, method)(*args)
+            if isinstance(result, Durable):
+                result, snapshots = result.reply, result.snapshots
+            reply = ("ok", result, effects.take())
         except Exception:
             reply = ("error", traceback.format_exc(), effects.take())
-        connection.send(reply)
+        replies.send(reply, snapshots)
 
 
 class EngineWorker:

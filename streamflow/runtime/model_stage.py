@@ -34,6 +34,7 @@ from streamflow.ml.worker import (
     EngineSpec,
     EngineWorker,
     MetricValue,
+    feature_rows,
     record_error_type,
 )
 from streamflow.plugins import ROW_ID
@@ -58,6 +59,14 @@ class InFlight:
     failures: list[Failure] = field(default_factory=list)
     table: pa.Table | None = None  # the decoded features records
     rows_in_batch: np.ndarray | None = None  # table row → consumed-batch row
+
+
+@dataclass(frozen=True)
+class CheckpointInFlight:
+    """A checkpoint requested from the worker; ``synchronous`` when its offsets must be
+    committed before going on (on revoke and shutdown)."""
+
+    synchronous: bool
 
 
 class ModelStage(StageRunner):
@@ -88,7 +97,7 @@ class ModelStage(StageRunner):
         self._drift_events: list[DriftEvent] = []
         self._assigned: list[TopicPartition] = []
         self._restored: set[int] = set()  # partitions whose state the worker holds
-        self._in_flight: deque[InFlight | None] = deque()  # None: a checkpoint
+        self._in_flight: deque[InFlight | CheckpointInFlight] = deque()
         self._checkpoint_due = False
 
     def topics(self) -> list[str]:
@@ -196,7 +205,7 @@ class ModelStage(StageRunner):
             in_flight.failures += [Failure(int(row), "model", error) for row in rows_in_batch]
             return
         in_flight.table, in_flight.rows_in_batch = table, rows_in_batch
-        request.features = table.select(names)
+        request.features = feature_rows(table.select(names))
         request.partitions = np.asarray(batch.partitions)[rows_in_batch]
         request.offsets = np.asarray(batch.offsets)[rows_in_batch]
         target, key_field = self.config.target, self.config.key_field
@@ -230,11 +239,13 @@ class ModelStage(StageRunner):
         in_flight = self._in_flight[0]
         reply = self.worker.receive()
         self._in_flight.popleft()
-        if in_flight is None:
+        if isinstance(in_flight, CheckpointInFlight):
             committable, values = reply
             self._publish(values)
             if committable:  # the output of every batch before the checkpoint is out
-                self.commit(committable, asynchronous=False)
+                # A periodic commit need not wait: if it is lost, the restored state skips
+                # the records it covers.
+                self.commit(committable, asynchronous=not in_flight.synchronous)
             return
         batch, failures = in_flight.batch, in_flight.failures
         outgoing = []
@@ -258,7 +269,9 @@ class ModelStage(StageRunner):
         self.metrics.count(len(batch), produced, len(failures))
         if reply.metric_values is not None:
             self._publish(reply.metric_values)
-        if reply.checkpoint_due and None not in self._in_flight:  # none queued already
+        if reply.checkpoint_due and not any(  # none queued already
+            isinstance(queued, CheckpointInFlight) for queued in self._in_flight
+        ):
             self._checkpoint_due = True
         self.idle_since = time.monotonic()
 
@@ -336,18 +349,18 @@ class ModelStage(StageRunner):
         ):
             self._request_checkpoint()
 
-    def _request_checkpoint(self) -> None:
+    def _request_checkpoint(self, synchronous: bool = False) -> None:
         """Have the worker save the models and partition states once the batches before have
         been learned; their offsets are committed when the reply comes, after their output."""
         assert self.worker is not None
         self._last_checkpoint = time.monotonic()
         self._checkpoint_due = False
         self.worker.submit("checkpoint")
-        self._in_flight.append(None)
+        self._in_flight.append(CheckpointInFlight(synchronous))
 
     def checkpoint(self) -> None:
         """Checkpoint now: save, then commit the offsets covered, before returning."""
-        self._request_checkpoint()
+        self._request_checkpoint(synchronous=True)
         self._finish_all()
 
     def drain(self) -> None:

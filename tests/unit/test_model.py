@@ -246,3 +246,41 @@ def test_the_worker_process_reports_logs_and_failures(tmp_path: Path) -> None:
         second.call("revoke", [0])  # still serving after a failed request
     finally:
         second.close()
+
+
+def test_the_worker_writes_checkpoints_while_it_serves_and_replies_in_order(tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+
+    from streamflow.ml.worker import BatchRequest, EngineSpec, EngineWorker, ModelWorkerError
+
+    settings = EngineSettings(task="regression", target="y", metrics=["MAE"], rolling_window=5,
+                              key_field=None, max_models=1, features_topic=TOPIC)
+    spec = EngineSpec(settings, [{"linear_model.LinearRegression": {}}], str(tmp_path), "p", "m", 10)
+    directory = tmp_path / "p" / "m"
+
+    def batch(first: int) -> BatchRequest:
+        offsets = np.arange(first, first + 3)
+        return BatchRequest(features=[{"x": float(i)} for i in offsets.tolist()],
+                            partitions=np.zeros(3, dtype=np.int64), offsets=offsets,
+                            targets=[2.0 * i for i in offsets.tolist()])
+
+    worker = EngineWorker(spec, "w", lambda effects: None)
+    try:
+        worker.call("start", None)
+        worker.call("assign", [0])
+        worker.submit("handle", batch(0))
+        worker.submit("checkpoint")
+        worker.submit("handle", batch(3))
+        assert list(worker.receive().versions) == [0, 1, 2]
+        committable, _values = worker.receive()
+        assert committable == {(TOPIC, 0): 3}
+        assert [path.suffix for path in directory.iterdir()] == [".ckpt"]  # written, renamed
+        assert list(worker.receive().versions) == [3, 4, 5]
+        shutil.rmtree(directory)
+        with pytest.raises(ModelWorkerError, match="FileNotFoundError"):
+            worker.call("checkpoint")
+        assert list(worker.call("handle", batch(6)).versions) == [6, 7, 8]  # still serving
+    finally:
+        worker.close()
