@@ -25,7 +25,7 @@ from typing import Any
 from river import utils
 
 from streamflow.ml.checkpoint import CheckpointStore, Snapshot
-from streamflow.ml.model import Features, Model, Prediction
+from streamflow.ml.model import Features, Model, Prediction, PredictionColumns
 from streamflow.ml.spec import build_detector, build_metric
 
 log = logging.getLogger(__name__)
@@ -64,18 +64,18 @@ class TrackedMetric:
         self.cumulative.update(target, value)
         self.unapplied.append((target, value))
 
-    def update_many(self, targets: list[Any], predictions: list[Prediction | None]) -> None:
+    def update_many(self, targets: list[Any], predictions: PredictionColumns) -> None:
         """:meth:`update` for a run of records; those without a prediction or target are left out."""
-        if self.uses_probabilities:
-            values = [p.probabilities if p is not None else None for p in predictions]
-        else:
-            values = [p.value if p is not None else None for p in predictions]
-        pairs = [(target, value) for target, value in zip(targets, values, strict=True)
-                 if target is not None and value is not None and value != {}]
-        update = self.cumulative.update
-        for target, value in pairs:
-            update(target, value)
-        self.unapplied.extend(pairs)  # the deque keeps the last window's worth
+        values = predictions.probabilities if self.uses_probabilities else predictions.values
+        assert values is not None
+        if None in targets or None in values or (self.uses_probabilities and {} in values):
+            pairs = [(target, value) for target, value in zip(targets, values, strict=True)
+                     if target is not None and value is not None and value != {}]
+            targets, values = [target for target, _ in pairs], [value for _, value in pairs]
+        deque(map(self.cumulative.update, targets, values), maxlen=0)  # runs the map in C
+        window = self.unapplied.maxlen
+        assert window is not None
+        self.unapplied.extend(zip(targets[-window:], values[-window:], strict=True))
 
     def rolling_value(self) -> float:
         """The metric over the last ``window`` updates."""
@@ -140,16 +140,16 @@ class EngineSettings:
 
 @dataclass
 class ScoredRun:
-    """What :meth:`ModelEngine.score` did with a run of records, by position in the run.
+    """What :meth:`ModelEngine.score` did with a run of records.
 
     Records before ``first`` were handled before a restart (already learned and produced). From
-    ``first`` on, each has its prediction and the version of the model that made it (the
-    records that model had learned), or, when it failed, an entry in ``errors`` and a None
-    prediction.
+    ``first`` on, each has an entry in ``predictions`` and one in ``versions``, the version of
+    the model that predicted (the records it had learned); a record that failed has a None
+    prediction and its error in ``errors``, under its position in the run.
     """
 
     first: int
-    predictions: list[Prediction | None] = field(default_factory=list)
+    predictions: PredictionColumns = field(default_factory=PredictionColumns)
     versions: list[int] = field(default_factory=list)
     errors: dict[int, BaseException] = field(default_factory=dict)
 
@@ -388,6 +388,7 @@ class ModelEngine:
         unsupervised = self.settings.task in ("anomaly", "clustering")
         slot_key, slot = None, None
         learned = 0
+        run.predictions = PredictionColumns.for_task(self.settings.task)
         for position in range(run.first, len(offsets)):
             offset, features, target = offsets[position], rows[position], targets[position]
             model_key = model_keys[position]
@@ -415,10 +416,13 @@ class ModelEngine:
         """Mini-batch mode: predict the whole run, then learn it with ``learn_many``."""
         slot = self.slot(state.partition, "")
         fresh = range(run.first, len(rows))
-        run.predictions = list(slot.model.predict_batch(rows[run.first:]))
+        predictions = slot.model.predict_batch(rows[run.first:])
+        run.predictions = PredictionColumns.for_task(self.settings.task)
+        for prediction in predictions:
+            run.predictions.append(prediction)
         run.versions = [slot.learned] * len(fresh)
         labelled = [i for i in fresh if targets[i] is not None]
-        for position, prediction in zip(fresh, run.predictions, strict=True):
+        for position, prediction in zip(fresh, predictions, strict=True):
             if targets[position] is not None and prediction is not None:
                 self._evaluate(state, slot, "", offsets[position], targets[position], prediction)
         if labelled:

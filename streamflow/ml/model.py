@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -20,6 +20,47 @@ class Prediction:
     value: Any
     probabilities: dict[Any, float] | None = None
     score: float | None = None
+
+
+@dataclass
+class PredictionColumns:
+    """A run's predictions as columns: one value per record and, by task, class probabilities
+    (classifiers) or anomaly scores (detectors); None where a record failed. Columns cost much
+    less than one :class:`Prediction` per record."""
+
+    values: list[Any] = field(default_factory=list)
+    probabilities: list[dict[Any, float] | None] | None = None
+    scores: list[float | None] | None = None
+
+    @classmethod
+    def for_task(cls, task: str) -> PredictionColumns:
+        return cls(probabilities=[] if task == "classification" else None,
+                   scores=[] if task == "anomaly" else None)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def append(self, prediction: Prediction | None) -> None:
+        self.values.append(None if prediction is None else prediction.value)
+        if self.probabilities is not None:
+            self.probabilities.append(None if prediction is None else prediction.probabilities)
+        if self.scores is not None:
+            self.scores.append(None if prediction is None else prediction.score)
+
+    def take(self, positions: Sequence[int]) -> PredictionColumns:
+        """The predictions at ``positions``, in that order."""
+        def pick(column: list[Any] | None) -> list[Any] | None:
+            return None if column is None else [column[i] for i in positions]
+
+        return PredictionColumns([self.values[i] for i in positions], pick(self.probabilities),
+                                 pick(self.scores))
+
+    def extend(self, other: PredictionColumns) -> None:
+        self.values += other.values
+        if other.probabilities is not None:
+            self.probabilities = (self.probabilities or []) + other.probabilities
+        if other.scores is not None:
+            self.scores = (self.scores or []) + other.scores
 
 
 class Model(ABC):
@@ -45,30 +86,23 @@ class Model(ABC):
 
     def progressive(
         self, rows: list[Features], targets: list[Any]
-    ) -> tuple[list[Prediction | None], dict[int, BaseException]]:
+    ) -> tuple[PredictionColumns, dict[int, BaseException]]:
         """Predict each row, then learn it with its target, in order (progressive validation).
 
         A row whose prediction or learning raised gets a None prediction and its error under its
         position; the others are unaffected.
         """
-        predict, learn = self._record_functions()
-        predictions: list[Prediction | None] = []
+        predictions = PredictionColumns.for_task(self.task)
         errors: dict[int, BaseException] = {}
         for position, (row, target) in enumerate(zip(rows, targets, strict=True)):
             try:
-                prediction: Prediction | None = predict(row)
-                learn(row, target)
+                prediction: Prediction | None = self.predict(row)
+                self.learn(row, target)
             except Exception as exc:  # the record goes to the dead letters; the run goes on
                 prediction = None
                 errors[position] = exc
             predictions.append(prediction)
         return predictions, errors
-
-    def _record_functions(
-        self,
-    ) -> tuple[Callable[[Features], Prediction], Callable[[Features, Any], None]]:
-        """The predict and learn functions :meth:`progressive` calls for each record."""
-        return self.predict, self.learn
 
     @property
     def supports_batches(self) -> bool:
@@ -105,14 +139,25 @@ class RiverModel(Model):
         else:
             self.estimator.learn_one(features, target)
 
-    def _record_functions(
-        self,
-    ) -> tuple[Callable[[Features], Prediction], Callable[[Features, Any], None]]:
+    def progressive(
+        self, rows: list[Features], targets: list[Any]
+    ) -> tuple[PredictionColumns, dict[int, BaseException]]:
         if self.task != "regression":
-            return super()._record_functions()
-        # The common case without the per-record dispatch on the task.
-        predict_one = self.estimator.predict_one
-        return (lambda features: Prediction(predict_one(features))), self.estimator.learn_one
+            return super().progressive(rows, targets)
+        # The common case in a tight loop: no Prediction objects, no dispatch on the task.
+        predict_one, learn_one = self.estimator.predict_one, self.estimator.learn_one
+        values: list[Any] = []
+        append = values.append
+        errors: dict[int, BaseException] = {}
+        for position, (row, target) in enumerate(zip(rows, targets, strict=True)):
+            try:
+                value = predict_one(row)
+                learn_one(row, target)
+            except Exception as exc:  # the record goes to the dead letters; the run goes on
+                value = None
+                errors[position] = exc
+            append(value)
+        return PredictionColumns(values), errors
 
     def fresh(self) -> RiverModel:
         return RiverModel(self.estimator.clone(), self.task)

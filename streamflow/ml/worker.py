@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from streamflow.ml.checkpoint import CheckpointStore, Snapshot
 from streamflow.ml.engine import DriftEvent, EngineSettings, ModelEngine
-from streamflow.ml.model import Features, Prediction, RiverModel
+from streamflow.ml.model import Features, PredictionColumns, RiverModel
 from streamflow.ml.spec import build_estimator
 
 log = logging.getLogger(__name__)
@@ -119,29 +119,18 @@ MetricValue = tuple[int, str, float, float]  # partition, metric, cumulative, ro
 
 @dataclass
 class BatchReply:
-    """Per scored features row (by position in the request): the prediction, class
-    probabilities (classifiers) or score (anomaly detectors), and model version, as columns
-    (one object per record would be slow to pickle). Failed rows come as (row, error class,
-    message); rows handled before a restart are absent. Failed labels come as (consumed-batch
-    row, error class, message)."""
+    """Per scored features row (by position in the request): the prediction and the model
+    version, as columns (one object per record would be slow to pickle). Failed rows come as
+    (row, error class, message); rows handled before a restart are absent. Failed labels come
+    as (consumed-batch row, error class, message)."""
 
     rows: list[int] = field(default_factory=list)
-    values: list[Any] = field(default_factory=list)
-    probabilities: list[dict[Any, float] | None] | None = None
-    scores: list[float | None] | None = None
+    predictions: PredictionColumns = field(default_factory=PredictionColumns)
     versions: list[int] = field(default_factory=list)
     errors: list[tuple[int, str, str]] = field(default_factory=list)
     label_errors: list[tuple[int, str, str]] = field(default_factory=list)
     metric_values: list[MetricValue] | None = None
     checkpoint_due: bool = False
-
-    def add(self, predictions: list[Prediction], task: str) -> None:
-        """Append the columns of ``predictions``."""
-        self.values += [p.value for p in predictions]
-        if task == "classification":
-            self.probabilities = (self.probabilities or []) + [p.probabilities for p in predictions]
-        if task == "anomaly":
-            self.scores = (self.scores or []) + [p.score for p in predictions]
 
 
 def feature_rows(table: pa.Table) -> list[Features]:
@@ -261,14 +250,17 @@ class EngineHost:
 
             run = self.engine.score(int(partition), pick(offsets), pick(keys), pick(rows),
                                     pick(targets), pick(model_keys))
-            kept = range(len(run.predictions))
+            rows_scored, versions, predictions = members[run.first:], run.versions, run.predictions
             if run.errors:
                 for position, error in run.errors.items():
                     reply.errors.append((members[position], type(error).__name__, str(error)))
-                kept = [i for i, prediction in enumerate(run.predictions) if prediction is not None]
-            reply.rows += [members[run.first + i] for i in kept]
-            reply.versions += [run.versions[i] for i in kept]
-            reply.add([p for p in run.predictions if p is not None], self.task)  # the kept ones
+                kept = [i for i in range(len(versions)) if run.first + i not in run.errors]
+                rows_scored = [rows_scored[i] for i in kept]
+                versions = [versions[i] for i in kept]
+                predictions = predictions.take(kept)
+            reply.rows += rows_scored
+            reply.versions += versions
+            reply.predictions.extend(predictions)
 
 
 class _EffectsLogHandler(logging.Handler):

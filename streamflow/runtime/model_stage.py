@@ -314,14 +314,15 @@ class ModelStage(StageRunner):
 
     def _predictions_table(self, reply: BatchReply) -> pa.Table:
         """The fields a model stage adds: prediction, probabilities or score, model_version."""
-        columns: dict[str, pa.Array] = {self.config.prediction_field: pa.array(reply.values)}
-        if reply.probabilities is not None:
+        predictions = reply.predictions
+        columns: dict[str, pa.Array] = {self.config.prediction_field: pa.array(predictions.values)}
+        if predictions.probabilities is not None:
             columns["probabilities"] = pa.array([
                 {str(label): probability for label, probability in (probabilities or {}).items()}
-                or None for probabilities in reply.probabilities
+                or None for probabilities in predictions.probabilities
             ])
-        if reply.scores is not None:
-            columns["score"] = pa.array(reply.scores)
+        if predictions.scores is not None:
+            columns["score"] = pa.array(predictions.scores)
         columns["model_version"] = pa.array(reply.versions, pa.int64())
         return pa.table(columns)
 
