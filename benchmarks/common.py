@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 from streamflow.runtime.pipeline import PipelineRunner
 
+POLL_S = 0.002
+
 
 def measure_stage(runner: PipelineRunner, stage: str, records: int,
                   on_running: Callable[[PipelineRunner], None] = lambda runner: None,
@@ -17,7 +19,9 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
     Time runs from the first handled batch to the last one, so the consumer-group join is not
     counted. ``streamflow_records_in_total`` grows only after a batch's output was acknowledged.
     ``done``, when given, counts the finished records instead (e.g. rows a sink made durable).
-    Each poll reads the registry once, which holds the GIL: polls stay few.
+    Each poll wakes this thread and reads the registry, which holds the GIL and may take the
+    core from the stage or its model worker: once the stage runs, polls come at half the
+    expected remaining time, down to every ``POLL_S``, so that they stay few.
     """
     thread = threading.Thread(target=runner.run)
     thread.start()
@@ -28,16 +32,22 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
 
     started = finished = None
     notified = False
+    interval = POLL_S
     while finished is None:
-        time.sleep(0.002)
+        time.sleep(interval)
         if not notified and runner.stages:
             on_running(runner)
             notified = True
         if started is None:
             if handled(runner):
                 started = time.perf_counter()
-        elif (done or handled)(runner) >= records:
+            continue
+        count = (done or handled)(runner)
+        if count >= records:
             finished = time.perf_counter()
+        elif count:  # sleep half the expected remaining time: few wake-ups, the last ones short
+            elapsed = time.perf_counter() - started
+            interval = max(POLL_S, elapsed * (records - count) / count / 2)
     runner.stop()
     thread.join()
     assert started is not None

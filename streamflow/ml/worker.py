@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT_S = 30.0
 _PR_SET_PDEATHSIG = 1
+_SEND_BUFFER_BYTES = 16 << 20
 
 
 class ModelWorkerError(RuntimeError):
@@ -367,6 +368,9 @@ class EngineWorker:
         # A fresh interpreter, not fork (which would copy librdkafka's threads' locks) nor
         # multiprocessing's spawn (which would import the caller's __main__ script again).
         ours, theirs = socket.socketpair()
+        # Room for whole requests where the system allows it (net.core.wmem_max): the stage's
+        # send then returns at once, instead of trading wake-ups with the worker as it reads.
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
         self.name = name
         self._process = subprocess.Popen(
             [sys.executable, "-m", "streamflow.ml", str(theirs.fileno())], pass_fds=[theirs.fileno()]
