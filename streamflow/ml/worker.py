@@ -165,7 +165,7 @@ class EngineHost:
 
     def __init__(self, spec: EngineSpec, effects: Effects) -> None:
         estimator = build_estimator(spec.estimator)
-        task = self.task = spec.settings.task
+        task = spec.settings.task
         self.every_records = spec.checkpoint_every_records
 
         def learned(count: int) -> None:

@@ -282,11 +282,12 @@ class ModelStage(StageRunner):
     def _output(self, in_flight: InFlight, reply: BatchReply) -> OutgoingBatch:
         assert in_flight.table is not None and in_flight.rows_in_batch is not None
         batch = in_flight.batch
-        out_rows = in_flight.rows_in_batch[reply.rows]
+        rows = np.asarray(reply.rows, dtype=np.int64)  # typed even when empty (all skipped)
+        out_rows = in_flight.rows_in_batch[rows]
         originals = [batch.values[row] for row in out_rows]
         return OutgoingBatch(
             self.config.output,
-            self._encode(in_flight.table.take(reply.rows), originals, self._predictions_table(reply)),
+            self._encode(in_flight.table.take(rows), originals, self._predictions_table(reply)),
             [batch.keys[row] for row in out_rows],
             timestamps_ms=[batch.timestamps_ms[row] for row in out_rows],
         )

@@ -16,7 +16,7 @@ from typing import Any
 import duckdb
 import pytest
 import yaml
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from river import datasets, evaluate, linear_model, metrics, preprocessing
 
 from streamflow.config import load_pipeline
@@ -85,6 +85,29 @@ def test_regression_output_agrees_with_river(fresh_broker: str, tmp_path: Path) 
     age = runner.metrics.registry.get_sample_value("streamflow_model_checkpoint_age_seconds", {
         "pipeline": "learn", "stage": "model", "model": "StandardScaler|LinearRegression"})
     assert age is not None and 0 <= age < 5  # the stage saved its state when it stopped
+
+
+def test_a_group_behind_the_checkpoint_skips_what_the_model_learned(
+    fresh_broker: str, tmp_path: Path
+) -> None:
+    """Periodic commits are asynchronous: if one is lost, the group resumes behind the
+    checkpoint, and whole batches the restored model already learned come again."""
+    stream = list(datasets.TrumpApproval())
+    write_dataset(tmp_path / "data.jsonl", stream)
+    path = pipeline_file(tmp_path, fresh_broker, [{"linear_model.LinearRegression": {}}], ["MAE"],
+                         batch={"max_records": 100, "max_wait_ms": 10})
+    assert PipelineRunner(load_pipeline(path), until_idle_s=1.5).run().exit_code == 0
+    rewind = Consumer({"bootstrap.servers": fresh_broker, "group.id": "learn.model"})
+    rewind.commit(offsets=[TopicPartition("features", 0, 0)], asynchronous=False)
+    rewind.close()
+
+    assert PipelineRunner(load_pipeline(path), until_idle_s=1.5).run().exit_code == 0
+    assert len(read_topic(fresh_broker, "scored").offsets) == len(stream)  # nothing produced again
+    _header, (state, models) = CheckpointStore(tmp_path / "checkpoints", "learn", "model").load(
+        "features+0", "partition-state")
+    assert models[""].learned == len(stream)
+    expected = evaluate.progressive_val_score(stream, linear_model.LinearRegression(), metrics.MAE())
+    assert state.metrics[0].cumulative.get() == pytest.approx(expected.get(), abs=1e-9)
 
 
 def test_classification_output_agrees_with_river(fresh_broker: str, tmp_path: Path) -> None:
