@@ -91,8 +91,8 @@ class ModelStage(StageRunner):
         self.labels_topic = config.labels.topic if config.labels else None
         self.label_field = (config.labels.field if config.labels else None) or config.target
         self.worker: EngineWorker | None = None
-        self._last_checkpoint = time.monotonic()
-        model_metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last_checkpoint)
+        self._last_checkpoint = self._last_saved = time.monotonic()  # requested, durable
+        model_metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last_saved)
         self._metric_values_at = 0.0
         self._drift_events: list[DriftEvent] = []
         self._assigned: list[TopicPartition] = []
@@ -240,6 +240,7 @@ class ModelStage(StageRunner):
         reply = self.worker.receive()
         self._in_flight.popleft()
         if isinstance(in_flight, CheckpointInFlight):
+            self._last_saved = time.monotonic()
             committable, values = reply
             self._publish(values)
             if committable:  # the output of every batch before the checkpoint is out
