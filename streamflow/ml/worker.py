@@ -19,6 +19,7 @@ import ctypes
 import gc
 import logging
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -28,12 +29,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from itertools import repeat
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from streamflow.ml.checkpoint import CheckpointStore, Snapshot
 from streamflow.ml.engine import DriftEvent, EngineSettings, ModelEngine
@@ -98,14 +97,14 @@ class Effects:
 class BatchRequest:
     """One consumed micro-batch: features records to score, label records to learn from.
 
-    Features come as one dict per record (see :func:`feature_rows`: a list of dicts with shared
-    keys unpickles faster than the worker could build it from columns) with, per row, its
+    Features come as a pickle of one dict per record (see :mod:`streamflow.ml.features`: the
+    worker's unpickling builds the dicts faster than it could from columns) with, per row, its
     partition, offset and, as needed, target, record key (delayed labels join on it) and model
     key (keyed models).
     Labels come as (consumed-batch row, partition, offset, record key, label).
     """
 
-    features: list[Features] | None = None
+    features: bytes | None = None
     partitions: np.ndarray | None = None
     offsets: np.ndarray | None = None
     targets: list[Any] | None = None
@@ -132,24 +131,6 @@ class BatchReply:
     label_errors: list[tuple[int, str, str]] = field(default_factory=list)
     metric_values: list[MetricValue] | None = None
     checkpoint_due: bool = False
-
-
-def feature_rows(table: pa.Table) -> list[Features]:
-    """One dict per row of ``table``; nulls are left out, as river expects of missing values."""
-    names = table.column_names  # a property that builds a new list: read it once
-    if not names:
-        return [{} for _ in range(table.num_rows)]
-    columns = [
-        column.to_numpy().tolist()  # much faster than to_pylist, and the same Python values
-        if column.null_count == 0 and (pa.types.is_integer(column.type)
-                                       or pa.types.is_floating(column.type))
-        else column.to_pylist()
-        for column in table.columns
-    ]
-    rows = list(map(dict, map(zip, repeat(names), zip(*columns, strict=True))))  # C loops
-    if any(column.null_count for column in table.columns):
-        rows = [{k: v for k, v in row.items() if v is not None} for row in rows]
-    return rows
 
 
 @dataclass
@@ -235,7 +216,7 @@ class EngineHost:
     def _score(self, request: BatchRequest, reply: BatchReply) -> None:
         assert request.features is not None and request.partitions is not None
         assert request.offsets is not None
-        rows = request.features
+        rows: list[Features] = pickle.loads(request.features)
         count = len(rows)
         offsets: list[int] = request.offsets.tolist()
         targets = request.targets or [None] * count

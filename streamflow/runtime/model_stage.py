@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from streamflow.config.models import BatchConfig, ModelConfig
 from streamflow.metrics import ModelMetrics, StageMetrics
 from streamflow.ml.engine import DriftEvent
+from streamflow.ml.features import pickled_feature_rows
 from streamflow.ml.worker import (
     BatchReply,
     BatchRequest,
@@ -34,7 +35,6 @@ from streamflow.ml.worker import (
     EngineSpec,
     EngineWorker,
     MetricValue,
-    feature_rows,
     record_error_type,
 )
 from streamflow.plugins import ROW_ID
@@ -205,7 +205,7 @@ class ModelStage(StageRunner):
             in_flight.failures += [Failure(int(row), "model", error) for row in rows_in_batch]
             return
         in_flight.table, in_flight.rows_in_batch = table, rows_in_batch
-        request.features = feature_rows(table.select(names))
+        request.features = pickled_feature_rows(table.select(names))
         request.partitions = np.asarray(batch.partitions)[rows_in_batch]
         request.offsets = np.asarray(batch.offsets)[rows_in_batch]
         target, key_field = self.config.target, self.config.key_field

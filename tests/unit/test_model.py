@@ -209,17 +209,6 @@ def test_rolling_value_matches_rivers_rolling_metric(
     assert tracked.rolling_value() == pytest.approx(reference.get(), abs=1e-9)
 
 
-def test_feature_rows_are_the_rows_python_values_without_nulls() -> None:
-    from streamflow.ml.worker import feature_rows
-
-    table = pa.table({"a": [1, 2, None], "b": [0.5, 1.5, 2.5], "c": ["x", None, "z"]})
-    rows = feature_rows(table)
-    assert rows == [{"a": 1, "b": 0.5, "c": "x"}, {"a": 2, "b": 1.5}, {"b": 2.5, "c": "z"}]
-    assert type(feature_rows(table.select(["b"]))[0]["b"]) is float
-    assert type(feature_rows(pa.table({"n": [3]}))[0]["n"]) is int  # not numpy's int64
-    assert feature_rows(table.select([])) == [{}, {}, {}]
-
-
 def test_the_worker_process_reports_logs_and_failures(tmp_path: Path) -> None:
     from streamflow.ml.worker import Effects, EngineSpec, EngineWorker, ModelWorkerError
 
@@ -253,6 +242,7 @@ def test_the_worker_writes_checkpoints_while_it_serves_and_replies_in_order(tmp_
 
     import numpy as np
 
+    from streamflow.ml.features import pickled_feature_rows
     from streamflow.ml.worker import BatchRequest, EngineSpec, EngineWorker, ModelWorkerError
 
     settings = EngineSettings(task="regression", target="y", metrics=["MAE"], rolling_window=5,
@@ -262,7 +252,8 @@ def test_the_worker_writes_checkpoints_while_it_serves_and_replies_in_order(tmp_
 
     def batch(first: int) -> BatchRequest:
         offsets = np.arange(first, first + 3)
-        return BatchRequest(features=[{"x": float(i)} for i in offsets.tolist()],
+        features = pa.table({"x": offsets.astype(float)})
+        return BatchRequest(features=pickled_feature_rows(features),
                             partitions=np.zeros(3, dtype=np.int64), offsets=offsets,
                             targets=[2.0 * i for i in offsets.tolist()])
 
