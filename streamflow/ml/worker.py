@@ -38,6 +38,7 @@ from streamflow.ml.checkpoint import CheckpointStore, Snapshot
 from streamflow.ml.engine import DriftEvent, EngineSettings, ModelEngine
 from streamflow.ml.model import Features, PredictionColumns, RiverModel
 from streamflow.ml.spec import build_estimator
+from streamflow.plugins import TransientError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,12 @@ _SEND_BUFFER_BYTES = 16 << 20
 
 
 class ModelWorkerError(RuntimeError):
-    """The model worker process failed or exited."""
+    """A request failed in the model worker process."""
+
+
+class ModelWorkerExited(ModelWorkerError, TransientError):
+    """The model worker process is gone (killed, out of memory): the supervisor restarts the
+    stage, whose new worker resumes from the last checkpoint."""
 
 
 class ModelRecordError(Exception):
@@ -362,6 +368,10 @@ class EngineWorker:
         self._on_effects = on_effects
         self.pending = 0  # requests sent whose reply was not received yet
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def submit(self, method: str, *args: Any) -> None:
         """Send a request; its reply comes from a later :meth:`receive`."""
         try:
@@ -394,10 +404,10 @@ class EngineWorker:
         self.submit(method, *args)
         return self.receive()
 
-    def _exited(self) -> ModelWorkerError:
+    def _exited(self) -> ModelWorkerExited:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._process.wait(1)
-        return ModelWorkerError(
+        return ModelWorkerExited(
             f"the model worker process exited (exit code {self._process.returncode})"
         )
 

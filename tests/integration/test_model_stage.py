@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from river import datasets, evaluate, linear_model, metrics, preprocessing
 
 from streamflow.config import load_pipeline
 from streamflow.ml.checkpoint import CheckpointStore
-from streamflow.runtime.pipeline import PipelineRunner
+from streamflow.runtime.model_stage import ModelStage
+from streamflow.runtime.pipeline import PipelineRunner, RunResult
 from streamflow.transport import TopicSpec, create_transport
 from tests.helpers import read_topic
 
@@ -181,6 +183,41 @@ def test_sigkill_mid_stream_then_restart_learns_each_record_once(
     assert set(weights) == {str(name) for name in model.weights}
     for name, weight in model.weights.items():
         assert weights[str(name)] == pytest.approx(weight, abs=1e-9)
+
+
+def test_a_killed_worker_restarts_its_stage_from_the_checkpoint(
+    fresh_broker: str, tmp_path: Path
+) -> None:
+    stream = list(itertools.islice(datasets.synth.Friedman(seed=3), 20_000))
+    write_dataset(tmp_path / "data.jsonl", stream)
+    path = pipeline_file(tmp_path, fresh_broker, [{"linear_model.LinearRegression": {}}], ["MAE"],
+                         batch={"max_records": 100, "max_wait_ms": 10})
+    runner = PipelineRunner(load_pipeline(path), until_idle_s=1.5)
+    results: list[RunResult] = []
+    thread = threading.Thread(target=lambda: results.append(runner.run()))
+    thread.start()
+    store = CheckpointStore(tmp_path / "checkpoints", "learn", "model")
+    deadline = time.monotonic() + 120
+    covered = 0
+    while time.monotonic() < deadline and covered < 3_000:
+        time.sleep(0.05)
+        state = store.load("features+0", "partition-state")
+        covered = state[0]["next_offsets"].get("features", 0) if state else 0
+    [stage] = [stage for stage in runner.stages if isinstance(stage, ModelStage)]
+    assert stage.worker is not None
+    os.kill(stage.worker.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    thread.join(timeout=180)
+    assert not thread.is_alive()
+    [result] = results
+    assert result.exit_code == 0, result.reason
+    restarts = runner.metrics.registry.get_sample_value(
+        "streamflow_stage_restarts_total", {"pipeline": "learn", "stage": "model"})
+    assert restarts == 1
+
+    _header, (state, models) = store.load("features+0", "partition-state")
+    assert models[""].learned == len(stream)  # each record learned once, across the restart
+    expected = evaluate.progressive_val_score(stream, linear_model.LinearRegression(), metrics.MAE())
+    assert state.metrics[0].cumulative.get() == pytest.approx(expected.get(), abs=1e-9)
 
 
 def test_delayed_labels_drift_and_failures_cross_the_worker(fresh_broker: str, tmp_path: Path) -> None:
