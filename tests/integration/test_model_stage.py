@@ -62,6 +62,18 @@ def output_rows(tmp_path: Path, columns: str) -> list[tuple[Any, ...]]:
     ).fetchall()
 
 
+def wait_for_checkpoint(store: CheckpointStore, offset: int, timeout_s: float = 120) -> int:
+    """The features offset partition 0's checkpoint covers, once it reaches ``offset`` (or
+    whatever it covers when ``timeout_s`` runs out)."""
+    deadline = time.monotonic() + timeout_s
+    covered = 0
+    while time.monotonic() < deadline and covered < offset:
+        time.sleep(0.05)
+        state = store.load("features+0", "partition-state")
+        covered = state[0]["next_offsets"].get("features", 0) if state else 0
+    return covered
+
+
 def test_regression_output_agrees_with_river(fresh_broker: str, tmp_path: Path) -> None:
     stream = list(datasets.TrumpApproval())
     write_dataset(tmp_path / "data.jsonl", stream)
@@ -156,12 +168,7 @@ def test_sigkill_mid_stream_then_restart_learns_each_record_once(
 
     store = CheckpointStore(tmp_path / "checkpoints", "learn", "model")
     stage = run("--stage", "model")
-    deadline = time.monotonic() + 120
-    covered = 0
-    while time.monotonic() < deadline and covered < 8_000:
-        time.sleep(0.05)
-        state = store.load("features+0", "partition-state")
-        covered = state[0]["next_offsets"].get("features", 0) if state else 0
+    covered = wait_for_checkpoint(store, 8_000)
     stage.send_signal(signal.SIGKILL)
     stage.wait(timeout=30)
     assert 8_000 <= covered < len(stream), f"killed at {covered}: not mid-stream"
@@ -197,12 +204,7 @@ def test_a_killed_worker_restarts_its_stage_from_the_checkpoint(
     thread = threading.Thread(target=lambda: results.append(runner.run()))
     thread.start()
     store = CheckpointStore(tmp_path / "checkpoints", "learn", "model")
-    deadline = time.monotonic() + 120
-    covered = 0
-    while time.monotonic() < deadline and covered < 3_000:
-        time.sleep(0.05)
-        state = store.load("features+0", "partition-state")
-        covered = state[0]["next_offsets"].get("features", 0) if state else 0
+    wait_for_checkpoint(store, 3_000)
     [stage] = [stage for stage in runner.stages if isinstance(stage, ModelStage)]
     assert stage.worker is not None
     os.kill(stage.worker.pid, signal.SIGKILL)  # as the kernel's OOM killer would
