@@ -16,9 +16,10 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
                   done: Callable[[PipelineRunner], float] | None = None) -> float:
     """Run the pipeline until ``stage`` has handled ``records``; return its records per second.
 
-    Time runs from the first handled batch to the last one, so the consumer-group join is not
-    counted. ``streamflow_records_in_total`` grows only after a batch's output was acknowledged.
-    ``done``, when given, counts the finished records instead (e.g. rows a sink made durable).
+    Time runs from the first batch counted to the last one, so the consumer-group join is not
+    counted, and the rate counts only the records done in between. ``streamflow_records_in_total``
+    grows only after a batch's output was acknowledged. ``done``, when given, counts the
+    finished records instead (e.g. rows a sink made durable).
     Each poll wakes this thread and reads the registry, which holds the GIL and may take the
     core from the stage or its model worker: once the stage runs, polls come at half the
     expected remaining time, down to every ``POLL_S``, so that they stay few.
@@ -30,7 +31,9 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
     def handled(runner: PipelineRunner) -> float:
         return runner.metrics.registry.get_sample_value("streamflow_records_in_total", labels) or 0
 
+    count = done or handled
     started = finished = None
+    at_start = counted = 0.0  # records done when the clock started, and now
     notified = False
     interval = POLL_S
     while finished is None:
@@ -39,16 +42,17 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
             on_running(runner)
             notified = True
         if started is None:
-            if handled(runner):
+            at_start = count(runner)
+            if at_start:
                 started = time.perf_counter()
             continue
-        count = (done or handled)(runner)
-        if count >= records:
+        counted = count(runner)
+        if counted >= records:
             finished = time.perf_counter()
-        elif count:  # sleep half the expected remaining time: few wake-ups, the last ones short
+        elif counted > at_start:  # sleep half the expected remaining time: few, short at the end
             elapsed = time.perf_counter() - started
-            interval = max(POLL_S, elapsed * (records - count) / count / 2)
+            interval = max(POLL_S, elapsed * (records - counted) / (counted - at_start) / 2)
     runner.stop()
     thread.join()
     assert started is not None
-    return records / (finished - started)
+    return (counted - at_start) / (finished - started)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
 from typing import Any
 
 import pyarrow as pa
@@ -91,3 +92,14 @@ def test_the_pickle_of_many_float_columns_uses_long_memo_references() -> None:
     pickled = _fixed_size_pickle(table)
     assert pickled is not None
     assert same_rows(pickle.loads(pickled), feature_rows(table))
+
+
+@settings(max_examples=200, deadline=None)
+@given(tables() | tables(dense=True))
+def test_the_loaded_keys_are_interned(table: pa.Table) -> None:
+    """So that river's per-feature dicts, keyed by the first rows' names, match later rows'
+    keys by identity."""
+    first, second = (pickle.loads(pickled_feature_rows(table)) for _ in range(2))
+    for row, again in zip(first, second, strict=True):
+        assert all(key is sys.intern(key) for key in row)
+        assert [id(key) for key in row] == [id(key) for key in again]
