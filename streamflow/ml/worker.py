@@ -10,6 +10,13 @@ request order, each with the side effects (counts, drift events, log lines) of i
 The child ignores SIGINT and SIGTERM, since its stage checkpoints through it on the way out. It
 exits when the stage closes it; on Linux the kernel kills it when the stage's thread ends (a
 SIGKILL of the stage's process included), elsewhere it exits when its pipe breaks.
+
+Checkpoints are pickled and written by a forked child of the worker, which sees the state as it
+was when forked, while the worker learns on. Pickling never touches the worker's own objects:
+on CPython 3.11 that would leave every object of the model with a materialized ``__dict__``,
+and learning about 9% slower from the first checkpoint on. The files are staged (written under
+temporary names); the stage puts them in place once it has produced the output of every record
+they cover, and only then commits their offsets, so no record's output is skipped after a crash.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from streamflow.ml.checkpoint import CheckpointStore, Snapshot
+from streamflow.ml.checkpoint import CheckpointStore, Snapshot, Staged
 from streamflow.ml.engine import DriftEvent, EngineSettings, ModelEngine
 from streamflow.ml.model import Features, PredictionColumns, RiverModel
 from streamflow.ml.spec import build_estimator
@@ -140,10 +147,20 @@ class BatchReply:
 
 
 @dataclass
-class Durable:
-    """A reply that may be sent only once ``snapshots`` are written."""
+class Checkpointed:
+    """A checkpoint's reply: its files, staged; the offsets they cover, to commit once the files
+    are in place; and the metric values."""
 
-    reply: Any
+    committable: dict[tuple[str, int], int]
+    metric_values: list[MetricValue]
+    staged: list[Staged] = field(default_factory=list)
+
+
+@dataclass
+class Durable:
+    """A checkpoint's reply, to be sent once ``snapshots`` are written to its staged files."""
+
+    reply: Checkpointed
     snapshots: list[Snapshot]
 
 
@@ -196,7 +213,8 @@ class EngineHost:
     def checkpoint(self) -> Durable:
         """Snapshot every partition; once written, the offsets that may be committed, and the
         metric values."""
-        return Durable((self.engine.committable(), self.metric_values()), self.engine.snapshots())
+        return Durable(Checkpointed(self.engine.committable(), self.metric_values()),
+                       self.engine.snapshots())
 
     def metric_values(self) -> list[MetricValue]:
         return [
@@ -270,26 +288,36 @@ def _die_with_parent() -> None:
 
 
 class _Replies:
-    """Sends replies in request order. A checkpoint's reply is sent by a thread once it has
-    written the checkpoint's files (fsync takes milliseconds), while the requests after it are
-    served; their replies wait for it."""
+    """Sends replies in request order. A checkpoint's reply is sent by a thread once a forked
+    child has written the checkpoint's files (pickling and fsync take milliseconds), while the
+    requests after it are served; their replies wait for it."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.writer: threading.Thread | None = None
+        self.checkpoints = 0
 
     def send(self, reply: tuple[str, Any, Effects], snapshots: list[Snapshot]) -> None:
         self.wait()
         if not snapshots:
             self.connection.send(reply)
             return
-        self.writer = threading.Thread(target=self._write, args=(reply, snapshots), daemon=True)
+        _status, checkpointed, effects = reply
+        self.checkpoints += 1
+        checkpointed.staged = [snapshot.staged(self.checkpoints) for snapshot in snapshots]
+        try:
+            written = _write_in_child(snapshots, checkpointed.staged)
+        except Exception:
+            self.connection.send(("error", traceback.format_exc(), effects))
+            return
+        self.writer = threading.Thread(target=self._send_when_written, args=(reply, written),
+                                       daemon=True)
         self.writer.start()
 
-    def _write(self, reply: tuple[str, Any, Effects], snapshots: list[Snapshot]) -> None:
+    def _send_when_written(self, reply: tuple[str, Any, Effects],
+                           written: Callable[[], None]) -> None:
         try:
-            for snapshot in snapshots:
-                snapshot.write()
+            written()
         except Exception:
             reply = ("error", traceback.format_exc(), reply[2])
         with contextlib.suppress(OSError):  # the stage is gone: the main thread exits at EOF
@@ -300,6 +328,40 @@ class _Replies:
         if self.writer is not None:
             self.writer.join()
             self.writer = None
+
+
+def _write_in_child(snapshots: list[Snapshot], staged: list[Staged]) -> Callable[[], None]:
+    """Start writing ``snapshots`` to ``staged`` files from a forked child (in this process
+    where fork is missing); returns a function that waits until they are written, and raises
+    if writing failed."""
+    if not hasattr(os, "fork"):
+        for snapshot, file in zip(snapshots, staged, strict=True):
+            snapshot.write_staged(file)
+        return lambda: None
+    errors, error_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only this thread runs here; write, report, and leave at once
+        exit_code = 1
+        try:
+            os.close(errors)
+            for snapshot, file in zip(snapshots, staged, strict=True):
+                snapshot.write_staged(file)
+            exit_code = 0
+        except BaseException:
+            os.write(error_end, traceback.format_exc().encode())
+        finally:
+            os._exit(exit_code)
+    os.close(error_end)
+
+    def written() -> None:
+        with os.fdopen(errors, "rb") as pipe:
+            error = pipe.read().decode(errors="replace")
+        _pid, status = os.waitpid(pid, 0)
+        if status:
+            raise ModelWorkerError(f"writing the checkpoint failed (wait status {status}): "
+                                   f"{error or 'no error reported'}")
+
+    return written
 
 
 def serve(connection: Connection) -> None:

@@ -8,8 +8,9 @@ records produced after the last checkpoint may be produced again (at-least-once 
 The engine runs in a worker process (:mod:`streamflow.ml.worker`). This thread decodes each
 batch, hands it over, and produces the output of the batch before it while the worker learns:
 one batch is always queued ahead of the worker. A checkpoint request queues behind the batches
-before it, and the offsets it covers are committed when its reply comes: replies are handled in
-order, so by then the output of those batches is out.
+before it, and its files are put in place, then the offsets it covers committed, when its reply
+comes: replies are handled in order, so by then the output of those batches is out. (A
+checkpoint in place before that output would have a restarted stage skip those records.)
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import pyarrow.compute as pc
 
 from streamflow.config.models import BatchConfig, ModelConfig
 from streamflow.metrics import ModelMetrics, StageMetrics
+from streamflow.ml.checkpoint import publish
 from streamflow.ml.engine import DriftEvent
 from streamflow.ml.features import pickled_feature_rows
 from streamflow.ml.worker import (
     BatchReply,
     BatchRequest,
+    Checkpointed,
     Effects,
     EngineSpec,
     EngineWorker,
@@ -240,13 +243,14 @@ class ModelStage(StageRunner):
         reply = self.worker.receive()
         self._in_flight.popleft()
         if isinstance(in_flight, CheckpointInFlight):
+            checkpointed: Checkpointed = reply
+            publish(checkpointed.staged)  # the output of every batch before the checkpoint is out
             self._last_saved = time.monotonic()
-            committable, values = reply
-            self._publish(values)
-            if committable:  # the output of every batch before the checkpoint is out
+            self._set_metric_gauges(checkpointed.metric_values)
+            if checkpointed.committable:
                 # A periodic commit need not wait: if it is lost, the restored state skips
                 # the records it covers.
-                self.commit(committable, asynchronous=not in_flight.synchronous)
+                self.commit(checkpointed.committable, asynchronous=not in_flight.synchronous)
             return
         batch, failures = in_flight.batch, in_flight.failures
         outgoing = []
@@ -269,7 +273,7 @@ class ModelStage(StageRunner):
         self.count_dead_letters(failures)
         self.metrics.count(len(batch), produced, len(failures))
         if reply.metric_values is not None:
-            self._publish(reply.metric_values)
+            self._set_metric_gauges(reply.metric_values)
         if reply.checkpoint_due and not any(  # none queued already
             isinstance(queued, CheckpointInFlight) for queued in self._in_flight
         ):
@@ -337,7 +341,7 @@ class ModelStage(StageRunner):
         }).encode() for event in self._drift_events]
         return OutgoingBatch(self.drift_topic, events)
 
-    def _publish(self, values: list[MetricValue]) -> None:
+    def _set_metric_gauges(self, values: list[MetricValue]) -> None:
         for partition, name, cumulative, rolling in values:
             self.model_metrics.metric(name, "cumulative", partition).set(cumulative)
             self.model_metrics.metric(name, "rolling", partition).set(rolling)

@@ -3,9 +3,14 @@ models, drift, mini-batches and checkpoints."""
 
 from __future__ import annotations
 
+import gc
+import io
 import itertools
 import json
 import logging
+import os
+import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from river import datasets, evaluate, linear_model, metrics, preprocessing, utils
 
-from streamflow.ml.checkpoint import MAGIC, CheckpointError, CheckpointStore
+from streamflow.ml.checkpoint import (
+    MAGIC,
+    CheckpointError,
+    CheckpointStore,
+    _dumps,
+    _Unpickler,
+    publish,
+)
 from streamflow.ml.engine import EngineSettings, ModelEngine, TrackedMetric
 from streamflow.ml.model import Prediction, RiverModel
 from streamflow.ml.spec import ModelSpecError, build_estimator, build_metric, infer_task
@@ -174,6 +186,47 @@ def test_checkpoints_check_magic_and_version(tmp_path: Path) -> None:
         store.load("a", "model")
 
 
+class Weights:
+    """An instance with a plain ``__dict__``, as river's estimators have."""
+
+    def __init__(self) -> None:
+        self.feature = "a-feature-name"
+        self.counts = Counter({"a-feature-name": 3})
+
+
+def attributes_inline(instance: object) -> bool:
+    """Whether CPython keeps the instance's attributes inline, without a materialized __dict__
+    (the faster form on 3.11 and 3.12), without materializing it by looking."""
+    return not any(type(referent) is dict for referent in gc.get_referents(instance))
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="3.13 keeps attributes inline anyway")
+def test_a_restored_instance_keeps_its_attributes_inline_and_its_strings_interned() -> None:
+    restored = _Unpickler(io.BytesIO(_dumps(Weights()))).load()
+    assert attributes_inline(Weights()) and attributes_inline(restored)
+    assert vars(restored) == vars(Weights())
+    assert type(restored.counts) is Counter
+    key = next(iter(restored.counts))
+    assert key is sys.intern("a-feature-name") and restored.feature is key
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="checkpoints are written in process")
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="3.13 keeps attributes inline anyway")
+def test_the_worker_writes_checkpoints_without_pickling_its_own_objects(tmp_path: Path) -> None:
+    from streamflow.ml.worker import _write_in_child
+
+    store = CheckpointStore(tmp_path, "p", "s")
+    live = Weights()
+    snapshot = store.snapshot("a", "model", live)
+    staged = snapshot.staged(1)
+    _write_in_child([snapshot], [staged])()
+    assert attributes_inline(live)  # pickled by the forked child, not here
+    assert store.load("a", "model") is None  # staged, not in place yet
+    publish([staged])
+    loaded = store.load("a", "model")
+    assert loaded is not None and vars(loaded[1]) == vars(live)
+
+
 @pytest.mark.parametrize("original", [
     b'{"x":1.5}', b'{"x": 1.5 }', b"{}", b'{ "x":1}\n', b'{"prediction":3,"x":1}',
 ])
@@ -219,7 +272,10 @@ def test_the_worker_process_reports_logs_and_failures(tmp_path: Path) -> None:
     try:
         first.call("start", "cluster-a")
         first.call("assign", [0])
-        assert first.call("checkpoint") == ({}, [(0, "MAE", 0.0, 0.0)])
+        checkpointed = first.call("checkpoint")
+        assert checkpointed.committable == {}
+        assert checkpointed.metric_values == [(0, "MAE", 0.0, 0.0)]
+        publish(checkpointed.staged)
     finally:
         first.close()
     effects: list[Effects] = []
@@ -265,9 +321,11 @@ def test_the_worker_writes_checkpoints_while_it_serves_and_replies_in_order(tmp_
         worker.submit("checkpoint")
         worker.submit("handle", batch(3))
         assert list(worker.receive().versions) == [0, 1, 2]
-        committable, _values = worker.receive()
-        assert committable == {(TOPIC, 0): 3}
-        assert [path.suffix for path in directory.iterdir()] == [".ckpt"]  # written, renamed
+        checkpointed = worker.receive()
+        assert checkpointed.committable == {(TOPIC, 0): 3}
+        assert [path.suffix for path in directory.iterdir()] == [".tmp"]  # written, not in place
+        publish(checkpointed.staged)
+        assert [path.suffix for path in directory.iterdir()] == [".ckpt"]
         assert list(worker.receive().versions) == [3, 4, 5]
         shutil.rmtree(directory)
         with pytest.raises(ModelWorkerError, match="FileNotFoundError"):
