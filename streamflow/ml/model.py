@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
-
 Features = dict[str, Any]
 
 
@@ -171,6 +169,8 @@ class RiverModel(Model):
     def predict_batch(self, rows: list[Features]) -> list[Prediction]:
         if not self.supports_batches:
             return super().predict_batch(rows)
+        import pandas as pd  # only here: the model worker starts faster and smaller without it
+
         frame = pd.DataFrame(rows)
         values = self.estimator.predict_many(frame).tolist()
         if self.task == "classification":
@@ -182,6 +182,8 @@ class RiverModel(Model):
         if not self.supports_batches:
             super().learn_batch(rows, targets)
             return
+        import pandas as pd
+
         self.estimator.learn_many(pd.DataFrame(rows), pd.Series(targets))
 
     def __repr__(self) -> str:
