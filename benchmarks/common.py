@@ -16,10 +16,10 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
                   done: Callable[[PipelineRunner], float] | None = None) -> float:
     """Run the pipeline until ``stage`` has handled ``records``; return its records per second.
 
-    Time runs from the first batch counted to the last one, so the consumer-group join is not
-    counted, and the rate counts only the records done in between. ``streamflow_records_in_total``
-    grows only after a batch's output was acknowledged. ``done``, when given, counts the
-    finished records instead (e.g. rows a sink made durable).
+    Time runs from the first handled batch to the last one, so the consumer-group join is not
+    counted, and neither are the records handled before the clock started.
+    ``streamflow_records_in_total`` grows only after a batch's output was acknowledged. ``done``,
+    when given, counts the finished records instead (e.g. rows a sink made durable).
     Each poll wakes this thread and reads the registry, which holds the GIL and may take the
     core from the stage or its model worker: once the stage runs, polls come at half the
     expected remaining time, down to every ``POLL_S``, so that they stay few.
@@ -33,7 +33,7 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
 
     count = done or handled
     started = finished = None
-    at_start = counted = 0.0  # records done when the clock started, and now
+    at_start = counted = 0.0  # records handled when the clock started; records done now
     notified = False
     interval = POLL_S
     while finished is None:
@@ -42,7 +42,7 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
             on_running(runner)
             notified = True
         if started is None:
-            at_start = count(runner)
+            at_start = handled(runner)
             if at_start:
                 started = time.perf_counter()
             continue
