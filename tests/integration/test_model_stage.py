@@ -62,6 +62,12 @@ def output_rows(tmp_path: Path, columns: str) -> list[tuple[Any, ...]]:
     ).fetchall()
 
 
+def scored_versions(bootstrap: str) -> set[int]:
+    """The model versions in the output topic: with one model and every record labelled, a
+    record's version is its position in the stream, so these say which records were scored."""
+    return {json.loads(value)["model_version"] for value in read_topic(bootstrap, "scored").values}
+
+
 def wait_for_checkpoint(store: CheckpointStore, offset: int, timeout_s: float = 120) -> int:
     """The features offset partition 0's checkpoint covers, once it reaches ``offset`` (or
     whatever it covers when ``timeout_s`` runs out)."""
@@ -186,6 +192,7 @@ def test_sigkill_mid_stream_then_restart_learns_each_record_once(
     assert state.metrics[0].cumulative.get() == pytest.approx(expected.get(), abs=1e-9)
     slot = models[""]
     assert slot.learned == len(stream)
+    assert scored_versions(fresh_broker) == set(range(len(stream)))  # no output skipped
     weights = slot.model.estimator.weights  # JSON turned Friedman's integer keys into strings
     assert set(weights) == {str(name) for name in model.weights}
     for name, weight in model.weights.items():
@@ -218,6 +225,7 @@ def test_a_killed_worker_restarts_its_stage_from_the_checkpoint(
 
     _header, (state, models) = store.load("features+0", "partition-state")
     assert models[""].learned == len(stream)  # each record learned once, across the restart
+    assert scored_versions(fresh_broker) == set(range(len(stream)))  # no output skipped
     expected = evaluate.progressive_val_score(stream, linear_model.LinearRegression(), metrics.MAE())
     assert state.metrics[0].cumulative.get() == pytest.approx(expected.get(), abs=1e-9)
 
