@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -243,11 +244,29 @@ def test_a_listener_may_commit_synchronously_on_revoke(bootstrap: str, client: s
     listener.consumer = first
     settle(first, lambda: len(first.assignment()) == 2)
     second = transport.consumer(group, [name])
-    deadline = time.monotonic() + 60
-    while not listener.revoked or not second.assignment():  # both members poll to rebalance
-        assert time.monotonic() < deadline, "no rebalance"
-        first.consume_batch(100, 0.2)
-        second.consume_batch(100, 0.2)
+    # Both members poll to rebalance, each in a thread of its own as stages do: polled in turn
+    # from one thread, kafka-python's members kept missing each other's join for up to a minute.
+    assigned: dict[int, list[TopicPartition]] = {}
+    stop = threading.Event()
+
+    def poll(member: int, consumer: Consumer) -> None:
+        while not stop.is_set():
+            consumer.consume_batch(100, 0.2)
+            assigned[member] = consumer.assignment()
+
+    pollers = [threading.Thread(target=poll, args=(member, consumer))
+               for member, consumer in enumerate((first, second))]
+    for poller in pollers:
+        poller.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not listener.revoked or not assigned.get(1):
+            assert time.monotonic() < deadline, "no rebalance"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for poller in pollers:
+            poller.join()
     assert listener.errors == []
     assert second.committed([(name, 0), (name, 1)]) == {(name, 0): 1, (name, 1): 1}
     first.close()
