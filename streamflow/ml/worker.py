@@ -153,7 +153,7 @@ class Checkpointed:
 
     committable: dict[tuple[str, int], int]
     metric_values: list[MetricValue]
-    staged: list[Staged] = field(default_factory=list)
+    staged: list[Staged]
 
 
 @dataclass
@@ -171,6 +171,7 @@ class EngineHost:
         estimator = build_estimator(spec.estimator)
         task = spec.settings.task
         self.every_records = spec.checkpoint_every_records
+        self.checkpoints = 0  # taken so far: they number their staged files
 
         def learned(count: int) -> None:
             effects.learned += count
@@ -213,8 +214,11 @@ class EngineHost:
     def checkpoint(self) -> Durable:
         """Snapshot every partition; once written, the offsets that may be committed, and the
         metric values."""
-        return Durable(Checkpointed(self.engine.committable(), self.metric_values()),
-                       self.engine.snapshots())
+        snapshots = self.engine.snapshots()
+        self.checkpoints += 1
+        staged = [snapshot.staged(self.checkpoints) for snapshot in snapshots]
+        return Durable(Checkpointed(self.engine.committable(), self.metric_values(), staged),
+                       snapshots)
 
     def metric_values(self) -> list[MetricValue]:
         return [
@@ -295,20 +299,17 @@ class _Replies:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self.writer: threading.Thread | None = None
-        self.checkpoints = 0
 
-    def send(self, reply: tuple[str, Any, Effects], snapshots: list[Snapshot]) -> None:
+    def send(self, reply: tuple[str, Any, Effects], durable: Durable | None) -> None:
+        """Send ``reply``, once ``durable``'s snapshots (if any) are written."""
         self.wait()
-        if not snapshots:
+        if durable is None or not durable.snapshots:
             self.connection.send(reply)
             return
-        _status, checkpointed, effects = reply
-        self.checkpoints += 1
-        checkpointed.staged = [snapshot.staged(self.checkpoints) for snapshot in snapshots]
         try:
-            written = _write_in_child(snapshots, checkpointed.staged)
+            written = _write_in_child(durable.snapshots, durable.reply.staged)
         except Exception:
-            self.connection.send(("error", traceback.format_exc(), effects))
+            self.connection.send(("error", traceback.format_exc(), reply[2]))
             return
         self.writer = threading.Thread(target=self._send_when_written, args=(reply, written),
                                        daemon=True)
@@ -394,17 +395,17 @@ def serve(connection: Connection) -> None:
             replies.wait()
             gc.unfreeze()  # native extensions report objects never collected at exit as leaks
             return
-        snapshots: list[Snapshot] = []
+        durable: Durable | None = None
         try:
             if host is None:
                 raise ModelWorkerError(f"the model engine could not be built:\n{failure}")
             result = getattr(host, method)(*args)
             if isinstance(result, Durable):
-                result, snapshots = result.reply, result.snapshots
+                durable, result = result, result.reply
             reply = ("ok", result, effects.take())
         except Exception:
             reply = ("error", traceback.format_exc(), effects.take())
-        replies.send(reply, snapshots)
+        replies.send(reply, durable)
 
 
 class EngineWorker:
