@@ -27,7 +27,10 @@ from streamflow.plugins import (
 )
 from streamflow.plugins.agents import AgentError, load_agent, require_faust
 
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+MAX_CONFIG_BYTES = 1 << 20  # a pipeline file larger than this is refused unread
+MAX_ALIAS_NODES = 100_000  # YAML aliases may add at most this many nodes to the document
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(Exception):
@@ -39,21 +42,51 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{source}: {line}" for line in errors))
 
 
-def interpolate(text: str, environ: Mapping[str, str] | None = None) -> tuple[str, list[str]]:
-    """Replace ``${VAR}`` and ``${VAR:-default}``; return the text and the unset variables."""
-    env = os.environ if environ is None else environ
+class VariableError(ValueError):
+    """A ``${VAR:-`` default is never closed by ``}``."""
+
+
+def _expand(text: str, env: Mapping[str, str], start: int, nested: bool) -> tuple[str, int, list[str]]:
+    """Expand ``text[start:]`` up to its end, or up to the ``}`` closing a default when ``nested``;
+    return the expansion, the index after it and the unset variables it needed."""
+    parts: list[str] = []
     missing: list[str] = []
+    index = start
+    while index < len(text):
+        if nested and text[index] == "}":
+            return "".join(parts), index + 1, missing
+        name = _NAME.match(text, index + 2) if text.startswith("${", index) else None
+        after = name.end() if name else index
+        if name is None or (text[after:after + 1] != "}" and not text.startswith(":-", after)):
+            parts.append(text[index])
+            index += 1
+            continue
+        default: str | None = None
+        needs: list[str] = []
+        if text[after] == "}":
+            end = after + 1
+        else:
+            default, end, needs = _expand(text, env, after + 2, nested=True)
+        value = env.get(name.group())
+        if value is not None and (value != "" or default is None):
+            parts.append(value)  # a value is never expanded again
+        elif default is not None:
+            parts.append(default)
+            missing += needs
+        else:
+            parts.append(text[index:end])
+            missing.append(name.group())
+        index = end
+    if nested:
+        raise VariableError("a ${VAR:-default} is not closed by '}'")
+    return "".join(parts), index, missing
 
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in env and (env[name] != "" or default is None):
-            return env[name]
-        if default is not None:
-            return default
-        missing.append(name)
-        return match.group(0)
 
-    return _VARIABLE.sub(substitute, text), missing
+def interpolate(text: str, environ: Mapping[str, str] | None = None) -> tuple[str, list[str]]:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` (defaults may nest) in one string; return it and
+    the unset variables. Raises :class:`VariableError` for an unclosed default."""
+    expanded, _, missing = _expand(text, os.environ if environ is None else environ, 0, nested=False)
+    return expanded, missing
 
 
 def format_location(location: tuple[str | int, ...]) -> str:
@@ -171,24 +204,96 @@ def parse_pipeline(data: Any, source: str = "<pipeline>") -> PipelineConfig:
     return config
 
 
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes in ``node`` with every alias expanded, memoized by node: linear in the file."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise yaml.YAMLError("an alias refers to a node that contains it (a recursive structure)")
+    open_nodes.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    size = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(key)
+    sizes[key] = size
+    return size
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, refusing documents whose aliases expand to more than
+    :data:`MAX_ALIAS_NODES` extra nodes (an anchor "billion laughs") before building them."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+        if _expanded_size(node, sizes, set()) - len(sizes) > MAX_ALIAS_NODES:
+            raise yaml.YAMLError(f"aliases expand the document by more than {MAX_ALIAS_NODES:,} nodes")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _substitute(value: Any, environ: Mapping[str, str], where: tuple[str | int, ...],
+                errors: list[str]) -> Any:
+    """A copy of loaded YAML with variables replaced in its strings, keys included; each result
+    is a plain string, never parsed again."""
+    if isinstance(value, str):
+        try:
+            text, missing = interpolate(value, environ)
+        except VariableError as exc:
+            errors.append(f"{format_location(where)}: {exc}")
+            return value
+        errors += [f"{format_location(where)}: ${{{name}}}: environment variable is not set (set it, "
+                   f"or write ${{{name}:-default}})" for name in dict.fromkeys(missing)]
+        return text
+    if isinstance(value, list):
+        return [_substitute(item, environ, (*where, index), errors) for index, item in enumerate(value)]
+    if isinstance(value, dict):
+        result: dict[Any, Any] = {}
+        for key, item in value.items():
+            name = _substitute(key, environ, (*where, str(key)), errors)
+            if name in result:
+                errors.append(f"{format_location((*where, str(name)))}: two keys are {name!r} once "
+                              "variables are replaced")
+            result[name] = _substitute(item, environ, (*where, str(name)), errors)
+        return result
+    return value
+
+
 def load_pipeline(path: str | Path, environ: Mapping[str, str] | None = None) -> PipelineConfig:
-    """Read, interpolate and validate a pipeline file."""
+    """Read and parse a pipeline file, replace variables in its strings, and validate it."""
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
-    text, missing = interpolate(raw, environ)
-    if missing:
-        raise ConfigError(
-            str(path),
-            [f"${{{name}}}: environment variable is not set (set it, or write "
-             f"${{{name}:-default}})" for name in dict.fromkeys(missing)],
-        )
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(path), [f"the file is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
+                                      "a pipeline file must be smaller"])
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"byte {exc.start}: the file is not UTF-8 text"]) from None
+    try:
+        data = _load_yaml(text)
+    except RecursionError:
+        raise ConfigError(str(path), ["YAML: the document nests too deeply"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
-        raise ConfigError(str(path), [f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})"]) from None
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        hint = '; inside [...] or {...}, quote a variable: "${VAR}"' if "${" in line else ""
+        raise ConfigError(str(path), [f"{where}: invalid YAML ({getattr(exc, 'problem', None) or exc}"
+                                      f"){hint}"]) from None
+    errors: list[str] = []
+    data = _substitute(data, os.environ if environ is None else environ, (), errors)
+    if errors:
+        raise ConfigError(str(path), errors)
     return parse_pipeline(data, str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import yaml
 from streamflow import Pipeline, schema, sql
 from streamflow.cli import main
 from streamflow.config import ConfigError, load_pipeline
-from streamflow.config.loader import format_location, interpolate
+from streamflow.config.loader import MAX_CONFIG_BYTES, connector_settings, format_location, interpolate
+from streamflow.plugins import SOURCE_GROUP
 
 QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
 
@@ -104,6 +106,97 @@ def test_unset_variable_and_bad_yaml_are_clear(tmp_path: Path) -> None:
         load_pipeline(write(tmp_path, "pipeline: [unclosed\n"))
 
 
+@pytest.mark.parametrize("value", [
+    "0x1F", "yes", "012", "null", "1e3", "pa #ss", "[1, 2]", "{a: 1}", "*ref", "&anchor x", "'quoted'",
+    "x\n  security.protocol: PLAINTEXT", "x\nsources: []", "${NOT_EXPANDED_AGAIN}",
+])
+def test_variables_are_substituted_after_parsing_as_plain_strings(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, "pipeline: p\nkafka:\n  config:\n    client.id: ${V}\n    acks: x-${V}-y\n")
+    config = load_pipeline(path, environ={"V": value})
+    assert config.kafka.config == {"client.id": value, "acks": f"x-{value}-y"}
+
+
+def test_variables_in_keys_are_substituted_too(tmp_path: Path) -> None:
+    path = write(tmp_path, "pipeline: p\nkafka:\n  config:\n    ${KEY}: v\n")
+    assert load_pipeline(path, environ={"KEY": "client.id"}).kafka.config == {"client.id": "v"}
+    path = write(tmp_path, "pipeline: p\nkafka:\n  config:\n    ${KEY}: v\n    acks: w\n")
+    with pytest.raises(ConfigError, match=r"kafka\.config\.acks: two keys are 'acks' once"):
+        load_pipeline(path, environ={"KEY": "acks"})
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({}, "x"), ({"B": "b"}, "b"), ({"A": "a", "B": "b"}, "a"), ({"A": "", "B": ""}, "x"),
+])
+def test_nested_defaults(tmp_path: Path, environ: dict[str, str], expected: str) -> None:
+    path = write(tmp_path, "pipeline: p\nkafka:\n  config:\n    client.id: ${A:-${B:-x}}/${A:-}\n")
+    assert load_pipeline(path, environ=environ).kafka.config["client.id"] == (
+        f"{expected}/{environ.get('A', '')}")
+
+
+def test_unset_variable_in_an_unused_default_is_not_needed(tmp_path: Path) -> None:
+    path = write(tmp_path, "pipeline: p\nkafka:\n  config:\n    client.id: ${A:-${NOPE}}\n")
+    assert load_pipeline(path, environ={"A": "a"}).kafka.config["client.id"] == "a"
+    with pytest.raises(ConfigError, match=r"pipeline\.yaml: kafka\.config\.client\.id: \$\{NOPE\}: "
+                                          "environment variable is not set"):
+        load_pipeline(path, environ={})
+
+
+def test_unclosed_default_names_the_file_and_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, "pipeline: p\nkafka:\n  config:\n    client.id: '${A:-${B:-x}'\n")
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path, environ={})
+    assert str(info.value) == (f"{path}: kafka.config.client.id: a ${{VAR:-default}} is not closed by '}}'")
+
+
+def test_text_that_is_not_a_variable_is_kept() -> None:
+    assert interpolate("$ ${} ${1} ${A B} $A ${A", {"A": "a"}) == ("$ ${} ${1} ${A B} $A ${A", [])
+
+
+def test_unquoted_variable_in_a_flow_mapping_gets_a_hint(tmp_path: Path) -> None:
+    path = write(tmp_path, "pipeline: p\nkafka: {bootstrap: ${B}}\n")
+    with pytest.raises(ConfigError, match=r'line 2.*quote a variable: "\$\{VAR\}"'):
+        load_pipeline(path, environ={"B": "h:1"})
+    path = write(tmp_path, "pipeline: p\nkafka: {bootstrap: \"${B}\"}\n")
+    assert load_pipeline(path, environ={"B": "h:1"}).kafka.bootstrap == "h:1"
+
+
+def test_oversized_file_is_refused_unread(tmp_path: Path) -> None:
+    path = write(tmp_path, "pipeline: p\n" + "# padding\n" * (MAX_CONFIG_BYTES // 10))
+    with pytest.raises(ConfigError, match="the file is larger than 1024 KiB"):
+        load_pipeline(path)
+
+
+def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_bytes(b"pipeline: \xff\n")
+    with pytest.raises(ConfigError, match="byte 10: the file is not UTF-8 text"):
+        load_pipeline(path)
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    lines = ["pipeline: p", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 10) + "]" for level in range(1, 10)]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="aliases expand the document by more than 100,000 nodes"):
+        load_pipeline(path)
+    assert time.monotonic() - started < 2
+
+
+def test_recursive_alias_and_deep_nesting_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="an alias refers to a node that contains it"):
+        load_pipeline(write(tmp_path, "pipeline: p\nloop: &a [*a]\n"))
+    with pytest.raises(ConfigError, match="the document nests too deeply"):
+        load_pipeline(write(tmp_path, "pipeline: " + "[" * 5000 + "]" * 5000 + "\n"))
+
+
+def test_ordinary_aliases_still_work(tmp_path: Path) -> None:
+    path = write(tmp_path, "pipeline: p\nkafka: &k\n  config: {client.id: '${V}'}\n"
+                           "runtime:\n  batch: &b {max_records: 5}\n")
+    config = load_pipeline(path, environ={"V": "yes"})
+    assert config.runtime.batch.max_records == 5 and config.kafka.config == {"client.id": "yes"}
+
+
 def test_duplicate_names_are_rejected(tmp_path: Path) -> None:
     data = minimal(sinks=[{"name": "gen", "type": "parquet", "input": "raw", "path": "/x"}])
     with pytest.raises(ConfigError, match="used twice"):
@@ -142,7 +235,12 @@ def test_python_api_builds_the_same_pipeline_as_the_yaml() -> None:
         .configure("metrics", port=9108)
         .build()
     )
-    assert built == load_pipeline(QUICKSTART, environ={})
+    loaded = load_pipeline(QUICKSTART, environ={})
+    # ${QUICKSTART_COUNT:-20000} is the string "20000" until the generator's settings model reads it
+    assert loaded.sources[0].connector_settings()["count"] == "20000"
+    assert (connector_settings(built.sources[0], SOURCE_GROUP)[1]
+            == connector_settings(loaded.sources[0], SOURCE_GROUP)[1])
+    assert built.model_copy(update={"sources": []}) == loaded.model_copy(update={"sources": []})
 
 
 def test_topic_specs_cover_every_topic_with_declared_partitions() -> None:
