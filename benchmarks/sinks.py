@@ -1,6 +1,8 @@
 """Sinks workload: one sink stage writing a pre-loaded topic of sensor events, per sink.
 
 Each sink reads the same input topic on the embedded broker with a consumer group of its own.
+PostgreSQL is a throwaway server started for the run (``tests/services.py``), or the one that
+``STREAMFLOW_TEST_PG_DSN`` names.
 Time runs from the first consumed batch until the sink reports every row durable (its flush
 returned), so the consumer-group join is not counted; the figure is rows per second.
 """
@@ -21,14 +23,14 @@ from benchmarks.common import measure_stage
 from benchmarks.core import PARTITIONS, compare
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
+from tests.services import postgres
 
 WORKLOAD = "sink-rows-durable"
-POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 SINK_TYPES = ("parquet", "postgres", "duckdb", "delta", "kafka")
 
 
 @contextmanager
-def sink_settings(sink_type: str) -> Iterator[dict[str, Any]]:
+def sink_settings(sink_type: str, postgres_dsn: str) -> Iterator[dict[str, Any]]:
     """Settings writing somewhere of the run's own, removed afterwards."""
     with tempfile.TemporaryDirectory() as temporary:
         directory = Path(temporary)
@@ -42,16 +44,16 @@ def sink_settings(sink_type: str) -> Iterator[dict[str, Any]]:
             return
         table = f"bench_{uuid.uuid4().hex[:8]}"
         try:
-            yield {"dsn": POSTGRES_DSN, "table": table}
+            yield {"dsn": postgres_dsn, "table": table}
         finally:
-            with psycopg.connect(POSTGRES_DSN, autocommit=True) as connection:
+            with psycopg.connect(postgres_dsn, autocommit=True) as connection:
                 connection.execute(f'DROP TABLE IF EXISTS "{table}"')
 
 
-def run_sink(bootstrap: str, source: str, records: int, sink_type: str) -> float:
+def run_sink(bootstrap: str, source: str, records: int, sink_type: str, postgres_dsn: str) -> float:
     """Rows per second the sink ``sink_type`` makes durable, reading ``source`` from the start."""
     name = f"sink{uuid.uuid4().hex[:8]}"
-    with sink_settings(sink_type) as settings:
+    with sink_settings(sink_type, postgres_dsn) as settings:
         config = parse_pipeline({
             "pipeline": name,
             "kafka": {"bootstrap": bootstrap},
@@ -69,5 +71,7 @@ def run_sink(bootstrap: str, source: str, records: int, sink_type: str) -> float
 
 def run_sinks(records: int, repeat: int) -> list[dict[str, Any]]:
     """Each sink ``repeat`` times on the same pre-loaded topic; keep each one's best."""
-    return compare({f"streamflow-{sink_type}": partial(run_sink, sink_type=sink_type)
-                    for sink_type in SINK_TYPES}, WORKLOAD, records, repeat)
+    with postgres() as postgres_dsn:
+        return compare({f"streamflow-{sink_type}": partial(run_sink, sink_type=sink_type,
+                                                           postgres_dsn=postgres_dsn)
+                        for sink_type in SINK_TYPES}, WORKLOAD, records, repeat)

@@ -12,16 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from streamflow.transport.broker import EmbeddedBroker
-
-
-def _docker_available() -> bool:
-    try:
-        import docker  # type: ignore[import-untyped]
-
-        docker.from_env(timeout=2).ping()
-        return True
-    except Exception:
-        return False
+from tests import services
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +20,7 @@ def broker_kind() -> str:
     """'kafka' (an external or containerised Apache Kafka) or 'tansu' (the bundled broker)."""
     if os.environ.get("STREAMFLOW_TEST_BOOTSTRAP"):
         return os.environ.get("STREAMFLOW_TEST_BROKER_KIND", "kafka")
-    return "kafka" if _docker_available() else "tansu"
+    return "kafka" if services.docker_available() else "tansu"
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +45,31 @@ def fresh_broker() -> Iterator[str]:
     """A broker of this test's own (Tansu starts in well under a second), for pipeline runs."""
     with EmbeddedBroker(log_path=None) as broker:
         yield broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """DSN of a PostgreSQL database ``test`` for the whole session (see tests/services.py)."""
+    try:
+        server = services.postgres()
+        dsn = server.__enter__()
+    except services.ServiceUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield dsn
+    finally:
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def mqtt_address() -> Iterator[tuple[str, int]]:
+    """``(host, port)`` of an MQTT broker for the whole session (see tests/services.py)."""
+    try:
+        server = services.mosquitto()
+        address = server.__enter__()
+    except services.ServiceUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield address
+    finally:
+        server.__exit__(None, None, None)

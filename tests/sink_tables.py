@@ -20,7 +20,6 @@ from deltalake import DeltaTable
 from streamflow.api import Pipeline
 from streamflow.runtime.pipeline import PipelineRunner, RunResult
 
-POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 # Short sessions: quicker group joins, and a killed member leaves its group sooner.
 FAST_GROUPS = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
 
@@ -96,22 +95,22 @@ class RunningPipeline:
 
 
 @contextmanager
-def postgres_names() -> Iterator[tuple[str, str]]:
+def postgres_names(dsn: str) -> Iterator[tuple[str, str]]:
     """A pipeline and a table name of this test's own; the table and the pipeline's stored
     offsets are removed afterwards."""
     pipeline, table = unique("pl"), unique("sf_test")
     try:
         yield pipeline, table
     finally:
-        with psycopg.connect(POSTGRES_DSN, autocommit=True) as connection:
+        with psycopg.connect(dsn, autocommit=True) as connection:
             connection.execute(f'DROP TABLE IF EXISTS "{table}"')
             if connection.execute("SELECT to_regclass('streamflow_offsets')").fetchone() != (None,):
                 connection.execute("DELETE FROM streamflow_offsets WHERE pipeline = %s",
                                    (pipeline,))
 
 
-def postgres_rows(table: str) -> pa.Table:
-    with psycopg.connect(POSTGRES_DSN) as connection:
+def postgres_rows(dsn: str, table: str) -> pa.Table:
+    with psycopg.connect(dsn) as connection:
         cursor = connection.execute(f'SELECT * FROM "{table}"')
         names = [column.name for column in cursor.description or []]
         rows = cursor.fetchall()

@@ -30,7 +30,6 @@ from streamflow.runtime.pipeline import PipelineRunner
 from tests.helpers import read_topic
 from tests.sink_tables import (
     FAST_GROUPS,
-    POSTGRES_DSN,
     append_records,
     committed_offsets,
     delta_rows,
@@ -105,12 +104,13 @@ def topic_end(bootstrap: str) -> int:
 
 
 def test_sigkill_mid_stream_then_restart_writes_each_record_once(
-    fresh_broker: str, tmp_path: Path
+    fresh_broker: str, tmp_path: Path, postgres_dsn: str
 ) -> None:
     append_records(tmp_path / "data.jsonl", [{"id": i, "value": i * 0.5} for i in range(COUNT)])
-    with postgres_names() as (pipeline, table):
+    with postgres_names(postgres_dsn) as (pipeline, table):
         outputs: dict[str, tuple[dict[str, Any], Callable[[], pa.Table]]] = {
-            "postgres": ({"dsn": POSTGRES_DSN, "table": table}, lambda: postgres_rows(table)),
+            "postgres": ({"dsn": postgres_dsn, "table": table},
+                         lambda: postgres_rows(postgres_dsn, table)),
             "duckdb": ({"path": str(tmp_path / "warehouse.duckdb"), "table": "events"},
                        lambda: duckdb_rows(tmp_path / "warehouse.duckdb", "events")),
             "delta": ({"path": str(tmp_path / "events")}, lambda: delta_rows(tmp_path / "events")),

@@ -4,6 +4,7 @@ bad records are dead-lettered with the reason, and an unreachable PostgreSQL is 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ from streamflow.transport import create_transport
 from streamflow.transport.broker import EmbeddedBroker
 from tests.helpers import read_topic
 from tests.sink_tables import (
-    POSTGRES_DSN,
     RunningPipeline,
     committed_offsets,
     delta_rows,
@@ -81,12 +81,14 @@ def check_rows(rows: Any) -> None:
     assert tags - {None} in ({'{"site": "x"}'}, {json.dumps(json.dumps({"site": "x"}))})
 
 
-def test_postgres_lands_once_evolves_and_dead_letters(fresh_broker: str, tmp_path: Path) -> None:
-    with postgres_names() as (pipeline, table):
-        land_evolve_and_reject(fresh_broker, tmp_path, "postgres", pipeline, dsn=POSTGRES_DSN,
+def test_postgres_lands_once_evolves_and_dead_letters(
+    fresh_broker: str, tmp_path: Path, postgres_dsn: str
+) -> None:
+    with postgres_names(postgres_dsn) as (pipeline, table):
+        land_evolve_and_reject(fresh_broker, tmp_path, "postgres", pipeline, dsn=postgres_dsn,
                                table=table)
-        check_rows(postgres_rows(table))
-        with psycopg.connect(POSTGRES_DSN) as connection:
+        check_rows(postgres_rows(postgres_dsn, table))
+        with psycopg.connect(postgres_dsn) as connection:
             types = dict(connection.execute(
                 "SELECT column_name, data_type FROM information_schema.columns "
                 "WHERE table_name = %s", (table,)).fetchall())
@@ -133,11 +135,12 @@ def check_last_versions(rows: Any) -> None:
     assert notes == {key: f"v{latest[key]}" if latest[key] % 2 else None for key in range(5)}
 
 
-def test_postgres_upsert_keeps_the_last_version_of_each_key(fresh_broker: str,
-                                                            tmp_path: Path) -> None:
-    with postgres_names() as (pipeline, table):
-        upsert(fresh_broker, tmp_path, "postgres", pipeline, dsn=POSTGRES_DSN, table=table)
-        check_last_versions(postgres_rows(table))
+def test_postgres_upsert_keeps_the_last_version_of_each_key(
+    fresh_broker: str, tmp_path: Path, postgres_dsn: str
+) -> None:
+    with postgres_names(postgres_dsn) as (pipeline, table):
+        upsert(fresh_broker, tmp_path, "postgres", pipeline, dsn=postgres_dsn, table=table)
+        check_last_versions(postgres_rows(postgres_dsn, table))
 
 
 def test_duckdb_upsert_keeps_the_last_version_of_each_key(fresh_broker: str,
@@ -147,19 +150,20 @@ def test_duckdb_upsert_keeps_the_last_version_of_each_key(fresh_broker: str,
     check_last_versions(duckdb_rows(path, "latest"))
 
 
-def test_postgres_dead_letters_rows_the_database_rejects(fresh_broker: str,
-                                                         tmp_path: Path) -> None:
+def test_postgres_dead_letters_rows_the_database_rejects(
+    fresh_broker: str, tmp_path: Path, postgres_dsn: str
+) -> None:
     """A constraint only PostgreSQL knows: the rejected rows are found and dead-lettered alone."""
-    with postgres_names() as (pipeline, table):
-        with psycopg.connect(POSTGRES_DSN) as connection:
+    with postgres_names(postgres_dsn) as (pipeline, table):
+        with psycopg.connect(postgres_dsn) as connection:
             connection.execute(f'CREATE TABLE "{table}" (id bigint, amount double precision '
                                "CHECK (amount >= 0))")
-        with RunningPipeline(fresh_broker, tmp_path, "postgres", pipeline, dsn=POSTGRES_DSN,
+        with RunningPipeline(fresh_broker, tmp_path, "postgres", pipeline, dsn=postgres_dsn,
                              table=table) as running:
             running.feed([{"id": i, "amount": -1.0 if i in (3, 7) else 1.0} for i in range(20)])
             assert running.stop().exit_code == 0
         assert_reconciled(running.counts(), {"out": 18, "dead_lettered": 2})
-        assert sorted(postgres_rows(table).column("id").to_pylist()) == [
+        assert sorted(postgres_rows(postgres_dsn, table).column("id").to_pylist()) == [
             i for i in range(20) if i not in (3, 7)]
         dead = read_topic(fresh_broker, f"{pipeline}.dlq")
         assert sorted(json.loads(value)["id"] for value in dead.values) == [3, 7]
@@ -167,11 +171,11 @@ def test_postgres_dead_letters_rows_the_database_rejects(fresh_broker: str,
         assert b"PostgreSQL rejected the record" in message and b"check constraint" in message
 
 
-def test_postgres_refuses_offsets_another_writer_moved() -> None:
+def test_postgres_refuses_offsets_another_writer_moved(postgres_dsn: str) -> None:
     """A replica that lost its partitions (but not yet its connection) cannot commit rows the
     new owner already wrote: its flush finds the stored offsets moved and rolls back."""
-    with postgres_names() as (pipeline, table):
-        config = PostgresConfig(dsn=POSTGRES_DSN, table=table)
+    with postgres_names(postgres_dsn) as (pipeline, table):
+        config = PostgresConfig(dsn=postgres_dsn, table=table)
         stale, owner = (PostgresSink(config, ComponentContext(pipeline, "out")) for _ in range(2))
         partition = ("raw", 0)
         try:
@@ -188,7 +192,7 @@ def test_postgres_refuses_offsets_another_writer_moved() -> None:
         finally:
             stale.close()
             owner.close()
-        assert sorted(postgres_rows(table).column("id").to_pylist()) == [1, 2]
+        assert sorted(postgres_rows(postgres_dsn, table).column("id").to_pylist()) == [1, 2]
 
 
 def test_kafka_sink_produces_each_record_keyed(fresh_broker: str, tmp_path: Path) -> None:
@@ -244,8 +248,9 @@ def test_unreachable_postgres_is_named_and_retried() -> None:
     assert is_transient(raised.value)
 
 
-def test_wrong_postgres_database_is_fatal() -> None:
-    config = PostgresConfig(dsn=f"{POSTGRES_DSN}_{unique('missing')}", table="t")
+def test_wrong_postgres_database_is_fatal(postgres_dsn: str) -> None:
+    config = PostgresConfig(dsn=f"{postgres_dsn}_{unique('missing')}", table="t")
     sink = PostgresSink(config, ComponentContext("p", "warehouse"))
-    with pytest.raises(RuntimeError, match=r"PostgreSQL at 127\.0\.0\.1:5432: .*does not exist"):
+    address = re.escape(sink.address)
+    with pytest.raises(RuntimeError, match=rf"PostgreSQL at {address}: .*does not exist"):
         sink.open()

@@ -23,17 +23,17 @@ from streamflow.transport.broker import EmbeddedBroker, free_port
 from tests.helpers import read_topic
 from tests.source_runs import TopicWatcher, running, source_pipeline, start_process, unique
 
-HOST, PORT = "127.0.0.1", 1883
+Address = tuple[str, int]
 
 
-def create_session(client_id: str, topic_filter: str) -> None:
+def create_session(address: Address, client_id: str, topic_filter: str) -> None:
     """Subscribe once as the source will, so messages published before it starts are kept."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     properties = Properties(PacketTypes.CONNECT)
     properties.SessionExpiryInterval = 600
     subscribed = threading.Event()
     client.on_subscribe = lambda *_: subscribed.set()
-    client.connect(HOST, PORT, clean_start=False, properties=properties)
+    client.connect(*address, clean_start=False, properties=properties)
     client.loop_start()
     client.subscribe(topic_filter, qos=1)
     assert subscribed.wait(10), "Mosquitto did not acknowledge the subscription"
@@ -42,9 +42,9 @@ def create_session(client_id: str, topic_filter: str) -> None:
 
 
 @contextmanager
-def publisher() -> Iterator[mqtt.Client]:
+def publisher(address: Address) -> Iterator[mqtt.Client]:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("pub"), protocol=mqtt.MQTTv5)
-    client.connect(HOST, PORT)
+    client.connect(*address)
     client.loop_start()
     try:
         yield client
@@ -57,12 +57,15 @@ def publish(client: mqtt.Client, topic: str, payload: bytes) -> None:
     client.publish(topic, payload, qos=1).wait_for_publish(10)
 
 
-def test_json_objects_get_their_topic_and_bad_payloads_are_wrapped(bootstrap: str) -> None:
+def test_json_objects_get_their_topic_and_bad_payloads_are_wrapped(
+    bootstrap: str, mqtt_address: Address
+) -> None:
     topic, prefix, client_id = unique("mqtt"), unique("sf-test"), unique("sf-source")
-    create_session(client_id, f"{prefix}/#")
-    with publisher() as client:
+    create_session(mqtt_address, client_id, f"{prefix}/#")
+    with publisher(mqtt_address) as client:
         publish(client, f"{prefix}/room1", b'{"temp": 21.5}')  # queued in the session
         with running(source_pipeline(bootstrap, "mqtt", topic, topics=[f"{prefix}/#"],
+                                     host=mqtt_address[0], port=mqtt_address[1],
                                      client_id=client_id, key_field="mqtt_topic",
                                      session_expiry_s=120)):
             publish(client, f"{prefix}/room2", b'{"temp": 19.0, "mqtt_topic": "overwritten"}')
@@ -82,11 +85,12 @@ def test_json_objects_get_their_topic_and_bad_payloads_are_wrapped(bootstrap: st
     assert base64.b64decode(rows[4]["payload"]) == b"\xff\xfe"
 
 
-def test_sigkill_then_restart_loses_no_qos1_message(tmp_path: Path) -> None:
+def test_sigkill_then_restart_loses_no_qos1_message(tmp_path: Path, mqtt_address: Address) -> None:
     topic, prefix, client_id = unique("mqtt"), unique("sf-test"), unique("sf-source")
-    create_session(client_id, f"{prefix}/#")
-    with EmbeddedBroker(log_path=None) as broker, publisher() as client:
+    create_session(mqtt_address, client_id, f"{prefix}/#")
+    with EmbeddedBroker(log_path=None) as broker, publisher(mqtt_address) as client:
         pipeline = source_pipeline(broker.bootstrap, "mqtt", topic, topics=[f"{prefix}/#"],
+                                   host=mqtt_address[0], port=mqtt_address[1],
                                    client_id=client_id, session_expiry_s=120)
         process = start_process(pipeline, tmp_path)
         watcher = TopicWatcher(broker.bootstrap, topic)

@@ -19,13 +19,11 @@ from streamflow.transport.broker import EmbeddedBroker, free_port
 from tests.helpers import read_topic
 from tests.source_runs import TopicWatcher, running, source_pipeline, start_process, unique
 
-DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
-
 
 @pytest.fixture
-def table() -> Iterator[str]:
+def table(postgres_dsn: str) -> Iterator[str]:
     name = unique("orders").replace("-", "_")
-    with psycopg.connect(DSN, autocommit=True) as connection:
+    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
         connection.execute(
             f"CREATE TABLE {name} (id serial PRIMARY KEY, updated_at timestamptz NOT NULL, "
             "amount numeric(12, 2), day date, tags text[], note text)"
@@ -34,27 +32,29 @@ def table() -> Iterator[str]:
         connection.execute(f"DROP TABLE {name}")
 
 
-def insert(table: str, rows: list[tuple[str, str, str]]) -> None:
-    with psycopg.connect(DSN, autocommit=True) as connection:
+def insert(dsn: str, table: str, rows: list[tuple[str, str, str]]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as connection:
         connection.cursor().executemany(
             f"INSERT INTO {table} (updated_at, amount, day, tags, note) "
             "VALUES (%s, %s, '2025-01-31', ARRAY['a', 'b'], %s)", rows,
         )
 
 
-def test_rows_with_equal_tracking_values_across_poll_boundaries(bootstrap: str, table: str) -> None:
+def test_rows_with_equal_tracking_values_across_poll_boundaries(
+    bootstrap: str, postgres_dsn: str, table: str
+) -> None:
     topic = unique("rows")
     same = "2025-01-01T00:00:00+00:00"
-    insert(table, [(same, "1.50", "first"), (same, "2.25", "second"), (same, "3.00", "third"),
+    insert(postgres_dsn, table, [(same, "1.50", "first"), (same, "2.25", "second"), (same, "3.00", "third"),
                    ("2025-01-01T00:00:01+00:00", "4.00", "fourth")])
-    pipeline = source_pipeline(bootstrap, "postgres", topic, dsn=DSN, table=table,
+    pipeline = source_pipeline(bootstrap, "postgres", topic, dsn=postgres_dsn, table=table,
                                tracking_column="updated_at", tie_breaker="id", key_field="id",
                                poll_interval_s=0.1)
     pipeline["runtime"] = {"batch": {"max_records": 2}}  # a boundary inside the equal values
     with running(pipeline):
         watcher = TopicWatcher(bootstrap, topic)
         watcher.wait_for(4)
-        insert(table, [(same, "9.99", "late, equal to an old value: not seen"),
+        insert(postgres_dsn, table, [(same, "9.99", "late, equal to an old value: not seen"),
                        ("2025-01-02T00:00:00+00:00", "5.00", "fifth")])
         watcher.wait_for(5)
         watcher.close()
@@ -66,11 +66,11 @@ def test_rows_with_equal_tracking_values_across_poll_boundaries(bootstrap: str, 
                        "day": "2025-01-31", "tags": ["a", "b"], "note": "first"}
 
 
-def test_a_query_with_a_strictly_increasing_column(bootstrap: str, table: str) -> None:
+def test_a_query_with_a_strictly_increasing_column(bootstrap: str, postgres_dsn: str, table: str) -> None:
     topic = unique("rows")
-    insert(table, [(f"2025-01-01T00:00:0{i}+00:00", f"{i}.00", f"n{i}") for i in range(5)])
+    insert(postgres_dsn, table, [(f"2025-01-01T00:00:0{i}+00:00", f"{i}.00", f"n{i}") for i in range(5)])
     pipeline = source_pipeline(
-        bootstrap, "postgres", topic, dsn=DSN, tracking_column="id", start_after=1,
+        bootstrap, "postgres", topic, dsn=postgres_dsn, tracking_column="id", start_after=1,
         query=f"SELECT id, amount * 2 AS doubled FROM {quote_identifier(table)} WHERE id <> 4",
         decimals="string",
     )
@@ -81,20 +81,22 @@ def test_a_query_with_a_strictly_increasing_column(bootstrap: str, table: str) -
     ]
 
 
-def test_sigkill_mid_stream_then_restart_copies_every_row_once(tmp_path: Path, table: str) -> None:
+def test_sigkill_mid_stream_then_restart_copies_every_row_once(
+    tmp_path: Path, postgres_dsn: str, table: str
+) -> None:
     topic = unique("rows")
     stop = threading.Event()
     inserted = [0]
 
     def writer() -> None:
         while not stop.is_set() and inserted[0] < 3000:
-            insert(table, [("2025-01-01T00:00:00+00:00", "1.00", f"row {inserted[0] + i}")
+            insert(postgres_dsn, table, [("2025-01-01T00:00:00+00:00", "1.00", f"row {inserted[0] + i}")
                            for i in range(10)])
             inserted[0] += 10
             time.sleep(0.01)
 
     with EmbeddedBroker(log_path=None) as broker:
-        pipeline = source_pipeline(broker.bootstrap, "postgres", topic, partitions=2, dsn=DSN,
+        pipeline = source_pipeline(broker.bootstrap, "postgres", topic, partitions=2, dsn=postgres_dsn,
                                    table=table, tracking_column="id", poll_interval_s=0.05)
         pipeline["runtime"] = {"batch": {"max_records": 25}}
         thread = threading.Thread(target=writer, daemon=True)

@@ -16,8 +16,6 @@ from streamflow.plugins import ROW_ID, TransientError
 from streamflow.processing.enrich import EnrichMissError
 from tests.tables import step, with_rows
 
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
-
 
 @pytest.fixture
 def devices_csv(tmp_path: Path) -> Path:
@@ -60,22 +58,23 @@ def test_parquet_lookup_casts_keys_and_refreshes(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def postgres_table() -> Iterator[str]:
+def postgres_table(postgres_dsn: str) -> Iterator[str]:
     name = f"devices_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(DSN, autocommit=True) as connection:
+    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
         connection.execute(f"CREATE TABLE {name} (device text PRIMARY KEY, site text, floor int)")
         connection.execute(f"INSERT INTO {name} VALUES ('d1', 'paris', 1), ('d2', 'oslo', 2)")
         yield name
         connection.execute(f"DROP TABLE {name}")
 
 
-def test_postgres_lookup_and_refresh(postgres_table: str) -> None:
-    enrich = step("enrich", {"source": "postgres", "dsn": DSN, "key": "device", "refresh_s": 0.05,
+def test_postgres_lookup_and_refresh(postgres_dsn: str, postgres_table: str) -> None:
+    enrich = step("enrich", {"source": "postgres", "dsn": postgres_dsn, "key": "device",
+                             "refresh_s": 0.05,
                              "query": f"SELECT device, site, floor FROM {postgres_table}"})
     table = with_rows({"device": ["d1", "d3"]})
     assert enrich.process(table).table.drop_columns([ROW_ID]).to_pylist() == [
         {"device": "d1", "site": "paris", "floor": 1}, {"device": "d3", "site": None, "floor": None}]
-    with psycopg.connect(DSN, autocommit=True) as connection:
+    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
         connection.execute(f"INSERT INTO {postgres_table} VALUES ('d3', 'rome', 3)")
     time.sleep(0.06)
     assert enrich.process(table).table["site"].to_pylist() == ["paris", "rome"]
