@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from streamflow.config.models import (
     ConnectorConfig,
+    ModelConfig,
     PipelineConfig,
     SinkConfig,
     SourceConfig,
@@ -149,6 +150,43 @@ def _plugin_config_errors(data: dict[str, Any]) -> list[str]:
     return errors
 
 
+def _model_errors(data: dict[str, Any]) -> list[str]:
+    """Each model's estimator, drift detector and metrics, resolved as a run resolves them, except
+    that an estimator factory is found and checked but not called."""
+    models = _items(data, "models")
+    if not models:
+        return []
+    from streamflow.ml.spec import (  # river is imported only for pipelines with models
+        ModelSpecError,
+        build_detector,
+        build_estimator,
+        build_metric,
+        resolve_factory,
+    )
+
+    def attempt(where: tuple[str | int, ...], check: Callable[[Any], object], spec: Any) -> list[str]:
+        try:
+            check(spec)
+        except ModelSpecError as exc:
+            return [f"{format_location(where)}: {exc}"]
+        return []
+
+    errors: list[str] = []
+    for index, item in models:
+        try:
+            model = ModelConfig.model_validate(item)
+        except ValidationError:
+            continue  # reported by the pipeline model
+        where = ("models", index)
+        estimator_check = resolve_factory if isinstance(model.estimator, str) else build_estimator
+        errors += attempt((*where, "estimator"), estimator_check, model.estimator)
+        if model.drift:
+            errors += attempt((*where, "drift", "detector"), build_detector, model.drift.detector)
+        for position, name in enumerate(model.metrics or []):
+            errors += attempt((*where, "metrics", position), build_metric, name)
+    return errors
+
+
 SECURITY_SETTINGS = ("sasl.", "ssl.")
 
 
@@ -198,7 +236,7 @@ def parse_pipeline(data: Any, source: str = "<pipeline>") -> PipelineConfig:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
         errors = _pydantic_errors(exc)
-    errors += _plugin_config_errors(data)
+    errors += _plugin_config_errors(data) + _model_errors(data)
     if errors:
         raise ConfigError(source, errors)
     return config

@@ -1,10 +1,13 @@
 """Building river objects from configuration: names resolved only inside ``river``, or a
-``module:function`` factory the user names. No configuration string is ever evaluated."""
+``module:function`` factory the user names in a module of their own. No configuration string is
+ever evaluated, and no factory from Python's standard library or streamflow is ever called."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +27,22 @@ DEFAULT_METRICS = {
 }
 
 
+FIX = ("name a river estimator, e.g. [{linear_model.LinearRegression: {}}], or a function of your "
+       "own module that returns one, e.g. 'my_models:build'")
+
+
 class ModelSpecError(ValueError):
     """The estimator, metric or detector named in the config cannot be built."""
+
+
+def _outside_user_code(module: str) -> str | None:
+    """Where ``module`` belongs when a factory may not come from it, else None."""
+    root = module.partition(".")[0]
+    if root in sys.stdlib_module_names:
+        return "Python's standard library"
+    if root == "streamflow":
+        return "streamflow itself"
+    return None
 
 
 def river_object(qualified: str, params: dict[str, Any] | None) -> Any:
@@ -38,25 +55,45 @@ def river_object(qualified: str, params: dict[str, Any] | None) -> Any:
         cls = getattr(module, match["cls"])
     except (ImportError, AttributeError):
         raise ModelSpecError(f"river has no {qualified!r}") from None
-    if not isinstance(cls, type):
-        raise ModelSpecError(f"river.{qualified} is not a class")
+    if not isinstance(cls, type) or not issubclass(cls, base.Base) or not cls.__module__.startswith("river."):
+        raise ModelSpecError(f"river.{qualified} is not a river class")
     try:
         return cls(**(params or {}))
     except TypeError as exc:
         raise ModelSpecError(f"{qualified}: {exc}") from None
 
 
+def resolve_factory(spec: str) -> Callable[[], Any]:
+    """The function or class a ``module:function`` estimator names, without calling it; refused
+    unless it is defined in river or in a module of the user's."""
+    if not _FACTORY.match(spec):
+        raise ModelSpecError(f"estimator {spec!r} must be 'package.module:function'")
+    module_name, name = spec.split(":")
+    outside = _outside_user_code(module_name)
+    if outside:
+        raise ModelSpecError(f"estimator factory {spec!r} is from {outside}, not a model; {FIX}")
+    try:
+        factory = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ModelSpecError(f"estimator factory {spec!r}: {exc}") from None
+    if not (inspect.isfunction(factory) or inspect.isclass(factory)):
+        raise ModelSpecError(f"estimator factory {spec!r} is a {type(factory).__name__}, not a function "
+                             f"or class written in Python; {FIX}")
+    outside = _outside_user_code(factory.__module__)
+    if outside:
+        raise ModelSpecError(f"estimator factory {spec!r} is {factory.__module__}.{factory.__qualname__}, "
+                             f"from {outside}; {FIX}")
+    return factory
+
+
 def build_estimator(spec: list[dict[str, dict[str, Any] | None]] | str) -> Any:
     """A river estimator from ``[{module.Class: {params}}, ...]`` or a ``module:function`` factory."""
     if isinstance(spec, str):
-        if not _FACTORY.match(spec):
-            raise ModelSpecError(f"estimator {spec!r} must be 'package.module:function'")
-        module_name, function = spec.split(":")
-        try:
-            factory: Callable[[], Any] = getattr(importlib.import_module(module_name), function)
-        except (ImportError, AttributeError) as exc:
-            raise ModelSpecError(f"estimator factory {spec!r}: {exc}") from None
-        return factory()
+        estimator = resolve_factory(spec)()
+        if not isinstance(estimator, base.Estimator):
+            raise ModelSpecError(f"estimator factory {spec!r} returned a {type(estimator).__name__}, "
+                                 "not a river estimator")
+        return estimator
     steps = []
     for step in spec:
         if len(step) != 1:

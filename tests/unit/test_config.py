@@ -197,6 +197,39 @@ def test_ordinary_aliases_still_work(tmp_path: Path) -> None:
     assert config.runtime.batch.max_records == 5 and config.kafka.config == {"client.id": "yes"}
 
 
+def model(**overrides: object) -> dict[str, object]:
+    return {"name": "m", "input": "raw", "output": "scored", "target": "y", **overrides}
+
+
+@pytest.mark.parametrize("factory", ["os:system", "builtins:__import__", "builtins:eval", "os:abort",
+                                     "sys:exit", "subprocess:run"])
+def test_validate_refuses_estimator_factories_outside_user_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], factory: str
+) -> None:
+    path = write(tmp_path, minimal(models=[model(estimator=factory)]))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"  models[0].estimator: estimator factory {factory!r} is from Python's standard library" in err
+    assert "e.g. 'my_models:build'" in err and str(path) in err
+
+
+def test_validate_resolves_estimators_detectors_and_metrics(tmp_path: Path) -> None:
+    data = minimal(models=[
+        model(estimator=[{"preprocessing.StandardScaler": {}}, {"linear_model.Nope": {}}],
+              drift={"detector": {"drift.ADWIN": {"no_such_parameter": 1}}}, metrics=["MAE", "Nope"]),
+        model(name="n", estimator="tests.estimators:no_such_function"),
+        model(name="o", estimator="tests.estimators:picky", drift={"detector": {"drift.ADWIN": {}}}),
+    ])
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(write(tmp_path, data))
+    errors = info.value.errors
+    assert errors[0] == "models[0].estimator: river has no 'linear_model.Nope'"
+    assert errors[1].startswith("models[0].drift.detector: drift.ADWIN: ")
+    assert errors[2] == "models[0].metrics[1]: river.metrics has no metric 'Nope'"
+    assert errors[3].startswith("models[1].estimator: estimator factory 'tests.estimators:no_such_function'")
+    assert len(errors) == 4
+
+
 def test_duplicate_names_are_rejected(tmp_path: Path) -> None:
     data = minimal(sinks=[{"name": "gen", "type": "parquet", "input": "raw", "path": "/x"}])
     with pytest.raises(ConfigError, match="used twice"):

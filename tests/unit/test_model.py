@@ -59,6 +59,43 @@ def test_factory_names_a_user_function() -> None:
                       linear_model.LinearRegression)
 
 
+REFUSED_FACTORIES = [
+    "os:system", "os:abort", "builtins:eval", "builtins:__import__", "sys:exit", "subprocess:Popen",
+    "shutil:rmtree", "importlib:import_module", "pickle:loads", "ctypes:CDLL", "socket:socket",
+    "multiprocessing:Process", "runpy:run_path", "code:interact", "os.path:exists", "streamflow.cli:main",
+]
+
+
+@pytest.mark.parametrize("factory", REFUSED_FACTORIES)
+def test_factories_outside_river_and_user_modules_are_refused_uncalled(factory: str) -> None:
+    with pytest.raises(ModelSpecError, match=r"from (Python's standard library|streamflow itself).*"
+                                             r"'my_models:build'"):
+        build_estimator(factory)
+
+
+def test_user_module_may_not_hand_on_a_standard_library_function(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "handed_on.py").write_text(
+        "import functools\nfrom os import abort\nfrom subprocess import Popen\n"
+        "from river import linear_model\n"
+        "partial = functools.partial(linear_model.LinearRegression)\nnumber = 3\n"
+        "def build():\n    return linear_model.LinearRegression()\n"
+        "def not_a_model():\n    return {}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelSpecError, match=r"is a builtin_function_or_method, not a function"):
+        build_estimator("handed_on:abort")
+    with pytest.raises(ModelSpecError, match=r"is subprocess\.Popen, from Python's standard library"):
+        build_estimator("handed_on:Popen")
+    for name in ("partial", "number"):
+        with pytest.raises(ModelSpecError, match="not a function or class written in Python"):
+            build_estimator(f"handed_on:{name}")
+    with pytest.raises(ModelSpecError, match="returned a dict, not a river estimator"):
+        build_estimator("handed_on:not_a_model")
+    assert isinstance(build_estimator("handed_on:build"), linear_model.LinearRegression)
+
+
 def engine(tmp_path: Path, estimator: Any, task: str, metric_names: list[str],
            **overrides: Any) -> ModelEngine:
     settings = EngineSettings(
