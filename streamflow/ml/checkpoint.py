@@ -1,12 +1,17 @@
 """The checkpoint store: versioned, atomically written files in one configured directory.
 
 A file is a magic line, a JSON header line (format version, kind, metadata) and a pickled
-payload. Pickle runs code when loaded, so checkpoints are read only from the store the pipeline
-configures, and the header is checked before anything is unpickled.
+payload. Pickle runs code when loaded, so a file is unpickled only when it passes three checks:
+it and its directory belong to this process's user and are writable by no one else (files are
+written 0600 in 0700 directories), its header is one this version reads, and its integrity tag
+matches the one recorded in its sidecar (``<file>.digest``) when it was written: an HMAC-SHA256
+keyed by ``STREAMFLOW_CHECKPOINT_KEY`` when that variable is set, else a SHA-256 digest. A
+digest tells a file streamflow wrote from one put in its place; only the key stops someone who
+can also rewrite the sidecar.
 
-A file is written under a temporary name, fsynced, then renamed into place, either at once or,
-for a model stage's periodic checkpoints, once the stage has produced the output of every
-record the checkpoint covers (see :class:`Staged`).
+A file is written under a temporary name with its tag beside it, fsynced, then put in place,
+either at once or, for a model stage's periodic checkpoints, once the stage has produced the
+output of every record the checkpoint covers (see :class:`Staged` and :func:`publish`).
 
 Loading sets each object's attributes one by one, as ``__init__`` did, and interns strings.
 Pickle's default, an update of the object's ``__dict__``, leaves CPython 3.11 objects with
@@ -17,8 +22,10 @@ feature keys the very objects the features arrive with (see :mod:`streamflow.ml.
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -32,15 +39,126 @@ from pathlib import Path
 from typing import Any
 
 MAGIC = b"STREAMFLOW-CHECKPOINT\n"
-FORMAT_VERSION = 3  # 2: rolling metrics keep their unapplied updates; 3: attributes set one by one
-READABLE_FORMATS = {2, 3}
+FORMAT_VERSION = 4  # 3: attributes set one by one; 4: an integrity tag in a sidecar, files 0600
+READABLE_FORMATS = {4}
 SUFFIX = ".ckpt"
+SIDECAR_SUFFIX = ".digest"
+KEY_VARIABLE = "STREAMFLOW_CHECKPOINT_KEY"
 _LEFTOVER_AGE_S = 600.0  # temporary files older than this belong to no live writer
 _MANAGED_DICT = 1 << 4  # Py_TPFLAGS_MANAGED_DICT: the type's attributes may live outside a dict
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is not one this version of streamflow can read."""
+    """A checkpoint file is not one this version of streamflow can read, or may not be trusted."""
+
+
+@dataclass(frozen=True)
+class Integrity:
+    """How tags are computed: HMAC-SHA256 keyed by ``STREAMFLOW_CHECKPOINT_KEY``, else SHA-256."""
+
+    algorithm: str
+    key: bytes | None
+
+    @classmethod
+    def from_environment(cls) -> Integrity:
+        key = os.environ.get(KEY_VARIABLE, "")
+        return cls("hmac-sha256", key.encode()) if key else cls("sha256", None)
+
+    def tag(self, *chunks: bytes) -> str:
+        hasher = hmac.new(self.key, digestmod=hashlib.sha256) if self.key else hashlib.sha256()
+        for chunk in chunks:
+            hasher.update(chunk)
+        return hasher.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    """Where the tags ``path`` may have are recorded."""
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _write_private(path: Path, *chunks: bytes) -> None:
+    """Write ``path`` readable and writable by its owner only, and fsync it."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with open(descriptor, "wb") as handle:
+        os.fchmod(descriptor, 0o600)
+        for chunk in chunks:
+            handle.write(chunk)
+        handle.flush()
+        os.fsync(descriptor)
+
+
+def _read_private(path: Path) -> bytes:
+    """The bytes of ``path``, refused unless this user owns it and no one else may write it."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot open {path} ({exc.strerror}); checkpoints are read from "
+                              "regular files only, never through a symbolic link") from None
+    with open(descriptor, "rb") as handle:
+        _refuse_unless_private(path, os.fstat(descriptor))
+        return handle.read()
+
+
+def _refuse_unless_private(path: Path, status: os.stat_result) -> None:
+    if status.st_uid != os.geteuid():
+        raise CheckpointError(
+            f"{path} is owned by uid {status.st_uid}, not by this process's uid {os.geteuid()}. A "
+            "checkpoint is a pickle, which runs code when loaded, so streamflow loads only its own "
+            "user's: move it aside (the model starts afresh) or have its owner run the pipeline."
+        )
+    if status.st_mode & 0o022:
+        raise CheckpointError(
+            f"{path} may be written by others (mode {status.st_mode & 0o777:o}). A checkpoint is a "
+            "pickle, which runs code when loaded: if nobody else changed it, `chmod go-w` it; "
+            "otherwise move it aside (the model starts afresh)."
+        )
+
+
+def _private_directory(directory: Path) -> None:
+    """Create ``directory`` and its missing parents 0700; make it 0700 if it exists and is ours."""
+    for missing in reversed([path for path in (directory, *directory.parents) if not path.exists()]):
+        with contextlib.suppress(FileExistsError):
+            missing.mkdir(mode=0o700)
+    status = directory.stat()
+    if status.st_uid == os.geteuid() and status.st_mode & 0o777 != 0o700:
+        os.chmod(directory, 0o700)
+        status = directory.stat()
+    _refuse_unless_private(directory, status)
+
+
+def _write_sidecar(path: Path, algorithm: str, tags: list[str]) -> None:
+    """Record the tags the checkpoint ``path`` may have, atomically."""
+    sidecar = _sidecar(path)
+    temporary = sidecar.with_name(sidecar.name + ".tmp")
+    _write_private(temporary, json.dumps({"algorithm": algorithm, "tags": tags}).encode())
+    os.replace(temporary, sidecar)
+
+
+def _tags_in_place(path: Path, algorithm: str) -> list[str]:
+    """The recorded tag of the file at ``path``, if it has one under ``algorithm``."""
+    try:
+        record = json.loads(_sidecar(path).read_bytes())
+    except FileNotFoundError:
+        return []
+    if record.get("algorithm") != algorithm or not path.exists():
+        return []
+    tags: list[str] = record["tags"]
+    if len(tags) > 1:  # a publish was interrupted: keep only the tag of the file it left in place
+        integrity = Integrity.from_environment()
+        actual = integrity.tag(path.read_bytes()) if integrity.algorithm == algorithm else ""
+        tags = [tag for tag in tags if hmac.compare_digest(tag, actual)]
+    return tags[:1]
+
+
+def _sync_directories(paths: Iterable[Path]) -> None:
+    for directory in {path.parent for path in paths}:
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _safe(name: str) -> str:
@@ -94,24 +212,33 @@ def _dumps(payload: Any) -> bytes:
 
 @dataclass(frozen=True)
 class Staged:
-    """A checkpoint file written and fsynced under a temporary name, not yet in place."""
+    """A checkpoint file written and fsynced under a temporary name, not yet in place, with its
+    tag in a temporary file beside it."""
 
     temporary: Path
     path: Path
 
+    @property
+    def tag_file(self) -> Path:
+        return self.temporary.with_suffix(".tag.tmp")
+
 
 def publish(staged: Iterable[Staged]) -> None:
-    """Put staged files in place, and make the renames durable."""
-    directories = set()
-    for file in staged:
+    """Put staged files in place, durably. Each sidecar first records the new file's tag beside
+    the tag of the file in place, and keeps only the new one once the new file is in place: a
+    crash at any point leaves every file with its tag recorded."""
+    files = list(staged)
+    tags = [json.loads(file.tag_file.read_bytes()) for file in files]
+    for file, tag in zip(files, tags, strict=True):
+        in_place = _tags_in_place(file.path, tag["algorithm"])
+        _write_sidecar(file.path, tag["algorithm"], [tag["tag"], *in_place])
+    _sync_directories(file.path for file in files)
+    for file in files:
         os.replace(file.temporary, file.path)
-        directories.add(file.path.parent)
-    for directory in directories:
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+    _sync_directories(file.path for file in files)
+    for file, tag in zip(files, tags, strict=True):
+        _write_sidecar(file.path, tag["algorithm"], [tag["tag"]])  # if lost, the pair still holds it
+        file.tag_file.unlink()
 
 
 @dataclass(frozen=True)
@@ -122,32 +249,33 @@ class Snapshot:
     path: Path
     header: bytes
     payload: Any
+    integrity: Integrity
 
     def staged(self, sequence: int) -> Staged:
         """Where :meth:`write_staged` writes this snapshot, as checkpoint number ``sequence``."""
         return Staged(self.path.with_suffix(f".{sequence}.tmp"), self.path)
 
     def write_staged(self, file: Staged) -> None:
-        """Encode and write to ``file``'s temporary name, fsynced."""
-        with open(file.temporary, "wb") as handle:
-            handle.write(self.header)
-            handle.write(_dumps(self.payload))
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Encode and write to ``file``'s temporary name, and its tag beside it, fsynced."""
+        body = _dumps(self.payload)
+        _write_private(file.temporary, self.header, body)
+        tag = {"algorithm": self.integrity.algorithm, "tag": self.integrity.tag(self.header, body)}
+        _write_private(file.tag_file, json.dumps(tag).encode())
 
     def write(self) -> None:
-        """Write atomically: a temporary file, fsync, rename."""
+        """Write atomically: temporary files, fsync, rename."""
         file = self.staged(0)
         self.write_staged(file)
         publish([file])
 
 
 class CheckpointStore:
-    """Checkpoints of one stage: ``<root>/<pipeline>/<stage>/<name>.ckpt``."""
+    """Checkpoints of one stage: ``<root>/<pipeline>/<stage>/<name>.ckpt``, each with its sidecar."""
 
     def __init__(self, root: str | Path, pipeline: str, stage: str) -> None:
         self.directory = Path(root) / pipeline / stage
-        self.directory.mkdir(parents=True, exist_ok=True)
+        _private_directory(self.directory)
+        self.integrity = Integrity.from_environment()
         for leftover in self.directory.rglob("*.tmp"):
             if time.time() - leftover.stat().st_mtime > _LEFTOVER_AGE_S:
                 leftover.unlink(missing_ok=True)
@@ -160,14 +288,15 @@ class CheckpointStore:
         """``payload`` under ``name``, to be written by :meth:`Snapshot.write` before it changes."""
         header = {"format": FORMAT_VERSION, "kind": kind, "name": name, "saved_at": time.time(),
                   **(metadata or {})}
-        return Snapshot(self.path(name), MAGIC + json.dumps(header).encode() + b"\n", payload)
+        return Snapshot(self.path(name), MAGIC + json.dumps(header).encode() + b"\n", payload,
+                        self.integrity)
 
     def save(self, name: str, kind: str, payload: Any, metadata: dict[str, Any] | None = None) -> None:
         """Write ``payload`` under ``name`` atomically."""
         self.snapshot(name, kind, payload, metadata).write()
 
     def delete_tree(self, name: str) -> None:
-        """Remove the checkpoint ``name`` and those named ``name/...``."""
+        """Remove the checkpoint ``name`` and those named ``name/...``, with their sidecars."""
         for path in self.directory.glob(f"*{SUFFIX}"):
             with open(path, "rb") as handle:
                 if handle.readline() != MAGIC:
@@ -175,24 +304,61 @@ class CheckpointStore:
                 stored = json.loads(handle.readline()).get("name", "")
             if stored == name or stored.startswith(f"{name}/"):
                 path.unlink()
+                _sidecar(path).unlink(missing_ok=True)
 
     def load(self, name: str, kind: str) -> tuple[dict[str, Any], Any] | None:
-        """The header and payload saved under ``name``, or None if there is none."""
+        """The header and payload saved under ``name``, or None if there is none. The file is
+        unpickled only once its owner, mode, header and integrity tag are checked."""
         path = self.path(name)
         try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed below
+            _refuse_unless_private(self.directory, self.directory.stat())
+            data = _read_private(path)
         except FileNotFoundError:
             return None
-        with handle:
-            if handle.readline() != MAGIC:
-                raise CheckpointError(f"{path} is not a streamflow checkpoint")
+        handle = io.BytesIO(data)
+        if handle.readline() != MAGIC:
+            raise CheckpointError(f"{path} is not a streamflow checkpoint")
+        try:
             header = json.loads(handle.readline())
-            if header.get("format") not in READABLE_FORMATS:
-                raise CheckpointError(
-                    f"{path} has checkpoint format {header.get('format')}; this streamflow reads "
-                    f"formats {sorted(READABLE_FORMATS)}. Move the store aside to start the model "
-                    "afresh."
-                )
-            if header.get("kind") != kind or header.get("name") != name:
-                raise CheckpointError(f"{path} holds {header.get('kind')} {header.get('name')!r}")
-            return header, _Unpickler(handle).load()
+        except ValueError:
+            raise CheckpointError(f"{path} has a damaged header") from None
+        if header.get("format") not in READABLE_FORMATS:
+            raise CheckpointError(
+                f"{path} has checkpoint format {header.get('format')}; this streamflow reads "
+                f"formats {sorted(READABLE_FORMATS)} (format 4 added the integrity check that is "
+                "verified before a checkpoint is unpickled). Move the store aside to start the "
+                "model afresh."
+            )
+        if header.get("kind") != kind or header.get("name") != name:
+            raise CheckpointError(f"{path} holds {header.get('kind')} {header.get('name')!r}")
+        self._verify(path, data)
+        return header, _Unpickler(handle).load()
+
+    def _verify(self, path: Path, data: bytes) -> None:
+        """Refuse ``path`` unless its tag is one its sidecar recorded, under this process's key."""
+        sidecar = _sidecar(path)
+        try:
+            record = json.loads(_read_private(sidecar))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} has no integrity record ({sidecar.name}), so it was not "
+                                  "written by this streamflow; move it aside (the model starts "
+                                  "afresh).") from None
+        except ValueError:
+            raise CheckpointError(f"{sidecar} is damaged; move {path.name} and it aside (the model "
+                                  "starts afresh).") from None
+        algorithm = record.get("algorithm") if isinstance(record, dict) else None
+        if algorithm != self.integrity.algorithm:
+            raise CheckpointError(
+                f"{path} was recorded with {algorithm}, but this process uses "
+                f"{self.integrity.algorithm} ({KEY_VARIABLE} is "
+                f"{'set' if self.integrity.key else 'not set'}), so it cannot be verified: set "
+                f"{KEY_VARIABLE} as when it was written, or move the store aside (the model starts "
+                "afresh)."
+            )
+        actual = self.integrity.tag(data)
+        if not any(hmac.compare_digest(actual, str(tag)) for tag in record.get("tags", [])):
+            raise CheckpointError(
+                f"{path} does not match the {algorithm} recorded when it was written: it was "
+                "changed or replaced since, and is not loaded (a checkpoint is a pickle, which runs "
+                "code). Move it aside (the model starts afresh)."
+            )

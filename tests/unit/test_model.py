@@ -9,6 +9,8 @@ import itertools
 import json
 import logging
 import os
+import pickle
+import stat
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,11 +23,14 @@ from hypothesis import strategies as st
 from river import datasets, evaluate, linear_model, metrics, preprocessing, utils
 
 from streamflow.ml.checkpoint import (
+    KEY_VARIABLE,
     MAGIC,
     CheckpointError,
     CheckpointStore,
+    Integrity,
     _dumps,
     _Unpickler,
+    _write_sidecar,
     publish,
 )
 from streamflow.ml.engine import EngineSettings, ModelEngine, TrackedMetric
@@ -223,6 +228,137 @@ def test_checkpoints_check_magic_and_version(tmp_path: Path) -> None:
         store.load("a", "model")
 
 
+class MakesADirectory:
+    """A payload that, once unpickled, has created the directory it names."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return os.mkdir, (str(self.path),)
+
+
+def tampered(store: CheckpointStore, name: str, payload: object) -> bytes:
+    """The checkpoint ``name`` with its pickle replaced by ``payload``'s, header untouched."""
+    path = store.path(name)
+    header = path.read_bytes().split(b"\n", 2)[1]
+    data = MAGIC + header + b"\n" + pickle.dumps(payload)
+    path.write_bytes(data)
+    return data
+
+
+def test_checkpoints_are_written_0600_in_a_0700_directory(tmp_path: Path) -> None:
+    (tmp_path / "p" / "s").mkdir(parents=True, mode=0o755)  # as an earlier streamflow left it
+    previous = os.umask(0)
+    try:
+        store = CheckpointStore(tmp_path, "p", "s")
+        store.save("a", "model", {"w": 1})
+        fresh = CheckpointStore(tmp_path / "new", "p", "s")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
+    assert {path.name.rsplit(".", 1)[1]: stat.S_IMODE(path.stat().st_mode)
+            for path in store.directory.iterdir()} == {"ckpt": 0o600, "digest": 0o600}
+    assert [stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "new", fresh.directory.parent,
+                                                             fresh.directory)] == [0o700] * 3
+
+
+def test_a_tampered_checkpoint_is_refused_before_its_payload_runs(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "p", "s")
+    store.save("a", "model", {"w": 1})
+    marker = tmp_path / "payload-ran"
+    data = tampered(store, "a", MakesADirectory(marker))
+    with pytest.raises(CheckpointError, match="does not match the sha256 recorded when it was written"):
+        store.load("a", "model")
+    assert not marker.exists()
+    _Unpickler(io.BytesIO(data.split(b"\n", 2)[2])).load()
+    assert marker.is_dir()  # the payload does run when unpickled: the check is what stopped it
+
+
+def test_a_checkpoint_without_its_integrity_record_is_refused(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "p", "s")
+    store.save("a", "model", {"w": 1})
+    (store.directory / (store.path("a").name + ".digest")).unlink()
+    with pytest.raises(CheckpointError, match=r"has no integrity record .*move it aside"):
+        store.load("a", "model")
+    store.path("a").write_bytes(MAGIC + b'{"format": 3, "kind": "model", "name": "a"}\n'
+                                + pickle.dumps({"w": 1}))
+    with pytest.raises(CheckpointError, match=r"format 3; .*\(format 4 added the integrity check"):
+        store.load("a", "model")
+
+
+def test_with_a_key_checkpoints_carry_an_hmac(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VARIABLE, "a secret of the operator's")
+    store = CheckpointStore(tmp_path, "p", "s")
+    store.save("a", "model", {"w": 1})
+    assert store.load("a", "model")[1] == {"w": 1}
+    data = tampered(store, "a", MakesADirectory(tmp_path / "payload-ran"))
+    with pytest.raises(CheckpointError, match="does not match the hmac-sha256 recorded"):
+        store.load("a", "model")
+    for integrity in (Integrity("hmac-sha256", b"a guessed key"), Integrity("sha256", None)):
+        _write_sidecar(store.path("a"), integrity.algorithm, [integrity.tag(data)])
+        with pytest.raises(CheckpointError, match="does not match|recorded with sha256, but this process "
+                                                  f"uses hmac-sha256 \\({KEY_VARIABLE} is set\\)"):
+            store.load("a", "model")
+    assert not (tmp_path / "payload-ran").exists()
+    store.save("a", "model", {"w": 2})
+    monkeypatch.delenv(KEY_VARIABLE)
+    with pytest.raises(CheckpointError, match=f"{KEY_VARIABLE} is not set"):
+        CheckpointStore(tmp_path, "p", "s").load("a", "model")
+
+
+def test_checkpoints_others_may_write_or_own_are_refused(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "p", "s")
+    store.save("a", "model", {"w": 1})
+    path = store.path("a")
+    path.chmod(0o620)
+    with pytest.raises(CheckpointError, match=r"may be written by others \(mode 620\).*chmod go-w"):
+        store.load("a", "model")
+    path.chmod(0o600)
+    store.directory.chmod(0o707)
+    with pytest.raises(CheckpointError, match="may be written by others"):
+        store.load("a", "model")
+    store.directory.chmod(0o700)
+    sidecar = store.directory / (path.name + ".digest")
+    sidecar.chmod(0o666)
+    with pytest.raises(CheckpointError, match="digest may be written by others"):
+        store.load("a", "model")
+    sidecar.chmod(0o600)
+    path.rename(tmp_path / "elsewhere")
+    path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="never through a symbolic link"):
+        store.load("a", "model")
+    path.unlink()
+    (tmp_path / "elsewhere").rename(path)
+    assert store.load("a", "model") is not None
+    if os.geteuid() == 0:
+        os.chown(path, 4321, -1)
+        with pytest.raises(CheckpointError, match="is owned by uid 4321, not by this process's uid 0"):
+            store.load("a", "model")
+
+
+def test_an_interrupted_publish_leaves_a_checkpoint_that_loads(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "p", "s")
+    store.save("a", "model", {"w": 1})
+    path = store.path("a")
+    for crash_after_rename in (False, True):
+        before = store.load("a", "model")[1]
+        snapshot = store.snapshot("a", "model", {"w": before["w"] + 1})
+        staged = snapshot.staged(1)
+        snapshot.write_staged(staged)
+        old = json.loads((store.directory / (path.name + ".digest")).read_bytes())["tags"]
+        new = json.loads(staged.tag_file.read_bytes())["tag"]
+        _write_sidecar(path, "sha256", [new, *old])  # the first step of publish, then a crash
+        if crash_after_rename:
+            os.replace(staged.temporary, path)
+        expected = before["w"] + 1 if crash_after_rename else before["w"]
+        assert store.load("a", "model")[1] == {"w": expected}
+        store.save("a", "model", {"w": expected})  # a later checkpoint keeps only the tag in place
+        assert json.loads((store.directory / (path.name + ".digest")).read_bytes())["tags"] == [
+            Integrity("sha256", None).tag(path.read_bytes())]
+        assert store.load("a", "model")[1] == {"w": expected}
+
+
 class Weights:
     """An instance with a plain ``__dict__``, as river's estimators have."""
 
@@ -360,9 +496,10 @@ def test_the_worker_writes_checkpoints_while_it_serves_and_replies_in_order(tmp_
         assert list(worker.receive().versions) == [0, 1, 2]
         checkpointed = worker.receive()
         assert checkpointed.committable == {(TOPIC, 0): 3}
-        assert [path.suffix for path in directory.iterdir()] == [".tmp"]  # written, not in place
+        written = sorted(path.name for path in directory.iterdir())  # written, not in place
+        assert [name.split(".", 1)[1] for name in written] == ["1.tag.tmp", "1.tmp"]
         publish(checkpointed.staged)
-        assert [path.suffix for path in directory.iterdir()] == [".ckpt"]
+        assert sorted(path.suffix for path in directory.iterdir()) == [".ckpt", ".digest"]
         assert list(worker.receive().versions) == [3, 4, 5]
         shutil.rmtree(directory)
         with pytest.raises(ModelWorkerError, match="FileNotFoundError"):
