@@ -294,7 +294,10 @@ class SinkConfig(ConnectorConfig):
 
 class MetricsConfig(Strict):
     enabled: bool = True
-    host: str = "0.0.0.0"
+    host: str = Field(
+        "127.0.0.1", description="address to listen on; the endpoint has no authentication, so "
+        "another address (0.0.0.0 for every interface) is logged with a warning"
+    )
     port: int = Field(9108, ge=0, le=65535)
 
 

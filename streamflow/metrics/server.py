@@ -5,11 +5,20 @@
 - ``/readyz``: 200 when the pipeline is ready, else 503 with a JSON reason (readiness).
 - ``/api/status``: the pipeline graph and component state, for the dashboard.
 - ``/``: the live dashboard; its assets ship in the package (no CDN).
+
+There is no authentication, so it listens on 127.0.0.1 unless configured otherwise, and warns
+when it is. A connection is dropped when a read or write waits longer than ``read_timeout_s`` or
+the whole exchange takes longer than ``deadline_s``; at most ``max_connections`` are served at
+once, and further ones are closed at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
+import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +26,8 @@ from importlib import resources
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
 
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 Status = Callable[[], dict[str, Any]]
@@ -32,6 +43,52 @@ def _asset(name: str) -> bytes:
     return resources.files("streamflow.metrics").joinpath("dashboard", name).read_bytes()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any address
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them, each for ``deadline_s``."""
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 max_connections: int, deadline_s: float) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._deadline_s = deadline_s
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # every slot is taken: refuse rather than queue
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        deadline = threading.Timer(self._deadline_s, self._drop, (request,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self._slots.release()
+
+    @staticmethod
+    def _drop(request: socket.socket) -> None:
+        """End a connection past its deadline: its thread's pending read or write returns."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_RDWR)
+
+
 class MetricsServer:
     """Serves metrics, health and the dashboard until :meth:`stop`."""
 
@@ -42,10 +99,15 @@ class MetricsServer:
         port: int,
         readiness: Readiness = lambda: (True, {"status": "ready"}),
         status: Status = dict,
+        read_timeout_s: float = 10.0,
+        deadline_s: float = 30.0,
+        max_connections: int = 32,
     ) -> None:
         assets = {path: (_asset(name), kind) for path, (name, kind) in ASSETS.items()}
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = read_timeout_s  # of each read and write on the connection
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -77,8 +139,8 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 """Requests are not logged: scrapes would drown everything else."""
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = _BoundedServer((host, port), Handler, max_connections, deadline_s)
+        self.host = host
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics", daemon=True
         )
@@ -87,8 +149,16 @@ class MetricsServer:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
+    @property
+    def url(self) -> str:
+        return f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
+
     def start(self) -> MetricsServer:
         self._thread.start()
+        if not is_loopback(self.host):
+            log.warning("the metrics server and dashboard listen on %s, beyond this machine, without "
+                        "authentication (metrics.host); anyone who reaches %s can read them",
+                        self.host, self.url)
         return self
 
     def stop(self) -> None:

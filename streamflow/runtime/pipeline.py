@@ -125,8 +125,8 @@ class PipelineRunner:
                     readiness=self.readiness, status=self.status,
                 ).start()
                 stack.callback(self.metrics_server.stop)
-                log.info("metrics at http://127.0.0.1:%d/metrics, dashboard at http://127.0.0.1:%d/",
-                         self.metrics_server.port, self.metrics_server.port)
+                log.info("metrics at %s/metrics, dashboard at %s/",
+                         self.metrics_server.url, self.metrics_server.url)
             transport = create_transport(kafka.client, self.bootstrap, kafka.client_settings())
             try:
                 self._wait_for_broker(transport)
