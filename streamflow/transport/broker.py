@@ -2,21 +2,31 @@
 
 Tansu keeps data in memory here, so everything is lost when it stops. It is meant for local runs,
 demos and tests; production pipelines set ``kafka.bootstrap`` to a real Kafka cluster.
+
+On Linux the kernel ends Tansu (SIGKILL) when the thread that started it ends, so it never
+outlives its daemon, even one killed with SIGKILL or ended by ``os.abort()``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class BrokerUnavailableError(RuntimeError):
@@ -42,6 +52,22 @@ def tansu_binary() -> Path:
             "set kafka.bootstrap to a real Kafka instead, e.g. bootstrap: localhost:9092"
         )
     return binary
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when this thread ends (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl  # loaded before fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(127)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -77,7 +103,8 @@ class EmbeddedBroker:
         ]
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        self._process = subprocess.Popen(command, stdout=output, stderr=output, env=env)
+        self._process = subprocess.Popen(command, stdout=output, stderr=output, env=env,
+                                         preexec_fn=_die_with_parent())
         if output is not subprocess.DEVNULL:
             output.close()
         self._wait_ready(timeout_s)
