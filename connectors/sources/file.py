@@ -41,6 +41,10 @@ def _scalar(text: str) -> Any:
     return text
 
 
+def _csv_row(text: str) -> list[str]:
+    return next(csv.reader(io.StringIO(text)), [])
+
+
 class FileSource(Source[FileConfig]):
     """Emits one record per line (per row for CSV)."""
 
@@ -106,22 +110,32 @@ class FileSource(Source[FileConfig]):
                 if not text:
                     continue
                 if self.config.format == "csv":
-                    row = next(csv.reader(io.StringIO(text.decode("utf-8"))))
-                    if self._header is None:
-                        self._header = row
+                    text, is_header = self._csv_record(text)
+                    if is_header:
                         continue
-                    text = json.dumps(
-                        {name: _scalar(cell) for name, cell in zip(self._header, row, strict=False)}
-                    ).encode()
                 values.append(text)
                 keys.append(self._key(text))
         return SourceBatch(values, keys)
+
+    def _csv_record(self, line: bytes) -> tuple[bytes, bool]:
+        """A CSV line as a JSON object, and whether it was the header. A row that is not UTF-8
+        (or that the csv module rejects) goes on as it is, for the stage reading it to
+        dead-letter as invalid JSON; in header names, bytes that are not UTF-8 become U+FFFD."""
+        try:
+            row = _csv_row(line.decode("utf-8", "replace" if self._header is None else "strict"))
+        except (UnicodeDecodeError, csv.Error):
+            return line, False
+        if self._header is None:
+            self._header = row
+            return line, True
+        record = {name: _scalar(cell) for name, cell in zip(self._header, row, strict=False)}
+        return json.dumps(record).encode(), False
 
     def _key(self, value: bytes) -> bytes | None:
         if self.config.key_field is None:
             return None
         try:
             document = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         return record_key(document, self.config.key_field)

@@ -1,16 +1,30 @@
 """JSON ↔ Arrow for whole micro-batches.
 
-Decoding hands the batch to pyarrow's NDJSON reader in one call. Only when that fails does it
-look at records one by one: ``json.loads`` finds the syntactically bad ones, and bisection with
-the Arrow reader finds those whose types do not fit, so good records always get Arrow's exact
-semantics and bad ones are reported individually. Encoding builds the JSON text column-wise
-with Arrow compute kernels instead of a per-record ``json.dumps``.
+Decoding hands the batch to pyarrow's NDJSON reader in one call, once cheap checks showed that
+the batch is UTF-8 and that no record nests deeper than :data:`MAX_DEPTH` (deeper nesting
+overflows the parser's stack). Only when that fails does it look at records one by one: a
+record that is not UTF-8, nests too deep, is not a JSON object, holds a number too large for
+a double or an unpaired surrogate fails on its own, and bisection with the Arrow reader finds
+those it does not read (types that do not fit, a field name read twice), so good records
+always get Arrow's exact semantics and bad ones are reported individually. Every record ends
+up exactly once either in the table (by its ``_sf_row``) or in the failures.
+
+The runtime's own columns start with ``_sf_``: a record field whose name starts with ``_sf_``
+(or with the escape ``_sf~``) is renamed on decoding by prefixing ``_sf~`` (``_sf_row`` becomes
+``_sf~_sf_row``) and gets its name back in :func:`user_fields`, so data never collides with
+or steers the runtime.
+
+Encoding builds the JSON text column-wise with Arrow compute kernels instead of a per-record
+``json.dumps``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -18,30 +32,115 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
 from streamflow.plugins import ROW_ID
+from streamflow.processing.steps import HIDDEN_PREFIX
 
 Failures = list[tuple[int, BaseException]]
+
+MAX_DEPTH = 128  # nested arrays and objects in a record (as serde_json's default limit)
+ESCAPE = "_sf~"  # prefixed to record fields named like the runtime's columns
+
+_NOT_OPENING = bytes(byte for byte in range(256) if byte not in b"[{\n")
+# A JSON string, or an unterminated one up to the end: always matches at a quote, so removing
+# the strings of a text takes one pass.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 
 
 class DecodeError(ValueError):
     """A record's bytes are not a JSON object of the expected shape."""
 
 
-def _read(values: Sequence[bytes], schema: pa.Schema | None) -> pa.Table:
+def escape_name(name: str) -> str:
+    """The column name of a record field: ``_sf~`` prefixed when it starts with ``_sf_`` or ``_sf~``."""
+    return ESCAPE + name if name.startswith((HIDDEN_PREFIX, ESCAPE)) else name
+
+
+def _user_name(name: str) -> str:
+    return name.removeprefix(ESCAPE)
+
+
+def with_row_ids(table: pa.Table, rows: Sequence[int] | np.ndarray) -> pa.Table:
+    """Decoded records with their ``_sf_row`` ids, their fields named by :func:`escape_name`."""
+    names = table.column_names
+    escaped = [escape_name(name) for name in names]
+    if escaped != names:
+        table = table.rename_columns(escaped)
+    return table.append_column(ROW_ID, pa.array(np.asarray(rows, dtype=np.int64)))
+
+
+def user_fields(table: pa.Table) -> pa.Table:
+    """The records' own fields: without ``_sf_row``, with the names :func:`escape_name` changed
+    restored."""
+    if ROW_ID in table.column_names:
+        table = table.drop_columns([ROW_ID])
+    names = table.column_names
+    restored = [_user_name(name) for name in names]
+    return table if restored == names else table.rename_columns(restored)
+
+
+def _read(values: Sequence[bytes], schema: pa.Schema | None, buffer: bytes | None = None) -> pa.Table:
+    """The values as a table by the Arrow reader (``buffer``: the values joined by line breaks)."""
     options = (
         pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         if schema is not None
         else pa_json.ParseOptions()
     )
-    buffer = b"\n".join(values)
+    buffer = b"\n".join(values) if buffer is None else buffer
     read_options = pa_json.ReadOptions(use_threads=False, block_size=max(len(buffer) + 1, 1 << 20))
     table = pa_json.read_json(pa.BufferReader(buffer), read_options, options)
+    try:
+        table.validate()
+    except pa.ArrowInvalid:
+        # pyarrow infers a list of two or more nulls with too short a child array (to_pylist
+        # then fails); read as lists of text, such values come out right.
+        if schema is not None:
+            raise
+        typed = pa.schema([field.with_type(_null_items_as_text(field.type)) for field in table.schema])
+        options = pa_json.ParseOptions(explicit_schema=typed, unexpected_field_behavior="infer")
+        table = pa_json.read_json(pa.BufferReader(buffer), read_options, options)
+        table.validate()
     if table.num_rows != len(values):
         raise DecodeError("record boundaries do not match: a value holds more than one document")
     return table
 
 
-def _with_rows(table: pa.Table, rows: Sequence[int] | np.ndarray) -> pa.Table:
-    return table.append_column(ROW_ID, pa.array(np.asarray(rows, dtype=np.int64)))
+def _null_items_as_text(kind: pa.DataType, in_list: bool = False) -> pa.DataType:
+    if pa.types.is_null(kind) and in_list:
+        return pa.string()
+    if pa.types.is_list(kind):
+        return pa.list_(_null_items_as_text(kind.value_type, True))
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(_null_items_as_text(field.type, in_list)) for field in kind])
+    return kind
+
+
+def _depth(value: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (for invalid JSON, at least as deep
+    as a parser gets before the error)."""
+    structure = np.frombuffer(_STRING.sub(b"", value), np.uint8) | 0x20  # "[" → "{", "]" → "}"
+    steps = (structure == ord("{")).astype(np.int64) - (structure == ord("}"))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _too_deep(value: bytes) -> bool:
+    return value.count(b"[") + value.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH
+
+
+def _fits_reader(values: Sequence[bytes], buffer: bytes) -> bool:
+    """Whether the Arrow reader may see ``buffer``, the values joined by line breaks: it does not
+    check UTF-8, and its parser recurses (10,000 nested arrays overflow the stack). Counting the
+    opening brackets of each line clears nearly every batch without looking at its records."""
+    if not buffer.isascii():
+        offsets = pa.py_buffer(np.array([0, len(buffer)], np.int64))
+        text = pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(buffer)])
+        try:
+            text.cast(pa.large_string())
+        except pa.ArrowInvalid:
+            return False
+    opening = np.frombuffer(buffer.translate(None, _NOT_OPENING), np.uint8)  # and line breaks
+    line_ends = np.flatnonzero(opening == ord("\n"))
+    if np.diff(line_ends, prepend=-1, append=len(opening)).max() <= MAX_DEPTH + 1:
+        return True
+    return not any(map(_too_deep, values))
 
 
 def decode_json(
@@ -50,22 +149,58 @@ def decode_json(
     """Parse JSON objects into a table with a ``_sf_row`` column; bad records become failures.
 
     With ``schema``, fields outside it are dropped and type mismatches are failures; without
-    one, types are inferred. ``lenient`` makes the schema a fast-path hint only: when a batch
-    does not fit it (or, without a schema, its records disagree on a field's type), its fields
-    are read with their own types (as text where records disagree) for the caller to coerce,
-    and only records that are not JSON objects fail.
+    one, types are inferred (the first record's type wins where records disagree). ``lenient``
+    makes the schema a fast-path hint only: when a batch does not fit it (or, without a schema,
+    its records disagree on a field's type), its fields are read with their own types (as text
+    where records disagree) for the caller to coerce, and only records that are not valid JSON
+    objects fail (a repeated field name keeps its last value). Whether a record fails never
+    depends on the other records of the batch, but for type conflicts without ``lenient``.
     """
     if not values:
         empty = schema.empty_table() if schema is not None else pa.table({})
-        return _with_rows(empty, []), []
+        return with_row_ids(empty, []), []
     # Only batches of values that all open an object take the fast path: pyarrow's reader
     # crashes on a leading top-level ``null`` and reads a later one as an all-null record.
     if all(value is not None and value[:1] == b"{" for value in values):
-        try:
-            return _with_rows(_read(values, schema), range(len(values))), []  # type: ignore[arg-type]
-        except (pa.ArrowInvalid, DecodeError):
-            pass
+        objects = cast(Sequence[bytes], values)
+        buffer = b"\n".join(objects)
+        if _fits_reader(objects, buffer):
+            try:
+                return with_row_ids(_read(objects, schema, buffer), range(len(objects))), []
+            except (pa.ArrowInvalid, DecodeError):
+                pass
     return _decode_slowly(values, schema, lenient)
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise DecodeError(f"number {text[:40]} is too large for a double")
+    return number
+
+
+def _document(value: bytes | None) -> dict[str, object]:
+    """The JSON object of one record value; a DecodeError says why there is none."""
+    if not value:
+        raise DecodeError("empty record value")
+    if _too_deep(value):
+        raise DecodeError(f"nesting deeper than {MAX_DEPTH} arrays and objects")
+    try:
+        text = value.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"not UTF-8: {exc}") from None
+    try:
+        document = json.loads(text, parse_float=_finite_float)
+    except ValueError as exc:
+        raise DecodeError(f"invalid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise DecodeError(f"expected a JSON object, got {type(document).__name__}")
+    if "\\u" in text:  # only an escape can make an unpaired surrogate
+        try:
+            json.dumps(document, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise DecodeError("a string holds an unpaired surrogate (\\ud800-\\udfff)") from None
+    return document
 
 
 def _objects(values: Sequence[bytes | None]) -> tuple[dict[int, dict[str, object]], Failures]:
@@ -73,19 +208,10 @@ def _objects(values: Sequence[bytes | None]) -> tuple[dict[int, dict[str, object
     documents: dict[int, dict[str, object]] = {}
     failures: Failures = []
     for index, value in enumerate(values):
-        if not value:
-            failures.append((index, DecodeError("empty record value")))
-            continue
         try:
-            document = json.loads(value)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            failures.append((index, DecodeError(f"invalid JSON: {exc}")))
-            continue
-        if not isinstance(document, dict):
-            kind = type(document).__name__
-            failures.append((index, DecodeError(f"expected a JSON object, got {kind}")))
-            continue
-        documents[index] = document
+            documents[index] = _document(value)
+        except DecodeError as exc:
+            failures.append((index, exc))
     return documents, failures
 
 
@@ -102,52 +228,54 @@ def _as_read(documents: dict[int, dict[str, object]], names: list[str]) -> pa.Ta
                  for value in column], pa.string())
     rows = list(documents)
     table = pa.table(columns) if columns else pa.table({"_": pa.nulls(len(rows))}).drop_columns(["_"])
-    return _with_rows(table, rows)
+    return with_row_ids(table, rows)
 
 
 def _decode_slowly(
     values: Sequence[bytes | None], schema: pa.Schema | None, lenient: bool = False
 ) -> tuple[pa.Table, Failures]:
+    """Record by record: the valid objects read by bisection, each joining the table unless it
+    does not read or its types conflict with the records before it."""
     documents, failures = _objects(values)
-    not_objects = len(failures)
-    candidates = list(documents)
     # Raw line breaks can only be insignificant whitespace in valid JSON.
     cleaned = {index: values[index].replace(b"\n", b" ").replace(b"\r", b" ")  # type: ignore[union-attr]
-               for index in candidates}
+               for index in documents}
+    merged: list[pa.Table] = []  # the table so far, once there is one
+    unfit: Failures = []
 
-    pieces: list[tuple[list[int], pa.Table]] = []
+    def split(indices: list[int], error: DecodeError) -> None:
+        if len(indices) == 1:
+            unfit.append((indices[0], error))
+            return
+        middle = len(indices) // 2
+        place(indices[:middle])
+        place(indices[middle:])
 
-    def bisect(indices: list[int]) -> None:
+    def place(indices: list[int]) -> None:
         try:
-            pieces.append((indices, _read([cleaned[i] for i in indices], schema)))
+            table = with_row_ids(_read([cleaned[i] for i in indices], schema), indices)
         except (pa.ArrowInvalid, DecodeError) as exc:
-            if len(indices) == 1:
-                failures.append((indices[0], DecodeError(str(exc))))
+            split(indices, DecodeError(str(exc)))
+            return
+        if merged:
+            try:
+                table = pa.concat_tables([merged[0], table], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                split(indices, DecodeError(f"field types conflict: {exc}"))
                 return
-            middle = len(indices) // 2
-            bisect(indices[:middle])
-            bisect(indices[middle:])
+        merged[:] = [table]
 
-    if candidates:
-        bisect(candidates)
-    if lenient and schema is not None and len(failures) > not_objects:
-        return _as_read(documents, schema.names), failures[:not_objects]
-    failures.sort(key=lambda failure: failure[0])
-    if not pieces:
+    if documents:
+        place(list(documents))
+    if lenient and unfit:
+        names = schema.names if schema is not None else list(
+            dict.fromkeys(name for document in documents.values() for name in document))
+        return _as_read(documents, names), failures
+    failures = sorted(failures + unfit, key=lambda failure: failure[0])
+    if not merged:
         empty = schema.empty_table() if schema is not None else pa.table({})
-        return _with_rows(empty, []), failures
-    tables = [_with_rows(table, indices) for indices, table in pieces]
-    try:
-        return pa.concat_tables(tables, promote_options="permissive"), failures
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        if lenient:
-            names = list(dict.fromkeys(name for document in documents.values() for name in document))
-            return _as_read(documents, names), failures[:not_objects]
-        # Inferred types disagree between pieces: keep the first piece's type, fail the rest.
-        for indices, _table in pieces[1:]:
-            failures.extend((index, DecodeError(f"field types conflict: {exc}")) for index in indices)
-        failures.sort(key=lambda failure: failure[0])
-        return tables[0], failures
+        return with_row_ids(empty, []), failures
+    return merged[0], failures
 
 
 def _is_text(kind: pa.DataType) -> bool:
@@ -224,12 +352,13 @@ def _json_values(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def encode_json(table: pa.Table) -> list[bytes]:
-    """One compact JSON object per row, fields in column order (``_sf_row`` left out).
+    """One compact JSON object per row, every column a field in column order (a stage's rows
+    go through :func:`user_fields` first).
 
     The constant text between values (braces, field names, commas, and the quotes of text
     columns without nulls) goes into a single element-wise join with the value columns.
     """
-    names = [name for name in table.column_names if name != ROW_ID]
+    names = table.column_names
     if table.num_rows == 0:
         return []
     if not names:

@@ -19,7 +19,7 @@ import pyarrow.csv as pa_csv
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from streamflow.plugins import ROW_ID, ComponentContext, Processor, StepResult
-from streamflow.processing.codec import DecodeError, Failures, decode_json
+from streamflow.processing.codec import DecodeError, Failures, decode_json, with_row_ids
 
 RAW_VALUE = "value"
 
@@ -134,7 +134,7 @@ class ParseStep(Processor[ParseConfig]):
                     ),
                 )
                 if table.num_rows == len(values):
-                    return _with_row_ids(table, list(range(len(values)))), []
+                    return with_row_ids(table, range(len(values))), []
             except pa.ArrowInvalid:
                 pass
         records: list[dict[str, Any]] = []
@@ -187,10 +187,6 @@ def _text(value: bytes | None) -> str:
         raise DecodeError(f"not UTF-8 text: {exc}") from None
 
 
-def _with_row_ids(table: pa.Table, rows: list[int]) -> pa.Table:
-    return table.append_column(ROW_ID, pa.array(np.asarray(rows, dtype=np.int64)))
-
-
 def _records_table(
     records: list[dict[str, Any]], rows: list[int], schema: pa.Schema | None = None
 ) -> pa.Table:
@@ -202,4 +198,4 @@ def _records_table(
         table = pa.Table.from_pylist(records, schema=schema)
     if table.num_columns == 0:
         return pa.table({ROW_ID: pa.array(np.asarray(rows, dtype=np.int64))})
-    return _with_row_ids(table, rows)
+    return with_row_ids(table, rows)

@@ -11,6 +11,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from streamflow.plugins import ComponentContext, Processor, StepResult
+from streamflow.processing.codec import escape_name, user_fields
 from streamflow.processing.steps import hidden_columns
 
 FUNCTION_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -68,7 +69,7 @@ class PythonStep(Processor[PythonConfig]):
 
     def _per_record(self, table: pa.Table) -> StepResult:
         hidden = hidden_columns(table)
-        records = table.drop_columns(hidden).to_pylist()
+        records = user_fields(table.drop_columns(hidden)).to_pylist()  # with the fields' own names
         outputs: list[dict[str, Any]] = []
         origins: list[int] = []
         failures: list[tuple[int, BaseException]] = []
@@ -85,7 +86,7 @@ class PythonStep(Processor[PythonConfig]):
             outputs += produced
             origins += [row] * len(produced)
         names = list(dict.fromkeys(name for output in outputs for name in output))
-        columns = {name: pa.array([output.get(name) for output in outputs]) for name in names}
+        columns = {escape_name(name): pa.array([output.get(name) for output in outputs]) for name in names}
         taken = table.select(hidden).take(pa.array(np.asarray(origins, dtype=np.int64)))
         columns.update({name: taken.column(name) for name in hidden})
         return StepResult(pa.table(columns), failures)

@@ -41,7 +41,7 @@ from streamflow.ml.worker import (
     record_error_type,
 )
 from streamflow.plugins import ROW_ID
-from streamflow.processing.codec import decode_json, encode_json
+from streamflow.processing.codec import decode_json, encode_json, user_fields
 from streamflow.runtime.dead_letters import Failure
 from streamflow.runtime.stages import StageIdentity, StageRunner
 from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicPartition, Transport
@@ -313,7 +313,7 @@ class ModelStage(StageRunner):
                     table = table.drop_columns([name])
             for name, column in zip(added.column_names, added.columns, strict=True):
                 table = table.append_column(name, column)
-            return encode_json(table)
+            return encode_json(user_fields(table))
         body = pc.binary_slice(original, 0, -1)
         extra = pc.binary_slice(pa.array(encode_json(added), pa.binary()), 1, _MAX_BYTES)
         return pc.binary_join_element_wise(body, extra, pa.scalar(b",")).to_pylist()

@@ -24,7 +24,7 @@ from streamflow.config.loader import step_settings
 from streamflow.config.models import BatchConfig, ProcessorConfig
 from streamflow.metrics import SinkMetrics, StageMetrics
 from streamflow.plugins import ROW_ID, ComponentContext, Processor, Sink, SinkRecordError, StepResult
-from streamflow.processing.codec import decode_json, encode_json
+from streamflow.processing.codec import decode_json, encode_json, user_fields
 from streamflow.processing.parse import ParseStep, raw_table
 from streamflow.processing.routing import TOPIC_COLUMN
 from streamflow.runtime.dead_letters import Failure, dead_letter_batch
@@ -346,7 +346,7 @@ def output_batches(
         origin = rows[ROW_ID].to_numpy().tolist()
         batches.append(OutgoingBatch(
             topic=topic,
-            values=encode_json(rows),
+            values=encode_json(user_fields(rows)),
             keys=list(map(keys.__getitem__, origin)),
             timestamps_ms=list(map(timestamps_ms.__getitem__, origin)),
         ))
@@ -437,7 +437,7 @@ class SinkStage(StageRunner):
         for partition in np.unique(partitions):
             first_offset = batch.offsets[int(np.argmax(partitions == partition))]
             mask = partitions[row_ids] == partition
-            part = table.filter(pa.array(mask)).drop_columns([ROW_ID])
+            part = user_fields(table.filter(pa.array(mask)))
             if part.num_rows == 0:
                 continue
             try:
