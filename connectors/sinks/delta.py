@@ -3,7 +3,9 @@
 Each flush is one Delta commit that appends the buffered rows (new fields become new columns by
 schema merge) and records, per topic-partition, an application transaction whose version is the
 next offset to read. On assignment the runtime reads those versions back and skips what the
-table already holds, so a replayed commit is never applied twice.
+table already holds, so a replayed commit is never applied twice. Delta ignores case in column
+names: a field whose column differs from another only in case has its records dead-lettered
+(column names: :mod:`connectors.sinks.warehouse`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.sinks.warehouse import JSON, SEQUENCE_COLUMN, ColumnType, conform
+from connectors.sinks.warehouse import JSON, ColumnType, Naming, conform
 from streamflow.plugins import ComponentContext, Sink, SinkRecordError, TransientError
 from streamflow.transport.base import TopicPartition
+
+NAMING = Naming("Delta Lake", fold=str.lower)  # delta-rs compares names in Unicode lower case
 
 
 class DeltaConfig(BaseModel):
@@ -73,12 +77,12 @@ class DeltaSink(Sink[DeltaConfig]):
         return {partition: version for partition, version in versions.items() if version is not None}
 
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
-        conformed = conform(table, self.columns, [])
+        conformed = conform(table, self.columns, [], NAMING)
         self.columns.update({name: pa.string() if kind == JSON else kind
                              for name, kind in conformed.new_columns.items()})
         rows = conformed.good_rows()
         if rows.num_rows:
-            self._buffer.append(rows.drop_columns([SEQUENCE_COLUMN]))
+            self._buffer.append(rows.drop_columns([conformed.sequence]))
         if conformed.failures:
             failed = sorted(conformed.failures)
             raise SinkRecordError(failed, [conformed.failures[row] for row in failed])

@@ -3,7 +3,9 @@
 The same semantics as the PostgreSQL sink: the table is created from the first records and gains
 columns as new fields appear; ``append`` or ``upsert`` on key columns; the consumed offsets are
 stored in ``offsets_table`` in the transaction that inserts the rows. DuckDB allows one writing
-process per file: give each pipeline (or each replica) its own file.
+process per file: give each pipeline (or each replica) its own file. DuckDB ignores the case of
+ASCII letters in column names: a field whose column differs from another only that way has
+its records dead-lettered (column names: :mod:`connectors.sinks.warehouse`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from pydantic import Field
 
 from connectors.sinks.warehouse import (
     JSON,
-    SEQUENCE_COLUMN,
     ColumnType,
     ColumnTypeError,
+    Naming,
     WarehouseConfig,
+    ascii_lower,
     conform,
 )
 from streamflow.plugins import ComponentContext, Sink, SinkRecordError
@@ -35,6 +38,7 @@ _ARROW_TYPES: dict[str, ColumnType] = {
     "DATE": pa.date32(), "TIMESTAMP": pa.timestamp("us"),
     "TIMESTAMP WITH TIME ZONE": pa.timestamp("us", "UTC"), "JSON": JSON,
 }
+NAMING = Naming("DuckDB", fold=ascii_lower)
 
 
 class DuckDBConfig(WarehouseConfig):
@@ -75,6 +79,7 @@ class DuckDBSink(Sink[DuckDBConfig]):
         self._in_transaction = False
         self._table = quote(config.table)
         self._offsets = quote(config.offsets_table)
+        self.keys = [NAMING.column(key) for key in config.keys]
 
     def open(self) -> None:
         Path(self.config.path).parent.mkdir(parents=True, exist_ok=True)
@@ -111,15 +116,15 @@ class DuckDBSink(Sink[DuckDBConfig]):
         return self.connection
 
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
-        conformed = conform(table, self.columns, self.config.keys)
+        conformed = conform(table, self.columns, self.keys, NAMING)
         connection = self._begin()
         if conformed.new_columns:
             self._add_columns(connection, conformed.new_columns)
-        rows = conformed.good_rows()
+        rows, sequence = conformed.good_rows(), conformed.sequence
         if rows.num_rows:
-            conformed.failures.update(self._unconvertible(connection, rows))
-            keep = ~np.isin(rows.column(SEQUENCE_COLUMN).to_numpy(), list(conformed.failures))
-            self._insert(connection, rows.filter(pa.array(keep)))
+            conformed.failures.update(self._unconvertible(connection, rows, sequence))
+            keep = ~np.isin(rows.column(sequence).to_numpy(), list(conformed.failures))
+            self._insert(connection, rows.filter(pa.array(keep)), sequence)
         if conformed.failures:
             failed = sorted(conformed.failures)
             raise SinkRecordError(failed, [conformed.failures[row] for row in failed])
@@ -136,10 +141,11 @@ class DuckDBSink(Sink[DuckDBConfig]):
                                    f"{quote(name)} {sql_type(kind)}")
         self.columns.update(new_columns)
 
-    def _unconvertible(self, connection: duckdb.DuckDBPyConnection,
-                       rows: pa.Table) -> dict[int, BaseException]:
-        """Rows whose text values DuckDB cannot convert to a column type Arrow does not know
-        (an error inside the transaction would abort it, so they are found beforehand)."""
+    def _unconvertible(self, connection: duckdb.DuckDBPyConnection, rows: pa.Table,
+                       sequence: str) -> dict[int, BaseException]:
+        """Rows (by their ``sequence``) whose text values DuckDB cannot convert to a column type
+        Arrow does not know (an error inside the transaction would abort it, so they are found
+        beforehand)."""
         failures: dict[int, BaseException] = {}
         unknown = [name for name in rows.column_names
                    if name in self.columns and self.columns[name] is None]
@@ -151,10 +157,10 @@ class DuckDBSink(Sink[DuckDBConfig]):
         ).fetchall())
         for name in unknown:
             view = f"sf_check_{uuid.uuid4().hex}"
-            connection.register(view, rows.select([name, SEQUENCE_COLUMN]))
+            connection.register(view, rows.select([name, sequence]))
             try:
                 bad = connection.execute(
-                    f"SELECT {quote(SEQUENCE_COLUMN)}, {quote(name)} FROM {view} WHERE "
+                    f"SELECT {quote(sequence)}, {quote(name)} FROM {view} WHERE "
                     f"{quote(name)} IS NOT NULL AND TRY_CAST({quote(name)} AS {kinds[name]}) IS NULL"
                 ).fetchall()
             finally:
@@ -164,21 +170,21 @@ class DuckDBSink(Sink[DuckDBConfig]):
                     f"field {name!r}: {value!r} does not fit column type {kinds[name]}"))
         return failures
 
-    def _insert(self, connection: duckdb.DuckDBPyConnection, rows: pa.Table) -> None:
-        names = [name for name in rows.column_names if name != SEQUENCE_COLUMN]
+    def _insert(self, connection: duckdb.DuckDBPyConnection, rows: pa.Table, sequence: str) -> None:
+        names = [name for name in rows.column_names if name != sequence]
         columns = ", ".join(map(quote, names))
         view = f"sf_batch_{uuid.uuid4().hex}"
         connection.register(view, rows)
         try:
             if self.config.mode == "upsert":
-                keys = ", ".join(map(quote, self.config.keys))
+                keys = ", ".join(map(quote, self.keys))
                 same_key = " AND ".join(f"{self._table}.{quote(key)} = {view}.{quote(key)}"
-                                        for key in self.config.keys)
+                                        for key in self.keys)
                 connection.execute(f"DELETE FROM {self._table} USING {view} WHERE {same_key}")
                 connection.execute(
                     f"INSERT INTO {self._table} ({columns}) SELECT {columns} FROM {view} "
                     f"QUALIFY row_number() OVER (PARTITION BY {keys} "
-                    f"ORDER BY {quote(SEQUENCE_COLUMN)} DESC) = 1"
+                    f"ORDER BY {quote(sequence)} DESC) = 1"
                 )
             else:
                 connection.execute(

@@ -3,7 +3,9 @@
 Rows are bulk-loaded with COPY inside one transaction per flush; the consumed offsets go into
 ``offsets_table`` in that same transaction, so after a crash the runtime resumes each partition
 exactly where the committed rows end. The table is created from the first records and gains a
-column (ALTER TABLE ADD COLUMN) when a new field appears. Every identifier is quoted.
+column (ALTER TABLE ADD COLUMN) when a new field appears. Every identifier is quoted; a field
+whose name cannot be a column (empty, with a control character, longer than PostgreSQL's 63
+bytes) gets a column named by the rule in :mod:`connectors.sinks.warehouse`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pydantic import Field
 
 from connectors.sinks.warehouse import (
     JSON,
-    SEQUENCE_COLUMN,
     ColumnType,
+    Naming,
     WarehouseConfig,
     conform,
 )
@@ -48,6 +50,8 @@ Stored = tuple[str, int]  # a partition's row in the offsets table: cluster id, 
 # role, pg_hba.conf); other connection failures (refused, timeout, starting up) are retried.
 _FATAL_CONNECTION_ERRORS = ("does not exist", "authentication failed", "no pg_hba.conf entry",
                             "permission denied")
+# Quoted identifiers keep their case; longer ones than 63 bytes would be cut (NAMEDATALEN - 1).
+NAMING = Naming("PostgreSQL", max_bytes=63)
 
 
 class PostgresConfig(WarehouseConfig):
@@ -101,6 +105,7 @@ class PostgresSink(Sink[PostgresConfig]):
         # Per partition, the stored (cluster id, next offset) this sink last read or wrote.
         self._expected: dict[TopicPartition, Stored | None] = {}
         self._table = sql.Identifier(config.db_schema, config.table)
+        self.keys = [NAMING.column(key) for key in config.keys]
         self._offsets = sql.Identifier(config.db_schema, config.offsets_table)
 
     @contextmanager
@@ -175,7 +180,7 @@ class PostgresSink(Sink[PostgresConfig]):
 
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
         assert self.connection is not None
-        conformed = conform(table, self.columns, self.config.keys)
+        conformed = conform(table, self.columns, self.keys, NAMING)
         with self._errors():
             if self.connection.info.transaction_status == TransactionStatus.IDLE:
                 # Open the flush's transaction now, so that the savepoints of _load nest in it.
@@ -184,7 +189,7 @@ class PostgresSink(Sink[PostgresConfig]):
                 self._add_columns(conformed.new_columns)
             rows = conformed.good_rows()
             if rows.num_rows:
-                conformed.failures.update(self._load(rows))
+                conformed.failures.update(self._load(rows, conformed.sequence))
         if conformed.failures:
             failed = sorted(conformed.failures)
             raise SinkRecordError(failed, [conformed.failures[row] for row in failed])
@@ -198,9 +203,9 @@ class PostgresSink(Sink[PostgresConfig]):
         with self.connection.cursor() as cursor:
             if not self.table_exists:
                 keys = sql.SQL("")
-                if self.config.keys:
+                if self.keys:
                     keys = sql.SQL(", PRIMARY KEY ({})").format(
-                        sql.SQL(", ").join(map(sql.Identifier, self.config.keys)))
+                        sql.SQL(", ").join(map(sql.Identifier, self.keys)))
                 cursor.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}{})").format(
                     self._table, definitions, keys))
                 self.table_exists = True
@@ -212,24 +217,26 @@ class PostgresSink(Sink[PostgresConfig]):
                 )))
         self.columns.update(new_columns)
 
-    def _load(self, rows: pa.Table) -> dict[int, BaseException]:
+    def _load(self, rows: pa.Table, sequence: str) -> dict[int, BaseException]:
         """Load ``rows``; those the database rejects are found by halving and returned by their
-        ``_sf_seq``. Each attempt runs under a savepoint, so a rejection undoes only itself."""
+        row order (column ``sequence``). Each attempt runs under a savepoint, so a rejection
+        undoes only itself."""
         assert self.connection is not None
         try:
             with self.connection.transaction():
-                self._copy(rows)
+                self._copy(rows, sequence)
             return {}
         except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
             if rows.num_rows == 1:
-                return {rows.column(SEQUENCE_COLUMN)[0].as_py(): ValueError(
+                return {rows.column(sequence)[0].as_py(): ValueError(
                     f"PostgreSQL rejected the record: {str(exc).strip()}")}
         middle = rows.num_rows // 2
-        return {**self._load(rows.slice(0, middle)), **self._load(rows.slice(middle))}
+        return {**self._load(rows.slice(0, middle), sequence),
+                **self._load(rows.slice(middle), sequence)}
 
-    def _copy(self, rows: pa.Table) -> None:
+    def _copy(self, rows: pa.Table, sequence: str) -> None:
         assert self.connection is not None
-        names = [name for name in rows.column_names if name != SEQUENCE_COLUMN]
+        names = [name for name in rows.column_names if name != sequence]
         columns = sql.SQL(", ").join(map(sql.Identifier, names))
         with self.connection.cursor() as cursor:
             if self.config.mode == "append":
@@ -244,12 +251,12 @@ class PostgresSink(Sink[PostgresConfig]):
                     "CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA"
                 ).format(staging, columns, self._table))
                 cursor.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint").format(
-                    staging, sql.Identifier(SEQUENCE_COLUMN)))
+                    staging, sql.Identifier(sequence)))
                 with cursor.copy(sql.SQL("COPY {} ({}, {}) FROM STDIN (FORMAT csv)").format(
-                        staging, columns, sql.Identifier(SEQUENCE_COLUMN))) as copy:
+                        staging, columns, sql.Identifier(sequence))) as copy:
                     copy.write(payload)
-                keys = sql.SQL(", ").join(map(sql.Identifier, self.config.keys))
-                updates = [name for name in names if name not in self.config.keys]
+                keys = sql.SQL(", ").join(map(sql.Identifier, self.keys))
+                updates = [name for name in names if name not in self.keys]
                 action = sql.SQL("DO NOTHING") if not updates else sql.SQL(
                     "DO UPDATE SET {}").format(sql.SQL(", ").join(
                         sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name))
@@ -258,7 +265,7 @@ class PostgresSink(Sink[PostgresConfig]):
                     "INSERT INTO {table} ({columns}) SELECT DISTINCT ON ({keys}) {columns} "
                     "FROM {staging} ORDER BY {keys}, {seq} DESC ON CONFLICT ({keys}) {action}"
                 ).format(table=self._table, columns=columns, keys=keys, staging=staging,
-                         seq=sql.Identifier(SEQUENCE_COLUMN), action=action))
+                         seq=sql.Identifier(sequence), action=action))
                 cursor.execute(sql.SQL("DROP TABLE {}").format(staging))
         self._bytes += len(payload)
 

@@ -32,6 +32,8 @@ from streamflow.transport.base import (
 )
 
 _TIMEOUT_S = 60.0
+# As librdkafka's committed() here: a bounded wait, also while offsets are pending in a transaction.
+COMMITTED_TIMEOUT_MS = 10_000
 # librdkafka-style names that do not map to kafka-python's by replacing dots with underscores.
 _RENAMED = {
     "bootstrap.servers": "bootstrap_servers",
@@ -217,7 +219,8 @@ class KafkaPythonConsumer(Consumer):
 
     def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
         try:
-            return {(t, p): self.raw.committed(_TP(t, p)) for t, p in partitions}
+            return {(t, p): self.raw.committed(_TP(t, p), timeout_ms=COMMITTED_TIMEOUT_MS)
+                    for t, p in partitions}
         except errors.KafkaError as exc:
             raise _error(exc) from exc
 

@@ -1,0 +1,124 @@
+"""Sinks fed hostile records through real pipelines: field names no column can have, partition
+values no directory can have, and type conflicts. The stage never stops, and every record is,
+exactly once, either written or dead-lettered with the reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from connectors.sinks.delta import NAMING as DELTA
+from connectors.sinks.duckdb import NAMING as DUCKDB
+from connectors.sinks.postgres import NAMING as POSTGRES
+from connectors.sinks.warehouse import Naming
+from tests.helpers import read_topic
+from tests.sink_tables import (
+    RunningPipeline,
+    delta_rows,
+    duckdb_rows,
+    postgres_names,
+    postgres_rows,
+)
+
+LONG = "n" * 63
+
+# Fed one list at a time: each reaches the sink in batches of its own.
+NAMED = [
+    [{"id": 0, "": "empty"}, {"id": 1, LONG + "x": "x", LONG + "y": "y"},
+     {"id": 2, "a\x00b": "nul"}, {"id": 3, "_sf_seq": 7, "_sf_row": 8}, {"id": 4, "Val": 1}],
+    # ``val`` beside ``Val``: one column or two, depending on the database.
+    [{"id": 5, "val": 2}, {"id": 6, "Val": 3, "val": 4}, {"id": 7, "val": None}],
+]
+
+
+def letters(bootstrap: str, pipeline: str) -> dict[int, dict[str, bytes]]:
+    """The dead-lettered records by id, with their headers."""
+    dead = read_topic(bootstrap, f"{pipeline}.dlq")
+    found = [(json.loads(value)["id"], dict(headers or []))
+             for value, headers in zip(dead.values, dead.headers, strict=True)]
+    by_id = dict(found)
+    assert len(by_id) == len(found), "a record was dead-lettered twice"
+    return by_id
+
+
+def feed_all(running: RunningPipeline, feeds: list[list[dict[str, Any]]]) -> None:
+    for records in feeds:
+        running.feed(records)
+    result = running.stop()
+    assert result.exit_code == 0, result.errors
+    counts = running.counts()
+    total = sum(map(len, feeds))
+    assert counts["in"] == total == counts["out"] + counts["dead_lettered"], counts
+
+
+def check_named(rows: pa.Table, naming: Naming, dead: dict[int, dict[str, bytes]]) -> None:
+    """Each record's values in its fields' columns; with case ignored, ``val`` beside ``Val``
+    dead-letters the records that have a value for it (ids 5 and 6), and only those."""
+    by_id = {row["id"]: row for row in rows.to_pylist()}
+    written = set(range(8)) - ({5, 6} if naming.fold is not None else set())
+    assert set(by_id) == written and rows.num_rows == len(written), "lost or duplicated"
+    assert set(dead) == {5, 6} - written
+    for letter in dead.values():
+        assert letter["streamflow.step"] == b"sink"
+        assert letter["streamflow.error.class"] == b"ColumnNameError"
+        assert b"'val'" in letter["streamflow.error.message"]
+    expected = {0: {"": "empty"}, 1: {LONG + "x": "x", LONG + "y": "y"}, 2: {"a\x00b": "nul"},
+                3: {"_sf_seq": 7, "_sf_row": 8}, 4: {"Val": 1}, 5: {"val": 2},
+                6: {"Val": 3, "val": 4}, 7: {}}
+    for record_id in written:
+        for field, value in expected[record_id].items():
+            assert by_id[record_id][naming.column(field)] == value, (record_id, field)
+    assert len({naming.column(LONG + "x"), naming.column(LONG + "y")}) == 2
+
+
+def test_postgres_maps_every_field_name_to_a_column_of_its_own(
+    fresh_broker: str, tmp_path: Path, postgres_dsn: str
+) -> None:
+    with postgres_names(postgres_dsn) as (pipeline, table):
+        with RunningPipeline(fresh_broker, tmp_path, "postgres", pipeline, dsn=postgres_dsn,
+                             table=table) as running:
+            feed_all(running, NAMED)
+        check_named(postgres_rows(postgres_dsn, table), POSTGRES, letters(fresh_broker, pipeline))
+
+
+def test_duckdb_maps_field_names_and_dead_letters_case_collisions(
+    fresh_broker: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "warehouse.duckdb"
+    with RunningPipeline(fresh_broker, tmp_path, "duckdb", path=str(path),
+                         table="named") as running:
+        feed_all(running, NAMED)
+    check_named(duckdb_rows(path, "named"), DUCKDB, letters(fresh_broker, running.pipeline))
+
+
+def test_delta_maps_field_names_and_dead_letters_case_collisions(
+    fresh_broker: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "named"
+    with RunningPipeline(fresh_broker, tmp_path, "delta", path=str(path)) as running:
+        feed_all(running, NAMED)
+    check_named(delta_rows(path), DELTA, letters(fresh_broker, running.pipeline))
+
+
+@pytest.mark.parametrize("sink_type", ["postgres", "duckdb"])
+def test_upserts_keep_a_field_named_like_the_row_order_column(
+    sink_type: str, fresh_broker: str, tmp_path: Path, postgres_dsn: str
+) -> None:
+    """Upserts order a batch's rows by an internal column; a field ``_sf_seq`` (here counting
+    down, against the record order) neither replaces it nor gets lost."""
+    versions = [{"id": i % 3, "_sf_seq": 100 - i, "version": i} for i in range(12)]
+    with postgres_names(postgres_dsn) as (pipeline, table):
+        settings = ({"dsn": postgres_dsn, "table": table} if sink_type == "postgres"
+                    else {"path": str(tmp_path / "w.duckdb"), "table": table})
+        with RunningPipeline(fresh_broker, tmp_path, sink_type, pipeline, mode="upsert",
+                             keys=["id"], **settings) as running:
+            feed_all(running, [versions])
+        rows = (postgres_rows(postgres_dsn, table) if sink_type == "postgres"
+                else duckdb_rows(tmp_path / "w.duckdb", table))
+    latest = {row["id"]: (row["version"], row["_sf_seq"]) for row in rows.to_pylist()}
+    assert latest == {key: (max(i for i in range(12) if i % 3 == key),
+                            100 - max(i for i in range(12) if i % 3 == key)) for key in range(3)}
