@@ -1,50 +1,88 @@
-"""Shared fixtures: a real Kafka-compatible broker for the whole session.
+"""Shared fixtures: a real broker, PostgreSQL and Mosquitto, each started by the suite itself.
 
-With a Docker engine answering, testcontainers' Kafka container is used; otherwise the bundled
-Tansu broker (the same one ``bootstrap: embedded`` runs).
+``STREAMFLOW_TEST_BROKER`` chooses the broker:
+
+- ``kafka`` (the default where Java exists): Apache Kafka in KRaft mode from its Maven Central
+  jars (``tests/kafka_broker.py``), or testcontainers' Kafka where only Docker answers;
+- ``tansu``: the bundled Tansu broker, the one ``bootstrap: embedded`` runs;
+- ``external:HOST:PORT``: a broker that is already running (``fresh_broker`` then shares it).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from streamflow.transport.broker import EmbeddedBroker
 from tests import services
+from tests.kafka_broker import KafkaCluster
+
+BROKER_VARIABLE = "STREAMFLOW_TEST_BROKER"
+
+
+def _broker_choice() -> str:
+    choice = os.environ.get(BROKER_VARIABLE, "")
+    if choice:
+        if choice not in ("kafka", "tansu") and not choice.startswith("external:"):
+            raise pytest.UsageError(f"{BROKER_VARIABLE}={choice!r}: use kafka, tansu or external:HOST:PORT")
+        return choice
+    return "kafka" if shutil.which("java") or services.docker_available() else "tansu"
+
+
+@contextmanager
+def _kafka(log_dir: Path | None) -> Iterator[str]:
+    if shutil.which("java"):
+        try:
+            cluster = KafkaCluster(1, log_dir=log_dir)
+            with cluster:
+                yield cluster.bootstrap
+            return
+        except services.ServiceUnavailable as exc:
+            if not services.docker_available():
+                pytest.skip(str(exc))
+    from testcontainers.kafka import KafkaContainer
+
+    with KafkaContainer().with_kraft() as kafka:
+        yield kafka.get_bootstrap_server()
+
+
+@contextmanager
+def _broker(folder: Path) -> Iterator[str]:
+    """The bootstrap address of a broker of the chosen kind; logs go to ``folder``."""
+    choice = _broker_choice()
+    if choice.startswith("external:"):
+        yield choice.removeprefix("external:")
+    elif choice == "kafka":
+        with _kafka(folder) as address:
+            yield address
+    else:
+        with EmbeddedBroker(log_path=folder / "tansu.log") as broker:
+            yield broker.bootstrap
 
 
 @pytest.fixture(scope="session")
 def broker_kind() -> str:
-    """'kafka' (an external or containerised Apache Kafka) or 'tansu' (the bundled broker)."""
-    if os.environ.get("STREAMFLOW_TEST_BOOTSTRAP"):
-        return os.environ.get("STREAMFLOW_TEST_BROKER_KIND", "kafka")
-    return "kafka" if services.docker_available() else "tansu"
+    """'kafka' (Apache Kafka, started here or external) or 'tansu' (the bundled broker)."""
+    return "tansu" if _broker_choice() == "tansu" else "kafka"
 
 
 @pytest.fixture(scope="session")
-def bootstrap(tmp_path_factory: pytest.TempPathFactory, broker_kind: str) -> Iterator[str]:
-    """Bootstrap address of a broker that lives for the whole test session."""
-    if os.environ.get("STREAMFLOW_TEST_BOOTSTRAP"):
-        yield os.environ["STREAMFLOW_TEST_BOOTSTRAP"]
-        return
-    if broker_kind == "kafka":
-        from testcontainers.kafka import KafkaContainer
-
-        with KafkaContainer().with_kraft() as kafka:
-            yield kafka.get_bootstrap_server()
-        return
-    log_path = tmp_path_factory.mktemp("broker") / "tansu.log"
-    with EmbeddedBroker(log_path=log_path) as broker:
-        yield broker.bootstrap
+def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap address of a broker that lives for the whole test session (per xdist worker)."""
+    with _broker(tmp_path_factory.mktemp("broker")) as address:
+        yield address
 
 
 @pytest.fixture
-def fresh_broker() -> Iterator[str]:
-    """A broker of this test's own (Tansu starts in well under a second), for pipeline runs."""
-    with EmbeddedBroker(log_path=None) as broker:
-        yield broker.bootstrap
+def fresh_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A broker of this test's own, for pipeline runs with fixed topic and group names."""
+    with _broker(tmp_path_factory.mktemp("broker")) as address:
+        yield address
 
 
 @pytest.fixture(scope="session")

@@ -95,7 +95,7 @@ def test_kafka_down_gives_503_never_a_false_202(tmp_path: Path) -> None:
         broker.stop()
 
 
-def test_sigkill_loses_nothing_that_was_answered_202(tmp_path: Path) -> None:
+def test_sigkill_loses_nothing_that_was_answered_202(tmp_path: Path, bootstrap: str) -> None:
     topic, port = unique("webhook"), free_port()
     accepted: list[int] = []
     sender_stop = threading.Event()
@@ -112,32 +112,31 @@ def test_sigkill_loses_nothing_that_was_answered_202(tmp_path: Path) -> None:
                 accepted.extend(range(number, number + 5))
             number += 5
 
-    with EmbeddedBroker(log_path=None) as broker:
-        pipeline = http_pipeline(broker.bootstrap, topic, port)
-        process = start_process(pipeline, tmp_path)
-        try:
-            wait_until(lambda: listening(port), 30, "the webhook to listen")
-            thread = threading.Thread(target=sender, args=(0,), daemon=True)
-            thread.start()
-            wait_until(lambda: len(accepted) >= 100, 30, "100 accepted records")
-            process.send_signal(signal.SIGKILL)
-            process.wait(10)
-            sender_stop.set()
-            thread.join(10)
-            before_restart = list(accepted)
+    pipeline = http_pipeline(bootstrap, topic, port)
+    process = start_process(pipeline, tmp_path)
+    try:
+        wait_until(lambda: listening(port), 30, "the webhook to listen")
+        thread = threading.Thread(target=sender, args=(0,), daemon=True)
+        thread.start()
+        wait_until(lambda: len(accepted) >= 100, 30, "100 accepted records")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        sender_stop.set()
+        thread.join(10)
+        before_restart = list(accepted)
 
-            process = start_process(pipeline, tmp_path)
-            wait_until(lambda: listening(port), 30, "the restarted webhook")
-            sender_stop.clear()
-            thread = threading.Thread(target=sender, args=(1_000_000,), daemon=True)
-            thread.start()
-            wait_until(lambda: len(accepted) >= len(before_restart) + 50, 30, "50 more records")
-            sender_stop.set()
-            thread.join(10)
-        finally:
-            process.send_signal(signal.SIGKILL)
-            process.wait(10)
-        in_topic = {json.loads(v)["n"] for v in read_topic(broker.bootstrap, topic).values}
+        process = start_process(pipeline, tmp_path)
+        wait_until(lambda: listening(port), 30, "the restarted webhook")
+        sender_stop.clear()
+        thread = threading.Thread(target=sender, args=(1_000_000,), daemon=True)
+        thread.start()
+        wait_until(lambda: len(accepted) >= len(before_restart) + 50, 30, "50 more records")
+        sender_stop.set()
+        thread.join(10)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    in_topic = {json.loads(v)["n"] for v in read_topic(bootstrap, topic).values}
     assert set(accepted) <= in_topic, f"answered 202 but missing: {sorted(set(accepted) - in_topic)[:10]}"
     assert any(n >= 1_000_000 for n in in_topic)
 

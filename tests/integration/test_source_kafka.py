@@ -13,7 +13,7 @@ import pytest
 from connectors.sources.kafka import KafkaSource, KafkaSourceConfig
 from streamflow.plugins import ComponentContext, TransientError
 from streamflow.transport import OutgoingBatch, TopicSpec, create_transport
-from streamflow.transport.broker import EmbeddedBroker, free_port
+from streamflow.transport.broker import free_port
 from tests.helpers import read_topic
 from tests.source_runs import TopicWatcher, running, source_pipeline, start_process, unique
 
@@ -59,7 +59,7 @@ def _pipeline(bootstrap: str, external: str, upstream: str, topic: str) -> dict[
 
 
 def test_sigkill_mid_copy_then_restart_copies_every_record_once(
-    tmp_path: Path, fresh_broker: str
+    tmp_path: Path, bootstrap: str, fresh_broker: str
 ) -> None:
     upstream, topic = external_topic(fresh_broker, 2), unique("copy")
     stop, produced = threading.Event(), [0]
@@ -70,26 +70,25 @@ def test_sigkill_mid_copy_then_restart_copies_every_record_once(
             produced[0] += 50
             time.sleep(0.02)
 
-    with EmbeddedBroker(log_path=None) as broker:
-        pipeline = _pipeline(broker.bootstrap, fresh_broker, upstream, topic)
-        pipeline["runtime"] = {"batch": {"max_records": 40}}
-        thread = threading.Thread(target=writer, daemon=True)
-        thread.start()
+    pipeline = _pipeline(bootstrap, fresh_broker, upstream, topic)
+    pipeline["runtime"] = {"batch": {"max_records": 40}}
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    process = start_process(pipeline, tmp_path)
+    watcher = TopicWatcher(bootstrap, topic)
+    try:
+        watcher.wait_for(500, timeout_s=40)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        stop.set()
+        thread.join(10)
         process = start_process(pipeline, tmp_path)
-        watcher = TopicWatcher(broker.bootstrap, topic)
-        try:
-            watcher.wait_for(500, timeout_s=40)
-            process.send_signal(signal.SIGKILL)
-            process.wait(10)
-            stop.set()
-            thread.join(10)
-            process = start_process(pipeline, tmp_path)
-            watcher.wait_for(produced[0], timeout_s=40)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
-            watcher.close()
-        values = read_topic(broker.bootstrap, topic).values
+        watcher.wait_for(produced[0], timeout_s=40)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+        watcher.close()
+    values = read_topic(bootstrap, topic).values
     assert len(values) == produced[0] == len(set(values)), "a record was lost or copied twice"
 
 

@@ -19,7 +19,7 @@ from paho.mqtt.properties import Properties
 
 from connectors.sources.mqtt import MqttConfig, MqttSource
 from streamflow.plugins import ComponentContext, TransientError
-from streamflow.transport.broker import EmbeddedBroker, free_port
+from streamflow.transport.broker import free_port
 from tests.helpers import read_topic
 from tests.source_runs import TopicWatcher, running, source_pipeline, start_process, unique
 
@@ -85,15 +85,17 @@ def test_json_objects_get_their_topic_and_bad_payloads_are_wrapped(
     assert base64.b64decode(rows[4]["payload"]) == b"\xff\xfe"
 
 
-def test_sigkill_then_restart_loses_no_qos1_message(tmp_path: Path, mqtt_address: Address) -> None:
+def test_sigkill_then_restart_loses_no_qos1_message(
+    tmp_path: Path, bootstrap: str, mqtt_address: Address
+) -> None:
     topic, prefix, client_id = unique("mqtt"), unique("sf-test"), unique("sf-source")
     create_session(mqtt_address, client_id, f"{prefix}/#")
-    with EmbeddedBroker(log_path=None) as broker, publisher(mqtt_address) as client:
-        pipeline = source_pipeline(broker.bootstrap, "mqtt", topic, topics=[f"{prefix}/#"],
+    with publisher(mqtt_address) as client:
+        pipeline = source_pipeline(bootstrap, "mqtt", topic, topics=[f"{prefix}/#"],
                                    host=mqtt_address[0], port=mqtt_address[1],
                                    client_id=client_id, session_expiry_s=120)
         process = start_process(pipeline, tmp_path)
-        watcher = TopicWatcher(broker.bootstrap, topic)
+        watcher = TopicWatcher(bootstrap, topic)
         try:
             for number in range(200):
                 publish(client, f"{prefix}/n", json.dumps({"n": number}).encode())
@@ -108,7 +110,7 @@ def test_sigkill_then_restart_loses_no_qos1_message(tmp_path: Path, mqtt_address
             process.send_signal(signal.SIGTERM)
             process.wait(30)
             watcher.close()
-        received = [json.loads(v)["n"] for v in read_topic(broker.bootstrap, topic).values]
+        received = [json.loads(v)["n"] for v in read_topic(bootstrap, topic).values]
     assert set(received) == set(range(300)), "a QoS 1 message was lost"
 
 

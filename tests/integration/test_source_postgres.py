@@ -15,7 +15,7 @@ import pytest
 
 from connectors.sources.postgres import PostgresConfig, PostgresSource, quote_identifier
 from streamflow.plugins import ComponentContext, TransientError
-from streamflow.transport.broker import EmbeddedBroker, free_port
+from streamflow.transport.broker import free_port
 from tests.helpers import read_topic
 from tests.source_runs import TopicWatcher, running, source_pipeline, start_process, unique
 
@@ -66,7 +66,9 @@ def test_rows_with_equal_tracking_values_across_poll_boundaries(
                        "day": "2025-01-31", "tags": ["a", "b"], "note": "first"}
 
 
-def test_a_query_with_a_strictly_increasing_column(bootstrap: str, postgres_dsn: str, table: str) -> None:
+def test_a_query_with_a_strictly_increasing_column(
+    bootstrap: str, postgres_dsn: str, table: str
+) -> None:
     topic = unique("rows")
     insert(postgres_dsn, table, [(f"2025-01-01T00:00:0{i}+00:00", f"{i}.00", f"n{i}") for i in range(5)])
     pipeline = source_pipeline(
@@ -82,7 +84,7 @@ def test_a_query_with_a_strictly_increasing_column(bootstrap: str, postgres_dsn:
 
 
 def test_sigkill_mid_stream_then_restart_copies_every_row_once(
-    tmp_path: Path, postgres_dsn: str, table: str
+    tmp_path: Path, bootstrap: str, postgres_dsn: str, table: str
 ) -> None:
     topic = unique("rows")
     stop = threading.Event()
@@ -95,27 +97,26 @@ def test_sigkill_mid_stream_then_restart_copies_every_row_once(
             inserted[0] += 10
             time.sleep(0.01)
 
-    with EmbeddedBroker(log_path=None) as broker:
-        pipeline = source_pipeline(broker.bootstrap, "postgres", topic, partitions=2, dsn=postgres_dsn,
-                                   table=table, tracking_column="id", poll_interval_s=0.05)
-        pipeline["runtime"] = {"batch": {"max_records": 25}}
-        thread = threading.Thread(target=writer, daemon=True)
-        thread.start()
+    pipeline = source_pipeline(bootstrap, "postgres", topic, partitions=2, dsn=postgres_dsn,
+                               table=table, tracking_column="id", poll_interval_s=0.05)
+    pipeline["runtime"] = {"batch": {"max_records": 25}}
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    process = start_process(pipeline, tmp_path)
+    watcher = TopicWatcher(bootstrap, topic, partitions=2)
+    try:
+        watcher.wait_for(300, timeout_s=40)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        stop.set()
+        thread.join(10)
         process = start_process(pipeline, tmp_path)
-        watcher = TopicWatcher(broker.bootstrap, topic, partitions=2)
-        try:
-            watcher.wait_for(300, timeout_s=40)
-            process.send_signal(signal.SIGKILL)
-            process.wait(10)
-            stop.set()
-            thread.join(10)
-            process = start_process(pipeline, tmp_path)
-            watcher.wait_for(inserted[0], timeout_s=40)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
-            watcher.close()
-        notes = [json.loads(v)["note"] for v in read_topic(broker.bootstrap, topic).values]
+        watcher.wait_for(inserted[0], timeout_s=40)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+        watcher.close()
+    notes = [json.loads(v)["note"] for v in read_topic(bootstrap, topic).values]
     assert len(notes) == inserted[0] == len(set(notes)), "a row was lost or copied twice"
 
 

@@ -9,46 +9,48 @@ from pathlib import Path
 from typing import Any
 
 from connectors.sources.generator import GeneratorConfig, sensor_event
-from streamflow.transport.broker import EmbeddedBroker
 from tests.helpers import read_topic
 from tests.source_runs import TopicWatcher, source_pipeline, start_process, unique
 
 
-def kill_mid_stream_then_finish(tmp_path: Path, source_type: str, total: int,
+def kill_mid_stream_then_finish(bootstrap: str, tmp_path: Path, source_type: str, total: int,
                                 **settings: Any) -> list[bytes]:
     """Run the source, SIGKILL it once some records are out, restart it; all it published."""
     topic = unique("records")
-    with EmbeddedBroker(log_path=None) as broker:
-        pipeline = source_pipeline(broker.bootstrap, source_type, topic, partitions=2, **settings)
-        pipeline["runtime"] = {"batch": {"max_records": 50}}
-        watcher = TopicWatcher(broker.bootstrap, topic, partitions=2)
+    pipeline = source_pipeline(bootstrap, source_type, topic, partitions=2, **settings)
+    pipeline["runtime"] = {"batch": {"max_records": 50}}
+    watcher = TopicWatcher(bootstrap, topic, partitions=2)
+    process = start_process(pipeline, tmp_path)
+    try:
+        watcher.wait_for(total // 5, timeout_s=60)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        assert len(watcher.read()) < total, "the source finished before it was killed"
         process = start_process(pipeline, tmp_path)
-        try:
-            watcher.wait_for(total // 5, timeout_s=60)
-            process.send_signal(signal.SIGKILL)
-            process.wait(10)
-            assert len(watcher.read()) < total, "the source finished before it was killed"
-            process = start_process(pipeline, tmp_path)
-            watcher.wait_for(total, timeout_s=60)
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
-            watcher.close()
-        return read_topic(broker.bootstrap, topic).values
+        watcher.wait_for(total, timeout_s=60)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+        watcher.close()
+    return read_topic(bootstrap, topic).values
 
 
-def test_generator_resumes_after_sigkill_with_nothing_lost_or_repeated(tmp_path: Path) -> None:
+def test_generator_resumes_after_sigkill_with_nothing_lost_or_repeated(
+    tmp_path: Path, bootstrap: str
+) -> None:
     total = 6000
-    values = kill_mid_stream_then_finish(tmp_path, "generator", total, count=total, rate=2000,
+    values = kill_mid_stream_then_finish(bootstrap, tmp_path, "generator", total, count=total, rate=2000,
                                          seed=11)
     config = GeneratorConfig(count=total, seed=11)
     assert sorted(values) == sorted(sensor_event(config, i)[1] for i in range(total))
 
 
-def test_file_source_resumes_after_sigkill_with_nothing_lost_or_repeated(tmp_path: Path) -> None:
+def test_file_source_resumes_after_sigkill_with_nothing_lost_or_repeated(
+    tmp_path: Path, bootstrap: str
+) -> None:
     total = 20_000
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"n": n, "pad": "x" * 200}) + "\n" for n in range(total)))
-    values = kill_mid_stream_then_finish(tmp_path, "file", total, path=str(data))
+    values = kill_mid_stream_then_finish(bootstrap, tmp_path, "file", total, path=str(data))
     numbers = [json.loads(value)["n"] for value in values]
     assert sorted(numbers) == list(range(total))

@@ -18,6 +18,7 @@ from streamflow.transport import (
     TopicPartition,
     TopicSpec,
     Transport,
+    TransportError,
     create_transport,
 )
 
@@ -151,6 +152,18 @@ def read_all(transport: Transport, name: str, expected: int) -> list[bytes | Non
     return got.values + extra.values
 
 
+def committed_unless_pending(consumer: Consumer, partition: TopicPartition) -> int | None:
+    """The committed offset, or None while a transaction's offsets for it are pending: Apache
+    Kafka answers UNSTABLE_OFFSET_COMMIT to a stable-offsets fetch then (librdkafka retries until
+    its timeout), while Tansu shows the committed offset as it was."""
+    try:
+        return consumer.committed([partition])[partition]
+    except TransportError as exc:
+        if "Timed out" not in str(exc) and "KafkaTimeoutError" not in str(exc):
+            raise
+        return None
+
+
 def test_a_committed_transaction_carries_records_and_offsets(bootstrap: str, client: str) -> None:
     transport = create_transport(client, bootstrap)
     source, target = topic(transport), topic(transport)
@@ -164,7 +177,7 @@ def test_a_committed_transaction_carries_records_and_offsets(bootstrap: str, cli
     producer.begin_transaction()
     producer.produce([OutgoingBatch(target, [b"committed"])])
     producer.send_offsets_to_transaction({(source, 0): 3}, consumer)
-    assert consumer.committed([(source, 0)]) == {(source, 0): None}, "visible before commit"
+    assert committed_unless_pending(consumer, (source, 0)) is None, "visible before commit"
     producer.commit_transaction()
     producer.close()
     assert consumer.committed([(source, 0)]) == {(source, 0): 3}
