@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup run test kafka lint bench clean
+.PHONY: setup run test kafka services lint bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -21,6 +21,10 @@ run: $(STAMP)
 	$(BIN)/streamflow run examples/quickstart.yaml --until-idle $${UNTIL_IDLE:-5}
 	@$(BIN)/python -c "import duckdb; print('rows in ./output/quickstart:', duckdb.sql(\"SELECT count(*) FROM read_parquet('output/quickstart/**/*.parquet')\").fetchall()[0][0])"
 
+## Debian's PostgreSQL, Mosquitto, Prometheus and Chromium, when missing (as root; else a warning).
+services:
+	@bash tests/install_services.sh
+
 ## Apache Kafka's jars (version pinned in tests/kafka/pom.xml) into ~/.cache/streamflow, checked.
 kafka: $(STAMP)
 	@if command -v java >/dev/null && command -v mvn >/dev/null; then \
@@ -31,7 +35,7 @@ kafka: $(STAMP)
 ## then a smoke subset on the embedded Tansu broker, so that `bootstrap: embedded` stays covered.
 TANSU_SMOKE = tests/integration/test_transport_contract.py tests/integration/test_quickstart.py
 
-test: $(STAMP) kafka
+test: $(STAMP) services kafka
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -n 3
 	STREAMFLOW_TEST_BROKER=tansu $(BIN)/pytest -q -n 3 $(TANSU_SMOKE)
