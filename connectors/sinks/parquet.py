@@ -5,10 +5,16 @@ partial file. A file's name comes from the topic, the Kafka partition and the of
 started at (plus the event-time bucket when rolling by event time), and its directory from the
 ``partition_by`` values, so a replay of the same records after a crash overwrites the same files
 instead of adding new ones.
+
+Partition directories are ``<field>=<value>``, one value to one directory (on a case-sensitive
+file system): see :func:`directory_name`. A record whose ``partition_by`` value cannot name a
+directory (a JSON object or array) is dead-lettered.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,11 +25,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from connectors.sinks.warehouse import conform
+from connectors.sinks.warehouse import ColumnTypeError, cast_values, conform, is_nested
 from streamflow.plugins import ComponentContext, Sink, SinkRecordError
 from streamflow.transport.base import TopicPartition
 
 TEMPORARY_SUFFIX = ".tmp"
+NULL_DIRECTORY = "__HIVE_DEFAULT_PARTITION__"  # Hive's name for a null value
+EMPTY_DIRECTORY = "__EMPTY__"  # the empty string
+MAX_DIRECTORY_BYTES = 128  # longer encoded values are cut and get a digest
+DIGEST_DIGITS = 32  # hexadecimal digits of SHA-256 in the name of a long value
+_SAFE = "-_.:"  # kept as they are, with letters and digits
+BUCKET = "_bucket"  # the event-time interval, beside the partition_by values
 
 
 class ParquetConfig(BaseModel):
@@ -34,7 +46,7 @@ class ParquetConfig(BaseModel):
     partition_by: list[str] = Field(
         default_factory=list,
         description="fields whose values name Hive-style directories (<field>=<value>/), e.g. a "
-                    "date derived from event time by a sql step",
+                    "date derived from event time by a sql step; values are percent-encoded",
     )
     roll_rows: int | None = Field(
         None, ge=1, description="flush (close the files) once this many records are buffered")
@@ -52,11 +64,16 @@ class ParquetConfig(BaseModel):
         return self
 
 
+class PartitionValueError(ValueError):
+    """A ``partition_by`` value cannot name a directory."""
+
+
 class ParquetSink(Sink[ParquetConfig]):
     """Writes Parquet files named by topic, partition and first offset; replays rewrite them.
 
-    Buffers per Kafka partition; :meth:`flush` writes one file per buffered partition and
-    ``partition_by`` directory (and event-time bucket with ``roll_interval_s``).
+    Buffers per Kafka partition, each table with its rows' places (``partition_by`` directories
+    and event-time bucket, computed when written); :meth:`flush` writes one file per buffered
+    partition and place.
     """
 
     config_model = ParquetConfig
@@ -64,7 +81,8 @@ class ParquetSink(Sink[ParquetConfig]):
     def __init__(self, config: ParquetConfig, context: ComponentContext) -> None:
         super().__init__(config, context)
         self.root = Path(config.path)
-        self._buffers: dict[TopicPartition, tuple[int, list[pa.Table]]] = {}
+        # Per Kafka partition: the first offset, the buffered tables and their places.
+        self._buffers: dict[TopicPartition, tuple[int, list[pa.Table], list[pa.Table]]] = {}
         self._buffered_rows = self._buffered_bytes = 0
 
     def open(self) -> None:
@@ -73,15 +91,24 @@ class ParquetSink(Sink[ParquetConfig]):
             leftover.unlink()
 
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
-        _start, tables = self._buffers.setdefault(partition, (first_offset, []))
+        _start, tables, places = self._buffers.setdefault(partition, (first_offset, [], []))
         failures: dict[int, BaseException] = {}
+        table = self._placeable(table, failures)
         if tables:
-            table, failures = _fit(table, tables[0].schema)
-        tables.append(table)
-        self._buffered_rows += table.num_rows
-        self._buffered_bytes += table.nbytes
+            table = _fit(table, tables[0].schema, failures)
+        place = self._places(table, failures)
         if failures:
-            raise SinkRecordError(list(failures), list(failures.values()))
+            keep = np.ones(table.num_rows, dtype=bool)
+            keep[list(failures)] = False
+            table, place = table.filter(pa.array(keep)), place.filter(pa.array(keep))
+        if table.num_rows:
+            tables.append(table)
+            places.append(place)
+            self._buffered_rows += table.num_rows
+            self._buffered_bytes += table.nbytes
+        if failures:
+            failed = sorted(failures)
+            raise SinkRecordError(failed, [failures[row] for row in failed])
 
     def should_flush(self) -> bool:
         rows, size = self.config.roll_rows, self.config.roll_bytes
@@ -95,55 +122,58 @@ class ParquetSink(Sink[ParquetConfig]):
             name += f"+{bucket_ms:015d}"
         return self.root.joinpath(topic, *directories, f"{name}.parquet")
 
-    def _pieces(self, table: pa.Table) -> list[tuple[list[str], int | None, pa.Table]]:
-        """The table split by ``partition_by`` values and event-time bucket."""
-        keys: list[pa.ChunkedArray] = []
-        names: list[str] = []
+    def _placeable(self, table: pa.Table, failures: dict[int, BaseException]) -> pa.Table:
+        """``table`` without the ``partition_by`` columns whose values cannot be text (objects,
+        arrays); their rows with a value there fail."""
+        for field in self.config.partition_by:
+            if field not in table.column_names or not is_nested(table.column(field).type):
+                continue
+            column = table.column(field)
+            for row in np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False)):
+                failures.setdefault(int(row), PartitionValueError(
+                    f"partition_by field {field!r}: a JSON object or array cannot name a directory "
+                    f"({json.dumps(column[int(row)].as_py(), default=str)[:200]})"))
+            table = table.drop_columns([field])
+        return table
+
+    def _places(self, table: pa.Table, failures: dict[int, BaseException]) -> pa.Table:
+        """Per row, the directory of each ``partition_by`` field and the event-time bucket."""
+        places: dict[str, pa.ChunkedArray] = {}
         for field in self.config.partition_by:
             column = table.column(field) if field in table.column_names else pa.chunked_array(
                 [pa.nulls(table.num_rows, pa.string())])
-            keys.append(pc.cast(column, pa.string()))
-            names.append(field)
+            places[field] = _directories(field, pc.cast(column, pa.string()))
         if self.config.roll_interval_s is not None and self.config.time_field is not None:
-            keys.append(self._buckets(table, self.config.time_field, self.config.roll_interval_s))
-            names.append("_bucket")
-        if not keys:
-            return [([], None, table)]
-        groups = pa.table(dict(zip(names, keys, strict=True))).group_by(
-            names, use_threads=False).aggregate([])
-        pieces = []
-        for group in groups.to_pylist():
-            mask = None
-            for name, key in zip(names, keys, strict=True):
-                value = group[name]
-                matches = pc.is_null(key) if value is None else pc.equal(key, value)
-                matches = pc.fill_null(matches, False)
-                mask = matches if mask is None else pc.and_(mask, matches)
-            directories = [f"{field}={_directory_value(group[field])}"
-                           for field in self.config.partition_by]
-            bucket = group.get("_bucket")
-            pieces.append((directories, int(bucket) if bucket is not None else None,
-                           table.filter(mask)))
-        return pieces
+            places[BUCKET] = self._buckets(table, self.config.time_field,
+                                           self.config.roll_interval_s, failures)
+        return pa.table(places or {BUCKET: pa.nulls(table.num_rows, pa.int64())})
 
     @staticmethod
-    def _buckets(table: pa.Table, field: str, interval_s: float) -> pa.ChunkedArray:
-        """Start (epoch ms) of each record's event-time interval; records without one get -1."""
+    def _buckets(table: pa.Table, field: str, interval_s: float,
+                 failures: dict[int, BaseException]) -> pa.ChunkedArray:
+        """Start (epoch ms) of each record's event-time interval; records without one get -1, and
+        those whose value is no time fail."""
         column = table.column(field) if field in table.column_names else pa.chunked_array(
             [pa.nulls(table.num_rows, pa.int64())])
         if pa.types.is_timestamp(column.type):
             column = pc.cast(pc.cast(column, pa.timestamp("ms", column.type.tz)), pa.int64())
-        millis = pc.cast(column, pa.int64(), safe=False)
+        millis = cast_values(column, pa.float64(), field, failures)
+        infinite = pc.invert(pc.fill_null(pc.is_finite(millis), True))
+        for row in np.flatnonzero(infinite.to_numpy(zero_copy_only=False)):
+            failures.setdefault(int(row), ColumnTypeError(
+                f"time_field {field!r}: {millis[int(row)].as_py()} is not a time"))
         interval_ms = max(int(interval_s * 1000), 1)
-        starts = pc.multiply(pc.floor(pc.divide(pc.cast(millis, pa.float64()), interval_ms)),
-                             interval_ms)
-        return pc.cast(pc.fill_null(starts, -1), pa.string())
+        starts = pc.multiply(pc.floor(pc.divide(millis, interval_ms)), interval_ms)
+        starts = pc.if_else(pc.is_finite(starts), starts, None)
+        return pc.cast(pc.fill_null(starts, -1), pa.int64())
 
     def flush(self, offsets: Mapping[TopicPartition, int], cluster_id: str) -> int:
         written = 0
-        for partition, (first_offset, tables) in self._buffers.items():
+        for partition, (first_offset, tables, places) in self._buffers.items():
+            if not tables:
+                continue
             table = pa.concat_tables(tables, promote_options="permissive")
-            for directories, bucket, piece in self._pieces(table):
+            for directories, bucket, piece in _pieces(table, pa.concat_tables(places)):
                 written += self._write_file(
                     self.file_path(partition, first_offset, directories, bucket), piece)
         self._buffers.clear()
@@ -161,27 +191,41 @@ class ParquetSink(Sink[ParquetConfig]):
 
     def revoke(self, partitions: Sequence[TopicPartition]) -> None:
         for partition in partitions:
-            _first, tables = self._buffers.pop(partition, (0, []))
+            _first, tables, _places = self._buffers.pop(partition, (0, [], []))
             self._buffered_rows -= sum(table.num_rows for table in tables)
             self._buffered_bytes -= sum(table.nbytes for table in tables)
 
 
-def _fit(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, dict[int, BaseException]]:
-    """``table`` without the rows whose values cannot take the types ``schema`` (the file's
-    first records) gave their fields, and those rows with their errors."""
+def _pieces(table: pa.Table, places: pa.Table) -> list[tuple[list[str], int | None, pa.Table]]:
+    """``table`` split by ``places``: each piece with its directories and event-time bucket."""
+    names = places.column_names
+    groups = places.group_by(names, use_threads=False).aggregate([])
+    pieces = []
+    for group in groups.to_pylist():
+        mask = None
+        for name in names:
+            value = group[name]
+            matches = pc.is_null(places[name]) if value is None else pc.equal(places[name], value)
+            matches = pc.fill_null(matches, False)
+            mask = matches if mask is None else pc.and_(mask, matches)
+        bucket = group.get(BUCKET)
+        pieces.append(([group[name] for name in names if name != BUCKET], bucket, table.filter(mask)))
+    return pieces
+
+
+def _fit(table: pa.Table, schema: pa.Schema, failures: dict[int, BaseException]) -> pa.Table:
+    """``table`` with the types ``schema`` (the file's first records) gave its fields where they
+    differ; rows whose values cannot take them are added to ``failures`` (their values nulled)."""
     try:
         pa.unify_schemas([schema, table.schema], promote_options="permissive")
-        return table, {}
+        return table
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         pass
     known = {field.name: field.type for field in schema if field.name in table.column_names}
     conformed = conform(table.select(list(known)), known, [])
-    fitted = _replace_columns(table, conformed.table)
-    if conformed.failures:
-        keep = np.ones(table.num_rows, dtype=bool)
-        keep[list(conformed.failures)] = False
-        fitted = fitted.filter(pa.array(keep))
-    return fitted, dict(sorted(conformed.failures.items()))
+    for row, error in conformed.failures.items():
+        failures.setdefault(row, error)
+    return _replace_columns(table, conformed.table)
 
 
 def _replace_columns(table: pa.Table, replacements: pa.Table) -> pa.Table:
@@ -191,8 +235,42 @@ def _replace_columns(table: pa.Table, replacements: pa.Table) -> pa.Table:
     return table
 
 
-def _directory_value(value: str | None) -> str:
-    """A partition value safe as one directory name (Hive's default for null)."""
+def _directories(field: str, values: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``<field>=<directory_name(value)>`` for each of ``values`` (text or null)."""
+    distinct = pc.unique(values)
+    names = pa.array([f"{field}={directory_name(value)}" for value in distinct.to_pylist()],
+                     pa.string())
+    return pc.take(names, pc.index_in(values, value_set=distinct))
+
+
+def directory_name(value: str | None) -> str:
+    """A ``partition_by`` value as one directory name, one-to-one.
+
+    Null is ``__HIVE_DEFAULT_PARTITION__`` and the empty string ``__EMPTY__``. Otherwise letters,
+    digits and ``-_.:`` stay as they are and every other character becomes the ``%XX`` escapes
+    of its UTF-8 bytes (``%`` included, so the name decodes back to the value); a value that would
+    read as one of the two names above gets its first ``_`` escaped (``%5F``). An encoded value
+    longer than 128 bytes is cut to 95 bytes (at a character or escape boundary) and ends with
+    ``~`` and 32 hexadecimal digits of the SHA-256 of the value: ``~`` is always escaped
+    otherwise, so such a name is never that of a shorter value.
+    """
     if value is None:
-        return "__HIVE_DEFAULT_PARTITION__"
-    return "".join(c if c.isalnum() or c in "-_.:" else f"%{ord(c):02X}" for c in value) or "__EMPTY__"
+        return NULL_DIRECTORY
+    if not value:
+        return EMPTY_DIRECTORY
+    pieces = [c if c.isalnum() or c in _SAFE else
+              "".join(f"%{byte:02X}" for byte in c.encode("utf-8", "surrogatepass"))
+              for c in value]
+    if "".join(pieces) in (NULL_DIRECTORY, EMPTY_DIRECTORY):
+        pieces[0] = "%5F"
+    encoded = "".join(pieces)
+    if len(encoded.encode()) <= MAX_DIRECTORY_BYTES:
+        return encoded
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:DIGEST_DIGITS]
+    room, kept = MAX_DIRECTORY_BYTES - 1 - DIGEST_DIGITS, []
+    for piece in pieces:
+        room -= len(piece.encode())
+        if room < 0:
+            break
+        kept.append(piece)
+    return "".join(kept) + "~" + digest

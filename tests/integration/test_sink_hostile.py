@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from connectors.sinks.delta import NAMING as DELTA
@@ -122,3 +123,36 @@ def test_upserts_keep_a_field_named_like_the_row_order_column(
     latest = {row["id"]: (row["version"], row["_sf_seq"]) for row in rows.to_pylist()}
     assert latest == {key: (max(i for i in range(12) if i % 3 == key),
                             100 - max(i for i in range(12) if i % 3 == key)) for key in range(3)}
+
+
+# Values that shared a directory (and so a file: the second replaced the first) or stopped the
+# stage, then values no directory can have, each in a feed of its own.
+PARTITIONS = [None, "__HIVE_DEFAULT_PARTITION__", "", "__EMPTY__", "\u2014", " 14", "%2014",
+              "x" * 10_000, "x" * 9_999 + "y", 1.5]
+UNPLACEABLE = [{"a": 1}, [1, 2]]
+
+
+def test_parquet_partitions_are_one_to_one_and_objects_are_dead_lettered(
+    fresh_broker: str, tmp_path: Path
+) -> None:
+    feeds = [[{"id": i, "day": day} for i, day in enumerate(PARTITIONS[:-1])],
+             *([{"id": 100 + i, "day": value}] for i, value in enumerate(UNPLACEABLE)),
+             [{"id": 9, "day": PARTITIONS[-1]}]]
+    out = tmp_path / "lake"
+    with RunningPipeline(fresh_broker, tmp_path, "parquet", path=str(out),
+                         partition_by=["day"]) as running:
+        feed_all(running, feeds)
+    values: dict[Path, set[Any]] = {}
+    ids = []
+    for path in out.rglob("*.parquet"):
+        for row in pq.read_table(path).to_pylist():
+            ids.append(row["id"])
+            values.setdefault(path.parent, set()).add(row["day"])
+    assert sorted(ids) == list(range(len(PARTITIONS))), "lost or duplicated"
+    assert all(len(found) == 1 for found in values.values()), "two values share a directory"
+    assert len(values) == len(PARTITIONS)
+    dead = letters(fresh_broker, running.pipeline)
+    assert set(dead) == {100, 101}
+    for letter in dead.values():
+        assert letter["streamflow.error.class"] == b"PartitionValueError"
+        assert b"'day'" in letter["streamflow.error.message"]
