@@ -8,14 +8,16 @@ import sys
 from pathlib import Path
 
 from benchmarks.clean import run_clean
+from benchmarks.common import BROKERS, choose_broker
 from benchmarks.core import run_core
 from benchmarks.dashboard import run_dashboard
 from benchmarks.model import run_model
+from benchmarks.scaleout import run_scaleout
 from benchmarks.sinks import run_sinks
 from benchmarks.windows import run_windows
 
 WORKLOADS = {"core": run_core, "model": run_model, "dashboard": run_dashboard,
-             "sinks": run_sinks, "windows": run_windows, "clean": run_clean}
+             "sinks": run_sinks, "windows": run_windows, "clean": run_clean, "scaleout": run_scaleout}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3, help="runs per system; the best is kept")
+    parser.add_argument("--broker", choices=BROKERS, default="tansu",
+                        help="the embedded Tansu or Apache Kafka (KRaft, from `make kafka`'s jars)")
     args = parser.parse_args(argv)
+    choose_broker(args.broker)
     results = WORKLOADS[args.workload](args.records, args.repeat)
     text = json.dumps(results, indent=2)
     print(text)

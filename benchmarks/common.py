@@ -1,14 +1,43 @@
-"""Timing a streamflow stage from inside its own process."""
+"""The broker a benchmark runs on, and timing a streamflow stage from inside its own process."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from streamflow.runtime.pipeline import PipelineRunner
+from streamflow.transport.broker import EmbeddedBroker
+from tests.kafka_broker import KafkaCluster
 
 POLL_S = 0.002
+BROKERS = ("tansu", "kafka")
+_chosen = {"broker": "tansu"}
+
+
+def choose_broker(kind: str) -> None:
+    """Run the following workloads on ``kind``: the embedded Tansu or Apache Kafka (KRaft)."""
+    if kind not in BROKERS:
+        raise ValueError(f"unknown broker {kind!r}: one of {', '.join(BROKERS)}")
+    _chosen["broker"] = kind
+
+
+def chosen_broker() -> str:
+    return _chosen["broker"]
+
+
+@contextmanager
+def local_broker(**kafka_settings: Any) -> Iterator[str]:
+    """The bootstrap address of a broker of the chosen kind, started for this run and stopped
+    after it (``kafka_settings`` are extra broker settings, for Apache Kafka only)."""
+    if chosen_broker() == "kafka":
+        with KafkaCluster(1, settings=kafka_settings) as cluster:
+            yield cluster.bootstrap
+    else:
+        with EmbeddedBroker() as broker:
+            yield broker.bootstrap
 
 
 def measure_stage(runner: PipelineRunner, stage: str, records: int,

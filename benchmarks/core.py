@@ -1,6 +1,6 @@
 """Core workload: one topic → topic stage doing JSON parse, schema check, one derived field, produce.
 
-Both systems read the same pre-loaded input topic on the embedded broker and write every record
+Both systems read the same pre-loaded input topic on one broker and write every record
 to an output topic. Timing runs from the first consumed record to the last acknowledged output
 record, so the consumer-group join is not counted for either.
 """
@@ -15,12 +15,12 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer
 
-from benchmarks.common import measure_stage
+from benchmarks.common import local_broker, measure_stage
 from connectors.sources.generator import GeneratorConfig, sensor_event
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
 from streamflow.transport import TopicSpec, create_transport
-from streamflow.transport.broker import EmbeddedBroker, free_port
+from streamflow.transport.broker import free_port
 
 WORKLOAD = "json-parse-schema-derive-produce"
 PARTITIONS = 4
@@ -122,15 +122,13 @@ def compare(systems: dict[str, Callable[[str, str, int], float]], workload: str,
             repeat: int) -> list[dict[str, Any]]:
     """Run each system ``repeat`` times on the same pre-loaded topic; keep each one's best."""
     best: dict[str, float] = {}
-    with EmbeddedBroker() as broker:
+    with local_broker() as bootstrap:
         source = "bench.input"
-        create_transport("confluent", broker.bootstrap).admin().create_topics(
-            [TopicSpec(source, PARTITIONS)]
-        )
-        load_input(broker.bootstrap, source, records)
+        create_transport("confluent", bootstrap).admin().create_topics([TopicSpec(source, PARTITIONS)])
+        load_input(bootstrap, source, records)
         for _round in range(repeat):
             for system, run in systems.items():
-                rate = run(broker.bootstrap, source, records)
+                rate = run(bootstrap, source, records)
                 print(f"{system}: {rate:,.0f} events/s", flush=True)
                 best[system] = max(best.get(system, 0.0), rate)
     return [

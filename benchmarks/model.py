@@ -2,7 +2,7 @@
 
 Both see the same records (river's synthetic Friedman stream) and the same model
 (StandardScaler | LinearRegression), predicting then learning each record and updating MAE.
-The stage reads them from a one-partition topic on the embedded broker and writes predictions
+The stage reads them from a one-partition topic on the chosen broker and writes predictions
 to another; its time runs from the first consumed record to the last acknowledged output.
 """
 
@@ -18,11 +18,10 @@ from typing import Any
 from confluent_kafka import Producer
 from river import datasets, linear_model, metrics, preprocessing
 
-from benchmarks.common import measure_stage
+from benchmarks.common import local_broker, measure_stage
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
 from streamflow.transport import TopicSpec, create_transport
-from streamflow.transport.broker import EmbeddedBroker
 
 WORKLOAD = "river-learn-one-regression"
 
@@ -65,17 +64,17 @@ def run_streamflow(bootstrap: str, topic: str, count: int) -> float:
 def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
     stream = records(records_count)
     best = {"streamflow": 0.0, "river": 0.0}
-    with EmbeddedBroker() as broker:
+    with local_broker() as bootstrap:
         topic = "bench.model.input"
-        create_transport("confluent", broker.bootstrap).admin().create_topics([TopicSpec(topic, 1)])
-        producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20})
+        create_transport("confluent", bootstrap).admin().create_topics([TopicSpec(topic, 1)])
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
         for x, y in stream:
             producer.produce(topic, json.dumps({**x, "y": y}).encode())
             producer.poll(0)
         producer.flush()
         for _round in range(repeat):
             for system, rate in (("river", run_river(stream)),
-                                 ("streamflow", run_streamflow(broker.bootstrap, topic, len(stream)))):
+                                 ("streamflow", run_streamflow(bootstrap, topic, len(stream)))):
                 print(f"{system}: {rate:,.0f} events/s", flush=True)
                 best[system] = max(best[system], rate)
     overhead = best["river"] / best["streamflow"] - 1

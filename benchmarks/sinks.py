@@ -1,6 +1,6 @@
 """Sinks workload: one sink stage writing a pre-loaded topic of sensor events, per sink.
 
-Each sink reads the same input topic on the embedded broker with a consumer group of its own.
+Each sink reads the same input topic on the chosen broker with a consumer group of its own.
 PostgreSQL is a throwaway server started for the run (``tests/services.py``), or the one that
 ``STREAMFLOW_TEST_PG_DSN`` names.
 Time runs from the first consumed batch until the sink reports every row durable (its flush

@@ -21,6 +21,7 @@ import tempfile
 import uuid
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from streamflow.transport.broker import free_port
 from tests.services import ServiceUnavailable, stop_process, wait_for_port
@@ -115,11 +116,14 @@ class KafkaCluster:
     """``size`` KRaft nodes on loopback, each both broker and controller, until :meth:`stop`.
 
     Internal topics are replicated to every node (``min.insync.replicas`` is 2 when there are
-    three), group joins start without delay, and data lives in a temporary folder.
+    three), group joins start without delay, and data lives in a temporary folder. ``settings``
+    add to or override the broker settings.
     """
 
-    def __init__(self, size: int = 1, log_dir: Path | None = None) -> None:
+    def __init__(self, size: int = 1, log_dir: Path | None = None,
+                 settings: dict[str, Any] | None = None) -> None:
         self.size = size
+        self.settings = settings or {}
         self.ports = [free_port() for _ in range(size)]
         self.controller_ports = [free_port() for _ in range(size)]
         self.cluster_id = _cluster_id()
@@ -159,6 +163,7 @@ class KafkaCluster:
             "log.segment.bytes": 16 * 1024 * 1024,
             "log.flush.interval.messages": sys.maxsize,
             "unclean.leader.election.enable": "false",
+            **self.settings,
         }
         path = self._folder / f"server-{node + 1}.properties"
         path.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
