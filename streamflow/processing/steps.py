@@ -36,7 +36,13 @@ class FieldSpec(BaseModel):
         description="numeric strings become int/float; timestamps take ISO-8601 text (with an "
         "offset, or UTC) or epoch numbers and become UTC"
     )
-    required: bool = Field(False, description="a record without a value (after default) fails")
+    required: bool = Field(
+        False, description="a record without a value (after default) fails; for a float, NaN and "
+        "±Infinity are no value unless allow_nan"
+    )
+    allow_nan: bool = Field(
+        False, description="float only: NaN and ±Infinity count as values for required"
+    )
     default: Scalar | None = Field(None, description="value for a missing or null field")
     enum: list[Scalar] | None = Field(
         None, min_length=1, description="allowed values; any other value fails the record"
@@ -45,6 +51,8 @@ class FieldSpec(BaseModel):
 
     @model_validator(mode="after")
     def _values_take_the_type(self) -> FieldSpec:
+        if self.allow_nan and self.type != "float":
+            raise ValueError(f"allow_nan applies to type float only, not {self.type}")
         _typed(self, [self.default])
         if self.enum is not None:
             _typed(self, self.enum)
@@ -171,8 +179,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 class SchemaCheck(Processor[SchemaConfig]):
     """Keeps exactly the declared fields, typed (coercing text, numbers and timestamps); rows
-    with a missing required field, a value that cannot take the declared type or a value outside
-    ``enum`` fail."""
+    with a missing required field (or, unless ``allow_nan``, a NaN or infinite required float), a
+    value that cannot take the declared type or a value outside ``enum`` fail."""
 
     name = "schema"
     config_model = SchemaConfig
@@ -206,6 +214,12 @@ class SchemaCheck(Processor[SchemaConfig]):
                     failures.setdefault(
                         row, SchemaViolation(f"required field {field.name!r} is missing or null")
                     )
+                if spec.type == "float" and not spec.allow_nan:
+                    infinite = pc.invert(pc.fill_null(pc.is_finite(column), True))
+                    for row in pc.indices_nonzero(infinite).to_pylist():
+                        failures.setdefault(row, SchemaViolation(
+                            f"required field {field.name!r} is {column[row].as_py()}, not a "
+                            "finite number (allow_nan: true accepts it)"))
             if field.name in self.allowed:
                 allowed = self.allowed[field.name]
                 outside = pc.invert(pc.fill_null(pc.is_in(column, value_set=allowed), True))

@@ -15,7 +15,8 @@ from streamflow.processing.steps import BatchQuery, Scalar
 
 
 class Rules(BaseModel):
-    """The rules one field must satisfy; null values pass every rule but ``not_null``."""
+    """The rules one field must satisfy; null values pass every rule but ``not_null``. Unless
+    ``allow_nan``, NaN and ±Infinity break ``not_null`` and NaN breaks ``min`` and ``max``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -24,6 +25,9 @@ class Rules(BaseModel):
     max: float | None = Field(None, description="largest allowed value (inclusive)")
     regex: str | None = Field(None, description="the whole text value matches this RE2 pattern")
     allowed: list[Scalar] | None = Field(None, min_length=1, description="the only allowed values")
+    allow_nan: bool = Field(
+        False, description="NaN and ±Infinity pass not_null, and NaN passes min and max"
+    )
 
     @field_validator("regex")
     @classmethod
@@ -39,7 +43,7 @@ class Rules(BaseModel):
     def _range(self) -> Rules:
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
-        if not self.model_fields_set:
+        if not self.model_fields_set - {"allow_nan"}:
             raise ValueError("no rule given: use not_null, min, max, regex or allowed")
         return self
 
@@ -80,15 +84,22 @@ class ValidateStep(Processor[ValidateConfig]):
     ) -> list[tuple[str, pa.ChunkedArray | pa.Array]]:
         """(rule, rows breaking it) per rule of the field; null means not broken."""
         found = []
+        floats = pa.types.is_floating(column.type) and not rules.allow_nan
         if rules.not_null:
-            found.append(("not_null", pc.is_null(column)))
+            absent = pc.is_null(column)
+            if floats:
+                absent = pc.or_kleene(absent, pc.invert(pc.is_finite(column)))
+            found.append(("not_null", absent))
         if pa.types.is_null(column.type):
             return found
+        nan = pc.is_nan(column) if floats else None
         try:
             if rules.min is not None:
-                found.append((f"min {rules.min:g}", pc.less(column, rules.min)))
+                below = pc.less(column, rules.min)
+                found.append((f"min {rules.min:g}", below if nan is None else pc.or_(below, nan)))
             if rules.max is not None:
-                found.append((f"max {rules.max:g}", pc.greater(column, rules.max)))
+                above = pc.greater(column, rules.max)
+                found.append((f"max {rules.max:g}", above if nan is None else pc.or_(above, nan)))
             if rules.regex is not None:
                 matches = pc.match_substring_regex(column, f"^(?:{rules.regex})$")
                 found.append((f"regex {rules.regex!r}", pc.invert(matches)))
