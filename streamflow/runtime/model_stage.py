@@ -42,7 +42,7 @@ from streamflow.ml.worker import (
 )
 from streamflow.plugins import ROW_ID
 from streamflow.processing.codec import decode_json, encode_json, user_fields
-from streamflow.runtime.dead_letters import Failure
+from streamflow.runtime.dead_letters import Failure, OutputBatch
 from streamflow.runtime.stages import StageIdentity, StageRunner
 from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicPartition, Transport
 
@@ -253,7 +253,7 @@ class ModelStage(StageRunner):
                 self.commit(checkpointed.committable, asynchronous=not in_flight.synchronous)
             return
         batch, failures = in_flight.batch, in_flight.failures
-        outgoing = []
+        outgoing: list[OutgoingBatch] = []
         produced = 0
         failures += [Failure(row, "model", record_error_type(kind)(message))
                      for row, kind, message in reply.label_errors]
@@ -269,7 +269,7 @@ class ModelStage(StageRunner):
         if self._drift_events and self.drift_topic:
             outgoing.append(self._drift_batch())
         self._drift_events = []
-        self.producer.produce([*outgoing, *self.dead_letters(failures, batch)])  # one wait for acks
+        produced -= self.publish(outgoing, failures, batch)
         self.count_dead_letters(failures)
         self.metrics.count(len(batch), produced, len(failures))
         if reply.metric_values is not None:
@@ -284,17 +284,18 @@ class ModelStage(StageRunner):
         while self._in_flight:
             self._finish()
 
-    def _output(self, in_flight: InFlight, reply: BatchReply) -> OutgoingBatch:
+    def _output(self, in_flight: InFlight, reply: BatchReply) -> OutputBatch:
         assert in_flight.table is not None and in_flight.rows_in_batch is not None
         batch = in_flight.batch
         rows = np.asarray(reply.rows, dtype=np.int64)  # typed even when empty (all skipped)
         out_rows = in_flight.rows_in_batch[rows]
         originals = [batch.values[row] for row in out_rows]
-        return OutgoingBatch(
+        return OutputBatch(
             self.config.output,
             self._encode(in_flight.table.take(rows), originals, self._predictions_table(reply)),
             [batch.keys[row] for row in out_rows],
             timestamps_ms=[batch.timestamps_ms[row] for row in out_rows],
+            rows=out_rows.tolist(),
         )
 
     @staticmethod

@@ -33,7 +33,7 @@ from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
 from streamflow.plugins.agents import load_agent
 from streamflow.runtime.faust_stage import FaustStage
 from streamflow.runtime.model_stage import ModelStage
-from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner
+from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, source_dead_letter_topic
 from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, TopicStage, build_steps
 from streamflow.runtime.supervisor import Supervisor, backoff_delay
 from streamflow.runtime.window_stage import WindowStage
@@ -169,6 +169,10 @@ class PipelineRunner:
                 TopicSpec(t.name, t.partitions, t.replication_factor, t.config)
                 for t in self.config.topic_specs()
             ]
+            if self.config.sources and all(
+                spec.name != source_dead_letter_topic(self.config.pipeline) for spec in specs
+            ):
+                specs.append(TopicSpec(source_dead_letter_topic(self.config.pipeline)))
             admin.create_topics([*specs, POSITIONS_TOPIC_SPEC])
         finally:
             admin.close()
@@ -204,7 +208,8 @@ class PipelineRunner:
         def build() -> SourceRunner:
             source = plugin(settings, ComponentContext(pipeline, source_config.name))
             return SourceRunner(pipeline, source, source_config.topic, transport, metrics,
-                                self.config.runtime.batch.max_records)
+                                self.config.runtime.batch.max_records,
+                                source_dead_letter_topic(pipeline))
 
         return build
 
@@ -310,7 +315,8 @@ class PipelineRunner:
         )
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready once every source and stage runs and every stage has joined its group."""
+        """Ready once every source is open (its listener, if any, takes connections) and every
+        stage runs and has joined its group."""
         if not self._started:
             return False, {"reason": "starting: waiting for Kafka and creating topics"}
         problems = {}
@@ -319,6 +325,8 @@ class PipelineRunner:
                 continue
             if not runner.thread.is_alive():
                 problems[runner.name] = "not running (restarting)" if runner.error else "stopped"
+            elif isinstance(runner, SourceRunner) and not runner.opened:
+                problems[runner.name] = "opening (reading its position, starting its listener)"
             elif isinstance(runner, StageRunner | FaustStage) and not runner.assigned:
                 problems[runner.name] = "joining its consumer group"
         if problems:

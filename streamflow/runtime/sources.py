@@ -9,6 +9,10 @@ and aborts the transaction it left open before reading the positions.
 Tansu 0.6.0, the embedded broker, hides open transactions but shows aborted records to
 read_committed consumers; there a batch cut off by a crash becomes visible together with the
 position written in the same produce request, which keeps the two consistent in practice.
+
+A record Kafka refuses for its size goes to the pipeline's dead-letter topic in the same
+transaction, whole, or else truncated (see dead_letters): the source goes on, and its position
+advances once, past it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from streamflow.metrics import SourceMetrics
-from streamflow.plugins import Source
-from streamflow.transport import OutgoingBatch, TopicSpec, Transport
+from streamflow.plugins import Source, SourceBatch
+from streamflow.runtime.dead_letters import OversizeRecordError, source_dead_letter_headers, truncated
+from streamflow.transport import OutgoingBatch, Producer, RecordTooLargeError, TopicSpec, Transport
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,12 @@ POSITIONS_TOPIC = "_streamflow.source-positions"
 POSITIONS_TOPIC_SPEC = TopicSpec(POSITIONS_TOPIC, partitions=1, config={"cleanup.policy": "compact"})
 POLL_TIMEOUT_S = 0.2
 READ_POSITIONS_TIMEOUT_S = 30.0
+_POSITION = -1  # the place of the position record among a transaction's records
+
+
+def source_dead_letter_topic(pipeline: str) -> str:
+    """Where sources put records Kafka refused: the pipeline's default dead-letter topic."""
+    return f"{pipeline}.dlq"
 
 
 def read_positions(transport: Transport, pipeline: str) -> dict[str, Any]:
@@ -64,14 +76,17 @@ class SourceRunner:
         transport: Transport,
         metrics: SourceMetrics,
         max_records: int,
+        dead_letter_topic: str,
     ) -> None:
         self.pipeline = pipeline
+        self.dead_letter_topic = dead_letter_topic
         self.source = source
         self.topic = topic
         self.transport = transport
         self.metrics = metrics
         self.max_records = max_records
         self.name = source.context.name
+        self.opened = False  # the source's open() returned: its listeners, if any, take input
         self.finished = False
         self.finished_at = 0.0  # monotonic time the source ran out of records
         self.error: BaseException | None = None
@@ -87,9 +102,10 @@ class SourceRunner:
     def _run(self) -> None:
         producer = None
         try:
-            producer = self.transport.producer(transactional_id=f"{self.pipeline}.source.{self.name}")
-            self.source.open(read_positions(self.transport, self.pipeline).get(self.name))
-            position_key = f"{self.pipeline}/{self.name}".encode()
+            producer = self._producer()
+            position = read_positions(self.transport, self.pipeline).get(self.name)
+            self.source.open(position)
+            self.opened = True
             while not self._stop.is_set():
                 batch = self.source.poll(self.max_records, POLL_TIMEOUT_S)
                 if batch is None:
@@ -99,14 +115,8 @@ class SourceRunner:
                     return
                 if not len(batch):
                     continue
-                position = self.source.position()
-                producer.begin_transaction()
-                producer.produce([
-                    OutgoingBatch(self.topic, batch.values, batch.keys,
-                                  timestamps_ms=batch.timestamps_ms),
-                    OutgoingBatch(POSITIONS_TOPIC, [json.dumps(position).encode()], [position_key]),
-                ])
-                producer.commit_transaction()
+                previous, position = position, self.source.position()
+                producer = self._publish(producer, batch, previous, position)
                 self.metrics.records_produced.inc(len(batch))
                 self.source.acknowledged(position)
         except BaseException as exc:
@@ -114,6 +124,99 @@ class SourceRunner:
             log.exception("source %s failed", self.name)
             self.error = exc
         finally:
+            self.opened = False
             self.source.close()
             if producer is not None:
                 producer.close()
+
+    def _producer(self) -> Producer:
+        return self.transport.producer(transactional_id=f"{self.pipeline}.source.{self.name}")
+
+    def _publish(self, producer: Producer, batch: SourceBatch, previous: Any, position: Any) -> Producer:
+        """Produce ``batch`` and ``position`` (the one after it) in one transaction; returns the
+        producer, a new one when the broker refused records.
+
+        A record refused for its size is dead-lettered: whole, and if that is refused too,
+        truncated; it keeps its place in the position. Records the client refused never left
+        it, so the transaction goes on with their dead letters; after a refusal by the broker the
+        transaction is abandoned with its client and done again with them.
+        """
+        levels: dict[int, int] = {}  # record → 1: dead-lettered whole, 2: truncated
+        reasons: dict[int, str] = {}
+        resend: list[int] | None = None  # only these records, or None: everything
+        producer.begin_transaction()
+        while True:
+            outgoing, places = self._outgoing(batch, previous, position, levels, reasons, resend)
+            try:
+                producer.produce(outgoing)
+                break
+            except RecordTooLargeError as exc:
+                refused = [places[number][index] for number, index in exc.rejected]
+                if _POSITION in refused or any(levels.get(row) == 2 for row in refused):
+                    raise
+                for row in refused:
+                    levels[row] = levels.get(row, 0) + 1
+                    reasons.setdefault(row, str(exc))
+                log.warning("source %s: %d records too large for Kafka go to %s", self.name,
+                            len(refused), self.dead_letter_topic)
+                resend = refused
+                if exc.by_broker:
+                    producer.close()
+                    producer = self._producer()  # fences the old one: its transaction is aborted
+                    producer.begin_transaction()
+                    resend = None
+        producer.commit_transaction()
+        return producer
+
+    def _outgoing(
+        self, batch: SourceBatch, previous: Any, position: Any, levels: dict[int, int],
+        reasons: dict[int, str], resend: list[int] | None,
+    ) -> tuple[list[OutgoingBatch], list[Sequence[int]]]:
+        """The batches of one produce call and, for each, the batch row of each record
+        (``_POSITION`` for the position): the records of ``resend`` (None: the whole batch
+        and the position), each to the topic or the dead-letter topic as ``levels`` says."""
+        outgoing: list[OutgoingBatch] = []
+        places: list[Sequence[int]] = []
+        if resend is None:
+            rows: Sequence[int] = range(len(batch))
+            if levels:
+                rows = [row for row in rows if row not in levels]
+                outgoing.append(OutgoingBatch(self.topic, [batch.values[row] for row in rows],
+                                              [_at(batch.keys, row) for row in rows],
+                                              timestamps_ms=[_at(batch.timestamps_ms, row) for row in rows]))
+            else:
+                outgoing.append(OutgoingBatch(self.topic, batch.values, batch.keys,
+                                              timestamps_ms=batch.timestamps_ms))
+            places.append(rows)
+            outgoing.append(OutgoingBatch(POSITIONS_TOPIC, [json.dumps(position).encode()],
+                                          [f"{self.pipeline}/{self.name}".encode()]))
+            places.append([_POSITION])
+            resend = sorted(levels)
+        for level in (1, 2):
+            rows = [row for row in resend if levels[row] == level]
+            if rows:
+                letters = self._dead_letters(batch, rows, previous, reasons)
+                outgoing.append(letters if level == 1 else truncated(letters, range(len(rows))))
+                places.append(rows)
+        return outgoing, places
+
+    def _dead_letters(self, batch: SourceBatch, rows: list[int], previous: Any,
+                      reasons: dict[int, str]) -> OutgoingBatch:
+        """Dead letters of the records of ``batch`` at ``rows``, polled after ``previous``."""
+        before = json.dumps(previous).encode()
+        return OutgoingBatch(
+            self.dead_letter_topic,
+            [batch.values[row] for row in rows],
+            [_at(batch.keys, row) for row in rows],
+            [source_dead_letter_headers(
+                self.pipeline, self.name, self.topic,
+                OversizeRecordError(f"record of {len(batch.values[row])} bytes refused: {reasons[row]}"),
+                before, row,
+            ) for row in rows],
+            [_at(batch.timestamps_ms, row) for row in rows],
+        )
+
+
+def _at(column: list[Any], row: int) -> Any:
+    """``column[row]``, or None when the column was left empty (no keys or no timestamps)."""
+    return column[row] if column else None

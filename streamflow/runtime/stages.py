@@ -27,7 +27,14 @@ from streamflow.plugins import ROW_ID, ComponentContext, Processor, Sink, SinkRe
 from streamflow.processing.codec import decode_json, encode_json, user_fields
 from streamflow.processing.parse import ParseStep, raw_table
 from streamflow.processing.routing import TOPIC_COLUMN
-from streamflow.runtime.dead_letters import Failure, dead_letter_batch
+from streamflow.runtime.dead_letters import (
+    PRODUCE_STEP,
+    Failure,
+    OutputBatch,
+    OversizeRecordError,
+    dead_letter_batch,
+    truncated_refused,
+)
 from streamflow.transport import (
     ConsumedBatch,
     Consumer,
@@ -35,8 +42,10 @@ from streamflow.transport import (
     Producer,
     RebalanceInProgressError,
     RebalanceListener,
+    RecordTooLargeError,
     TopicPartition,
     Transport,
+    TransportError,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +89,7 @@ class StageRunner(RebalanceListener, ABC):
         self.idle_since = time.monotonic()
         self.lag: int | None = None
         self.lag_checked_at = 0.0  # monotonic time of the measurement behind ``lag``
+        self.lag_error: str | None = None  # why the last lag measurement failed
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self.assigned = False  # joined the group at least once (possibly with no partitions)
@@ -134,9 +144,18 @@ class StageRunner(RebalanceListener, ABC):
         now = time.monotonic()
         if self.consumer is None or now - self.lag_checked_at < LAG_CHECK_INTERVAL_S:
             return
-        lags = self.consumer.lag()
-        self.lag = sum(lags.values()) if lags else None  # None: no partitions (yet)
         self.lag_checked_at = now
+        try:
+            lags = self.consumer.lag()
+        except TransportError as exc:  # lag is for telemetry and --until-idle: never fatal
+            if self.lag_error is None:
+                log.warning("stage %s: lag unknown until the broker answers: %s", self.name, exc)
+            self.lag, self.lag_error = None, str(exc)
+            return
+        if self.lag_error is not None:
+            log.info("stage %s: lag known again", self.name)
+            self.lag_error = None
+        self.lag = sum(lags.values()) if lags else None  # None: no partitions (yet)
         for (topic, partition), lag in lags.items():
             self.metrics.lag(topic, partition).set(lag)
 
@@ -154,8 +173,8 @@ class StageRunner(RebalanceListener, ABC):
         try:
             self.consumer.commit(offsets, asynchronous=asynchronous)
         except RebalanceInProgressError:
-            log.warning("stage %s: commit refused during a rebalance; records will be replayed",
-                        self.name)
+            log.warning("stage %s: commit refused during a rebalance or after this member left "
+                        "the group; records will be replayed", self.name)
             return
         if not asynchronous:
             self.metrics.checkpoint_time.set(time.time())
@@ -164,9 +183,63 @@ class StageRunner(RebalanceListener, ABC):
         """Publish failed records to the dead-letter topic and count them."""
         if not failures:
             return
-        assert self.producer is not None
-        self.producer.produce(self.dead_letters(failures, batch))
+        self._produce_letters(self.dead_letters(failures, batch))
         self.count_dead_letters(failures)
+
+    def publish(self, outgoing: Sequence[OutgoingBatch], failures: list[Failure],
+                batch: ConsumedBatch) -> int:
+        """Produce ``outgoing`` and the dead letters of ``failures`` (records of ``batch``), with
+        one wait for the broker's acknowledgements.
+
+        An output record of an :class:`OutputBatch` that Kafka refuses for its size is replaced
+        by a dead letter of the record it came from, whose failure joins ``failures``; returns
+        how many were. A dead letter refused for its size goes truncated (see dead_letters).
+        """
+        assert self.producer is not None
+        letters = self.dead_letters(failures, batch)
+        try:
+            self.producer.produce([*outgoing, *letters])
+            return 0
+        except RecordTooLargeError as exc:
+            refused = exc
+        self._renew_producer(refused)
+        oversize: list[Failure] = []
+        refused_letters: list[tuple[int, int]] = []
+        for number, index in refused.rejected:
+            if number >= len(outgoing):
+                refused_letters.append((number - len(outgoing), index))
+                continue
+            output = outgoing[number]
+            if not isinstance(output, OutputBatch):
+                raise refused
+            oversize.append(Failure(output.rows[index], PRODUCE_STEP, OversizeRecordError(
+                f"output record of {len(output.values[index])} bytes for topic {output.topic!r} "
+                f"refused: {refused}"
+            )))
+        self._produce_letters([*self.dead_letters(oversize, batch),
+                               *truncated_refused(letters, refused_letters)])
+        failures += oversize
+        return len(oversize)
+
+    def _produce_letters(self, letters: list[OutgoingBatch]) -> None:
+        """Produce dead letters; those Kafka refuses for their size go again, truncated."""
+        assert self.producer is not None
+        try:
+            self.producer.produce(letters)
+        except RecordTooLargeError as exc:
+            self._renew_producer(exc)
+            self.producer.produce(truncated_refused(letters, exc.rejected))
+
+    def _renew_producer(self, refused: RecordTooLargeError) -> None:
+        """Replace the producer after the broker refused records (some clients are left unable
+        to produce); records the client refused before sending leave it intact."""
+        if refused.by_broker:
+            assert self.producer is not None
+            try:
+                self.producer.close()
+            except Exception:
+                log.exception("stage %s: closing the producer failed", self.name)
+            self.producer = self.transport.producer()
 
     def dead_letters(self, failures: list[Failure], batch: ConsumedBatch) -> list[OutgoingBatch]:
         """The records of ``failures`` addressed to the dead-letter topic (no batch if none)."""
@@ -282,16 +355,14 @@ class TopicStage(StageRunner):
     def handle(self, batch: ConsumedBatch) -> None:
         assert self.producer is not None
         table, failures = self.transform(batch)
-        # Output and dead letters in one call: one wait for the broker's acknowledgements.
-        self.producer.produce([
-            *output_batches(table, self.output_topic, batch.keys, batch.timestamps_ms),
-            *self.dead_letters(failures, batch),
-        ])
+        oversize = self.publish(
+            output_batches(table, self.output_topic, batch.keys, batch.timestamps_ms), failures, batch
+        )
         self.count_dead_letters(failures)
         offsets = batch.next_offsets()
         self.commit(offsets, asynchronous=True)
         self._last_offsets.update(offsets)
-        self.metrics.count(len(batch), table.num_rows, len(failures))
+        self.metrics.count(len(batch), table.num_rows - oversize, len(failures))
 
     def decode(self, batch: ConsumedBatch) -> tuple[pa.Table, list[Failure]]:
         """The table the first step gets, and the records that failed to decode."""
@@ -344,11 +415,12 @@ def output_batches(
     batches = []
     for topic, rows in groups:
         origin = rows[ROW_ID].to_numpy().tolist()
-        batches.append(OutgoingBatch(
+        batches.append(OutputBatch(
             topic=topic,
             values=encode_json(user_fields(rows)),
             keys=list(map(keys.__getitem__, origin)),
             timestamps_ms=list(map(timestamps_ms.__getitem__, origin)),
+            rows=origin,
         ))
     return batches
 

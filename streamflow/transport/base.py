@@ -23,6 +23,22 @@ class AuthenticationError(TransportError):
     """The broker rejected the client's credentials or authorization: not worth retrying."""
 
 
+class RecordTooLargeError(TransportError):
+    """Kafka refused records for their size, and only for that: every other record of the
+    :meth:`Producer.produce` call was acknowledged.
+
+    ``rejected`` holds (batch, record) indices into the batches given to that call. ``by_broker``
+    is False when the client refused them all before sending (the producer and its open
+    transaction are intact); when True the broker refused some, together with whatever was in
+    the same request: a transaction can then only be aborted, and the client is best replaced.
+    """
+
+    def __init__(self, rejected: list[tuple[int, int]], by_broker: bool, detail: str) -> None:
+        self.rejected = rejected
+        self.by_broker = by_broker
+        super().__init__(f"{len(rejected)} records too large for Kafka: {detail}")
+
+
 class RebalanceInProgressError(TransportError):
     """A commit was refused because the group is rebalancing; the records will be redelivered."""
 
@@ -81,7 +97,8 @@ class Producer(ABC):
 
     @abstractmethod
     def produce(self, batches: Sequence[OutgoingBatch]) -> None:
-        """Send every record and block until all are acknowledged; raise TransportError otherwise."""
+        """Send every record and block until all are acknowledged; raise RecordTooLargeError
+        when Kafka refused records for their size only, TransportError on any other failure."""
 
     @abstractmethod
     def begin_transaction(self) -> None:

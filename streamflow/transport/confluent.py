@@ -31,6 +31,7 @@ from streamflow.transport.base import (
     Producer,
     RebalanceInProgressError,
     RebalanceListener,
+    RecordTooLargeError,
     TopicPartition,
     TopicSpec,
     Transport,
@@ -59,48 +60,50 @@ def _error(exc: KafkaException | KafkaError) -> TransportError:
 
 class ConfluentProducer(Producer):
     def __init__(self, config: dict[str, Any]) -> None:
-        self._failures: list[KafkaError] = []
+        self._failures: list[tuple[KafkaError, Message]] = []
         # One delivery callback for the producer, not a keyword argument per record.
         self._producer = _Producer({**config, "on_delivery": self._on_delivery})
         self._transactional = "transactional.id" in config
         if self._transactional:
             self._call(self._producer.init_transactions, 30)
 
-    def _on_delivery(self, error: KafkaError | None, _message: object) -> None:
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
         if error is not None:
-            self._failures.append(error)
+            self._failures.append((error, message))
 
     def produce(self, batches: Sequence[OutgoingBatch]) -> None:
-        for batch in batches:
-            self._enqueue(batch)
+        refused: list[tuple[int, int]] = []  # by the client, before sending
+        for number, batch in enumerate(batches):
+            self._enqueue(number, batch, refused)
         remaining = self._producer.flush(_FLUSH_TIMEOUT_S)
         failures, self._failures = self._failures, []
         if remaining:
             raise TransportError(f"{remaining} records not acknowledged within {_FLUSH_TIMEOUT_S}s")
+        if any(error.code() != KafkaError.MSG_SIZE_TOO_LARGE for error, _message in failures):
+            raise TransportError(f"{len(failures)} records failed delivery, first: {failures[0][0]}")
         if failures:
-            raise TransportError(f"{len(failures)} records failed delivery, first: {failures[0]}")
+            rejected = sorted(refused + _locate([message for _error, message in failures], batches))
+            raise RecordTooLargeError(rejected, True, str(failures[0][0]))
+        if refused:
+            raise RecordTooLargeError(refused, False, "over the client's message.max.bytes")
 
-    def _enqueue(self, batch: OutgoingBatch) -> None:
-        """Queue every record of ``batch``, waiting for room when the local queue is full."""
+    def _enqueue(self, number: int, batch: OutgoingBatch, refused: list[tuple[int, int]]) -> None:
+        """Queue every record of ``batch`` (the ``number``-th), waiting for room when the local
+        queue is full; the indices of records refused for their size go to ``refused``."""
         produce, topic = self._producer.produce, batch.topic
         # Arguments by position, as keywords cost about a third of the call: topic, value, key,
         # partition -1 (the partitioner's choice), callback and on_delivery None (the producer's
         # callback), timestamp (0 means now), headers.
-        for value, key, headers, timestamp in batch.records():
+        for index, (value, key, headers, timestamp) in enumerate(batch.records()):
             try:
                 produce(topic, value, key, -1, None, None, timestamp or 0, headers or None)
             except BufferError:
                 self._enqueue_when_room(
                     (topic, value, key, -1, None, None, timestamp or 0, headers or None))
-
-    def _enqueue_when_room(self, record: tuple[Any, ...]) -> None:
-        while True:
-            self._producer.poll(0.05)
-            try:
-                self._producer.produce(*record)
-                return
-            except BufferError:
-                pass
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise _error(exc) from exc
+                refused.append((number, index))
 
     @staticmethod
     def _call(method: Any, *args: Any) -> Any:
@@ -125,9 +128,23 @@ class ConfluentProducer(Producer):
 
     def abort_transaction(self) -> None:
         self._call(self._producer.abort_transaction, 60)
+        self._failures = []  # reports of the records the abort purged
 
     def close(self) -> None:
         self._producer.flush(_FLUSH_TIMEOUT_S)
+
+
+def _locate(messages: list[Message], batches: Sequence[OutgoingBatch]) -> list[tuple[int, int]]:
+    """The (batch, record) indices of ``messages`` (delivery reports carry copies of the values,
+    so they are matched by topic, key and value: identical records are told apart by order)."""
+    places: dict[tuple[str, bytes | None, bytes], list[tuple[int, int]]] = {}
+    topics = {message.topic() for message in messages}
+    for number, batch in enumerate(batches):
+        if batch.topic in topics:
+            for index, (value, key, _headers, _timestamp) in enumerate(batch.records()):
+                places.setdefault((batch.topic, key, bytes(value or b"")), []).append((number, index))
+    return [places[(message.topic(), message.key(), message.value() or b"")].pop(0)
+            for message in messages]
 
 
 class ConfluentConsumer(Consumer):
@@ -198,7 +215,8 @@ class ConfluentConsumer(Consumer):
             self.raw.commit(offsets=tps, asynchronous=asynchronous)
         except KafkaException as exc:
             code = exc.args[0].code() if exc.args else None
-            if code in (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION):
+            if code in (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
+                        KafkaError.UNKNOWN_MEMBER_ID):
                 raise RebalanceInProgressError(str(exc)) from exc
             raise TransportError(str(exc)) from exc
 
@@ -226,6 +244,12 @@ class ConfluentConsumer(Consumer):
         return ends
 
     def lag(self) -> dict[TopicPartition, int]:
+        try:
+            return self._lag()
+        except KafkaException as exc:  # e.g. a partition whose leader is moving
+            raise TransportError(str(exc)) from exc
+
+    def _lag(self) -> dict[TopicPartition, int]:
         assigned = self.raw.assignment()
         if not assigned:
             return {}

@@ -25,6 +25,7 @@ from streamflow.transport.base import (
     Producer,
     RebalanceInProgressError,
     RebalanceListener,
+    RecordTooLargeError,
     TopicPartition,
     TopicSpec,
     Transport,
@@ -80,23 +81,33 @@ class KafkaPythonProducer(Producer):
             raise _error(exc) from exc
 
     def produce(self, batches: Sequence[OutgoingBatch]) -> None:
-        futures = []
+        futures: list[tuple[int, int, Any]] = []
+        refused: list[tuple[int, int]] = []  # by the client, before sending
         try:
-            for batch in batches:
-                for value, key, header, timestamp in batch.records():
-                    futures.append(self._producer.send(
-                        batch.topic, value=value, key=key, headers=header or None,
-                        timestamp_ms=timestamp or None,
-                    ))
+            for number, batch in enumerate(batches):
+                for index, (value, key, header, timestamp) in enumerate(batch.records()):
+                    try:
+                        futures.append((number, index, self._producer.send(
+                            batch.topic, value=value, key=key, headers=header or None,
+                            timestamp_ms=timestamp or None,
+                        )))
+                    except errors.MessageSizeTooLargeError:
+                        refused.append((number, index))
             self._producer.flush(timeout=_TIMEOUT_S)
         except errors.KafkaError as exc:
             raise _error(exc) from exc
-        failed = [future.exception for future in futures if future.failed()]
-        pending = sum(not future.is_done for future in futures)
+        failed = [(number, index, future.exception) for number, index, future in futures
+                  if future.failed()]
+        pending = sum(not future.is_done for _number, _index, future in futures)
         if pending:
             raise TransportError(f"{pending} records not acknowledged within {_TIMEOUT_S}s")
+        if any(not isinstance(error, errors.MessageSizeTooLargeError) for _n, _i, error in failed):
+            raise TransportError(f"{len(failed)} records failed delivery, first: {failed[0][2]}")
         if failed:
-            raise TransportError(f"{len(failed)} records failed delivery, first: {failed[0]}")
+            rejected = sorted(refused + [(number, index) for number, index, _error in failed])
+            raise RecordTooLargeError(rejected, True, str(failed[0][2]))
+        if refused:
+            raise RecordTooLargeError(refused, False, "over the client's max_request_size")
 
     def _call(self, method: Any, *args: Any) -> None:
         try:
