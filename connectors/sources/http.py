@@ -3,9 +3,15 @@
 A request is answered 202 only after Kafka acknowledged all of its records, so a sender that
 retries until it gets 202 loses nothing (at-least-once: a retry after a lost 202 or a 503 may
 repeat records). The webhook has no replayable position of its own: its position is the count
-of requests taken so far, kept only for reporting. Answers: 400 malformed body (with the reason),
-401 missing or wrong bearer token, 404 other paths, 411 no Content-Length, 413 body over
-``max_body_bytes``, 503 when Kafka did not take the records within ``ack_timeout_s`` (retry).
+of requests taken so far, kept only for reporting. Answers: 400 malformed body (with the reason:
+not UTF-8, not JSON objects, nested too deeply, a lone surrogate, or shorter than its
+Content-Length), 401 missing or wrong bearer token, 404 other paths, 411 no Content-Length, 413
+body over ``max_body_bytes``, 503 when Kafka did not take the records within ``ack_timeout_s``
+(retry) or when ``max_connections`` are already being served.
+
+A connection whose request line and headers take longer than ``header_timeout_s``, or whose body
+takes longer than ``body_timeout_s``, is dropped; so is one where any single read or write waits
+that long.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +51,13 @@ class HttpConfig(BaseModel):
         10.0, gt=0, description="how long a request waits for Kafka before it is answered 503"
     )
     key_field: str | None = Field(None, description="field whose value becomes the record key")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="time allowed for a request's line and headers (and any one read)"
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="time allowed for a request's body")
+    max_connections: int = Field(
+        64, ge=1, description="connections served at once; further ones are answered 503"
+    )
 
     @model_validator(mode="after")
     def _token_unless_loopback(self) -> HttpConfig:
@@ -77,6 +91,8 @@ def parse_body(body: bytes) -> list[dict[str, Any]]:
         raise BodyError(f"body is not UTF-8: {exc}") from None
     try:
         document = json.loads(text)
+    except RecursionError:
+        raise BodyError("body is nested too deeply") from None
     except ValueError as whole_error:
         lines = [line for line in text.splitlines() if line.strip()]
         if len(lines) < 2:
@@ -88,9 +104,24 @@ def parse_body(body: bytes) -> list[dict[str, Any]]:
     return [_object(document, "body")]
 
 
+def encode_body(documents: list[dict[str, Any]], key_field: str | None
+                ) -> tuple[list[bytes], list[bytes | None]]:
+    """The values and keys of parsed ``documents``; a string UTF-8 cannot carry (a lone
+    surrogate such as ``"\\ud800"``) is a BodyError."""
+    try:
+        return ([encode_record(document) for document in documents],
+                [record_key(document, key_field) for document in documents])
+    except UnicodeEncodeError as exc:
+        raise BodyError(f"body holds a string that is not valid Unicode: {exc.reason}") from None
+    except RecursionError:
+        raise BodyError("body is nested too deeply") from None
+
+
 def _line(line: str, number: int) -> Any:
     try:
         return json.loads(line)
+    except RecursionError:
+        raise BodyError(f"line {number} is nested too deeply") from None
     except ValueError as exc:
         raise BodyError(f"line {number} is not JSON: {exc}") from None
 
@@ -194,20 +225,92 @@ class HttpSource(Source[HttpConfig]):
             self._server.server_close()
 
 
+_BUSY_BODY = b'{"error": "too many connections; retry"}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
 class _WebhookServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them."""
+
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], source: HttpSource) -> None:
         self.source = source
+        self._slots = threading.BoundedSemaphore(source.config.max_connections)
         super().__init__(address, _WebhookHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):  # every slot is taken: refuse rather than queue
+                request.setblocking(False)
+                request.send(_BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("http source %s: connection from %s failed", self.source.context.name,
+                  client_address, exc_info=True)
+
+
+class _Deadline:
+    """Drops a connection (its pending read or write returns) unless cancelled in time."""
+
+    def __init__(self, connection: socket.socket, seconds: float) -> None:
+        self._timer = threading.Timer(seconds, self._drop, (connection,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    @staticmethod
+    def _drop(connection: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 class _WebhookHandler(BaseHTTPRequestHandler):
     server: _WebhookServer
     protocol_version = "HTTP/1.1"
+    _deadline: _Deadline | None = None
+
+    def setup(self) -> None:
+        self.timeout = self.server.source.config.header_timeout_s  # any one read or write
+        super().setup()
+
+    def handle_one_request(self) -> None:
+        self._deadline = _Deadline(self.connection, self.server.source.config.header_timeout_s)
+        try:
+            super().handle_one_request()
+        finally:
+            self._deadline.cancel()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
+
+    def _read_body(self, length: int) -> bytes:
+        """The body, read within ``body_timeout_s``; shorter than ``length`` if it ended early."""
+        assert self._deadline is not None
+        self._deadline.cancel()  # the headers are in
+        self._deadline = _Deadline(self.connection, self.server.source.config.body_timeout_s)
+        try:
+            return self.rfile.read(length)
+        except OSError:
+            return b""
+        finally:
+            self._deadline.cancel()
 
     def _answer(self, status: HTTPStatus, body: dict[str, Any], **headers: str) -> None:
         payload = json.dumps(body).encode()
@@ -240,14 +343,20 @@ class _WebhookHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return self._answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                 {"error": f"body of {length} bytes exceeds {config.max_body_bytes}"})
+        body = self._read_body(length)
+        if len(body) < length:
+            self.close_connection = True
+            return self._answer(HTTPStatus.BAD_REQUEST, {
+                "error": f"body ended after {len(body)} of its {length} bytes (Content-Length)"
+            })
         try:
-            documents = parse_body(self.rfile.read(length))
+            documents = parse_body(body)
+            values, keys = encode_body(documents, config.key_field)
         except BodyError as exc:
             return self._answer(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
         if not documents:
             return self._answer(HTTPStatus.ACCEPTED, {"accepted": 0})
-        pending = source.submit([encode_record(d) for d in documents],
-                                [record_key(d, config.key_field) for d in documents])
+        pending = source.submit(values, keys)
         if not pending.done.wait(config.ack_timeout_s):
             source.withdraw(pending)
         if pending.acknowledged:
