@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from benchmarks.core import REQUIRED, TYPE_NAMES, compare, run_stage, schema_step
@@ -64,8 +65,8 @@ async def clean_agent(stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[di
                    "humidity_ratio": record["humidity"] / 100}
 
 
-def run_native(bootstrap: str, source: str, records: int) -> float:
-    return run_stage(bootstrap, source, records, {"steps": clean_steps()})
+def run_native(bootstrap: str, source: str, records: int, guarantee: str = "at_least_once") -> float:
+    return run_stage(bootstrap, source, records, {"steps": clean_steps()}, guarantee=guarantee)
 
 
 def run_faust(bootstrap: str, source: str, records: int) -> float:
@@ -74,4 +75,6 @@ def run_faust(bootstrap: str, source: str, records: int) -> float:
 
 
 def run_clean(records: int, repeat: int) -> list[dict[str, Any]]:
-    return compare({"streamflow": run_native, "faust": run_faust}, WORKLOAD, records, repeat)
+    return compare({"streamflow": run_native,
+                    "streamflow-exactly-once": partial(run_native, guarantee="exactly_once"),
+                    "faust": run_faust}, WORKLOAD, records, repeat)

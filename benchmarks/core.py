@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
@@ -94,7 +95,8 @@ def run_raw_confluent(bootstrap: str, source: str, records: int) -> float:
 
 
 def run_stage(bootstrap: str, source: str, records: int, stage: dict[str, Any],
-              on_running: Callable[[PipelineRunner], None] | None = None) -> float:
+              on_running: Callable[[PipelineRunner], None] | None = None,
+              guarantee: str = "at_least_once") -> float:
     """Events per second of one processor stage reading ``source`` (``stage``: its settings
     besides name, input and output). With ``on_running``, the metrics endpoint and dashboard
     are served on a free port and ``on_running`` is called once the stage runs."""
@@ -105,17 +107,18 @@ def run_stage(bootstrap: str, source: str, records: int, stage: dict[str, Any],
         "topics": [{"name": f"{name}.out", "partitions": PARTITIONS}],
         "processors": [{"name": "stage", "input": source, "output": f"{name}.out", **stage}],
         "metrics": {"enabled": on_running is not None, "port": free_port()},
-        "runtime": {"batch": {"max_records": 10_000, "max_wait_ms": 50}},
+        "runtime": {"batch": {"max_records": 10_000, "max_wait_ms": 50}, "guarantee": guarantee},
     })
     return measure_stage(PipelineRunner(config), "stage", records, on_running or (lambda r: None))
 
 
 def run_streamflow(bootstrap: str, source: str, records: int,
-                   on_running: Callable[[PipelineRunner], None] | None = None) -> float:
+                   on_running: Callable[[PipelineRunner], None] | None = None,
+                   guarantee: str = "at_least_once") -> float:
     """The same work as a streamflow processor stage: schema step, then a SQL derived field."""
     return run_stage(bootstrap, source, records, {"steps": [
         schema_step(), {"sql": "SELECT *, temperature * 1.8 + 32 AS temperature_f FROM batch"},
-    ]}, on_running)
+    ]}, on_running, guarantee)
 
 
 def compare(systems: dict[str, Callable[[str, str, int], float]], workload: str, records: int,
@@ -138,5 +141,6 @@ def compare(systems: dict[str, Callable[[str, str, int], float]], workload: str,
 
 
 def run_core(records: int, repeat: int) -> list[dict[str, Any]]:
-    return compare({"streamflow": run_streamflow, "raw-confluent": run_raw_confluent},
-                   WORKLOAD, records, repeat)
+    return compare({"streamflow": run_streamflow,
+                    "streamflow-exactly-once": partial(run_streamflow, guarantee="exactly_once"),
+                    "raw-confluent": run_raw_confluent}, WORKLOAD, records, repeat)

@@ -307,6 +307,11 @@ class RuntimeConfig(Strict):
         2.0, gt=0, description="how often sinks flush and commit their input offsets"
     )
     shutdown_timeout_s: float = Field(30.0, gt=0)
+    guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="exactly_once: each processor stage commits a batch's output, dead letters "
+        "and input offsets in one Kafka transaction (processor stages without a window only)",
+    )
 
 
 class PipelineConfig(Strict):
@@ -329,6 +334,21 @@ class PipelineConfig(Strict):
             if component.name in seen:
                 raise ValueError(f"component name {component.name!r} is used twice")
             seen.add(component.name)
+        return self
+
+    @model_validator(mode="after")
+    def _exactly_once_fits(self) -> PipelineConfig:
+        if self.runtime.guarantee != "exactly_once":
+            return self
+        unsupported = [f"{stage.name} (a window)" for stage in self.processors if stage.window]
+        unsupported += [f"{stage.name} (type: faust)" for stage in self.processors
+                        if stage.type == "faust"]
+        unsupported += [f"{stage.name} (a model stage)" for stage in self.models]
+        if unsupported:
+            raise ValueError(
+                "runtime.guarantee: exactly_once covers processor stages without a window so far, "
+                f"not {', '.join(unsupported)}; use at_least_once, or run those stages in a "
+                "pipeline of their own")
         return self
 
     def dead_letter_topic(self, stage: ProcessorConfig | ModelConfig | SinkConfig) -> str:

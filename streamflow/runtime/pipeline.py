@@ -248,7 +248,8 @@ class PipelineRunner:
                     stage.window, self.metrics.window(stage.name),
                     self.config.late_topic(stage.window), self.config.changelog_topic(stage),
                 )
-            return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps)
+            return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps,
+                              exactly_once=self.config.runtime.guarantee == "exactly_once")
         return self._model_stage(stage, transport, batch, self.metrics.stage(stage.name, ("model",)))
 
     def _model_stage(

@@ -1,7 +1,10 @@
 """Stage runners: each is a consumer group member running in its own thread.
 
 A topic stage decodes a micro-batch, runs its steps, produces the output and the dead letters,
-and commits the input offsets only after the broker acknowledged both (at-least-once). A sink
+and commits the input offsets only after the broker acknowledged both (at-least-once). With
+``runtime.guarantee: exactly_once`` it produces both and sends the input offsets in one Kafka
+transaction per batch instead, fenced through the consumer group's metadata (KIP-447), so that
+``read_committed`` readers see each input's result exactly once. A sink
 stage hands batches to its sink and commits after the sink's flush made them durable.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
@@ -92,6 +96,7 @@ class StageRunner(RebalanceListener, ABC):
         self.lag_error: str | None = None  # why the last lag measurement failed
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        self.transactional = False  # exactly_once: one transaction per batch (TopicStage)
         self.assigned = False  # joined the group at least once (possibly with no partitions)
 
     @property
@@ -115,7 +120,7 @@ class StageRunner(RebalanceListener, ABC):
 
     def _run(self) -> None:
         try:
-            self.producer = self.transport.producer()
+            self.producer = self._new_producer()
             self.consumer = self.transport.consumer(
                 self.identity.group_id, self.topics(), listener=self
             )
@@ -202,7 +207,14 @@ class StageRunner(RebalanceListener, ABC):
             return 0
         except RecordTooLargeError as exc:
             refused = exc
-        self._renew_producer(refused)
+        if self.transactional and refused.by_broker:
+            # The refusal aborts the transaction and the records sent with it: send them again.
+            self._abort()
+            self._renew_producer(refused)
+            self.producer.begin_transaction()
+            self.producer.produce(without([*outgoing, *letters], refused.rejected))
+        else:
+            self._renew_producer(refused)
         oversize: list[Failure] = []
         refused_letters: list[tuple[int, int]] = []
         for number, index in refused.rejected:
@@ -230,6 +242,35 @@ class StageRunner(RebalanceListener, ABC):
             self._renew_producer(exc)
             self.producer.produce(truncated_refused(letters, exc.rejected))
 
+    def _abort(self) -> None:
+        """Abort the open transaction, if the producer still can: the stage then fails, and its
+        restart reads the batch again from the committed offsets."""
+        assert self.producer is not None
+        try:
+            self.producer.abort_transaction()
+        except TransportError:
+            log.warning("stage %s: aborting the transaction failed; the broker aborts it when "
+                        "it times out or the next producer of this group fences it", self.name)
+
+    def decode(self, batch: ConsumedBatch) -> tuple[pa.Table, list[Failure]]:
+        """The table the first step gets, and the records that failed to decode."""
+        return decode_input(batch.values, self.steps)
+
+    def produce_output(self, table: pa.Table, batch: ConsumedBatch) -> int:
+        """Produce the rows of ``table`` (records of ``batch``) to their topics; the row count."""
+        assert self.producer is not None
+        self.producer.produce(output_batches(table, self.output_topic, batch.keys,
+                                             batch.timestamps_ms))
+        return table.num_rows
+
+    def _new_producer(self) -> Producer:
+        """A producer; a transactional one, with an id of its own, for an exactly-once stage
+        (zombies are fenced by the group generation sent with the offsets, not by the id)."""
+        if not self.transactional:
+            return self.transport.producer()
+        return self.transport.producer(
+            transactional_id=f"{self.identity.group_id}.{uuid.uuid4().hex[:12]}")
+
     def _renew_producer(self, refused: RecordTooLargeError) -> None:
         """Replace the producer after the broker refused records (some clients are left unable
         to produce); records the client refused before sending leave it intact."""
@@ -239,7 +280,7 @@ class StageRunner(RebalanceListener, ABC):
                 self.producer.close()
             except Exception:
                 log.exception("stage %s: closing the producer failed", self.name)
-            self.producer = self.transport.producer()
+            self.producer = self._new_producer()
 
     def dead_letters(self, failures: list[Failure], batch: ConsumedBatch) -> list[OutgoingBatch]:
         """The records of ``failures`` addressed to the dead-letter topic (no batch if none)."""
@@ -336,15 +377,26 @@ class TopicStage(StageRunner):
         metrics: StageMetrics,
         output_topic: str,
         steps: Sequence[StepRunner],
+        exactly_once: bool = False,
     ) -> None:
         super().__init__(identity, transport, batch, metrics)
         self.output_topic = output_topic
         self.steps = list(steps)
-        self._last_offsets: dict[TopicPartition, int] = {}
+        self.transactional = exactly_once
+        self._last_offsets: dict[TopicPartition, int] = {}  # at-least-once: committed async
 
     def drain(self) -> None:
         """Confirm the last asynchronous commits synchronously before leaving the group."""
         self.commit(self._last_offsets, asynchronous=False)
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Confirm the revoked partitions' commits now: the next owner starts from them, and
+        a later drain must not commit them over the next owner's."""
+        super().on_revoke(partitions)
+        revoked = {partition: self._last_offsets.pop(partition)
+                   for partition in partitions if partition in self._last_offsets}
+        if revoked:
+            self.commit(revoked, asynchronous=False)
 
     def transform(self, batch: ConsumedBatch) -> tuple[pa.Table, list[Failure]]:
         """Decode ``batch`` and run the steps: the surviving rows (with ``_sf_row``) and the
@@ -353,27 +405,38 @@ class TopicStage(StageRunner):
         return run_steps(self.steps, table, failures), failures
 
     def handle(self, batch: ConsumedBatch) -> None:
-        assert self.producer is not None
+        assert self.producer is not None and self.consumer is not None
         table, failures = self.transform(batch)
-        oversize = self.publish(
-            output_batches(table, self.output_topic, batch.keys, batch.timestamps_ms), failures, batch
-        )
-        self.count_dead_letters(failures)
+        outgoing = output_batches(table, self.output_topic, batch.keys, batch.timestamps_ms)
         offsets = batch.next_offsets()
-        self.commit(offsets, asynchronous=True)
-        self._last_offsets.update(offsets)
+        if self.transactional:
+            self.producer.begin_transaction()
+            try:
+                oversize = self.publish(outgoing, failures, batch)
+                self.producer.send_offsets_to_transaction(offsets, self.consumer)
+                self.producer.commit_transaction()
+            except BaseException:
+                self._abort()
+                raise
+        else:
+            oversize = self.publish(outgoing, failures, batch)
+            self.commit(offsets, asynchronous=True)
+            self._last_offsets.update(offsets)
+        self.count_dead_letters(failures)
         self.metrics.count(len(batch), table.num_rows - oversize, len(failures))
 
-    def decode(self, batch: ConsumedBatch) -> tuple[pa.Table, list[Failure]]:
-        """The table the first step gets, and the records that failed to decode."""
-        return decode_input(batch.values, self.steps)
-
-    def produce_output(self, table: pa.Table, batch: ConsumedBatch) -> int:
-        """Produce the rows of ``table`` (records of ``batch``) to their topics; the row count."""
-        assert self.producer is not None
-        self.producer.produce(output_batches(table, self.output_topic, batch.keys,
-                                             batch.timestamps_ms))
-        return table.num_rows
+def without(batches: Sequence[OutgoingBatch], rejected: Sequence[tuple[int, int]]
+            ) -> list[OutgoingBatch]:
+    """``batches`` less their ``rejected`` (batch, record) records."""
+    drop = set(rejected)
+    kept = []
+    for number, batch in enumerate(batches):
+        records = [record for index, record in enumerate(batch.records())
+                   if (number, index) not in drop]
+        if records:
+            values, keys, headers, timestamps = zip(*records, strict=True)
+            kept.append(OutgoingBatch(batch.topic, values, keys, headers, timestamps))
+    return kept
 
 
 def build_steps(stage: ProcessorConfig, pipeline: str) -> list[StepRunner]:
