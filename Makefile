@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup run test kafka services lint bench clean
+.PHONY: setup run test test-cluster kafka services lint bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -39,6 +39,10 @@ test: $(STAMP) services kafka
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -n 3
 	STREAMFLOW_TEST_BROKER=tansu $(BIN)/pytest -q -n 3 $(TANSU_SMOKE)
+
+## Broker failures on a three-node Kafka cluster under a 200,000-event pipeline (about 3 minutes).
+test-cluster: $(STAMP) services kafka
+	$(BIN)/pytest -q -s -m slow tests/integration/test_kafka_cluster.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks core --json benchmarks/results/core.json

@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -23,6 +24,7 @@ from tests import services
 from tests.kafka_broker import KafkaCluster
 
 BROKER_VARIABLE = "STREAMFLOW_TEST_BROKER"
+T = TypeVar("T")
 
 
 def _broker_choice() -> str:
@@ -85,29 +87,25 @@ def fresh_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield address
 
 
-@pytest.fixture(scope="session")
-def postgres_dsn() -> Iterator[str]:
-    """DSN of a PostgreSQL database ``test`` for the whole session (see tests/services.py)."""
+def _service_or_skip(server: AbstractContextManager[T]) -> Iterator[T]:
+    """What ``server`` yields while it runs; a skip saying how to get one where it cannot run."""
     try:
-        server = services.postgres()
-        dsn = server.__enter__()
+        value = server.__enter__()
     except services.ServiceUnavailable as exc:
         pytest.skip(str(exc))
     try:
-        yield dsn
+        yield value
     finally:
         server.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """DSN of a PostgreSQL database ``test`` for the whole session (see tests/services.py)."""
+    yield from _service_or_skip(services.postgres())
 
 
 @pytest.fixture(scope="session")
 def mqtt_address() -> Iterator[tuple[str, int]]:
     """``(host, port)`` of an MQTT broker for the whole session (see tests/services.py)."""
-    try:
-        server = services.mosquitto()
-        address = server.__enter__()
-    except services.ServiceUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        yield address
-    finally:
-        server.__exit__(None, None, None)
+    yield from _service_or_skip(services.mosquitto())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import socket
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from connectors.sources.records import AckTracker, encode_record, record_key
 from streamflow.plugins import ComponentContext, Source, SourceBatch
+from streamflow.plugins.listeners import BoundedHTTPServer, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +67,6 @@ class HttpConfig(BaseModel):
                 "token of at least 16 characters) or listen on 127.0.0.1"
             )
         return self
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class BodyError(ValueError):
@@ -230,38 +220,13 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
          b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
-class _WebhookServer(ThreadingHTTPServer):
-    """A thread per connection, at most ``max_connections`` of them."""
-
-    daemon_threads = True
+class _WebhookServer(BoundedHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them (a further one gets a 503)."""
 
     def __init__(self, address: tuple[str, int], source: HttpSource) -> None:
         self.source = source
-        self._slots = threading.BoundedSemaphore(source.config.max_connections)
-        super().__init__(address, _WebhookHandler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            with contextlib.suppress(OSError):  # every slot is taken: refuse rather than queue
-                request.setblocking(False)
-                request.send(_BUSY)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("http source %s: connection from %s failed", self.source.context.name,
-                  client_address, exc_info=True)
+        super().__init__(address, _WebhookHandler, source.config.max_connections,
+                         busy_response=_BUSY)
 
 
 class _Deadline:

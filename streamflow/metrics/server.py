@@ -14,18 +14,17 @@ once, and further ones are closed at once.
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import json
 import logging
-import socket
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from streamflow.plugins.listeners import BoundedHTTPServer, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -41,52 +40,6 @@ ASSETS = {
 
 def _asset(name: str) -> bytes:
     return resources.files("streamflow.metrics").joinpath("dashboard", name).read_bytes()
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to any address
-
-
-class _BoundedServer(ThreadingHTTPServer):
-    """A thread per connection, at most ``max_connections`` of them, each for ``deadline_s``."""
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 max_connections: int, deadline_s: float) -> None:
-        super().__init__(address, handler)
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._deadline_s = deadline_s
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # every slot is taken: refuse rather than queue
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        deadline = threading.Timer(self._deadline_s, self._drop, (request,))
-        deadline.daemon = True
-        deadline.start()
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            deadline.cancel()
-            self._slots.release()
-
-    @staticmethod
-    def _drop(request: socket.socket) -> None:
-        """End a connection past its deadline: its thread's pending read or write returns."""
-        with contextlib.suppress(OSError):
-            request.shutdown(socket.SHUT_RDWR)
 
 
 class MetricsServer:
@@ -139,7 +92,7 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 """Requests are not logged: scrapes would drown everything else."""
 
-        self._server = _BoundedServer((host, port), Handler, max_connections, deadline_s)
+        self._server = BoundedHTTPServer((host, port), Handler, max_connections, deadline_s)
         self.host = host
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics", daemon=True

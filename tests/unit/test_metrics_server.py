@@ -16,7 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from streamflow.config.models import MetricsConfig
-from streamflow.metrics.server import MetricsServer, is_loopback
+from streamflow.metrics.server import MetricsServer
+from streamflow.plugins.listeners import is_loopback
 
 
 @contextmanager

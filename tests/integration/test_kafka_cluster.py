@@ -1,0 +1,175 @@
+"""Broker failures on a real three-node Apache Kafka cluster (KRaft, replication factor 3,
+``min.insync.replicas`` 2): a 200,000-event pipeline keeps running through a SIGKILLed partition
+leader, a SIGSTOPped broker and a restarted stage replica, and every record lands exactly once.
+
+generator → clean (2 replicas) → predict → PostgreSQL and Parquet, each stage its own
+``streamflow run --stage`` process, as containers would run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import psycopg
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from connectors.sources.generator import GeneratorConfig, sensor_event
+from tests.helpers import read_topic
+from tests.kafka_broker import KafkaCluster
+from tests.source_runs import unique, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800),
+              pytest.mark.skipif(not shutil.which("java"), reason="needs Java 17+")]
+
+COUNT = 200_000
+RATE = 4_000
+SEED = 7
+PARTITIONS = 4
+GROUPS = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
+
+
+def pipeline(bootstrap: str, name: str, folder: Path, dsn: str) -> dict[str, Any]:
+    return {
+        "pipeline": name,
+        "kafka": {"bootstrap": bootstrap, "config": GROUPS},
+        "topics": [{"name": f"{name}.{topic}", "partitions": PARTITIONS}
+                   for topic in ("raw", "clean", "scored")],
+        "sources": [{"name": "sensors", "type": "generator", "topic": f"{name}.raw", "count": COUNT,
+                     "rate": RATE, "seed": SEED, "malformed_fraction": 0.02}],
+        "processors": [{"name": "clean", "input": f"{name}.raw", "output": f"{name}.clean", "steps": [
+            {"schema": {"device_id": {"type": "string", "required": True},
+                        "ts": {"type": "int", "required": True},
+                        "temperature": {"type": "float", "required": True},
+                        "humidity": {"type": "float", "required": True},
+                        "pressure": {"type": "float", "required": True},
+                        "battery": {"type": "float"}}},
+            {"sql": "SELECT *, temperature * 1.8 + 32 AS temperature_f FROM batch"}]}],
+        "models": [{"name": "predict", "input": f"{name}.clean", "output": f"{name}.scored",
+                    "target": "temperature", "features": ["humidity", "pressure"],
+                    "estimator": [{"preprocessing.StandardScaler": {}},
+                                  {"linear_model.LinearRegression": {}}],
+                    "metrics": ["MAE"], "checkpoint": {"path": str(folder / "checkpoints")}}],
+        "sinks": [{"name": "lake", "type": "parquet", "input": f"{name}.scored",
+                   "path": str(folder / "lake")},
+                  {"name": "warehouse", "type": "postgres", "input": f"{name}.scored", "dsn": dsn,
+                   "table": name}],
+    }
+
+
+def start_stage(config: Path, stage: str, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamflow", "run", str(config), "--stage", stage,
+             "--metrics-port", "0"], stdout=output, stderr=subprocess.STDOUT, env={**os.environ})
+
+
+def leader_of(bootstrap: str, topic: str, partition: int) -> int:
+    metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10)
+    return int(metadata.topics[topic].partitions[partition].leader)
+
+
+class Progress:
+    """Records written to the scored topic over time, and the longest time it did not grow."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("watch")})
+        self.topic = topic
+        self.count, self.changed_at, self.longest_stall_s = 0, time.monotonic(), 0.0
+
+    def poll(self) -> int:
+        try:
+            count = sum(self.consumer.get_watermark_offsets(TopicPartition(self.topic, p),
+                                                            timeout=2)[1] for p in range(PARTITIONS))
+        except Exception:  # a broker is down: no answer is no progress
+            count = self.count
+        now = time.monotonic()
+        if count > self.count:
+            self.count, self.changed_at = count, now
+        self.longest_stall_s = max(self.longest_stall_s, now - self.changed_at)
+        return self.count
+
+    def wait_for(self, count: int, timeout_s: float, processes: Callable[[], list[Any]]) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.poll() < count:
+            assert all(p.poll() is None for p in processes()), "a stage process exited"
+            assert time.monotonic() < deadline, f"only {self.count} of {count} records scored"
+            time.sleep(0.5)
+
+
+def is_valid(value: bytes) -> bool:
+    try:
+        event = json.loads(value)
+    except ValueError:
+        return False
+    return (isinstance(event, dict) and isinstance(event.get("device_id"), str)
+            and isinstance(event.get("temperature"), float | int))
+
+
+def test_broker_failures_lose_and_duplicate_nothing(tmp_path: Path, postgres_dsn: str) -> None:
+    name = unique("chaos")
+    config = tmp_path / "pipeline.yaml"
+    with KafkaCluster(3, log_dir=tmp_path) as cluster:
+        config.write_text(json.dumps(pipeline(cluster.bootstrap, name, tmp_path, postgres_dsn)))
+        stages = {"sensors": 1, "clean": 2, "predict": 1, "lake": 1, "warehouse": 1}
+        processes = {(stage, i): start_stage(config, stage, tmp_path / f"{stage}-{i}.log")
+                     for stage, replicas in stages.items() for i in range(replicas)}
+        progress = Progress(cluster.bootstrap, f"{name}.scored")
+        try:
+            progress.wait_for(COUNT // 10, 240, lambda: list(processes.values()))
+            leader = leader_of(cluster.bootstrap, f"{name}.raw", 0) - 1
+            cluster.kill_node(leader)
+            time.sleep(8)
+            cluster.start_node(leader)
+            progress.wait_for(COUNT // 4, 240, lambda: list(processes.values()))
+            paused = (leader + 1) % 3
+            cluster.pause_node(paused)
+            time.sleep(20)
+            cluster.resume_node(paused)
+            progress.wait_for(COUNT * 2 // 5, 240, lambda: list(processes.values()))
+            replica = processes[("clean", 1)]
+            replica.send_signal(signal.SIGTERM)
+            assert replica.wait(60) == 0
+            processes[("clean", 1)] = start_stage(config, "clean", tmp_path / "clean-1.log")
+
+            generator = GeneratorConfig(seed=SEED, malformed_fraction=0.02)
+            values = [sensor_event(generator, index)[1] for index in range(COUNT)]
+            expected = sorted(json.loads(value)["ts"] for value in values if is_valid(value))
+            invalid = sorted(value for value in values if not is_valid(value))
+            progress.wait_for(len(expected), 600, lambda: list(processes.values()))
+            wait_until(lambda: parquet_ts(tmp_path / "lake") == expected
+                       and postgres_ts(postgres_dsn, name) == expected, 120,
+                       "both sinks to hold every valid record once")
+        finally:
+            for process in processes.values():
+                process.send_signal(signal.SIGTERM)
+            exits = [process.wait(90) for process in processes.values()]
+        dead = sorted(read_topic(cluster.bootstrap, f"{name}.dlq").values)
+    print(f"scored {progress.count} records; longest stall {progress.longest_stall_s:.1f} s")
+    assert dead == invalid
+    assert exits == [0] * len(exits)
+
+
+def parquet_ts(folder: Path) -> list[int]:
+    if not any(folder.rglob("*.parquet")):
+        return []
+    pattern = str(folder / "**" / "*.parquet")
+    return sorted(row[0] for row in duckdb.sql(f"SELECT ts FROM read_parquet('{pattern}')").fetchall())
+
+
+def postgres_ts(dsn: str, table: str) -> list[int]:
+    with psycopg.connect(dsn) as connection:
+        if connection.execute("SELECT to_regclass(%s)", (f'"{table}"',)).fetchone() == (None,):
+            return []
+        return sorted(row[0] for row in connection.execute(f'SELECT ts FROM "{table}"'))
