@@ -4,9 +4,10 @@ Each replica is ``streamflow run PIPELINE --stage burn``, as one container per r
 they share the stage's consumer group, so Kafka splits the input's partitions between them. The
 stage parses the core workload's sensor events and runs a ``python`` step in record mode that
 costs a fixed amount of CPU per record (:func:`burn`), so its speed is bound by the cores it
-gets, not by the broker. The replicas start before the input is loaded and the clock runs from
-the first output record to the last, read from the output topic's end offsets. The broker's
-``group.initial.rebalance.delay.ms`` lets every replica join the first generation.
+gets, not by the broker. The input is loaded before the replicas start, and the broker's
+``group.initial.rebalance.delay.ms`` (3 s) lets every replica join the group's first generation,
+so they split the partitions from the first record on. The clock runs from the first output
+record to the last, read from the output topic's end offsets.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, TopicPartition
 
 from benchmarks.common import chosen_broker, local_broker
 from benchmarks.core import PARTITIONS, load_input
@@ -32,7 +32,7 @@ from streamflow.transport import TopicSpec, create_transport
 
 WORKLOAD = "cpu-bound-stage-replicas"
 REPLICAS = (1, 2)
-BURN_ROUNDS = 50
+BURN_ROUNDS = 200
 ROOT = Path(__file__).parents[1]
 
 
@@ -64,25 +64,13 @@ def output_count(consumer: Consumer, topic: str) -> int:
                for partition in range(PARTITIONS))
 
 
-def wait_for_members(bootstrap: str, group: str, members: int, timeout_s: float = 120) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            description = admin.describe_consumer_groups([group])[group].result(timeout=10)
-        except KafkaException:  # no such group yet, or its coordinator is still loading
-            description = None
-        if description and len(description.members) == members and description.state.name == "STABLE":
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{members} replicas did not join {group} within {timeout_s:.0f} s")
-
-
 def run_replicas(bootstrap: str, folder: Path, replicas: int, records: int) -> float:
     """Events per second of ``replicas`` processes of the stage over ``records`` fresh records."""
     name = f"scale{uuid.uuid4().hex[:8]}"
     source = f"{name}.in"
-    create_transport("confluent", bootstrap).admin().create_topics([TopicSpec(source, PARTITIONS)])
+    create_transport("confluent", bootstrap).admin().create_topics(
+        [TopicSpec(source, PARTITIONS), TopicSpec(f"{name}.out", PARTITIONS)])
+    load_input(bootstrap, source, records)
     config = pipeline_file(folder, bootstrap, name, source)
     command = [sys.executable, "-m", "streamflow.cli", "run", str(config), "--stage", "burn"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -91,8 +79,6 @@ def run_replicas(bootstrap: str, folder: Path, replicas: int, records: int) -> f
                  for i in range(replicas)]
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{name}.watch"})
     try:
-        wait_for_members(bootstrap, f"{name}.burn", replicas)
-        load_input(bootstrap, source, records)
         started = None
         while (done := output_count(consumer, f"{name}.out")) < records:
             if started is None and done:
