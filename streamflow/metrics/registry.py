@@ -38,6 +38,9 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
      (*STAGE, "step"), {}),
     ("streamflow_stage_restarts", Counter,
      "Times a stage or source was restarted after a transient failure.", STAGE, {}),
+    ("streamflow_broker_reachable", Gauge,
+     "1 while a stage's consumer gets answers about its partitions from the brokers, 0 while "
+     "they fail (a broker down, a partition leader moving).", STAGE, {}),
     ("streamflow_batch_size_records", Histogram, "Records per consumed micro-batch.", STAGE,
      {"buckets": SIZE_BUCKETS}),
     ("streamflow_batch_processing_seconds", Histogram, "Time to process one micro-batch.", STAGE,
@@ -93,6 +96,7 @@ class StageMetrics:
     last_processed: Gauge
     checkpoint_time: Gauge
     restarts: Counter
+    broker_reachable: Gauge
     _errors: Any
     _lag: Any
 
@@ -182,7 +186,7 @@ class PipelineMetrics:
                 "streamflow_batch_processing_seconds",
                 "streamflow_last_processed_timestamp_seconds",
                 "streamflow_checkpoint_last_success_timestamp_seconds",
-                "streamflow_stage_restarts",
+                "streamflow_stage_restarts", "streamflow_broker_reachable",
             )),
             self._partial("streamflow_record_errors", *labels),
             self._partial("streamflow_consumer_lag_records", *labels),

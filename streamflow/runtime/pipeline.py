@@ -317,7 +317,7 @@ class PipelineRunner:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready once every source is open (its listener, if any, takes connections) and every
-        stage runs and has joined its group."""
+        stage runs, has joined its group and gets answers from the brokers for its partitions."""
         if not self._started:
             return False, {"reason": "starting: waiting for Kafka and creating topics"}
         problems = {}
@@ -330,6 +330,8 @@ class PipelineRunner:
                 problems[runner.name] = "opening (reading its position, starting its listener)"
             elif isinstance(runner, StageRunner | FaustStage) and not runner.assigned:
                 problems[runner.name] = "joining its consumer group"
+            elif isinstance(runner, StageRunner) and runner.lag_error:
+                problems[runner.name] = f"brokers unreachable for its partitions: {runner.lag_error}"
         if problems:
             return False, {"reason": "components not ready", "components": problems}
         return True, {"status": "ready"}

@@ -154,12 +154,15 @@ class StageRunner(RebalanceListener, ABC):
             lags = self.consumer.lag()
         except TransportError as exc:  # lag is for telemetry and --until-idle: never fatal
             if self.lag_error is None:
-                log.warning("stage %s: lag unknown until the broker answers: %s", self.name, exc)
+                log.warning("stage %s: the brokers do not answer about its partitions: %s",
+                            self.name, exc)
             self.lag, self.lag_error = None, str(exc)
+            self.metrics.broker_reachable.set(0)
             return
         if self.lag_error is not None:
-            log.info("stage %s: lag known again", self.name)
+            log.info("stage %s: the brokers answer again", self.name)
             self.lag_error = None
+        self.metrics.broker_reachable.set(1)
         self.lag = sum(lags.values()) if lags else None  # None: no partitions (yet)
         for (topic, partition), lag in lags.items():
             self.metrics.lag(topic, partition).set(lag)
@@ -319,6 +322,7 @@ class StageRunner(RebalanceListener, ABC):
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         log.info("stage %s revoked %s", self.name, partitions)
+        self.assigned = False  # until the group assigns partitions again, possibly none
 
 
 class StepFailedError(RuntimeError):
@@ -395,8 +399,13 @@ class TopicStage(StageRunner):
         super().on_revoke(partitions)
         revoked = {partition: self._last_offsets.pop(partition)
                    for partition in partitions if partition in self._last_offsets}
-        if revoked:
+        if not revoked:
+            return
+        try:
             self.commit(revoked, asynchronous=False)
+        except TransportError as exc:  # e.g. the group coordinator is down: the partitions go anyway
+            log.warning("stage %s: commit on revoke failed (%s); their next owner replays from the "
+                        "last commit", self.name, exc)
 
     def transform(self, batch: ConsumedBatch) -> tuple[pa.Table, list[Failure]]:
         """Decode ``batch`` and run the steps: the surviving rows (with ``_sf_row``) and the

@@ -7,6 +7,7 @@ so that the runtime can hand them to Arrow without building one object per recor
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -160,7 +161,9 @@ class Consumer(ABC):
 
     @abstractmethod
     def lag(self) -> dict[TopicPartition, int]:
-        """Records between this member's position and the high watermark, per assigned partition."""
+        """Records between this member's position and the high watermark, per assigned partition;
+        TransportError when the brokers do not answer (with no partition assigned, the confluent
+        transport asks for a topic's metadata to find out)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -172,7 +175,21 @@ class Admin(ABC):
 
     @abstractmethod
     def create_topics(self, topics: Sequence[TopicSpec]) -> None:
-        """Create the topics that do not exist yet; existing ones are left untouched."""
+        """Create the topics that do not exist yet; existing ones are left untouched. Returns
+        once the broker answering metadata requests knows them (see :meth:`wait_for_topics`)."""
+
+    def wait_for_topics(self, names: Sequence[str], timeout_s: float = 30.0) -> None:
+        """Wait until every topic of ``names`` shows in metadata with its partitions: on Apache
+        Kafka a created topic reaches the brokers' metadata a moment after the controller
+        accepted it, and a consumer that subscribes before then gets no partition of it
+        (kafka-python looks again only after ``metadata.max.age.ms``, 5 minutes)."""
+        deadline = time.monotonic() + timeout_s
+        while missing := sorted(set(names) - {name for name, partitions in
+                                              self.describe_topics(names).items() if partitions}):
+            if time.monotonic() > deadline:
+                raise TransportError(f"topics {missing} not in the brokers' metadata after "
+                                     f"{timeout_s:.0f} s")
+            time.sleep(0.1)
 
     @abstractmethod
     def cluster_id(self) -> str:

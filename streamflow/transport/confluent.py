@@ -152,6 +152,7 @@ class ConfluentConsumer(Consumer):
         self, config: dict[str, Any], topics: Sequence[str], listener: RebalanceListener | None
     ) -> None:
         self.raw = _Consumer(config)
+        self._topics = list(topics)
         self._listener = listener
         self._listener_error: BaseException | None = None
         self.raw.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -252,6 +253,9 @@ class ConfluentConsumer(Consumer):
     def _lag(self) -> dict[TopicPartition, int]:
         assigned = self.raw.assignment()
         if not assigned:
+            # No partition to measure: ask for one topic's metadata, so that brokers that do not
+            # answer (while the group cannot form, say) still show as a failure.
+            self.raw.list_topics(self._topics[0], timeout=2)
             return {}
         positions = self.raw.position(assigned)
         committed: dict[TopicPartition, int | None] | None = None
@@ -298,6 +302,7 @@ class ConfluentAdmin(Admin):
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise TransportError(f"creating topic {name!r}: {exc}") from exc
+        self.wait_for_topics([topic.topic for topic in new])
 
     def cluster_id(self) -> str:
         try:

@@ -285,6 +285,7 @@ class KafkaPythonAdmin(Admin):
             pass
         except errors.KafkaError as exc:
             raise _error(exc) from exc
+        self.wait_for_topics(list(new))
 
     def cluster_id(self) -> str:
         try:

@@ -8,13 +8,17 @@ generator → clean (2 replicas) → predict → PostgreSQL and Parquet, each st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from connectors.sources.generator import GeneratorConfig, sensor_event
+from streamflow.transport.broker import free_port
 from tests.helpers import read_topic
 from tests.kafka_broker import KafkaCluster
 from tests.source_runs import unique, wait_until
@@ -68,11 +73,41 @@ def pipeline(bootstrap: str, name: str, folder: Path, dsn: str) -> dict[str, Any
     }
 
 
-def start_stage(config: Path, stage: str, log: Path) -> subprocess.Popen[bytes]:
+def start_stage(config: Path, stage: str, log: Path, port: int = 0) -> subprocess.Popen[bytes]:
     with open(log, "ab") as output:
         return subprocess.Popen(
             [sys.executable, "-m", "streamflow", "run", str(config), "--stage", stage,
-             "--metrics-port", "0"], stdout=output, stderr=subprocess.STDOUT, env={**os.environ})
+             "--metrics-port", str(port)], stdout=output, stderr=subprocess.STDOUT,
+            env={**os.environ})
+
+
+class HealthWatcher(threading.Thread):
+    """Polls daemons' /readyz and /metrics: the reasons they gave for not being ready, and
+    whether ``streamflow_broker_reachable`` was ever 0."""
+
+    def __init__(self, ports: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.ports = ports
+        self.reasons: set[str] = set()
+        self.unreachable_seen = False
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.25):
+            for port in self.ports:
+                self._check(f"http://127.0.0.1:{port}")
+
+    def _check(self, base: str) -> None:
+        try:
+            urllib.request.urlopen(f"{base}/readyz", timeout=2).close()
+        except urllib.error.HTTPError as error:  # 503: not ready, and why
+            self.reasons.update(json.loads(error.read()).get("components", {}).values())
+        except OSError:  # not listening yet, or stopped
+            return
+        with contextlib.suppress(OSError):
+            metrics = urllib.request.urlopen(f"{base}/metrics", timeout=2).read().decode()
+            self.unreachable_seen |= any(line.startswith("streamflow_broker_reachable{")
+                                         and line.endswith(" 0.0") for line in metrics.splitlines())
 
 
 def leader_of(bootstrap: str, topic: str, partition: int) -> int:
@@ -123,9 +158,12 @@ def test_broker_failures_lose_and_duplicate_nothing(tmp_path: Path, postgres_dsn
     with KafkaCluster(3, log_dir=tmp_path) as cluster:
         config.write_text(json.dumps(pipeline(cluster.bootstrap, name, tmp_path, postgres_dsn)))
         stages = {"sensors": 1, "clean": 2, "predict": 1, "lake": 1, "warehouse": 1}
-        processes = {(stage, i): start_stage(config, stage, tmp_path / f"{stage}-{i}.log")
-                     for stage, replicas in stages.items() for i in range(replicas)}
+        ports = {(stage, i): free_port() for stage, replicas in stages.items() for i in range(replicas)}
+        processes = {key: start_stage(config, key[0], tmp_path / f"{key[0]}-{key[1]}.log", port)
+                     for key, port in ports.items()}
         progress = Progress(cluster.bootstrap, f"{name}.scored")
+        health = HealthWatcher([ports[key] for key in (("lake", 0), ("warehouse", 0), ("predict", 0))])
+        health.start()
         try:
             progress.wait_for(COUNT // 10, 240, lambda: list(processes.values()))
             leader = leader_of(cluster.bootstrap, f"{name}.raw", 0) - 1
@@ -152,12 +190,16 @@ def test_broker_failures_lose_and_duplicate_nothing(tmp_path: Path, postgres_dsn
                        and postgres_ts(postgres_dsn, name) == expected, 120,
                        "both sinks to hold every valid record once")
         finally:
+            health.stopped.set()
             for process in processes.values():
                 process.send_signal(signal.SIGTERM)
             exits = [process.wait(90) for process in processes.values()]
         dead = sorted(read_topic(cluster.bootstrap, f"{name}.dlq").values)
     print(f"scored {progress.count} records; longest stall {progress.longest_stall_s:.1f} s")
+    print(f"outages on /readyz: {sorted(health.reasons)}")
     assert dead == invalid
+    assert any(reason.startswith("brokers unreachable") for reason in health.reasons), health.reasons
+    assert health.unreachable_seen, "streamflow_broker_reachable never showed the outage"
     assert exits == [0] * len(exits)
 
 
