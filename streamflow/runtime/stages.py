@@ -322,7 +322,6 @@ class StageRunner(RebalanceListener, ABC):
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         log.info("stage %s revoked %s", self.name, partitions)
-        self.assigned = False  # until the group assigns partitions again, possibly none
 
 
 class StepFailedError(RuntimeError):
