@@ -10,6 +10,7 @@ controller on free ports. Nothing is downloaded at import time.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import re
@@ -103,6 +104,12 @@ def fetch(home: Path | None = None) -> Path:
     return libs
 
 
+@functools.cache
+def _verified_libs() -> Path:
+    """:func:`fetch`, once per process: every node start would otherwise hash 43 MB of jars."""
+    return fetch()
+
+
 def _cluster_id() -> str:
     """A random cluster id as Kafka writes them: URL-safe base64, never starting with '-'
     (the storage tool would read it as an option)."""
@@ -170,7 +177,7 @@ class KafkaCluster:
         return path
 
     def _java(self, main: str, *args: str, heap_mb: int = 512) -> list[str]:
-        libs = fetch()
+        libs = _verified_libs()
         log4j = self._folder / "log4j2.xml"
         if not log4j.exists():
             log4j.write_text(LOG4J_CONFIG)
