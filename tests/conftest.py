@@ -37,16 +37,24 @@ def _broker_choice() -> str:
 
 
 @contextmanager
-def _kafka(log_dir: Path | None) -> Iterator[str]:
+def _kafka(log_dir: Path) -> Iterator[str]:
+    """Apache Kafka from its jars where Java exists, else (or if they cannot be had) Docker's."""
     if shutil.which("java"):
+        cluster = KafkaCluster(1, log_dir=log_dir)
         try:
-            cluster = KafkaCluster(1, log_dir=log_dir)
-            with cluster:
-                yield cluster.bootstrap
-            return
-        except services.ServiceUnavailable as exc:
+            cluster.start()
+        except BaseException as exc:
+            cluster.stop()
+            if not isinstance(exc, services.ServiceUnavailable):
+                raise
             if not services.docker_available():
                 pytest.skip(str(exc))
+        else:
+            try:
+                yield cluster.bootstrap
+            finally:
+                cluster.stop()
+            return
     from testcontainers.kafka import KafkaContainer
 
     with KafkaContainer().with_kraft() as kafka:
