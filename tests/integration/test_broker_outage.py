@@ -1,5 +1,6 @@
 """A broker outage under a running pipeline: the daemon says so on /readyz and in
-``streamflow_broker_reachable``, keeps running, and carries on once the broker is back."""
+``streamflow_broker_reachable``, keeps running, and carries on once the broker is back, with
+nothing lost."""
 
 from __future__ import annotations
 
@@ -68,4 +69,5 @@ def test_an_outage_shows_on_readyz_and_in_metrics_and_the_stage_resumes(tmp_path
             thread.join(60)
             watcher.close()
     assert results and results[0].exit_code == 0, results
-    assert sorted(json.loads(value)["n"] for value in watcher.values) == list(range(200))
+    # At-least-once: offsets the stage could not commit during the outage are read again.
+    assert {json.loads(value)["n"] for value in watcher.values} == set(range(200))

@@ -146,7 +146,7 @@ def test_a_rerun_on_a_new_broker_starts_models_afresh(tmp_path: Path) -> None:
             output = tmp_path / f"lake{run}"
             env = quickstart_env(broker.bootstrap, output, QUICKSTART_COUNT="1000",
                                  QUICKSTART_CHECKPOINTS=str(tmp_path / "checkpoints"))
-            result = PipelineRunner(load_pipeline(QUICKSTART, env), until_idle_s=1,
+            result = PipelineRunner(load_pipeline(QUICKSTART, env), until_idle_s=3,
                                     metrics_port=0).run()
             assert result.exit_code == 0, result.errors
             dead = read_topic(broker.bootstrap, "quickstart.dlq")
