@@ -107,13 +107,8 @@ class ModelStage(StageRunner):
         return [self.identity.input_topic, *([self.labels_topic] if self.labels_topic else [])]
 
     def open(self) -> None:
-        admin = self.transport.admin()
-        try:
-            cluster_id = admin.cluster_id()
-        finally:
-            admin.close()
         self.worker = EngineWorker(self.spec, f"model-{self.name}", self._apply)
-        self.worker.call("start", cluster_id)
+        self.worker.call("start", self.transport.cluster_id())
 
     def is_idle(self, since: float) -> bool:
         return super().is_idle(since) and not self._in_flight

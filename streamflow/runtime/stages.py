@@ -496,14 +496,6 @@ def output_batches(
     return batches
 
 
-def select_records(batch: ConsumedBatch, rows: np.ndarray) -> ConsumedBatch:
-    """The records of ``batch`` at ``rows``, in that order."""
-    return ConsumedBatch(**{
-        name: [column[row] for row in rows] if column else []
-        for name, column in vars(batch).items()
-    })
-
-
 class SinkStage(StageRunner):
     """Hands batches to a sink per partition; flushes and commits every ``commit_interval_s``.
 
@@ -534,11 +526,7 @@ class SinkStage(StageRunner):
         self._already_written: dict[TopicPartition, int] = {}  # next offset the sink stored
 
     def open(self) -> None:
-        admin = self.transport.admin()
-        try:
-            self._cluster_id = admin.cluster_id()
-        finally:
-            admin.close()
+        self._cluster_id = self.transport.cluster_id()
         self.sink.open()
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
@@ -564,7 +552,7 @@ class SinkStage(StageRunner):
         for partition, next_offset in batch.next_offsets().items():
             if next_offset >= self._already_written.get(partition, next_offset + 1):
                 del self._already_written[partition]  # caught up: nothing more to skip
-        return batch if fresh.all() else select_records(batch, np.flatnonzero(fresh))
+        return batch if fresh.all() else batch.select(np.flatnonzero(fresh).tolist())
 
     def handle(self, consumed: ConsumedBatch) -> None:
         batch = self._skip_already_written(consumed)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,32 +39,13 @@ from streamflow.processing.windows import (
     window_record,
 )
 from streamflow.runtime.dead_letters import Failure, dead_letter_batch
-from streamflow.runtime.stages import StageIdentity, StepRunner, TopicStage, select_records
-from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicPartition, Transport
+from streamflow.runtime.stages import StageIdentity, StepRunner, TopicStage
+from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicPartition, Transport, read_until
 
 log = logging.getLogger(__name__)
 
 WINDOW_STEP = "window"
 READ_CHANGELOG_TIMEOUT_S = 30.0
-
-
-def read_latest(transport: Transport, topic: str, group_id: str,
-                timeout_s: float = READ_CHANGELOG_TIMEOUT_S) -> dict[bytes, bytes]:
-    """The last value of each key in ``topic`` (a compacted topic read to its end)."""
-    consumer = transport.consumer(group_id, [topic])
-    latest: dict[bytes, bytes] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            batch = consumer.consume_batch(1000, 0.2)
-            for key, value in zip(batch.keys, batch.values, strict=True):
-                if key is not None and value is not None:
-                    latest[key] = value
-            if not len(batch) and consumer.assignment() and sum(consumer.lag().values()) == 0:
-                return latest
-        raise TimeoutError(f"could not read {topic} to its end in {timeout_s:g}s")
-    finally:
-        consumer.close()
 
 
 def _key_value(value: Any) -> Any:
@@ -160,10 +140,11 @@ class WindowStage(TopicStage):
     def _read_snapshots(self) -> dict[int, PartitionWindows]:
         """The latest snapshot of every partition in the changelog."""
         assert self.consumer is not None
-        if not sum(self.consumer.end_offsets([(self.changelog_topic, 0)]).values()):
-            return {}  # nothing was ever snapshotted: skip joining a reader group
-        latest = read_latest(self.transport, self.changelog_topic,
-                             f"{self.identity.group_id}.changelog-reader.{uuid.uuid4().hex}")
+        latest: dict[bytes, bytes] = {}  # the last value of each key: the compacted topic's view
+        for batch in read_until(self.transport, {(self.changelog_topic, 0): None},
+                                timeout_s=READ_CHANGELOG_TIMEOUT_S):
+            latest.update((key, value) for key, value in zip(batch.keys, batch.values, strict=True)
+                          if key is not None and value is not None)
         states = {}
         for key, snapshot in latest.items():
             try:
@@ -186,7 +167,7 @@ class WindowStage(TopicStage):
         fresh = [row for row, (partition, offset) in enumerate(zip(batch.partitions, batch.offsets,
                                                                      strict=True))
                  if partition in states and offset >= states[partition].next_offset]
-        return batch if len(fresh) == len(batch) else select_records(batch, np.asarray(fresh))
+        return batch if len(fresh) == len(batch) else batch.select(fresh)
 
     # --- records ---------------------------------------------------------------------------
 

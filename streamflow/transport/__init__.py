@@ -11,6 +11,7 @@ from streamflow.transport.base import (
     Consumer,
     OutgoingBatch,
     Producer,
+    Reader,
     RebalanceInProgressError,
     RebalanceListener,
     RecordTooLargeError,
@@ -18,6 +19,7 @@ from streamflow.transport.base import (
     TopicSpec,
     Transport,
     TransportError,
+    read_until,
 )
 
 CLIENTS = ("confluent", "kafka-python")
@@ -46,6 +48,7 @@ __all__ = [
     "Consumer",
     "OutgoingBatch",
     "Producer",
+    "Reader",
     "RebalanceInProgressError",
     "RebalanceListener",
     "RecordTooLargeError",
@@ -54,4 +57,5 @@ __all__ = [
     "Transport",
     "TransportError",
     "create_transport",
+    "read_until",
 ]

@@ -69,6 +69,11 @@ class ConsumedBatch:
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def select(self, rows: Sequence[int]) -> ConsumedBatch:
+        """The records at ``rows``, in that order."""
+        return ConsumedBatch(**{name: [column[row] for row in rows] if column else []
+                                for name, column in vars(self).items()})
+
     def next_offsets(self) -> dict[TopicPartition, int]:
         """The offsets to commit once every record of this batch is durable downstream."""
         # Offsets grow within a partition: the last one of each partition wins.
@@ -170,6 +175,29 @@ class Consumer(ABC):
         """Leave the group (without committing anything further)."""
 
 
+class Reader(ABC):
+    """Reads chosen partitions from chosen offsets as a member of no group: nothing is committed
+    and nobody else's assignment changes. For restoring state, not for processing."""
+
+    @abstractmethod
+    def read_batch(self, max_records: int, timeout_s: float) -> ConsumedBatch:
+        """Return up to ``max_records`` records, waiting at most ``timeout_s`` for the first."""
+
+    @abstractmethod
+    def position(self) -> dict[TopicPartition, int]:
+        """The next offset to read in each partition: past the records returned, and past
+        transaction markers and aborted records once a read went beyond them."""
+
+    @abstractmethod
+    def end_offsets(self) -> dict[TopicPartition, int]:
+        """Where each partition ends now for this reader: its last stable offset when it reads
+        committed records only, else its high watermark."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the client."""
+
+
 class Admin(ABC):
     """Topic administration."""
 
@@ -228,5 +256,52 @@ class Transport(ABC):
         """A group member subscribed to ``topics``, starting at the earliest offset when none is committed."""
 
     @abstractmethod
+    def reader(self, start: Mapping[TopicPartition, int | None], read_committed: bool = True
+               ) -> Reader:
+        """A reader of the partitions of ``start``, each from its offset (None: the earliest)."""
+
+    @abstractmethod
     def admin(self) -> Admin:
         """An admin client."""
+
+    def cluster_id(self) -> str:
+        """The id of the cluster this transport talks to."""
+        admin = self.admin()
+        try:
+            return admin.cluster_id()
+        finally:
+            admin.close()
+
+
+def read_until(transport: Transport, start: Mapping[TopicPartition, int | None],
+               end: Mapping[TopicPartition, int] | None = None, timeout_s: float = 60.0,
+               read_committed: bool = True) -> Iterator[ConsumedBatch]:
+    """The records of each partition of ``start`` from its offset (None: the earliest) up to
+    its offset in ``end``, exclusive, or else to its end now (:meth:`Reader.end_offsets`).
+
+    Raises TransportError when the records cannot all be read within ``timeout_s``.
+    """
+    if end is not None and all(offset is not None and offset >= end[partition]
+                               for partition, offset in start.items()):
+        return
+    reader = transport.reader(start, read_committed)
+    try:
+        ends = dict(end) if end is not None else reader.end_offsets()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            position = reader.position()
+            if all(position[partition] >= offset for partition, offset in ends.items()):
+                return
+            if time.monotonic() > deadline:
+                raise TransportError(f"could not read {sorted(ends)} up to {ends} in "
+                                     f"{timeout_s:g} s (read up to {position})")
+            batch = reader.read_batch(1000, 0.2)
+            wanted = [row for row, (topic, partition, offset) in enumerate(
+                zip(batch.topics, batch.partitions, batch.offsets, strict=True))
+                if offset < ends.get((topic, partition), 0)]
+            if len(wanted) < len(batch):
+                batch = batch.select(wanted)
+            if len(batch):
+                yield batch
+    finally:
+        reader.close()

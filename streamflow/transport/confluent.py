@@ -29,6 +29,7 @@ from streamflow.transport.base import (
     Consumer,
     OutgoingBatch,
     Producer,
+    Reader,
     RebalanceInProgressError,
     RebalanceListener,
     RecordTooLargeError,
@@ -147,6 +148,73 @@ def _locate(messages: list[Message], batches: Sequence[OutgoingBatch]) -> list[t
             for message in messages]
 
 
+def _columns(messages: list[Message]) -> ConsumedBatch:
+    """Records as columns, through C-level map calls: no Python frame per record and column."""
+    return ConsumedBatch(
+        topics=list(map(Message.topic, messages)),
+        partitions=list(map(Message.partition, messages)),
+        offsets=list(map(Message.offset, messages)),
+        keys=list(map(Message.key, messages)),
+        values=list(map(Message.value, messages)),
+        timestamps_ms=list(map(_timestamp_ms, map(Message.timestamp, messages))),
+        headers=list(map(Message.headers, messages)),
+    )
+
+
+class ConfluentReader(Reader):
+    """An assigned consumer; its position is advanced to a partition's end when librdkafka reports
+    reaching it, since that position stays at the last record when markers follow it."""
+
+    def __init__(self, config: dict[str, Any], start: Mapping[TopicPartition, int | None]) -> None:
+        self.raw = _Consumer(config)
+        self._next: dict[TopicPartition, int] = {}
+        try:
+            for (topic, partition), offset in start.items():
+                if offset is None:
+                    offset, _high = self.raw.get_watermark_offsets(_TP(topic, partition), timeout=10)
+                self._next[(topic, partition)] = offset
+            self.raw.assign([_TP(topic, partition, offset)
+                             for (topic, partition), offset in self._next.items()])
+        except KafkaException as exc:
+            self.raw.close()
+            raise _error(exc) from exc
+
+    def read_batch(self, max_records: int, timeout_s: float) -> ConsumedBatch:
+        try:
+            messages = self.raw.consume(max_records, timeout_s)
+        except KafkaException as exc:
+            raise _error(exc) from exc
+        records = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                records.append(message)
+                self._next[(message.topic(), message.partition())] = message.offset() + 1
+            elif error.code() == KafkaError._PARTITION_EOF:
+                place = (message.topic(), message.partition())
+                self._next[place] = max(self._next[place], message.offset())
+            elif error.code() in _AUTH_ERRORS or error.fatal():
+                raise _error(error)
+        return _columns(records)
+
+    def position(self) -> dict[TopicPartition, int]:
+        return dict(self._next)
+
+    def end_offsets(self) -> dict[TopicPartition, int]:
+        ends = {}
+        for topic, partition in self._next:
+            try:  # a ListOffsets request with the reader's isolation level: the LSO if committed
+                _low, high = self.raw.get_watermark_offsets(_TP(topic, partition), timeout=10,
+                                                            cached=False)
+            except KafkaException as exc:
+                raise _error(exc) from exc
+            ends[(topic, partition)] = high
+        return ends
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 class ConfluentConsumer(Consumer):
     def __init__(
         self, config: dict[str, Any], topics: Sequence[str], listener: RebalanceListener | None
@@ -183,16 +251,7 @@ class ConfluentConsumer(Consumer):
             raise error
         if any(map(Message.error, messages)):  # errors are KafkaError objects, never falsy
             messages = self._without_errors(messages)
-        # Columns through C-level map calls: no Python frame per record and column.
-        return ConsumedBatch(
-            topics=list(map(Message.topic, messages)),
-            partitions=list(map(Message.partition, messages)),
-            offsets=list(map(Message.offset, messages)),
-            keys=list(map(Message.key, messages)),
-            values=list(map(Message.value, messages)),
-            timestamps_ms=list(map(_timestamp_ms, map(Message.timestamp, messages))),
-            headers=list(map(Message.headers, messages)),
-        )
+        return _columns(messages)
 
     @staticmethod
     def _without_errors(messages: list[Message]) -> list[Message]:
@@ -366,6 +425,20 @@ class ConfluentTransport(Transport):
             "isolation.level": "read_committed" if read_committed else "read_uncommitted",
         }
         return ConfluentConsumer(config, topics, listener)
+
+    def reader(self, start: Mapping[TopicPartition, int | None], read_committed: bool = True
+               ) -> Reader:
+        config = {
+            **self._base(),
+            "group.id": "streamflow-reader",  # required by the client; never joined nor committed
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "fetch.queue.backoff.ms": 20,
+            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+        }
+        config.pop("session.timeout.ms", None)
+        return ConfluentReader(config, start)
 
     def admin(self) -> Admin:
         config = self._base()

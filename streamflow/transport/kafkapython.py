@@ -23,6 +23,7 @@ from streamflow.transport.base import (
     Consumer,
     OutgoingBatch,
     Producer,
+    Reader,
     RebalanceInProgressError,
     RebalanceListener,
     RecordTooLargeError,
@@ -181,6 +182,58 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
             await self._off_the_io_thread(self.listener.on_assign, assigned)
 
 
+def _columns(polled: Mapping[Any, list[Any]]) -> ConsumedBatch:
+    """The records of a ``poll`` result, column-wise."""
+    batch = ConsumedBatch()
+    for records in polled.values():
+        for record in records:
+            batch.topics.append(record.topic)
+            batch.partitions.append(record.partition)
+            batch.offsets.append(record.offset)
+            batch.keys.append(record.key)
+            batch.values.append(record.value)
+            batch.timestamps_ms.append(record.timestamp)
+            batch.headers.append(list(record.headers) or None)
+    return batch
+
+
+class KafkaPythonReader(Reader):
+    def __init__(self, config: dict[str, Any], start: Mapping[TopicPartition, int | None]) -> None:
+        try:
+            self.raw = KafkaConsumer(**config)
+            self._partitions = [_TP(topic, partition) for topic, partition in start]
+            self.raw.assign(self._partitions)
+            for (topic, partition), offset in start.items():
+                if offset is None:
+                    self.raw.seek_to_beginning(_TP(topic, partition))
+                else:
+                    self.raw.seek(_TP(topic, partition), offset)
+        except errors.KafkaError as exc:
+            raise _error(exc) from exc
+
+    def read_batch(self, max_records: int, timeout_s: float) -> ConsumedBatch:
+        try:
+            return _columns(self.raw.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records))
+        except errors.KafkaError as exc:
+            raise _error(exc) from exc
+
+    def position(self) -> dict[TopicPartition, int]:
+        try:
+            return {(tp.topic, tp.partition): self.raw.position(tp) for tp in self._partitions}
+        except errors.KafkaError as exc:
+            raise _error(exc) from exc
+
+    def end_offsets(self) -> dict[TopicPartition, int]:
+        try:  # with the consumer's isolation level: the LSO when reading committed records
+            ends = self.raw.end_offsets(self._partitions)
+        except errors.KafkaError as exc:
+            raise _error(exc) from exc
+        return {(tp.topic, tp.partition): int(offset) for tp, offset in ends.items()}
+
+    def close(self) -> None:
+        self.raw.close(autocommit=False)
+
+
 class KafkaPythonConsumer(Consumer):
     def __init__(
         self, config: dict[str, Any], topics: Sequence[str], listener: RebalanceListener | None
@@ -198,17 +251,7 @@ class KafkaPythonConsumer(Consumer):
             polled = self.raw.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except errors.KafkaError as exc:
             raise _error(exc) from exc
-        batch = ConsumedBatch()
-        for records in polled.values():
-            for record in records:
-                batch.topics.append(record.topic)
-                batch.partitions.append(record.partition)
-                batch.offsets.append(record.offset)
-                batch.keys.append(record.key)
-                batch.values.append(record.value)
-                batch.timestamps_ms.append(record.timestamp)
-                batch.headers.append(list(record.headers) or None)
-        return batch
+        return _columns(polled)
 
     def commit(self, offsets: Mapping[TopicPartition, int], asynchronous: bool = False) -> None:
         if not offsets:
@@ -343,6 +386,13 @@ class KafkaPythonTransport(Transport):
             isolation_level="read_committed" if read_committed else "read_uncommitted",
         )
         return KafkaPythonConsumer(config, topics, listener)
+
+    def reader(self, start: Mapping[TopicPartition, int | None], read_committed: bool = True
+               ) -> Reader:
+        config = self._settings(KafkaConsumer)
+        config.update(group_id=None, enable_auto_commit=False,
+                      isolation_level="read_committed" if read_committed else "read_uncommitted")
+        return KafkaPythonReader(config, start)
 
     def admin(self) -> Admin:
         return KafkaPythonAdmin(self._settings(KafkaAdminClient))
