@@ -22,13 +22,15 @@ from streamflow.transport.base import (
     read_until,
 )
 
-CLIENTS = ("confluent", "kafka-python")
+CLIENTS = ("confluent", "kafka-python")  # the clients of real brokers
+MEMORY = "memory"  # the in-process cluster of streamflow.transport.memory, for broker-free tests
 
 
 def create_transport(
     client: str, bootstrap: str, client_config: Mapping[str, str] | None = None
 ) -> Transport:
-    """The transport named by ``kafka.client``."""
+    """The transport named by ``kafka.client``, or by ``"memory"`` for the in-process cluster
+    named by ``bootstrap`` (``memory://NAME``, see :mod:`streamflow.transport.memory`)."""
     if client == "confluent":
         from streamflow.transport.confluent import ConfluentTransport
 
@@ -37,11 +39,16 @@ def create_transport(
         from streamflow.transport.kafkapython import KafkaPythonTransport
 
         return KafkaPythonTransport(bootstrap, client_config)
+    if client == MEMORY:
+        from streamflow.transport.memory import MemoryTransport
+
+        return MemoryTransport(bootstrap, client_config)
     raise ValueError(f"unknown kafka.client {client!r}; choose one of {', '.join(CLIENTS)}")
 
 
 __all__ = [
     "CLIENTS",
+    "MEMORY",
     "Admin",
     "AuthenticationError",
     "ConsumedBatch",

@@ -1,16 +1,18 @@
-"""One contract for every transport, run against the real broker with each client."""
+"""One contract for every transport: run against the real broker with each client, and against
+the in-memory transport (a cluster of its own per test, no broker needed: ``-k memory``)."""
 
 from __future__ import annotations
 
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from streamflow.transport import (
     CLIENTS,
+    MEMORY,
     ConsumedBatch,
     Consumer,
     OutgoingBatch,
@@ -21,8 +23,37 @@ from streamflow.transport import (
     TransportError,
     create_transport,
 )
+from streamflow.transport.memory import drop_cluster
 
-pytestmark = pytest.mark.parametrize("client", CLIENTS)
+CONTRACT_CLIENTS = (*CLIENTS, MEMORY)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test runs with each client; a test with a ``reader`` client too, with each writer
+    and reader pair of real clients, and the memory transport with itself."""
+    if "reader" in metafunc.fixturenames:
+        pairs = [(writer, reader) for writer in CLIENTS for reader in CLIENTS]
+        metafunc.parametrize(("client", "reader"), [*pairs, (MEMORY, MEMORY)])
+    elif "client" in metafunc.fixturenames:
+        metafunc.parametrize("client", CONTRACT_CLIENTS)
+
+
+@pytest.fixture
+def address(client: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The bootstrap address for ``client``: the session's real broker (started on first use),
+    or for the memory transport an in-memory cluster of this test's own."""
+    if client != MEMORY:
+        yield request.getfixturevalue("bootstrap")
+        return
+    name = f"memory://{unique('contract')}"
+    yield name
+    drop_cluster(name)
+
+
+@pytest.fixture
+def kind(client: str, request: pytest.FixtureRequest) -> str:
+    """'memory' for the memory transport, else the real broker's kind (see ``broker_kind``)."""
+    return MEMORY if client == MEMORY else str(request.getfixturevalue("broker_kind"))
 
 
 def unique(prefix: str) -> str:
@@ -55,14 +86,14 @@ def settle(consumer: Consumer, predicate: Callable[[], bool], timeout_s: float =
         consumer.consume_batch(100, 0.2)
 
 
-def test_cluster_id_is_reported(bootstrap: str, client: str) -> None:
-    admin = create_transport(client, bootstrap).admin()
+def test_cluster_id_is_reported(address: str, client: str) -> None:
+    admin = create_transport(client, address).admin()
     assert admin.cluster_id()
     admin.close()
 
 
-def test_topics_are_created_once_with_their_partitions(bootstrap: str, client: str) -> None:
-    transport = create_transport(client, bootstrap)
+def test_topics_are_created_once_with_their_partitions(address: str, client: str) -> None:
+    transport = create_transport(client, address)
     admin = transport.admin()
     name = unique("created")
     admin.create_topics([TopicSpec(name, 3)])
@@ -72,8 +103,8 @@ def test_topics_are_created_once_with_their_partitions(bootstrap: str, client: s
     admin.close()
 
 
-def test_records_round_trip_with_keys_headers_and_timestamps(bootstrap: str, client: str) -> None:
-    transport = create_transport(client, bootstrap)
+def test_records_round_trip_with_keys_headers_and_timestamps(address: str, client: str) -> None:
+    transport = create_transport(client, address)
     name = topic(transport, partitions=2)
     producer = transport.producer()
     values = [f"value-{i}".encode() for i in range(50)]
@@ -111,8 +142,8 @@ def produce_one_by_one(transport: Transport, name: str, values: list[bytes]) -> 
     producer.close()
 
 
-def test_committed_offsets_resume_a_group_exactly(bootstrap: str, client: str) -> None:
-    transport = create_transport(client, bootstrap)
+def test_committed_offsets_resume_a_group_exactly(address: str, client: str) -> None:
+    transport = create_transport(client, address)
     name = topic(transport)
     produce_one_by_one(transport, name, [str(i).encode() for i in range(30)])
     group = unique("group")
@@ -132,8 +163,8 @@ def test_committed_offsets_resume_a_group_exactly(bootstrap: str, client: str) -
     assert resumed.values == [str(i).encode() for i in range(20, 32)]
 
 
-def test_lag_counts_unconsumed_records(bootstrap: str, client: str) -> None:
-    transport = create_transport(client, bootstrap)
+def test_lag_counts_unconsumed_records(address: str, client: str) -> None:
+    transport = create_transport(client, address)
     name = topic(transport)
     consumer = transport.consumer(unique("group"), [name])
     settle(consumer, lambda: bool(consumer.assignment()))
@@ -164,8 +195,8 @@ def committed_unless_pending(consumer: Consumer, partition: TopicPartition) -> i
         return None
 
 
-def test_a_committed_transaction_carries_records_and_offsets(bootstrap: str, client: str) -> None:
-    transport = create_transport(client, bootstrap)
+def test_a_committed_transaction_carries_records_and_offsets(address: str, client: str) -> None:
+    transport = create_transport(client, address)
     source, target = topic(transport), topic(transport)
     plain = transport.producer()
     plain.produce([OutgoingBatch(source, [b"a", b"b", b"c"])])
@@ -186,13 +217,13 @@ def test_a_committed_transaction_carries_records_and_offsets(bootstrap: str, cli
 
 
 def test_an_aborted_transaction_is_invisible_to_read_committed(
-    bootstrap: str, client: str, broker_kind: str, request: pytest.FixtureRequest
+    address: str, client: str, broker_kind: str, request: pytest.FixtureRequest
 ) -> None:
     if broker_kind == "tansu":
         request.applymarker(pytest.mark.xfail(
             reason="Tansu 0.6.0 hands aborted records to read_committed consumers", strict=True
         ))
-    transport = create_transport(client, bootstrap)
+    transport = create_transport(client, address)
     target = topic(transport)
     producer = transport.producer(transactional_id=unique("tx"))
     producer.begin_transaction()
@@ -217,8 +248,8 @@ class Recorder(RebalanceListener):
         self.revoked += partitions
 
 
-def test_the_listener_sees_assignment(bootstrap: str, client: str) -> None:
-    transport = create_transport(client, bootstrap)
+def test_the_listener_sees_assignment(address: str, client: str) -> None:
+    transport = create_transport(client, address)
     name = topic(transport, partitions=3)
     recorder = Recorder()
     consumer = transport.consumer(unique("group"), [name], listener=recorder)
@@ -245,8 +276,8 @@ class CommitOnRevoke(Recorder):
                 self.errors.append(exc)
 
 
-def test_a_listener_may_commit_synchronously_on_revoke(bootstrap: str, client: str) -> None:
-    transport = create_transport(client, bootstrap)
+def test_a_listener_may_commit_synchronously_on_revoke(address: str, client: str) -> None:
+    transport = create_transport(client, address)
     name = topic(transport, partitions=2)
     producer = transport.producer()
     producer.produce([OutgoingBatch(name, [b"a"] * 4)])
@@ -286,14 +317,13 @@ def test_a_listener_may_commit_synchronously_on_revoke(bootstrap: str, client: s
     second.close()
 
 
-@pytest.mark.parametrize("reader", CLIENTS)
-def test_clients_read_each_others_records(bootstrap: str, client: str, reader: str) -> None:
-    writer = create_transport(client, bootstrap)
+def test_clients_read_each_others_records(address: str, client: str, reader: str) -> None:
+    writer = create_transport(client, address)
     name = topic(writer)
     producer = writer.producer()
     producer.produce([OutgoingBatch(name, [b"one", b"two"], [b"k", None], [[("h", b"v")], None])])
     producer.close()
-    consumer = create_transport(reader, bootstrap).consumer(unique("group"), [name])
+    consumer = create_transport(reader, address).consumer(unique("group"), [name])
     got = consume(consumer, 2)
     consumer.close()
     assert got.values == [b"one", b"two"]
