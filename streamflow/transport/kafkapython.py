@@ -85,30 +85,51 @@ class KafkaPythonProducer(Producer):
         futures: list[tuple[int, int, Any]] = []
         refused: list[tuple[int, int]] = []  # by the client, before sending
         try:
-            for number, batch in enumerate(batches):
-                for index, (value, key, header, timestamp) in enumerate(batch.records()):
-                    try:
-                        futures.append((number, index, self._producer.send(
-                            batch.topic, value=value, key=key, headers=header or None,
-                            timestamp_ms=timestamp or None,
-                        )))
-                    except errors.MessageSizeTooLargeError:
-                        refused.append((number, index))
+            self._send(batches, futures, refused)
             self._producer.flush(timeout=_TIMEOUT_S)
         except errors.KafkaError as exc:
             raise _error(exc) from exc
-        failed = [(number, index, future.exception) for number, index, future in futures
-                  if future.failed()]
+        failed = [(number, index, future) for number, index, future in futures if future.failed()]
         pending = sum(not future.is_done for _number, _index, future in futures)
         if pending:
             raise TransportError(f"{pending} records not acknowledged within {_TIMEOUT_S}s")
-        if any(not isinstance(error, errors.MessageSizeTooLargeError) for _n, _i, error in failed):
-            raise TransportError(f"{len(failed)} records failed delivery, first: {failed[0][2]}")
+        if any(not isinstance(future.exception, errors.MessageSizeTooLargeError)
+               for _n, _i, future in failed):
+            raise TransportError(f"{len(failed)} records failed delivery, first: {failed[0][2].exception}")
         if failed:
-            rejected = sorted(refused + [(number, index) for number, index, _error in failed])
-            raise RecordTooLargeError(rejected, True, str(failed[0][2]))
+            by_broker = [(number, index) for number, index, future in failed if not _aborted(future)]
+            if not by_broker:  # only records aborted for a refusal in an earlier call
+                raise TransportError(f"{len(failed)} records aborted, first: {failed[0][2].exception}")
+            raise RecordTooLargeError(sorted(refused + by_broker), True, str(failed[0][2].exception))
+        if len(futures) + len(refused) < sum(len(batch.values) for batch in batches):
+            # a refusal by the broker stopped the sends, yet no record of this call failed
+            raise TransportError("records too large for Kafka in an earlier call stopped this one")
         if refused:
             raise RecordTooLargeError(refused, False, "over the client's max_request_size")
+
+    def _send(self, batches: Sequence[OutgoingBatch], futures: list[tuple[int, int, Any]],
+              refused: list[tuple[int, int]]) -> None:
+        """Send the records of ``batches``: their futures go to ``futures``, the indices of those
+        the client refused for their size to ``refused``.
+
+        A transactional producer refuses every send once the broker has refused a record of its
+        transaction (for its size: the topic's ``max.message.bytes``); the sends stop there, the
+        records not sent are neither acknowledged nor refused, and the caller learns of the refusal
+        from the failed futures (the transaction can then only be aborted).
+        """
+        for number, batch in enumerate(batches):
+            for index, (value, key, header, timestamp) in enumerate(batch.records()):
+                try:
+                    futures.append((number, index, self._producer.send(
+                        batch.topic, value=value, key=key, headers=header or None,
+                        timestamp_ms=timestamp or None,
+                    )))
+                except errors.MessageSizeTooLargeError:
+                    refused.append((number, index))
+                except errors.KafkaError as exc:
+                    if not any(isinstance(arg, errors.MessageSizeTooLargeError) for arg in exc.args):
+                        raise
+                    return
 
     def _call(self, method: Any, *args: Any) -> None:
         try:
@@ -232,6 +253,17 @@ class KafkaPythonReader(Reader):
 
     def close(self) -> None:
         self.raw.close(autocommit=False)
+
+
+def _aborted(future: Any) -> bool:
+    """Whether the record of ``future`` failed without the broker seeing it: kafka-python aborts
+    the batches still in its accumulator with the error that made the transaction abortable, so a
+    record merely queued behind one the broker refused for its size fails with the same
+    MessageSizeTooLargeError. Its batch was completed with base offset -1 (aborted), where a
+    batch the broker answered has None (failed) or its offset (acknowledged)."""
+    produced = getattr(future, "_produce_future", None)
+    value = getattr(produced, "value", None)
+    return isinstance(value, tuple) and bool(value) and value[0] == -1
 
 
 class KafkaPythonConsumer(Consumer):
