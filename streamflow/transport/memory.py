@@ -155,6 +155,33 @@ class MemoryCluster:
         self.open_transactions: list[_Transaction] = []
         self._member_ids = itertools.count(1)
 
+    # For tests and tools: snapshots taken under the lock.
+
+    def committed_offsets(self, group_id: str) -> dict[TopicPartition, int]:
+        """The offsets ``group_id`` has committed."""
+        with self.condition:
+            group = self.groups.get(group_id)
+            return dict(group.committed) if group is not None else {}
+
+    def members(self, group_id: str) -> list[str]:
+        """The ids of ``group_id``'s members (evicting silent ones first)."""
+        with self.condition:
+            self.expire()
+            group = self.groups.get(group_id)
+            return list(group.members) if group is not None else []
+
+    def open_transaction_count(self) -> int:
+        """Transactions still open (after aborting those past their timeout)."""
+        with self.condition:
+            self.expire()
+            return len(self.open_transactions)
+
+    def high_watermarks(self, topic: str) -> dict[TopicPartition, int]:
+        """The end of each partition of ``topic``."""
+        with self.condition:
+            return {(topic, number): len(log)
+                    for number, log in enumerate(self.topics[topic].logs)}
+
     # Everything below runs with ``condition`` held.
 
     def create_topic(self, name: str, partitions: int, config: Mapping[str, str]) -> _Topic:

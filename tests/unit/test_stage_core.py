@@ -1,0 +1,656 @@
+"""Topic stages, sink stages and source runners on the in-memory transport, without a broker:
+a member joining mid-batch, a graceful stop, a sink's restore, and a crash injected between any
+two steps of the commit sequence, checked record by record against the input.
+
+A crash is the stage's process dying: from the injected point on, its clients do nothing more
+(no abort, no close); the group evicts its consumer after the session timeout and the cluster
+aborts its open transaction after the transaction timeout, both short here.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from streamflow.config.models import BatchConfig
+from streamflow.metrics import PipelineMetrics
+from streamflow.plugins import ComponentContext, Sink, Source, SourceBatch
+from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
+from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, TopicStage
+from streamflow.transport import (
+    Admin,
+    ConsumedBatch,
+    Consumer,
+    OutgoingBatch,
+    Producer,
+    Reader,
+    RebalanceListener,
+    TopicPartition,
+    TopicSpec,
+    Transport,
+    read_until,
+)
+from streamflow.transport.memory import MemoryTransport, drop_cluster
+
+COUNT = 400
+PARTITIONS = 4
+POISON = 25  # every 25th record, from the 7th, is not JSON: a dead letter
+TIMEOUT_S = 60.0
+# A crashed member is evicted, and its open transaction aborted, within seconds.
+FAST_FAILURE = {"session.timeout.ms": "2000", "transaction.timeout.ms": "3000"}
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def value(number: int) -> bytes:
+    return f"not json {number}".encode() if number % POISON == 7 else json.dumps(
+        {"id": number}).encode()
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@dataclass
+class World:
+    """An in-memory cluster with an input topic loaded, an output and a dead-letter topic."""
+
+    bootstrap: str
+    pipeline: str
+    loaded: int = 0
+
+    input: str = "in"
+    output: str = "out"
+    dead_letters: str = "dlq"
+
+    def transport(self, settings: Mapping[str, str] | None = None) -> MemoryTransport:
+        return MemoryTransport(self.bootstrap, settings)
+
+    @property
+    def cluster(self) -> Any:
+        return self.transport().cluster
+
+    def load(self, count: int) -> None:
+        """``count`` more input records, numbered on from the last ones."""
+        numbers = range(self.loaded, self.loaded + count)
+        producer = self.transport().producer()
+        producer.produce([OutgoingBatch(self.input, [value(n) for n in numbers],
+                                        [str(n).encode() for n in numbers])])
+        producer.close()
+        self.loaded += count
+
+    def read(self, topic: str) -> list[bytes | None]:
+        """Every record of ``topic`` a read_committed reader sees, once no transaction is open
+        (a crashed stage's open transaction hides what follows it until it times out)."""
+        wait_until(lambda: self.cluster.open_transaction_count() == 0, "open transactions")
+        partitions = self.cluster.high_watermarks(topic)
+        return [v for batch in read_until(self.transport(), dict.fromkeys(partitions), timeout_s=10)
+                for v in batch.values]
+
+    def output_ids(self) -> Counter[int]:
+        return Counter(json.loads(v or b"")["id"] for v in self.read(self.output))
+
+    def dead_letter_values(self) -> Counter[bytes | None]:
+        return Counter(self.read(self.dead_letters))
+
+    def valid(self) -> set[int]:
+        return {n for n in range(self.loaded) if n % POISON != 7}
+
+    def poison(self) -> set[bytes]:
+        return {value(n) for n in range(self.loaded) if n % POISON == 7}
+
+    def all_committed(self, group: str) -> bool:
+        return self.cluster.committed_offsets(group) == self.cluster.high_watermarks(self.input)
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    created = World(f"memory://{unique('stages')}", unique("p"))
+    admin = created.transport().admin()
+    admin.create_topics([TopicSpec(created.input, PARTITIONS), TopicSpec(created.output, PARTITIONS),
+                         TopicSpec(created.dead_letters), POSITIONS_TOPIC_SPEC])
+    created.load(COUNT)
+    yield created
+    drop_cluster(created.bootstrap)
+
+
+# --- Crash injection: clients that count the steps of the commit sequence ---------------------
+
+
+class Crash(Exception):
+    """The injected crash: the stage's process is gone from here on."""
+
+
+class Injector:
+    """Counts client calls by step ("produce", "begin_transaction", "send_offsets",
+    "commit_transaction", "commit", "write", ...) and crashes before (or, with ``after``, right
+    after) the ``at``-th call of ``step``; from then on every call raises :class:`Crash` and
+    nothing more reaches the cluster. ``hook`` runs before that call instead of a crash."""
+
+    def __init__(self, step: str | None = None, at: int = 1, after: bool = False,
+                 hook: Callable[[], None] | None = None) -> None:
+        self.step, self.at, self.after, self.hook = step, at, after, hook
+        self.calls: Counter[str] = Counter()
+        self.crashed_at: str | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, step: str, action: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self.crashed_at is not None:
+                if step == "close":
+                    return None  # a dead process closes nothing, and nothing is left to raise
+                raise Crash(f"the process crashed {self.crashed_at}")
+            self.calls[step] += 1
+            hit = step == self.step and self.calls[step] == self.at
+        if hit and self.hook is not None:
+            self.hook()
+            return action()
+        if hit and not self.after:
+            self.crashed_at = f"before {step} #{self.at}"
+            raise Crash(self.crashed_at)
+        result = action()
+        if hit:
+            self.crashed_at = f"after {step} #{self.at}"
+            raise Crash(self.crashed_at)
+        return result
+
+
+class InjectedProducer(Producer):
+    def __init__(self, inner: Producer, inject: Injector) -> None:
+        self.inner, self.inject = inner, inject
+
+    def produce(self, batches: Sequence[OutgoingBatch]) -> None:
+        self.inject("produce", lambda: self.inner.produce(batches))
+
+    def begin_transaction(self) -> None:
+        self.inject("begin_transaction", self.inner.begin_transaction)
+
+    def send_offsets_to_transaction(self, offsets: Mapping[TopicPartition, int],
+                                    consumer: Consumer) -> None:
+        inner = consumer.inner if isinstance(consumer, InjectedConsumer) else consumer
+        self.inject("send_offsets", lambda: self.inner.send_offsets_to_transaction(offsets, inner))
+
+    def commit_transaction(self) -> None:
+        self.inject("commit_transaction", self.inner.commit_transaction)
+
+    def abort_transaction(self) -> None:
+        self.inject("abort_transaction", self.inner.abort_transaction)
+
+    def close(self) -> None:
+        self.inject("close", self.inner.close)
+
+
+class InjectedConsumer(Consumer):
+    def __init__(self, inner: Consumer, inject: Injector) -> None:
+        self.inner, self.inject = inner, inject
+
+    def consume_batch(self, max_records: int, timeout_s: float) -> ConsumedBatch:
+        return self.inject("consume", lambda: self.inner.consume_batch(max_records, timeout_s))
+
+    def commit(self, offsets: Mapping[TopicPartition, int], asynchronous: bool = False) -> None:
+        self.inject("commit", lambda: self.inner.commit(offsets, asynchronous))
+
+    def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
+        return self.inject("committed", lambda: self.inner.committed(partitions))
+
+    def assignment(self) -> list[TopicPartition]:
+        return self.inject("assignment", self.inner.assignment)
+
+    def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        return self.inject("end_offsets", lambda: self.inner.end_offsets(partitions))
+
+    def lag(self) -> dict[TopicPartition, int]:
+        return self.inject("lag", self.inner.lag)
+
+    def close(self) -> None:
+        self.inject("close", self.inner.close)
+
+
+class InjectedTransport(Transport):
+    """``inner``'s clients, each call going through ``inject``."""
+
+    name = "memory"
+
+    def __init__(self, inner: Transport, inject: Injector) -> None:
+        super().__init__(inner.bootstrap, inner.client_config)
+        self.inner, self.inject = inner, inject
+
+    def producer(self, transactional_id: str | None = None) -> Producer:
+        return InjectedProducer(self.inner.producer(transactional_id), self.inject)
+
+    def consumer(self, group_id: str, topics: Sequence[str],
+                 listener: RebalanceListener | None = None, read_committed: bool = True
+                 ) -> Consumer:
+        return InjectedConsumer(self.inner.consumer(group_id, topics, listener, read_committed),
+                                self.inject)
+
+    def reader(self, start: Mapping[TopicPartition, int | None], read_committed: bool = True
+               ) -> Reader:
+        return self.inner.reader(start, read_committed)
+
+    def admin(self) -> Admin:
+        return self.inner.admin()
+
+
+# --- Stages -------------------------------------------------------------------------------------
+
+
+def topic_stage(world: World, transport: Transport, exactly_once: bool) -> TopicStage:
+    """A processor stage with no steps: each valid input goes out as it came, each other one to
+    the dead letters."""
+    metrics = PipelineMetrics(world.pipeline).stage("copy")
+    return TopicStage(StageIdentity(world.pipeline, "copy", world.input, world.dead_letters),
+                      transport, BatchConfig(max_records=25, max_wait_ms=10), metrics,
+                      world.output, [], exactly_once=exactly_once)
+
+
+def group(world: World, stage: str = "copy") -> str:
+    return f"{world.pipeline}.{stage}"
+
+
+def records_in(stage: StageRunner) -> float:
+    return float(stage.metrics.records_in._value.get())
+
+
+def finish(*stages: StageRunner) -> None:
+    """Stop ``stages`` gracefully and check they stopped without an error."""
+    for stage in stages:
+        stage.stop()
+    for stage in stages:
+        stage.thread.join(TIMEOUT_S)
+        assert not stage.thread.is_alive(), f"stage {stage.name} did not stop"
+        assert stage.error is None, f"stage {stage.name} failed: {stage.error!r}"
+
+
+def crashed(stage: StageRunner, injector: Injector) -> None:
+    """Wait for ``stage`` to die of the injected crash."""
+    stage.thread.join(TIMEOUT_S)
+    assert not stage.thread.is_alive(), "the stage did not crash"
+    assert injector.crashed_at is not None, "the crash point was never reached"
+    assert isinstance(stage.error, Crash), f"the stage failed otherwise: {stage.error!r}"
+
+
+def check_topic_outputs(world: World, exactly_once: bool) -> None:
+    """Every valid input in the output and every other one in the dead letters: at least once,
+    and with ``exactly_once`` exactly once."""
+    ids, letters = world.output_ids(), world.dead_letter_values()
+    assert set(ids) == world.valid(), f"lost: {sorted(world.valid() - set(ids))[:10]}"
+    assert set(letters) == world.poison(), "a dead letter was lost"
+    if exactly_once:
+        assert [n for n, c in ids.items() if c > 1] == [], "outputs produced twice"
+        assert [v for v, c in letters.items() if c > 1] == [], "dead letters produced twice"
+
+
+GUARANTEES = [pytest.param(False, id="at_least_once"), pytest.param(True, id="exactly_once")]
+
+
+@pytest.mark.parametrize("exactly_once", GUARANTEES)
+def test_a_topic_stage_copies_every_record_once(world: World, exactly_once: bool) -> None:
+    stage = topic_stage(world, world.transport(), exactly_once)
+    stage.start()
+    wait_until(lambda: world.all_committed(group(world)), "the input's offsets committed")
+    finish(stage)
+    check_topic_outputs(world, exactly_once=True)
+    assert records_in(stage) == COUNT
+
+
+@pytest.mark.parametrize("exactly_once", GUARANTEES)
+def test_a_member_joining_mid_batch_takes_partitions_without_loss_or_repeat(
+    world: World, exactly_once: bool
+) -> None:
+    """A second replica joins while the first is producing a batch: the first finishes the
+    batch, commits the revoked partitions and hands them over (eager rebalance). Then more input
+    arrives and the first stops: its drain must not commit offsets of partitions it no longer
+    owns over the second's (they would rewind)."""
+    transport = world.transport()
+    replicas: list[TopicStage] = []
+
+    def join_second() -> None:
+        second = topic_stage(world, transport, exactly_once)
+        replicas.append(second)
+        second.start()
+        wait_until(lambda: len(world.cluster.members(group(world))) == 2, "the second member")
+
+    first = topic_stage(world, InjectedTransport(transport, Injector("produce", 3, hook=join_second)),
+                        exactly_once)
+    first.start()
+    wait_until(lambda: bool(replicas) and world.all_committed(group(world)), "the first input")
+    second = replicas[0]
+    wait_until(lambda: bool(second.assigned), "the second member's assignment")
+    world.load(COUNT)
+    wait_until(lambda: world.all_committed(group(world)), "the second input")
+    wait_until(lambda: records_in(first) + records_in(second) >= 2 * COUNT, "the counts")
+    finish(first)
+    assert world.all_committed(group(world)), "the first member's drain rewound partitions"
+    finish(second)
+    assert records_in(first) > 0 and records_in(second) > 0
+    # A graceful rebalance repeats nothing, whatever the guarantee.
+    check_topic_outputs(world, exactly_once=True)
+
+
+@pytest.mark.parametrize("exactly_once", GUARANTEES)
+def test_a_stop_mid_stream_drains_and_a_restart_goes_on(world: World, exactly_once: bool) -> None:
+    transport = world.transport()
+    stages: list[TopicStage] = []
+    first = topic_stage(world, InjectedTransport(transport, Injector(
+        "produce", 5, hook=lambda: stages[0].stop())), exactly_once)
+    stages.append(first)
+    first.start()
+    first.thread.join(TIMEOUT_S)  # stopped by the hook, mid-stream
+    assert not first.thread.is_alive() and first.error is None
+    # What the first produced is exactly what its committed offsets cover.
+    committed = world.cluster.committed_offsets(group(world))
+    covered = {number for number, (partition, offset) in places(world).items()
+               if offset < committed.get((world.input, partition), 0)}
+    assert 0 < len(covered) < COUNT
+    produced = world.output_ids()
+    assert set(produced) == covered & world.valid() and max(produced.values()) == 1
+    assert world.cluster.open_transaction_count() == 0
+    second = topic_stage(world, transport, exactly_once)
+    second.start()
+    wait_until(lambda: world.all_committed(group(world)), "the input's offsets committed")
+    finish(second)
+    check_topic_outputs(world, exactly_once=True)
+
+
+def places(world: World) -> dict[int, tuple[int, int]]:
+    """Input record number → (partition, offset)."""
+    found = {}
+    start = dict.fromkeys(world.cluster.high_watermarks(world.input))
+    for batch in read_until(world.transport(), start, timeout_s=10):
+        for partition, offset, key in zip(batch.partitions, batch.offsets, batch.keys, strict=True):
+            found[int(key or b"")] = (partition, offset)
+    return found
+
+
+AT_LEAST_ONCE_POINTS = [
+    pytest.param("produce", False, id="before-produce"),
+    pytest.param("produce", True, id="between-produce-and-commit"),
+    pytest.param("commit", True, id="after-commit"),
+]
+EXACTLY_ONCE_POINTS = [
+    pytest.param("produce", False, id="before-produce"),
+    pytest.param("produce", True, id="between-produce-and-send-offsets"),
+    pytest.param("send_offsets", True, id="between-send-offsets-and-commit"),
+    pytest.param("commit_transaction", True, id="after-commit"),
+]
+
+
+def crash_and_restart(world: World, exactly_once: bool, step: str, after: bool) -> None:
+    transport = world.transport(FAST_FAILURE)
+    injector = Injector(step, at=3, after=after)
+    first = topic_stage(world, InjectedTransport(transport, injector), exactly_once)
+    first.start()
+    crashed(first, injector)
+    restarted = topic_stage(world, transport, exactly_once)
+    restarted.start()
+    wait_until(lambda: world.all_committed(group(world)), "the input's offsets committed")
+    finish(restarted)
+
+
+@pytest.mark.parametrize(("step", "after"), AT_LEAST_ONCE_POINTS)
+def test_at_least_once_loses_nothing_across_a_crash(world: World, step: str, after: bool) -> None:
+    crash_and_restart(world, False, step, after)
+    check_topic_outputs(world, exactly_once=False)
+
+
+@pytest.mark.parametrize(("step", "after"), EXACTLY_ONCE_POINTS)
+def test_exactly_once_holds_across_a_crash(world: World, step: str, after: bool) -> None:
+    crash_and_restart(world, True, step, after)
+    check_topic_outputs(world, exactly_once=True)
+
+
+@pytest.mark.parametrize("exactly_once", GUARANTEES)
+def test_a_zombie_that_stalls_mid_batch_is_fenced(world: World, exactly_once: bool) -> None:
+    """The first replica stalls inside a produce for longer than its session: the group evicts
+    it and the second replica takes every partition. When the zombie wakes, its commit is
+    refused (exactly_once: its transaction is fenced by the group generation and aborted)."""
+    # Evicted quickly, but its transaction must outlive the stall so that the fencing shows.
+    transport = world.transport({**FAST_FAILURE, "transaction.timeout.ms": "60000"})
+    replicas: list[TopicStage] = []
+
+    def stall() -> None:
+        second = topic_stage(world, transport, exactly_once)
+        replicas.append(second)
+        second.start()
+        wait_until(lambda: second.assigned and len(world.cluster.members(group(world))) == 1,
+                   "the zombie's eviction")
+
+    zombie = topic_stage(world, InjectedTransport(transport, Injector("produce", 3, hook=stall)),
+                         exactly_once)
+    zombie.start()
+    wait_until(lambda: bool(replicas) and world.all_committed(group(world)), "the input")
+    finish(replicas[0])
+    zombie.stop()
+    zombie.thread.join(TIMEOUT_S)
+    if exactly_once:
+        assert zombie.error is not None and "generation" in str(zombie.error)
+    check_topic_outputs(world, exactly_once)
+
+
+# --- Sink stages --------------------------------------------------------------------------------
+
+
+@dataclass
+class Ledger:
+    """The sink's durable store: ids by partition, and the offsets flushed with them."""
+
+    rows: Counter[int] = field(default_factory=Counter)
+    offsets: dict[tuple[str, TopicPartition], int] = field(default_factory=dict)  # by cluster
+    flushes: int = 0
+
+
+class LedgerSink(Sink[Any]):
+    """Buffers rows until flush, which stores them with their offsets atomically; with
+    ``resumes`` it reports those offsets (exactly-once), else the runtime replays. With
+    ``eager`` it asks for a flush (and so a commit) after every batch."""
+
+    def __init__(self, ledger: Ledger, resumes: bool, eager: bool = False,
+                 on_write: Callable[[int], None] | None = None) -> None:
+        super().__init__(None, ComponentContext("p", "ledger"))
+        self.ledger, self.resumes, self.eager, self.on_write = ledger, resumes, eager, on_write
+        self.buffer: dict[TopicPartition, list[int]] = {}
+        self.writes = 0
+
+    def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
+        self.writes += 1
+        if self.on_write is not None:
+            self.on_write(self.writes)
+        self.buffer.setdefault(partition, []).extend(table.column("id").to_pylist())
+
+    def flush(self, offsets: Mapping[TopicPartition, int], cluster_id: str) -> int | None:
+        for ids in self.buffer.values():
+            self.ledger.rows.update(ids)
+        self.buffer = {}
+        self.ledger.offsets.update({(cluster_id, p): o for p, o in offsets.items()})
+        self.ledger.flushes += 1
+        return None
+
+    def should_flush(self) -> bool:
+        return self.eager and bool(self.buffer)
+
+    def resume_offsets(self, partitions: Sequence[TopicPartition], cluster_id: str
+                       ) -> dict[TopicPartition, int]:
+        if not self.resumes:
+            return {}
+        return {p: self.ledger.offsets[(cluster_id, p)] for p in partitions
+                if (cluster_id, p) in self.ledger.offsets}
+
+    def revoke(self, partitions: Sequence[TopicPartition]) -> None:
+        for partition in partitions:
+            assert not self.buffer.get(partition), "revoked before its rows were flushed"
+            self.buffer.pop(partition, None)
+
+    def close(self) -> None:
+        self.buffer = {}  # unflushed rows are discarded, to be replayed
+
+
+def sink_stage(world: World, transport: Transport, sink: LedgerSink,
+               commit_interval_s: float = 0.05) -> SinkStage:
+    metrics = PipelineMetrics(world.pipeline)
+    return SinkStage(StageIdentity(world.pipeline, "ledger", world.input, world.dead_letters),
+                     transport, BatchConfig(max_records=25, max_wait_ms=10),
+                     metrics.stage("ledger"), sink, metrics.sink("ledger"), commit_interval_s)
+
+
+def check_ledger(world: World, ledger: Ledger, exactly_once: bool) -> None:
+    assert set(ledger.rows) == world.valid(), f"lost: {sorted(world.valid() - set(ledger.rows))[:10]}"
+    if exactly_once:
+        assert [n for n, c in ledger.rows.items() if c > 1] == [], "rows written twice"
+    letters = world.dead_letter_values()
+    assert set(letters) == world.poison()
+
+
+def test_a_sink_stage_drains_its_buffer_on_stop(world: World) -> None:
+    ledger = Ledger()
+    stage = sink_stage(world, world.transport(), LedgerSink(ledger, resumes=True),
+                       commit_interval_s=3600)
+    stage.start()
+    wait_until(lambda: records_in(stage) == COUNT, "every record handed to the sink")
+    assert ledger.flushes == 0 and world.cluster.committed_offsets(group(world, "ledger")) == {}
+    finish(stage)
+    assert ledger.flushes == 1
+    assert world.all_committed(group(world, "ledger"))
+    check_ledger(world, ledger, exactly_once=True)
+
+
+@pytest.mark.parametrize("resumes", [True, False], ids=["resume-offsets", "replay"])
+def test_a_sink_restores_after_a_crash_between_flush_and_commit(world: World, resumes: bool
+                                                                 ) -> None:
+    """The sink made rows and offsets durable, then the stage died before Kafka's commit: the
+    restarted stage skips what the sink reports written (a sink without resume_offsets gets the
+    rows again: at least once)."""
+    ledger = Ledger()
+    transport = world.transport(FAST_FAILURE)
+    injector = Injector("commit", at=2)
+    first = sink_stage(world, InjectedTransport(transport, injector),
+                       LedgerSink(ledger, resumes, eager=True))
+    first.start()
+    crashed(first, injector)
+    flushed_before_crash = ledger.flushes
+    assert flushed_before_crash == 2 and ledger.rows, "the crash came after the second flush"
+    restarted = sink_stage(world, transport, LedgerSink(ledger, resumes))
+    restarted.start()
+    wait_until(lambda: world.all_committed(group(world, "ledger")), "the input's offsets")
+    finish(restarted)
+    check_ledger(world, ledger, exactly_once=resumes)
+    if resumes:
+        assert float(restarted.metrics.records_filtered._value.get()) > 0, "nothing was skipped"
+
+
+@pytest.mark.parametrize("step", ["write", "commit"])
+def test_a_sink_loses_nothing_when_it_crashes_before_a_flush_or_its_commit(
+    world: World, step: str
+) -> None:
+    ledger = Ledger()
+    transport = world.transport(FAST_FAILURE)
+    injector = Injector(step, at=3)
+    sink = LedgerSink(ledger, resumes=False, eager=True,
+                      on_write=lambda _n: injector("write", lambda: None))
+    first = sink_stage(world, InjectedTransport(transport, injector), sink)
+    first.start()
+    crashed(first, injector)
+    restarted = sink_stage(world, transport, LedgerSink(ledger, resumes=False))
+    restarted.start()
+    wait_until(lambda: world.all_committed(group(world, "ledger")), "the input's offsets")
+    finish(restarted)
+    check_ledger(world, ledger, exactly_once=False)
+
+
+@pytest.mark.parametrize("resumes", [True, False], ids=["resume-offsets", "replay"])
+def test_a_sink_member_joining_mid_batch_gets_flushed_partitions(world: World, resumes: bool
+                                                                 ) -> None:
+    """The second replica joins while the first is inside the sink's write: the first flushes
+    and commits on revoke before its partitions move, so no row is written twice."""
+    ledger = Ledger()
+    transport = world.transport()
+    replicas: list[SinkStage] = []
+
+    def join_second(writes: int) -> None:
+        if writes != 3:
+            return
+        second = sink_stage(world, transport, LedgerSink(ledger, resumes), commit_interval_s=3600)
+        replicas.append(second)
+        second.start()
+        wait_until(lambda: len(world.cluster.members(group(world, "ledger"))) == 2, "the join")
+
+    first = sink_stage(world, transport, LedgerSink(ledger, resumes, on_write=join_second),
+                       commit_interval_s=3600)
+    first.start()
+    wait_until(lambda: bool(replicas) and records_in(first) + records_in(replicas[0]) >= COUNT,
+               "every record handed to a sink")
+    finish(first, replicas[0])
+    assert records_in(replicas[0]) > 0
+    assert world.all_committed(group(world, "ledger"))
+    check_ledger(world, ledger, exactly_once=True)
+
+
+# --- Source runners -----------------------------------------------------------------------------
+
+
+class CountingSource(Source[Any]):
+    """Emits numbers ``0 .. total - 1`` as JSON, ``batch`` at a time; its position is the next."""
+
+    def __init__(self, total: int, batch: int = 10) -> None:
+        super().__init__(None, ComponentContext("p", "numbers"))
+        self.total, self.batch, self.next = total, batch, 0
+        self.opened_at: Any = "never"
+
+    def open(self, position: Any | None) -> None:
+        self.opened_at = position
+        self.next = position or 0
+
+    def poll(self, max_records: int, timeout_s: float) -> SourceBatch | None:
+        if self.next >= self.total:
+            return None
+        numbers = range(self.next, min(self.next + self.batch, self.total))
+        self.next = numbers[-1] + 1
+        return SourceBatch([json.dumps({"id": n}).encode() for n in numbers])
+
+    def position(self) -> Any:
+        return self.next
+
+    def acknowledged(self, position: Any) -> None:
+        """Nothing to confirm upstream."""
+
+
+def source_runner(world: World, transport: Transport, source: CountingSource) -> SourceRunner:
+    metrics = PipelineMetrics(world.pipeline).source("numbers")
+    return SourceRunner(world.pipeline, source, world.output, transport, metrics, 100,
+                        world.dead_letters)
+
+
+@pytest.mark.parametrize(("step", "after"), [
+    pytest.param("produce", False, id="before-produce"),
+    pytest.param("produce", True, id="between-produce-and-commit"),
+    pytest.param("commit_transaction", True, id="after-commit"),
+])
+def test_a_source_resumes_exactly_after_a_crash(world: World, step: str, after: bool) -> None:
+    transport = world.transport(FAST_FAILURE)
+    injector = Injector(step, at=3, after=after)
+    first = source_runner(world, InjectedTransport(transport, injector), CountingSource(100))
+    first.start()
+    first.thread.join(TIMEOUT_S)
+    assert injector.crashed_at is not None and isinstance(first.error, Crash)
+    source = CountingSource(100)
+    restarted = source_runner(world, transport, source)  # fences the first's transactional id
+    restarted.start()
+    restarted.thread.join(TIMEOUT_S)
+    assert restarted.finished and restarted.error is None
+    assert source.opened_at == (30 if after and step == "commit_transaction" else 20)
+    assert sorted(world.output_ids().elements()) == list(range(100))
+    assert read_positions(transport, world.pipeline) == {"numbers": 100}
