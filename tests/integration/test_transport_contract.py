@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -23,9 +23,12 @@ from streamflow.transport import (
     TransportError,
     create_transport,
 )
-from streamflow.transport.memory import drop_cluster
 
 CONTRACT_CLIENTS = (*CLIENTS, MEMORY)
+
+
+# The fixtures ``address`` and ``kind`` (tests/integration/conftest.py) map each client to its
+# bootstrap address and broker kind.
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -36,24 +39,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(("client", "reader"), [*pairs, (MEMORY, MEMORY)])
     elif "client" in metafunc.fixturenames:
         metafunc.parametrize("client", CONTRACT_CLIENTS)
-
-
-@pytest.fixture
-def address(client: str, request: pytest.FixtureRequest) -> Iterator[str]:
-    """The bootstrap address for ``client``: the session's real broker (started on first use),
-    or for the memory transport an in-memory cluster of this test's own."""
-    if client != MEMORY:
-        yield request.getfixturevalue("bootstrap")
-        return
-    name = f"memory://{unique('contract')}"
-    yield name
-    drop_cluster(name)
-
-
-@pytest.fixture
-def kind(client: str, request: pytest.FixtureRequest) -> str:
-    """'memory' for the memory transport, else the real broker's kind (see ``broker_kind``)."""
-    return MEMORY if client == MEMORY else str(request.getfixturevalue("broker_kind"))
 
 
 def unique(prefix: str) -> str:

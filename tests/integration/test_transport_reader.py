@@ -1,5 +1,6 @@
 """The transport's group-less reader (``Transport.reader``, ``read_until``), on the real broker
-with each client: ranges, transaction markers and aborted records, empty partitions."""
+with each client, and on the in-memory transport: ranges, transaction markers and aborted
+records, empty partitions."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import time
 
 import pytest
 
-from streamflow.transport import CLIENTS, OutgoingBatch, TopicSpec, Transport, create_transport, read_until
-from tests.integration.test_transport_contract import unique
+from streamflow.transport import OutgoingBatch, TopicSpec, Transport, create_transport, read_until
+from tests.integration.test_transport_contract import CONTRACT_CLIENTS, unique
 
-pytestmark = pytest.mark.parametrize("client", CLIENTS)
+pytestmark = pytest.mark.parametrize("client", CONTRACT_CLIENTS)
 
 
 def new_topic(transport: Transport, partitions: int = 1) -> str:
@@ -26,8 +27,8 @@ def values(transport: Transport, start: dict, end: dict | None = None) -> list[t
             for partition, value in zip(batch.partitions, batch.values, strict=True)]
 
 
-def test_a_range_is_read_exactly(bootstrap: str, client: str) -> None:
-    transport = create_transport(client, bootstrap)
+def test_a_range_is_read_exactly(address: str, client: str) -> None:
+    transport = create_transport(client, address)
     name = new_topic(transport)
     producer = transport.producer()
     producer.produce([OutgoingBatch(name, [str(n).encode() for n in range(10)])])
@@ -36,8 +37,8 @@ def test_a_range_is_read_exactly(bootstrap: str, client: str) -> None:
                                                                 (0, b"6")]
 
 
-def test_every_partition_is_read_to_its_end(bootstrap: str, client: str) -> None:
-    transport = create_transport(client, bootstrap)
+def test_every_partition_is_read_to_its_end(address: str, client: str) -> None:
+    transport = create_transport(client, address)
     name = new_topic(transport, partitions=3)
     producer = transport.producer()
     produced = [str(n).encode() for n in range(30)]
@@ -49,12 +50,12 @@ def test_every_partition_is_read_to_its_end(bootstrap: str, client: str) -> None
 
 
 def test_reading_to_the_end_skips_aborted_records_and_markers(
-    bootstrap: str, client: str, broker_kind: str, request: pytest.FixtureRequest
+    address: str, client: str, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    if broker_kind == "tansu":
+    if kind == "tansu":
         request.applymarker(pytest.mark.xfail(
             reason="Tansu 0.6.0 hands aborted records to read_committed consumers", strict=True))
-    transport = create_transport(client, bootstrap)
+    transport = create_transport(client, address)
     name = new_topic(transport)
     producer = transport.producer(transactional_id=unique("tx"))
     for value, commit in ((b"one", True), (b"aborted", False), (b"two", True)):
@@ -74,8 +75,8 @@ def test_reading_to_the_end_skips_aborted_records_and_markers(
     assert values(transport, {(name, 0): 0}, ends) == [(0, b"one"), (0, b"two")]
 
 
-def test_an_empty_partition_or_range_reads_nothing_at_once(bootstrap: str, client: str) -> None:
-    transport = create_transport(client, bootstrap)
+def test_an_empty_partition_or_range_reads_nothing_at_once(address: str, client: str) -> None:
+    transport = create_transport(client, address)
     name = new_topic(transport)
     started = time.monotonic()
     assert values(transport, {(name, 0): None}) == []
