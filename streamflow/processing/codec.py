@@ -166,10 +166,27 @@ def decode_json(
         buffer = b"\n".join(objects)
         if _fits_reader(objects, buffer):
             try:
-                return with_row_ids(_read(objects, schema, buffer), range(len(objects))), []
+                table = _read(objects, schema, buffer)
             except (pa.ArrowInvalid, DecodeError):
                 pass
+            else:
+                # The reader takes a number just over the largest double (2e308) as infinity,
+                # where it refuses 1e400: the record by record path tells them from Infinity.
+                if not any(map(_has_infinity, table.columns)):
+                    return with_row_ids(table, range(len(objects))), []
     return _decode_slowly(values, schema, lenient)
+
+
+def _has_infinity(column: pa.ChunkedArray | pa.Array) -> bool:
+    """Whether a float anywhere in ``column`` (in lists and structs too) is infinite."""
+    kind = column.type
+    if pa.types.is_floating(kind):
+        return bool(pc.any(pc.is_inf(column)).as_py())
+    if pa.types.is_struct(kind):
+        return any(_has_infinity(pc.struct_field(column, [index])) for index in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return _has_infinity(pc.list_flatten(column))
+    return False
 
 
 def _finite_float(text: str) -> float:

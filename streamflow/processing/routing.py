@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,8 +56,13 @@ class RouteStep(Processor[RouteConfig]):
         self.topics = pa.array([route.topic for route in config.routes], pa.string())
 
     def process(self, table: pa.Table) -> StepResult:
-        choice = self.query.run(table.drop_columns(
-            [name for name in table.column_names if name == TOPIC_COLUMN]
+        fitting, failures = self.query.fit(table)
+        if failures:  # the rows DuckDB cannot take fail; the others are routed
+            keep = np.ones(table.num_rows, dtype=bool)
+            keep[[row for row, _error in failures]] = False
+            table = table.filter(pa.array(keep))
+        choice = self.query.run(fitting.drop_columns(
+            [name for name in fitting.column_names if name == TOPIC_COLUMN]
         )).column("route")
         topics = pc.take(self.topics, choice)
         if self.config.default is not None:
@@ -64,8 +70,8 @@ class RouteStep(Processor[RouteConfig]):
         if TOPIC_COLUMN in table.column_names:
             topics = pc.coalesce(topics, table.column(TOPIC_COLUMN))
             return StepResult(table.set_column(
-                table.schema.get_field_index(TOPIC_COLUMN), TOPIC_COLUMN, topics))
-        return StepResult(table.append_column(TOPIC_COLUMN, topics))
+                table.schema.get_field_index(TOPIC_COLUMN), TOPIC_COLUMN, topics), failures)
+        return StepResult(table.append_column(TOPIC_COLUMN, topics), failures)
 
 
 def routed_topics(steps: Sequence[StepConfig]) -> list[str]:

@@ -236,6 +236,24 @@ class SchemaCheck(Processor[SchemaConfig]):
         return StepResult(typed, sorted(failures.items()))
 
 
+SQL_MAX_DEPTH = 63  # levels of a column's type DuckDB takes from Arrow: 62 lists or structs around a value
+
+
+class NestingError(ValueError):
+    """A record's value nests deeper than DuckDB takes from Arrow, so no SQL can see it."""
+
+
+def type_depth(kind: pa.DataType) -> int:
+    """Levels of an Arrow type: 1 for a value, one more for each list, map or struct around it."""
+    if pa.types.is_struct(kind):
+        return 1 + max((type_depth(child.type) for child in kind), default=0)
+    if pa.types.is_map(kind):
+        return 1 + max(type_depth(kind.key_type), type_depth(kind.item_type))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return 1 + type_depth(kind.value_type)
+    return 1
+
+
 class SqlTransform(Processor[SqlConfig]):
     """Runs a DuckDB statement over the batch, registered as the table ``batch``.
 
@@ -251,7 +269,8 @@ class SqlTransform(Processor[SqlConfig]):
         self.query = BatchQuery(config.root)
 
     def process(self, table: pa.Table) -> StepResult:
-        return StepResult(self.query.run(table))
+        fitting, failures = self.query.fit(table)
+        return StepResult(self.query.run(fitting), failures)
 
 
 class BatchQuery:
@@ -260,6 +279,23 @@ class BatchQuery:
     def __init__(self, statement: str) -> None:
         self.statement = statement
         self._connection = duckdb.connect(config={"preserve_insertion_order": True})
+
+    @staticmethod
+    def fit(table: pa.Table) -> tuple[pa.Table, list[tuple[int, BaseException]]]:
+        """``table`` as DuckDB takes it, and the rows it cannot: a column typed deeper than
+        :data:`SQL_MAX_DEPTH` is left out, and each row with a value in one fails (a
+        :class:`NestingError`) instead of its whole batch."""
+        deep = [column.name for column in table.schema if type_depth(column.type) > SQL_MAX_DEPTH]
+        if not deep:
+            return table, []
+        failures: dict[int, BaseException] = {}
+        for name in deep:
+            for row in pc.indices_nonzero(pc.is_valid(table.column(name))).to_pylist():
+                failures.setdefault(row, NestingError(
+                    f"field {name!r} nests deeper than SQL takes ({SQL_MAX_DEPTH - 1} lists and objects)"))
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[list(failures)] = False
+        return table.drop_columns(deep).filter(pa.array(keep)), sorted(failures.items())
 
     def run(self, table: pa.Table) -> pa.Table:
         self._connection.register("batch", table)

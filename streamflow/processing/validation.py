@@ -68,6 +68,9 @@ class ValidateStep(Processor[ValidateConfig]):
         failures: dict[int, BaseException] = {}
         for name, rules in self.config.root.items():
             column = table.column(name) if name in table.column_names else pa.nulls(table.num_rows)
+            column, not_numbers = self._as_numbers(name, column, rules)
+            for row, error in not_numbers:
+                failures.setdefault(row, error)
             for rule, broken in self._violations(name, column, rules):
                 for row in pc.indices_nonzero(pc.fill_null(broken, False)).to_pylist():
                     failures.setdefault(row, ValidationError(
@@ -77,6 +80,30 @@ class ValidateStep(Processor[ValidateConfig]):
         keep = np.ones(table.num_rows, dtype=bool)
         keep[list(failures)] = False
         return StepResult(table.filter(pa.array(keep)), sorted(failures.items()))
+
+    @staticmethod
+    def _as_numbers(
+        name: str, column: pa.ChunkedArray | pa.Array, rules: Rules
+    ) -> tuple[pa.ChunkedArray | pa.Array, list[tuple[int, BaseException]]]:
+        """For ``min``/``max`` alone on text (a JSON field whose records disagree on its type is
+        read as text): the values as numbers, and a failure for each value that is none. A
+        column of which no value is a number is returned as it is (the rules do not fit it)."""
+        if ((rules.min is None and rules.max is None) or rules.regex is not None or rules.allowed is not None
+                or not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type))):
+            return column, []
+        numbers: list[float | None] = []
+        failures: list[tuple[int, BaseException]] = []
+        for row, value in enumerate(column.to_pylist()):
+            try:
+                numbers.append(None if value is None else float(value))
+            except ValueError:
+                rule = f"min {rules.min:g}" if rules.min is not None else f"max {rules.max:g}"
+                failures.append((row, ValidationError(
+                    f"field {name!r} breaks rule {rule}: value {value!r} is not a number")))
+                numbers.append(None)
+        if failures and len(failures) == len(column) - column.null_count:
+            return column, []
+        return pa.array(numbers, pa.float64()), failures
 
     @staticmethod
     def _violations(
@@ -130,4 +157,5 @@ class FilterStep(Processor[FilterConfig]):
         self.query = BatchQuery(f"SELECT * FROM batch WHERE ({config.root})")
 
     def process(self, table: pa.Table) -> StepResult:
-        return StepResult(self.query.run(table))
+        fitting, failures = self.query.fit(table)
+        return StepResult(self.query.run(fitting), failures)
