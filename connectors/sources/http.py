@@ -6,8 +6,15 @@ repeat records). The webhook has no replayable position of its own: its position
 of requests taken so far, kept only for reporting. Answers: 400 malformed body (with the reason:
 not UTF-8, not JSON objects, nested too deeply, a lone surrogate, or shorter than its
 Content-Length), 401 missing or wrong bearer token, 404 other paths, 411 no Content-Length, 413
-body over ``max_body_bytes``, 503 when Kafka did not take the records within ``ack_timeout_s``
-(retry) or when ``max_connections`` are already being served.
+body over ``max_body_bytes`` (nothing published), 503 when Kafka did not take the records within
+``ack_timeout_s`` (retry) or when ``max_connections`` are already being served.
+
+413 also answers a request with records Kafka refused for their size (over the topic's
+``max.message.bytes`` or the client's limit): those went to the pipeline's dead-letter topic, and
+the body says so: ``{"error": ..., "accepted": N, "dead_lettered": [indices], "dead_letter_topic":
+T}``, where the indices count the request's records from 0 and ``accepted`` counts those published
+to the topic. The request is done (a 4xx): resending it would repeat the accepted records and
+refuse the large ones again.
 
 A connection whose request line and headers take longer than ``header_timeout_s``, or whose body
 takes longer than ``body_timeout_s``, is dropped; so is one where any single read or write waits
@@ -46,15 +53,20 @@ class HttpConfig(BaseModel):
     token: str | None = Field(
         None, min_length=16, description="bearer token senders must present (Authorization header)"
     )
-    max_body_bytes: int = Field(1_048_576, ge=1, description="larger bodies are refused with 413")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1, description="larger bodies are refused with 413 (nothing is published)"
+    )
     ack_timeout_s: float = Field(
         10.0, gt=0, description="how long a request waits for Kafka before it is answered 503"
     )
     key_field: str | None = Field(None, description="field whose value becomes the record key")
     header_timeout_s: float = Field(
-        10.0, gt=0, description="time allowed for a request's line and headers (and any one read)"
+        10.0, gt=0, description="time allowed for a request's line and headers, and for any one read or "
+        "write; a slower connection is dropped"
     )
-    body_timeout_s: float = Field(30.0, gt=0, description="time allowed for a request's body")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="time allowed for a request's body; a slower connection is dropped"
+    )
     max_connections: int = Field(
         64, ge=1, description="connections served at once; further ones are answered 503"
     )
@@ -130,6 +142,8 @@ class PendingRequest:
     keys: list[bytes | None]
     done: threading.Event = field(default_factory=threading.Event)
     acknowledged: bool = False
+    dead_lettered: list[int] = field(default_factory=list)  # indices Kafka refused for size
+    dead_letter_topic: str = ""
 
     def finish(self, acknowledged: bool) -> None:
         self.acknowledged = acknowledged
@@ -137,7 +151,8 @@ class PendingRequest:
 
 
 class HttpSource(Source[HttpConfig]):
-    """Listens for POSTs and emits their records; see the module docstring for the answers."""
+    """Listens for POSTs and emits their records; 202 once Kafka has them, 413 naming any it
+    refused for their size (dead-lettered); see the module docstring and docs/sources.md."""
 
     config_model = HttpConfig
 
@@ -148,6 +163,7 @@ class HttpSource(Source[HttpConfig]):
         self._tracker: AckTracker[PendingRequest] = AckTracker()
         self._server: ThreadingHTTPServer | None = None
         self._closed = False
+        self._batch: list[tuple[int, PendingRequest]] = []  # last polled: first row of each request
 
     @property
     def port(self) -> int:
@@ -186,11 +202,13 @@ class HttpSource(Source[HttpConfig]):
     def poll(self, max_records: int, timeout_s: float) -> SourceBatch:
         values: list[bytes] = []
         keys: list[bytes | None] = []
+        self._batch = []
         with self._ready:
             if not self._queue:
                 self._ready.wait(timeout_s)
             while self._queue and (not values or len(values) + len(self._queue[0].values) <= max_records):
                 pending = self._queue.popleft()
+                self._batch.append((len(values), pending))
                 values += pending.values
                 keys += pending.keys
                 self._tracker.polled(pending)
@@ -198,6 +216,12 @@ class HttpSource(Source[HttpConfig]):
 
     def position(self) -> dict[str, int]:
         return {"requests": self._tracker.polled_count}
+
+    def dead_lettered(self, indices: list[int], topic: str) -> None:
+        for first, pending in self._batch:
+            pending.dead_lettered = [index - first for index in indices
+                                     if first <= index < first + len(pending.values)]
+            pending.dead_letter_topic = topic
 
     def acknowledged(self, position: dict[str, int]) -> None:
         for pending in self._tracker.release(position["requests"]):
@@ -324,6 +348,14 @@ class _WebhookHandler(BaseHTTPRequestHandler):
         pending = source.submit(values, keys)
         if not pending.done.wait(config.ack_timeout_s):
             source.withdraw(pending)
+        if pending.acknowledged and pending.dead_lettered:
+            return self._answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
+                "error": f"{len(pending.dead_lettered)} records too large for Kafka were "
+                         f"dead-lettered to {pending.dead_letter_topic}; do not resend them as they are",
+                "accepted": len(documents) - len(pending.dead_lettered),
+                "dead_lettered": pending.dead_lettered,
+                "dead_letter_topic": pending.dead_letter_topic,
+            })
         if pending.acknowledged:
             return self._answer(HTTPStatus.ACCEPTED, {"accepted": len(documents)})
         return self._answer(HTTPStatus.SERVICE_UNAVAILABLE,

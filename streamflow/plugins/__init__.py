@@ -65,6 +65,9 @@ class Source(ABC, Generic[ConfigT]):
       is in Kafka and the position is checkpointed. Sources that cannot replay (a webhook, an
       MQTT subscription) answer or acknowledge their senders only here, which makes them
       at-least-once; replayable sources can ignore it (e.g. to commit an upstream cursor).
+    - :meth:`dead_lettered` is called before that, from the same thread, when records of the
+      batch last polled went to the dead-letter topic instead (Kafka refused them for their size):
+      a source that answers its senders can tell them (the webhook answers 413).
     """
 
     config_model: ClassVar[type[BaseModel]]
@@ -88,6 +91,12 @@ class Source(ABC, Generic[ConfigT]):
     def acknowledged(self, position: Any) -> None:
         """Every record polled before ``position`` (a value :meth:`position` returned) is durable
         in Kafka and ``position`` is checkpointed. Called from the thread that polls."""
+
+    def dead_lettered(self, indices: list[int], topic: str) -> None:
+        """The records at ``indices`` of the batch last returned by :meth:`poll` are in the
+        dead-letter ``topic``, not the source's topic: Kafka refused them for their size (the
+        others of the batch are in the source's topic). Called from the thread that polls, after
+        the batch is durable and before :meth:`acknowledged`; the default does nothing."""
 
     def close(self) -> None:
         """Release resources."""

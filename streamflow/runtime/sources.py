@@ -116,8 +116,10 @@ class SourceRunner:
                 if not len(batch):
                     continue
                 previous, position = position, self.source.position()
-                producer = self._publish(producer, batch, previous, position)
+                producer, dead = self._publish(producer, batch, previous, position)
                 self.metrics.records_produced.inc(len(batch))
+                if dead:
+                    self.source.dead_lettered(dead, self.dead_letter_topic)
                 self.source.acknowledged(position)
         except BaseException as exc:
             self.metrics.errors.inc()
@@ -132,9 +134,11 @@ class SourceRunner:
     def _producer(self) -> Producer:
         return self.transport.producer(transactional_id=f"{self.pipeline}.source.{self.name}")
 
-    def _publish(self, producer: Producer, batch: SourceBatch, previous: Any, position: Any) -> Producer:
+    def _publish(self, producer: Producer, batch: SourceBatch, previous: Any, position: Any
+                 ) -> tuple[Producer, list[int]]:
         """Produce ``batch`` and ``position`` (the one after it) in one transaction; returns the
-        producer, a new one when the broker refused records.
+        producer (a new one when the broker refused records) and the rows of ``batch`` that went
+        to the dead-letter topic.
 
         A record refused for its size is dead-lettered: whole, and if that is refused too,
         truncated; it keeps its place in the position. Records the client refused never left
@@ -166,7 +170,7 @@ class SourceRunner:
                     producer.begin_transaction()
                     resend = None
         producer.commit_transaction()
-        return producer
+        return producer, sorted(levels)
 
     def _outgoing(
         self, batch: SourceBatch, previous: Any, position: Any, levels: dict[int, int],

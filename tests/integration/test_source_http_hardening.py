@@ -1,6 +1,6 @@
 """The http source against hostile clients: header and body timeouts, bounded connections, a
-short body refused, undecodable bodies answered 400; /readyz waits for its listener; a body too
-large for Kafka is dead-lettered and the webhook goes on."""
+short body refused, undecodable bodies answered 400; /readyz waits for its listener; a record too
+large for Kafka is dead-lettered, its request answered 413 naming it, and the webhook goes on."""
 
 from __future__ import annotations
 
@@ -155,17 +155,45 @@ def test_readyz_waits_for_the_webhook_to_listen(bootstrap: str, monkeypatch: pyt
         thread.join(30)
 
 
-def test_a_one_megabyte_post_is_dead_lettered_and_the_webhook_goes_on(bootstrap: str) -> None:
+def test_a_one_megabyte_post_is_dead_lettered_answered_413_and_the_webhook_goes_on(
+    bootstrap: str,
+) -> None:
     document = {"n": 1, "blob": ""}
     document["blob"] = "x" * (1_048_576 - len(json.dumps(document)))
     body = json.dumps(document).encode()
     assert len(body) == 1_048_576  # the default max_body_bytes
     topic, port = unique("hooks"), free_port()
     pipeline = source_pipeline(bootstrap, "http", topic, port=port)
+    dead_letter_topic = f"{pipeline['pipeline']}.dlq"
     with running(pipeline):
-        assert post(port, body)[0] == 202
+        status, answer = post(port, body)
+        assert status == 413
+        assert answer["accepted"] == 0
+        assert answer["dead_lettered"] == [0]
+        assert answer["dead_letter_topic"] == dead_letter_topic
+        assert "too large for Kafka" in answer["error"]
         assert post(port, b'{"n": 2}') == (202, {"accepted": 1})
     assert [json.loads(value) for value in read_topic(bootstrap, topic).values] == [{"n": 2}]
-    dead = read_topic(bootstrap, f"{pipeline['pipeline']}.dlq")
+    dead = read_topic(bootstrap, dead_letter_topic)
     assert len(dead) == 1
     assert dict(dead.headers[0] or [])["streamflow.stage"] == b"src"
+
+
+def test_a_request_with_one_record_too_large_names_it_and_publishes_the_others(
+    bootstrap: str,
+) -> None:
+    big = {"n": 1, "blob": "x" * 1_100_000}  # over both clients' own limits
+    body = json.dumps([{"n": 0}, big, {"n": 2}]).encode()
+    topic, port = unique("hooks"), free_port()
+    pipeline = source_pipeline(bootstrap, "http", topic, port=port, max_body_bytes=2_000_000)
+    with running(pipeline):
+        status, answer = post(port, body)
+        assert (status, answer["accepted"], answer["dead_lettered"]) == (413, 2, [1])
+        assert post(port, b'{"n": 3}') == (202, {"accepted": 1})  # the next request is its own
+    assert [json.loads(value)["n"] for value in read_topic(bootstrap, topic).values] == [0, 2, 3]
+    dead = read_topic(bootstrap, f"{pipeline['pipeline']}.dlq")
+    assert len(dead) == 1  # truncated: the dead-letter topic refuses it whole too
+    assert dead.values[0].startswith(b'{"n":1,')
+    letter = dict(dead.headers[0] or [])
+    assert letter["streamflow.original.size"] == b"%d" % len(json.dumps(big, separators=(",", ":")))
+    assert letter["streamflow.source.index"] == b"1"
