@@ -162,7 +162,8 @@ def unicode(n: int, rng: random.Random) -> bytes:
 
 
 def empty_object(n: int, rng: random.Random) -> bytes:
-    return rng.choice([b'{"id":%d}', b'{"id":%d,"x":null}', b'{"id":%d,"tags":[null,null]}']) % n
+    return rng.choice([b'{"id":%d}', b'{"id":%d,"x":null}', b'{"id":%d,"tags":[null,null]}',
+                       b'{"id":%d,"o":{}}', b'{"id":%d,"o":[{}]}', b'{"id":%d,"o":{"p":{}}}']) % n
 
 
 # Bad records: the decoder refuses each.
@@ -310,6 +311,21 @@ def csv_batches(max_size: int = 30) -> st.SearchStrategy[list[Hostile]]:
 def avro_batches(max_size: int = 30) -> st.SearchStrategy[list[Hostile]]:
     return st.lists(st.randoms(use_true_random=False), max_size=max_size).map(
         lambda rngs: [avro_record(n, rng) for n, rng in enumerate(rngs)])
+
+
+# A processor stage as pipelines write them: decode, tidy, check, filter, derive.
+STAGE_STEPS: list[tuple[str, Any]] = [
+    ("parse", {"format": "json"}),
+    ("normalize", {"name": ["trim", "nfc"]}),
+    ("validate", {"id": {"not_null": True}, "x": {"min": -1e6, "max": 1e6}}),
+    ("filter", "id % 5 <> 0"),
+    ("sql", "SELECT *, id * 2 AS twice FROM batch"),
+]
+
+
+def filtered_by_stage(record: Hostile) -> bool:
+    """Whether :data:`STAGE_STEPS` may filter ``record`` (its filter drops ids divisible by 5)."""
+    return record.kind != BAD and record.n % 5 == 0
 
 
 # The invariant, record by record.

@@ -68,6 +68,40 @@ class PartitionValueError(ValueError):
     """A ``partition_by`` value cannot name a directory."""
 
 
+class NestingTooDeepError(ValueError):
+    """A value nests deeper than Parquet readers take (a schema 100 levels deep)."""
+
+
+class EmptyObjectError(ValueError):
+    """A value holds an empty object, which Parquet cannot store (a group needs a field)."""
+
+
+MAX_SCHEMA_DEPTH = 100  # Parquet readers' default limit (Arrow's C++ reader, with the root)
+
+
+def schema_depth(kind: pa.DataType) -> int:
+    """Levels of a column in a Parquet schema: 1 for a value, one more for each struct around
+    it, two for each list or map (the group and its repeated group)."""
+    if pa.types.is_struct(kind):
+        return 1 + max((schema_depth(child.type) for child in kind), default=0)
+    if pa.types.is_map(kind):
+        return 2 + max(schema_depth(kind.key_type), schema_depth(kind.item_type))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return 2 + schema_depth(kind.value_type)
+    return 1
+
+
+def has_empty_struct(kind: pa.DataType) -> bool:
+    """Whether a struct without fields is anywhere in ``kind`` (Parquet cannot write one)."""
+    if pa.types.is_struct(kind):
+        return kind.num_fields == 0 or any(has_empty_struct(child.type) for child in kind)
+    if pa.types.is_map(kind):
+        return has_empty_struct(kind.key_type) or has_empty_struct(kind.item_type)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return has_empty_struct(kind.value_type)
+    return False
+
+
 class ParquetSink(Sink[ParquetConfig]):
     """Writes Parquet files named by topic, partition and first offset; replays rewrite them.
 
@@ -93,6 +127,7 @@ class ParquetSink(Sink[ParquetConfig]):
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
         _start, tables, places = self._buffers.setdefault(partition, (first_offset, [], []))
         failures: dict[int, BaseException] = {}
+        table = self._readable(table, failures)
         table = self._placeable(table, failures)
         if tables:
             table = _fit(table, tables[0].schema, failures)
@@ -121,6 +156,27 @@ class ParquetSink(Sink[ParquetConfig]):
         if bucket_ms is not None:
             name += f"+{bucket_ms:015d}"
         return self.root.joinpath(topic, *directories, f"{name}.parquet")
+
+    @staticmethod
+    def _readable(table: pa.Table, failures: dict[int, BaseException]) -> pa.Table:
+        """``table`` without the columns Parquet cannot hold, and their rows with a value failed:
+        columns nesting deeper than readers take (a file with one is written, but no reader with
+        default settings opens it) and columns whose type has an object without fields (which
+        failed the whole flush, and so the stage)."""
+        for column in table.schema:
+            if schema_depth(column.type) + 1 > MAX_SCHEMA_DEPTH:
+                error: ValueError = NestingTooDeepError(
+                    f"field {column.name!r} nests deeper than a Parquet schema of {MAX_SCHEMA_DEPTH} "
+                    "levels takes (49 lists or 98 objects)")
+            elif has_empty_struct(column.type):
+                error = EmptyObjectError(
+                    f"field {column.name!r} holds an empty object, which Parquet cannot store")
+            else:
+                continue
+            for row in np.flatnonzero(table.column(column.name).is_valid().to_numpy(zero_copy_only=False)):
+                failures.setdefault(int(row), error)
+            table = table.drop_columns([column.name])
+        return table
 
     def _placeable(self, table: pa.Table, failures: dict[int, BaseException]) -> pa.Table:
         """``table`` without the ``partition_by`` columns whose values cannot be text (objects,

@@ -9,12 +9,16 @@ import functools
 import json
 import random
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, given, settings
 
-from streamflow.plugins import ROW_ID
+from connectors.sinks.parquet import ParquetConfig, ParquetSink
+from streamflow.plugins import ROW_ID, ComponentContext, SinkRecordError
 from streamflow.processing.codec import decode_json, user_fields
 from streamflow.runtime.stages import StepRunner, decode_input, output_batches, run_steps
 from tests.hostile import (
@@ -24,10 +28,12 @@ from tests.hostile import (
     FAMILIES,
     GOOD,
     ODD,
+    STAGE_STEPS,
     Hostile,
     Tally,
     avro_batches,
     csv_batches,
+    filtered_by_stage,
     generate,
     hostile_batches,
     nested,
@@ -37,20 +43,6 @@ from tests.tables import step
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.data_too_large])
 SCHEMA = pa.schema([("id", pa.int64()), ("x", pa.float64()), ("name", pa.string())])
-
-# A processor stage as pipelines write them: decode, tidy, check, filter, derive.
-STEPS: list[tuple[str, Any]] = [
-    ("parse", {"format": "json"}),
-    ("normalize", {"name": ["trim", "nfc"]}),
-    ("validate", {"id": {"not_null": True}, "x": {"min": -1e6, "max": 1e6}}),
-    ("filter", "id % 5 <> 0"),
-    ("sql", "SELECT *, id * 2 AS twice FROM batch"),
-]
-
-
-def filtered_by_stage(record: Hostile) -> bool:
-    return record.kind != BAD and record.n % 5 == 0
-
 
 def tally(stage: str, records: list[Hostile], out_rows: list[int], failed_rows: list[int],
           filtered: int = 0) -> Tally:
@@ -91,7 +83,7 @@ def test_json_decoder_partitions_hostile_records(records: list[Hostile]) -> None
 @functools.cache
 def stage_steps() -> list[StepRunner]:
     """The stage's steps, made once (each SQL step opens a DuckDB connection)."""
-    return [StepRunner(step(kind, options)) for kind, options in STEPS]
+    return [StepRunner(step(kind, options)) for kind, options in STAGE_STEPS]
 
 
 def through_stage(records: list[Hostile]) -> dict[str, int]:
@@ -238,3 +230,33 @@ def test_a_text_value_among_numbers_fails_min_max_alone() -> None:
         (1, "field 'x' breaks rule min -10: value 'a' is not a number"),
         (2, "field 'x' breaks rule max 10: value 20.0"),
         (4, "field 'x' breaks rule min -10: value '[1]' is not a number")]
+
+
+def test_records_parquet_cannot_hold_fail_alone(tmp_path: Path) -> None:
+    """The Parquet sink wrote a record nesting 50 lists (or 99 objects) into a file that no
+    reader with default settings opens ("Parquet schema too deeply nested"), so every record
+    in that file was as good as lost; an empty object (``{"o":{}}``) failed the flush, and so the
+    stage, again on every restart. Now such a record fails alone."""
+    sink = ParquetSink(ParquetConfig(path=str(tmp_path)), ComponentContext("p", "lake"))
+    sink.open()
+    lists = {depth: b"[" * depth + b"1" + b"]" * depth for depth in (49, 50)}
+    objects = {depth: b'{"a":' * depth + b"1" + b"}" * depth for depth in (98, 99)}
+    for number, (depth, text) in enumerate([*lists.items(), *objects.items()]):
+        table, failures = decode_json([b'{"id":0}', b'{"id":1,"v":' + text + b"}", b'{"id":2}'])
+        assert not failures
+        try:
+            sink.write(user_fields(table), ("t", number), 0)
+            failed = []
+        except SinkRecordError as exc:
+            failed = [(row, type(error).__name__) for row, error in zip(exc.rows, exc.errors, strict=True)]
+        assert failed == ([] if depth in (49, 98) else [(1, "NestingTooDeepError")])
+    empty = [b'{"id":5}', b'{"id":3,"o":{"p":[{}]}}', b'{"id":6,"o":null}']
+    table, _failures = decode_json(empty)
+    with pytest.raises(SinkRecordError) as refused:
+        sink.write(user_fields(table), ("t", 0), 0)
+    errors = zip(refused.value.rows, refused.value.errors, strict=True)
+    assert [(row, type(error).__name__) for row, error in errors] == [(1, "EmptyObjectError")]
+    sink.flush({}, "cluster")
+    files = sorted(tmp_path.rglob("*.parquet"))
+    ids = sorted(i for path in files for i in pq.read_table(path).column("id").to_pylist())
+    assert ids == [0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 5, 6]
