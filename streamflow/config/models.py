@@ -177,6 +177,12 @@ class WindowConfig(Strict):
         return self
 
 
+def default_dead_letter_topic(pipeline: str) -> str:
+    """The dead-letter topic of ``pipeline``'s stages without ``dead_letter`` and of its sources
+    (records Kafka refused for their size): ``<pipeline>.dlq``. The one place that says so."""
+    return f"{pipeline}.dlq"
+
+
 class ProcessorConfig(StageBase):
     """A topic → topic stage: parse, then run its steps in order (or a user's Faust agent)."""
 
@@ -352,7 +358,7 @@ class PipelineConfig(Strict):
         return self
 
     def dead_letter_topic(self, stage: ProcessorConfig | ModelConfig | SinkConfig) -> str:
-        return stage.dead_letter or f"{self.pipeline}.dlq"
+        return stage.dead_letter or default_dead_letter_topic(self.pipeline)
 
     def drift_topic(self, model: ModelConfig) -> str:
         return (model.drift.topic if model.drift else None) or f"{self.pipeline}.drift"

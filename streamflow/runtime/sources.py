@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from streamflow.config import models
 from streamflow.metrics import SourceMetrics
 from streamflow.plugins import Source, SourceBatch
 from streamflow.runtime.dead_letters import OversizeRecordError, source_dead_letter_headers, truncated
@@ -40,8 +41,9 @@ _POSITION = -1  # the place of the position record among a transaction's records
 
 
 def source_dead_letter_topic(pipeline: str) -> str:
-    """Where sources put records Kafka refused: the pipeline's default dead-letter topic."""
-    return f"{pipeline}.dlq"
+    """Where sources put records Kafka refused: the pipeline's default dead-letter topic, as
+    :func:`streamflow.config.models.default_dead_letter_topic` names it for stages too."""
+    return models.default_dead_letter_topic(pipeline)
 
 
 def read_positions(transport: Transport, pipeline: str) -> dict[str, Any]:
