@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup run test test-cluster kafka services lint bench clean
+.PHONY: setup run test test-cluster kafka services lint bench clean fuzz
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -43,6 +43,14 @@ test: $(STAMP) services kafka
 ## Broker failures on a three-node Kafka cluster under a 200,000-event pipeline (about 3 minutes).
 test-cluster: $(STAMP) services kafka
 	$(BIN)/pytest -q -s -m slow tests/integration/test_kafka_cluster.py
+
+## Atheris fuzzing of the decoders and a processor stage (issue 13) for FUZZ_SECONDS (default 60);
+## crashes are written to output/fuzz-crash-*, the corpus grows in output/fuzz-corpus.
+fuzz: $(STAMP)
+	@$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/pip install --quiet atheris
+	@mkdir -p output
+	PYTHONPATH=. $(BIN)/python tests/fuzz/fuzz_decoders.py -max_total_time=$${FUZZ_SECONDS:-60} \
+	  -artifact_prefix=output/fuzz- -rss_limit_mb=4096 -timeout=60
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks core --json benchmarks/results/core.json
