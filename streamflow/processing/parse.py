@@ -7,8 +7,10 @@ any text or binary column of the batch (``field``).
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
+import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -190,12 +192,38 @@ def _text(value: bytes | None) -> str:
 def _records_table(
     records: list[dict[str, Any]], rows: list[int], schema: pa.Schema | None = None
 ) -> pa.Table:
-    """Python records (one per entry of ``rows``) as a table with their row ids."""
+    """Python records (one per entry of ``rows``) as a table with their row ids; a field whose
+    records disagree on its type (see :func:`_column`) is read as text."""
     if schema is None:
         names = list(dict.fromkeys(name for record in records for name in record))
-        table = pa.table({name: pa.array([record.get(name) for record in records]) for name in names})
+        table = pa.table({name: _column([record.get(name) for record in records]) for name in names})
     else:
         table = pa.Table.from_pylist(records, schema=schema)
     if table.num_columns == 0:
         return pa.table({ROW_ID: pa.array(np.asarray(rows, dtype=np.int64))})
     return with_row_ids(table, rows)
+
+
+def _column(values: list[Any]) -> pa.Array:
+    """``values`` as one Arrow column, typed by pyarrow; where they do not fit one type (an Avro
+    union such as ``["int", "string"]``, or of records and non-records, holding both in one
+    batch), as text: strings as they are, anything else as its JSON (bytes as base64, times
+    ISO 8601, decimals and UUIDs as strings), as the JSON decoder does for fields whose records
+    disagree. A following ``schema`` step types the column and fails only the values that do
+    not convert, each in its own record."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowException, OverflowError):
+        return pa.array([value if value is None or isinstance(value, str) else
+                         json.dumps(value, default=_json_default, ensure_ascii=False)
+                         for value in values], pa.string())
+
+
+def _json_default(value: Any) -> Any:
+    """What JSON cannot hold as it is, as JSON: bytes in base64, anything else (datetime, date,
+    time, Decimal, UUID) as its ISO or plain text."""
+    if isinstance(value, bytes | bytearray):
+        return base64.b64encode(value).decode()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)

@@ -67,6 +67,62 @@ def test_avro_values_take_the_schema_types() -> None:
     assert "invalid Avro" in str(result.failures[0][1])
 
 
+UNION_SCHEMA = {
+    "type": "record", "name": "Event",
+    "fields": [
+        {"name": "id", "type": "long"},
+        {"name": "v", "type": ["null", "long", "string", "bytes", {
+            "type": "record", "name": "Inner", "fields": [{"name": "a", "type": "long"}]}]},
+    ],
+}
+
+
+def union_avro(record: dict[str, object]) -> bytes:
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(UNION_SCHEMA), record)
+    return buffer.getvalue()
+
+
+def test_avro_union_values_of_different_types_in_one_batch_fail_no_record() -> None:
+    parse = step("parse", {"format": "avro", "schema": UNION_SCHEMA})
+    values = [union_avro({"id": 0, "v": 1}), union_avro({"id": 1, "v": "x"}), b"\x02",
+              union_avro({"id": 3, "v": None}), union_avro({"id": 4, "v": {"a": 5}}),
+              union_avro({"id": 5, "v": b"\x00\xff"})]
+    result = parse.process(raw_table(values))  # raised ArrowInvalid for the whole batch before
+    assert result.table.drop_columns([ROW_ID]).to_pylist() == [
+        {"id": 0, "v": "1"}, {"id": 1, "v": "x"}, {"id": 3, "v": None}, {"id": 4, "v": '{"a": 5}'},
+        {"id": 5, "v": '"AP8="'}]  # read as text where the records disagree, bytes in base64
+    assert result.table[ROW_ID].to_pylist() == [0, 1, 3, 4, 5]
+    assert [row for row, _ in result.failures] == [2]  # only the corrupt value
+
+
+def test_avro_union_conflicts_then_fail_in_the_schema_step_record_by_record() -> None:
+    parse = step("parse", {"format": "avro", "schema": UNION_SCHEMA})
+    parsed = parse.process(raw_table([union_avro({"id": n, "v": v})
+                                      for n, v in enumerate([1, "x", 2, {"a": 1}, 3])]))
+    typed = step("schema", {"id": {"type": "int"}, "v": {"type": "int"}}).process(parsed.table)
+    assert typed.table.drop_columns([ROW_ID]).to_pylist() == [
+        {"id": 0, "v": 1}, {"id": 2, "v": 2}, {"id": 4, "v": 3}]
+    assert [row for row, _ in typed.failures] == [1, 3]
+
+
+def test_avro_records_of_a_union_of_record_types_share_one_struct_column() -> None:
+    schema = {"type": "record", "name": "Envelope", "fields": [{"name": "body", "type": [
+        {"type": "record", "name": "Click", "fields": [{"name": "x", "type": "long"}]},
+        {"type": "record", "name": "View", "fields": [{"name": "page", "type": "string"}]},
+    ]}]}
+
+    def encode(record: dict[str, object]) -> bytes:
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, fastavro.parse_schema(schema), record)
+        return buffer.getvalue()
+
+    result = step("parse", {"format": "avro", "schema": schema}).process(
+        raw_table([encode({"body": {"x": 1}}), encode({"body": {"page": "home"}})]))
+    assert result.table["body"].to_pylist() == [{"x": 1, "page": None}, {"x": None, "page": "home"}]
+    assert result.failures == []
+
+
 def test_avro_confluent_framing_skips_the_registry_header() -> None:
     parse = step("parse", {"format": "avro", "schema": AVRO_SCHEMA, "confluent_framing": True})
     result = parse.process(raw_table([b"\x00\x00\x00\x00\x07" + avro({"id": "a", "x": 1.0})]))
