@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from connectors.sinks.warehouse import ColumnTypeError, cast_values, conform, is_nested
 from streamflow.plugins import ComponentContext, Sink, SinkRecordError
+from streamflow.processing.steps import type_depth
 from streamflow.transport.base import TopicPartition
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -77,18 +78,6 @@ class EmptyObjectError(ValueError):
 
 
 MAX_SCHEMA_DEPTH = 100  # Parquet readers' default limit (Arrow's C++ reader, with the root)
-
-
-def schema_depth(kind: pa.DataType) -> int:
-    """Levels of a column in a Parquet schema: 1 for a value, one more for each struct around
-    it, two for each list or map (the group and its repeated group)."""
-    if pa.types.is_struct(kind):
-        return 1 + max((schema_depth(child.type) for child in kind), default=0)
-    if pa.types.is_map(kind):
-        return 2 + max(schema_depth(kind.key_type), schema_depth(kind.item_type))
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        return 2 + schema_depth(kind.value_type)
-    return 1
 
 
 def has_empty_struct(kind: pa.DataType) -> bool:
@@ -164,7 +153,7 @@ class ParquetSink(Sink[ParquetConfig]):
         default settings opens it) and columns whose type has an object without fields (which
         failed the whole flush, and so the stage)."""
         for column in table.schema:
-            if schema_depth(column.type) + 1 > MAX_SCHEMA_DEPTH:
+            if type_depth(column.type, list_levels=2) + 1 > MAX_SCHEMA_DEPTH:  # + the root
                 error: ValueError = NestingTooDeepError(
                     f"field {column.name!r} nests deeper than a Parquet schema of {MAX_SCHEMA_DEPTH} "
                     "levels takes (49 lists or 98 objects)")

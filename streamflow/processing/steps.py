@@ -243,14 +243,15 @@ class NestingError(ValueError):
     """A record's value nests deeper than DuckDB takes from Arrow, so no SQL can see it."""
 
 
-def type_depth(kind: pa.DataType) -> int:
-    """Levels of an Arrow type: 1 for a value, one more for each list, map or struct around it."""
+def type_depth(kind: pa.DataType, list_levels: int = 1) -> int:
+    """Levels of an Arrow type: 1 for a value, one more for each struct around it and
+    ``list_levels`` more for each list or map (Parquet counts 2: the group and its repeated one)."""
     if pa.types.is_struct(kind):
-        return 1 + max((type_depth(child.type) for child in kind), default=0)
+        return 1 + max((type_depth(child.type, list_levels) for child in kind), default=0)
     if pa.types.is_map(kind):
-        return 1 + max(type_depth(kind.key_type), type_depth(kind.item_type))
+        return list_levels + max(type_depth(child, list_levels) for child in (kind.key_type, kind.item_type))
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        return 1 + type_depth(kind.value_type)
+        return list_levels + type_depth(kind.value_type, list_levels)
     return 1
 
 
