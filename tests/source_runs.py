@@ -1,10 +1,12 @@
 """Helpers for source tests: a source-only pipeline, run in this process or as a killable
-``streamflow run`` subprocess, and a fast watcher of a topic (no consumer group to join)."""
+``streamflow run`` subprocess (killed and restarted by :func:`kill_and_restart`), and a fast
+watcher of a topic (no consumer group to join)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -59,6 +61,27 @@ def start_process(pipeline: dict[str, Any], directory: Path) -> subprocess.Popen
         [sys.executable, "-m", "streamflow", "run", str(path), "--metrics-port", "0"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
     )
+
+
+def kill_and_restart(
+    pipeline: dict[str, Any], directory: Path, *, before_kill: Callable[[], object],
+    after_restart: Callable[[], object], while_down: Callable[[], object] = lambda: None,
+    stop_signal: signal.Signals = signal.SIGTERM,
+) -> None:
+    """``streamflow run`` of ``pipeline`` as a subprocess: once ``before_kill`` returns (it waits
+    for some progress), SIGKILL it; run ``while_down``; start it again and wait with
+    ``after_restart``; then stop it with ``stop_signal``, also when any step failed."""
+    process = start_process(pipeline, directory)
+    try:
+        before_kill()
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        while_down()
+        process = start_process(pipeline, directory)
+        after_restart()
+    finally:
+        process.send_signal(stop_signal)
+        process.wait(30)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

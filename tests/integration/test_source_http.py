@@ -16,7 +16,7 @@ import pytest
 
 from streamflow.transport.broker import EmbeddedBroker, free_port
 from tests.helpers import read_topic
-from tests.source_runs import TopicWatcher, running, source_pipeline, start_process, unique, wait_until
+from tests.source_runs import TopicWatcher, kill_and_restart, running, source_pipeline, unique, wait_until
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -113,29 +113,32 @@ def test_sigkill_loses_nothing_that_was_answered_202(tmp_path: Path, bootstrap: 
             number += 5
 
     pipeline = http_pipeline(bootstrap, topic, port)
-    process = start_process(pipeline, tmp_path)
-    try:
-        wait_until(lambda: listening(port), 30, "the webhook to listen")
-        thread = threading.Thread(target=sender, args=(0,), daemon=True)
-        thread.start()
-        wait_until(lambda: len(accepted) >= 100, 30, "100 accepted records")
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-        sender_stop.set()
-        thread.join(10)
-        before_restart = list(accepted)
+    threads: list[threading.Thread] = []
+    before_restart: list[int] = []
 
-        process = start_process(pipeline, tmp_path)
-        wait_until(lambda: listening(port), 30, "the restarted webhook")
+    def send_from(first: int, count: int, what: str) -> None:
+        wait_until(lambda: listening(port), 30, "the webhook to listen")
         sender_stop.clear()
-        thread = threading.Thread(target=sender, args=(1_000_000,), daemon=True)
-        thread.start()
-        wait_until(lambda: len(accepted) >= len(before_restart) + 50, 30, "50 more records")
+        threads[:] = [threading.Thread(target=sender, args=(first,), daemon=True)]
+        threads[0].start()
+        wait_until(lambda: len(accepted) >= len(before_restart) + count, 30, what)
+
+    def stop_sending() -> None:
         sender_stop.set()
-        thread.join(10)
+        threads[0].join(10)
+
+    def stop_sending_and_note() -> None:
+        stop_sending()
+        before_restart[:] = accepted
+
+    try:
+        kill_and_restart(pipeline, tmp_path, before_kill=lambda: send_from(0, 100, "100 accepted records"),
+                         while_down=stop_sending_and_note,
+                         after_restart=lambda: send_from(1_000_000, 50, "50 more records"),
+                         stop_signal=signal.SIGKILL)
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
+        if threads:
+            stop_sending()
     in_topic = {json.loads(v)["n"] for v in read_topic(bootstrap, topic).values}
     assert set(accepted) <= in_topic, f"answered 202 but missing: {sorted(set(accepted) - in_topic)[:10]}"
     assert any(n >= 1_000_000 for n in in_topic)

@@ -3,7 +3,6 @@ after SIGKILL, and names an unreachable cluster."""
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from streamflow.plugins import ComponentContext, TransientError
 from streamflow.transport import OutgoingBatch, TopicSpec, create_transport
 from streamflow.transport.broker import free_port
 from tests.helpers import read_topic
-from tests.source_runs import TopicWatcher, running, source_pipeline, start_process, unique
+from tests.source_runs import TopicWatcher, kill_and_restart, running, source_pipeline, unique
 
 
 def external_topic(bootstrap: str, partitions: int) -> str:
@@ -74,19 +73,17 @@ def test_sigkill_mid_copy_then_restart_copies_every_record_once(
     pipeline["runtime"] = {"batch": {"max_records": 40}}
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
-    process = start_process(pipeline, tmp_path)
-    watcher = TopicWatcher(bootstrap, topic)
-    try:
-        watcher.wait_for(500, timeout_s=40)
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
+
+    def stop_writing() -> None:
         stop.set()
         thread.join(10)
-        process = start_process(pipeline, tmp_path)
-        watcher.wait_for(produced[0], timeout_s=40)
+
+    watcher = TopicWatcher(bootstrap, topic)
+    try:
+        kill_and_restart(pipeline, tmp_path, before_kill=lambda: watcher.wait_for(500, timeout_s=40),
+                         while_down=stop_writing,
+                         after_restart=lambda: watcher.wait_for(produced[0], timeout_s=40))
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
         watcher.close()
     values = read_topic(bootstrap, topic).values
     assert len(values) == produced[0] == len(set(values)), "a record was lost or copied twice"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from connectors.sources.mqtt import MqttConfig, MqttSource
 from streamflow.plugins import ComponentContext, TransientError
 from streamflow.transport.broker import free_port
 from tests.helpers import read_topic
-from tests.source_runs import TopicWatcher, running, source_pipeline, start_process, unique
+from tests.source_runs import TopicWatcher, kill_and_restart, running, source_pipeline, unique
 
 Address = tuple[str, int]
 
@@ -94,21 +93,22 @@ def test_sigkill_then_restart_loses_no_qos1_message(
         pipeline = source_pipeline(bootstrap, "mqtt", topic, topics=[f"{prefix}/#"],
                                    host=mqtt_address[0], port=mqtt_address[1],
                                    client_id=client_id, session_expiry_s=120)
-        process = start_process(pipeline, tmp_path)
-        watcher = TopicWatcher(bootstrap, topic)
-        try:
+
+        def publish_some_then_wait() -> None:
             for number in range(200):
                 publish(client, f"{prefix}/n", json.dumps({"n": number}).encode())
             watcher.wait_for(50, timeout_s=40)
-            process.send_signal(signal.SIGKILL)
-            process.wait(10)
-            for number in range(200, 300):  # while the pipeline is down
+
+        def publish_while_down() -> None:
+            for number in range(200, 300):
                 publish(client, f"{prefix}/n", json.dumps({"n": number}).encode())
-            process = start_process(pipeline, tmp_path)
-            watcher.wait_for(300, timeout_s=40)
+
+        watcher = TopicWatcher(bootstrap, topic)
+        try:
+            kill_and_restart(pipeline, tmp_path, before_kill=publish_some_then_wait,
+                             while_down=publish_while_down,
+                             after_restart=lambda: watcher.wait_for(300, timeout_s=40))
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
             watcher.close()
         received = [json.loads(v)["n"] for v in read_topic(bootstrap, topic).values]
     assert set(received) == set(range(300)), "a QoS 1 message was lost"

@@ -4,7 +4,6 @@ boundaries, exact resume after SIGKILL, and a clear error for an unreachable ser
 from __future__ import annotations
 
 import json
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from connectors.sources.postgres import PostgresConfig, PostgresSource, quote_id
 from streamflow.plugins import ComponentContext, TransientError
 from streamflow.transport.broker import free_port
 from tests.helpers import read_topic
-from tests.source_runs import TopicWatcher, running, source_pipeline, start_process, unique
+from tests.source_runs import TopicWatcher, kill_and_restart, running, source_pipeline, unique
 
 
 @pytest.fixture
@@ -102,19 +101,17 @@ def test_sigkill_mid_stream_then_restart_copies_every_row_once(
     pipeline["runtime"] = {"batch": {"max_records": 25}}
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
-    process = start_process(pipeline, tmp_path)
-    watcher = TopicWatcher(bootstrap, topic, partitions=2)
-    try:
-        watcher.wait_for(300, timeout_s=40)
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
+
+    def stop_writing() -> None:
         stop.set()
         thread.join(10)
-        process = start_process(pipeline, tmp_path)
-        watcher.wait_for(inserted[0], timeout_s=40)
+
+    watcher = TopicWatcher(bootstrap, topic, partitions=2)
+    try:
+        kill_and_restart(pipeline, tmp_path, before_kill=lambda: watcher.wait_for(300, timeout_s=40),
+                         while_down=stop_writing,
+                         after_restart=lambda: watcher.wait_for(inserted[0], timeout_s=40))
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
         watcher.close()
     notes = [json.loads(v)["note"] for v in read_topic(bootstrap, topic).values]
     assert len(notes) == inserted[0] == len(set(notes)), "a row was lost or copied twice"

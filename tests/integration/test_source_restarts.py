@@ -4,13 +4,12 @@ broker: every record arrives exactly once (positions are written with their batc
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 from typing import Any
 
 from connectors.sources.generator import GeneratorConfig, sensor_event
 from tests.helpers import read_topic
-from tests.source_runs import TopicWatcher, source_pipeline, start_process, unique
+from tests.source_runs import TopicWatcher, kill_and_restart, source_pipeline, unique
 
 
 def kill_mid_stream_then_finish(bootstrap: str, tmp_path: Path, source_type: str, total: int,
@@ -20,17 +19,15 @@ def kill_mid_stream_then_finish(bootstrap: str, tmp_path: Path, source_type: str
     pipeline = source_pipeline(bootstrap, source_type, topic, partitions=2, **settings)
     pipeline["runtime"] = {"batch": {"max_records": 50}}
     watcher = TopicWatcher(bootstrap, topic, partitions=2)
-    process = start_process(pipeline, tmp_path)
-    try:
-        watcher.wait_for(total // 5, timeout_s=60)
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
+
+    def not_finished() -> None:
         assert len(watcher.read()) < total, "the source finished before it was killed"
-        process = start_process(pipeline, tmp_path)
-        watcher.wait_for(total, timeout_s=60)
+
+    try:
+        kill_and_restart(pipeline, tmp_path, before_kill=lambda: watcher.wait_for(total // 5, timeout_s=60),
+                         while_down=not_finished,
+                         after_restart=lambda: watcher.wait_for(total, timeout_s=60))
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
         watcher.close()
     return read_topic(bootstrap, topic).values
 
