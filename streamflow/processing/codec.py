@@ -257,8 +257,13 @@ def _decode_slowly(
     # Raw line breaks can only be insignificant whitespace in valid JSON.
     cleaned = {index: values[index].replace(b"\n", b" ").replace(b"\r", b" ")  # type: ignore[union-attr]
                for index in documents}
-    merged: list[pa.Table] = []  # the table so far, once there is one
+    # The tables read so far, whose schemas unify; merged once at the end, since merging each
+    # into the one before copies it again every time (quadratic in a batch of many conflicts).
+    # Should that merge refuse a cast the schemas allowed, the pieces are merged one by one.
+    pieces: list[pa.Table] = []
+    unified: list[pa.Schema] = []
     unfit: Failures = []
+    one_by_one = False
 
     def split(indices: list[int], error: DecodeError) -> None:
         if len(indices) == 1:
@@ -274,16 +279,28 @@ def _decode_slowly(
         except (pa.ArrowInvalid, DecodeError) as exc:
             split(indices, DecodeError(str(exc)))
             return
-        if merged:
+        if pieces:
             try:
-                table = pa.concat_tables([merged[0], table], promote_options="permissive")
+                if one_by_one:
+                    table = pa.concat_tables([pieces[0], table], promote_options="permissive")
+                else:
+                    unified[:] = [pa.unify_schemas([unified[0], table.schema], promote_options="permissive")]
             except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
                 split(indices, DecodeError(f"field types conflict: {exc}"))
                 return
-        merged[:] = [table]
+        elif not one_by_one:
+            unified[:] = [table.schema]
+        pieces[:] = [table] if one_by_one else [*pieces, table]
 
+    merged: list[pa.Table] = []
     if documents:
         place(list(documents))
+        try:
+            merged = [pa.concat_tables(pieces, promote_options="permissive")] if pieces else []
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            one_by_one, pieces, unified, unfit = True, [], [], []
+            place(list(documents))
+            merged = pieces
     if lenient and unfit:
         names = schema.names if schema is not None else list(
             dict.fromkeys(name for document in documents.values() for name in document))

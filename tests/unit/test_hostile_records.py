@@ -271,3 +271,15 @@ def test_one_odd_type_first_in_a_batch_fails_alone() -> None:
     table, failures = decode_json(values)
     assert table[ROW_ID].to_pylist() == [1, 2, 3]
     assert [row for row, _error in failures] == [0]
+
+
+def test_a_cast_the_schemas_allow_but_a_value_refuses_fails_its_record_alone() -> None:
+    """The slow path merges its pieces once at the end; when that merge refuses a value (an
+    integer beyond 2**53 joining doubles), it merges piece by piece, as before, so that only
+    that record fails."""
+    values = [b'{"a":1.5}', b"[1]", b'{"a":9007199254740993}', b'{"a":"x"}', b'{"a":2}']
+    table, failures = decode_json(values)
+    assert table[ROW_ID].to_pylist() == [0, 4] and table["a"].to_pylist() == [1.5, 2.0]
+    assert [(row, str(error)[:40]) for row, error in failures] == [
+        (1, "expected a JSON object, got list"), (2, "field types conflict: Integer value 9007"),
+        (3, "field types conflict: Unable to merge: F")]
