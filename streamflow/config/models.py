@@ -315,8 +315,9 @@ class RuntimeConfig(Strict):
     shutdown_timeout_s: float = Field(30.0, gt=0)
     guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once",
-        description="exactly_once: each processor stage commits a batch's output, dead letters "
-        "and input offsets in one Kafka transaction (processor stages without a window only)",
+        description="exactly_once: each processor, window and model stage commits a batch's "
+        "output, dead letters and input offsets in one Kafka transaction (not Faust stages, nor "
+        "model stages with a labels topic)",
     )
 
 
@@ -346,14 +347,14 @@ class PipelineConfig(Strict):
     def _exactly_once_fits(self) -> PipelineConfig:
         if self.runtime.guarantee != "exactly_once":
             return self
-        unsupported = [f"{stage.name} (a window)" for stage in self.processors if stage.window]
-        unsupported += [f"{stage.name} (type: faust)" for stage in self.processors
-                        if stage.type == "faust"]
-        unsupported += [f"{stage.name} (a model stage)" for stage in self.models]
+        unsupported = [f"{stage.name} (type: faust)" for stage in self.processors
+                       if stage.type == "faust"]
+        unsupported += [f"{stage.name} (a model stage with a labels topic)"
+                        for stage in self.models if stage.labels]
         if unsupported:
             raise ValueError(
-                "runtime.guarantee: exactly_once covers processor stages without a window so far, "
-                f"not {', '.join(unsupported)}; use at_least_once, or run those stages in a "
+                "runtime.guarantee: exactly_once does not cover "
+                f"{', '.join(unsupported)}; use at_least_once, or run those stages in a "
                 "pipeline of their own")
         return self
 

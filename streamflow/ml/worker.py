@@ -202,10 +202,14 @@ class EngineHost:
     def start(self, cluster_id: str | None) -> None:
         self.engine.cluster_id = cluster_id
 
-    def assign(self, partitions: list[int]) -> None:
+    def assign(self, partitions: list[int]) -> dict[int, int]:
+        """Restore ``partitions``; the next features offset each restored state covers."""
+        topic = self.engine.settings.features_topic
         for partition in partitions:
             if partition not in self.engine.states:
                 self.engine.assign(partition)
+        return {partition: self.engine.states[partition].next_offsets.get(topic, 0)
+                for partition in partitions}
 
     def revoke(self, partitions: list[int]) -> None:
         for partition in partitions:

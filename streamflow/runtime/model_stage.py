@@ -1,16 +1,24 @@
 """The model stage runner: Kafka in, predictions out, with checkpointed exactly-once learning.
 
-Unlike a processor stage, a model stage commits input offsets only at checkpoints, right after
-the model states covering them were saved. After a crash it resumes from the checkpoint and
-skips what the restored state already covered, so no record is learned twice or skipped. Output
-records produced after the last checkpoint may be produced again (at-least-once output).
-
 The engine runs in a worker process (:mod:`streamflow.ml.worker`). This thread decodes each
 batch, hands it over, and produces the output of the batch before it while the worker learns:
 one batch is always queued ahead of the worker. A checkpoint request queues behind the batches
-before it, and its files are put in place, then the offsets it covers committed, when its reply
-comes: replies are handled in order, so by then the output of those batches is out. (A
-checkpoint in place before that output would have a restarted stage skip those records.)
+before it, and its files are put in place when its reply comes: replies are handled in order, so
+by then the output of those batches is out. (A checkpoint in place before that output would have
+a restarted stage skip those records.) A restored partition state skips the records below the
+offsets it covers, so no record is learned twice.
+
+- Under at_least_once, input offsets are committed only at checkpoints, right after the model
+  states covering them were put in place. After a crash the stage resumes from the checkpoint;
+  output records produced after it may be produced again.
+- Under exactly_once, each batch's output, dead letters and input offsets are one Kafka
+  transaction, so the committed offsets run ahead of the checkpoint, never behind it. A
+  partition whose restored state is behind the committed offset is brought up to it by replaying
+  the input records in between through the model, learning them with their output discarded
+  (it was committed when they were first handled): each record is learned once and published
+  once. A crash between putting checkpoint files in place and committing cannot skip records,
+  since files never cover offsets beyond the committed ones. A labels topic is not supported
+  under exactly_once: the order of features and labels could not be replayed as it was.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from streamflow.plugins import ROW_ID
 from streamflow.processing.codec import decode_json, encode_json, user_fields
 from streamflow.runtime.dead_letters import Failure, OutputBatch
 from streamflow.runtime.stages import StageIdentity, StageRunner
-from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicPartition, Transport
+from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicPartition, Transport, read_until
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,7 @@ class InFlight:
     failures: list[Failure] = field(default_factory=list)
     table: pa.Table | None = None  # the decoded features records
     rows_in_batch: np.ndarray | None = None  # table row → consumed-batch row
+    replay: bool = False  # learned again to restore state: its output is discarded
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,10 @@ class ModelStage(StageRunner):
         config: ModelConfig,
         spec: EngineSpec,
         drift_topic: str | None,
+        exactly_once: bool = False,
     ) -> None:
         super().__init__(identity, transport, batch, metrics)
+        self.transactional = exactly_once
         self.config = config
         self.spec = spec
         self.model_metrics = model_metrics
@@ -100,6 +111,7 @@ class ModelStage(StageRunner):
         self._drift_events: list[DriftEvent] = []
         self._assigned: list[TopicPartition] = []
         self._restored: set[int] = set()  # partitions whose state the worker holds
+        self._restored_at: dict[int, int] = {}  # exactly_once: restored, not caught up yet
         self._in_flight: deque[InFlight | CheckpointInFlight] = deque()
         self._checkpoint_due = False
 
@@ -126,12 +138,45 @@ class ModelStage(StageRunner):
         self._assigned = []
         if partitions:
             self._finish_all()
-            self.worker.call("assign", partitions)
+            restored = self.worker.call("assign", partitions)
             self._restored.update(partitions)
+            if self.transactional:
+                self._restored_at.update(restored)
+
+    def _catch_up(self, batch: ConsumedBatch) -> None:
+        """Under exactly_once, before the first batch of a restored partition: learn the input
+        records between its state's offset and its first record in ``batch`` (where the
+        consumer resumed: the group's committed offset, past transaction markers), read from
+        the input topic, discarding their output."""
+        assert self.worker is not None
+        topic = self.identity.input_topic
+        start: dict[TopicPartition, int] = {}
+        end: dict[TopicPartition, int] = {}
+        for batch_topic, partition, offset in zip(batch.topics, batch.partitions, batch.offsets,
+                                                  strict=True):
+            if batch_topic == topic and partition in self._restored_at:
+                restored_at = self._restored_at.pop(partition)
+                if restored_at < offset:
+                    start[(topic, partition)], end[(topic, partition)] = restored_at, offset
+        if not start:
+            return
+        replayed = 0
+        for replayed_batch in read_until(self.transport, start, end):
+            request, in_flight = self._prepare(replayed_batch)
+            in_flight.replay = True
+            self.worker.submit("handle", request)
+            self._in_flight.append(in_flight)
+            while len(self._in_flight) > 1:  # one queued ahead, as in handle
+                self._finish()
+            replayed += len(replayed_batch)
+        log.info("stage %s learned %d records again to bring partitions %s from their checkpoint "
+                 "up to where it resumed them", self.name, replayed, sorted(p for _t, p in start))
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         super().on_revoke(partitions)
         self._assigned = [tp for tp in self._assigned if tp not in partitions]
+        for _topic, partition in partitions:
+            self._restored_at.pop(partition, None)
         if self.worker is None or self.error is not None:
             return  # after a failure the state may be ahead of the output: replay
         self.checkpoint()
@@ -156,6 +201,8 @@ class ModelStage(StageRunner):
     def handle(self, batch: ConsumedBatch) -> None:
         assert self.worker is not None
         self._restore_assigned()
+        if self._restored_at:
+            self._catch_up(batch)
         request, in_flight = self._prepare(batch)
         now = time.monotonic()
         if now - self._metric_values_at >= METRIC_VALUES_INTERVAL_S:
@@ -242,10 +289,13 @@ class ModelStage(StageRunner):
             publish(checkpointed.staged)  # the output of every batch before the checkpoint is out
             self._last_saved = time.monotonic()
             self._set_metric_gauges(checkpointed.metric_values)
-            if checkpointed.committable:
+            if checkpointed.committable and not self.transactional:
                 # A periodic commit need not wait: if it is lost, the restored state skips
                 # the records it covers.
                 self.commit(checkpointed.committable, asynchronous=not in_flight.synchronous)
+            return
+        if in_flight.replay:
+            self._drift_events = []  # published when the records were first handled
             return
         batch, failures = in_flight.batch, in_flight.failures
         outgoing: list[OutgoingBatch] = []
@@ -264,7 +314,8 @@ class ModelStage(StageRunner):
         if self._drift_events and self.drift_topic:
             outgoing.append(self._drift_batch())
         self._drift_events = []
-        produced -= self.publish(outgoing, failures, batch)
+        offsets = batch.next_offsets() if self.transactional else None
+        produced -= self.deliver(outgoing, failures, batch, offsets)
         self.count_dead_letters(failures)
         self.metrics.count(len(batch), produced, len(failures))
         if reply.metric_values is not None:

@@ -239,6 +239,7 @@ class PipelineRunner:
         self, stage: ProcessorConfig | ModelConfig, transport: Transport
     ) -> TopicStage | ModelStage:
         batch = stage.batch or self.config.runtime.batch
+        exactly_once = self.config.runtime.guarantee == "exactly_once"
         if isinstance(stage, ProcessorConfig):
             metrics = self.metrics.stage(stage.name, tuple(step.kind for step in stage.steps))
             steps = build_steps(stage, self.config.pipeline)
@@ -247,13 +248,16 @@ class PipelineRunner:
                     self._identity(stage), transport, batch, metrics, stage.output, steps,
                     stage.window, self.metrics.window(stage.name),
                     self.config.late_topic(stage.window), self.config.changelog_topic(stage),
+                    exactly_once,
                 )
             return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps,
-                              exactly_once=self.config.runtime.guarantee == "exactly_once")
-        return self._model_stage(stage, transport, batch, self.metrics.stage(stage.name, ("model",)))
+                              exactly_once)
+        return self._model_stage(stage, transport, batch, self.metrics.stage(stage.name, ("model",)),
+                                 exactly_once)
 
     def _model_stage(
-        self, stage: ModelConfig, transport: Transport, batch: BatchConfig, metrics: StageMetrics
+        self, stage: ModelConfig, transport: Transport, batch: BatchConfig, metrics: StageMetrics,
+        exactly_once: bool,
     ) -> ModelStage:
         estimator = build_estimator(stage.estimator)
         task = stage.task or infer_task(estimator)
@@ -280,7 +284,7 @@ class PipelineRunner:
         )
         return ModelStage(
             self._identity(stage), transport, batch, metrics, model_metrics, stage, spec,
-            self.config.drift_topic(stage) if stage.drift else None,
+            self.config.drift_topic(stage) if stage.drift else None, exactly_once,
         )
 
     def _sink_stage(self, sink_config: SinkConfig, transport: Transport) -> SinkStage:

@@ -96,7 +96,8 @@ class StageRunner(RebalanceListener, ABC):
         self.lag_error: str | None = None  # why the last lag measurement failed
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
-        self.transactional = False  # exactly_once: one transaction per batch (TopicStage)
+        self.transactional = False  # exactly_once: one transaction per batch (see deliver)
+        self._last_offsets: dict[TopicPartition, int] = {}  # committed asynchronously by deliver
         self.assigned = False  # joined the group at least once (possibly with no partitions)
 
     @property
@@ -186,6 +187,37 @@ class StageRunner(RebalanceListener, ABC):
             return
         if not asynchronous:
             self.metrics.checkpoint_time.set(time.time())
+
+    def deliver(self, outgoing: Sequence[OutgoingBatch], failures: list[Failure],
+                batch: ConsumedBatch, offsets: dict[TopicPartition, int] | None) -> int:
+        """Produce ``outgoing`` and the dead letters of ``failures`` (records of ``batch``), then
+        the input ``offsets``; returns how many output records went to the dead letters instead
+        (see :meth:`publish`).
+
+        Under exactly_once the records and the offsets (when given) are one Kafka transaction,
+        aborted if anything fails. Otherwise the offsets are committed asynchronously once the
+        broker acknowledged the records, and confirmed on revoke and drain. Stages that commit at
+        checkpoints of their own state pass no offsets under at_least_once.
+        """
+        if not self.transactional:
+            oversize = self.publish(outgoing, failures, batch)
+            if offsets:
+                self.commit(offsets, asynchronous=True)
+                self._last_offsets.update(offsets)
+            return oversize
+        assert self.producer is not None and self.consumer is not None
+        self.producer.begin_transaction()
+        try:
+            oversize = self.publish(outgoing, failures, batch)
+            if offsets:
+                self.producer.send_offsets_to_transaction(offsets, self.consumer)
+            self.producer.commit_transaction()
+        except BaseException:
+            self._abort()
+            raise
+        if offsets:
+            self.metrics.checkpoint_time.set(time.time())
+        return oversize
 
     def produce_dead_letters(self, failures: list[Failure], batch: ConsumedBatch) -> None:
         """Publish failed records to the dead-letter topic and count them."""
@@ -314,14 +346,27 @@ class StageRunner(RebalanceListener, ABC):
         """Called after every poll, with or without records."""
 
     def drain(self) -> None:
-        """Called once on a graceful stop, before the clients close."""
+        """Called once on a graceful stop, before the clients close: confirms the last
+        asynchronous commits of :meth:`deliver` synchronously."""
+        self.commit(self._last_offsets, asynchronous=False)
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
         log.info("stage %s assigned %s", self.name, partitions)
         self.assigned = True
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Confirm the revoked partitions' asynchronous commits now: the next owner starts from
+        them, and a later drain must not commit them over the next owner's."""
         log.info("stage %s revoked %s", self.name, partitions)
+        revoked = {partition: self._last_offsets.pop(partition)
+                   for partition in partitions if partition in self._last_offsets}
+        if not revoked:
+            return
+        try:
+            self.commit(revoked, asynchronous=False)
+        except TransportError as exc:  # e.g. the group coordinator is down: the partitions go anyway
+            log.warning("stage %s: commit on revoke failed (%s); their next owner replays from the "
+                        "last commit", self.name, exc)
 
 
 class StepFailedError(RuntimeError):
@@ -386,25 +431,6 @@ class TopicStage(StageRunner):
         self.output_topic = output_topic
         self.steps = list(steps)
         self.transactional = exactly_once
-        self._last_offsets: dict[TopicPartition, int] = {}  # at-least-once: committed async
-
-    def drain(self) -> None:
-        """Confirm the last asynchronous commits synchronously before leaving the group."""
-        self.commit(self._last_offsets, asynchronous=False)
-
-    def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        """Confirm the revoked partitions' commits now: the next owner starts from them, and
-        a later drain must not commit them over the next owner's."""
-        super().on_revoke(partitions)
-        revoked = {partition: self._last_offsets.pop(partition)
-                   for partition in partitions if partition in self._last_offsets}
-        if not revoked:
-            return
-        try:
-            self.commit(revoked, asynchronous=False)
-        except TransportError as exc:  # e.g. the group coordinator is down: the partitions go anyway
-            log.warning("stage %s: commit on revoke failed (%s); their next owner replays from the "
-                        "last commit", self.name, exc)
 
     def transform(self, batch: ConsumedBatch) -> tuple[pa.Table, list[Failure]]:
         """Decode ``batch`` and run the steps: the surviving rows (with ``_sf_row``) and the
@@ -413,23 +439,9 @@ class TopicStage(StageRunner):
         return run_steps(self.steps, table, failures), failures
 
     def handle(self, batch: ConsumedBatch) -> None:
-        assert self.producer is not None and self.consumer is not None
         table, failures = self.transform(batch)
         outgoing = output_batches(table, self.output_topic, batch.keys, batch.timestamps_ms)
-        offsets = batch.next_offsets()
-        if self.transactional:
-            self.producer.begin_transaction()
-            try:
-                oversize = self.publish(outgoing, failures, batch)
-                self.producer.send_offsets_to_transaction(offsets, self.consumer)
-                self.producer.commit_transaction()
-            except BaseException:
-                self._abort()
-                raise
-        else:
-            oversize = self.publish(outgoing, failures, batch)
-            self.commit(offsets, asynchronous=True)
-            self._last_offsets.update(offsets)
+        oversize = self.deliver(outgoing, failures, batch, batch.next_offsets())
         self.count_dead_letters(failures)
         self.metrics.count(len(batch), table.num_rows - oversize, len(failures))
 

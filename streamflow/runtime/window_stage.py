@@ -1,14 +1,21 @@
 """The windowed processor stage: a topic stage whose steps' output is aggregated in event-time
 windows, with the window state checkpointed to a compacted changelog topic.
 
-State is kept per input partition. After a batch's output, late records and dead letters were
-acknowledged, the stage may snapshot the state of every partition that changed, including the
-next input offset each covers, to ``<pipeline>.<stage>.changelog`` (keyed by partition); only
-then does it commit those offsets. Offsets are committed at snapshots only, so a commit never
-runs ahead of a snapshot. When a partition is assigned, a snapshot covering at least the
-group's committed offset is restored and input records below the snapshot's offset are skipped:
-no record is counted twice or lost. Aggregate records emitted after the restored snapshot are
-emitted again, with the same values, when the stage replays (at-least-once output).
+State is kept per input partition. Every ``checkpoint.every_records`` records or
+``every_seconds``, the stage snapshots the state of every partition that changed, with the next
+input offset it covers, to ``<pipeline>.<stage>.changelog`` (keyed by partition).
+
+- Under at_least_once, offsets are committed at snapshots only, after the snapshot was
+  acknowledged, so a commit never runs ahead of a snapshot. Aggregate records emitted after the
+  restored snapshot are emitted again, with the same values, when the stage replays.
+- Under exactly_once, every batch's output, late records, dead letters and input offsets are one
+  transaction, and a due snapshot joins the transaction of its batch; a snapshot is then never
+  ahead of the committed offsets, and is usually behind them.
+
+When a partition is assigned, the newest state known for it is restored. Input records below
+its offset are skipped; records between its offset and the group's committed one are replayed
+into it from the input topic with their output discarded, since it was delivered when they were
+first handled. No record is counted twice or lost.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,13 +47,32 @@ from streamflow.processing.windows import (
     window_record,
 )
 from streamflow.runtime.dead_letters import Failure, dead_letter_batch
-from streamflow.runtime.stages import StageIdentity, StepRunner, TopicStage
-from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicPartition, Transport, read_until
+from streamflow.runtime.stages import StageIdentity, StepRunner, TopicStage, output_batches
+from streamflow.transport import (
+    ConsumedBatch,
+    OutgoingBatch,
+    TopicPartition,
+    Transport,
+    TransportError,
+    read_until,
+)
 
 log = logging.getLogger(__name__)
 
 WINDOW_STEP = "window"
 READ_CHANGELOG_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Handled:
+    """What handling a batch gave: the records to deliver, the failures and the counts."""
+
+    outgoing: list[OutgoingBatch]
+    failures: list[Failure]
+    aggregated: int
+    diverted: int
+    late: int
+    emitted: int
 
 
 def _key_value(value: Any) -> Any:
@@ -69,8 +96,9 @@ class WindowStage(TopicStage):
         window_metrics: WindowMetrics,
         late_topic: str,
         changelog_topic: str,
+        exactly_once: bool = False,
     ) -> None:
-        super().__init__(identity, transport, batch, metrics, output_topic, steps)
+        super().__init__(identity, transport, batch, metrics, output_topic, steps, exactly_once)
         self.window = window
         self.window_metrics = window_metrics
         self.late_topic = late_topic
@@ -78,6 +106,7 @@ class WindowStage(TopicStage):
         self.states: dict[int, PartitionWindows] = {}
         self._known: dict[int, PartitionWindows] = {}  # states of partitions not assigned now
         self._assigned: list[int] = []
+        self._unconfirmed: set[int] = set()  # restored, before their first record
         self._dirty: set[int] = set()
         self._records_since_snapshot = 0
         self._last_snapshot = time.monotonic()
@@ -94,8 +123,11 @@ class WindowStage(TopicStage):
         super().on_revoke(partitions)
         revoked = {partition for _topic, partition in partitions}
         self._assigned = [p for p in self._assigned if p not in revoked]
-        if self.error is None:  # after a failure the state may be ahead of the output: replay
-            # kafka-python runs this callback on its IO thread, where a commit cannot block.
+        self._unconfirmed -= revoked
+        if self.error is None and not self.transactional:
+            # After a failure the state may be ahead of the output: it replays. Under
+            # exactly_once every batch committed its offsets already. kafka-python runs this
+            # callback on its IO thread, where a commit cannot block.
             self.snapshot(asynchronous=True)
         for partition in revoked & set(self.states):
             self._known[partition] = self.states.pop(partition)
@@ -105,32 +137,48 @@ class WindowStage(TopicStage):
         # Read while the group join goes on (in the client's background thread, for librdkafka).
         self._known = self._read_snapshots()
 
-    def _restore(self, partitions: set[int]) -> None:
-        """Load the state of newly assigned partitions.
+    def _restore(self, resumed_at: dict[int, int]) -> None:
+        """Load the state of partitions the consumer resumes at ``resumed_at``: the group's
+        committed offsets, then the offset of each one's first record consumed since (past
+        transaction markers).
 
         A known state (read from the changelog at start, or kept from before a rebalance) is
-        used when it covers at least the group's committed offset: records from there on up to
-        its offset are skipped, so it is consistent even if a newer snapshot exists. Otherwise
-        the changelog is read again.
+        used when it covers at least that offset: records from there on up to its offset are
+        skipped. Otherwise the changelog is read again. A state still behind the offset (under
+        exactly_once, whenever batches were committed after the last snapshot) is brought up
+        to it by replaying the input records in between, with their output discarded: it was
+        delivered when they were first handled.
+
+        The first record tells where the consumer resumed, which the group's committed offset
+        does not always: a fetch of it answers nothing while a transaction that sent offsets is
+        being completed, and longer after its producer crashed (until the transaction times out).
         """
-        assert self.consumer is not None
-        topic = self.identity.input_topic
-        committed = self.consumer.committed([(topic, p) for p in sorted(partitions)])
-        behind = []
-        for partition in sorted(partitions):
-            state = self._known.pop(partition, None) or PartitionWindows(self.window, partition)
-            if state.next_offset >= (committed.get((topic, partition)) or 0):
-                self._adopt(state)
-            else:
-                behind.append(partition)
-        if behind:
+        states = {p: self._known.pop(p, None) or PartitionWindows(self.window, p)
+                  for p in sorted(resumed_at)}
+        if any(state.next_offset < resumed_at[p] for p, state in states.items()):
             self._known.update(self._read_snapshots())
-            for partition in behind:
-                state = self._known.pop(partition, None) or PartitionWindows(self.window, partition)
-                if state.next_offset < (committed.get((topic, partition)) or 0):
-                    log.warning("stage %s: no snapshot of partition %d covers its committed "
-                                "offset; its windows start afresh there", self.name, partition)
-                self._adopt(state)
+            for partition, state in states.items():
+                newer = self._known.pop(partition, state)
+                if state.next_offset < resumed_at[partition]:
+                    states[partition] = max(state, newer, key=lambda s: s.next_offset)
+        behind = {p: state for p, state in states.items() if state.next_offset < resumed_at[p]}
+        for state in states.values():
+            self._adopt(state)
+        if behind:
+            self._replay(behind, resumed_at)
+
+    def _replay(self, states: dict[int, PartitionWindows], resumed_at: dict[int, int]) -> None:
+        """Aggregate the input records from each state's offset up to where the consumer
+        resumed, discarding what they emit."""
+        topic = self.identity.input_topic
+        replayed = 0
+        for batch in read_until(self.transport,
+                                {(topic, p): state.next_offset for p, state in states.items()},
+                                {(topic, p): resumed_at[p] for p in states}):
+            self._process(batch)
+            replayed += len(batch)
+        log.info("stage %s replayed %d records of partitions %s up to where it resumed them",
+                 self.name, replayed, sorted(states))
 
     def _adopt(self, state: PartitionWindows) -> None:
         self.states[state.partition] = state
@@ -155,14 +203,39 @@ class WindowStage(TopicStage):
         return states
 
     def _restore_assigned(self) -> None:
-        pending, self._assigned = set(self._assigned), []
-        if pending:
-            self._restore(pending)
+        """Restore newly assigned partitions at the group's committed offsets, as far as they
+        are known now: the first record of each then confirms where the consumer resumed."""
+        if not self._assigned:
+            return
+        assert self.consumer is not None
+        partitions, self._assigned = sorted(set(self._assigned)), []
+        topic = self.identity.input_topic
+        try:
+            committed = self.consumer.committed([(topic, p) for p in partitions])
+        except TransportError as exc:  # e.g. offsets of a crashed member's open transaction
+            log.info("stage %s: committed offsets not known yet (%s); partitions %s are restored "
+                     "as of their first record", self.name, exc, partitions)
+            committed = {}
+        self._restore({p: committed.get((topic, p)) or 0 for p in partitions})
+        self._unconfirmed.update(partitions)
 
     def _prepare(self, batch: ConsumedBatch) -> ConsumedBatch:
-        """Restore what was assigned; return ``batch`` without the records the states already
+        """Restore what was assigned; bring each restored state up to where its first record
+        shows the consumer resumed; return ``batch`` without the records the states already
         hold, nor any of a partition revoked meanwhile (its new owner handles them)."""
         self._restore_assigned()
+        if self._unconfirmed:
+            first: dict[int, int] = {}
+            for partition, offset in zip(batch.partitions, batch.offsets, strict=True):
+                first.setdefault(partition, offset)  # offsets grow within a partition
+            confirmed = {p: first[p] for p in self._unconfirmed if p in first}
+            self._unconfirmed.difference_update(confirmed)
+            behind = {p: offset for p, offset in confirmed.items()
+                      if p in self.states and self.states[p].next_offset < offset}
+            for partition in behind:
+                self._known[partition] = self.states.pop(partition)
+            if behind:
+                self._restore(behind)
         states = self.states
         fresh = [row for row, (partition, offset) in enumerate(zip(batch.partitions, batch.offsets,
                                                                      strict=True))
@@ -172,17 +245,36 @@ class WindowStage(TopicStage):
     # --- records ---------------------------------------------------------------------------
 
     def handle(self, consumed: ConsumedBatch) -> None:
-        assert self.producer is not None
         batch = self._prepare(consumed)
         if not len(batch):
             return
+        handled = self._process(batch)
+        outgoing = handled.outgoing
+        snapshot_due = self._records_since_snapshot >= self.window.checkpoint.every_records
+        if snapshot_due and self.transactional:
+            outgoing = [*outgoing, *self._changelog()]
+        failures = handled.failures
+        offsets = batch.next_offsets() if self.transactional else None
+        oversize = self.deliver(outgoing, failures, batch, offsets)
+        self.count_dead_letters(failures)
+        self.metrics.count(len(batch), handled.aggregated + handled.diverted - oversize,
+                           len(failures))
+        self.window_metrics.late.inc(handled.late)
+        self.window_metrics.results.inc(handled.emitted)
+        self.window_metrics.open_windows.set(sum(s.window_count() for s in self.states.values()))
+        if snapshot_due and not self.transactional:
+            self.snapshot()
+
+    def _process(self, batch: ConsumedBatch) -> Handled:
+        """Run the steps and the windows on ``batch``: the records to deliver, and the failures
+        (its dead letters). The states then cover ``batch``."""
         table, failures = self.transform(batch)
         table, diverted = self._divert_routed(table, batch)
         aggregated, late = self._aggregate(batch, table, failures)
         window = self.window
         emitted = [window_record(window, w) for p in sorted(set(batch.partitions))
                    for w in self.states[p].emit()]
-        outgoing = [OutgoingBatch(
+        outgoing = [*diverted, OutgoingBatch(
             self.output_topic,
             [json.dumps(record, separators=(",", ":")).encode() for record in emitted],
             [json.dumps([record[k] for k in window.key]).encode() for record in emitted],
@@ -190,29 +282,24 @@ class WindowStage(TopicStage):
         if late:
             outgoing.append(dead_letter_batch(self.late_topic, self.identity.pipeline, self.name,
                                               late, batch))
-        self.producer.produce([*outgoing, *self.dead_letters(failures, batch)])  # one wait for acks
-        self.count_dead_letters(failures)
         for (_topic, partition), next_offset in batch.next_offsets().items():
             self.states[partition].next_offset = next_offset
             self._dirty.add(partition)
-        self.metrics.count(len(batch), aggregated + diverted, len(failures))
-        self.window_metrics.late.inc(len(late))
-        self.window_metrics.results.inc(len(emitted))
-        self.window_metrics.open_windows.set(sum(s.window_count() for s in self.states.values()))
         self._records_since_snapshot += len(batch)
-        if self._records_since_snapshot >= window.checkpoint.every_records:
-            self.snapshot()
+        return Handled(outgoing, failures, aggregated, sum(len(d.values) for d in diverted),
+                       len(late), len(emitted))
 
-    def _divert_routed(self, table: pa.Table, batch: ConsumedBatch) -> tuple[pa.Table, int]:
-        """Produce the rows a ``route`` step sent to another topic than the stage's output, as
-        they are; return the rest (for the windows) and how many were diverted."""
+    def _divert_routed(self, table: pa.Table, batch: ConsumedBatch
+                       ) -> tuple[pa.Table, list[OutgoingBatch]]:
+        """The rows a ``route`` step sent to another topic than the stage's output, as records
+        to produce as they are; and the rest, for the windows."""
         if TOPIC_COLUMN not in table.column_names:
-            return table, 0
+            return table, []
         to_windows = pc.fill_null(pc.equal(table.column(TOPIC_COLUMN), self.output_topic), True)
         diverted = table.filter(pc.invert(to_windows))
-        if diverted.num_rows:
-            self.produce_output(diverted, batch)
-        return table.filter(to_windows).drop_columns([TOPIC_COLUMN]), diverted.num_rows
+        routed = (output_batches(diverted, self.output_topic, batch.keys, batch.timestamps_ms)
+                  if diverted.num_rows else [])
+        return table.filter(to_windows).drop_columns([TOPIC_COLUMN]), routed
 
     def _aggregate(self, batch: ConsumedBatch, table: pa.Table,
                    failures: list[Failure]) -> tuple[int, list[Failure]]:
@@ -262,26 +349,39 @@ class WindowStage(TopicStage):
         if time.monotonic() - self._last_snapshot >= self.window.checkpoint.every_seconds:
             self.snapshot()
 
-    def snapshot(self, asynchronous: bool = False) -> None:
-        """Write the changed partitions' states to the changelog, then commit what they cover.
-
-        A commit that does not happen leaves the group's offsets behind the snapshots, which is
-        safe: the next owner of a partition restores a snapshot and skips the records it covers.
-        """
+    def _changelog(self) -> list[OutgoingBatch]:
+        """The states of the partitions changed since the last snapshot, as changelog records
+        keyed by partition; starts the next snapshot interval."""
         self._last_snapshot = time.monotonic()
         self._records_since_snapshot = 0
         dirty = sorted(self._dirty & set(self.states))
         self._dirty.clear()
         if not dirty:
+            return []
+        topic = self.identity.input_topic
+        return [OutgoingBatch(self.changelog_topic,
+                              [self.states[p].to_bytes(topic) for p in dirty],
+                              [str(p).encode() for p in dirty])]
+
+    def snapshot(self, asynchronous: bool = False) -> None:
+        """Write the changed partitions' states to the changelog, then commit what they cover
+        (under exactly_once, every batch committed its offsets: the snapshot is a transaction
+        of its own).
+
+        A commit that does not happen leaves the group's offsets behind the snapshots, which is
+        safe: the next owner of a partition restores a snapshot and skips the records it covers.
+        """
+        changelog = self._changelog()
+        if not changelog:
+            return
+        if self.transactional:
+            self.deliver(changelog, [], ConsumedBatch(), None)
             return
         assert self.producer is not None
+        self.producer.produce(changelog)
         topic = self.identity.input_topic
-        self.producer.produce([OutgoingBatch(
-            self.changelog_topic,
-            [self.states[p].to_bytes(topic) for p in dirty],
-            [str(p).encode() for p in dirty],
-        )])
-        self.commit({(topic, p): self.states[p].next_offset for p in dirty}, asynchronous)
+        self.commit({(topic, int(key)): self.states[int(key)].next_offset
+                     for key in changelog[0].keys if key is not None}, asynchronous)
 
     def drain(self) -> None:
         self.snapshot()

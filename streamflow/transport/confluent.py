@@ -23,6 +23,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamflow.transport.base import (
+    TRANSACTION_TIMEOUT_MS,
     Admin,
     AuthenticationError,
     ConsumedBatch,
@@ -40,6 +41,7 @@ from streamflow.transport.base import (
 )
 
 _FLUSH_TIMEOUT_S = 60.0
+
 _AUTH_ERRORS = {
     KafkaError._AUTHENTICATION,
     KafkaError.SASL_AUTHENTICATION_FAILED,
@@ -402,6 +404,7 @@ class ConfluentTransport(Transport):
         config.pop("session.timeout.ms", None)
         if transactional_id:
             config["transactional.id"] = transactional_id
+            config.setdefault("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS)
         return ConfluentProducer(config)
 
     def consumer(

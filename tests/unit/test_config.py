@@ -282,7 +282,7 @@ def test_topic_specs_cover_every_topic_with_declared_partitions() -> None:
     assert specs == {"sensors.raw": 4, "sensors.clean": 4, "sensors.scored": 4, "quickstart.dlq": 1}
 
 
-def test_exactly_once_is_refused_for_stages_it_does_not_cover_yet(
+def test_exactly_once_covers_model_stages_but_not_a_labels_topic(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pipeline = yaml.safe_load(QUICKSTART.read_text())
@@ -290,10 +290,9 @@ def test_exactly_once_is_refused_for_stages_it_does_not_cover_yet(
     pipeline["runtime"] = {"guarantee": "exactly_once"}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipeline))
-    assert main(["validate", str(path)]) == 2
-    assert "exactly_once covers processor stages without a window so far, not predict (a model stage)" \
-        in capsys.readouterr().err
-    del pipeline["models"]
-    pipeline["sinks"][0]["input"] = "sensors.clean"
-    path.write_text(yaml.safe_dump(pipeline))
     assert main(["validate", str(path)]) == 0
+    pipeline["models"][0]["labels"] = {"topic": "sensors.labels"}
+    path.write_text(yaml.safe_dump(pipeline))
+    assert main(["validate", str(path)]) == 2
+    assert "exactly_once does not cover predict (a model stage with a labels topic)" \
+        in capsys.readouterr().err
