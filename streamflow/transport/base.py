@@ -13,10 +13,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 Headers = list[tuple[str, bytes]]
-# The default of a transactional producer's transaction.timeout.ms, as Kafka Streams' under
-# exactly_once: a crashed producer's open transaction (stages take a new transactional id at each
-# start) holds back read_committed readers of its partitions until the broker times it out.
-TRANSACTION_TIMEOUT_MS = 10_000
 TopicPartition = tuple[str, int]
 
 

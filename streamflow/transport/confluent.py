@@ -23,7 +23,6 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamflow.transport.base import (
-    TRANSACTION_TIMEOUT_MS,
     Admin,
     AuthenticationError,
     ConsumedBatch,
@@ -404,7 +403,6 @@ class ConfluentTransport(Transport):
         config.pop("session.timeout.ms", None)
         if transactional_id:
             config["transactional.id"] = transactional_id
-            config.setdefault("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS)
         return ConfluentProducer(config)
 
     def consumer(

@@ -17,7 +17,6 @@ from kafka.future import Future as KafkaFuture
 from kafka.structs import OffsetAndMetadata
 
 from streamflow.transport.base import (
-    TRANSACTION_TIMEOUT_MS,
     Admin,
     AuthenticationError,
     ConsumedBatch,
@@ -397,8 +396,7 @@ class KafkaPythonTransport(Transport):
         }
 
     def producer(self, transactional_id: str | None = None) -> Producer:
-        config = self._settings(KafkaProducer, linger_ms=5, enable_idempotence=True, acks="all",
-                                transaction_timeout_ms=TRANSACTION_TIMEOUT_MS)
+        config = self._settings(KafkaProducer, linger_ms=5, enable_idempotence=True, acks="all")
         if transactional_id:
             config["transactional_id"] = transactional_id
         return KafkaPythonProducer(config)

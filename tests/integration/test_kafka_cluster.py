@@ -1,9 +1,8 @@
 """Broker failures on a real three-node Apache Kafka cluster (KRaft, replication factor 3,
 ``min.insync.replicas`` 2): a 200,000-event pipeline keeps running through a SIGKILLed partition
 leader, a SIGSTOPped broker and a restarted stage replica; /readyz and the metrics show the
-outage; every valid event lands in both sinks and every malformed one in the dead letters.
-Records written twice make the test xfail: stages between topics (the model stage included)
-are at-least-once until they have an exactly-once mode (#14).
+outage; with ``runtime.guarantee: exactly_once`` every valid event lands exactly once in both
+sinks and every malformed one exactly once in the dead letters.
 
 generator → clean (2 replicas) → predict → PostgreSQL and Parquet, each stage its own
 ``streamflow run --stage`` process, as containers would run them.
@@ -73,6 +72,7 @@ def pipeline(bootstrap: str, name: str, folder: Path, dsn: str) -> dict[str, Any
                    "path": str(folder / "lake")},
                   {"name": "warehouse", "type": "postgres", "input": f"{name}.scored", "dsn": dsn,
                    "table": name}],
+        "runtime": {"guarantee": "exactly_once"},
     }
 
 
@@ -122,7 +122,12 @@ class Progress:
     """Records written to the scored topic over time, and the longest time it did not grow."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("watch")})
+        # Read committed: its end offsets are the last stable ones, past committed transactions.
+        self.bootstrap = bootstrap
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("watch"),
+                                  "isolation.level": "read_committed"})
+        self.uncommitted = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("watch"),
+                                     "isolation.level": "read_uncommitted"})
         self.topic = topic
         self.count, self.changed_at, self.longest_stall_s = 0, time.monotonic(), 0.0
 
@@ -142,8 +147,31 @@ class Progress:
         deadline = time.monotonic() + timeout_s
         while self.poll() < count:
             assert all(p.poll() is None for p in processes()), "a stage process exited"
-            assert time.monotonic() < deadline, f"only {self.count} of {count} records scored"
+            assert time.monotonic() < deadline, (f"only {self.count} of {count} records scored; "
+                                                 f"{self.diagnosis()}")
             time.sleep(0.5)
+
+    def diagnosis(self) -> str:
+        """Per topic of the pipeline, each partition's high watermark / last stable offset, and
+        each stage group's committed offsets: where a stalled pipeline stands."""
+        name = self.topic.rsplit(".", 1)[0]
+        lines = []
+        for topic, group in (("raw", "clean"), ("clean", "predict"), ("scored", "lake"),
+                             ("scored", "warehouse")):
+            places = [TopicPartition(f"{name}.{topic}", p) for p in range(PARTITIONS)]
+            try:
+                ends = [(self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)[1],
+                         self.uncommitted.get_watermark_offsets(tp, timeout=5, cached=False)[1])
+                        for tp in places]
+                reader = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{name}.{group}",
+                                   "isolation.level": "read_committed"})
+                committed = [tp.offset for tp in reader.committed(places, timeout=10)]
+                reader.close()
+            except Exception as exc:  # a diagnosis, best effort
+                lines.append(f"{topic}/{group}: {exc}")
+                continue
+            lines.append(f"{topic} (stable/high) {ends}, {group} committed {committed}")
+        return "; ".join(lines)
 
 
 def is_valid(value: bytes) -> bool:
@@ -201,17 +229,14 @@ def test_broker_failures_lose_and_duplicate_nothing(tmp_path: Path, postgres_dsn
     duplicates = {"parquet": len(sinks.parquet) - len(expected),
                   "postgres": len(sinks.postgres) - len(expected),
                   "dead letters": len(dead) - len(invalid)}
-    print(f"scored {progress.count} records for {len(expected)} valid ones; longest stall "
+    print(f"scored {progress.count} offsets for {len(expected)} valid records; longest stall "
           f"{progress.longest_stall_s:.1f} s; duplicates {duplicates}; outages on /readyz: "
           f"{sorted(health.reasons)}")
     assert set(dead) == set(invalid), "a dead letter is missing, or one is not malformed"
     assert any(reason.startswith("brokers unreachable") for reason in health.reasons), health.reasons
     assert health.unreachable_seen, "streamflow_broker_reachable never showed the outage"
     assert exits == [0] * len(exits)
-    if any(duplicates.values()):
-        # Nothing was lost; the stages between topics (model included) are at-least-once, and
-        # commits refused while the group rebalanced after a broker failure replay records.
-        pytest.xfail(f"records written twice: {duplicates} (exactly-once model stages: #14)")
+    assert duplicates == {"parquet": 0, "postgres": 0, "dead letters": 0}
 
 
 class Sinks:
