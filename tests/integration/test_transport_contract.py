@@ -243,6 +243,58 @@ def test_the_listener_sees_assignment(address: str, client: str) -> None:
     consumer.close()
 
 
+class InsidePoll(Recorder):
+    """Records whether each rebalance callback ran while its consumer's owner was inside
+    ``consume_batch`` or ``close``: stages change their state in callbacks without locks, which
+    is safe only if the callbacks never run beside the stage thread's own work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polling = threading.Event()
+        self.outside: list[str] = []
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        if not self.polling.is_set():
+            self.outside.append("assign")
+        super().on_assign(partitions)
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        if not self.polling.is_set():
+            self.outside.append("revoke")
+        super().on_revoke(partitions)
+
+
+def test_rebalance_callbacks_run_only_inside_consume_batch_or_close(address: str, client: str
+                                                                    ) -> None:
+    transport = create_transport(client, address)
+    name = topic(transport, partitions=2)
+    group = unique("group")
+    listener = InsidePoll()
+    consumer = transport.consumer(group, [name], listener=listener)
+
+    def poll(count: int) -> None:
+        listener.polling.set()
+        try:
+            consumer.consume_batch(100, 0.2)
+        finally:
+            listener.polling.clear()
+        time.sleep(0.05 * count % 0.2)  # the owner's own work, between polls
+
+    deadline = time.monotonic() + 60
+    while len(listener.assigned) < 2:
+        assert time.monotonic() < deadline, "no assignment"
+        poll(len(listener.assigned))
+    other = transport.consumer(group, [name])
+    while not listener.revoked:  # the second member's join takes a partition away
+        assert time.monotonic() < deadline, "no rebalance"
+        poll(len(listener.revoked))
+        other.consume_batch(100, 0.1)
+    other.close()
+    listener.polling.set()
+    consumer.close()
+    assert listener.outside == []
+
+
 class CommitOnRevoke(Recorder):
     """Commits synchronously while partitions are revoked, as sink and model stages do."""
 
