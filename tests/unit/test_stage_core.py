@@ -1,18 +1,12 @@
 """Topic stages, sink stages and source runners on the in-memory transport, without a broker:
 a member joining mid-batch, a graceful stop, a sink's restore, and a crash injected between any
-two steps of the commit sequence, checked record by record against the input.
-
-A crash is the stage's process dying: from the injected point on, its clients do nothing more
-(no abort, no close); the group evicts its consumer after the session timeout and the cluster
-aborts its open transaction after the transaction timeout, both short here.
+two steps of the commit sequence (see tests/stage_harness.py), checked record by record
+against the input.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,229 +19,32 @@ from streamflow.config.models import BatchConfig
 from streamflow.metrics import PipelineMetrics
 from streamflow.plugins import ComponentContext, Sink, Source, SourceBatch
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
-from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, TopicStage
-from streamflow.transport import (
-    Admin,
-    ConsumedBatch,
-    Consumer,
-    OutgoingBatch,
-    Producer,
-    Reader,
-    RebalanceListener,
-    TopicPartition,
-    TopicSpec,
-    Transport,
-    read_until,
+from streamflow.runtime.stages import SinkStage, StageIdentity, TopicStage
+from streamflow.transport import TopicPartition, Transport
+from tests.stage_harness import (
+    COUNT,
+    FAST_FAILURE,
+    GUARANTEES,
+    TIMEOUT_S,
+    Crash,
+    InjectedTransport,
+    Injector,
+    World,
+    crashed,
+    finish,
+    foreign_commits,
+    group,
+    join_mid_batch,
+    new_world,
+    records_in,
+    stopped_mid_stream,
+    wait_until,
 )
-from streamflow.transport.memory import MemoryTransport, drop_cluster
-
-COUNT = 400
-PARTITIONS = 4
-POISON = 25  # every 25th record, from the 7th, is not JSON: a dead letter
-TIMEOUT_S = 60.0
-# A crashed member is evicted, and its open transaction aborted, within seconds.
-FAST_FAILURE = {"session.timeout.ms": "2000", "transaction.timeout.ms": "3000"}
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def value(number: int) -> bytes:
-    return f"not json {number}".encode() if number % POISON == 7 else json.dumps(
-        {"id": number}).encode()
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-@dataclass
-class World:
-    """An in-memory cluster with an input topic loaded, an output and a dead-letter topic."""
-
-    bootstrap: str
-    pipeline: str
-    loaded: int = 0
-
-    input: str = "in"
-    output: str = "out"
-    dead_letters: str = "dlq"
-
-    def transport(self, settings: Mapping[str, str] | None = None) -> MemoryTransport:
-        return MemoryTransport(self.bootstrap, settings)
-
-    @property
-    def cluster(self) -> Any:
-        return self.transport().cluster
-
-    def load(self, count: int) -> None:
-        """``count`` more input records, numbered on from the last ones."""
-        numbers = range(self.loaded, self.loaded + count)
-        producer = self.transport().producer()
-        producer.produce([OutgoingBatch(self.input, [value(n) for n in numbers],
-                                        [str(n).encode() for n in numbers])])
-        producer.close()
-        self.loaded += count
-
-    def read(self, topic: str) -> list[bytes | None]:
-        """Every record of ``topic`` a read_committed reader sees, once no transaction is open
-        (a crashed stage's open transaction hides what follows it until it times out)."""
-        wait_until(lambda: self.cluster.open_transaction_count() == 0, "open transactions")
-        partitions = self.cluster.high_watermarks(topic)
-        return [v for batch in read_until(self.transport(), dict.fromkeys(partitions), timeout_s=10)
-                for v in batch.values]
-
-    def output_ids(self) -> Counter[int]:
-        return Counter(json.loads(v or b"")["id"] for v in self.read(self.output))
-
-    def dead_letter_values(self) -> Counter[bytes | None]:
-        return Counter(self.read(self.dead_letters))
-
-    def valid(self) -> set[int]:
-        return {n for n in range(self.loaded) if n % POISON != 7}
-
-    def poison(self) -> set[bytes]:
-        return {value(n) for n in range(self.loaded) if n % POISON == 7}
-
-    def all_committed(self, group: str) -> bool:
-        return self.cluster.committed_offsets(group) == self.cluster.high_watermarks(self.input)
 
 
 @pytest.fixture
 def world() -> Iterator[World]:
-    created = World(f"memory://{unique('stages')}", unique("p"))
-    admin = created.transport().admin()
-    admin.create_topics([TopicSpec(created.input, PARTITIONS), TopicSpec(created.output, PARTITIONS),
-                         TopicSpec(created.dead_letters), POSITIONS_TOPIC_SPEC])
-    created.load(COUNT)
-    yield created
-    drop_cluster(created.bootstrap)
-
-
-# --- Crash injection: clients that count the steps of the commit sequence ---------------------
-
-
-class Crash(Exception):
-    """The injected crash: the stage's process is gone from here on."""
-
-
-class Injector:
-    """Counts client calls by step ("produce", "begin_transaction", "send_offsets",
-    "commit_transaction", "commit", "write", ...) and crashes before (or, with ``after``, right
-    after) the ``at``-th call of ``step``; from then on every call raises :class:`Crash` and
-    nothing more reaches the cluster. ``hook`` runs before that call instead of a crash."""
-
-    def __init__(self, step: str | None = None, at: int = 1, after: bool = False,
-                 hook: Callable[[], None] | None = None) -> None:
-        self.step, self.at, self.after, self.hook = step, at, after, hook
-        self.calls: Counter[str] = Counter()
-        self.crashed_at: str | None = None
-        # Each commit of the consumer: its partitions, and those the member had then.
-        self.commits: list[tuple[set[TopicPartition], set[TopicPartition]]] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, step: str, action: Callable[[], Any]) -> Any:
-        with self._lock:
-            if self.crashed_at is not None:
-                if step == "close":
-                    return None  # a dead process closes nothing, and nothing is left to raise
-                raise Crash(f"the process crashed {self.crashed_at}")
-            self.calls[step] += 1
-            hit = step == self.step and self.calls[step] == self.at
-        if hit and self.hook is not None:
-            self.hook()
-            return action()
-        if hit and not self.after:
-            self.crashed_at = f"before {step} #{self.at}"
-            raise Crash(self.crashed_at)
-        result = action()
-        if hit:
-            self.crashed_at = f"after {step} #{self.at}"
-            raise Crash(self.crashed_at)
-        return result
-
-
-class InjectedProducer(Producer):
-    def __init__(self, inner: Producer, inject: Injector) -> None:
-        self.inner, self.inject = inner, inject
-
-    def produce(self, batches: Sequence[OutgoingBatch]) -> None:
-        self.inject("produce", lambda: self.inner.produce(batches))
-
-    def begin_transaction(self) -> None:
-        self.inject("begin_transaction", self.inner.begin_transaction)
-
-    def send_offsets_to_transaction(self, offsets: Mapping[TopicPartition, int],
-                                    consumer: Consumer) -> None:
-        inner = consumer.inner if isinstance(consumer, InjectedConsumer) else consumer
-        self.inject("send_offsets", lambda: self.inner.send_offsets_to_transaction(offsets, inner))
-
-    def commit_transaction(self) -> None:
-        self.inject("commit_transaction", self.inner.commit_transaction)
-
-    def abort_transaction(self) -> None:
-        self.inject("abort_transaction", self.inner.abort_transaction)
-
-    def close(self) -> None:
-        self.inject("close", self.inner.close)
-
-
-class InjectedConsumer(Consumer):
-    def __init__(self, inner: Consumer, inject: Injector) -> None:
-        self.inner, self.inject = inner, inject
-
-    def consume_batch(self, max_records: int, timeout_s: float) -> ConsumedBatch:
-        return self.inject("consume", lambda: self.inner.consume_batch(max_records, timeout_s))
-
-    def commit(self, offsets: Mapping[TopicPartition, int], asynchronous: bool = False) -> None:
-        if self.inject.crashed_at is None:
-            self.inject.commits.append((set(offsets), set(self.inner.assignment())))
-        self.inject("commit", lambda: self.inner.commit(offsets, asynchronous))
-
-    def committed(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int | None]:
-        return self.inject("committed", lambda: self.inner.committed(partitions))
-
-    def assignment(self) -> list[TopicPartition]:
-        return self.inject("assignment", self.inner.assignment)
-
-    def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        return self.inject("end_offsets", lambda: self.inner.end_offsets(partitions))
-
-    def lag(self) -> dict[TopicPartition, int]:
-        return self.inject("lag", self.inner.lag)
-
-    def close(self) -> None:
-        self.inject("close", self.inner.close)
-
-
-class InjectedTransport(Transport):
-    """``inner``'s clients, each call going through ``inject``."""
-
-    name = "memory"
-
-    def __init__(self, inner: Transport, inject: Injector) -> None:
-        super().__init__(inner.bootstrap, inner.client_config)
-        self.inner, self.inject = inner, inject
-
-    def producer(self, transactional_id: str | None = None) -> Producer:
-        return InjectedProducer(self.inner.producer(transactional_id), self.inject)
-
-    def consumer(self, group_id: str, topics: Sequence[str],
-                 listener: RebalanceListener | None = None, read_committed: bool = True
-                 ) -> Consumer:
-        return InjectedConsumer(self.inner.consumer(group_id, topics, listener, read_committed),
-                                self.inject)
-
-    def reader(self, start: Mapping[TopicPartition, int | None], read_committed: bool = True
-               ) -> Reader:
-        return self.inner.reader(start, read_committed)
-
-    def admin(self) -> Admin:
-        return self.inner.admin()
+    yield from new_world("stages", [POSITIONS_TOPIC_SPEC])
 
 
 # --- Stages -------------------------------------------------------------------------------------
@@ -262,32 +59,6 @@ def topic_stage(world: World, transport: Transport, exactly_once: bool) -> Topic
                       world.output, [], exactly_once=exactly_once)
 
 
-def group(world: World, stage: str = "copy") -> str:
-    return f"{world.pipeline}.{stage}"
-
-
-def records_in(stage: StageRunner) -> float:
-    return float(stage.metrics.records_in._value.get())
-
-
-def finish(*stages: StageRunner) -> None:
-    """Stop ``stages`` gracefully and check they stopped without an error."""
-    for stage in stages:
-        stage.stop()
-    for stage in stages:
-        stage.thread.join(TIMEOUT_S)
-        assert not stage.thread.is_alive(), f"stage {stage.name} did not stop"
-        assert stage.error is None, f"stage {stage.name} failed: {stage.error!r}"
-
-
-def crashed(stage: StageRunner, injector: Injector) -> None:
-    """Wait for ``stage`` to die of the injected crash."""
-    stage.thread.join(TIMEOUT_S)
-    assert not stage.thread.is_alive(), "the stage did not crash"
-    assert injector.crashed_at is not None, "the crash point was never reached"
-    assert isinstance(stage.error, Crash), f"the stage failed otherwise: {stage.error!r}"
-
-
 def check_topic_outputs(world: World, exactly_once: bool) -> None:
     """Every valid input in the output and every other one in the dead letters: at least once,
     and with ``exactly_once`` exactly once."""
@@ -297,9 +68,6 @@ def check_topic_outputs(world: World, exactly_once: bool) -> None:
     if exactly_once:
         assert [n for n, c in ids.items() if c > 1] == [], "outputs produced twice"
         assert [v for v, c in letters.items() if c > 1] == [], "dead letters produced twice"
-
-
-GUARANTEES = [pytest.param(False, id="at_least_once"), pytest.param(True, id="exactly_once")]
 
 
 @pytest.mark.parametrize("exactly_once", GUARANTEES)
@@ -320,28 +88,16 @@ def test_a_member_joining_mid_batch_takes_partitions_without_loss_or_repeat(
     batch, commits the revoked partitions and hands them over (eager rebalance). Then more input
     arrives and the first stops: its drain must not commit offsets of partitions it no longer
     owns over the second's (they would rewind)."""
-    transport = world.transport()
-    replicas: list[TopicStage] = []
-
-    def join_second() -> None:
-        second = topic_stage(world, transport, exactly_once)
-        replicas.append(second)
-        second.start()
-        wait_until(lambda: len(world.cluster.members(group(world))) == 2, "the second member")
-
-    injector = Injector("produce", 3, hook=join_second)
-    first = topic_stage(world, InjectedTransport(transport, injector), exactly_once)
-    first.start()
-    wait_until(lambda: bool(replicas) and world.all_committed(group(world)), "the first input")
-    second = replicas[0]
-    wait_until(lambda: bool(second.assigned), "the second member's assignment")
+    first, second, injector = join_mid_batch(
+        world, lambda transport: topic_stage(world, transport, exactly_once), "copy")
+    wait_until(lambda: world.all_committed(group(world)), "the first input")
     world.load(COUNT)
     wait_until(lambda: world.all_committed(group(world)), "the second input")
     wait_until(lambda: records_in(first) + records_in(second) >= 2 * COUNT, "the counts")
     finish(first)
     finish(second)
     assert world.all_committed(group(world))
-    assert [sorted(offsets - owned) for offsets, owned in injector.commits if offsets - owned] == [], \
+    assert foreign_commits(injector) == [], \
         "the first member committed offsets of partitions it no longer owned (a rewind)"
     assert records_in(first) > 0 and records_in(second) > 0
     # A graceful rebalance repeats nothing, whatever the guarantee.
@@ -351,16 +107,10 @@ def test_a_member_joining_mid_batch_takes_partitions_without_loss_or_repeat(
 @pytest.mark.parametrize("exactly_once", GUARANTEES)
 def test_a_stop_mid_stream_drains_and_a_restart_goes_on(world: World, exactly_once: bool) -> None:
     transport = world.transport()
-    stages: list[TopicStage] = []
-    first = topic_stage(world, InjectedTransport(transport, Injector(
-        "produce", 5, hook=lambda: stages[0].stop())), exactly_once)
-    stages.append(first)
-    first.start()
-    first.thread.join(TIMEOUT_S)  # stopped by the hook, mid-stream
-    assert not first.thread.is_alive() and first.error is None
+    stopped_mid_stream(world, lambda t: topic_stage(world, t, exactly_once))
     # What the first produced is exactly what its committed offsets cover.
     committed = world.cluster.committed_offsets(group(world))
-    covered = {number for number, (partition, offset) in places(world).items()
+    covered = {number for number, (partition, offset) in world.places().items()
                if offset < committed.get((world.input, partition), 0)}
     assert 0 < len(covered) < COUNT
     produced = world.output_ids()
@@ -371,16 +121,6 @@ def test_a_stop_mid_stream_drains_and_a_restart_goes_on(world: World, exactly_on
     wait_until(lambda: world.all_committed(group(world)), "the input's offsets committed")
     finish(second)
     check_topic_outputs(world, exactly_once=True)
-
-
-def places(world: World) -> dict[int, tuple[int, int]]:
-    """Input record number → (partition, offset)."""
-    found = {}
-    start = dict.fromkeys(world.cluster.high_watermarks(world.input))
-    for batch in read_until(world.transport(), start, timeout_s=10):
-        for partition, offset, key in zip(batch.partitions, batch.offsets, batch.keys, strict=True):
-            found[int(key or b"")] = (partition, offset)
-    return found
 
 
 AT_LEAST_ONCE_POINTS = [
