@@ -23,7 +23,6 @@ import json
 import logging
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,6 +31,7 @@ from streamflow.metrics import StageMetrics
 from streamflow.plugins.agents import AgentFunction, require_faust
 from streamflow.processing.codec import DecodeError
 from streamflow.runtime.dead_letters import Failure, dead_letter_batch
+from streamflow.runtime.stage import Stage
 from streamflow.runtime.stages import StageIdentity
 from streamflow.transport import ConsumedBatch, TopicPartition, TransportError
 
@@ -145,7 +145,7 @@ class EventFeed:
         stage.metrics.error(step).inc()
 
 
-class FaustStage:
+class FaustStage(Stage):
     """Runs a Faust app whose one agent is the user's function, in its own thread and loop."""
 
     def __init__(
@@ -158,6 +158,7 @@ class FaustStage:
         partitions: int,
         session_timeout_s: float = 6.0,
     ) -> None:
+        super().__init__(identity.name, f"stage-{identity.name}")
         self.faust = require_faust()
         self.kafka_errors = importlib.import_module("aiokafka.errors")  # installed with faust
         self.identity = identity
@@ -167,13 +168,10 @@ class FaustStage:
         self.agent = agent
         self.partitions = partitions
         self.session_timeout_s = session_timeout_s
-        self.thread = threading.Thread(target=self._run, name=f"stage-{identity.name}", daemon=True)
-        self.error: BaseException | None = None
         self.idle_since = time.monotonic()
         self.lag: int | None = None
         self.lag_checked_at = 0.0  # monotonic time of the measurement behind ``lag``
         self.assigned = False
-        self._stop = threading.Event()
         self._agent_error: BaseException | None = None
         self.feed: EventFeed | None = None
         self.handled: dict[TopicPartition, int] = {}  # next offset after the last handled event
@@ -183,14 +181,11 @@ class FaustStage:
         self.dead_letters: Any = None
 
     @property
-    def name(self) -> str:
-        return self.identity.name
+    def last_activity(self) -> float:
+        return self.idle_since
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
+    def starting(self) -> str | None:
+        return None if self.assigned else "joining its consumer group"
 
     def is_idle(self, since: float) -> bool:
         """No event being handled, and nothing left to read on the assigned partitions as

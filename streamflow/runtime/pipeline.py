@@ -18,14 +18,13 @@ from typing import Any
 
 from streamflow.config.loader import connector_settings
 from streamflow.config.models import (
-    BatchConfig,
     ModelConfig,
     PipelineConfig,
     ProcessorConfig,
     SinkConfig,
     SourceConfig,
 )
-from streamflow.metrics import MetricsServer, PipelineMetrics, SourceMetrics, StageMetrics
+from streamflow.metrics import MetricsServer, PipelineMetrics, SourceMetrics
 from streamflow.ml.engine import EngineSettings
 from streamflow.ml.spec import DEFAULT_METRICS, build_estimator, infer_task, model_label
 from streamflow.ml.worker import EngineSpec
@@ -34,7 +33,8 @@ from streamflow.plugins.agents import load_agent
 from streamflow.runtime.faust_stage import FaustStage
 from streamflow.runtime.model_stage import ModelStage
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, source_dead_letter_topic
-from streamflow.runtime.stages import SinkStage, StageIdentity, StageRunner, TopicStage, build_steps
+from streamflow.runtime.stage import Stage
+from streamflow.runtime.stages import SinkStage, StageIdentity, TopicStage, build_steps
 from streamflow.runtime.supervisor import Supervisor, backoff_delay
 from streamflow.runtime.window_stage import WindowStage
 from streamflow.transport import (
@@ -94,6 +94,7 @@ class PipelineRunner:
         self._stop_reason = "stopped"
         stage_names = [s.name for s in [*config.processors, *config.models, *config.sinks]]
         source_names = [s.name for s in config.sources]
+        self._source_names = set(source_names)
         if stage is not None and stage not in stage_names + source_names:
             raise UnknownStageError(
                 f"--stage {stage!r} is not in pipeline {config.pipeline!r}; "
@@ -184,19 +185,23 @@ class PipelineRunner:
                 metrics = self.metrics.source(source_config.name)
                 self.supervisor.add(self._source_factory(source_config, transport, metrics),
                                     metrics.restarts)
-        for stage in [*config.processors, *config.models]:
-            if not self._selected(stage.name):
+        for processor in config.processors:
+            if not self._selected(processor.name):
                 continue
-            if isinstance(stage, ProcessorConfig) and stage.type == "faust":
-                self._supervise_stage(stage.name, lambda s=stage: self._faust_stage(s))
+            if processor.type == "faust":
+                self._supervise_stage(processor.name, lambda s=processor: self._faust_stage(s))
             else:
-                self._supervise_stage(stage.name, lambda s=stage: self._topic_stage(s, transport))
+                self._supervise_stage(processor.name,
+                                      lambda s=processor: self._processor_stage(s, transport))
+        for model in config.models:
+            if self._selected(model.name):
+                self._supervise_stage(model.name, lambda s=model: self._model_stage(s, transport))
         for sink_config in config.sinks:
             if self._selected(sink_config.name):
                 self._supervise_stage(sink_config.name,
                                       lambda s=sink_config: self._sink_stage(s, transport))
 
-    def _supervise_stage(self, name: str, factory: Callable[[], StageRunner | FaustStage]) -> None:
+    def _supervise_stage(self, name: str, factory: Callable[[], Stage]) -> None:
         self.supervisor.add(factory, self.metrics.stage(name).restarts)
 
     def _source_factory(
@@ -214,12 +219,12 @@ class PipelineRunner:
         return build
 
     @property
-    def sources(self) -> list[SourceRunner]:
-        return [r for r in self.supervisor.runners if isinstance(r, SourceRunner)]
+    def sources(self) -> list[Stage]:
+        return [r for r in self.supervisor.runners if r.name in self._source_names]
 
     @property
-    def stages(self) -> list[StageRunner | FaustStage]:
-        return [r for r in self.supervisor.runners if isinstance(r, StageRunner | FaustStage)]
+    def stages(self) -> list[Stage]:
+        return [r for r in self.supervisor.runners if r.name not in self._source_names]
 
     def _identity(self, stage: ProcessorConfig | ModelConfig | SinkConfig) -> StageIdentity:
         return StageIdentity(
@@ -235,30 +240,27 @@ class PipelineRunner:
             stage.output, load_agent(stage.agent), partitions[stage.input],
         )
 
-    def _topic_stage(
-        self, stage: ProcessorConfig | ModelConfig, transport: Transport
-    ) -> TopicStage | ModelStage:
-        batch = stage.batch or self.config.runtime.batch
-        exactly_once = self.config.runtime.guarantee == "exactly_once"
-        if isinstance(stage, ProcessorConfig):
-            metrics = self.metrics.stage(stage.name, tuple(step.kind for step in stage.steps))
-            steps = build_steps(stage, self.config.pipeline)
-            if stage.window:
-                return WindowStage(
-                    self._identity(stage), transport, batch, metrics, stage.output, steps,
-                    stage.window, self.metrics.window(stage.name),
-                    self.config.late_topic(stage.window), self.config.changelog_topic(stage),
-                    exactly_once,
-                )
-            return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps,
-                              exactly_once)
-        return self._model_stage(stage, transport, batch, self.metrics.stage(stage.name, ("model",)),
-                                 exactly_once)
+    @property
+    def _exactly_once(self) -> bool:
+        return self.config.runtime.guarantee == "exactly_once"
 
-    def _model_stage(
-        self, stage: ModelConfig, transport: Transport, batch: BatchConfig, metrics: StageMetrics,
-        exactly_once: bool,
-    ) -> ModelStage:
+    def _processor_stage(self, stage: ProcessorConfig, transport: Transport) -> TopicStage:
+        batch = stage.batch or self.config.runtime.batch
+        metrics = self.metrics.stage(stage.name, tuple(step.kind for step in stage.steps))
+        steps = build_steps(stage, self.config.pipeline)
+        if stage.window:
+            return WindowStage(
+                self._identity(stage), transport, batch, metrics, stage.output, steps,
+                stage.window, self.metrics.window(stage.name),
+                self.config.late_topic(stage.window), self.config.changelog_topic(stage),
+                self._exactly_once,
+            )
+        return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps,
+                          self._exactly_once)
+
+    def _model_stage(self, stage: ModelConfig, transport: Transport) -> ModelStage:
+        batch = stage.batch or self.config.runtime.batch
+        metrics = self.metrics.stage(stage.name, ("model",))
         estimator = build_estimator(stage.estimator)
         task = stage.task or infer_task(estimator)
         model_metrics = self.metrics.model(stage.name, model_label(estimator))
@@ -284,7 +286,7 @@ class PipelineRunner:
         )
         return ModelStage(
             self._identity(stage), transport, batch, metrics, model_metrics, stage, spec,
-            self.config.drift_topic(stage) if stage.drift else None, exactly_once,
+            self.config.drift_topic(stage) if stage.drift else None, self._exactly_once,
         )
 
     def _sink_stage(self, sink_config: SinkConfig, transport: Transport) -> SinkStage:
@@ -311,12 +313,10 @@ class PipelineRunner:
         """Sources done, and no stage handled anything for ``seconds`` while every stage's lag,
         measured after the last activity anywhere, is zero (so a record a source or an upstream
         stage wrote just before is never missed)."""
-        if not all(s.finished for s in self.sources):
-            return False
-        last_activity = max([s.finished_at for s in self.sources]
-                            + [stage.idle_since for stage in self.stages], default=0.0)
+        runners = self.supervisor.runners
+        last_activity = max((runner.last_activity for runner in runners), default=0.0)
         return time.monotonic() - last_activity >= seconds and all(
-            stage.is_idle(last_activity) for stage in self.stages
+            runner.is_idle(last_activity) for runner in runners
         )
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -324,18 +324,8 @@ class PipelineRunner:
         stage runs, has joined its group and gets answers from the brokers for its partitions."""
         if not self._started:
             return False, {"reason": "starting: waiting for Kafka and creating topics"}
-        problems = {}
-        for runner in self.supervisor.runners:
-            if isinstance(runner, SourceRunner) and runner.finished:
-                continue
-            if not runner.thread.is_alive():
-                problems[runner.name] = "not running (restarting)" if runner.error else "stopped"
-            elif isinstance(runner, SourceRunner) and not runner.opened:
-                problems[runner.name] = "opening (reading its position, starting its listener)"
-            elif isinstance(runner, StageRunner | FaustStage) and not runner.assigned:
-                problems[runner.name] = "joining its consumer group"
-            elif isinstance(runner, StageRunner) and runner.lag_error:
-                problems[runner.name] = f"brokers unreachable for its partitions: {runner.lag_error}"
+        problems = {runner.name: problem for runner in self.supervisor.runners
+                    if (problem := runner.not_ready()) is not None}
         if problems:
             return False, {"reason": "components not ready", "components": problems}
         return True, {"status": "ready"}
@@ -343,7 +333,7 @@ class PipelineRunner:
     def status(self) -> dict[str, Any]:
         """The pipeline's shape and state, for the dashboard."""
         config = self.config
-        running = {r.name: r.thread.is_alive() for r in self.supervisor.runners}
+        running = {r.name: r.is_alive() for r in self.supervisor.runners}
         nodes = [{"name": s.name, "kind": "source", "type": s.type, "output": [s.topic]}
                  for s in config.sources]
         nodes += [{"name": s.name, "kind": "processor", "input": [s.input], "output": [s.output]}
@@ -362,9 +352,8 @@ class PipelineRunner:
             for runner in group:
                 runner.stop()
             for runner in group:
-                runner.thread.join(max(deadline - time.monotonic(), 0))
-        runners: list[Any] = self.supervisor.runners
-        hung = [r.name for r in runners if r.thread.is_alive()]
+                runner.join(max(deadline - time.monotonic(), 0))
+        hung = [r.name for r in self.supervisor.runners if r.is_alive()]
         errors = [self._fatal] if self._fatal else []
         if hung:
             errors.append(f"did not stop within the shutdown timeout: {', '.join(hung)}")

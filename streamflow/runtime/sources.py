@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from streamflow.config import models
 from streamflow.metrics import SourceMetrics
 from streamflow.plugins import Source, SourceBatch
 from streamflow.runtime.dead_letters import OversizeRecordError, source_dead_letter_headers, truncated
+from streamflow.runtime.stage import Stage
 from streamflow.transport import OutgoingBatch, Producer, RecordTooLargeError, TopicSpec, Transport
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def read_positions(transport: Transport, pipeline: str) -> dict[str, Any]:
         consumer.close()
 
 
-class SourceRunner:
+class SourceRunner(Stage):
     """Runs one source in its own thread until it is exhausted or stopped."""
 
     def __init__(
@@ -80,6 +80,7 @@ class SourceRunner:
         max_records: int,
         dead_letter_topic: str,
     ) -> None:
+        super().__init__(source.context.name, f"source-{source.context.name}")
         self.pipeline = pipeline
         self.dead_letter_topic = dead_letter_topic
         self.source = source
@@ -87,19 +88,23 @@ class SourceRunner:
         self.transport = transport
         self.metrics = metrics
         self.max_records = max_records
-        self.name = source.context.name
         self.opened = False  # the source's open() returned: its listeners, if any, take input
         self.finished = False
         self.finished_at = 0.0  # monotonic time the source ran out of records
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)
 
-    def start(self) -> None:
-        self.thread.start()
+    @property
+    def last_activity(self) -> float:
+        return self.finished_at
 
-    def stop(self) -> None:
-        self._stop.set()
+    def is_idle(self, since: float) -> bool:
+        """Exhausted: a source that may still emit is never idle."""
+        return self.finished
+
+    def not_ready(self) -> str | None:
+        return None if self.finished else super().not_ready()
+
+    def starting(self) -> str | None:
+        return None if self.opened else "opening (reading its position, starting its listener)"
 
     def _run(self) -> None:
         producer = None

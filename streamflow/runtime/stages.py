@@ -11,10 +11,9 @@ stage hands batches to its sink and commits after the sink's flush made them dur
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from streamflow.runtime.dead_letters import (
     dead_letter_batch,
     truncated_refused,
 )
+from streamflow.runtime.stage import Stage
 from streamflow.transport import (
     ConsumedBatch,
     Consumer,
@@ -73,7 +73,7 @@ class StageIdentity:
         return f"{self.pipeline}.{self.name}"
 
 
-class StageRunner(RebalanceListener, ABC):
+class StageRunner(Stage, RebalanceListener):
     """Consume → handle → commit, until :meth:`stop`; tracks idleness and lag for --until-idle."""
 
     def __init__(
@@ -83,13 +83,11 @@ class StageRunner(RebalanceListener, ABC):
         batch: BatchConfig,
         metrics: StageMetrics,
     ) -> None:
+        super().__init__(identity.name, f"stage-{identity.name}")
         self.identity = identity
         self.transport = transport
         self.batch_config = batch
         self.metrics = metrics
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"stage-{identity.name}", daemon=True)
-        self.error: BaseException | None = None
         self.idle_since = time.monotonic()
         self.lag: int | None = None
         self.lag_checked_at = 0.0  # monotonic time of the measurement behind ``lag``
@@ -101,14 +99,8 @@ class StageRunner(RebalanceListener, ABC):
         self.assigned = False  # joined the group at least once (possibly with no partitions)
 
     @property
-    def name(self) -> str:
-        return self.identity.name
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
+    def last_activity(self) -> float:
+        return self.idle_since
 
     def is_idle(self, since: float) -> bool:
         """Nothing left to read on the assigned partitions, as measured after ``since`` (the
@@ -118,6 +110,13 @@ class StageRunner(RebalanceListener, ABC):
             and self.lag_checked_at > since
             and self.thread.is_alive()
         )
+
+    def starting(self) -> str | None:
+        if not self.assigned:
+            return "joining its consumer group"
+        if self.lag_error:
+            return f"brokers unreachable for its partitions: {self.lag_error}"
+        return None
 
     def _run(self) -> None:
         try:

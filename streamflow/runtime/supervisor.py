@@ -4,15 +4,14 @@ a clean stop for fatal ones."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from prometheus_client import Counter
 
 from streamflow.plugins import TransientError
+from streamflow.runtime.stage import Stage
 from streamflow.transport import AuthenticationError, TransportError
 
 log = logging.getLogger(__name__)
@@ -20,16 +19,6 @@ log = logging.getLogger(__name__)
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0
-
-
-class Runner(Protocol):
-    name: str
-    error: BaseException | None
-    thread: threading.Thread
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
 
 
 def is_transient(error: BaseException) -> bool:
@@ -48,9 +37,9 @@ def backoff_delay(attempt: int) -> float:
 class Supervised:
     """A runner, how to build a fresh one, and its restart history."""
 
-    factory: Callable[[], Runner]
+    factory: Callable[[], Stage]
     restarts: Counter
-    runner: Runner | None = None
+    runner: Stage | None = None
     attempt: int = 0
     started_at: float = 0.0
     restart_at: float | None = None
@@ -69,7 +58,7 @@ class Supervisor:
     def __init__(self) -> None:
         self.supervised: list[Supervised] = []
 
-    def add(self, factory: Callable[[], Runner], restarts: Counter) -> Supervised:
+    def add(self, factory: Callable[[], Stage], restarts: Counter) -> Supervised:
         entry = Supervised(factory, restarts)
         self.supervised.append(entry)
         return entry
@@ -79,7 +68,7 @@ class Supervisor:
             entry.start()
 
     @property
-    def runners(self) -> list[Runner]:
+    def runners(self) -> list[Stage]:
         return [entry.runner for entry in self.supervised if entry.runner is not None]
 
     def check(self) -> str | None:
@@ -94,7 +83,7 @@ class Supervisor:
                     entry.restarts.inc()
                     entry.start()
                 continue
-            if runner.error is None or runner.thread.is_alive():
+            if runner.error is None or runner.is_alive():
                 if now - entry.started_at > HEALTHY_AFTER_S:
                     entry.attempt = 0
                 continue

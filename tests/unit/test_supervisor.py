@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter
 
 from streamflow.plugins import TransientError
+from streamflow.runtime.stage import Stage
 from streamflow.runtime.supervisor import Supervisor, backoff_delay, is_transient
 from streamflow.transport import AuthenticationError, TransportError
 
 
-class FailingRunner:
+class FailingRunner(Stage):
+    """A stage that has already ended when start() returns, with ``error``."""
+
     def __init__(self, name: str, error: BaseException | None) -> None:
-        self.name = name
+        super().__init__(name, f"stage-{name}")
         self.error = error
-        self.thread = threading.Thread(target=lambda: None)
+
+    def _run(self) -> None:
+        """Nothing runs."""
 
     def start(self) -> None:
-        self.thread.start()
-        self.thread.join()
+        super().start()
+        self.join()
 
-    def stop(self) -> None:
-        """Nothing runs."""
+    @property
+    def last_activity(self) -> float:
+        return 0.0
+
+    def is_idle(self, since: float) -> bool:
+        return True
 
 
 def counter() -> tuple[Counter, CollectorRegistry]:
