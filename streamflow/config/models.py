@@ -14,6 +14,8 @@ from pydantic import (
     model_validator,
 )
 
+from streamflow.plugins import PROCESSOR_GROUP, load
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=200)]
 
@@ -105,6 +107,12 @@ class StepConfig(BaseModel):
     @property
     def settings(self) -> Any:
         return (self.model_extra or {})[self.kind]
+
+    def output_topics(self) -> list[str]:
+        """The topics the step can send records to besides its stage's output, as its processor
+        declares them (``Processor.output_topics``: a ``route`` step's routes)."""
+        plugin = load(PROCESSOR_GROUP, self.kind)
+        return plugin.output_topics(plugin.config_model.model_validate(self.settings))
 
 
 class StageBase(Strict):
@@ -377,10 +385,8 @@ class PipelineConfig(Strict):
         names: list[str] = [source.topic for source in self.sources]
         for stage in [*self.processors, *self.models]:
             names += [stage.input, stage.output, self.dead_letter_topic(stage)]
-        from streamflow.processing.routing import routed_topics  # it imports this module
-
         for processor in self.processors:
-            names += routed_topics(processor.steps)
+            names += [topic for step in processor.steps for topic in step.output_topics()]
         for model in self.models:
             if model.labels:
                 names.append(model.labels.topic)

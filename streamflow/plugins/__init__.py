@@ -206,11 +206,22 @@ class Processor(ABC, Generic[ConfigT]):
     ``config_model`` validates the step's settings (the value under its kind in YAML; use a
     pydantic ``RootModel`` for a scalar or a plain mapping). ``input_schema``, when a step sets
     it and is the first of its stage, makes the stage parse records straight into that schema.
+
+    Capabilities a step may declare:
+
+    - ``reads_raw_records = True``: as the first step of its stage, the step gets the record values
+      undecoded, as a binary ``value`` column (with ``_sf_row``), and decodes them itself; values
+      it cannot decode are its own per-record failures (the ``parse`` step does this).
+    - Routing: a step may set a string column named :data:`TOPIC_COLUMN` (``_sf_topic``); each
+      row then goes to that topic instead of the stage's ``output`` (null: the output). The
+      column is the runtime's: it never reaches the records. :meth:`output_topics` names the
+      topics a step can choose, so that the pipeline creates them (the ``route`` step does this).
     """
 
     name: str = "step"
     config_model: ClassVar[type[BaseModel]]
     input_schema: pa.Schema | None = None
+    reads_raw_records: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT, context: ComponentContext) -> None:
         self.config = config
@@ -220,8 +231,15 @@ class Processor(ABC, Generic[ConfigT]):
     def process(self, table: pa.Table) -> StepResult:
         """Transform one micro-batch."""
 
+    @classmethod
+    def output_topics(cls, config: ConfigT) -> list[str]:
+        """The topics a step with settings ``config`` can send rows to through
+        :data:`TOPIC_COLUMN`, besides its stage's output; none by default."""
+        return []
+
 
 ROW_ID = "_sf_row"
+TOPIC_COLUMN = "_sf_topic"  # a row's output topic, when a step set it (see Processor)
 GROUP_BASES: dict[str, type] = {SOURCE_GROUP: Source, SINK_GROUP: Sink, PROCESSOR_GROUP: Processor}
 
 
@@ -262,6 +280,7 @@ __all__ = [
     "ROW_ID",
     "SINK_GROUP",
     "SOURCE_GROUP",
+    "TOPIC_COLUMN",
     "ComponentContext",
     "PluginNotFoundError",
     "Processor",

@@ -77,6 +77,7 @@ class ParseStep(Processor[ParseConfig]):
 
     name = "parse"
     config_model = ParseConfig
+    reads_raw_records = True  # as the first step; the value column's name is RAW_VALUE
 
     def __init__(self, config: ParseConfig, context: ComponentContext) -> None:
         super().__init__(config, context)

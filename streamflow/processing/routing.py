@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from streamflow.config.models import Name, StepConfig
-from streamflow.plugins import ComponentContext, Processor, StepResult
+from streamflow.config.models import Name
+from streamflow.plugins import TOPIC_COLUMN, ComponentContext, Processor, StepResult
 from streamflow.processing.steps import BatchQuery
-
-TOPIC_COLUMN = "_sf_topic"
 
 
 class Route(BaseModel):
@@ -47,6 +43,10 @@ class RouteStep(Processor[RouteConfig]):
     name = "route"
     config_model = RouteConfig
 
+    @classmethod
+    def output_topics(cls, config: RouteConfig) -> list[str]:
+        return config.topics()
+
     def __init__(self, config: RouteConfig, context: ComponentContext) -> None:
         super().__init__(config, context)
         cases = " ".join(
@@ -72,9 +72,3 @@ class RouteStep(Processor[RouteConfig]):
             return StepResult(table.set_column(
                 table.schema.get_field_index(TOPIC_COLUMN), TOPIC_COLUMN, topics), failures)
         return StepResult(table.append_column(TOPIC_COLUMN, topics), failures)
-
-
-def routed_topics(steps: Sequence[StepConfig]) -> list[str]:
-    """Topics the ``route`` steps among ``steps`` send records to."""
-    return [topic for step in steps if step.kind == RouteStep.name
-            for topic in RouteConfig.model_validate(step.settings).topics()]

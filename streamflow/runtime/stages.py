@@ -26,10 +26,17 @@ import pyarrow.compute as pc
 from streamflow.config.loader import step_settings
 from streamflow.config.models import BatchConfig, ProcessorConfig
 from streamflow.metrics import SinkMetrics, StageMetrics
-from streamflow.plugins import ROW_ID, ComponentContext, Processor, Sink, SinkRecordError, StepResult
+from streamflow.plugins import (
+    ROW_ID,
+    TOPIC_COLUMN,
+    ComponentContext,
+    Processor,
+    Sink,
+    SinkRecordError,
+    StepResult,
+)
 from streamflow.processing.codec import decode_json, encode_json, user_fields
-from streamflow.processing.parse import ParseStep, raw_table
-from streamflow.processing.routing import TOPIC_COLUMN
+from streamflow.processing.parse import raw_table
 from streamflow.runtime.dead_letters import (
     PRODUCE_STEP,
     Failure,
@@ -471,10 +478,11 @@ def build_steps(stage: ProcessorConfig, pipeline: str) -> list[StepRunner]:
 def decode_input(
     values: Sequence[bytes | None], steps: Sequence[StepRunner]
 ) -> tuple[pa.Table, list[Failure]]:
-    """Record values as the first step's input: raw for a ``parse`` step, which decodes them
-    itself; otherwise JSON, read into the first step's ``input_schema`` when it fits."""
+    """Record values as the first step's input: raw for a step that ``reads_raw_records`` (such
+    as ``parse``), which decodes them itself; otherwise JSON, read into the first step's
+    ``input_schema`` when it fits."""
     first = steps[0].step if steps else None
-    if isinstance(first, ParseStep):
+    if first is not None and first.reads_raw_records:
         return raw_table(values), []
     schema = first.input_schema if first is not None else None
     table, errors = decode_json(values, schema, lenient=schema is not None)
