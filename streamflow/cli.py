@@ -12,11 +12,11 @@ import threading
 from streamflow import __version__
 from streamflow.config import ConfigError, load_pipeline
 from streamflow.plugins import catalog
-from streamflow.processing.testing import run_test_file
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
 from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
 from streamflow.runtime.progress import ProgressReporter
 from streamflow.runtime.status import fetch_status, render_status
+from streamflow.runtime.testing import run_test_file
 from streamflow.transport.broker import BrokerUnavailableError, EmbeddedBroker
 
 EXIT_CONFIG = 2
