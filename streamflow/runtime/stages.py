@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from abc import abstractmethod
 from collections import Counter
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from streamflow.plugins import (
 )
 from streamflow.processing.codec import decode_json, encode_json, user_fields
 from streamflow.processing.parse import raw_table
+from streamflow.runtime import transactional_ids
 from streamflow.runtime.dead_letters import (
     PRODUCE_STEP,
     Failure,
@@ -103,6 +103,8 @@ class StageRunner(Stage, RebalanceListener):
         self.producer: Producer | None = None
         self.transactional = False  # exactly_once: one transaction per batch (see deliver)
         self._last_offsets: dict[TopicPartition, int] = {}  # committed asynchronously by deliver
+        self._transactional_id = ""
+        self._transactional_slot: int | None = None
         self.assigned = False  # joined the group at least once (possibly with no partitions)
 
     @property
@@ -182,6 +184,9 @@ class StageRunner(Stage, RebalanceListener):
                 except Exception:
                     log.exception("stage %s: closing a client failed", self.name)
         self.consumer = self.producer = None  # let the native clients go now, not at exit
+        if self._transactional_slot is not None:
+            transactional_ids.release(self.identity.group_id, self._transactional_slot)
+            self._transactional_slot = None
 
     def commit(self, offsets: dict[TopicPartition, int], asynchronous: bool) -> None:
         assert self.consumer is not None
@@ -305,12 +310,14 @@ class StageRunner(Stage, RebalanceListener):
         return table.num_rows
 
     def _new_producer(self) -> Producer:
-        """A producer; a transactional one, with an id of its own, for an exactly-once stage
-        (zombies are fenced by the group generation sent with the offsets, not by the id)."""
+        """A producer; a transactional one for an exactly-once stage, with an id that its
+        successor after a restart in this process reuses (see transactional_ids)."""
         if not self.transactional:
             return self.transport.producer()
-        return self.transport.producer(
-            transactional_id=f"{self.identity.group_id}.{uuid.uuid4().hex[:12]}")
+        if self._transactional_slot is None:
+            self._transactional_id, self._transactional_slot = transactional_ids.take(
+                self.identity.group_id)
+        return self.transport.producer(transactional_id=self._transactional_id)
 
     def _renew_producer(self, refused: RecordTooLargeError) -> None:
         """Replace the producer after the broker refused records (some clients are left unable
