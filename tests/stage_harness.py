@@ -303,19 +303,22 @@ def crashed(stage: StageRunner, injector: Injector) -> None:
 
 
 def join_mid_batch(world: World, build: Callable[[Transport], StageRunner], stage: str,
-                   topics: Mapping[str, str] | None = None
+                   topics: Mapping[str, str] | None = None,
+                   settings: Mapping[str, str] | None = None,
+                   ready: Callable[[Any], bool] = lambda _stage: True,
                    ) -> tuple[Any, Any, Injector]:
-    """Start the stage ``build`` makes on a transport whose third produce waits until a second
-    replica, started then, has joined group ``stage``; once the second has its partitions:
-    the first, the second, and the first's injector (see :func:`foreign_commits`)."""
-    transport = world.transport()
+    """Start the stage ``build`` makes on a transport (with ``settings``) whose third produce
+    waits until a second replica, started then, has joined group ``stage`` and is ``ready``;
+    once the second has its partitions: the first, the second, and the first's injector (see
+    :func:`foreign_commits`)."""
+    transport = world.transport(settings)
     replicas: list[StageRunner] = []
 
     def join_second() -> None:
         second = build(transport)
         replicas.append(second)
         second.start()
-        wait_until(lambda: len(world.cluster.members(group(world, stage))) == 2,
+        wait_until(lambda: len(world.cluster.members(group(world, stage))) == 2 and ready(second),
                    "the second member")
 
     injector = Injector("produce", 3, hook=join_second, topics=topics)

@@ -320,11 +320,15 @@ def check_predictions(world: World, checkpoints: Path, exactly_once: bool) -> No
 def test_a_model_member_joining_mid_batch_takes_partitions_with_their_models(
     world: World, exactly_once: bool, tmp_path: Path
 ) -> None:
-    """A second replica joins while the first produces a batch: the first checkpoints and
-    hands its partitions over; the second restores their models and goes on. Nothing is
+    """A second replica joins while the first produces a batch: the first checkpoints (only
+    then: no checkpoint is due before) and hands its partitions over; the second restores their
+    models and goes on. Nothing is
     predicted twice or learned twice, whatever the guarantee."""
     first, second, injector = harness.join_mid_batch(
-        world, lambda transport: model_stage(world, transport, exactly_once, tmp_path), "model")
+        world, lambda transport: model_stage(world, transport, exactly_once, tmp_path,
+                                             checkpoint_every=NEVER), "model",
+        # Neither member is evicted while the first waits for the second's worker process.
+        settings={"session.timeout.ms": "30000"}, ready=lambda second: second.worker is not None)
     run_to_end(first, second)
     assert harness.records_in(first) > 0 and harness.records_in(second) > 0
     assert world.all_committed(harness.group(world, "model"))
