@@ -21,7 +21,7 @@ from streamflow.transport import TopicSpec, create_transport
 from tests.helpers import read_topic
 from tests.source_runs import TopicWatcher, unique, wait_until
 
-COUNT = 20_000
+COUNT = 10_000
 PARTITIONS = 4
 WINDOW_S = 10  # records are 0.1 s apart in event time: 100 per window, 25 per partition
 STAGES = ("processor", "window", "model")

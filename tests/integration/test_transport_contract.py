@@ -202,9 +202,9 @@ def test_a_committed_transaction_carries_records_and_offsets(address: str, clien
 
 
 def test_an_aborted_transaction_is_invisible_to_read_committed(
-    address: str, client: str, broker_kind: str, request: pytest.FixtureRequest
+    address: str, client: str, kind: str, request: pytest.FixtureRequest
 ) -> None:
-    if broker_kind == "tansu":
+    if kind == "tansu":
         request.applymarker(pytest.mark.xfail(
             reason="Tansu 0.6.0 hands aborted records to read_committed consumers", strict=True
         ))
@@ -352,6 +352,41 @@ def test_a_listener_may_commit_synchronously_on_revoke(address: str, client: str
     assert second.committed([(name, 0), (name, 1)]) == {(name, 0): 1, (name, 1): 1}
     first.close()
     second.close()
+
+
+class LossRecorder(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: list[TopicPartition] = []
+
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        self.lost += partitions
+
+
+# Real clients heartbeat from a thread of their own: a member that stops polling is evicted
+# once max.poll.interval.ms passes (the memory transport: once session.timeout.ms passes).
+QUICK_EVICTION = {"session.timeout.ms": "1000", "heartbeat.interval.ms": "300",
+                  "max.poll.interval.ms": "1500"}
+
+
+def test_a_member_evicted_for_a_stall_gets_on_lost_not_on_revoke(
+    address: str, client: str
+) -> None:
+    transport = create_transport(client, address, QUICK_EVICTION)
+    name = topic(transport, partitions=2)
+    group = unique("group")
+    listener = LossRecorder()
+    stalled = transport.consumer(group, [name], listener=listener)
+    settle(stalled, lambda: len(listener.assigned) == 2)
+    other = transport.consumer(group, [name])
+    settle(other, lambda: len(other.assignment()) == 2, timeout_s=60)  # the first one stalls
+    stalled_until = time.monotonic() + 3  # past max.poll.interval.ms, as the client tells
+    settle(other, lambda: time.monotonic() > stalled_until)
+    settle(stalled, lambda: bool(listener.lost))
+    assert sorted(listener.lost) == [(name, 0), (name, 1)]
+    assert listener.revoked == []
+    other.close()
+    stalled.close()
 
 
 def test_clients_read_each_others_records(address: str, client: str, reader: str) -> None:
