@@ -141,8 +141,10 @@ class Sink(ABC, Generic[ConfigT]):
       runtime asks it where each partition stands and skips records below the returned offset
       (they count as filtered), so a replay after a crash between the sink's commit and Kafka's
       writes nothing twice.
-    - :meth:`revoke` is called before partitions move to another replica: flush or drop their
-      buffers (the runtime flushes and commits first, so dropping is safe).
+    - :meth:`revoke` is called before partitions move to another replica: drop their buffers,
+      never flush them (the runtime flushes and commits first, so dropping is safe; when the
+      stage was evicted from its group, the partitions are lost and their rows must not be
+      made durable: they replay at the next owner).
     - :meth:`close` releases resources; anything written but not flushed (after a failure) is
       discarded, to be replayed.
     """
@@ -176,7 +178,7 @@ class Sink(ABC, Generic[ConfigT]):
         return {}
 
     def revoke(self, partitions: Sequence[TopicPartition]) -> None:
-        """Forget state of partitions that were flushed and are moving away."""
+        """Forget state and buffered rows of partitions that are moving away, without writing."""
 
     def close(self) -> None:
         """Release resources, discarding records written since the last :meth:`flush`."""

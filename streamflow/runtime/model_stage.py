@@ -184,6 +184,41 @@ class ModelStage(StageRunner):
         self.worker.call("revoke", revoked)
         self._restored.difference_update(revoked)
 
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        """This member was evicted: drop the lost partitions' work in flight and every queued
+        checkpoint unpublished (their files would overwrite the next owner's), and have the
+        worker forget the lost partitions; their next owner replays from its checkpoint."""
+        super().on_lost(partitions)
+        self._assigned = [tp for tp in self._assigned if tp not in partitions]
+        lost = {partition for _topic, partition in partitions}
+        for partition in lost:
+            self._restored_at.pop(partition, None)
+        if self.worker is None or self.error is not None:
+            return
+        self._drop_in_flight(lost)
+        forgotten = sorted(lost & self._restored)
+        self.worker.call("revoke", forgotten)
+        self._restored.difference_update(forgotten)
+
+    def _drop_in_flight(self, lost: set[int]) -> None:
+        """Receive every reply in flight. Checkpoints are discarded, their staged files removed
+        (a later checkpoint covers the partitions kept; offsets are committed only after one is
+        in place); batches of lost partitions only are dropped, others finished as usual."""
+        assert self.worker is not None
+        while self._in_flight:
+            in_flight = self._in_flight[0]
+            if isinstance(in_flight, InFlight) and not lost.issuperset(in_flight.batch.partitions):
+                self._finish()
+                continue
+            reply = self.worker.receive()
+            self._in_flight.popleft()
+            if isinstance(in_flight, CheckpointInFlight):
+                checkpointed: Checkpointed = reply
+                for file in checkpointed.staged:
+                    file.temporary.unlink(missing_ok=True)
+                    file.tag_file.unlink(missing_ok=True)
+        self._drift_events = [event for event in self._drift_events if event.partition not in lost]
+
     def _apply(self, effects: Effects) -> None:
         """Count and log what the worker's engine did."""
         for logger, level, message in effects.logs:

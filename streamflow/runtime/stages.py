@@ -381,6 +381,14 @@ class StageRunner(Stage, RebalanceListener):
             log.warning("stage %s: commit on revoke failed (%s); their next owner replays from the "
                         "last commit", self.name, exc)
 
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        """This member was evicted: forget the lost partitions' uncommitted offsets (their next
+        owner replays from the last commit); subclasses drop their work, making nothing durable."""
+        log.warning("stage %s lost %s (evicted from its group): their uncommitted work is "
+                    "dropped, to be replayed by their next owner", self.name, partitions)
+        for partition in partitions:
+            self._last_offsets.pop(partition, None)
+
 
 class StepFailedError(RuntimeError):
     """A step with ``on_error: fail`` failed: the stage stops without committing the batch."""
@@ -651,3 +659,16 @@ class SinkStage(StageRunner):
         for partition in partitions:
             self._already_written.pop(partition, None)
         self._newly_assigned = [p for p in self._newly_assigned if p not in partitions]
+
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        """Discard the lost partitions' pending rows, unflushed: they replay at the next owner."""
+        super().on_lost(partitions)
+        lost = set(partitions)
+        for partition in lost & set(self._pending):
+            del self._pending[partition]
+        if not self._pending:  # the usual case: a member that was evicted lost every partition
+            self._pending_rows, self._pending_timestamps = 0, []
+        self.sink.revoke(partitions)
+        for partition in partitions:
+            self._already_written.pop(partition, None)
+        self._newly_assigned = [p for p in self._newly_assigned if p not in lost]

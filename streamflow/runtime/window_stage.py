@@ -132,6 +132,18 @@ class WindowStage(TopicStage):
         for partition in revoked & set(self.states):
             self._known[partition] = self.states.pop(partition)
 
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        """Drop the lost partitions' states unsnapshotted: they may be ahead of what was
+        committed, and their next owner restores from the changelog."""
+        super().on_lost(partitions)
+        lost = {partition for _topic, partition in partitions}
+        self._assigned = [p for p in self._assigned if p not in lost]
+        self._unconfirmed -= lost
+        self._dirty -= lost
+        for partition in lost:
+            self.states.pop(partition, None)
+            self._known.pop(partition, None)
+
     def open(self) -> None:
         super().open()
         # Read while the group join goes on (in the client's background thread, for librdkafka).

@@ -140,6 +140,13 @@ class RebalanceListener(ABC):
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
         """Partitions are being taken away: flush and commit their work now."""
 
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        """Partitions were taken away without a chance to commit: this member was evicted from
+        the group (e.g. it did not poll within the session timeout) and they may have a new
+        owner already. Their work must not be made durable (no commit, no state checkpoint):
+        it is replayed by their new owner. By default, :meth:`on_revoke` is called."""
+        self.on_revoke(partitions)
+
 
 class Consumer(ABC):
     """A member of a consumer group; offsets are committed only explicitly (no auto-commit)."""

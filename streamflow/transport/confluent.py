@@ -224,7 +224,8 @@ class ConfluentConsumer(Consumer):
         self._topics = list(topics)
         self._listener = listener
         self._listener_error: BaseException | None = None
-        self.raw.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.raw.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                           on_lost=self._on_lost)
 
     def _notify(self, callback: Any, partitions: list[_TP]) -> None:
         # librdkafka cannot carry a Python exception out of a rebalance callback: keep it and
@@ -240,7 +241,15 @@ class ConfluentConsumer(Consumer):
 
     def _on_revoke(self, _consumer: Any, partitions: list[_TP]) -> None:
         if self._listener:
-            self._notify(self._listener.on_revoke, partitions)
+            # librdkafka does not always route a loss to on_lost (a revoke that was pending
+            # when max.poll.interval.ms ran out stays a revoke), but once it left the group
+            # it has no member id: the partitions are lost, commits would be refused.
+            lost = not self.raw.memberid()
+            self._notify(self._listener.on_lost if lost else self._listener.on_revoke, partitions)
+
+    def _on_lost(self, _consumer: Any, partitions: list[_TP]) -> None:
+        if self._listener:
+            self._notify(self._listener.on_lost, partitions)
 
     def consume_batch(self, max_records: int, timeout_s: float) -> ConsumedBatch:
         try:

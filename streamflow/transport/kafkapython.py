@@ -198,6 +198,10 @@ class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
         if self.listener:
             await self._off_the_io_thread(self.listener.on_revoke, revoked)
 
+    async def on_partitions_lost(self, lost: Any) -> None:
+        if self.listener:
+            await self._off_the_io_thread(self.listener.on_lost, lost)
+
     async def on_partitions_assigned(self, assigned: Any) -> None:
         if self.listener:
             await self._off_the_io_thread(self.listener.on_assign, assigned)

@@ -14,7 +14,8 @@ lock and one condition guard the whole cluster). What it models, as Apache Kafka
   revoked, the new generation is assigned (``partition.assignment.strategy``: ``range``, the
   default, or ``roundrobin``) and each member's next poll calls ``on_assign``. Polling is the
   heartbeat: a member that does not poll for ``session.timeout.ms`` (6000) is evicted, and its
-  next poll revokes what it lost and joins again as a new member;
+  next poll reports what it lost to ``on_lost`` (not ``on_revoke``: its commits would be
+  refused) and joins again as a new member;
 - a group-less :class:`MemoryReader` (``Transport.reader``) whose ``end_offsets`` are the last
   stable offsets for ``read_committed``, else the high watermarks;
 - committed offsets per group; a commit from a member of an older generation, or from an
@@ -565,8 +566,10 @@ class MemoryConsumer(Consumer):
             if self._listener is not None:
                 if callback == "assign":
                     self._listener.on_assign(partitions)
-                elif callback == "revoke" or partitions:
+                elif callback == "revoke":
                     self._listener.on_revoke(partitions)
+                elif partitions:
+                    self._listener.on_lost(partitions)
         finally:
             if callback != "assign":
                 with self.cluster.condition:

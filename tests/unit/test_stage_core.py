@@ -349,6 +349,42 @@ def test_a_sink_member_joining_mid_batch_gets_flushed_partitions(world: World, r
     check_ledger(world, ledger, exactly_once=True)
 
 
+class ZombieSink(LedgerSink):
+    """Its stage loses its partitions with rows unflushed: revoke drops them."""
+
+    def revoke(self, partitions: Sequence[TopicPartition]) -> None:
+        for partition in partitions:
+            self.buffer.pop(partition, None)
+
+
+def test_a_sink_zombie_evicted_mid_write_flushes_nothing_of_its_lost_partitions(world: World
+                                                                                ) -> None:
+    """The first replica stalls inside the sink's write past its session; the second takes
+    every partition and writes and commits everything. When the zombie wakes, its partitions
+    are lost: its buffered rows are discarded, not flushed, so no row is written twice."""
+    ledger = Ledger()
+    transport = world.transport(FAST_FAILURE)
+    replicas: list[SinkStage] = []
+
+    def stall(writes: int) -> None:
+        if writes != 3:
+            return
+        second = sink_stage(world, transport, LedgerSink(ledger, resumes=True))
+        replicas.append(second)
+        second.start()
+        wait_until(lambda: world.all_committed(group(world, "ledger")), "the second's commits")
+
+    zombie = sink_stage(world, transport, ZombieSink(ledger, resumes=True, on_write=stall),
+                        commit_interval_s=3600)
+    zombie.start()
+    wait_until(lambda: bool(replicas) and world.all_committed(group(world, "ledger")),
+               "the input")
+    finish(replicas[0])
+    finish(zombie)
+    assert zombie.error is None
+    check_ledger(world, ledger, exactly_once=True)
+
+
 # --- Source runners -----------------------------------------------------------------------------
 
 

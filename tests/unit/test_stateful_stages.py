@@ -478,19 +478,8 @@ def test_a_window_zombie_evicted_mid_batch_leaves_a_state_to_restore(
     check_windows(world, exactly_once)
 
 
-ZOMBIE_OVERWRITES_CHECKPOINT = pytest.mark.xfail(strict=True, reason=(
-    "A model stage that lost its partitions still puts its checkpoints in place: woken after "
-    "its session expired, the zombie's next poll reports the partitions lost through on_revoke "
-    "(streamflow/runtime/model_stage.py:175), whose checkpoint() -> _finish_all() -> _finish() "
-    "publishes (line 289) the checkpoint it had queued before the stall and then one more, "
-    "before the commit that is refused: its stale partition states overwrite the new owner's "
-    "files (partition 0: next_offsets {} instead of {'in': 99}), so the store no longer covers "
-    "the committed offsets and what the new owner learned is forgotten. Removing the "
-    "checkpoint from on_revoke is not enough: _finish_all still publishes the queued one."))
-
-
 @pytest.mark.parametrize("exactly_once", [
-    pytest.param(False, id="at_least_once", marks=ZOMBIE_OVERWRITES_CHECKPOINT),
+    pytest.param(False, id="at_least_once"),
     pytest.param(True, id="exactly_once"),
 ])
 def test_a_model_zombie_evicted_mid_batch_leaves_the_new_owners_checkpoint_alone(
