@@ -134,9 +134,14 @@ class Progress:
     def poll(self) -> int:
         try:
             count = sum(self.consumer.get_watermark_offsets(TopicPartition(self.topic, p),
-                                                            timeout=2)[1] for p in range(PARTITIONS))
+                                                            timeout=5)[1] for p in range(PARTITIONS))
         except Exception:  # a broker is down: no answer is no progress
             count = self.count
+            # A client that asked during a leader change can keep timing out afterwards (in one
+            # run it saw no progress for 240 s while every stage had committed all its input).
+            self.consumer.close()
+            self.consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": unique("watch"),
+                                      "isolation.level": "read_committed"})
         now = time.monotonic()
         if count > self.count:
             self.count, self.changed_at = count, now
