@@ -143,6 +143,9 @@ def test_a_replica_killed_mid_stream(
         replicas[0].send_signal(signal.SIGKILL)
         replicas[0].wait(10)
         replicas[0] = start(config, tmp_path / "replica-0.log")
+        # Up (its signal handlers are installed before it logs this) before it may be stopped.
+        wait_until(lambda: (tmp_path / "replica-0.log").read_text(errors="replace")
+                   .count("metrics at") == 2, 60, "the restarted replica")
         watcher.wait_for(expected_out, timeout_s=180)
         wait_until(lambda: len(read_topic(bootstrap, f"{name}.dlq").values) >= COUNT // 100, 60,
                    "the dead letters")

@@ -8,18 +8,10 @@ import time
 
 import pytest
 
-from streamflow.transport import OutgoingBatch, TopicSpec, Transport, create_transport, read_until
-from tests.integration.test_transport_contract import CONTRACT_CLIENTS, unique
+from streamflow.transport import OutgoingBatch, Transport, create_transport, read_until
+from tests.integration.test_transport_contract import CONTRACT_CLIENTS, topic, unique
 
 pytestmark = pytest.mark.parametrize("client", CONTRACT_CLIENTS)
-
-
-def new_topic(transport: Transport, partitions: int = 1) -> str:
-    name = unique("reader")
-    admin = transport.admin()
-    admin.create_topics([TopicSpec(name, partitions)])
-    admin.close()
-    return name
 
 
 def values(transport: Transport, start: dict, end: dict | None = None) -> list[tuple[int, bytes]]:
@@ -29,7 +21,7 @@ def values(transport: Transport, start: dict, end: dict | None = None) -> list[t
 
 def test_a_range_is_read_exactly(address: str, client: str) -> None:
     transport = create_transport(client, address)
-    name = new_topic(transport)
+    name = topic(transport)
     producer = transport.producer()
     producer.produce([OutgoingBatch(name, [str(n).encode() for n in range(10)])])
     producer.close()
@@ -39,7 +31,7 @@ def test_a_range_is_read_exactly(address: str, client: str) -> None:
 
 def test_every_partition_is_read_to_its_end(address: str, client: str) -> None:
     transport = create_transport(client, address)
-    name = new_topic(transport, partitions=3)
+    name = topic(transport, partitions=3)
     producer = transport.producer()
     produced = [str(n).encode() for n in range(30)]
     producer.produce([OutgoingBatch(name, produced, keys=produced)])
@@ -56,7 +48,7 @@ def test_reading_to_the_end_skips_aborted_records_and_markers(
         request.applymarker(pytest.mark.xfail(
             reason="Tansu 0.6.0 hands aborted records to read_committed consumers", strict=True))
     transport = create_transport(client, address)
-    name = new_topic(transport)
+    name = topic(transport)
     producer = transport.producer(transactional_id=unique("tx"))
     for value, commit in ((b"one", True), (b"aborted", False), (b"two", True)):
         producer.begin_transaction()
@@ -77,7 +69,7 @@ def test_reading_to_the_end_skips_aborted_records_and_markers(
 
 def test_an_empty_partition_or_range_reads_nothing_at_once(address: str, client: str) -> None:
     transport = create_transport(client, address)
-    name = new_topic(transport)
+    name = topic(transport)
     started = time.monotonic()
     assert values(transport, {(name, 0): None}) == []
     assert values(transport, {(name, 0): 5}, {(name, 0): 5}) == []
