@@ -370,8 +370,13 @@ QUICK_EVICTION = {"session.timeout.ms": "1000", "heartbeat.interval.ms": "300",
 
 
 def test_a_member_evicted_for_a_stall_gets_on_lost_not_on_revoke(
-    address: str, client: str
+    address: str, client: str, kind: str, request: pytest.FixtureRequest
 ) -> None:
+    if kind == "tansu":
+        request.applymarker(pytest.mark.xfail(
+            reason="Tansu 0.6.0 gives a stalled member's partitions to nobody (none after 40 s)",
+            strict=True,
+        ))
     transport = create_transport(client, address, QUICK_EVICTION)
     name = topic(transport, partitions=2)
     group = unique("group")
