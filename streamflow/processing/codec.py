@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import cast
 
@@ -149,12 +150,14 @@ def decode_json(
     """Parse JSON objects into a table with a ``_sf_row`` column; bad records become failures.
 
     With ``schema``, fields outside it are dropped and type mismatches are failures; without
-    one, types are inferred (the first record's type wins where records disagree). ``lenient``
+    one, types are inferred: where records disagree on a field's kind (text, number, boolean,
+    list, object), the kind most of them hold wins (the earliest on a tie). ``lenient``
     makes the schema a fast-path hint only: when a batch does not fit it (or, without a schema,
     its records disagree on a field's type), its fields are read with their own types (as text
     where records disagree) for the caller to coerce, and only records that are not valid JSON
     objects fail (a repeated field name keeps its last value). Whether a record fails never
-    depends on the other records of the batch, but for type conflicts without ``lenient``.
+    depends on the other records of the batch, but for type conflicts without ``lenient``:
+    then the records in the minority fail, never those beside them.
     """
     if not values:
         empty = schema.empty_table() if schema is not None else pa.table({})
@@ -248,11 +251,40 @@ def _as_read(documents: dict[int, dict[str, object]], names: list[str]) -> pa.Ta
     return with_row_ids(table, rows)
 
 
+def _kind(value: object) -> str:
+    """A JSON value's kind, as far as Arrow's type inference tells them apart."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return type(value).__name__
+
+
+def _majority_first(documents: dict[int, dict[str, object]]) -> list[int]:
+    """The indices of ``documents``: first those whose every field has the kind most records
+    give it (the earliest such kind on a tie), then the others, each part in input order."""
+    kinds: dict[str, Counter[str]] = {}
+    for document in documents.values():
+        for name, value in document.items():
+            if value is not None:
+                kinds.setdefault(name, Counter())[_kind(value)] += 1
+    disputed = {name: counts.most_common(1)[0][0]
+                for name, counts in kinds.items() if len(counts) > 1}
+    if not disputed:
+        return list(documents)
+    dissenting = {index for index, document in documents.items()
+                  if any(document.get(name) is not None and _kind(document[name]) != kind
+                         for name, kind in disputed.items())}
+    return ([index for index in documents if index not in dissenting]
+            + [index for index in documents if index in dissenting])
+
+
 def _decode_slowly(
     values: Sequence[bytes | None], schema: pa.Schema | None, lenient: bool = False
 ) -> tuple[pa.Table, Failures]:
     """Record by record: the valid objects read by bisection, each joining the table unless it
-    does not read or its types conflict with the records before it."""
+    does not read or its types conflict with the records before it, which hold the kinds most
+    records give their fields (see :func:`_majority_first`)."""
     documents, failures = _objects(values)
     # Raw line breaks can only be insignificant whitespace in valid JSON.
     cleaned = {index: values[index].replace(b"\n", b" ").replace(b"\r", b" ")  # type: ignore[union-attr]
@@ -294,13 +326,16 @@ def _decode_slowly(
 
     merged: list[pa.Table] = []
     if documents:
-        place(list(documents))
+        order = _majority_first(documents)
+        place(order)
         try:
             merged = [pa.concat_tables(pieces, promote_options="permissive")] if pieces else []
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             one_by_one, pieces, unified, unfit = True, [], [], []
-            place(list(documents))
+            place(order)
             merged = pieces
+        if merged and order != list(documents):
+            merged = [merged[0].sort_by(ROW_ID)]
     if lenient and unfit:
         names = schema.names if schema is not None else list(
             dict.fromkeys(name for document in documents.values() for name in document))

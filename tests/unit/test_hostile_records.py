@@ -262,15 +262,20 @@ def test_records_parquet_cannot_hold_fail_alone(tmp_path: Path) -> None:
     assert ids == [0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 5, 6]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Strict JSON decoding (a sink stage's, streamflow/runtime/stages.py SinkStage.handle, and "
-    "decode_json without lenient) types a field by the first record that has it: one odd record "
-    "first in a batch dead-letters every good record after it ('field types conflict')"))
 def test_one_odd_type_first_in_a_batch_fails_alone() -> None:
     values = [b'{"id":0,"x":"a"}', b'{"id":1,"x":1.5}', b'{"id":2,"x":2.5}', b'{"id":3,"x":3.5}']
     table, failures = decode_json(values)
     assert table[ROW_ID].to_pylist() == [1, 2, 3]
     assert [row for row, _error in failures] == [0]
+
+
+def test_records_disagreeing_with_most_on_a_field_fail_and_the_rest_keep_their_order() -> None:
+    values = [b'{"x":"a","y":1}', b'{"x":1,"y":true}', b'{"y":2}', b'{"x":2,"y":3}',
+              b'{"x":3}', b'{"x":[4]}']
+    table, failures = decode_json(values)
+    assert table[ROW_ID].to_pylist() == [2, 3, 4]
+    assert table["x"].to_pylist() == [None, 2, 3]
+    assert [row for row, _error in failures] == [0, 1, 5]
 
 
 def test_a_cast_the_schemas_allow_but_a_value_refuses_fails_its_record_alone() -> None:
