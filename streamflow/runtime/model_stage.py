@@ -13,8 +13,9 @@ offsets it covers, so no record is learned twice.
   output records produced after it may be produced again.
 - Under exactly_once, each batch's output, dead letters and input offsets are one Kafka
   transaction, so the committed offsets run ahead of the checkpoint, never behind it. A
-  partition whose restored state is behind the committed offset is brought up to it by replaying
-  the input records in between through the model, learning them with their output discarded
+  partition whose restored state is behind the committed offset is brought up to it at
+  assignment (and to its first record, should the consumer resume beyond) by replaying the
+  input records in between through the model, learning them with their output discarded
   (it was committed when they were first handled): each record is learned once and published
   once. A crash between putting checkpoint files in place and committing cannot skip records,
   since files never cover offsets beyond the committed ones. A labels topic is not supported
@@ -52,7 +53,14 @@ from streamflow.plugins import ROW_ID
 from streamflow.processing.codec import decode_json, encode_json, user_fields
 from streamflow.runtime.dead_letters import Failure, OutputBatch
 from streamflow.runtime.stages import StageIdentity, StageRunner
-from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicPartition, Transport, read_until
+from streamflow.transport import (
+    ConsumedBatch,
+    OutgoingBatch,
+    TopicPartition,
+    Transport,
+    TransportError,
+    read_until,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,22 +150,49 @@ class ModelStage(StageRunner):
             self._restored.update(partitions)
             if self.transactional:
                 self._restored_at.update(restored)
+                self._catch_up(self._committed(partitions), confirm=True)
 
-    def _catch_up(self, batch: ConsumedBatch) -> None:
-        """Under exactly_once, before the first batch of a restored partition: learn the input
-        records between its state's offset and its first record in ``batch`` (where the
-        consumer resumed: the group's committed offset, past transaction markers), read from
-        the input topic, discarding their output."""
+    def _committed(self, partitions: list[int]) -> dict[int, int]:
+        """The group's committed offsets of ``partitions`` in the input topic, as far as they
+        are known now (not while a transaction that sent them is being completed)."""
+        assert self.consumer is not None
+        topic = self.identity.input_topic
+        try:
+            committed = self.consumer.committed([(topic, p) for p in partitions])
+        except TransportError as exc:
+            log.info("stage %s: committed offsets not known yet (%s); partitions %s are caught "
+                     "up as of their first record", self.name, exc, partitions)
+            return {}
+        return {p: offset for (_topic, p), offset in committed.items() if offset is not None}
+
+    def _first_offsets(self, batch: ConsumedBatch) -> dict[int, int]:
+        """The offset of the first record in ``batch`` of each partition still to catch up."""
+        topic, first = self.identity.input_topic, {}
+        for batch_topic, partition, offset in zip(batch.topics, batch.partitions, batch.offsets,
+                                                  strict=True):
+            if batch_topic == topic and partition in self._restored_at:
+                first.setdefault(partition, offset)
+        return first
+
+    def _catch_up(self, resumed_at: dict[int, int], confirm: bool = False) -> None:
+        """Under exactly_once: learn the input records between each restored partition's state
+        offset and ``resumed_at``, read from the input topic, discarding their output (it was
+        committed when they were first handled).
+
+        At assignment, ``resumed_at`` holds the group's committed offsets, so that a state is
+        complete even if no record follows; with ``confirm`` the partitions stay to be checked
+        against their first record, which tells where the consumer really resumed (past
+        transaction markers) when that differs from the offsets fetched."""
         assert self.worker is not None
         topic = self.identity.input_topic
         start: dict[TopicPartition, int] = {}
         end: dict[TopicPartition, int] = {}
-        for batch_topic, partition, offset in zip(batch.topics, batch.partitions, batch.offsets,
-                                                  strict=True):
-            if batch_topic == topic and partition in self._restored_at:
-                restored_at = self._restored_at.pop(partition)
-                if restored_at < offset:
-                    start[(topic, partition)], end[(topic, partition)] = restored_at, offset
+        for partition, offset in resumed_at.items():
+            restored_at = self._restored_at.pop(partition)
+            if restored_at < offset:
+                start[(topic, partition)], end[(topic, partition)] = restored_at, offset
+            if confirm:
+                self._restored_at[partition] = max(restored_at, offset)
         if not start:
             return
         replayed = 0
@@ -237,7 +272,7 @@ class ModelStage(StageRunner):
         assert self.worker is not None
         self._restore_assigned()
         if self._restored_at:
-            self._catch_up(batch)
+            self._catch_up(self._first_offsets(batch))
         request, in_flight = self._prepare(batch)
         now = time.monotonic()
         if now - self._metric_values_at >= METRIC_VALUES_INTERVAL_S:

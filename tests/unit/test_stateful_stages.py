@@ -434,6 +434,36 @@ def test_a_model_stage_exactly_once_holds_across_crashes(
     check_predictions(world, tmp_path, exactly_once=True)
 
 
+def test_a_model_stage_exactly_once_catches_up_a_partition_with_nothing_left_to_read(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its input all committed by batches (exactly_once) but no checkpoint in place, a stage
+    crashes; the one restarted after it gets no record, yet learns the committed records
+    again at assignment, so its checkpoint on stop covers every record once."""
+    publish = model_stage_module.publish
+    crashing: set[threading.Thread] = set()
+
+    def refused(staged: Any) -> None:
+        if threading.current_thread() in crashing:
+            raise harness.Crash("checkpoint")
+        publish(staged)
+
+    monkeypatch.setattr(model_stage_module, "publish", refused)
+    first = model_stage(world, world.transport(), True, tmp_path, checkpoint_every=NEVER)
+    crashing.add(first.thread)
+    first.start()
+    harness.wait_until(lambda: caught_up(first), "the input consumed to its end")
+    first.stop()
+    first.thread.join(harness.TIMEOUT_S)
+    assert isinstance(first.error, harness.Crash) and learned(tmp_path) == 0
+    assert world.all_committed(harness.group(world, "model"))
+    restarted = model_stage(world, world.transport(), True, tmp_path, checkpoint_every=NEVER)
+    restarted.start()
+    run_to_end(restarted)
+    assert harness.records_in(restarted) == 0
+    assert learned(tmp_path) == len(world.valid())
+
+
 def zombie_stalls(world: World, build: Callable[[Transport], StageRunner], stage: str,
                   exactly_once: bool) -> None:
     """The stage ``build`` makes stalls inside its third produce past its session: a second
