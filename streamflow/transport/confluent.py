@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
@@ -20,13 +21,14 @@ from confluent_kafka import (
 from confluent_kafka import (
     TopicPartition as _TP,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from streamflow.transport.base import (
     Admin,
     AuthenticationError,
     ConsumedBatch,
     Consumer,
+    Headers,
     OutgoingBatch,
     Producer,
     Reader,
@@ -61,10 +63,11 @@ def _error(exc: KafkaException | KafkaError) -> TransportError:
 
 
 class ConfluentProducer(Producer):
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], admin_config: dict[str, Any]) -> None:
         self._failures: list[tuple[KafkaError, Message]] = []
         # One delivery callback for the producer, not a keyword argument per record.
         self._producer = _Producer({**config, "on_delivery": self._on_delivery})
+        self._admin_config = admin_config
         self._transactional = "transactional.id" in config
         if self._transactional:
             self._call(self._producer.init_transactions, 30)
@@ -76,36 +79,102 @@ class ConfluentProducer(Producer):
     def produce(self, batches: Sequence[OutgoingBatch]) -> None:
         refused: list[tuple[int, int]] = []  # by the client, before sending
         for number, batch in enumerate(batches):
-            self._enqueue(number, batch, refused)
+            self._enqueue(number, batch.topic, enumerate(batch.records()), refused)
+        failures = self._flush()
+        if failures:
+            raise self._refusal(failures, batches, refused)
+        if refused:
+            raise RecordTooLargeError(refused, False, "over the client's message.max.bytes")
+
+    def _enqueue(self, number: int, topic: str, records: Iterable[tuple[int, _Record]],
+                 refused: list[tuple[int, int]]) -> None:
+        """Queue the (index, record) ``records`` of the ``number``-th batch, waiting for room when
+        the local queue is full; the indices of records refused for their size go to ``refused``."""
+        produce = self._producer.produce
+        # Arguments by position, as keywords cost about a third of the call: topic, value, key,
+        # partition -1 (the partitioner's choice), callback and on_delivery None (the producer's
+        # callback), timestamp (0 means now), headers.
+        for index, (value, key, headers, timestamp) in records:
+            try:
+                produce(topic, value, key, -1, None, None, timestamp or 0, headers or None)
+            except (BufferError, KafkaException) as exc:
+                if not self._enqueue_after(
+                        exc, (topic, value, key, -1, None, None, timestamp or 0, headers or None)):
+                    refused.append((number, index))
+
+    def _enqueue_after(self, exc: BufferError | KafkaException, record: tuple[Any, ...]) -> bool:
+        """Queue ``record`` after producing it raised ``exc``: once there is room, if the local
+        queue was full. False when the client refused it for its size; other failures raise."""
+        while isinstance(exc, BufferError):
+            self._producer.poll(0.05)
+            try:
+                self._producer.produce(*record)
+                return True
+            except (BufferError, KafkaException) as again:
+                exc = again
+        if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+            raise _error(exc) from exc
+        return False
+
+    def _flush(self) -> list[tuple[KafkaError, Message]]:
+        """Wait for every queued record; returns the failures, all of them refusals for size
+        by the broker (any other failure raises)."""
         remaining = self._producer.flush(_FLUSH_TIMEOUT_S)
         failures, self._failures = self._failures, []
         if remaining:
             raise TransportError(f"{remaining} records not acknowledged within {_FLUSH_TIMEOUT_S}s")
         if any(error.code() != KafkaError.MSG_SIZE_TOO_LARGE for error, _message in failures):
             raise TransportError(f"{len(failures)} records failed delivery, first: {failures[0][0]}")
-        if failures:
-            rejected = sorted(refused + _locate([message for _error, message in failures], batches))
-            raise RecordTooLargeError(rejected, True, str(failures[0][0]))
-        if refused:
-            raise RecordTooLargeError(refused, False, "over the client's message.max.bytes")
+        return failures
 
-    def _enqueue(self, number: int, batch: OutgoingBatch, refused: list[tuple[int, int]]) -> None:
-        """Queue every record of ``batch`` (the ``number``-th), waiting for room when the local
-        queue is full; the indices of records refused for their size go to ``refused``."""
-        produce, topic = self._producer.produce, batch.topic
-        # Arguments by position, as keywords cost about a third of the call: topic, value, key,
-        # partition -1 (the partitioner's choice), callback and on_delivery None (the producer's
-        # callback), timestamp (0 means now), headers.
-        for index, (value, key, headers, timestamp) in enumerate(batch.records()):
+    def _refusal(self, failures: list[tuple[KafkaError, Message]], batches: Sequence[OutgoingBatch],
+                 refused: list[tuple[int, int]]) -> RecordTooLargeError:
+        """The error for records of ``batches`` the broker refused for their size (``failures``)
+        besides those the client ``refused``.
+
+        librdkafka fails every record of a message set the broker refused, so only those over
+        their topic's ``max.message.bytes`` on their own are named. The others were not written:
+        a transaction is aborted by the caller and they go again in the next one; a producer
+        without one sends them again here, and names those refused again. When no failed record
+        is too large on its own (small records together over a small topic limit), all are
+        named, so that the caller never sends the same records again and again.
+        """
+        places = [(number, index) for number, batch in enumerate(batches)
+                  for index in range(len(batch.values))]
+        failed = _locate([message for _error, message in failures], batches, places)
+        limits = self._topic_limits({batches[number].topic for number, _index in failed})
+        rejected = [(number, index) for number, index in failed
+                    if _alone_size(_record(batches[number], index)) > limits.get(
+                        batches[number].topic, 0)] or failed
+        unsent = sorted(set(failed) - set(rejected))
+        if unsent and not self._transactional:
+            rejected += self._send_again(unsent, batches)
+        return RecordTooLargeError(sorted(refused + rejected), True, str(failures[0][0]))
+
+    def _send_again(self, places: list[tuple[int, int]], batches: Sequence[OutgoingBatch]
+                    ) -> list[tuple[int, int]]:
+        """Send the records of ``batches`` at ``places`` (sorted) again; those refused again."""
+        refused: list[tuple[int, int]] = []
+        for number, group in groupby(places, itemgetter(0)):
+            batch = batches[number]
+            self._enqueue(number, batch.topic,
+                          ((index, _record(batch, index)) for _number, index in group), refused)
+        failures = self._flush()
+        return refused + _locate([message for _error, message in failures], batches, places)
+
+    def _topic_limits(self, topics: set[str]) -> dict[str, int]:
+        """The ``max.message.bytes`` of each of ``topics`` the brokers tell (none they do not)."""
+        admin = AdminClient(self._admin_config)
+        limits = {}
+        futures = admin.describe_configs(
+            [ConfigResource(ConfigResource.Type.TOPIC, topic) for topic in topics],
+            request_timeout=10)
+        for resource, future in futures.items():
             try:
-                produce(topic, value, key, -1, None, None, timestamp or 0, headers or None)
-            except BufferError:
-                self._enqueue_when_room(
-                    (topic, value, key, -1, None, None, timestamp or 0, headers or None))
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
-                    raise _error(exc) from exc
-                refused.append((number, index))
+                limits[resource.name] = int(future.result()["max.message.bytes"].value)
+            except (KafkaException, KeyError, ValueError):
+                continue
+        return limits
 
     @staticmethod
     def _call(method: Any, *args: Any) -> Any:
@@ -136,16 +205,57 @@ class ConfluentProducer(Producer):
         self._producer.flush(_FLUSH_TIMEOUT_S)
 
 
-def _locate(messages: list[Message], batches: Sequence[OutgoingBatch]) -> list[tuple[int, int]]:
-    """The (batch, record) indices of ``messages`` (delivery reports carry copies of the values,
-    so they are matched by topic, key and value: identical records are told apart by order)."""
-    places: dict[tuple[str, bytes | None, bytes], list[tuple[int, int]]] = {}
+_Record = tuple[bytes, bytes | None, Headers | None, int | None]  # value, key, headers, timestamp
+# A record batch's header (v2): base offset, length, leader epoch, magic, CRC, attributes, last
+# offset delta, first and max timestamps, producer id and epoch, base sequence, record count.
+_BATCH_HEADER_BYTES = 61
+
+
+def _record(batch: OutgoingBatch, index: int) -> _Record:
+    """The ``index``-th record of ``batch``, as :meth:`OutgoingBatch.records` gives it."""
+    return (batch.values[index], batch.keys[index] if batch.keys else None,
+            batch.headers[index] if batch.headers else None,
+            batch.timestamps_ms[index] if batch.timestamps_ms else None)
+
+
+def _varint_bytes(number: int) -> int:
+    """The length of ``number`` as a zigzag varint, the encoding of a record's fields."""
+    zigzag = (number << 1) ^ (number >> 63)
+    length = 1
+    while zigzag >= 0x80:
+        zigzag >>= 7
+        length += 1
+    return length
+
+
+def _field_bytes(data: bytes | None) -> int:
+    """The length of a key, value or header value with its length before it (-1: null)."""
+    return _varint_bytes(-1) if data is None else _varint_bytes(len(data)) + len(data)
+
+
+def _alone_size(record: _Record) -> int:
+    """The bytes of an uncompressed record batch of ``record`` alone: what the broker compares
+    with the topic's ``max.message.bytes``."""
+    value, key, headers, _timestamp = record
+    body = 3 + _field_bytes(key) + _field_bytes(value)  # attributes, timestamp and offset deltas
+    body += _varint_bytes(len(headers or ())) + sum(
+        _field_bytes(name.encode()) + _field_bytes(data) for name, data in headers or ())
+    return _BATCH_HEADER_BYTES + _varint_bytes(body) + body
+
+
+def _locate(messages: list[Message], batches: Sequence[OutgoingBatch],
+            places: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (batch, record) indices among ``places`` of ``messages`` (delivery reports carry
+    copies of the values, so they are matched by topic, key and value: identical records are
+    told apart by order)."""
+    found: dict[tuple[str, bytes | None, bytes], list[tuple[int, int]]] = {}
     topics = {message.topic() for message in messages}
-    for number, batch in enumerate(batches):
+    for number, index in places:
+        batch = batches[number]
         if batch.topic in topics:
-            for index, (value, key, _headers, _timestamp) in enumerate(batch.records()):
-                places.setdefault((batch.topic, key, bytes(value or b"")), []).append((number, index))
-    return [places[(message.topic(), message.key(), message.value() or b"")].pop(0)
+            value, key, _headers, _timestamp = _record(batch, index)
+            found.setdefault((batch.topic, key, bytes(value or b"")), []).append((number, index))
+    return [found[(message.topic(), message.key(), message.value() or b"")].pop(0)
             for message in messages]
 
 
@@ -331,16 +441,18 @@ class ConfluentConsumer(Consumer):
         lags: dict[TopicPartition, int] = {}
         for tp in positions:
             position = tp.offset
-            # Fetch responses keep the cached high watermark current; asking the broker instead
-            # waits behind the consumer's long-polling fetch (about 0.5 s a partition on Tansu).
-            _low, high = self.raw.get_watermark_offsets(tp, timeout=5, cached=position >= 0)
-            if high < 0:  # nothing fetched yet for this partition
-                _low, high = self.raw.get_watermark_offsets(tp, timeout=5, cached=False)
             if position < 0:  # nothing consumed yet: fall back to the committed offset
                 if committed is None:
                     committed = self.committed(self.assignment())
-                position = committed.get((tp.topic, tp.partition)) or _low
-            lags[(tp.topic, tp.partition)] = max(high - position, 0)
+                position = committed.get((tp.topic, tp.partition)) or -1
+            # Fetch responses keep the cached watermarks current, also of partitions whose
+            # records are fetched but not consumed yet. Asking the broker instead waits behind
+            # the consumer's long-polling fetch (fetch.wait.max.ms, 0.5 s a partition), in the
+            # stage's thread: once a second, that stalled a stage by more than it worked.
+            low, high = self.raw.get_watermark_offsets(tp, timeout=5, cached=True)
+            if high < 0 or (position < 0 and low < 0):  # nothing fetched yet
+                low, high = self.raw.get_watermark_offsets(tp, timeout=5, cached=False)
+            lags[(tp.topic, tp.partition)] = max(high - (low if position < 0 else position), 0)
         return lags
 
     def close(self) -> None:
@@ -412,7 +524,7 @@ class ConfluentTransport(Transport):
         config.pop("session.timeout.ms", None)
         if transactional_id:
             config["transactional.id"] = transactional_id
-        return ConfluentProducer(config)
+        return ConfluentProducer(config, self._admin_config())
 
     def consumer(
         self,
@@ -451,7 +563,10 @@ class ConfluentTransport(Transport):
         return ConfluentReader(config, start)
 
     def admin(self) -> Admin:
+        return ConfluentAdmin(self._admin_config())
+
+    def _admin_config(self) -> dict[str, Any]:
         config = self._base()
         config.pop("session.timeout.ms", None)
         config.pop("heartbeat.interval.ms", None)
-        return ConfluentAdmin(config)
+        return config

@@ -7,7 +7,7 @@ platforms without librdkafka wheels and small pipelines.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, errors
@@ -21,6 +21,7 @@ from streamflow.transport.base import (
     AuthenticationError,
     ConsumedBatch,
     Consumer,
+    Headers,
     OutgoingBatch,
     Producer,
     Reader,
@@ -74,54 +75,66 @@ def translate(settings: Mapping[str, str], client: type[Any]) -> dict[str, Any]:
 
 class KafkaPythonProducer(Producer):
     def __init__(self, config: dict[str, Any]) -> None:
+        self._config = config
+        self._transactional = bool(config.get("transactional_id"))
         try:
             self._producer = KafkaProducer(**config)
-            if config.get("transactional_id"):
+            if self._transactional:
                 self._producer.init_transactions()
         except errors.KafkaError as exc:
             raise _error(exc) from exc
 
     def produce(self, batches: Sequence[OutgoingBatch]) -> None:
-        futures: list[tuple[int, int, Any]] = []
         refused: list[tuple[int, int]] = []  # by the client, before sending
-        try:
-            self._send(batches, futures, refused)
-            self._producer.flush(timeout=_TIMEOUT_S)
-        except errors.KafkaError as exc:
-            raise _error(exc) from exc
-        failed = [(number, index, future) for number, index, future in futures if future.failed()]
-        pending = sum(not future.is_done for _number, _index, future in futures)
-        if pending:
-            raise TransportError(f"{pending} records not acknowledged within {_TIMEOUT_S}s")
-        if any(not isinstance(future.exception, errors.MessageSizeTooLargeError)
-               for _n, _i, future in failed):
-            raise TransportError(f"{len(failed)} records failed delivery, first: {failed[0][2].exception}")
-        if failed:
-            by_broker = [(number, index) for number, index, future in failed if not _aborted(future)]
+        rejected: list[tuple[int, int]] = []  # by the broker
+        records: Iterable[tuple[int, int, _Record]] = (
+            (number, index, record) for number, batch in enumerate(batches)
+            for index, record in enumerate(batch.records()))
+        detail = ""
+        while True:
+            failed, unsent = self._deliver(batches, records, refused)
+            if not failed:
+                if unsent:  # a refusal by the broker stopped the sends, yet no record failed
+                    raise TransportError("records too large for Kafka in an earlier call "
+                                         "stopped this one")
+                break
+            by_broker = [(number, index) for number, index, future in failed
+                         if not _aborted(future)]
             if not by_broker:  # only records aborted for a refusal in an earlier call
                 raise TransportError(f"{len(failed)} records aborted, first: {failed[0][2].exception}")
-            raise RecordTooLargeError(sorted(refused + by_broker), True, str(failed[0][2].exception))
-        if len(futures) + len(refused) < sum(len(batch.values) for batch in batches):
-            # a refusal by the broker stopped the sends, yet no record of this call failed
-            raise TransportError("records too large for Kafka in an earlier call stopped this one")
+            rejected += by_broker
+            detail = detail or str(failed[0][2].exception)
+            again = sorted([(number, index) for number, index, future in failed
+                            if _aborted(future)] + unsent)
+            if self._transactional or not again:
+                break
+            self._renew()
+            records = ((number, index, _record(batches[number], index)) for number, index in again)
+        if rejected:
+            raise RecordTooLargeError(sorted(refused + rejected), True, detail)
         if refused:
             raise RecordTooLargeError(refused, False, "over the client's max_request_size")
 
-    def _send(self, batches: Sequence[OutgoingBatch], futures: list[tuple[int, int, Any]],
-              refused: list[tuple[int, int]]) -> None:
-        """Send the records of ``batches``: their futures go to ``futures``, the indices of those
-        the client refused for their size to ``refused``.
+    def _deliver(self, batches: Sequence[OutgoingBatch], records: Iterable[tuple[int, int, _Record]],
+                 refused: list[tuple[int, int]]
+                 ) -> tuple[list[tuple[int, int, Any]], list[tuple[int, int]]]:
+        """Send the (batch, index, record) ``records`` of ``batches`` and wait for the broker;
+        returns the records that failed for their size, with their futures, and those not sent.
+        The indices of records the client refused for their size go to ``refused``; any other
+        failure raises.
 
-        A transactional producer refuses every send once the broker has refused a record of its
-        transaction (for its size: the topic's ``max.message.bytes``); the sends stop there, the
-        records not sent are neither acknowledged nor refused, and the caller learns of the refusal
-        from the failed futures (the transaction can then only be aborted).
+        The producer refuses every send once the broker refused a record for its size (the
+        topic's ``max.message.bytes``): in a transaction, which can then only be aborted, and,
+        being idempotent, without one too. It fails the records it still held (aborted, see
+        :func:`_aborted`), and the sends stop there.
         """
-        for number, batch in enumerate(batches):
-            for index, (value, key, header, timestamp) in enumerate(batch.records()):
+        futures: list[tuple[int, int, Any]] = []
+        unsent: list[tuple[int, int]] = []
+        try:
+            for number, index, (value, key, header, timestamp) in records:
                 try:
                     futures.append((number, index, self._producer.send(
-                        batch.topic, value=value, key=key, headers=header or None,
+                        batches[number].topic, value=value, key=key, headers=header or None,
                         timestamp_ms=timestamp or None,
                     )))
                 except errors.MessageSizeTooLargeError:
@@ -129,7 +142,28 @@ class KafkaPythonProducer(Producer):
                 except errors.KafkaError as exc:
                     if not any(isinstance(arg, errors.MessageSizeTooLargeError) for arg in exc.args):
                         raise
-                    return
+                    unsent = [(number, index), *((n, i) for n, i, _data in records)]
+                    break
+            self._producer.flush(timeout=_TIMEOUT_S)
+        except errors.KafkaError as exc:
+            raise _error(exc) from exc
+        pending = sum(not future.is_done for _number, _index, future in futures)
+        if pending:
+            raise TransportError(f"{pending} records not acknowledged within {_TIMEOUT_S}s")
+        failed = [(number, index, future) for number, index, future in futures if future.failed()]
+        if any(not isinstance(future.exception, errors.MessageSizeTooLargeError)
+               for _n, _i, future in failed):
+            raise TransportError(f"{len(failed)} records failed delivery, first: {failed[0][2].exception}")
+        return failed, unsent
+
+    def _renew(self) -> None:
+        """Replace the client, which a refusal by the broker left unable to produce (only
+        without a transaction: a transactional id's next producer fences this one)."""
+        try:
+            self._producer.close(timeout=_TIMEOUT_S)
+            self._producer = KafkaProducer(**self._config)
+        except errors.KafkaError as exc:
+            raise _error(exc) from exc
 
     def _call(self, method: Any, *args: Any) -> None:
         try:
@@ -257,6 +291,16 @@ class KafkaPythonReader(Reader):
 
     def close(self) -> None:
         self.raw.close(autocommit=False)
+
+
+_Record = tuple[bytes, bytes | None, Headers | None, int | None]  # value, key, headers, timestamp
+
+
+def _record(batch: OutgoingBatch, index: int) -> _Record:
+    """The ``index``-th record of ``batch``, as :meth:`OutgoingBatch.records` gives it."""
+    return (batch.values[index], batch.keys[index] if batch.keys else None,
+            batch.headers[index] if batch.headers else None,
+            batch.timestamps_ms[index] if batch.timestamps_ms else None)
 
 
 def _aborted(future: Any) -> bool:
