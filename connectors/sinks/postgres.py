@@ -3,7 +3,8 @@
 Rows are bulk-loaded with COPY inside one transaction per flush; the consumed offsets go into
 ``offsets_table`` in that same transaction, so after a crash the runtime resumes each partition
 exactly where the committed rows end. The table is created from the first records and gains a
-column (ALTER TABLE ADD COLUMN) when a new field appears. Every identifier is quoted; a field
+column (ALTER TABLE ADD COLUMN) when a new field appears, up to PostgreSQL's 1,600 columns (the
+records of fields beyond them are dead-lettered). Every identifier is quoted; a field
 whose name cannot be a column (empty, with a control character, longer than PostgreSQL's 63
 bytes) gets a column named by the rule in :mod:`connectors.sinks.warehouse`.
 """
@@ -52,6 +53,8 @@ _FATAL_CONNECTION_ERRORS = ("does not exist", "authentication failed", "no pg_hb
                             "permission denied")
 # Quoted identifiers keep their case; longer ones than 63 bytes would be cut (NAMEDATALEN - 1).
 NAMING = Naming("PostgreSQL", max_bytes=63)
+# A table's columns, dropped ones included (MaxHeapAttributeNumber).
+MAX_COLUMNS = 1600
 
 
 class PostgresConfig(WarehouseConfig):
@@ -100,6 +103,7 @@ class PostgresSink(Sink[PostgresConfig]):
         self.address = f"{params.get('host', 'localhost')}:{params.get('port', 5432)}"
         self.connection: psycopg.Connection | None = None
         self.columns: dict[str, ColumnType] = {}
+        self.attributes = 0  # the table's columns, dropped ones included: MAX_COLUMNS at most
         self.table_exists = False
         self._bytes = 0
         # Per partition, the stored (cluster id, next offset) this sink last read or wrote.
@@ -138,6 +142,11 @@ class PostgresSink(Sink[PostgresConfig]):
                     (self.config.db_schema, self.config.table),
                 )
                 found = cursor.fetchall()
+                cursor.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = "
+                               "to_regclass(%s) AND attnum > 0",
+                               (sql.Identifier(self.config.db_schema, self.config.table)
+                                .as_string(self.connection),))
+                self.attributes = cursor.fetchone()[0]  # type: ignore[index]
             self.connection.commit()
         self.table_exists = bool(found)
         self.columns = {name: _ARROW_TYPES.get(kind) for name, kind in found}
@@ -180,7 +189,8 @@ class PostgresSink(Sink[PostgresConfig]):
 
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
         assert self.connection is not None
-        conformed = conform(table, self.columns, self.keys, NAMING)
+        conformed = conform(table, self.columns, self.keys, NAMING,
+                            room=MAX_COLUMNS - self.attributes)
         with self._errors():
             if self.connection.info.transaction_status == TransactionStatus.IDLE:
                 # Open the flush's transaction now, so that the savepoints of _load nest in it.
@@ -216,6 +226,7 @@ class PostgresSink(Sink[PostgresConfig]):
                     for name, kind in new_columns.items()
                 )))
         self.columns.update(new_columns)
+        self.attributes += len(new_columns)
 
     def _load(self, rows: pa.Table, sequence: str) -> dict[int, BaseException]:
         """Load ``rows``; those the database rejects are found by halving and returned by their
@@ -226,7 +237,8 @@ class PostgresSink(Sink[PostgresConfig]):
             with self.connection.transaction():
                 self._copy(rows, sequence)
             return {}
-        except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+        except (psycopg.errors.DataError, psycopg.errors.IntegrityError,
+                psycopg.errors.ProgramLimitExceeded) as exc:  # e.g. a row over 8 kB of columns
             if rows.num_rows == 1:
                 return {rows.column(sequence)[0].as_py(): ValueError(
                     f"PostgreSQL rejected the record: {str(exc).strip()}")}

@@ -118,6 +118,10 @@ class ColumnNameError(ValueError):
     """A field's column would differ only in case from another field's, where case is ignored."""
 
 
+class ColumnLimitError(ValueError):
+    """A field needs a new column, but the table has as many as the database allows."""
+
+
 @dataclass
 class Conformed:
     """A batch fitted to a table: rows in ``failures`` (index → error) must not be written."""
@@ -199,13 +203,14 @@ def _fail_values(column: pa.ChunkedArray, error: BaseException,
 
 
 def conform(table: pa.Table, columns: dict[str, ColumnType], keys: list[str],
-            naming: Naming | None = None) -> Conformed:
+            naming: Naming | None = None, room: int | None = None) -> Conformed:
     """Fit ``table`` to a table whose existing ``columns`` have the given types.
 
     With ``naming``, fields are renamed to their columns, and a field whose column differs only
     in case from another one fails its rows that have a value. Columns the table lacks are
-    listed in ``new_columns`` (all-null ones are left out: their type is unknown). Rows without
-    a value for one of ``keys`` (column names) fail.
+    listed in ``new_columns`` (all-null ones are left out: their type is unknown); with
+    ``room``, at most that many, in field order, and the rows with a value in a field beyond
+    them fail. Rows without a value for one of ``keys`` (column names) fail.
     """
     fields = dict(zip(table.column_names, table.column_names, strict=True))
     if naming is not None:
@@ -227,6 +232,11 @@ def conform(table: pa.Table, columns: dict[str, ColumnType], keys: list[str],
                 _fail_values(column, ColumnNameError(
                     f"field {fields[name]!r} has no column: {naming.database} ignores the case of "
                     f"column names, and column {owner!r} holds another field"), result.failures)
+                continue
+            if room is not None and len(result.new_columns) >= room:
+                _fail_values(column, ColumnLimitError(
+                    f"field {fields[name]!r} has no column: the table has as many columns as "
+                    f"{naming.database if naming else 'the database'} allows"), result.failures)
                 continue
             target = result.new_columns[name] = new_column_type(column.type)
         if target == JSON:

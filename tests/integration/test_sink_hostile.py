@@ -86,6 +86,29 @@ def test_postgres_maps_every_field_name_to_a_column_of_its_own(
         check_named(postgres_rows(postgres_dsn, table), POSTGRES, letters(fresh_broker, pipeline))
 
 
+def test_postgres_dead_letters_the_fields_beyond_its_column_limit_and_rows_too_big(
+    fresh_broker: str, tmp_path: Path, postgres_dsn: str
+) -> None:
+    """PostgreSQL allows 1,600 columns a table and about 8 kB of fixed-size values a row: the
+    records whose fields need a column beyond them, or whose row is too big, are dead-lettered,
+    and the stage goes on (it failed on every restart, found by the 100,000-record run)."""
+    wide = [{"id": n, **{f"f{n}_{i}": i for i in range(300)}} for n in range(5)]  # 1,501 columns
+    big_row = {"id": 5, **{f"f{n}_{i}": i for n in range(4) for i in range(300)}}  # over 8 kB
+    later = {"id": 6, "f0_1": 1}
+    beyond = [{"id": 7, **{f"g{i}": i for i in range(100)}}, {"id": 8, "h": "x"}, {"id": 9}]
+    with postgres_names(postgres_dsn) as (pipeline, table):
+        with RunningPipeline(fresh_broker, tmp_path, "postgres", pipeline, dsn=postgres_dsn,
+                             table=table) as running:
+            feed_all(running, [wide, [big_row, later], beyond])
+        rows = postgres_rows(postgres_dsn, table)
+        dead = letters(fresh_broker, pipeline)
+    assert sorted(rows.column("id").to_pylist()) == [0, 1, 2, 3, 4, 6, 9]
+    assert rows.num_columns == 1600  # 99 of record 7's fields got one
+    assert {n: letter["streamflow.error.class"] for n, letter in dead.items()} == {
+        5: b"ValueError", 7: b"ColumnLimitError", 8: b"ColumnLimitError"}
+    assert b"row is too big" in dead[5]["streamflow.error.message"]
+
+
 def test_duckdb_maps_field_names_and_dead_letters_case_collisions(
     fresh_broker: str, tmp_path: Path
 ) -> None:
