@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import groupby
 from operator import itemgetter
@@ -42,6 +43,10 @@ from streamflow.transport.base import (
 )
 
 _FLUSH_TIMEOUT_S = 60.0
+# How often a transaction's flush looks for a refusal for size, after which it purges the rest.
+_REFUSAL_CHECK_S = 0.1
+# Delivery errors of records librdkafka purged unsent, in a transaction failed by a refusal.
+_PURGED = {KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT}
 
 _AUTH_ERRORS = {
     KafkaError._AUTHENTICATION,
@@ -52,6 +57,10 @@ _AUTH_ERRORS = {
 }
 
 _timestamp_ms = itemgetter(1)  # of a message's (timestamp type, timestamp) pair
+
+
+class _TransactionFailed(TransportError):
+    """The client refused to queue a record: its transaction had failed."""
 
 
 def _error(exc: KafkaException | KafkaError) -> TransportError:
@@ -78,9 +87,15 @@ class ConfluentProducer(Producer):
 
     def produce(self, batches: Sequence[OutgoingBatch]) -> None:
         refused: list[tuple[int, int]] = []  # by the client, before sending
-        for number, batch in enumerate(batches):
-            self._enqueue(number, batch.topic, enumerate(batch.records()), refused)
+        stopped: _TransactionFailed | None = None
+        try:
+            for number, batch in enumerate(batches):
+                self._enqueue(number, batch.topic, enumerate(batch.records()), refused)
+        except _TransactionFailed as exc:  # the records not queued yet are unsent
+            stopped = exc
         failures = self._flush()
+        if stopped and not failures:
+            raise stopped
         if failures:
             raise self._refusal(failures, batches, refused)
         if refused:
@@ -112,18 +127,34 @@ class ConfluentProducer(Producer):
                 return True
             except (BufferError, KafkaException) as again:
                 exc = again
-        if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+        code = exc.args[0].code()
+        if code == KafkaError._STATE and self._transactional:
+            raise _TransactionFailed(str(exc.args[0])) from exc
+        if code != KafkaError.MSG_SIZE_TOO_LARGE:
             raise _error(exc) from exc
         return False
 
     def _flush(self) -> list[tuple[KafkaError, Message]]:
-        """Wait for every queued record; returns the failures, all of them refusals for size
-        by the broker (any other failure raises)."""
-        remaining = self._producer.flush(_FLUSH_TIMEOUT_S)
+        """Wait for every queued record; returns the failures: refusals for size by the broker
+        and, in a transaction they failed, the records purged unsent (any other failure raises).
+
+        A refusal fails a transaction: librdkafka purges the records queued behind the refused
+        one and holds those in flight until the transaction is aborted, so the rest is purged
+        here, in flight too (the transaction can only be aborted, and its producer replaced).
+        """
+        deadline = time.monotonic() + _FLUSH_TIMEOUT_S
+        step = _REFUSAL_CHECK_S if self._transactional else _FLUSH_TIMEOUT_S
+        remaining = self._producer.flush(step)
+        while remaining and time.monotonic() < deadline:
+            if self._transactional and _size_refusals(self._failures):
+                self._producer.purge()
+            remaining = self._producer.flush(max(0.0, min(step, deadline - time.monotonic())))
         failures, self._failures = self._failures, []
         if remaining:
             raise TransportError(f"{remaining} records not acknowledged within {_FLUSH_TIMEOUT_S}s")
-        if any(error.code() != KafkaError.MSG_SIZE_TOO_LARGE for error, _message in failures):
+        purged = _PURGED if _size_refusals(failures) and self._transactional else set()
+        if any(error.code() not in purged and error.code() != KafkaError.MSG_SIZE_TOO_LARGE
+               for error, _message in failures):
             raise TransportError(f"{len(failures)} records failed delivery, first: {failures[0][0]}")
         return failures
 
@@ -134,22 +165,26 @@ class ConfluentProducer(Producer):
 
         librdkafka fails every record of a message set the broker refused, so only those over
         their topic's ``max.message.bytes`` on their own are named. The others were not written:
-        a transaction is aborted by the caller and they go again in the next one; a producer
-        without one sends them again here, and names those refused again. When no failed record
-        is too large on its own (small records together over a small topic limit), all are
-        named, so that the caller never sends the same records again and again.
+        a transaction is aborted by the caller and they go again in the next one (as do those
+        purged unsent, see :meth:`_flush`); a producer without one sends them again here, and
+        names those refused again. When no refused record is too large on its own (small records
+        together over a small topic limit), all refused are named, so that the caller never sends
+        the same records again and again.
         """
         places = [(number, index) for number, batch in enumerate(batches)
                   for index in range(len(batch.values))]
         failed = _locate([message for _error, message in failures], batches, places)
-        limits = self._topic_limits({batches[number].topic for number, _index in failed})
-        rejected = [(number, index) for number, index in failed
+        sized = [place for place, (error, _message) in zip(failed, failures, strict=True)
+                 if error.code() == KafkaError.MSG_SIZE_TOO_LARGE]
+        limits = self._topic_limits({batches[number].topic for number, _index in sized})
+        rejected = [(number, index) for number, index in sized
                     if _alone_size(_record(batches[number], index)) > limits.get(
-                        batches[number].topic, 0)] or failed
+                        batches[number].topic, 0)] or sized
         unsent = sorted(set(failed) - set(rejected))
         if unsent and not self._transactional:
             rejected += self._send_again(unsent, batches)
-        return RecordTooLargeError(sorted(refused + rejected), True, str(failures[0][0]))
+        detail = _size_refusals(failures)[0]
+        return RecordTooLargeError(sorted(refused + rejected), True, str(detail))
 
     def _send_again(self, places: list[tuple[int, int]], batches: Sequence[OutgoingBatch]
                     ) -> list[tuple[int, int]]:
@@ -209,6 +244,12 @@ _Record = tuple[bytes, bytes | None, Headers | None, int | None]  # value, key, 
 # A record batch's header (v2): base offset, length, leader epoch, magic, CRC, attributes, last
 # offset delta, first and max timestamps, producer id and epoch, base sequence, record count.
 _BATCH_HEADER_BYTES = 61
+
+
+def _size_refusals(failures: list[tuple[KafkaError, Message]]) -> list[KafkaError]:
+    """The errors of ``failures`` that are refusals for size by the broker."""
+    return [error for error, _message in failures
+            if error.code() == KafkaError.MSG_SIZE_TOO_LARGE]
 
 
 def _record(batch: OutgoingBatch, index: int) -> _Record:

@@ -4,6 +4,7 @@ or a stage; the rest goes on, and positions advance once."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,37 @@ def test_a_record_the_broker_refuses_in_a_transaction_is_named_and_the_rest_can_
 
 
 @pytest.mark.parametrize("client", CLIENTS)
+def test_a_record_the_broker_refuses_alone_in_a_transaction_is_named_and_the_rest_can_go_again(
+    bootstrap: str, broker_kind: str, client: str
+) -> None:
+    """In message sets smaller than the refused record it goes alone: librdkafka then purges
+    the records queued behind it and holds those in flight until the transaction is aborted."""
+    if broker_kind != "kafka":
+        pytest.skip("Tansu has no message size limit")
+    transport = create_transport(client, bootstrap, {"batch.size": "50000"})
+    topic = small_topic(client, bootstrap)
+    small = [b"%04d" % n + b"s" * 996 for n in range(300)]
+    transactional_id = unique("tx")
+    producer = transport.producer(transactional_id=transactional_id)
+    producer.begin_transaction()
+    started = time.monotonic()
+    with pytest.raises(RecordTooLargeError) as raised:
+        producer.produce([OutgoingBatch(topic, [*small[:150], b"x" * 200_000, *small[150:]])])
+    producer.abort_transaction()
+    producer.close()
+    assert time.monotonic() - started < 10  # no wait for records that will never be acknowledged
+    assert raised.value.by_broker
+    assert raised.value.rejected == [(0, 150)]
+
+    producer = transport.producer(transactional_id=transactional_id)
+    producer.begin_transaction()
+    producer.produce([OutgoingBatch(topic, small)])
+    producer.commit_transaction()
+    producer.close()
+    assert read_topic(bootstrap, topic).values == small
+
+
+@pytest.mark.parametrize("client", CLIENTS)
 def test_file_source_dead_letters_a_huge_line_truncated_and_goes_on(
     bootstrap: str, tmp_path: Path, client: str
 ) -> None:
@@ -196,3 +228,36 @@ def test_processor_output_too_large_dead_letters_its_input(bootstrap: str, clien
     assert letter["streamflow.step"] == b"produce"
     assert letter["streamflow.error.class"] == b"OversizeRecordError"
     assert letter["streamflow.original.offset"] == b"1"
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_processor_output_the_broker_refuses_alone_in_a_transaction_dead_letters_its_input(
+    bootstrap: str, broker_kind: str, client: str
+) -> None:
+    if broker_kind != "kafka":
+        pytest.skip("Tansu has no message size limit")
+    source, output, name = unique("in"), unique("out"), unique("p")
+    transport = create_transport(client, bootstrap)
+    admin = transport.admin()
+    admin.create_topics([TopicSpec(source)])
+    admin.close()
+    records = [json.dumps({"n": n, "grow": n == 150, "pad": "s" * 1000}).encode() for n in range(301)]
+    producer = transport.producer()
+    producer.produce([OutgoingBatch(source, records)])
+    producer.close()
+    run({
+        "pipeline": name,
+        "kafka": {"bootstrap": bootstrap, "client": client, "config": {"batch.size": 50000}},
+        "topics": [{"name": output, "partitions": 1, "config": {"max.message.bytes": "100000"}}],
+        "processors": [{"name": "grow", "input": source, "output": output, "steps": [
+            {"sql": "SELECT *, CASE WHEN grow THEN repeat('x', 200000) END AS blob FROM batch"},
+        ]}],
+        "runtime": {"guarantee": "exactly_once", "batch": {"max_records": 1000}},
+        "metrics": {"port": 0},
+    })
+
+    numbers = [json.loads(value)["n"] for value in read_topic(bootstrap, output).values]
+    assert numbers == [n for n in range(301) if n != 150]  # each once
+    dead = read_topic(bootstrap, f"{name}.dlq")
+    assert dead.values == [records[150]]
+    assert headers(dead.headers[0])["streamflow.error.class"] == b"OversizeRecordError"
