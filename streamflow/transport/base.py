@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 Headers = list[tuple[str, bytes]]
+Record = tuple[bytes, bytes | None, Headers | None, int | None]  # value, key, headers, timestamp
 TopicPartition = tuple[str, int]
 
 
@@ -91,11 +92,17 @@ class OutgoingBatch:
     headers: Sequence[Headers | None] = ()
     timestamps_ms: Sequence[int | None] = ()
 
-    def records(self) -> Iterator[tuple[bytes, bytes | None, Headers | None, int | None]]:
+    def records(self) -> Iterator[Record]:
         """(value, key, headers, timestamp) per record, None where a column was left empty."""
         count = len(self.values)
         return zip(self.values, self.keys or [None] * count, self.headers or [None] * count,
                    self.timestamps_ms or [None] * count, strict=True)
+
+    def record(self, index: int) -> Record:
+        """The ``index``-th record, as :meth:`records` gives it."""
+        return (self.values[index], self.keys[index] if self.keys else None,
+                self.headers[index] if self.headers else None,
+                self.timestamps_ms[index] if self.timestamps_ms else None)
 
 
 class Producer(ABC):

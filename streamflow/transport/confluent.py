@@ -29,12 +29,12 @@ from streamflow.transport.base import (
     AuthenticationError,
     ConsumedBatch,
     Consumer,
-    Headers,
     OutgoingBatch,
     Producer,
     Reader,
     RebalanceInProgressError,
     RebalanceListener,
+    Record,
     RecordTooLargeError,
     TopicPartition,
     TopicSpec,
@@ -101,7 +101,7 @@ class ConfluentProducer(Producer):
         if refused:
             raise RecordTooLargeError(refused, False, "over the client's message.max.bytes")
 
-    def _enqueue(self, number: int, topic: str, records: Iterable[tuple[int, _Record]],
+    def _enqueue(self, number: int, topic: str, records: Iterable[tuple[int, Record]],
                  refused: list[tuple[int, int]]) -> None:
         """Queue the (index, record) ``records`` of the ``number``-th batch, waiting for room when
         the local queue is full; the indices of records refused for their size go to ``refused``."""
@@ -178,7 +178,7 @@ class ConfluentProducer(Producer):
                  if error.code() == KafkaError.MSG_SIZE_TOO_LARGE]
         limits = self._topic_limits({batches[number].topic for number, _index in sized})
         rejected = [(number, index) for number, index in sized
-                    if _alone_size(_record(batches[number], index)) > limits.get(
+                    if _alone_size(batches[number].record(index)) > limits.get(
                         batches[number].topic, 0)] or sized
         unsent = sorted(set(failed) - set(rejected))
         if unsent and not self._transactional:
@@ -193,7 +193,7 @@ class ConfluentProducer(Producer):
         for number, group in groupby(places, itemgetter(0)):
             batch = batches[number]
             self._enqueue(number, batch.topic,
-                          ((index, _record(batch, index)) for _number, index in group), refused)
+                          ((index, batch.record(index)) for _number, index in group), refused)
         failures = self._flush()
         return refused + _locate([message for _error, message in failures], batches, places)
 
@@ -240,7 +240,6 @@ class ConfluentProducer(Producer):
         self._producer.flush(_FLUSH_TIMEOUT_S)
 
 
-_Record = tuple[bytes, bytes | None, Headers | None, int | None]  # value, key, headers, timestamp
 # A record batch's header (v2): base offset, length, leader epoch, magic, CRC, attributes, last
 # offset delta, first and max timestamps, producer id and epoch, base sequence, record count.
 _BATCH_HEADER_BYTES = 61
@@ -251,12 +250,6 @@ def _size_refusals(failures: list[tuple[KafkaError, Message]]) -> list[KafkaErro
     return [error for error, _message in failures
             if error.code() == KafkaError.MSG_SIZE_TOO_LARGE]
 
-
-def _record(batch: OutgoingBatch, index: int) -> _Record:
-    """The ``index``-th record of ``batch``, as :meth:`OutgoingBatch.records` gives it."""
-    return (batch.values[index], batch.keys[index] if batch.keys else None,
-            batch.headers[index] if batch.headers else None,
-            batch.timestamps_ms[index] if batch.timestamps_ms else None)
 
 
 def _varint_bytes(number: int) -> int:
@@ -274,7 +267,7 @@ def _field_bytes(data: bytes | None) -> int:
     return _varint_bytes(-1) if data is None else _varint_bytes(len(data)) + len(data)
 
 
-def _alone_size(record: _Record) -> int:
+def _alone_size(record: Record) -> int:
     """The bytes of an uncompressed record batch of ``record`` alone: what the broker compares
     with the topic's ``max.message.bytes``."""
     value, key, headers, _timestamp = record
@@ -294,7 +287,7 @@ def _locate(messages: list[Message], batches: Sequence[OutgoingBatch],
     for number, index in places:
         batch = batches[number]
         if batch.topic in topics:
-            value, key, _headers, _timestamp = _record(batch, index)
+            value, key, _headers, _timestamp = batch.record(index)
             found.setdefault((batch.topic, key, bytes(value or b"")), []).append((number, index))
     return [found[(message.topic(), message.key(), message.value() or b"")].pop(0)
             for message in messages]

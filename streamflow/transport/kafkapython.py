@@ -21,12 +21,12 @@ from streamflow.transport.base import (
     AuthenticationError,
     ConsumedBatch,
     Consumer,
-    Headers,
     OutgoingBatch,
     Producer,
     Reader,
     RebalanceInProgressError,
     RebalanceListener,
+    Record,
     RecordTooLargeError,
     TopicPartition,
     TopicSpec,
@@ -87,7 +87,7 @@ class KafkaPythonProducer(Producer):
     def produce(self, batches: Sequence[OutgoingBatch]) -> None:
         refused: list[tuple[int, int]] = []  # by the client, before sending
         rejected: list[tuple[int, int]] = []  # by the broker
-        records: Iterable[tuple[int, int, _Record]] = (
+        records: Iterable[tuple[int, int, Record]] = (
             (number, index, record) for number, batch in enumerate(batches)
             for index, record in enumerate(batch.records()))
         detail = ""
@@ -109,13 +109,13 @@ class KafkaPythonProducer(Producer):
             if self._transactional or not again:
                 break
             self._renew()
-            records = ((number, index, _record(batches[number], index)) for number, index in again)
+            records = ((number, index, batches[number].record(index)) for number, index in again)
         if rejected:
             raise RecordTooLargeError(sorted(refused + rejected), True, detail)
         if refused:
             raise RecordTooLargeError(refused, False, "over the client's max_request_size")
 
-    def _deliver(self, batches: Sequence[OutgoingBatch], records: Iterable[tuple[int, int, _Record]],
+    def _deliver(self, batches: Sequence[OutgoingBatch], records: Iterable[tuple[int, int, Record]],
                  refused: list[tuple[int, int]]
                  ) -> tuple[list[tuple[int, int, Any]], list[tuple[int, int]]]:
         """Send the (batch, index, record) ``records`` of ``batches`` and wait for the broker;
@@ -293,14 +293,7 @@ class KafkaPythonReader(Reader):
         self.raw.close(autocommit=False)
 
 
-_Record = tuple[bytes, bytes | None, Headers | None, int | None]  # value, key, headers, timestamp
 
-
-def _record(batch: OutgoingBatch, index: int) -> _Record:
-    """The ``index``-th record of ``batch``, as :meth:`OutgoingBatch.records` gives it."""
-    return (batch.values[index], batch.keys[index] if batch.keys else None,
-            batch.headers[index] if batch.headers else None,
-            batch.timestamps_ms[index] if batch.timestamps_ms else None)
 
 
 def _aborted(future: Any) -> bool:
