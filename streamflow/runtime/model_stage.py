@@ -58,7 +58,6 @@ from streamflow.transport import (
     OutgoingBatch,
     TopicPartition,
     Transport,
-    TransportError,
     read_until,
 )
 
@@ -150,20 +149,7 @@ class ModelStage(StageRunner):
             self._restored.update(partitions)
             if self.transactional:
                 self._restored_at.update(restored)
-                self._catch_up(self._committed(partitions), confirm=True)
-
-    def _committed(self, partitions: list[int]) -> dict[int, int]:
-        """The group's committed offsets of ``partitions`` in the input topic, as far as they
-        are known now (not while a transaction that sent them is being completed)."""
-        assert self.consumer is not None
-        topic = self.identity.input_topic
-        try:
-            committed = self.consumer.committed([(topic, p) for p in partitions])
-        except TransportError as exc:
-            log.info("stage %s: committed offsets not known yet (%s); partitions %s are caught "
-                     "up as of their first record", self.name, exc, partitions)
-            return {}
-        return {p: offset for (_topic, p), offset in committed.items() if offset is not None}
+                self._catch_up(self.committed_input(partitions), confirm=True)
 
     def _first_offsets(self, batch: ConsumedBatch) -> dict[int, int]:
         """The offset of the first record in ``batch`` of each partition still to catch up."""

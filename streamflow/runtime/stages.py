@@ -381,6 +381,20 @@ class StageRunner(Stage, RebalanceListener):
             log.warning("stage %s: commit on revoke failed (%s); their next owner replays from the "
                         "last commit", self.name, exc)
 
+    def committed_input(self, partitions: list[int]) -> dict[int, int]:
+        """The group's committed offsets of ``partitions`` of the input topic, as far as they
+        are known now: none while a transaction that sent them is being completed (or, after
+        its producer crashed, until it times out), when the first record of each must tell."""
+        assert self.consumer is not None
+        topic = self.identity.input_topic
+        try:
+            committed = self.consumer.committed([(topic, p) for p in partitions])
+        except TransportError as exc:
+            log.info("stage %s: committed offsets not known yet (%s); partitions %s are brought "
+                     "up to date as of their first record", self.name, exc, partitions)
+            return {}
+        return {p: offset for (_topic, p), offset in committed.items() if offset is not None}
+
     def on_lost(self, partitions: list[TopicPartition]) -> None:
         """This member was evicted: forget the lost partitions' uncommitted offsets (their next
         owner replays from the last commit); subclasses drop their work, making nothing durable."""

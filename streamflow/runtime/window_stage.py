@@ -53,7 +53,6 @@ from streamflow.transport import (
     OutgoingBatch,
     TopicPartition,
     Transport,
-    TransportError,
     read_until,
 )
 
@@ -219,16 +218,9 @@ class WindowStage(TopicStage):
         are known now: the first record of each then confirms where the consumer resumed."""
         if not self._assigned:
             return
-        assert self.consumer is not None
         partitions, self._assigned = sorted(set(self._assigned)), []
-        topic = self.identity.input_topic
-        try:
-            committed = self.consumer.committed([(topic, p) for p in partitions])
-        except TransportError as exc:  # e.g. offsets of a crashed member's open transaction
-            log.info("stage %s: committed offsets not known yet (%s); partitions %s are restored "
-                     "as of their first record", self.name, exc, partitions)
-            committed = {}
-        self._restore({p: committed.get((topic, p)) or 0 for p in partitions})
+        committed = self.committed_input(partitions)
+        self._restore({p: committed.get(p) or 0 for p in partitions})
         self._unconfirmed.update(partitions)
 
     def _prepare(self, batch: ConsumedBatch) -> ConsumedBatch:
