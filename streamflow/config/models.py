@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from streamflow.plugins import PROCESSOR_GROUP, load
+from streamflow.plugins import PROCESSOR_GROUP, PartitionedState, load
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=200)]
@@ -114,6 +114,11 @@ class StepConfig(BaseModel):
         plugin = load(PROCESSOR_GROUP, self.kind)
         return plugin.output_topics(plugin.config_model.model_validate(self.settings))
 
+    @property
+    def keeps_state(self) -> bool:
+        """Whether the step's processor keeps state per partition (``PartitionedState``)."""
+        return issubclass(load(PROCESSOR_GROUP, self.kind), PartitionedState)
+
 
 class StageBase(Strict):
     name: Name
@@ -144,8 +149,9 @@ class AggregateConfig(Strict):
         return self
 
 
-class WindowCheckpointConfig(Strict):
-    """How often window state is snapshotted to the changelog (and input offsets committed)."""
+class StateCheckpointConfig(Strict):
+    """How often a stage's state (windows, dedupe keys) is snapshotted to its changelog (and,
+    under at_least_once, input offsets committed)."""
 
     every_records: int = Field(10_000, ge=1)
     every_seconds: float = Field(5.0, gt=0)
@@ -165,7 +171,14 @@ class WindowConfig(Strict):
     allowed_lateness_s: float = Field(0.0, ge=0, description="watermark = max event time - this")
     emit: Literal["final", "update"] = Field("final", description="once when closed, or on every change")
     late_topic: Name | None = Field(None, description="late records (default <pipeline>.late)")
-    checkpoint: WindowCheckpointConfig = Field(default_factory=WindowCheckpointConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoint_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "checkpoint" in data:
+            raise ValueError("checkpoint is a setting of the stage now, for all its state: "
+                             "move it out of window, beside it")
+        return data
 
     @model_validator(mode="after")
     def _settings_fit_kind(self) -> WindowConfig:
@@ -205,6 +218,15 @@ class ProcessorConfig(StageBase):
     )
     steps: list[StepConfig] = Field(default_factory=list)
     window: WindowConfig | None = Field(None, description="aggregate the steps' output in windows")
+    checkpoint: StateCheckpointConfig = Field(
+        default_factory=StateCheckpointConfig,
+        description="snapshots of the stage's state (windows, dedupe) to <pipeline>.<stage>.changelog",
+    )
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether the stage keeps state per partition, in windows or in steps."""
+        return self.window is not None or any(step.keeps_state for step in self.steps)
 
     @field_validator("agent")
     @classmethod
@@ -376,7 +398,7 @@ class PipelineConfig(Strict):
         return window.late_topic or f"{self.pipeline}.late"
 
     def changelog_topic(self, stage: ProcessorConfig) -> str:
-        """The compacted topic holding a windowed stage's state snapshots."""
+        """The compacted topic holding a stateful stage's snapshots (windows, dedupe keys)."""
         return f"{self.pipeline}.{stage.name}.changelog"
 
     def topic_specs(self) -> list[TopicConfig]:
@@ -397,6 +419,7 @@ class PipelineConfig(Strict):
         for stage in self.processors:
             if stage.window:
                 names.append(self.late_topic(stage.window))
+            if stage.keeps_state:
                 declared.setdefault(self.changelog_topic(stage), TopicConfig(
                     name=self.changelog_topic(stage), partitions=1,
                     config={"cleanup.policy": "compact"},

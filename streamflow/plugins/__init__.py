@@ -197,6 +197,40 @@ class StepResult:
     failures: list[tuple[int, BaseException]] = field(default_factory=list)
 
 
+class PartitionedState(ABC):
+    """State kept per input partition, which the stage core restores, snapshots and revokes.
+
+    A processor step that keeps state across batches (``dedupe`` does) implements this beside
+    :class:`Processor`; the stage's event-time windows do too. The core of a stage with such
+    state owns its lifecycle, the same for every kind:
+
+    - Each row the step gets carries its input partition in the column :data:`PARTITION_COLUMN`.
+    - :meth:`restore` is called for each partition assigned to this member before its first
+      record is handled, with the bytes :meth:`snapshot` last returned for it (from the stage's
+      compacted changelog topic) or None to start empty. The core then replays the input records
+      between the snapshot and where the consumer resumed, output discarded, so that the state
+      is exactly as if nothing had stopped.
+    - :meth:`snapshot` is called every ``checkpoint.every_records`` records or ``every_seconds``,
+      on revoke and on shutdown, for each partition handled since the last one; the core writes
+      the bytes to the changelog, and commits the input offsets they cover only after that.
+    - :meth:`revoke` forgets a partition this member no longer owns (after a snapshot of it,
+      unless the member lost it by eviction).
+    """
+
+    @abstractmethod
+    def restore(self, partition: int, snapshot: bytes | None) -> None:
+        """Take ``partition`` from ``snapshot`` (None: start empty); raise ValueError for a
+        snapshot this state cannot read, which then starts empty."""
+
+    @abstractmethod
+    def snapshot(self, partition: int) -> bytes:
+        """The state of ``partition``, as bytes that :meth:`restore` takes back."""
+
+    @abstractmethod
+    def revoke(self, partition: int) -> None:
+        """Forget ``partition``."""
+
+
 class Processor(ABC, Generic[ConfigT]):
     """A step of a processor stage, on Arrow micro-batches.
 
@@ -218,6 +252,8 @@ class Processor(ABC, Generic[ConfigT]):
       row then goes to that topic instead of the stage's ``output`` (null: the output). The
       column is the runtime's: it never reaches the records. :meth:`output_topics` names the
       topics a step can choose, so that the pipeline creates them (the ``route`` step does this).
+    - State kept across batches: a step that is also a :class:`PartitionedState` keeps it per
+      input partition, checkpointed and restored by its stage (the ``dedupe`` step does this).
     """
 
     name: str = "step"
@@ -241,6 +277,7 @@ class Processor(ABC, Generic[ConfigT]):
 
 
 ROW_ID = "_sf_row"
+PARTITION_COLUMN = "_sf_partition"  # a row's input partition, for a PartitionedState step
 TOPIC_COLUMN = "_sf_topic"  # a row's output topic, when a step set it (see Processor)
 GROUP_BASES: dict[str, type] = {SOURCE_GROUP: Source, SINK_GROUP: Sink, PROCESSOR_GROUP: Processor}
 
@@ -278,12 +315,14 @@ def load(group: str, name: str) -> type[Any]:
 
 
 __all__ = [
+    "PARTITION_COLUMN",
     "PROCESSOR_GROUP",
     "ROW_ID",
     "SINK_GROUP",
     "SOURCE_GROUP",
     "TOPIC_COLUMN",
     "ComponentContext",
+    "PartitionedState",
     "PluginNotFoundError",
     "Processor",
     "Sink",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
+import zlib
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -11,7 +14,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from streamflow.plugins import ComponentContext, Processor, StepResult
+from streamflow.plugins import (
+    PARTITION_COLUMN,
+    ComponentContext,
+    PartitionedState,
+    Processor,
+    StepResult,
+)
 
 
 class DedupeConfig(BaseModel):
@@ -26,7 +35,7 @@ class DedupeConfig(BaseModel):
         "default: processing time"
     )
     time_unit: Literal["s", "ms"] = Field("ms", description="unit of numeric time_field values")
-    max_keys: int = Field(100_000, ge=1, description="keys remembered; the oldest go first")
+    max_keys: int = Field(100_000, ge=1, description="keys remembered per partition; the oldest go first")
 
     @field_validator("key", mode="before")
     @classmethod
@@ -38,11 +47,28 @@ class MissingTimeError(ValueError):
     """A record has no value in the dedupe step's event-time field."""
 
 
-class DedupeStep(Processor[DedupeConfig]):
+@dataclass
+class _SeenKeys:
+    """The keys one partition saw within the window: key → first time seen (s), oldest first."""
+
+    first_seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    latest: float = float("-inf")
+
+
+def _key(values: tuple[Any, ...]) -> str:
+    """A record's key as JSON text: equal for equal values, and what snapshots hold."""
+    return json.dumps(values, separators=(",", ":"), sort_keys=True, default=str)
+
+
+class DedupeStep(Processor[DedupeConfig], PartitionedState):
     """Passes the first record of each key and filters its repeats until ``window_s`` after it.
 
-    State is per stage replica and in memory: keys expire after the window (measured on the
-    latest time seen) and beyond ``max_keys`` the keys first seen longest ago are forgotten.
+    State is per input partition (records with one key share a partition when their producer
+    keyed them by it), checkpointed and restored by the stage like any
+    :class:`~streamflow.plugins.PartitionedState`: a restart or a rebalance neither forgets a
+    key nor lets a repeat through. Keys expire after the window (measured on the latest time the
+    partition saw), and beyond ``max_keys`` per partition the keys first seen longest ago are
+    forgotten. Rows without a partition (a step run outside a stage) count as partition 0.
     """
 
     name = "dedupe"
@@ -50,8 +76,7 @@ class DedupeStep(Processor[DedupeConfig]):
 
     def __init__(self, config: DedupeConfig, context: ComponentContext) -> None:
         super().__init__(config, context)
-        self.first_seen: OrderedDict[tuple[Any, ...], float] = OrderedDict()
-        self.latest = float("-inf")
+        self.partitions: dict[int, _SeenKeys] = {}
 
     def process(self, table: pa.Table) -> StepResult:
         times, failures = self._times(table)
@@ -59,22 +84,53 @@ class DedupeStep(Processor[DedupeConfig]):
             table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
             for name in self.config.key
         ), strict=True)
+        partitions = (table.column(PARTITION_COLUMN).to_pylist()
+                      if PARTITION_COLUMN in table.column_names else [0] * table.num_rows)
         keep = np.zeros(table.num_rows, dtype=bool)
         window = self.config.window_s
         failed = {row for row, _error in failures}
-        for row, key in enumerate(keys):
+        touched = set()
+        for row, (key, partition) in enumerate(zip(keys, partitions, strict=True)):
             if row in failed:
                 continue
-            now = times[row]
-            seen = self.first_seen.get(key)
-            if seen is not None and abs(now - seen) < window:
+            seen = self.partitions.get(partition)
+            if seen is None:
+                seen = self.partitions[partition] = _SeenKeys()
+            touched.add(partition)
+            now, text = times[row], _key(key)
+            first = seen.first_seen.get(text)
+            if first is not None and abs(now - first) < window:
                 continue
             keep[row] = True
-            self.first_seen[key] = now
-            self.first_seen.move_to_end(key)
-            self.latest = max(self.latest, now)
-        self._forget()
+            seen.first_seen[text] = now
+            seen.first_seen.move_to_end(text)
+            seen.latest = max(seen.latest, now)
+        for partition in touched:
+            self._forget(self.partitions[partition])
         return StepResult(table.filter(pa.array(keep)), failures)
+
+    def restore(self, partition: int, snapshot: bytes | None) -> None:
+        if snapshot is None:
+            self.partitions[partition] = _SeenKeys()
+            return
+        try:
+            document = json.loads(zlib.decompress(snapshot))
+            latest = document["latest"]
+            seen = _SeenKeys(OrderedDict((str(key), float(time_s))
+                                         for key, time_s in document["keys"]),
+                             float("-inf") if latest is None else float(latest))
+        except (zlib.error, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not a dedupe snapshot: {exc}") from exc
+        self.partitions[partition] = seen
+
+    def snapshot(self, partition: int) -> bytes:
+        seen = self.partitions.get(partition) or _SeenKeys()
+        latest = seen.latest if seen.first_seen else None  # JSON has no -Infinity
+        return zlib.compress(json.dumps({"keys": list(seen.first_seen.items()),
+                                         "latest": latest}).encode())
+
+    def revoke(self, partition: int) -> None:
+        self.partitions.pop(partition, None)
 
     def _times(self, table: pa.Table) -> tuple[np.ndarray, list[tuple[int, BaseException]]]:
         """Each record's time in seconds, and failures for records without one."""
@@ -101,11 +157,12 @@ class DedupeStep(Processor[DedupeConfig]):
         ]
         return pc.fill_null(seconds, 0.0).to_numpy(zero_copy_only=False), failures
 
-    def _forget(self) -> None:
+    def _forget(self, seen: _SeenKeys) -> None:
         """Drop keys past the window and the least recently seen beyond ``max_keys``."""
-        horizon = self.latest - self.config.window_s
-        while self.first_seen and (
-            len(self.first_seen) > self.config.max_keys
-            or next(iter(self.first_seen.values())) <= horizon
+        horizon = seen.latest - self.config.window_s
+        first_seen = seen.first_seen
+        while first_seen and (
+            len(first_seen) > self.config.max_keys
+            or next(iter(first_seen.values())) <= horizon
         ):
-            self.first_seen.popitem(last=False)
+            first_seen.popitem(last=False)

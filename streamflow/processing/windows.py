@@ -23,7 +23,7 @@ from typing import Any
 
 from streamflow.config.models import AggregateConfig, WindowConfig
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 1 held the input offset, which the stage core keeps now
 Key = tuple[Any, ...]
 _UNIT_MS = {"ms": 1, "s": 1000}
 _JSON_SCALARS = (str, int, float, bool, type(None))
@@ -387,7 +387,7 @@ def spec_fingerprint(config: WindowConfig) -> str:
 
 
 class PartitionWindows:
-    """The open windows of one input partition, and the offset and watermark they reached."""
+    """The open windows of one input partition, and the watermark they reached."""
 
     def __init__(self, config: WindowConfig, partition: int) -> None:
         self.config = config
@@ -401,7 +401,6 @@ class PartitionWindows:
             assert config.size_s is not None
             self.size_ms = to_ms(config.size_s)
             self.hop_ms = to_ms(config.hop_s) if config.hop_s is not None else self.size_ms
-        self.next_offset = 0  # the first input offset not yet in this state
         self.max_time: int | None = None
         self.open: dict[Key, dict[int, Window]] = {}  # key → start → window
 
@@ -498,26 +497,29 @@ class PartitionWindows:
     def window_count(self) -> int:
         return sum(len(windows) for windows in self.open.values())
 
-    def to_bytes(self, topic: str) -> bytes:
-        """A compressed JSON snapshot of this partition's state."""
+    def to_bytes(self) -> bytes:
+        """A compressed JSON snapshot of this partition's windows and watermark."""
         document = {
-            "format": SNAPSHOT_FORMAT, "spec": spec_fingerprint(self.config), "topic": topic,
-            "partition": self.partition, "next_offset": self.next_offset, "max_time": self.max_time,
+            "format": SNAPSHOT_FORMAT, "spec": spec_fingerprint(self.config),
+            "max_time": self.max_time,
             "windows": [[list(w.key), w.start, w.end, [a.state() for a in w.aggregates]]
                         for windows in self.open.values() for w in windows.values()],
         }
         return zlib.compress(json.dumps(document, separators=(",", ":")).encode(), 1)
 
     @classmethod
-    def from_bytes(cls, config: WindowConfig, data: bytes) -> PartitionWindows:
+    def from_bytes(cls, config: WindowConfig, partition: int, data: bytes) -> PartitionWindows:
         """Restore a snapshot written by :meth:`to_bytes` with the same window settings."""
-        document = json.loads(zlib.decompress(data))
+        try:
+            document = json.loads(zlib.decompress(data))
+        except (zlib.error, ValueError) as exc:
+            raise SnapshotError(f"not a window snapshot: {exc}") from exc
         if document.get("format") != SNAPSHOT_FORMAT:
             raise SnapshotError(f"snapshot format {document.get('format')}, expected {SNAPSHOT_FORMAT}")
         if document["spec"] != spec_fingerprint(config):
             raise SnapshotError("the window settings changed since the snapshot was taken")
-        state = cls(config, document["partition"])
-        state.next_offset, state.max_time = document["next_offset"], document["max_time"]
+        state = cls(config, partition)
+        state.max_time = document["max_time"]
         for key, start, end, aggregates in document["windows"]:
             window = state._new_window(tuple(key), start, end)
             window.changed = False

@@ -248,15 +248,17 @@ class PipelineRunner:
         batch = stage.batch or self.config.runtime.batch
         metrics = self.metrics.stage(stage.name, tuple(step.kind for step in stage.steps))
         steps = build_steps(stage, self.config.pipeline)
+        changelog = self.config.changelog_topic(stage) if stage.keeps_state else None
         if stage.window:
+            assert changelog is not None
             return WindowStage(
                 self._identity(stage), transport, batch, metrics, stage.output, steps,
                 stage.window, self.metrics.window(stage.name),
-                self.config.late_topic(stage.window), self.config.changelog_topic(stage),
+                self.config.late_topic(stage.window), changelog, stage.checkpoint,
                 self._exactly_once,
             )
         return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps,
-                          self._exactly_once)
+                          self._exactly_once, changelog, stage.checkpoint)
 
     def _model_stage(self, stage: ModelConfig, transport: Transport) -> ModelStage:
         batch = stage.batch or self.config.runtime.batch

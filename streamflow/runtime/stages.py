@@ -14,7 +14,7 @@ import logging
 import time
 from abc import abstractmethod
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +23,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streamflow.config.loader import step_settings
-from streamflow.config.models import BatchConfig, ProcessorConfig
+from streamflow.config.models import BatchConfig, ProcessorConfig, StateCheckpointConfig
 from streamflow.metrics import SinkMetrics, StageMetrics
 from streamflow.plugins import (
+    PARTITION_COLUMN,
     ROW_ID,
     TOPIC_COLUMN,
     ComponentContext,
+    PartitionedState,
     Processor,
     Sink,
     SinkRecordError,
@@ -37,6 +39,7 @@ from streamflow.plugins import (
 from streamflow.processing.codec import decode_json, encode_json, user_fields
 from streamflow.processing.parse import raw_table
 from streamflow.runtime import transactional_ids
+from streamflow.runtime.changelog import ChangelogFormatError, PartitionSnapshot, read_latest
 from streamflow.runtime.dead_letters import (
     PRODUCE_STEP,
     Failure,
@@ -57,6 +60,7 @@ from streamflow.transport import (
     TopicPartition,
     Transport,
     TransportError,
+    read_until,
 )
 
 log = logging.getLogger(__name__)
@@ -416,16 +420,25 @@ class StepRunner:
     on_error: str = "dlq"
 
 
-def run_steps(steps: Sequence[StepRunner], table: pa.Table, failures: list[Failure]) -> pa.Table:
+def run_steps(steps: Sequence[StepRunner], table: pa.Table, failures: list[Failure],
+              partitions: np.ndarray | None = None) -> pa.Table:
     """Run ``steps`` in order; rows to dead-letter (as ``_sf_row`` ids) go to ``failures``.
 
-    Rows failed by a ``drop`` step simply vanish (they count as filtered); a failure in a
-    ``fail`` step raises :class:`StepFailedError`.
+    A step that keeps state per partition gets each row's input partition (``partitions``,
+    indexed by ``_sf_row``) in the column ``_sf_partition``. Rows failed by a ``drop`` step
+    simply vanish (they count as filtered); a failure in a ``fail`` step raises
+    :class:`StepFailedError`.
     """
     for runner in steps:
         step = runner.step
+        given = table
+        if partitions is not None and isinstance(step, PartitionedState):
+            given = table.append_column(PARTITION_COLUMN,
+                                        pa.array(partitions[table[ROW_ID].to_numpy()]))
         try:
-            result = step.process(table)
+            result = step.process(given)
+            if PARTITION_COLUMN in result.table.column_names:
+                result.table = result.table.drop_columns([PARTITION_COLUMN])
             if ROW_ID not in result.table.column_names:
                 raise StepOutputError(
                     f"step {step.name!r} dropped the {ROW_ID} column; keep it (SELECT * does)"
@@ -449,8 +462,37 @@ def run_steps(steps: Sequence[StepRunner], table: pa.Table, failures: list[Failu
     return table
 
 
+@dataclass
+class Handled:
+    """What handling a batch gave: the records to deliver, the records to dead-letter, and how
+    many of the records to deliver are the stage's output."""
+
+    outgoing: list[OutgoingBatch]
+    failures: list[Failure]
+    produced: int
+
+
 class TopicStage(StageRunner):
-    """A topic → topic stage: decode, steps, produce output and dead letters, commit."""
+    """A topic → topic stage: decode, steps, produce output and dead letters, commit.
+
+    A stage whose steps (or windows) keep state per input partition (each a
+    :class:`~streamflow.plugins.PartitionedState`) checkpoints it to its compacted changelog
+    topic (see changelog.py). Every ``checkpoint.every_records`` records or ``every_seconds``, it
+    snapshots every partition handled since the last snapshot, with the next input offset the
+    snapshot covers.
+
+    - Under at_least_once, offsets are committed at snapshots only, after the snapshot was
+      acknowledged, so a commit never runs ahead of a snapshot. Output records produced after
+      the restored snapshot are produced again, with the same values, when the stage replays.
+    - Under exactly_once, every batch's output, dead letters and input offsets are one
+      transaction, and a due snapshot joins the transaction of its batch; a snapshot is then
+      never ahead of the committed offsets, and is usually behind them.
+
+    When a partition is assigned, the newest snapshot known for it is restored. Input records
+    below its offset are skipped; records between its offset and the group's committed one are
+    replayed into the states from the input topic with their output discarded, since it was
+    delivered when they were first handled. No record is counted twice or lost.
+    """
 
     def __init__(
         self,
@@ -461,24 +503,270 @@ class TopicStage(StageRunner):
         output_topic: str,
         steps: Sequence[StepRunner],
         exactly_once: bool = False,
+        changelog_topic: str | None = None,
+        checkpoint: StateCheckpointConfig | None = None,
+        states: Mapping[str, PartitionedState] | None = None,
     ) -> None:
         super().__init__(identity, transport, batch, metrics)
         self.output_topic = output_topic
         self.steps = list(steps)
         self.transactional = exactly_once
+        self.states: dict[str, PartitionedState] = {**(states or {}), **{
+            f"{index}:{runner.step.name}": runner.step for index, runner in enumerate(self.steps)
+            if isinstance(runner.step, PartitionedState)}}
+        if self.states and changelog_topic is None:
+            raise ValueError(f"stage {identity.name!r} keeps state and needs a changelog topic")
+        self.changelog_topic = changelog_topic or ""
+        self.checkpoint_config = checkpoint or StateCheckpointConfig()
+        self.next_offsets: dict[int, int] = {}  # owned partition → first offset its states lack
+        self._known: dict[int, PartitionSnapshot] = {}  # snapshots of partitions not owned now
+        self._assigned: list[int] = []
+        self._unconfirmed: set[int] = set()  # restored, before their first record
+        self._dirty: set[int] = set()
+        self._records_since_snapshot = 0
+        self._last_snapshot = time.monotonic()
 
     def transform(self, batch: ConsumedBatch) -> tuple[pa.Table, list[Failure]]:
         """Decode ``batch`` and run the steps: the surviving rows (with ``_sf_row``) and the
         records to dead-letter."""
         table, failures = self.decode(batch)
-        return run_steps(self.steps, table, failures), failures
+        partitions = np.asarray(batch.partitions) if self.states else None
+        return run_steps(self.steps, table, failures, partitions), failures
 
-    def handle(self, batch: ConsumedBatch) -> None:
+    def process(self, batch: ConsumedBatch) -> Handled:
+        """Run ``batch`` through the stage: what to deliver. The states then cover it."""
         table, failures = self.transform(batch)
         outgoing = output_batches(table, self.output_topic, batch.keys, batch.timestamps_ms)
-        oversize = self.deliver(outgoing, failures, batch, batch.next_offsets())
-        self.count_dead_letters(failures)
-        self.metrics.count(len(batch), table.num_rows - oversize, len(failures))
+        return Handled(list(outgoing), failures, table.num_rows)
+
+    def count(self, handled: Handled) -> None:
+        """Count what a delivered batch gave, beyond records in, out and dead-lettered."""
+
+    def handle(self, consumed: ConsumedBatch) -> None:
+        batch = self._prepare(consumed) if self.states else consumed
+        if not len(batch):
+            return
+        handled = self._process(batch)
+        outgoing = handled.outgoing
+        snapshot_due = (bool(self.states) and self._records_since_snapshot
+                        >= self.checkpoint_config.every_records)
+        if snapshot_due and self.transactional:
+            outgoing = [*outgoing, *self._changelog()]
+        # Stateful under at_least_once: offsets are committed with the snapshots.
+        offsets = batch.next_offsets() if self.transactional or not self.states else None
+        oversize = self.deliver(outgoing, handled.failures, batch, offsets)
+        self.count_dead_letters(handled.failures)
+        self.metrics.count(len(batch), handled.produced - oversize, len(handled.failures))
+        self.count(handled)
+        if snapshot_due and not self.transactional:
+            self.snapshot()
+
+    def _process(self, batch: ConsumedBatch) -> Handled:
+        handled = self.process(batch)
+        if self.states:
+            for (_topic, partition), next_offset in batch.next_offsets().items():
+                self.next_offsets[partition] = next_offset
+                self._dirty.add(partition)
+            self._records_since_snapshot += len(batch)
+        return handled
+
+    # --- per-partition state ------------------------------------------------------------------
+
+    def open(self) -> None:
+        super().open()
+        if self.states:  # read while the group join goes on (in librdkafka's background thread)
+            self._known = self._read_snapshots()
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        super().on_assign(partitions)
+        # Restoring reads the changelog, which clients forbid inside rebalance callbacks.
+        self._assigned.extend(partition for _topic, partition in partitions)
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        super().on_revoke(partitions)
+        revoked = {partition for _topic, partition in partitions}
+        self._assigned = [p for p in self._assigned if p not in revoked]
+        self._unconfirmed -= revoked
+        if not self.states:
+            return
+        if self.error is None and not self.transactional:
+            # After a failure the state may be ahead of the output: it replays. Under
+            # exactly_once every batch committed its offsets already.
+            self.snapshot(asynchronous=True)
+        for partition in revoked & set(self.next_offsets):
+            self._known[partition] = self._take(partition)
+
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        """Drop the lost partitions' states unsnapshotted: they may be ahead of what was
+        committed, and their next owner restores from the changelog."""
+        super().on_lost(partitions)
+        lost = {partition for _topic, partition in partitions}
+        self._assigned = [p for p in self._assigned if p not in lost]
+        self._unconfirmed -= lost
+        self._dirty -= lost
+        for partition in lost & set(self.next_offsets):
+            del self.next_offsets[partition]
+            for state in self.states.values():
+                state.revoke(partition)
+        for partition in lost:
+            self._known.pop(partition, None)
+
+    def _take(self, partition: int) -> PartitionSnapshot:
+        """Snapshot ``partition`` in memory and revoke it from every state."""
+        snapshot = PartitionSnapshot(self.next_offsets.pop(partition),
+                                     {name: state.snapshot(partition)
+                                      for name, state in self.states.items()})
+        for state in self.states.values():
+            state.revoke(partition)
+        return snapshot
+
+    def _adopt(self, partition: int, snapshot: PartitionSnapshot) -> None:
+        for name, state in self.states.items():
+            try:
+                state.restore(partition, snapshot.states.get(name))
+            except ValueError as exc:
+                log.warning("stage %s: state %s of partition %d not restored (%s): it starts "
+                            "afresh", self.name, name, partition, exc)
+                state.restore(partition, None)
+        self.next_offsets[partition] = snapshot.next_offset
+        log.info("stage %s took partition %d at offset %d", self.name, partition,
+                 snapshot.next_offset)
+
+    def _restore(self, resumed_at: dict[int, int]) -> None:
+        """Load the state of partitions the consumer resumes at ``resumed_at``: the group's
+        committed offsets, then the offset of each one's first record consumed since (past
+        transaction markers).
+
+        A known snapshot (read from the changelog at start, or kept from before a rebalance) is
+        used when it covers at least that offset: records from there on up to its offset are
+        skipped. Otherwise the changelog is read again. A state still behind the offset (under
+        exactly_once, whenever batches were committed after the last snapshot) is brought up
+        to it by replaying the input records in between, with their output discarded: it was
+        delivered when they were first handled.
+
+        The first record tells where the consumer resumed, which the group's committed offset
+        does not always: a fetch of it answers nothing while a transaction that sent offsets is
+        being completed, and longer after its producer crashed (until the transaction times out).
+        """
+        snapshots = {p: self._known.pop(p, None) or PartitionSnapshot(0, {})
+                     for p in sorted(resumed_at)}
+        if any(snapshot.next_offset < resumed_at[p] for p, snapshot in snapshots.items()):
+            self._known.update(self._read_snapshots())
+            for partition, snapshot in snapshots.items():
+                newer = self._known.pop(partition, snapshot)
+                if snapshot.next_offset < resumed_at[partition]:
+                    snapshots[partition] = max(snapshot, newer, key=lambda s: s.next_offset)
+        for partition, snapshot in snapshots.items():
+            self._adopt(partition, snapshot)
+        behind = {p: s.next_offset for p, s in snapshots.items() if s.next_offset < resumed_at[p]}
+        if behind:
+            self._replay(behind, resumed_at)
+
+    def _replay(self, start: dict[int, int], resumed_at: dict[int, int]) -> None:
+        """Run the input records from each partition's ``start`` up to where the consumer
+        resumed through the stage, discarding their output."""
+        topic = self.identity.input_topic
+        replayed = 0
+        for batch in read_until(self.transport, {(topic, p): offset for p, offset in start.items()},
+                                {(topic, p): resumed_at[p] for p in start}):
+            self._process(batch)
+            replayed += len(batch)
+        log.info("stage %s replayed %d records of partitions %s up to where it resumed them",
+                 self.name, replayed, sorted(start))
+
+    def _read_snapshots(self) -> dict[int, PartitionSnapshot]:
+        """The latest snapshot of every partition in the changelog."""
+        snapshots = {}
+        for partition, data in read_latest(self.transport, self.changelog_topic).items():
+            try:
+                snapshots[partition] = PartitionSnapshot.from_bytes(data)
+            except ChangelogFormatError as exc:
+                log.warning("stage %s: snapshot of partition %d not restored (%s): its state "
+                            "starts afresh", self.name, partition, exc)
+        return snapshots
+
+    def _restore_assigned(self) -> None:
+        """Restore newly assigned partitions at the group's committed offsets, as far as they
+        are known now: the first record of each then confirms where the consumer resumed."""
+        if not self._assigned:
+            return
+        partitions, self._assigned = sorted(set(self._assigned)), []
+        committed = self.committed_input(partitions)
+        self._restore({p: committed.get(p) or 0 for p in partitions})
+        self._unconfirmed.update(partitions)
+
+    def _prepare(self, batch: ConsumedBatch) -> ConsumedBatch:
+        """Restore what was assigned; bring each restored state up to where its first record
+        shows the consumer resumed; return ``batch`` without the records the states already
+        hold, nor any of a partition revoked meanwhile (its new owner handles them)."""
+        self._restore_assigned()
+        if self._unconfirmed:
+            first: dict[int, int] = {}
+            for partition, offset in zip(batch.partitions, batch.offsets, strict=True):
+                first.setdefault(partition, offset)  # offsets grow within a partition
+            confirmed = {p: first[p] for p in self._unconfirmed if p in first}
+            self._unconfirmed.difference_update(confirmed)
+            behind = {p: offset for p, offset in confirmed.items()
+                      if p in self.next_offsets and self.next_offsets[p] < offset}
+            for partition in behind:
+                self._known[partition] = self._take(partition)
+            if behind:
+                self._restore(behind)
+        owned = self.next_offsets
+        fresh = [row for row, (partition, offset) in enumerate(zip(batch.partitions, batch.offsets,
+                                                                     strict=True))
+                 if partition in owned and offset >= owned[partition]]
+        return batch if len(fresh) == len(batch) else batch.select(fresh)
+
+    def tick(self) -> None:
+        if not self.states:
+            return
+        self._restore_assigned()
+        if time.monotonic() - self._last_snapshot >= self.checkpoint_config.every_seconds:
+            self.snapshot()
+
+    def _changelog(self) -> list[OutgoingBatch]:
+        """The snapshots of the partitions handled since the last snapshot, as changelog
+        records keyed by partition; starts the next snapshot interval."""
+        self._last_snapshot = time.monotonic()
+        self._records_since_snapshot = 0
+        dirty = sorted(self._dirty & set(self.next_offsets))
+        self._dirty.clear()
+        if not dirty:
+            return []
+        topic = self.identity.input_topic
+        return [OutgoingBatch(self.changelog_topic, [
+            PartitionSnapshot(self.next_offsets[p], {name: state.snapshot(p)
+                                                     for name, state in self.states.items()}
+                              ).to_bytes(topic, p)
+            for p in dirty], [str(p).encode() for p in dirty])]
+
+    def snapshot(self, asynchronous: bool = False) -> None:
+        """Write the changed partitions' snapshots to the changelog, then commit what they
+        cover (under exactly_once, every batch committed its offsets: the snapshot is a
+        transaction of its own).
+
+        A commit that does not happen leaves the group's offsets behind the snapshots, which is
+        safe: the next owner of a partition restores a snapshot and skips the records it covers.
+        """
+        changelog = self._changelog()
+        if not changelog:
+            return
+        if self.transactional:
+            self.deliver(changelog, [], ConsumedBatch(), None)
+            return
+        assert self.producer is not None
+        self.producer.produce(changelog)
+        topic = self.identity.input_topic
+        self.commit({(topic, int(key)): self.next_offsets[int(key)]
+                     for key in changelog[0].keys if key is not None}, asynchronous)
+
+    def drain(self) -> None:
+        if self.states:
+            self.snapshot()
+        else:
+            super().drain()
+
 
 def without(batches: Sequence[OutgoingBatch], rejected: Sequence[tuple[int, int]]
             ) -> list[OutgoingBatch]:

@@ -43,8 +43,8 @@ def stage(kind: str, name: str, checkpoints: Path) -> tuple[str, dict[str, Any]]
         return "processors", {**common, "steps": [{"schema": {
             "id": {"type": "int"}, "p": {"type": "int"}, "ts": {"type": "float"}}}], "window": {
             "kind": "tumbling", "size_s": WINDOW_S, "time_field": "ts", "time_unit": "s",
-            "key": ["p"], "aggregates": {"n": {"fn": "count"}, "total": {"fn": "sum", "field": "id"}},
-            "checkpoint": {"every_records": 3000}}}
+            "key": ["p"], "aggregates": {"n": {"fn": "count"}, "total": {"fn": "sum", "field": "id"}}},
+            "checkpoint": {"every_records": 3000}}
     return "models", {**common, "target": "y", "features": ["x"],
                       "estimator": [{"preprocessing.StandardScaler": {}},
                                     {"linear_model.LinearRegression": {}}],

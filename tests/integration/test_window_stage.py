@@ -193,9 +193,9 @@ def test_window_state_survives_a_stop_and_a_sigkill(fresh_broker: str, tmp_path:
             "window": {"kind": "tumbling", "size_s": SIZE_S, "time_field": "ts", "key": ["device"],
                        "allowed_lateness_s": LATENESS_S,
                        "aggregates": {"n": {"fn": "count"}, "total": {"fn": "sum", "field": "value"},
-                                      "last": {"fn": "last", "field": "value"}},
-                       # run 2 (offsets 300-649) snapshots once, between 500 and 549
-                       "checkpoint": {"every_records": 200, "every_seconds": 60}},
+                                      "last": {"fn": "last", "field": "value"}}},
+            # run 2 (offsets 300-649) snapshots once, between 500 and 549
+            "checkpoint": {"every_records": 200, "every_seconds": 60},
         }],
         "metrics": {"port": 0},
     }))

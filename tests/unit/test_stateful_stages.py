@@ -29,13 +29,16 @@ from typing import Any
 import pytest
 
 import streamflow.runtime.model_stage as model_stage_module
-from streamflow.config.models import BatchConfig, ModelConfig, WindowConfig
+from streamflow.config.models import BatchConfig, ModelConfig, StateCheckpointConfig, WindowConfig
 from streamflow.metrics import PipelineMetrics
 from streamflow.ml.engine import EngineSettings
 from streamflow.ml.worker import EngineSpec
+from streamflow.plugins import ComponentContext
+from streamflow.processing.dedupe import DedupeConfig, DedupeStep
 from streamflow.processing.windows import PartitionWindows, iso_utc
+from streamflow.runtime.changelog import PartitionSnapshot
 from streamflow.runtime.model_stage import ModelStage
-from streamflow.runtime.stages import StageIdentity, StageRunner
+from streamflow.runtime.stages import StageIdentity, StageRunner, StepRunner, TopicStage
 from streamflow.runtime.window_stage import WindowStage
 from streamflow.transport import TopicSpec, Transport
 from tests import stage_harness as harness
@@ -90,20 +93,19 @@ def check_dead_letters(world: World, exactly_once: bool) -> None:
 # --- Window stages ------------------------------------------------------------------------------
 
 
-def window_config(snapshot_every: int) -> WindowConfig:
-    return WindowConfig.model_validate({
-        "kind": "tumbling", "size_s": WINDOW_MS / 1000, "time_field": "ts", "time_unit": "ms",
-        "aggregates": {"n": {"fn": "count"}, "total": {"fn": "sum", "field": "id"}},
-        "checkpoint": {"every_records": snapshot_every, "every_seconds": 3600},
-    })
+WINDOW = WindowConfig.model_validate({
+    "kind": "tumbling", "size_s": WINDOW_MS / 1000, "time_field": "ts", "time_unit": "ms",
+    "aggregates": {"n": {"fn": "count"}, "total": {"fn": "sum", "field": "id"}},
+})
 
 
 def window_stage(world: World, transport: Transport, exactly_once: bool,
                  snapshot_every: int = SNAPSHOT_EVERY) -> WindowStage:
     metrics = PipelineMetrics(world.pipeline)
+    checkpoint = StateCheckpointConfig(every_records=snapshot_every, every_seconds=3600)
     return WindowStage(StageIdentity(world.pipeline, "window", world.input, world.dead_letters),
                        transport, BATCH, metrics.stage("window"), world.output, [],
-                       window_config(snapshot_every), metrics.window("window"), LATE, CHANGELOG,
+                       WINDOW, metrics.window("window"), LATE, CHANGELOG, checkpoint,
                        exactly_once)
 
 
@@ -143,14 +145,15 @@ def check_windows(world: World, exactly_once: bool) -> None:
     check_dead_letters(world, exactly_once)
 
 
-def snapshots(world: World) -> dict[int, PartitionWindows]:
-    """The newest changelog snapshot of each input partition."""
+def snapshots(world: World) -> dict[int, tuple[int, PartitionWindows]]:
+    """The newest changelog snapshot of each input partition: its offset and its windows."""
     latest: dict[bytes, bytes] = {}
     for batch in world.read_batches(CHANGELOG):
         latest.update((k, v) for k, v in zip(batch.keys, batch.values, strict=True)
                       if k is not None and v is not None)
-    config = window_config(SNAPSHOT_EVERY)
-    return {int(k): PartitionWindows.from_bytes(config, v) for k, v in latest.items()}
+    saved = {int(k): PartitionSnapshot.from_bytes(v) for k, v in latest.items()}
+    return {p: (s.next_offset, PartitionWindows.from_bytes(WINDOW, p, s.states["windows"]))
+            for p, s in saved.items()}
 
 
 @pytest.mark.parametrize("exactly_once", GUARANTEES)
@@ -184,11 +187,11 @@ def test_a_window_stage_drains_on_stop_and_a_restart_restores_from_the_changelog
         world, lambda t: window_stage(world, t, exactly_once, snapshot_every=NEVER))
     committed = world.cluster.committed_offsets(harness.group(world, "window"))
     saved = snapshots(world)
-    assert {p: s.next_offset for p, s in saved.items()} == {
+    assert {p: offset for p, (offset, _windows) in saved.items()} == {
         p: committed[(world.input, p)] for p in range(PARTITIONS)}, \
         "the snapshots do not cover the committed offsets"
     assert 0 < harness.records_in(first) < COUNT
-    assert sum(s.window_count() for s in saved.values()) > 0, "no open window to restore"
+    assert sum(w.window_count() for _offset, w in saved.values()) > 0, "no open window to restore"
     restarts = Injector()
     restarted = window_stage(world, InjectedTransport(world.transport(), restarts), exactly_once,
                              snapshot_every=NEVER)
@@ -214,20 +217,19 @@ EXACTLY_ONCE_POINTS = [
 ]
 
 
-def crash_and_restart_windows(world: World, exactly_once: bool, step: str, at: int,
-                              after: bool) -> Injector:
-    """Crash a window stage at the step, restart it and run it to the end; the restarted
-    stage's injector (nothing injected: it records the readers)."""
+def crash_and_restart(world: World, build: Callable[..., TopicStage], stage: str,
+                      exactly_once: bool, step: str, at: int, after: bool) -> Injector:
+    """Crash a stateful stage that ``build`` makes at the step, restart it and run it to the
+    end; the restarted stage's injector (nothing injected: it records the readers)."""
     injector = Injector(step, at=at, after=after, topics={CHANGELOG: "snapshot"})
-    first = window_stage(world, InjectedTransport(world.transport(QUICK_FAILURE), injector),
-                         exactly_once)
+    first = build(world, InjectedTransport(world.transport(QUICK_FAILURE), injector), exactly_once)
     first.start()
     harness.crashed(first, injector)
     restarts = Injector()
-    restarted = window_stage(world, InjectedTransport(world.transport(), restarts), exactly_once)
+    restarted = build(world, InjectedTransport(world.transport(), restarts), exactly_once)
     restarted.start()
     run_to_end(restarted)
-    assert world.all_committed(harness.group(world, "window"))
+    assert world.all_committed(harness.group(world, stage))
     return restarts
 
 
@@ -235,7 +237,7 @@ def crash_and_restart_windows(world: World, exactly_once: bool, step: str, at: i
 def test_a_window_stage_at_least_once_loses_nothing_across_a_crash(
     world: World, step: str, at: int, after: bool
 ) -> None:
-    crash_and_restart_windows(world, False, step, at, after)
+    crash_and_restart(world, window_stage, "window", False, step, at, after)
     check_windows(world, exactly_once=False)
 
 
@@ -243,10 +245,75 @@ def test_a_window_stage_at_least_once_loses_nothing_across_a_crash(
 def test_a_window_stage_exactly_once_holds_across_a_crash(
     world: World, step: str, at: int, after: bool
 ) -> None:
-    restarts = crash_and_restart_windows(world, True, step, at, after)
+    restarts = crash_and_restart(world, window_stage, "window", True, step, at, after)
     check_windows(world, exactly_once=True)
     if step == "commit_transaction":  # batches were committed after the last snapshot
         assert input_readers(restarts, world), "no input record was replayed into the state"
+
+
+# --- Dedupe steps ------------------------------------------------------------------------------
+# A processor stage with a dedupe step keyed by x (ten values): in each input partition, only the
+# first record of each x passes. Its state is the stage core's, like the windows'.
+
+
+def dedupe_stage(world: World, transport: Transport, exactly_once: bool,
+                 snapshot_every: int = SNAPSHOT_EVERY) -> TopicStage:
+    metrics = PipelineMetrics(world.pipeline)
+    dedupe = DedupeStep(DedupeConfig(key=["x"], window_s=1e6, time_field="ts"),
+                        ComponentContext(world.pipeline, "dedupe"))
+    return TopicStage(StageIdentity(world.pipeline, "dedupe", world.input, world.dead_letters),
+                      transport, BATCH, metrics.stage("dedupe"), world.output, [StepRunner(dedupe)],
+                      exactly_once, CHANGELOG,
+                      StateCheckpointConfig(every_records=snapshot_every, every_seconds=3600))
+
+
+def first_of_each_x(world: World) -> set[int]:
+    """The records that pass: the first valid one of each x in each partition."""
+    firsts: dict[tuple[int, int], tuple[int, int]] = {}
+    for number, (partition, offset) in world.places().items():
+        if number in world.valid():
+            key = (partition, number % 10)
+            firsts[key] = min(firsts.get(key, (offset, number)), (offset, number))
+    return {number for _offset, number in firsts.values()}
+
+
+def check_deduplicated(world: World, exactly_once: bool) -> None:
+    """No repeat passed and no first record was lost; under exactly_once each passed once."""
+    passed = world.output_ids()
+    assert set(passed) == first_of_each_x(world), "a repeat passed or a first record was lost"
+    if exactly_once:
+        assert [n for n, count in passed.items() if count > 1] == [], "a record passed twice"
+    check_dead_letters(world, exactly_once)
+
+
+@pytest.mark.parametrize("exactly_once", GUARANTEES)
+def test_a_dedupe_member_joining_mid_batch_takes_partitions_with_their_keys(
+    world: World, exactly_once: bool
+) -> None:
+    first, second, injector = harness.join_mid_batch(
+        world, lambda transport: dedupe_stage(world, transport, exactly_once), "dedupe",
+        {CHANGELOG: "snapshot"})
+    run_to_end(first, second)
+    assert harness.records_in(first) > 0 and harness.records_in(second) > 0
+    assert world.all_committed(harness.group(world, "dedupe"))
+    assert harness.foreign_commits(injector) == []
+    check_deduplicated(world, exactly_once=True)
+
+
+@pytest.mark.parametrize(("step", "at", "after"), WINDOW_AT_LEAST_ONCE_POINTS)
+def test_a_dedupe_stage_at_least_once_lets_no_repeat_through_across_a_crash(
+    world: World, step: str, at: int, after: bool
+) -> None:
+    crash_and_restart(world, dedupe_stage, "dedupe", False, step, at, after)
+    check_deduplicated(world, exactly_once=False)
+
+
+@pytest.mark.parametrize(("step", "at", "after"), EXACTLY_ONCE_POINTS)
+def test_a_dedupe_stage_exactly_once_holds_across_a_crash(
+    world: World, step: str, at: int, after: bool
+) -> None:
+    crash_and_restart(world, dedupe_stage, "dedupe", True, step, at, after)
+    check_deduplicated(world, exactly_once=True)
 
 
 # --- Model stages -------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def test_batching_and_a_snapshot_restore_do_not_change_the_results(
     expected, expected_late = feed(reference, events)
     before = PartitionWindows(window_config, 0)
     emitted, late = feed(before, events[:cut], every)
-    restored = PartitionWindows.from_bytes(window_config, before.to_bytes("topic"))
+    restored = PartitionWindows.from_bytes(window_config, 0, before.to_bytes())
     after, late_after = feed(restored, events[cut:], every)
     assert late + late_after == expected_late
     if emit == "final":
@@ -322,12 +322,13 @@ def last_updates(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def test_snapshot_of_other_settings_is_refused() -> None:
     state = PartitionWindows(config("tumbling", size_s=10), 3)
     feed(state, [("a", 1, 1)])
-    state.next_offset = 42
-    restored = PartitionWindows.from_bytes(config("tumbling", size_s=10, emit="update"),
-                                           state.to_bytes("t"))
-    assert (restored.partition, restored.next_offset, restored.max_time) == (3, 42, 1000)
+    restored = PartitionWindows.from_bytes(config("tumbling", size_s=10, emit="update"), 3,
+                                           state.to_bytes())
+    assert (restored.partition, restored.max_time) == (3, 1000)
     with pytest.raises(SnapshotError, match="settings changed"):
-        PartitionWindows.from_bytes(config("tumbling", size_s=20), state.to_bytes("t"))
+        PartitionWindows.from_bytes(config("tumbling", size_s=20), 3, state.to_bytes())
+    with pytest.raises(SnapshotError, match="not a window snapshot"):
+        PartitionWindows.from_bytes(config("tumbling", size_s=10), 3, b"garbage")
 
 
 # --- configuration --------------------------------------------------------------------------------
