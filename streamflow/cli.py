@@ -12,6 +12,7 @@ import threading
 from streamflow import __version__
 from streamflow.config import ConfigError, load_pipeline
 from streamflow.plugins import catalog
+from streamflow.runtime.fatal import describe
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
 from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
 from streamflow.runtime.progress import ProgressReporter
@@ -30,9 +31,10 @@ def _run(args: argparse.Namespace) -> int:
     runner = PipelineRunner(config, stage=args.stage, until_idle_s=args.until_idle,
                             metrics_port=args.metrics_port)
     install_signal_handlers(runner)
+    live = args.log_format == "text" and sys.stderr.isatty()
     progress = (
-        ProgressReporter(runner.metrics.registry, args.progress_interval).start()
-        if args.until_idle is not None else None
+        ProgressReporter(runner.metrics.registry, args.progress_interval, live).start()
+        if live or args.until_idle is not None else None
     )
     try:
         result = runner.run()
@@ -42,6 +44,8 @@ def _run(args: argparse.Namespace) -> int:
     for error in result.errors:
         log.error("%s", error)
     log.info("pipeline %s ended: %s (exit %d)", config.pipeline, result.reason, result.exit_code)
+    if result.summary is not None:
+        result.summary.report(args.log_format)
     return result.exit_code
 
 
@@ -89,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit 0 once every stage was idle with zero lag for SECONDS")
     run.add_argument("--metrics-port", type=int, help="override metrics.port")
     run.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
-                     help="with --until-idle: how often to report progress (default 5)")
+                     help="how often to log progress with --until-idle when stderr is no "
+                          "terminal (default 5); a terminal shows it live")
     run.set_defaults(handler=_run)
 
     status = commands.add_parser("status", help="health and per-stage figures of a running daemon")
@@ -127,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UnknownStageError, BrokerUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(exc, UnknownStageError) else 1
+    except Exception as exc:  # one line with the cause and the fix; the traceback at DEBUG
+        log.debug("%s failed", args.command, exc_info=True)
+        log.error("%s", describe(exc))
+        return 1
 
 
 if __name__ == "__main__":

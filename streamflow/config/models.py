@@ -337,6 +337,13 @@ class MetricsConfig(Strict):
     port: int = Field(9108, ge=0, le=65535)
 
 
+class DeadLetterWarningConfig(Strict):
+    """When a source's or stage's dead letters earn a warning in the log and on /readyz."""
+
+    share: float = Field(0.5, gt=0, le=1, description="warn above this share of its records dead-lettered")
+    records: int = Field(1000, ge=1, description="measured over at least this many records")
+
+
 class RuntimeConfig(Strict):
     batch: BatchConfig = Field(default_factory=BatchConfig)
     commit_interval_s: float = Field(
@@ -349,6 +356,7 @@ class RuntimeConfig(Strict):
         "output, dead letters and input offsets in one Kafka transaction (not Faust stages, nor "
         "model stages with a labels topic)",
     )
+    dead_letter_warning: DeadLetterWarningConfig = Field(default_factory=DeadLetterWarningConfig)
 
 
 class PipelineConfig(Strict):

@@ -7,8 +7,11 @@ topic and partition, step names, metric names from the config).
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from collections import Counter as Tally
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -56,6 +59,9 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
      "Unix time of a stage's last successful commit of offsets (and state).", STAGE, {}),
     ("streamflow_source_records", Counter, "Records a source published.", SOURCE, {}),
     ("streamflow_source_errors", Counter, "Failed source polls or publishes.", SOURCE, {}),
+    ("streamflow_source_records_dead_lettered", Counter,
+     "Records a source sent to the dead-letter topic instead of its topic (refused by Kafka).",
+     SOURCE, {}),
     ("streamflow_sink_rows_written", Counter, "Rows a sink made durable.", SINK, {}),
     ("streamflow_sink_bytes_written", Counter, "Bytes a sink made durable.", SINK, {}),
     ("streamflow_sink_flush_seconds", Histogram, "Time a sink flush took.", SINK,
@@ -83,6 +89,52 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
 ]
 
 
+EXAMPLE_CHARS = 300  # of the error message kept as a dead-letter reason's example
+
+
+@dataclass
+class DeadLetterReason:
+    """Dead letters of one error class: how many, and the step and message of the first."""
+
+    step: str
+    example: str
+    count: int = 0
+
+
+class DeadLetterReasons:
+    """A component's dead letters by error class, each with its first message as an example.
+
+    Kept in memory for the run's summary rather than exported: error classes come from user
+    code and plugins, so they are no bounded label.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reasons: dict[str, DeadLetterReason] = {}
+
+    def add(self, failures: Iterable[tuple[str, BaseException]]) -> None:
+        """Count the (step, error) ``failures``."""
+        tally = Tally[tuple[str, type[BaseException]]]()
+        first: dict[tuple[str, type[BaseException]], BaseException] = {}
+        for step, error in failures:
+            key = (step, type(error))
+            tally[key] += 1
+            first.setdefault(key, error)
+        with self._lock:
+            for (step, kind), count in tally.items():
+                reason = self._reasons.get(kind.__name__)
+                if reason is None:
+                    example = str(first[(step, kind)])[:EXAMPLE_CHARS]
+                    reason = self._reasons[kind.__name__] = DeadLetterReason(step, example)
+                reason.count += count
+
+    def snapshot(self) -> dict[str, DeadLetterReason]:
+        """The reasons so far by error class, most frequent first."""
+        with self._lock:
+            reasons = sorted(self._reasons.items(), key=lambda item: -item[1].count)
+            return {kind: DeadLetterReason(r.step, r.example, r.count) for kind, r in reasons}
+
+
 @dataclass
 class StageMetrics:
     """Metrics of one stage; :meth:`count` keeps in = out + filtered + dead-lettered."""
@@ -99,6 +151,7 @@ class StageMetrics:
     broker_reachable: Gauge
     _errors: Any
     _lag: Any
+    reasons: DeadLetterReasons = field(default_factory=DeadLetterReasons)
 
     def count(self, consumed: int, out: int, dead_lettered: int) -> None:
         """Account for one batch: whatever was neither passed on nor dead-lettered is filtered."""
@@ -122,6 +175,8 @@ class SourceMetrics:
     records_produced: Counter
     errors: Counter
     restarts: Counter
+    records_dead_lettered: Counter
+    reasons: DeadLetterReasons = field(default_factory=DeadLetterReasons)
 
 
 @dataclass
@@ -168,6 +223,8 @@ class PipelineMetrics:
             for name, kind, text, labels, extra in CATALOG
         }
         self.families["streamflow_build_info"].labels(pipeline, __version__, config_hash).set(1)
+        # by source or stage: kept across the restarts that build its handles anew
+        self.reasons: dict[str, DeadLetterReasons] = {}
 
     def _bound(self, name: str, *labels: str) -> Any:
         return self.families[name].labels(*labels)
@@ -190,6 +247,7 @@ class PipelineMetrics:
             )),
             self._partial("streamflow_record_errors", *labels),
             self._partial("streamflow_consumer_lag_records", *labels),
+            self.reasons.setdefault(name, DeadLetterReasons()),
         )
         for step in ("parse", *steps):
             metrics.error(step)
@@ -201,6 +259,8 @@ class PipelineMetrics:
             self._bound("streamflow_source_records", *labels),
             self._bound("streamflow_source_errors", *labels),
             self._bound("streamflow_stage_restarts", *labels),
+            self._bound("streamflow_source_records_dead_lettered", *labels),
+            self.reasons.setdefault(name, DeadLetterReasons()),
         )
 
     def sink(self, name: str) -> SinkMetrics:

@@ -143,6 +143,7 @@ class EventFeed:
             await stage.dead_letters.send(key=key, value=value, headers=headers,
                                           timestamp=timestamp_ms / 1000 if timestamp_ms else None)
         stage.metrics.error(step).inc()
+        stage.metrics.reasons.add([(step, error)])
 
 
 class FaustStage(Stage):
@@ -204,7 +205,7 @@ class FaustStage(Stage):
         try:
             loop.run_until_complete(self._serve(data_dir))
         except BaseException as exc:
-            log.exception("stage %s failed", self.name)
+            log.debug("stage %s failed", self.name, exc_info=True)  # the supervisor says why
             self.error = exc
         finally:
             loop.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -16,7 +17,8 @@ MASK = "***"
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the exception if any."""
+    """One JSON object per line: time, level, logger, message, the record's ``data`` (given as
+    ``extra={"data": ...}``) and the exception, if any."""
 
     def format(self, record: logging.LogRecord) -> str:
         document = {
@@ -26,6 +28,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        data = getattr(record, "data", None)
+        if data is not None:
+            document["data"] = data
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
         return json.dumps(document)
@@ -41,15 +46,19 @@ class Redactor(logging.Filter):
     def add(self, secrets: Iterable[str]) -> None:
         self.secrets.update(secret for secret in secrets if len(secret) >= 4)
 
+    def mask(self, text: str) -> str:
+        """``text`` with every known secret replaced by ***."""
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:
             return True
         message = record.getMessage()
         exception = logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
         if any(secret in message or secret in exception for secret in self.secrets):
-            for secret in self.secrets:
-                message = message.replace(secret, MASK)
-                exception = exception.replace(secret, MASK)
+            message, exception = self.mask(message), self.mask(exception)
             record.msg, record.args = message, None
             if record.exc_info:
                 record.exc_info, record.exc_text = None, None
@@ -60,9 +69,22 @@ class Redactor(logging.Filter):
 REDACTOR = Redactor()
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record comes: the progress display redirects
+    it to print log lines above itself, and a caller that replaced it (a test capturing output)
+    may have closed the stream the logging was configured with since."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+
 def configure_logging(level: str, log_format: str) -> None:
     """Text (default) or JSON to stderr, every record passing through the redactor."""
-    handler = logging.StreamHandler()
+    handler = StderrHandler()
     handler.addFilter(REDACTOR)
     handler.setFormatter(
         JsonFormatter() if log_format == "json"

@@ -25,16 +25,21 @@ from streamflow.config.models import (
     SourceConfig,
 )
 from streamflow.metrics import MetricsServer, PipelineMetrics, SourceMetrics
+from streamflow.metrics.totals import read_totals
 from streamflow.ml.engine import EngineSettings
 from streamflow.ml.spec import DEFAULT_METRICS, build_estimator, infer_task, model_label
 from streamflow.ml.worker import EngineSpec
 from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
 from streamflow.plugins.agents import load_agent
+from streamflow.runtime.dead_letter_watch import DeadLetterWatch
+from streamflow.runtime.fatal import metrics_port_error
 from streamflow.runtime.faust_stage import FaustStage
+from streamflow.runtime.logs import REDACTOR
 from streamflow.runtime.model_stage import ModelStage
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, source_dead_letter_topic
 from streamflow.runtime.stage import Stage
 from streamflow.runtime.stages import SinkStage, StageIdentity, TopicStage, build_steps
+from streamflow.runtime.summary import RunSummary, component_kinds, summarize
 from streamflow.runtime.supervisor import Supervisor, backoff_delay
 from streamflow.runtime.window_stage import WindowStage
 from streamflow.transport import (
@@ -49,6 +54,7 @@ from streamflow.transport.broker import EmbeddedBroker
 log = logging.getLogger(__name__)
 
 SUPERVISE_INTERVAL_S = 0.2
+DEAD_LETTER_CHECK_S = 1.0
 
 
 def config_hash(config: PipelineConfig) -> str:
@@ -68,6 +74,7 @@ class RunResult:
     exit_code: int
     reason: str
     errors: list[str] = field(default_factory=list)
+    summary: RunSummary | None = None  # once the sources and stages started
 
 
 class PipelineRunner:
@@ -95,6 +102,12 @@ class PipelineRunner:
         stage_names = [s.name for s in [*config.processors, *config.models, *config.sinks]]
         source_names = [s.name for s in config.sources]
         self._source_names = set(source_names)
+        self.dead_letter_watch = DeadLetterWatch(config.runtime.dead_letter_warning, {
+            **{name: source_dead_letter_topic(config.pipeline) for name in source_names},
+            **{s.name: config.dead_letter_topic(s) for s in [*config.processors, *config.models,
+                                                             *config.sinks]},
+        })
+        self._started_at = time.monotonic()
         if stage is not None and stage not in stage_names + source_names:
             raise UnknownStageError(
                 f"--stage {stage!r} is not in pipeline {config.pipeline!r}; "
@@ -121,10 +134,14 @@ class PipelineRunner:
             else:
                 self.bootstrap = kafka.bootstrap
             if self.config.metrics.enabled:
-                self.metrics_server = MetricsServer(
-                    self.metrics.registry, self.config.metrics.host, self.metrics_port,
-                    readiness=self.readiness, status=self.status,
-                ).start()
+                host = self.config.metrics.host
+                try:
+                    self.metrics_server = MetricsServer(
+                        self.metrics.registry, host, self.metrics_port,
+                        readiness=self.readiness, status=self.status,
+                    ).start()
+                except OSError as exc:
+                    raise metrics_port_error(exc, host, self.metrics_port) from exc
                 stack.callback(self.metrics_server.stop)
                 log.info("metrics at %s/metrics, dashboard at %s/",
                          self.metrics_server.url, self.metrics_server.url)
@@ -145,6 +162,7 @@ class PipelineRunner:
             stack.callback(gc.unfreeze)  # so that what ends with the run is collected again
             self.supervisor.start()
             self._started = True
+            self._started_at = time.monotonic()
             return self._supervise()
 
     def _wait_for_broker(self, transport: Transport) -> None:
@@ -301,7 +319,12 @@ class PipelineRunner:
         )
 
     def _supervise(self) -> RunResult:
+        checked_at = time.monotonic()
         while not self._stop.wait(SUPERVISE_INTERVAL_S):
+            if time.monotonic() - checked_at >= DEAD_LETTER_CHECK_S:
+                checked_at = time.monotonic()
+                self.dead_letter_watch.observe(read_totals(self.metrics.registry),
+                                               self.metrics.reasons)
             fatal = self.supervisor.check()
             if fatal:
                 self._fatal = fatal
@@ -323,14 +346,18 @@ class PipelineRunner:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready once every source is open (its listener, if any, takes connections) and every
-        stage runs, has joined its group and gets answers from the brokers for its partitions."""
+        stage runs, has joined its group and gets answers from the brokers for its partitions.
+        Components dead-lettering more than runtime.dead_letter_warning allows are named under
+        ``warnings``, ready or not."""
         if not self._started:
             return False, {"reason": "starting: waiting for Kafka and creating topics"}
         problems = {runner.name: problem for runner in self.supervisor.runners
                     if (problem := runner.not_ready()) is not None}
-        if problems:
-            return False, {"reason": "components not ready", "components": problems}
-        return True, {"status": "ready"}
+        detail: dict[str, Any] = ({"reason": "components not ready", "components": problems}
+                                  if problems else {"status": "ready"})
+        if warnings := self.dead_letter_watch.warnings():
+            detail["warnings"] = warnings
+        return not problems, detail
 
     def status(self) -> dict[str, Any]:
         """The pipeline's shape and state, for the dashboard."""
@@ -359,7 +386,15 @@ class PipelineRunner:
         errors = [self._fatal] if self._fatal else []
         if hung:
             errors.append(f"did not stop within the shutdown timeout: {', '.join(hung)}")
-        return RunResult(1 if errors else 0, self._stop_reason, errors)
+        exit_code = 1 if errors else 0
+        kinds = {name: kind for name, kind in component_kinds(self.config).items()
+                 if self._selected(name)}
+        summary = RunSummary(
+            self.config.pipeline, self._stop_reason, exit_code,
+            time.monotonic() - self._started_at, summarize(kinds, self.metrics, REDACTOR.mask),
+            self.config.runtime.dead_letter_warning.share,
+        )
+        return RunResult(exit_code, self._stop_reason, errors, summary)
 
 
 def install_signal_handlers(runner: PipelineRunner) -> None:

@@ -1,6 +1,10 @@
-"""Progress of a bounded run: a live line on a terminal, periodic log lines otherwise.
+"""Progress of a run: a live table at the bottom of a terminal, or periodic log lines.
 
-It reads only the pipeline's metrics registry, like any other observer would.
+On a terminal the table (records in, out, per second, dead-lettered and lag of each source and
+stage) stays below everything else: while it runs, ``sys.stderr`` (and ``sys.stdout`` when it
+is a terminal too) print above it, log lines included. Elsewhere, and with JSON logs, the same
+figures are a log line every interval. It reads only the pipeline's metrics registry, like any
+other observer would.
 """
 
 from __future__ import annotations
@@ -9,68 +13,102 @@ import logging
 import sys
 import threading
 import time
-from typing import TextIO
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry
+from rich import box
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from streamflow.metrics.totals import Totals, read_totals
 
 log = logging.getLogger("streamflow.progress")
 
-
-def snapshot(registry: CollectorRegistry) -> tuple[dict[str, float], float]:
-    """Records out per stage (plus sources) and the total consumer lag."""
-    out: dict[str, float] = {}
-    lag = 0.0
-    for family in registry.collect():
-        for sample in family.samples:
-            if sample.name == "streamflow_records_out_total":
-                out[sample.labels["stage"]] = sample.value
-            elif sample.name == "streamflow_source_records_total":
-                out[sample.labels["source"]] = sample.value
-            elif sample.name == "streamflow_consumer_lag_records":
-                lag += sample.value
-    return out, lag
+LIVE_INTERVAL_S = 1.0  # the live table's refresh, at most
 
 
-def describe(rates: dict[str, float], lag: float) -> str:
-    stages = "  ".join(f"{name} {rate:,.0f}/s" for name, rate in rates.items())
-    return f"{stages}  lag {lag:,.0f}"
+def rates(previous: Mapping[str, Totals], current: Mapping[str, Totals], seconds: float
+          ) -> dict[str, float]:
+    """Records taken in per second by each component between two readings."""
+    seconds = max(seconds, 1e-9)
+    return {name: (totals.records_in - previous.get(name, Totals()).records_in) / seconds
+            for name, totals in current.items()}
+
+
+def describe(totals: Mapping[str, Totals], per_second: Mapping[str, float]) -> str:
+    """One line: each component's records out, rate in and dead letters, and the total lag."""
+    parts = []
+    for name, figures in totals.items():
+        part = f"{name} {figures.records_out:,.0f} out {per_second.get(name, 0.0):,.0f}/s"
+        if figures.dead_lettered:
+            part += f" {figures.dead_lettered:,.0f} dead-lettered"
+        parts.append(part)
+    lag = sum(figures.lag for figures in totals.values())
+    return f"{'; '.join(parts)}; lag {lag:,.0f}"
+
+
+def table(totals: Mapping[str, Totals], per_second: Mapping[str, float]) -> Table:
+    """The live display: one row per component."""
+    view = Table(box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False)
+    view.add_column("")
+    for column in ("in", "out", "per s", "dead-lettered", "lag"):
+        view.add_column(column, justify="right")
+    for name, figures in totals.items():
+        dead = Text(f"{figures.dead_lettered:,.0f}", style="red" if figures.dead_lettered else "")
+        view.add_row(Text(name), f"{figures.records_in:,.0f}", f"{figures.records_out:,.0f}",
+                     f"{per_second.get(name, 0.0):,.0f}", dead, f"{figures.lag:,.0f}")
+    return view
 
 
 class ProgressReporter:
-    """Reports records per second per component and total lag every ``interval_s``."""
+    """Shows each component's totals, rate, dead letters and lag until :meth:`stop`: live on a
+    terminal (``live``), else as a log line every ``interval_s``."""
 
-    def __init__(self, registry: CollectorRegistry, interval_s: float,
-                 stream: TextIO | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry, interval_s: float, live: bool,
+                 console: Console | None = None) -> None:
         self.registry = registry
-        self.interval_s = interval_s
-        self.stream = stream or sys.stderr
-        self.live = self.stream.isatty()
+        self.live = live
+        self.interval_s = min(interval_s, LIVE_INTERVAL_S) if live else interval_s
+        self.console = console or Console(stderr=True)
         self._stop = threading.Event()
+        self._ready = threading.Event()  # the live display took over the output
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
 
     def start(self) -> ProgressReporter:
         self._thread.start()
+        self._ready.wait()
         return self
 
     def stop(self) -> None:
+        """Stop reporting; a live display is removed, and the output is as before."""
         self._stop.set()
         self._thread.join()
-        if self.live:
-            self.stream.write("\n")
-            self.stream.flush()
 
     def _run(self) -> None:
-        previous, _lag = snapshot(self.registry)
-        previous_time = time.monotonic()
-        while not self._stop.wait(self.interval_s):
-            current, lag = snapshot(self.registry)
-            now = time.monotonic()
-            elapsed = max(now - previous_time, 1e-9)
-            rates = {name: (value - previous.get(name, 0.0)) / elapsed
-                     for name, value in current.items()}
-            previous, previous_time = current, now
-            if self.live:
-                self.stream.write(f"\r\033[K{describe(rates, lag)}")
-                self.stream.flush()
-            else:
-                log.info("progress: %s", describe(rates, lag))
+        try:
+            self._report()
+        finally:
+            self._ready.set()  # also when the display failed to start, so start() returns
+
+    def _report(self) -> None:
+        previous, previous_time = read_totals(self.registry), time.monotonic()
+        if not self.live:
+            self._ready.set()
+            while not self._stop.wait(self.interval_s):
+                current, now = read_totals(self.registry), time.monotonic()
+                per_second = rates(previous, current, now - previous_time)
+                previous, previous_time = current, now
+                log.info("progress: %s", describe(current, per_second),
+                         extra={"data": {name: {**vars(figures), "per_s": per_second[name]}
+                                         for name, figures in current.items()}})
+            return
+        with Live(table(previous, {}), console=self.console, auto_refresh=False, transient=True,
+                  redirect_stdout=sys.stdout.isatty(), redirect_stderr=True) as display:
+            self._ready.set()
+            while not self._stop.wait(self.interval_s):
+                current, now = read_totals(self.registry), time.monotonic()
+                display.update(table(current, rates(previous, current, now - previous_time)),
+                               refresh=True)
+                previous, previous_time = current, now

@@ -27,7 +27,12 @@ from typing import Any
 from streamflow.config import models
 from streamflow.metrics import SourceMetrics
 from streamflow.plugins import Source, SourceBatch
-from streamflow.runtime.dead_letters import OversizeRecordError, source_dead_letter_headers, truncated
+from streamflow.runtime.dead_letters import (
+    PRODUCE_STEP,
+    OversizeRecordError,
+    source_dead_letter_headers,
+    truncated,
+)
 from streamflow.runtime.stage import Stage
 from streamflow.transport import OutgoingBatch, Producer, RecordTooLargeError, TopicSpec, Transport
 
@@ -126,11 +131,13 @@ class SourceRunner(Stage):
                 producer, dead = self._publish(producer, batch, previous, position)
                 self.metrics.records_produced.inc(len(batch))
                 if dead:
-                    self.source.dead_lettered(dead, self.dead_letter_topic)
+                    self.metrics.records_dead_lettered.inc(len(dead))
+                    self.metrics.reasons.add((PRODUCE_STEP, error) for error in dead.values())
+                    self.source.dead_lettered(list(dead), self.dead_letter_topic)
                 self.source.acknowledged(position)
         except BaseException as exc:
             self.metrics.errors.inc()
-            log.exception("source %s failed", self.name)
+            log.debug("source %s failed", self.name, exc_info=True)  # the supervisor says why
             self.error = exc
         finally:
             self.opened = False
@@ -142,10 +149,10 @@ class SourceRunner(Stage):
         return self.transport.producer(transactional_id=f"{self.pipeline}.source.{self.name}")
 
     def _publish(self, producer: Producer, batch: SourceBatch, previous: Any, position: Any
-                 ) -> tuple[Producer, list[int]]:
+                 ) -> tuple[Producer, dict[int, OversizeRecordError]]:
         """Produce ``batch`` and ``position`` (the one after it) in one transaction; returns the
         producer (a new one when the broker refused records) and the rows of ``batch`` that went
-        to the dead-letter topic.
+        to the dead-letter topic, in order, with their errors.
 
         A record refused for its size is dead-lettered: whole, and if that is refused too,
         truncated; it keeps its place in the position. Records the client refused never left
@@ -177,7 +184,7 @@ class SourceRunner(Stage):
                     producer.begin_transaction()
                     resend = None
         producer.commit_transaction()
-        return producer, sorted(levels)
+        return producer, {row: _refusal(batch, row, reasons) for row in sorted(levels)}
 
     def _outgoing(
         self, batch: SourceBatch, previous: Any, position: Any, levels: dict[int, int],
@@ -220,12 +227,15 @@ class SourceRunner(Stage):
             [batch.values[row] for row in rows],
             [_at(batch.keys, row) for row in rows],
             [source_dead_letter_headers(
-                self.pipeline, self.name, self.topic,
-                OversizeRecordError(f"record of {len(batch.values[row])} bytes refused: {reasons[row]}"),
-                before, row,
+                self.pipeline, self.name, self.topic, _refusal(batch, row, reasons), before, row,
             ) for row in rows],
             [_at(batch.timestamps_ms, row) for row in rows],
         )
+
+
+def _refusal(batch: SourceBatch, row: int, reasons: dict[int, str]) -> OversizeRecordError:
+    """Why the record of ``batch`` at ``row`` was dead-lettered."""
+    return OversizeRecordError(f"record of {len(batch.values[row])} bytes refused: {reasons[row]}")
 
 
 def _at(column: list[Any], row: int) -> Any:

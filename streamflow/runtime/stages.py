@@ -153,7 +153,7 @@ class StageRunner(Stage, RebalanceListener):
                 self.tick()
             self.drain()
         except BaseException as exc:
-            log.exception("stage %s failed", self.name)
+            log.debug("stage %s failed", self.name, exc_info=True)  # the supervisor says why
             self.error = exc
         finally:
             self._close()
@@ -347,6 +347,7 @@ class StageRunner(Stage, RebalanceListener):
         """Count published dead letters by the step that failed them."""
         for step, count in Counter(failure.step for failure in failures).items():
             self.metrics.error(step).inc(count)
+        self.metrics.reasons.add((failure.step, failure.error) for failure in failures)
 
     def topics(self) -> list[str]:
         """The topics this stage consumes."""

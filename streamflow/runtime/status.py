@@ -53,8 +53,12 @@ def fetch_status(base_url: str) -> StatusReport:
 def render_status(report: StatusReport) -> str:
     """A readable table: one line per stage."""
     lines = [f"status: {'ready' if report.ready else 'NOT READY'}"]
+    detail = dict(report.detail)
+    warnings = detail.pop("warnings", {})
     if not report.ready:
-        lines.append(f"reason: {json.dumps(report.detail)}")
+        lines.append(f"reason: {json.dumps(detail)}")
+    if isinstance(warnings, dict):
+        lines += [f"warning: {warning}" for warning in warnings.values()]
     header = ("stage", *COLUMNS, "lag", "last batch")
     rows = [header]
     for stage, figures in sorted(report.stages.items()):

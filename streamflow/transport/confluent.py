@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import groupby
@@ -58,6 +59,23 @@ _AUTH_ERRORS = {
 
 _timestamp_ms = itemgetter(1)  # of a message's (timestamp type, timestamp) pair
 
+_librdkafka = logging.getLogger("streamflow.transport.librdkafka")
+
+
+class _ClientLog:
+    """One client's librdkafka log, through Python logging (its ``logger`` setting) rather than
+    straight to stderr. librdkafka queues the lines for the client's polls, so a client no
+    longer polled says nothing (say, after its broker stopped at the end of a run). They come at
+    WARNING at most, since streamflow reports the failures that matter itself, and at DEBUG once
+    the client is closing, when a broker already gone is no news."""
+
+    def __init__(self) -> None:
+        self.closing = False
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        _librdkafka.log(logging.DEBUG if self.closing else min(level, logging.WARNING), message,
+                        *args)
+
 
 class _TransactionFailed(TransportError):
     """The client refused to queue a record: its transaction had failed."""
@@ -74,6 +92,7 @@ def _error(exc: KafkaException | KafkaError) -> TransportError:
 class ConfluentProducer(Producer):
     def __init__(self, config: dict[str, Any], admin_config: dict[str, Any]) -> None:
         self._failures: list[tuple[KafkaError, Message]] = []
+        self._log: _ClientLog = config["logger"]
         # One delivery callback for the producer, not a keyword argument per record.
         self._producer = _Producer({**config, "on_delivery": self._on_delivery})
         self._admin_config = admin_config
@@ -237,6 +256,7 @@ class ConfluentProducer(Producer):
         self._failures = []  # reports of the records the abort purged
 
     def close(self) -> None:
+        self._log.closing = True
         self._producer.flush(_FLUSH_TIMEOUT_S)
 
 
@@ -311,6 +331,7 @@ class ConfluentReader(Reader):
     reaching it, since that position stays at the last record when markers follow it."""
 
     def __init__(self, config: dict[str, Any], start: Mapping[TopicPartition, int | None]) -> None:
+        self._log: _ClientLog = config["logger"]
         self.raw = _Consumer(config)
         self._next: dict[TopicPartition, int] = {}
         try:
@@ -357,6 +378,7 @@ class ConfluentReader(Reader):
         return ends
 
     def close(self) -> None:
+        self._log.closing = True
         self.raw.close()
 
 
@@ -364,6 +386,7 @@ class ConfluentConsumer(Consumer):
     def __init__(
         self, config: dict[str, Any], topics: Sequence[str], listener: RebalanceListener | None
     ) -> None:
+        self._log: _ClientLog = config["logger"]
         self.raw = _Consumer(config)
         self._topics = list(topics)
         self._listener = listener
@@ -490,6 +513,7 @@ class ConfluentConsumer(Consumer):
         return lags
 
     def close(self) -> None:
+        self._log.closing = True
         self.raw.close()
 
 
@@ -546,7 +570,8 @@ class ConfluentTransport(Transport):
     name = "confluent"
 
     def _base(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap, "log.connection.close": False, **self.client_config}
+        return {"bootstrap.servers": self.bootstrap, "log.connection.close": False,
+                **self.client_config, "logger": _ClientLog()}
 
     def producer(self, transactional_id: str | None = None) -> Producer:
         config = {
