@@ -16,6 +16,7 @@ from streamflow.runtime.fatal import describe
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
 from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
 from streamflow.runtime.progress import ProgressReporter
+from streamflow.runtime.semantics import require_valid
 from streamflow.runtime.status import fetch_status, render_status
 from streamflow.runtime.testing import run_test_file
 from streamflow.transport.broker import BrokerUnavailableError, EmbeddedBroker
@@ -28,6 +29,8 @@ log = logging.getLogger("streamflow")
 def _run(args: argparse.Namespace) -> int:
     config = load_pipeline(args.file)
     REDACTOR.add(config_secrets(config))
+    for warning in require_valid(config, args.file):
+        log.warning("%s: %s", warning.file, warning.line())
     runner = PipelineRunner(config, stage=args.stage, until_idle_s=args.until_idle,
                             metrics_port=args.metrics_port)
     install_signal_handlers(runner)
@@ -51,6 +54,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     config = load_pipeline(args.file)
+    for warning in require_valid(config, args.file, strict=args.strict):
+        print(f"warning: {warning.file}: {warning.line()}", file=sys.stderr)
     stages = len(config.processors) + len(config.models) + len(config.sinks)
     print(f"{args.file}: valid pipeline {config.pipeline!r} "
           f"({len(config.sources)} sources, {stages} stages, {len(config.topic_specs())} topics)")
@@ -109,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a pipeline file; exit 2 if invalid")
     validate.add_argument("file")
+    validate.add_argument("--strict", action="store_true", help="treat warnings as errors")
     validate.set_defaults(handler=_validate)
 
     broker = commands.add_parser("broker", help="run the embedded broker for local development")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.sources.records import record_key
-from streamflow.plugins import ComponentContext, Source, SourceBatch
+from streamflow.plugins import ComponentContext, SettingProblem, Source, SourceBatch
 
 
 class FileConfig(BaseModel):
@@ -56,6 +56,15 @@ class FileSource(Source[FileConfig]):
         self._current: str | None = None
         self._offset = 0
         self._header: list[str] | None = None
+
+    @classmethod
+    def problems(cls, config: FileConfig) -> list[SettingProblem]:
+        """A path or glob that matches no file, unless ``follow`` waits for files to come."""
+        if config.follow or any(Path(match).is_file() for match in glob.glob(config.path)):
+            return []
+        return [SettingProblem(
+            "path", f"{config.path!r} matches no file (relative paths start at {Path.cwd()})",
+            "correct the path or glob, or set follow: true to wait for files to appear")]
 
     def open(self, position: dict[str, Any] | None) -> None:
         position = position or {}

@@ -68,6 +68,10 @@ class TopicConfig(Strict):
     partitions: int = Field(4, ge=1, le=10_000)
     replication_factor: int = Field(1, ge=1)
     config: dict[str, str] = Field(default_factory=dict)
+    external: bool = Field(
+        False, description="written by programs outside the pipeline: stages and sinks may read "
+        "it though nothing in the pipeline writes it"
+    )
 
 
 class BatchConfig(Strict):

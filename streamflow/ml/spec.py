@@ -4,13 +4,16 @@ ever evaluated, and no factory from Python's standard library or streamflow is e
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
+import pkgutil
 import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
+import river
 from river import base, compose, metrics
 from river.base.anomaly_detector import AnomalyDetector
 
@@ -45,6 +48,33 @@ def _outside_user_code(module: str) -> str | None:
     return None
 
 
+def did_you_mean(name: str, known: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to ``name``, or nothing."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _river_suggestion(module_name: str, class_name: str) -> str:
+    """Did-you-mean text for a river name that does not resolve: the closest river module, when
+    ``module_name`` is none, and the closest public class in that module."""
+    modules = [info.name for info in pkgutil.iter_modules(river.__path__) if not info.name.startswith("_")]
+    root = module_name.partition(".")[0]
+    if root not in modules:
+        close = difflib.get_close_matches(root, modules, n=1)
+        if not close:
+            return ""
+        module_name = close[0] + module_name[len(root):]
+    try:
+        module = importlib.import_module(f"river.{module_name}")
+    except ImportError:
+        return ""
+    classes = [name for name in getattr(module, "__all__", dir(module)) if name[:1].isupper()]
+    close = difflib.get_close_matches(class_name, classes, n=1)
+    if close or class_name in classes:
+        return f" (did you mean {module_name + '.' + (close[0] if close else class_name)!r}?)"
+    return ""
+
+
 def river_object(qualified: str, params: dict[str, Any] | None) -> Any:
     """Instantiate ``river.<module>.<Class>(**params)``; nothing outside river is reachable."""
     match = _RIVER_NAME.match(qualified)
@@ -54,7 +84,8 @@ def river_object(qualified: str, params: dict[str, Any] | None) -> Any:
         module = importlib.import_module(f"river.{match['module']}")
         cls = getattr(module, match["cls"])
     except (ImportError, AttributeError):
-        raise ModelSpecError(f"river has no {qualified!r}") from None
+        hint = _river_suggestion(match["module"], match["cls"])
+        raise ModelSpecError(f"river has no {qualified!r}{hint}") from None
     if not isinstance(cls, type) or not issubclass(cls, base.Base) or not cls.__module__.startswith("river."):
         raise ModelSpecError(f"river.{qualified} is not a river class")
     try:
@@ -73,9 +104,13 @@ def resolve_factory(spec: str) -> Callable[[], Any]:
     if outside:
         raise ModelSpecError(f"estimator factory {spec!r} is from {outside}, not a model; {FIX}")
     try:
-        factory = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as exc:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
         raise ModelSpecError(f"estimator factory {spec!r}: {exc}") from None
+    if not hasattr(module, name):
+        hint = did_you_mean(name, [item for item in dir(module) if not item.startswith("_")])
+        raise ModelSpecError(f"estimator factory {spec!r}: module {module_name!r} has no {name!r}{hint}")
+    factory = getattr(module, name)
     if not (inspect.isfunction(factory) or inspect.isclass(factory)):
         raise ModelSpecError(f"estimator factory {spec!r} is a {type(factory).__name__}, not a function "
                              f"or class written in Python; {FIX}")
@@ -108,7 +143,9 @@ def build_estimator(spec: list[dict[str, dict[str, Any] | None]] | str) -> Any:
 def build_metric(name: str) -> metrics.base.Metric:
     metric_class = getattr(metrics, name, None)
     if not isinstance(metric_class, type) or not issubclass(metric_class, metrics.base.Metric):
-        raise ModelSpecError(f"river.metrics has no metric {name!r}")
+        known = [item for item in dir(metrics) if isinstance(getattr(metrics, item), type)
+                 and issubclass(getattr(metrics, item), metrics.base.Metric)]
+        raise ModelSpecError(f"river.metrics has no metric {name!r}{did_you_mean(name, known)}")
     return metric_class()
 
 

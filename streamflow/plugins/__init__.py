@@ -51,6 +51,16 @@ class SourceBatch:
         return len(self.values)
 
 
+@dataclass(frozen=True)
+class SettingProblem:
+    """A setting that would make a run fail or do nothing, found before the run: the setting's
+    name, what is wrong and how to fix it (``streamflow validate`` reports it as an error)."""
+
+    setting: str
+    message: str
+    hint: str
+
+
 class Source(ABC, Generic[ConfigT]):
     """Reads an external system and emits records to the source's topic.
 
@@ -68,6 +78,9 @@ class Source(ABC, Generic[ConfigT]):
     - :meth:`dead_lettered` is called before that, from the same thread, when records of the
       batch last polled went to the dead-letter topic instead (Kafka refused them for their size):
       a source that answers its senders can tell them (the webhook answers 413).
+    - :meth:`problems` (optional, a class method) names settings that would make a run fail or
+      read nothing, such as a file that does not exist; ``streamflow validate`` and ``streamflow
+      run`` refuse the pipeline with them.
     """
 
     config_model: ClassVar[type[BaseModel]]
@@ -100,6 +113,12 @@ class Source(ABC, Generic[ConfigT]):
 
     def close(self) -> None:
         """Release resources."""
+
+    @classmethod
+    def problems(cls, config: ConfigT) -> list[SettingProblem]:
+        """What in settings ``config`` would make a run fail or read nothing, found without
+        reading (a file that does not exist); none by default."""
+        return []
 
 
 class TransientError(Exception):
@@ -325,6 +344,7 @@ __all__ = [
     "PartitionedState",
     "PluginNotFoundError",
     "Processor",
+    "SettingProblem",
     "Sink",
     "SinkRecordError",
     "Source",

@@ -58,7 +58,8 @@ def pipeline(bootstrap: str, name: str, guarantee: str, kind: str, checkpoints: 
         "pipeline": name,
         "kafka": {"bootstrap": bootstrap,
                   "config": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}},
-        "topics": [{"name": f"{name}.out", "partitions": PARTITIONS}],
+        "topics": [{"name": f"{name}.in", "partitions": PARTITIONS, "external": True},
+                   {"name": f"{name}.out", "partitions": PARTITIONS}],
         section: [config],
         "runtime": {"guarantee": guarantee, "batch": {"max_records": 200, "max_wait_ms": 20}},
     }

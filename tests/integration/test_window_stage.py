@@ -185,8 +185,8 @@ def test_window_state_survives_a_stop_and_a_sigkill(fresh_broker: str, tmp_path:
     path.write_text(yaml.safe_dump({
         "pipeline": "restart",
         "kafka": {"bootstrap": fresh_broker, "config": FAST_GROUPS},
-        "topics": [{"name": "events", "partitions": 1}, {"name": "windows", "partitions": 1},
-                   {"name": "restart.late", "partitions": 1}],
+        "topics": [{"name": "events", "partitions": 1, "external": True},
+                   {"name": "windows", "partitions": 1}, {"name": "restart.late", "partitions": 1}],
         "processors": [{
             "name": "agg", "input": "events", "output": "windows",
             "batch": {"max_records": 50, "max_wait_ms": 10},
