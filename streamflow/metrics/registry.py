@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from streamflow import __version__
+from streamflow.metrics.letters import LatestDeadLetters
 
 STAGE = ("pipeline", "stage")
 SOURCE = ("pipeline", "source")
@@ -152,6 +153,7 @@ class StageMetrics:
     _errors: Any
     _lag: Any
     reasons: DeadLetterReasons = field(default_factory=DeadLetterReasons)
+    latest_dead_letters: LatestDeadLetters = field(default_factory=LatestDeadLetters)
 
     def count(self, consumed: int, out: int, dead_lettered: int) -> None:
         """Account for one batch: whatever was neither passed on nor dead-lettered is filtered."""
@@ -177,6 +179,7 @@ class SourceMetrics:
     restarts: Counter
     records_dead_lettered: Counter
     reasons: DeadLetterReasons = field(default_factory=DeadLetterReasons)
+    latest_dead_letters: LatestDeadLetters = field(default_factory=LatestDeadLetters)
 
 
 @dataclass
@@ -225,6 +228,7 @@ class PipelineMetrics:
         self.families["streamflow_build_info"].labels(pipeline, __version__, config_hash).set(1)
         # by source or stage: kept across the restarts that build its handles anew
         self.reasons: dict[str, DeadLetterReasons] = {}
+        self.latest_dead_letters = LatestDeadLetters()  # of every source and stage, for the dashboard
 
     def _bound(self, name: str, *labels: str) -> Any:
         return self.families[name].labels(*labels)
@@ -248,6 +252,7 @@ class PipelineMetrics:
             self._partial("streamflow_record_errors", *labels),
             self._partial("streamflow_consumer_lag_records", *labels),
             self.reasons.setdefault(name, DeadLetterReasons()),
+            latest_dead_letters=self.latest_dead_letters,
         )
         for step in ("parse", *steps):
             metrics.error(step)
@@ -261,6 +266,7 @@ class PipelineMetrics:
             self._bound("streamflow_stage_restarts", *labels),
             self._bound("streamflow_source_records_dead_lettered", *labels),
             self.reasons.setdefault(name, DeadLetterReasons()),
+            latest_dead_letters=self.latest_dead_letters,
         )
 
     def sink(self, name: str) -> SinkMetrics:

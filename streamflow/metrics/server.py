@@ -4,6 +4,10 @@
 - ``/healthz``: 200 while the process serves requests (liveness).
 - ``/readyz``: 200 when the pipeline is ready, else 503 with a JSON reason (readiness).
 - ``/api/status``: the pipeline graph and component state, for the dashboard.
+- ``/api/history?after=T``: the per-component series of the last 15 minutes, sampled once a
+  second (see history.py), later than unix time T (all without it), and the totals now.
+- ``/api/dead-letters?after=N``: the latest dead letters (see letters.py), those numbered
+  above N (all without it).
 - ``/``: the live dashboard; its assets ship in the package (no CDN).
 
 There is no authentication, so it listens on 127.0.0.1 unless configured otherwise, and warns
@@ -16,25 +20,31 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from streamflow.metrics.history import History
 from streamflow.plugins.listeners import BoundedHTTPServer, is_loopback
 
 log = logging.getLogger(__name__)
 
 Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 Status = Callable[[], dict[str, Any]]
+DeadLetters = Callable[[int], dict[str, Any]]  # those numbered above the argument
 
 ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
     "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+    "/uPlot.iife.min.js": ("uPlot.iife.min.js", "text/javascript; charset=utf-8"),
+    "/uPlot.min.css": ("uPlot.min.css", "text/css; charset=utf-8"),
 }
 
 
@@ -42,8 +52,18 @@ def _asset(name: str) -> bytes:
     return resources.files("streamflow.metrics").joinpath("dashboard", name).read_bytes()
 
 
+def _after(query: str) -> float | None:
+    """The ``after`` parameter of a query string (0 without it), or None if it is no number."""
+    try:
+        after = float(parse_qs(query).get("after", ["0"])[0])
+    except ValueError:
+        return None
+    return after if math.isfinite(after) else None
+
+
 class MetricsServer:
-    """Serves metrics, health and the dashboard until :meth:`stop`."""
+    """Serves metrics, health and the dashboard, and samples the dashboard's history, until
+    :meth:`stop`."""
 
     def __init__(
         self,
@@ -52,17 +72,19 @@ class MetricsServer:
         port: int,
         readiness: Readiness = lambda: (True, {"status": "ready"}),
         status: Status = dict,
+        dead_letters: DeadLetters = lambda _after: {"count": 0, "letters": []},
         read_timeout_s: float = 10.0,
         deadline_s: float = 30.0,
         max_connections: int = 32,
     ) -> None:
         assets = {path: (_asset(name), kind) for path, (name, kind) in ASSETS.items()}
+        self.history = history = History(registry)
 
         class Handler(BaseHTTPRequestHandler):
             timeout = read_timeout_s  # of each read and write on the connection
 
             def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
+                path, _, query = self.path.partition("?")
                 if path == "/metrics":
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
                 elif path == "/healthz":
@@ -72,6 +94,13 @@ class MetricsServer:
                     self._json(200 if ready else 503, detail)
                 elif path == "/api/status":
                     self._json(200, status())
+                elif path in ("/api/history", "/api/dead-letters"):
+                    after = _after(query)
+                    if after is None:
+                        self._json(400, {"error": "after must be a finite number"})
+                        return
+                    self._json(200, history.document(after) if path == "/api/history"
+                               else dead_letters(int(after)))
                 elif path in assets:
                     body, kind = assets[path]
                     self._send(200, kind, body)
@@ -107,6 +136,7 @@ class MetricsServer:
         return f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
 
     def start(self) -> MetricsServer:
+        self.history.start()
         self._thread.start()
         if not is_loopback(self.host):
             log.warning("the metrics server and dashboard listen on %s, beyond this machine, without "
@@ -117,3 +147,4 @@ class MetricsServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self.history.stop()

@@ -142,6 +142,7 @@ class EventFeed:
         for value, key, headers, timestamp_ms in batch.records():
             await stage.dead_letters.send(key=key, value=value, headers=headers,
                                           timestamp=timestamp_ms / 1000 if timestamp_ms else None)
+        stage.metrics.latest_dead_letters.add([batch])
         stage.metrics.error(step).inc()
         stage.metrics.reasons.add([(step, error)])
 

@@ -139,6 +139,8 @@ class PipelineRunner:
                     self.metrics_server = MetricsServer(
                         self.metrics.registry, host, self.metrics_port,
                         readiness=self.readiness, status=self.status,
+                        dead_letters=lambda after: self.metrics.latest_dead_letters.document(
+                            after, REDACTOR.mask),
                     ).start()
                 except OSError as exc:
                     raise metrics_port_error(exc, host, self.metrics_port) from exc
@@ -360,9 +362,10 @@ class PipelineRunner:
         return not problems, detail
 
     def status(self) -> dict[str, Any]:
-        """The pipeline's shape and state, for the dashboard."""
+        """The pipeline's shape, and each component's state (see Stage.state) and dead-letter
+        topic, for the dashboard."""
         config = self.config
-        running = {r.name: r.is_alive() for r in self.supervisor.runners}
+        runners = {r.name: r for r in self.supervisor.runners}
         nodes = [{"name": s.name, "kind": "source", "type": s.type, "output": [s.topic]}
                  for s in config.sources]
         nodes += [{"name": s.name, "kind": "processor", "input": [s.input], "output": [s.output]}
@@ -372,7 +375,10 @@ class PipelineRunner:
         nodes += [{"name": s.name, "kind": "sink", "type": s.type, "input": [s.input]}
                   for s in config.sinks]
         for node in nodes:
-            node["running"] = running.get(node["name"], False)
+            runner = runners.get(node["name"])
+            node["state"] = runner.state if runner else "not started"
+            node["running"] = node["state"] == "running"
+            node["dead_letter"] = self.dead_letter_watch.dead_letter_topics[node["name"]]
         return {"pipeline": config.pipeline, "nodes": nodes, "ready": self.readiness()[0]}
 
     def _shutdown(self) -> RunResult:

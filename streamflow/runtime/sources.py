@@ -184,6 +184,9 @@ class SourceRunner(Stage):
                     producer.begin_transaction()
                     resend = None
         producer.commit_transaction()
+        if levels:
+            self.metrics.latest_dead_letters.add([self._dead_letters(batch, sorted(levels), previous,
+                                                                     reasons)])
         return producer, {row: _refusal(batch, row, reasons) for row in sorted(levels)}
 
     def _outgoing(

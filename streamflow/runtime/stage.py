@@ -47,6 +47,14 @@ class Stage(ABC):
     def is_idle(self, since: float) -> bool:
         """Nothing left to do, as measured after ``since`` (the pipeline's last activity)."""
 
+    @property
+    def state(self) -> str:
+        """``running``; ``failed`` once ended by an error (to be restarted, or fatal); else
+        ``finished`` (a source ran out of records, or the stage was stopped)."""
+        if self.is_alive():
+            return "running"
+        return "failed" if self.error else "finished"
+
     def not_ready(self) -> str | None:
         """Why the stage is not ready (for /readyz), or None when it is."""
         if not self.is_alive():

@@ -254,9 +254,11 @@ class StageRunner(Stage, RebalanceListener):
         letters = self.dead_letters(failures, batch)
         try:
             self.producer.produce([*outgoing, *letters])
-            return 0
         except RecordTooLargeError as exc:
             refused = exc
+        else:
+            self.metrics.latest_dead_letters.add(letters)
+            return 0
         if self.transactional and refused.by_broker:
             # The refusal aborts the transaction and the records sent with it: send them again.
             self._abort()
@@ -280,6 +282,7 @@ class StageRunner(Stage, RebalanceListener):
             )))
         self._produce_letters([*self.dead_letters(oversize, batch),
                                *truncated_refused(letters, refused_letters)])
+        self.metrics.latest_dead_letters.add(without(letters, refused_letters))
         failures += oversize
         return len(oversize)
 
@@ -290,7 +293,10 @@ class StageRunner(Stage, RebalanceListener):
             self.producer.produce(letters)
         except RecordTooLargeError as exc:
             self._renew_producer(exc)
-            self.producer.produce(truncated_refused(letters, exc.rejected))
+            resent = truncated_refused(letters, exc.rejected)
+            self.producer.produce(resent)
+            letters = [*without(letters, exc.rejected), *resent]
+        self.metrics.latest_dead_letters.add(letters)
 
     def _abort(self) -> None:
         """Abort the open transaction, if the producer still can: the stage then fails, and its

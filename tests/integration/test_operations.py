@@ -12,6 +12,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 
 from streamflow.config import load_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
+from streamflow.transport import OutgoingBatch, create_transport
 from streamflow.transport.broker import free_port
 from tests.browser import Browser, chromium_binary
 from tests.unit.test_docker_files import dashboard_queries
@@ -27,14 +29,16 @@ QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
 
 
-@pytest.fixture
-def running_pipeline(fresh_broker: str, tmp_path: Path) -> Iterator[PipelineRunner]:
-    """The quickstart, unbounded at 1,500 records/s, running in a background thread."""
-    env = {"STREAMFLOW_BOOTSTRAP": fresh_broker, "QUICKSTART_OUTPUT": str(tmp_path / "lake"),
+@contextmanager
+def quickstart(broker: str, tmp_path: Path, malformed: float = 0.02) -> Iterator[PipelineRunner]:
+    """The quickstart, unbounded at 1,500 records/s with ``malformed`` of them not valid,
+    running in a background thread."""
+    env = {"STREAMFLOW_BOOTSTRAP": broker, "QUICKSTART_OUTPUT": str(tmp_path / "lake"),
            "QUICKSTART_CHECKPOINTS": str(tmp_path / "checkpoints"),
            "QUICKSTART_COUNT": "10000000", "QUICKSTART_RATE": "1500"}
     config = load_pipeline(QUICKSTART, env)
     config.runtime.commit_interval_s = 0.5
+    config.sources[0].malformed_fraction = malformed
     runner = PipelineRunner(config, metrics_port=free_port())
     thread = threading.Thread(target=runner.run)
     thread.start()
@@ -43,6 +47,12 @@ def running_pipeline(fresh_broker: str, tmp_path: Path) -> Iterator[PipelineRunn
     finally:
         runner.stop()
         thread.join(60)
+
+
+@pytest.fixture
+def running_pipeline(fresh_broker: str, tmp_path: Path) -> Iterator[PipelineRunner]:
+    with quickstart(fresh_broker, tmp_path) as runner:
+        yield runner
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -114,32 +124,92 @@ def test_promtool_accepts_the_metrics(running_pipeline: PipelineRunner) -> None:
         assert name.encode() in text, name
 
 
-@pytest.mark.skipif(chromium_binary() is None, reason="needs chromium (apt-get install chromium)")
-def test_dashboard_charts_update_in_a_real_browser(running_pipeline: PipelineRunner) -> None:
-    url = base_url(running_pipeline)
-    wait_until(lambda: get(f"{url}/readyz")[0] == 200, what="readiness")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with Browser(f"{url}/") as browser:
-        def updates() -> int:
-            return int(browser.evaluate("Number(document.body.dataset.updates || 0)") or 0)
+MARKUP = "<img src=x onerror=alert(1)>"  # a known bad record: no JSON, and markup
 
-        wait_until(lambda: updates() >= 2, 30, "two dashboard refreshes")
-        first = browser.evaluate("document.getElementById('chart-throughput').dataset.points")
-        wait_until(lambda: updates() >= 6, 30, "six dashboard refreshes")
-        charts = browser.evaluate("""Object.fromEntries([...document.querySelectorAll('canvas')]
-            .map(c => [c.id, {points: Number(c.dataset.points),
-                              last: JSON.parse(c.dataset.last || '{}')}]))""")
-        nodes = browser.evaluate("""[...document.querySelectorAll('#graph .node')]
-            .map(n => [n.dataset.name, n.querySelector('.rate').textContent])""")
-        browser.screenshot(ARTIFACTS / "dashboard.png")
-    assert charts["chart-throughput"]["points"] > int(first)
-    assert max(charts["chart-throughput"]["last"].values()) > 0, charts
-    for chart in ("chart-lag", "chart-errors", "chart-latency", "chart-model"):
-        assert charts[chart]["points"] > 0, chart
-    assert any(name.endswith("(rolling)") for name in charts["chart-model"]["last"])
-    assert {name for name, _rate in nodes} == {"sensors", "clean", "predict", "lake"}
-    assert any(rate.endswith("/s") and not rate.startswith("0 ") for _name, rate in nodes)
+
+@pytest.mark.skipif(chromium_binary() is None, reason="needs chromium (apt-get install chromium)")
+def test_dashboard_charts_update_in_a_real_browser(fresh_broker: str, tmp_path: Path) -> None:
+    """The charts grow; a reload draws the history, with rates, at its first paint; the
+    dead-letter panel shows a bad record's value as text. Few records are malformed here
+    (1.5/s), so the panel's latest 50 dead letters still hold the bad record."""
+    with quickstart(fresh_broker, tmp_path, malformed=0.001) as runner:
+        url = base_url(runner)
+        wait_until(lambda: get(f"{url}/readyz")[0] == 200, what="readiness")
+        ARTIFACTS.mkdir(exist_ok=True)
+        with Browser(f"{url}/") as browser:
+            page = DashboardPage(browser)
+            wait_until(lambda: page.updates() >= 2, 30, "two dashboard refreshes")
+            first = page.charts()["chart-throughput"]["points"]
+            wait_until(lambda: page.updates() >= 6, 30, "six dashboard refreshes")
+            before = page.charts()
+            create_transport("confluent", fresh_broker).producer().produce(
+                [OutgoingBatch("sensors.raw", [MARKUP.encode()], [b"markup-probe"])])
+            wait_until(lambda: b"markup-probe" in get(f"{url}/api/dead-letters")[1], 30,
+                       "the bad record dead-lettered")
+            # A reload draws the daemon's history, with rates, at its first paint.
+            browser.evaluate("window.beforeReload = true; location.reload()")
+            wait_until(lambda: browser.evaluate(
+                "!window.beforeReload && document.body.dataset.updates === '1'"), 30,
+                "the reloaded page's first update")
+            reloaded, rates, letters = page.charts(), page.rates(), page.dead_letters()
+            images = browser.evaluate("document.querySelectorAll('#dead-letters img').length")
+            totals = page.totals()
+            states = browser.evaluate("""Object.fromEntries([...document.querySelectorAll(
+                '#graph .node[data-state]')].map(n => [n.dataset.name, n.dataset.state]))""")
+            browser.screenshot(ARTIFACTS / "dashboard.png", full_page=True)
+    assert before["chart-throughput"]["points"] > first
+    assert reloaded["chart-throughput"]["points"] >= before["chart-throughput"]["points"]
+    assert max(reloaded["chart-throughput"]["last"].values()) > 0, reloaded
+    for chart in ("chart-lag", "chart-dead_letters", "chart-latency", "chart-model"):
+        assert reloaded[chart]["points"] > 0, chart
+    assert any(name.endswith("(rolling)") for name in reloaded["chart-model"]["last"])
+    assert set(rates) == {"sensors", "clean", "predict", "lake", "quickstart.dlq"}
+    assert all(rate.endswith(" /s") for rate in rates.values()), rates
+    assert not rates["clean"].startswith("0 "), rates
+    assert states == dict.fromkeys(["sensors", "clean", "predict", "lake"], "running")
+    assert {name: row["kind"] for name, row in totals.items()} == {
+        "sensors": "source", "clean": "processor", "predict": "model", "lake": "sink"}
+    assert all(row["cells"][1] != "0" for row in totals.values()), totals  # records in
+    assert totals["clean"]["cells"][4] != "0", totals  # dead-lettered
+    probe = [letter for letter in letters if letter["key"] == "markup-probe"]
+    assert probe, letters
+    assert probe[0]["value"] == MARKUP and probe[0]["error"].startswith("DecodeError")
+    assert probe[0]["headers"] >= 5 and images == 0
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+class DashboardPage:
+    """What the dashboard in ``browser`` shows, read from its DOM."""
+
+    def __init__(self, browser: Browser) -> None:
+        self.browser = browser
+
+    def updates(self) -> int:
+        return int(self.browser.evaluate("Number(document.body.dataset.updates || 0)") or 0)
+
+    def charts(self) -> dict[str, Any]:
+        """By chart: its points drawn and each series' last value."""
+        return dict(self.browser.evaluate("""Object.fromEntries(
+            [...document.querySelectorAll('.chart')].map(c => [c.id,
+                {points: Number(c.dataset.points), last: JSON.parse(c.dataset.last || '{}')}]))"""))
+
+    def rates(self) -> dict[str, str]:
+        """The rate shown in each node of the pipeline graph."""
+        return dict(self.browser.evaluate("""Object.fromEntries(
+            [...document.querySelectorAll('#graph .node')]
+            .map(n => [n.dataset.name, n.querySelector('.rate').textContent]))"""))
+
+    def totals(self) -> dict[str, dict[str, Any]]:
+        """Each row of the totals table by component: its kind and cells."""
+        return dict(self.browser.evaluate("""Object.fromEntries(
+            [...document.querySelectorAll('#totals tr[data-name]')].map(r => [r.dataset.name,
+                {kind: r.dataset.kind, cells: [...r.children].map(c => c.textContent)}]))"""))
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return list(self.browser.evaluate("""[...document.querySelectorAll('#dead-letters tbody tr')]
+            .map(r => ({key: r.children[3].textContent, error: r.children[2].textContent,
+                        value: r.querySelector('.value').textContent,
+                        headers: r.querySelectorAll('dt').length}))"""))
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None,

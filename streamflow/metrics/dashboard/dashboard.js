@@ -1,253 +1,363 @@
-// The streamflow dashboard: polls /metrics and /api/status every two seconds and draws
-// canvas charts and an SVG pipeline graph. No dependencies, nothing loaded from elsewhere.
+// The streamflow dashboard. On load it fetches the daemon's last 15 minutes of series
+// (/api/history), then every two seconds only what is newer, with the pipeline's state
+// (/api/status) and its newest dead letters (/api/dead-letters). Charts are uPlot (vendored
+// beside this file); nothing is loaded from elsewhere. Text from the daemon (names, dead-letter
+// keys, values and headers) is always set as text, never parsed as HTML.
 "use strict";
 
 const POLL_MS = 2000;
-const HISTORY = 150;
 const COLORS = ["#4fb3ff", "#ffb84f", "#7ee081", "#ff6f91", "#c39bff", "#5ce1e6", "#f9f871"];
+const STATE_COLORS = {
+  running: "#1f7a3a", finished: "#7d8b99", failed: "#c0392b", "not started": "#3b4a58",
+};
+const DEAD_LETTER_COLOR = "#d9822b";
+const SVG = "http://www.w3.org/2000/svg";
 
-// --- Prometheus text format ----------------------------------------------------------------
+// --- number formats ----------------------------------------------------------------------
 
-function parseMetrics(text) {
-  const samples = {};
-  for (const line of text.split("\n")) {
-    if (!line || line.startsWith("#")) continue;
-    const match = line.match(/^([a-zA-Z_:][\w:]*)(\{(.*)\})?\s+(\S+)/);
-    if (!match) continue;
-    const labels = {};
-    if (match[3]) {
-      for (const pair of match[3].matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) labels[pair[1]] = pair[2];
+const compactFormat = new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 });
+const wholeFormat = new Intl.NumberFormat("en", { maximumFractionDigits: 0 });
+
+function compact(value) {  // 2357.5 → 2.4K
+  return compactFormat.format(value);
+}
+
+function duration(seconds) {  // 0.0352 → 35 ms
+  if (seconds === 0) return "0";
+  if (seconds < 0.01) return `${(seconds * 1000).toFixed(1)} ms`;
+  if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
+  return seconds < 60 ? `${seconds.toFixed(seconds < 10 ? 2 : 1)} s` : `${(seconds / 60).toFixed(1)} min`;
+}
+
+function figure(value) {  // model metrics: three significant digits
+  return Math.abs(value) >= 1000 ? compact(value) : String(Number(value.toPrecision(3)));
+}
+
+const clockFormat = new Intl.DateTimeFormat(undefined,
+  { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+
+function clock(unixSeconds) {  // 19:02:05, on the time axis and in the legend
+  return clockFormat.format(new Date(unixSeconds * 1000));
+}
+
+function last(column) {
+  for (let i = column.length - 1; i >= 0; i--) if (column[i] !== null) return column[i];
+  return null;
+}
+
+// --- history -----------------------------------------------------------------------------
+
+const CHARTS = {
+  throughput: { format: compact, unit: " /s", fromZero: true },
+  lag: { format: compact, unit: "", fromZero: true },
+  dead_letters: { format: compact, unit: " /s", fromZero: true },
+  latency: { format: duration, unit: "", fromZero: true, spanGaps: true },
+  model: { format: figure, unit: "", fromZero: false },
+};
+
+const history = { t: [], windowS: 900, totals: {}, charts: {} };
+for (const chart of Object.keys(CHARTS)) history.charts[chart] = {};
+
+// Append a /api/history document's columns, then drop what is older than the window.
+function merge(doc) {
+  const before = history.t.length, added = doc.t.length;
+  history.windowS = doc.window_s;
+  history.totals = doc.totals;
+  if (!added) return;
+  history.t.push(...doc.t);
+  for (const [chart, series] of Object.entries(history.charts)) {
+    const incoming = doc.charts[chart] || {};
+    for (const name of Object.keys(incoming)) {
+      if (!series[name]) series[name] = new Array(before).fill(null);
     }
-    (samples[match[1]] = samples[match[1]] || []).push({ labels, value: parseFloat(match[4]) });
-  }
-  return samples;
-}
-
-function sumBy(samples, name, label) {
-  const out = {};
-  for (const s of samples[name] || []) {
-    const key = s.labels[label];
-    out[key] = (out[key] || 0) + s.value;
-  }
-  return out;
-}
-
-// Quantile of a histogram from bucket counts (cumulative, keyed by upper bound).
-function quantile(buckets, q) {
-  const bounds = Object.keys(buckets).map(Number).sort((a, b) => a - b);
-  const total = buckets[Infinity] || 0;
-  if (total <= 0) return null;
-  let previousBound = 0, previousCount = 0;
-  for (const bound of bounds) {
-    const count = buckets[bound];
-    if (count >= q * total) {
-      if (!isFinite(bound)) return previousBound;
-      const within = count - previousCount;
-      const fraction = within > 0 ? (q * total - previousCount) / within : 0;
-      return previousBound + (bound - previousBound) * fraction;
+    for (const [name, column] of Object.entries(series)) {
+      column.push(...(incoming[name] || new Array(added).fill(null)));
     }
-    previousBound = bound; previousCount = count;
   }
-  return previousBound;
+  const cutoff = history.t[history.t.length - 1] - history.windowS;
+  let drop = 0;
+  while (drop < history.t.length && history.t[drop] <= cutoff) drop++;
+  if (drop) {
+    history.t.splice(0, drop);
+    for (const series of Object.values(history.charts)) {
+      for (const column of Object.values(series)) column.splice(0, drop);
+    }
+  }
 }
 
-function latencyBuckets(samples) {
-  const buckets = {};
-  for (const s of samples["streamflow_end_to_end_latency_seconds_bucket"] || []) {
-    const bound = s.labels.le === "+Inf" ? Infinity : parseFloat(s.labels.le);
-    buckets[bound] = (buckets[bound] || 0) + s.value;
-  }
-  return buckets;
+const RECENT_SAMPLES = 5;
+
+// The mean of a series' last RECENT_SAMPLES values (null if it has none): one-second rates are
+// noisy where records come in bursts.
+function recent(chart, name) {
+  const values = (history.charts[chart][name] || []).slice(-RECENT_SAMPLES).filter(v => v !== null);
+  return values.length ? values.reduce((a, b) => a + b, 0) / values.length : null;
 }
 
 // --- charts ------------------------------------------------------------------------------
 
-class Chart {
-  constructor(id, format) {
-    this.canvas = document.getElementById(id);
-    this.format = format || (v => v.toFixed(1));
-    this.series = {};
+class Plot {
+  constructor(chart) {
+    this.chart = chart;
+    this.options = CHARTS[chart];
+    this.element = document.getElementById(`chart-${chart}`);
+    this.names = null;
+    this.plot = null;
   }
 
-  push(values) {
-    for (const [name, value] of Object.entries(values)) {
-      if (value === null || !isFinite(value)) continue;
-      (this.series[name] = this.series[name] || []).push(value);
-      if (this.series[name].length > HISTORY) this.series[name].shift();
+  update() {
+    const series = history.charts[this.chart];
+    const names = Object.keys(series).sort();
+    const data = [history.t, ...names.map(name => series[name])];
+    if (this.plot && names.join("\n") === this.names) {
+      this.plot.setData(data);
+    } else {
+      this.build(names, data);
     }
-    this.draw();
+    const element = this.element;
+    element.dataset.points = String(names.reduce(
+      (sum, name) => sum + series[name].filter(v => v !== null).length, 0));
+    element.dataset.last = JSON.stringify(Object.fromEntries(names.map(n => [n, last(series[n])])));
   }
 
-  draw() {
-    const canvas = this.canvas, ratio = window.devicePixelRatio || 1;
-    const width = canvas.clientWidth, height = canvas.clientHeight;
-    canvas.width = width * ratio; canvas.height = height * ratio;
-    const g = canvas.getContext("2d");
-    g.scale(ratio, ratio);
-    g.clearRect(0, 0, width, height);
-    const names = Object.keys(this.series).sort();
-    const all = names.flatMap(n => this.series[n]);
-    const max = Math.max(1e-9, ...all), min = Math.min(0, ...all);
-    const legendRows = Math.max(1, Math.ceil(names.length / 3));
-    const left = 56, top = 8, bottom = 10 + 12 * legendRows;
-    const plotH = height - top - bottom, plotW = width - left - 8;
-    g.strokeStyle = "#26313c"; g.fillStyle = "#8a96a3"; g.font = "11px system-ui";
-    for (let i = 0; i <= 2; i++) {
-      const y = top + plotH * i / 2, value = max - (max - min) * i / 2;
-      g.beginPath(); g.moveTo(left, y); g.lineTo(width - 8, y); g.stroke();
-      g.fillText(this.format(value), 4, y + 4);
-    }
-    let points = 0;
-    names.forEach((name, index) => {
-      const values = this.series[name], color = COLORS[index % COLORS.length];
-      g.strokeStyle = color; g.lineWidth = 1.8; g.beginPath();
-      values.forEach((v, i) => {
-        const x = left + plotW * (i + HISTORY - values.length) / (HISTORY - 1);
-        const y = top + plotH * (max - v) / (max - min || 1);
-        if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
-      });
-      g.stroke();
-      points += values.length;
-      g.fillStyle = color;
-      const column = index % 3, row = Math.floor(index / 3);
-      g.fillText(`${name} ${this.format(values[values.length - 1])}`,
-                 left + 6 + column * (plotW / 3), height - 6 - 12 * (legendRows - 1 - row));
-    });
-    canvas.dataset.points = String(points);
-    canvas.dataset.last = JSON.stringify(
-      Object.fromEntries(names.map(n => [n, this.series[n][this.series[n].length - 1]])));
+  build(names, data) {
+    if (this.plot) this.plot.destroy();
+    this.names = names.join("\n");
+    const { format, unit, fromZero, spanGaps } = this.options;
+    const show = value => (value === null || value === undefined ? "–" : format(value) + unit);
+    const axis = { stroke: "#8a96a3", grid: { stroke: "#26313c", width: 1 },
+                   ticks: { stroke: "#26313c", width: 1 } };
+    this.plot = new uPlot({
+      width: this.width(),
+      height: 170,
+      scales: fromZero ? { y: { range: (u, min, max) => [Math.min(0, min), max > 0 ? max * 1.1 : 1] } } : {},
+      series: [
+        { label: "time", value: (u, t) => (t === null ? "latest" : clock(t)) },
+        ...names.map((name, index) => ({
+          label: name,
+          stroke: COLORS[index % COLORS.length],
+          width: 1.5,
+          spanGaps: Boolean(spanGaps),
+          points: { show: false },
+          // At rest the legend shows each series' latest value, under the cursor the hovered one.
+          value: (u, value, seriesIndex, index) =>
+            show(index === null ? last(u.data[seriesIndex]) : value),
+        })),
+      ],
+      axes: [{ ...axis, values: (u, splits) => splits.map(clock) },
+             { ...axis, size: 60, values: (u, splits) => splits.map(format) }],
+      legend: { live: true },
+    }, data, this.element);
+  }
+
+  width() {
+    return Math.max(this.element.clientWidth, 200);
+  }
+
+  resize() {
+    if (this.plot) this.plot.setSize({ width: this.width(), height: 170 });
   }
 }
 
-const charts = {
-  throughput: new Chart("chart-throughput"),
-  lag: new Chart("chart-lag", v => v.toFixed(0)),
-  errors: new Chart("chart-errors", v => v.toFixed(2)),
-  latency: new Chart("chart-latency", v => v.toFixed(3)),
-  model: new Chart("chart-model", v => v.toFixed(3)),
-};
+const plots = Object.keys(CHARTS).map(chart => new Plot(chart));
+window.addEventListener("resize", () => plots.forEach(plot => plot.resize()));
 
 // --- pipeline graph ----------------------------------------------------------------------
 
-function drawGraph(status, rates) {
-  const svg = document.getElementById("graph");
+function svg(name, attributes, text) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+function box(x, y, label, rateText, stroke, dashed) {
+  const group = svg("g", { class: "node" });
+  group.append(
+    svg("rect", { x: x - 66, y: y - 20, width: 132, height: 40, rx: 6, fill: "#22303c", stroke,
+                  "stroke-width": 2, ...(dashed ? { "stroke-dasharray": "5 3" } : {}) }),
+    svg("text", { x, y: y - 4 }, label),
+    svg("text", { x, y: y + 12, class: "rate" }, rateText),
+  );
+  return group;
+}
+
+function rateText(rate) {
+  return rate === null ? "" : `${compact(rate)} /s`;
+}
+
+function drawGraph(status) {
+  const graph = document.getElementById("graph");
   const nodes = status.nodes || [];
-  const topics = [...new Set(nodes.flatMap(n => [...(n.input || []), ...(n.output || [])]))];
-  const columns = [
-    nodes.filter(n => n.kind === "source"),
-    nodes.filter(n => n.kind === "processor"),
-    nodes.filter(n => n.kind === "model"),
-    nodes.filter(n => n.kind === "sink"),
-  ].filter(column => column.length);
-  const width = svg.clientWidth || 900, height = 200, position = {};
-  const columnX = i => 70 + i * (width - 140) / Math.max(columns.length - 1, 1);
+  const width = graph.clientWidth || 900, height = 240, flowHeight = 176;
+  const columns = ["source", "processor", "model", "sink"]
+    .map(kind => nodes.filter(n => n.kind === kind)).filter(column => column.length);
+  const position = {};
+  const columnX = i => 80 + i * (width - 160) / Math.max(columns.length - 1, 1);
   columns.forEach((column, i) => column.forEach((node, j) => {
-    position[node.name] = [columnX(i), (j + 1) * height / (column.length + 1)];
+    position[node.name] = [columnX(i), (j + 1) * flowHeight / (column.length + 1)];
   }));
-  const edges = [];
-  for (const topic of topics) {
-    const producers = nodes.filter(n => (n.output || []).includes(topic));
-    const consumers = nodes.filter(n => (n.input || []).includes(topic));
-    for (const p of producers) for (const c of consumers) edges.push([p, c, topic]);
-  }
-  const parts = edges.map(([p, c, topic]) => {
-    const [x1, y1] = position[p.name], [x2, y2] = position[c.name];
-    return `<line x1="${x1}" y1="${y1}" x2="${x2}" y2="${y2}" stroke="#3b4a58" stroke-width="2"/>` +
-      `<text x="${(x1 + x2) / 2}" y="${(y1 + y2) / 2 - 6}" fill="#8a96a3" font-size="11"
-        text-anchor="middle">${topic}</text>`;
+  const deadLetterTopics = [...new Set(nodes.map(n => n.dead_letter).filter(Boolean))];
+  deadLetterTopics.forEach((topic, i) => {
+    position[`dlq:${topic}`] = [(i + 1) * width / (deadLetterTopics.length + 1), height - 24];
   });
-  for (const node of nodes) {
-    const [x, y] = position[node.name] || [0, 0];
-    const rate = rates[node.name];
-    const color = node.running ? "#1f7a3a" : "#9a2b2b";
-    parts.push(`<g class="node" data-name="${node.name}">
-      <rect x="${x - 62}" y="${y - 20}" width="124" height="40" rx="6" fill="#22303c"
-        stroke="${color}" stroke-width="2"/>
-      <text x="${x}" y="${y - 4}" fill="#e6e6e6" font-size="12" text-anchor="middle">${node.name}
-        (${node.kind})</text>
-      <text x="${x}" y="${y + 12}" fill="#4fb3ff" font-size="11" text-anchor="middle"
-        class="rate">${rate === undefined ? "" : rate.toFixed(0) + " /s"}</text></g>`);
+  const edges = [], labels = [], boxes = [];
+  const topics = [...new Set(nodes.flatMap(n => [...(n.input || []), ...(n.output || [])]))];
+  for (const topic of topics) {
+    for (const producer of nodes.filter(n => (n.output || []).includes(topic))) {
+      for (const consumer of nodes.filter(n => (n.input || []).includes(topic))) {
+        const [x1, y1] = position[producer.name], [x2, y2] = position[consumer.name];
+        edges.push(svg("line", { x1, y1, x2, y2, stroke: "#3b4a58", "stroke-width": 2 }));
+        labels.push(svg("text", { x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 6, class: "topic" }, topic));
+      }
+    }
   }
-  svg.innerHTML = parts.join("");
+  for (const node of nodes) {
+    const [x, y] = position[node.name];
+    if ((history.totals[node.name] || {}).dead_lettered > 0) {
+      const [x2, y2] = position[`dlq:${node.dead_letter}`];
+      edges.push(svg("line", { x1: x, y1: y, x2, y2, stroke: DEAD_LETTER_COLOR, "stroke-width": 1.5,
+                               "stroke-dasharray": "4 4", opacity: 0.7 }));
+    }
+    const state = node.state || (node.running ? "running" : "failed");
+    const text = state === "running" ? rateText(recent("throughput", node.name)) : state;
+    const group = box(x, y, `${node.name} (${node.kind})`, text, STATE_COLORS[state] || "#3b4a58",
+                      state === "finished");
+    group.dataset.name = node.name;
+    group.dataset.state = state;
+    boxes.push(group);
+  }
+  for (const topic of deadLetterTopics) {
+    const feeding = nodes.filter(n => n.dead_letter === topic);
+    const rates = feeding.map(n => recent("dead_letters", n.name)).filter(r => r !== null);
+    const [x, y] = position[`dlq:${topic}`];
+    const group = box(x, y, topic,
+                      rateText(rates.length ? rates.reduce((a, b) => a + b, 0) : null),
+                      DEAD_LETTER_COLOR, true);
+    group.classList.add("dead-letter-topic");
+    group.dataset.name = topic;
+    boxes.push(group);
+  }
+  graph.replaceChildren(...edges, ...labels, ...boxes);
+}
+
+// --- tables ------------------------------------------------------------------------------
+
+function row(cells, header = false) {
+  const tr = document.createElement("tr");
+  for (const cell of cells) {
+    const td = document.createElement(header ? "th" : "td");
+    if (cell instanceof Node) td.append(cell); else td.textContent = cell;
+    tr.append(td);
+  }
+  return tr;
+}
+
+function renderTotals(status) {
+  const rows = [row(["component", "in", "out", "filtered", "dead letters"], true)];
+  for (const node of status.nodes || []) {
+    const totals = history.totals[node.name];
+    const number = field => (totals ? wholeFormat.format(totals[field]) : "–");
+    const name = document.createElement("span"), kind = document.createElement("small");
+    name.textContent = `${node.name} `;
+    kind.textContent = node.kind;
+    name.append(kind);
+    const tr = row([name, number("records_in"), number("records_out"),
+                    node.kind === "source" ? "" : number("filtered"), number("dead_lettered")]);
+    tr.dataset.name = node.name;
+    tr.dataset.kind = node.kind;
+    rows.push(tr);
+  }
+  document.getElementById("totals").replaceChildren(...rows);
+}
+
+let lastLetter = 0;
+const LETTER_ROWS = 50;
+
+function letterRow(letter) {
+  const headers = Object.fromEntries(letter.headers);
+  const from = [headers["streamflow.stage"], headers["streamflow.step"]].filter(Boolean).join(" / ");
+  const error = document.createElement("span");
+  error.className = "error";
+  error.textContent = [headers["streamflow.error.class"], headers["streamflow.error.message"]]
+    .filter(Boolean).join(": ");
+  const value = document.createElement("div");
+  value.className = "value";
+  value.textContent = letter.value + (letter.truncated ? ` … (${wholeFormat.format(letter.size)} bytes)` : "");
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  summary.textContent = `${letter.headers.length} headers`;
+  const list = document.createElement("dl");
+  for (const [name, text] of letter.headers) {
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = name;
+    dd.textContent = text;
+    list.append(dt, dd);
+  }
+  details.append(summary, list);
+  const cell = document.createElement("div");
+  cell.append(value, details);
+  const tr = row([new Date(letter.time * 1000).toLocaleTimeString(), from || letter.topic, error,
+                  letter.key === null ? "" : letter.key, cell]);
+  tr.children[3].className = "key";
+  tr.dataset.number = String(letter.number);
+  return tr;
+}
+
+function renderDeadLetters(doc) {
+  const body = document.querySelector("#dead-letters tbody");
+  if (doc.count < lastLetter) {  // the daemon restarted: fetch them all at the next poll
+    body.replaceChildren();
+    lastLetter = 0;
+    return;
+  }
+  if (doc.letters.length) {
+    body.prepend(...doc.letters.map(letterRow));  // newest first
+    while (body.children.length > LETTER_ROWS) body.lastElementChild.remove();
+  }
+  lastLetter = doc.count;
+  document.getElementById("dead-letter-count").textContent =
+    doc.count ? `the newest ${body.children.length} of ${wholeFormat.format(doc.count)} since start`
+              : "none so far";
 }
 
 // --- polling -----------------------------------------------------------------------------
 
-let previous = null;
-
-function rate(now, before, dt) {
-  const out = {};
-  for (const key of Object.keys(now)) out[key] = Math.max(0, (now[key] - (before[key] || 0)) / dt);
-  return out;
-}
-
-function renderTotals(samples) {
-  const rows = [["stage", "in", "out", "filtered", "dead-lettered"]];
-  const get = name => sumBy(samples, `streamflow_records_${name}_total`, "stage");
-  const [inn, out, filtered, dead] = ["in", "out", "filtered", "dead_lettered"].map(get);
-  for (const stage of Object.keys(inn).sort()) {
-    rows.push([stage, inn[stage], out[stage] || 0, filtered[stage] || 0, dead[stage] || 0]);
-  }
-  document.getElementById("totals").innerHTML = rows.map((row, i) => "<tr>" +
-    row.map(c => i ? `<td>${c}</td>` : `<th>${c}</th>`).join("") + "</tr>").join("");
+async function json(url) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${url}: ${response.status}`);
+  return response.json();
 }
 
 async function poll() {
   try {
-    const [metricsText, status] = await Promise.all([
-      fetch("/metrics").then(r => r.text()),
-      fetch("/api/status").then(r => r.json()),
+    const after = history.t.length ? history.t[history.t.length - 1] : 0;
+    const [status, doc, letters] = await Promise.all([
+      json("/api/status"),
+      json(`/api/history?after=${after}`),
+      json(`/api/dead-letters?after=${lastLetter}`),
     ]);
-    const samples = parseMetrics(metricsText);
-    const now = {
-      time: performance.now() / 1000,
-      out: sumBy(samples, "streamflow_records_out_total", "stage"),
-      sourced: sumBy(samples, "streamflow_source_records_total", "source"),
-      dead: sumBy(samples, "streamflow_records_dead_lettered_total", "stage"),
-      buckets: latencyBuckets(samples),
-    };
+    merge(doc);
     document.getElementById("pipeline").textContent = status.pipeline || "";
     const badge = document.getElementById("ready");
     badge.textContent = status.ready ? "ready" : "not ready";
     badge.className = "badge " + (status.ready ? "ok" : "bad");
-    const lag = sumBy(samples, "streamflow_consumer_lag_records", "stage");
-    // One line per stage, metric and window: the mean over the stage's partitions.
-    const modelSums = {}, modelCounts = {};
-    for (const s of samples["streamflow_model_metric"] || []) {
-      const name = `${s.labels.stage} ${s.labels.metric}` +
-        (s.labels.window === "rolling" ? " (rolling)" : "");
-      modelSums[name] = (modelSums[name] || 0) + s.value;
-      modelCounts[name] = (modelCounts[name] || 0) + 1;
-    }
-    const model = Object.fromEntries(
-      Object.keys(modelSums).map(name => [name, modelSums[name] / modelCounts[name]]));
-    charts.lag.push(lag);
-    charts.model.push(model);
-    if (previous) {
-      const dt = Math.max(now.time - previous.time, 0.001);
-      const throughput = rate(now.out, previous.out, dt);
-      const sourced = rate(now.sourced, previous.sourced, dt);
-      charts.throughput.push(throughput);
-      charts.errors.push(rate(now.dead, previous.dead, dt));
-      const interval = {};
-      for (const bound of Object.keys(now.buckets)) {
-        interval[bound] = now.buckets[bound] - (previous.buckets[bound] || 0);
-      }
-      const recent = interval[Infinity] > 0 ? interval : now.buckets;
-      charts.latency.push({ p50: quantile(recent, 0.5), p95: quantile(recent, 0.95) });
-      drawGraph(status, { ...throughput, ...sourced });
-    } else {
-      drawGraph(status, {});
-    }
-    renderTotals(samples);
-    previous = now;
+    plots.forEach(plot => plot.update());
+    drawGraph(status);
+    renderTotals(status);
+    renderDeadLetters(letters);
     document.body.dataset.updates = String(Number(document.body.dataset.updates) + 1);
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (error) {
-    document.getElementById("ready").textContent = "unreachable";
-    document.getElementById("ready").className = "badge bad";
+    const badge = document.getElementById("ready");
+    badge.textContent = "unreachable";
+    badge.className = "badge bad";
   }
 }
 
-poll();
-setInterval(poll, POLL_MS);
+async function run() {  // one poll at a time, the next two seconds after the last
+  await poll();
+  setTimeout(run, POLL_MS);
+}
+
+run();
