@@ -18,6 +18,7 @@ from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, insta
 from streamflow.runtime.progress import ProgressReporter
 from streamflow.runtime.semantics import require_valid
 from streamflow.runtime.status import fetch_status, render_status
+from streamflow.runtime.summary import component_kinds
 from streamflow.runtime.testing import run_test_file
 from streamflow.transport.broker import BrokerUnavailableError, EmbeddedBroker
 
@@ -36,7 +37,8 @@ def _run(args: argparse.Namespace) -> int:
     install_signal_handlers(runner)
     live = args.log_format == "text" and sys.stderr.isatty()
     progress = (
-        ProgressReporter(runner.metrics.registry, args.progress_interval, live).start()
+        ProgressReporter(runner.metrics.registry, args.progress_interval, live,
+                         list(component_kinds(config))).start()
         if live or args.until_idle is not None else None
     )
     try:

@@ -13,7 +13,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 from rich import box
@@ -64,11 +64,13 @@ def table(totals: Mapping[str, Totals], per_second: Mapping[str, float]) -> Tabl
 
 class ProgressReporter:
     """Shows each component's totals, rate, dead letters and lag until :meth:`stop`: live on a
-    terminal (``live``), else as a log line every ``interval_s``."""
+    terminal (``live``), else as a log line every ``interval_s``; components in ``order`` come
+    first, in that order."""
 
     def __init__(self, registry: CollectorRegistry, interval_s: float, live: bool,
-                 console: Console | None = None) -> None:
+                 order: Sequence[str] = (), console: Console | None = None) -> None:
         self.registry = registry
+        self.order = {name: position for position, name in enumerate(order)}
         self.live = live
         self.interval_s = min(interval_s, LIVE_INTERVAL_S) if live else interval_s
         self.console = console or Console(stderr=True)
@@ -92,12 +94,17 @@ class ProgressReporter:
         finally:
             self._ready.set()  # also when the display failed to start, so start() returns
 
+    def _totals(self) -> dict[str, Totals]:
+        totals = read_totals(self.registry)
+        return {name: totals[name]
+                for name in sorted(totals, key=lambda name: self.order.get(name, len(self.order)))}
+
     def _report(self) -> None:
-        previous, previous_time = read_totals(self.registry), time.monotonic()
+        previous, previous_time = self._totals(), time.monotonic()
         if not self.live:
             self._ready.set()
             while not self._stop.wait(self.interval_s):
-                current, now = read_totals(self.registry), time.monotonic()
+                current, now = self._totals(), time.monotonic()
                 per_second = rates(previous, current, now - previous_time)
                 previous, previous_time = current, now
                 log.info("progress: %s", describe(current, per_second),
@@ -108,7 +115,7 @@ class ProgressReporter:
                   redirect_stdout=sys.stdout.isatty(), redirect_stderr=True) as display:
             self._ready.set()
             while not self._stop.wait(self.interval_s):
-                current, now = read_totals(self.registry), time.monotonic()
+                current, now = self._totals(), time.monotonic()
                 display.update(table(current, rates(previous, current, now - previous_time)),
                                refresh=True)
                 previous, previous_time = current, now

@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 from rich.console import Console
@@ -16,9 +19,9 @@ from streamflow.metrics import PipelineMetrics
 from streamflow.metrics.registry import EXAMPLE_CHARS, DeadLetterReason, DeadLetterReasons
 from streamflow.metrics.totals import Totals, read_totals
 from streamflow.runtime.dead_letter_watch import DeadLetterWatch
-from streamflow.runtime.logs import JsonFormatter
+from streamflow.runtime.logs import JsonFormatter, configure_logging
 from streamflow.runtime.pipeline import PipelineRunner
-from streamflow.runtime.progress import describe, table
+from streamflow.runtime.progress import ProgressReporter, describe, table
 from streamflow.runtime.summary import RunSummary, component_kinds, summarize
 
 CONFIG = parse_pipeline({
@@ -32,6 +35,15 @@ CONFIG = parse_pipeline({
 
 class SchemaError(ValueError):
     pass
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_reasons_count_each_error_class_and_keep_its_first_message() -> None:
@@ -164,3 +176,38 @@ def test_readiness_names_a_stage_over_the_share() -> None:
     assert ready and detail["status"] == "ready"
     assert detail["warnings"]["clean"].startswith("clean dead-lettered 95% of its last 2,000")
     assert detail["warnings"]["clean"].endswith("the records are in p.dlq")
+
+
+def test_without_a_terminal_progress_is_a_log_line_in_pipeline_order(
+        caplog: pytest.LogCaptureFixture) -> None:
+    metrics = PipelineMetrics("p")
+    metrics.stage("clean").count(10, 4, 6)
+    metrics.source("gen").records_produced.inc(10)
+    with caplog.at_level(logging.INFO, "streamflow.progress"):
+        reporter = ProgressReporter(metrics.registry, 0.05, live=False, order=["gen", "clean"]).start()
+        while not caplog.records:
+            time.sleep(0.01)
+        reporter.stop()
+    record = caplog.records[0]
+    assert record.getMessage() == "progress: gen 10 out 0/s; clean 4 out 0/s 6 dead-lettered; lag 0"
+    assert record.data["clean"]["dead_lettered"] == 6  # type: ignore[attr-defined]
+
+
+def test_on_a_terminal_the_table_stays_below_what_is_written_to_stderr(
+        root_logging: None) -> None:
+    metrics = PipelineMetrics("p")
+    metrics.stage("clean").count(10, 4, 6)
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    stderr = sys.stderr
+    configure_logging("INFO", "text")
+    reporter = ProgressReporter(metrics.registry, 0.05, live=True, console=console).start()
+    try:
+        assert sys.stderr is not stderr  # redirected above the live table
+        logging.getLogger("streamflow.test").warning("a log line")
+        time.sleep(0.2)
+    finally:
+        reporter.stop()
+    assert sys.stderr is stderr
+    output = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "WARNING streamflow.test: a log line" in output
+    assert output.index("a log line") < output.rindex("dead-lettered")  # the table redrawn below
