@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -32,11 +33,22 @@ class ConnectorInfo:
     error: str | None = None
 
 
+_ROLE = re.compile(r":[\w.:-]+:`(~?)([^`<]*?)\s*(?:<[^>]*>)?`")  # :func:`x`, :class:`~a.B`
+_LITERAL = re.compile(r"``(.+?)``|`([^`]+)`")
+
+
+def plain(text: str) -> str:
+    """``text`` without reStructuredText markup: roles give their target's name (the last
+    dotted part after ``~``, as Sphinx shows it) and literals their content."""
+    text = _ROLE.sub(lambda m: m[2].rsplit(".", 1)[-1] if m[1] else m[2], text)
+    return _LITERAL.sub(lambda m: m[1] or m[2], text)
+
+
 def summary_of(docstring: str | None) -> str:
-    """The first sentence of a docstring, on one line."""
+    """The first sentence of a docstring, on one line, in plain text."""
     paragraph = " ".join((docstring or "").strip().split("\n\n")[0].split())
     sentence, dot, _ = paragraph.partition(". ")
-    return sentence + "." if dot else paragraph
+    return plain(sentence + "." if dot else paragraph)
 
 
 def _describe(entry: EntryPoint, kind: str) -> ConnectorInfo:
@@ -88,31 +100,53 @@ class FieldInfo:
     required: bool
     default: Any
     description: str
+    has_default: bool = True  # False: optional, with no default in the schema (a factory's)
+
+
+def _description(schema: dict[str, Any]) -> str:
+    return plain(" ".join(schema.get("description", "").split()))
 
 
 def fields(schema: dict[str, Any]) -> list[FieldInfo]:
-    """The settings of a config schema; a scalar (root) model is one field named ``value``."""
+    """The settings of a config schema; a scalar (root) model is one field named ``value``.
+    Descriptions are plain text."""
     if "properties" not in schema:
         if not schema:
             return []
-        return [FieldInfo("value", _type_of(schema), True, None, schema.get("description", ""))]
+        return [FieldInfo("value", _type_of(schema), True, None, _description(schema))]
     required = set(schema.get("required", []))
     return [
         FieldInfo(name, _type_of(spec), name in required, spec.get("default"),
-                  spec.get("description", ""))
+                  _description(spec), "default" in spec)
         for name, spec in schema["properties"].items()
     ]
 
 
+def _setting_lines(schema: dict[str, Any], indent: str, describe: bool) -> list[str]:
+    """One line per setting of ``schema`` (``name: type (required | default X)``, a scalar
+    model's as ``takes: type``), each followed by its description when ``describe``; then the
+    settings of each model the schema refers to (``FieldSpec``, ``Route``, ...) likewise."""
+    lines = []
+    for setting in fields(schema):
+        default = ("required" if setting.required else
+                   f"default {json.dumps(setting.default)}" if setting.has_default else "optional")
+        name = "takes" if "properties" not in schema else setting.name
+        lines.append(f"{indent}{name}: {setting.type} ({default})")
+        if describe and setting.description:
+            lines.append(f"{indent}    {setting.description}")
+    for name, definition in schema.get("$defs", {}).items():
+        lines.append(f"{indent}{name}:")
+        lines += _setting_lines(definition, indent + "  ", describe)
+    return lines
+
+
 def render_list(infos: list[ConnectorInfo]) -> str:
-    """One line per plugin, then its settings (required ones marked with *)."""
+    """One line per plugin, then its settings with their types and defaults."""
     lines = []
     for info in infos:
         summary = f"BROKEN: {info.error}" if info.error else info.description
         lines.append(f"{info.name:<12} {info.kind:<10} {info.package:<28} {summary}")
-        settings = [f"{f.name}{'*' if f.required else ''}" for f in fields(info.config_schema)]
-        if settings:
-            lines.append(f"{'':<12} settings: {', '.join(settings)}")
+        lines += _setting_lines(info.config_schema, " " * 13, describe=False)
     return "\n".join(lines)
 
 
@@ -124,14 +158,9 @@ def render_show(info: ConnectorInfo) -> str:
         return "\n".join(lines)
     if info.description:
         lines.append(f"  {info.description}")
-    settings = fields(info.config_schema)
+    settings = _setting_lines(info.config_schema, "  ", describe=True)
     lines.append("settings:" if settings else "settings: none")
-    for setting in settings:
-        default = "required" if setting.required else f"default {json.dumps(setting.default)}"
-        lines.append(f"  {setting.name}: {setting.type} ({default})")
-        if setting.description:
-            lines.append(f"      {setting.description}")
-    return "\n".join(lines)
+    return "\n".join(lines + settings)
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -21,11 +21,37 @@ def test_list_shows_every_source_with_package_description_and_settings(
     for name in SOURCES:
         row = next(i for i, line in enumerate(lines) if line.split()[:2] == [name, "source"])
         assert lines[row].split()[2] == "streamflow"
-        assert lines[row + 1].strip().startswith("settings: ")
-    http_settings = next(lines[i + 1] for i, line in enumerate(lines) if line.startswith("http "))
-    assert "token," in http_settings and "max_body_bytes" in http_settings
+        assert lines[row + 1].startswith(" " * 13) and ": " in lines[row + 1]
+    http = lines.index(next(line for line in lines if line.startswith("http ")))
+    assert "             token: string | null (default null)" in lines[http + 1:http + 12]
+    assert "             max_body_bytes: integer (default 1048576)" in lines[http + 1:http + 12]
     assert any(line.split()[:2] == ["sql", "processor"] for line in lines)
     assert any(line.split()[:2] == ["parquet", "sink"] for line in lines)
+
+
+def test_list_gives_each_step_its_settings_with_types_and_defaults_in_plain_text(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["connectors", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and ":func:" not in out and ":class:" not in out and "`" not in out
+    assert "Emits sensor_event records 0, 1, 2, ... at rate per second." in out
+    lines = out.splitlines()
+
+    def settings(step: str) -> list[str]:
+        row = next(i for i, line in enumerate(lines) if line.split()[:2] == [step, "processor"])
+        end = next((i for i in range(row + 1, len(lines)) if not lines[i].startswith(" ")),
+                   len(lines))
+        return [line.strip() for line in lines[row + 1:end]]
+
+    assert settings("drop") == ["takes: list[string] (required)"]
+    assert settings("filter") == ["takes: string (required)"]
+    assert settings("dedupe")[-1] == "max_keys: integer (default 100000)"
+    schema = settings("schema")
+    assert schema[:2] == ["takes: dict[str, FieldSpec] (required)", "FieldSpec:"]
+    assert 'unit: "s" | "ms" (default "ms")' in schema
+    assert "storage_options: dict[str, string] (optional)" in out
+    assert not any("settings: " in line or "value*" in line for line in lines)
 
 
 def test_list_json_carries_full_config_schemas(capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,3 +87,5 @@ def test_scalar_settings_and_summaries() -> None:
     assert summary_of("Emits rows.\n\nMore detail.") == "Emits rows."
     assert summary_of("Keeps records for which\n    the predicate holds. Others go.") == (
         "Keeps records for which the predicate holds.")
+    assert summary_of("Uses :func:`a.b.f`, :class:`~a.b.C` and ``x ...`` with `y`. Then.") == (
+        "Uses a.b.f, C and x ... with y.")
