@@ -161,18 +161,21 @@ def first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def sql_failure(error: duckdb.Error, shape: Shape, where: Where) -> Finding:
-    """A statement DuckDB refused: a syntax error, an unknown function or, over known fields, any
-    binding error is an error; over fields not all known, a warning."""
+def sql_failure(error: duckdb.Error, shape: Shape, where: Where) -> list[Finding]:
+    """A statement DuckDB refused: a syntax error or an unknown function is an error, and so is
+    any other binding error over fields known exactly with their types. Where a field's type is
+    unknown, DuckDB may fail to choose a function for it where typed records would not: nothing
+    can be told."""
     text = str(error)
     pointer = next((line.strip() for line in text.splitlines() if line.startswith("LINE ")), "")
     if isinstance(error, duckdb.ParserException):
-        return finding("error", where, f"SQL syntax: {first_line(error)}",
-                       f"correct the statement{f' at {pointer!r}' if pointer else ''}")
+        return [finding("error", where, f"SQL syntax: {first_line(error)}",
+                        f"correct the statement{f' at {pointer!r}' if pointer else ''}")]
+    typed = shape.kind == "closed" and not any(pa.types.is_null(field.type) for field in shape.fields)
+    if not (typed or isinstance(error, duckdb.CatalogException)):
+        return []
     hint = next((line.strip() for line in text.splitlines()[1:] if line.strip()), "correct the statement")
-    severity: Severity = "error" if isinstance(error, duckdb.CatalogException) or shape.kind == "closed" \
-        else "warning"
-    return finding(severity, where, f"SQL: {first_line(error)}", hint)
+    return [finding("error", where, f"SQL: {first_line(error)}", hint)]
 
 
 def run_step(step: Processor[Any], shape: Shape, where: Where) -> tuple[Shape, list[Finding]]:
@@ -187,7 +190,7 @@ def run_step(step: Processor[Any], shape: Shape, where: Where) -> tuple[Shape, l
         except duckdb.Error as exc:
             column = missing_column(exc)
             if column is None or column in table.column_names:
-                return Shape(shape.fields, "unknown"), [*findings, sql_failure(exc, shape, where)]
+                return Shape(shape.fields, "unknown"), [*findings, *sql_failure(exc, shape, where)]
             findings += field_use(shape, column, where)
             if shape.kind == "closed":
                 return Shape(shape.fields, "unknown"), findings
@@ -290,14 +293,25 @@ def model_output(model: ModelConfig, shape: Shape) -> Shape:
     return Shape(pa.schema(fields), kind)
 
 
+def json_type(kind: pa.DataType) -> pa.DataType:
+    """The type a field's values have again once a stage decodes them from the JSON another wrote:
+    numbers, booleans and text keep theirs; others (timestamps, lists, ...) are unknown."""
+    if pa.types.is_integer(kind):
+        return pa.int64()
+    if pa.types.is_floating(kind):
+        return pa.float64()
+    return kind if pa.types.is_boolean(kind) or pa.types.is_string(kind) else pa.null()
+
+
 def merge(shapes: list[Shape]) -> Shape:
-    """Records of a topic several producers write: every field of each, as open as the most open."""
+    """Records of a topic several producers write: every field of each, as open as the most open,
+    typed as a stage reading them decodes them."""
     if not shapes:
         return Shape.of("open")
     fields: dict[str, pa.Field] = {}
     for shape in shapes:
         for field in shape.fields:
-            fields.setdefault(field.name, field)
+            fields.setdefault(field.name, pa.field(field.name, json_type(field.type)))
     kinds = {shape.kind for shape in shapes}
     kind: Kind = "unknown" if "unknown" in kinds else "open" if "open" in kinds else "closed"
     return Shape(pa.schema(list(fields.values())), kind)

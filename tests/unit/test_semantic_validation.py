@@ -221,3 +221,16 @@ def test_estimator_and_metric_typos_suggest_the_river_name(
     model.update(estimator="tests.estimators:pickyy", metrics=["MAE"])
     assert main(["validate", write(tmp_path, pipeline(SCHEMA, models=[model]))]) == 2
     assert "has no 'pickyy' (did you mean 'picky'?)" in capsys.readouterr().err
+
+
+def test_a_type_error_is_an_error_where_the_types_are_known() -> None:
+    """Within a stage a field keeps its declared type; through a topic's JSON a timestamp is
+    only known by name, so DuckDB's doubts about its type are no finding."""
+    typed = {"schema": {"id": {"type": "string"}, "ts": {"type": "timestamp"}}}
+    found = only(check(pipeline(typed, {"sql": "SELECT *, date_trunc('hour', id) AS hour FROM batch"})))
+    assert found.message.startswith("SQL: Binder Error: ") and "date_trunc" in found.message
+    assert check(pipeline(typed, {"sql": "SELECT *, date_trunc('hour', ts) AS hour FROM batch"})) == []
+    data = pipeline(typed)
+    data["processors"].append({"name": "next", "input": "clean", "output": "hourly", "steps": [
+        {"sql": "SELECT *, date_trunc('hour', ts) AS hour FROM batch"}]})
+    assert check(data) == []
