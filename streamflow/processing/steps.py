@@ -275,11 +275,13 @@ class SqlTransform(Processor[SqlConfig]):
 
 
 class BatchQuery:
-    """A DuckDB statement run over each micro-batch, registered as the table ``batch``."""
+    """A DuckDB statement run over each micro-batch, registered as the table ``batch``; without
+    ``external_access`` it can read or write no file and reach no URL (``validate`` runs it so)."""
 
-    def __init__(self, statement: str) -> None:
+    def __init__(self, statement: str, external_access: bool = True) -> None:
         self.statement = statement
-        self._connection = duckdb.connect(config={"preserve_insertion_order": True})
+        self._connection = duckdb.connect(config={"preserve_insertion_order": True,
+                                                  "enable_external_access": external_access})
 
     @staticmethod
     def fit(table: pa.Table) -> tuple[pa.Table, list[tuple[int, BaseException]]]:

@@ -39,7 +39,7 @@ from streamflow.processing.fields import (
 )
 from streamflow.processing.parse import RAW_VALUE, ParseStep
 from streamflow.processing.routing import RouteStep
-from streamflow.processing.steps import HIDDEN_PREFIX, SchemaCheck, SqlTransform
+from streamflow.processing.steps import HIDDEN_PREFIX, BatchQuery, SchemaCheck, SqlTransform
 from streamflow.processing.validation import FilterStep, ValidateStep
 
 Severity = Literal["error", "warning"]
@@ -81,9 +81,6 @@ class Shape:
     @staticmethod
     def of(kind: Kind, names: list[str] | None = None) -> Shape:
         return Shape(pa.schema([pa.field(name, pa.null()) for name in names or []]), kind)
-
-    def with_fields(self, fields: pa.Schema) -> Shape:
-        return Shape(fields, self.kind)
 
 
 OPEN_PROBE = "streamflow_validate_probe"  # a column only a step that passes every field keeps
@@ -158,6 +155,7 @@ def missing_column(error: duckdb.Error) -> str | None:
 
 
 def first_line(error: BaseException) -> str:
+    """The first line of an error's message (DuckDB's go on with context)."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
@@ -171,6 +169,8 @@ def sql_failure(error: duckdb.Error, shape: Shape, where: Where) -> list[Finding
     if isinstance(error, duckdb.ParserException):
         return [finding("error", where, f"SQL syntax: {first_line(error)}",
                         f"correct the statement{f' at {pointer!r}' if pointer else ''}")]
+    if isinstance(error, duckdb.PermissionException):
+        return []  # it reads files or URLs: checked when it runs
     typed = shape.kind == "closed" and not any(pa.types.is_null(field.type) for field in shape.fields)
     if not (typed or isinstance(error, duckdb.CatalogException)):
         return []
@@ -180,8 +180,12 @@ def sql_failure(error: duckdb.Error, shape: Shape, where: Where) -> list[Finding
 
 def run_step(step: Processor[Any], shape: Shape, where: Where) -> tuple[Shape, list[Finding]]:
     """Run a pure built-in step on an empty table of ``shape``: its output fields, and the
-    findings of a statement DuckDB refuses. A column a statement references that the shape may
-    lack is added (a warning where it was never declared) until the statement binds."""
+    findings of a statement DuckDB refuses. Its statement reaches no file or URL here. A column
+    the statement references that the shape may lack is added (a warning where it was never
+    declared) until the statement binds."""
+    query = getattr(step, "query", None)
+    if isinstance(query, BatchQuery):
+        step.query = BatchQuery(query.statement, external_access=False)  # type: ignore[attr-defined]
     table = empty_table(shape)
     findings: list[Finding] = []
     for _attempt in range(MAX_UNDECLARED):
@@ -199,7 +203,8 @@ def run_step(step: Processor[Any], shape: Shape, where: Where) -> tuple[Shape, l
         except (TypeError, ValueError, pa.ArrowException) as exc:
             severity: Severity = "error" if shape.kind == "closed" else "warning"
             return Shape(shape.fields, "unknown"), [*findings, finding(
-                severity, where, f"{step.name}: {first_line(exc)}", "make the step fit the fields")]
+                severity, where, first_line(exc), "make the step fit the field's type, or declare "
+                "another type in a schema step")]
         if ROW_ID not in result.column_names:
             return Shape(shape.fields, "unknown"), [*findings, finding(
                 "error", where, f"the step's output drops the {ROW_ID} column, so every batch fails",

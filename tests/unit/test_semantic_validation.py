@@ -111,7 +111,7 @@ def test_field_steps_name_existing_fields() -> None:
 
 def test_a_step_that_does_not_fit_a_declared_type_is_an_error() -> None:
     found = only(check(pipeline(SCHEMA, {"normalize": {"temperature": ["trim"]}})))
-    assert found.message == "normalize: normalize: field 'temperature' is double, not text"
+    assert found.message == "normalize: field 'temperature' is double, not text"
 
 
 def test_after_a_python_step_fields_are_not_checked() -> None:
@@ -234,3 +234,13 @@ def test_a_type_error_is_an_error_where_the_types_are_known() -> None:
     data["processors"].append({"name": "next", "input": "clean", "output": "hourly", "steps": [
         {"sql": "SELECT *, date_trunc('hour', ts) AS hour FROM batch"}]})
     assert check(data) == []
+
+
+def test_sql_reaches_no_file_when_validated(tmp_path: Path) -> None:
+    """validate runs each statement over no rows, and without access to files or URLs."""
+    target = tmp_path / "copied.csv"
+    copy = {"sql": f"COPY (SELECT * FROM batch) TO '{target}'"}
+    read = {"filter": f"id IN (SELECT id FROM read_csv('{tmp_path / 'ids.csv'}'))"}
+    assert check(pipeline(SCHEMA, copy)) == []
+    assert check(pipeline(SCHEMA, read)) == []
+    assert not target.exists()
