@@ -22,6 +22,7 @@ from streamflow.runtime.dead_letter_watch import DeadLetterWatch
 from streamflow.runtime.logs import JsonFormatter, configure_logging
 from streamflow.runtime.pipeline import PipelineRunner
 from streamflow.runtime.progress import ProgressReporter, describe, table
+from streamflow.runtime.status import StatusReport, render_status
 from streamflow.runtime.summary import RunSummary, component_kinds, summarize
 
 CONFIG = parse_pipeline({
@@ -211,3 +212,16 @@ def test_on_a_terminal_the_table_stays_below_what_is_written_to_stderr(
     output = console.file.getvalue()  # type: ignore[attr-defined]
     assert "WARNING streamflow.test: a log line" in output
     assert output.index("a log line") < output.rindex("dead-lettered")  # the table redrawn below
+
+
+def test_a_run_of_one_stage_summarizes_that_stage() -> None:
+    runner = PipelineRunner(CONFIG, stage="clean", metrics_port=0)
+    runner.metrics.stage("clean").count(10, 10, 0)
+    result = runner._shutdown()
+    assert result.summary is not None
+    assert [(c.name, c.totals.records_in) for c in result.summary.components] == [("clean", 10)]
+
+
+def test_the_status_command_prints_the_warnings() -> None:
+    report = StatusReport(True, {"status": "ready", "warnings": {"clean": "clean dead-lettered 95%"}})
+    assert render_status(report).splitlines()[:2] == ["status: ready", "warning: clean dead-lettered 95%"]
