@@ -1,10 +1,12 @@
-"""Parquet files named by topic, partition and first offset, optionally partitioned and rolled.
+"""Parquet files named by topic, partition, first offset and cluster, optionally partitioned
+and rolled.
 
 Each file is written under a temporary name and renamed atomically, so readers never see a
 partial file. A file's name comes from the topic, the Kafka partition and the offset its flush
-started at (plus the event-time bucket when rolling by event time), and its directory from the
-``partition_by`` values, so a replay of the same records after a crash overwrites the same files
-instead of adding new ones.
+started at (plus the event-time bucket when rolling by event time) and ends with the Kafka
+cluster's id, and its directory from the ``partition_by`` values, so a replay of the same records
+after a crash overwrites the same files instead of adding new ones, while the records of another
+cluster (a new in-memory embedded broker starts its offsets at 0 again) never overwrite them.
 
 Partition directories are ``<field>=<value>``, one value to one directory (on a case-sensitive
 file system): see :func:`directory_name`. A record whose ``partition_by`` value cannot name a
@@ -92,7 +94,8 @@ def has_empty_struct(kind: pa.DataType) -> bool:
 
 
 class ParquetSink(Sink[ParquetConfig]):
-    """Writes Parquet files named by topic, partition and first offset; replays rewrite them.
+    """Writes Parquet files named by topic, partition, first offset and Kafka cluster; replays
+    rewrite them.
 
     Buffers per Kafka partition, each table with its rows' places (``partition_by`` directories
     and event-time bucket, computed when written); :meth:`flush` writes one file per buffered
@@ -138,13 +141,16 @@ class ParquetSink(Sink[ParquetConfig]):
         rows, size = self.config.roll_rows, self.config.roll_bytes
         return bool((rows and self._buffered_rows >= rows) or (size and self._buffered_bytes >= size))
 
-    def file_path(self, partition: TopicPartition, first_offset: int,
+    def file_path(self, partition: TopicPartition, first_offset: int, cluster_id: str,
                   directories: Sequence[str] = (), bucket_ms: int | None = None) -> Path:
+        """``<topic>/<directories>/<topic>+<partition>+<first offset>[+<bucket>]+<cluster>.parquet``,
+        the cluster id encoded like a partition value (so it holds no ``+`` or ``/``)."""
         topic, number = partition
         name = f"{topic}+{number:04d}+{first_offset:020d}"
         if bucket_ms is not None:
             name += f"+{bucket_ms:015d}"
-        return self.root.joinpath(topic, *directories, f"{name}.parquet")
+        return self.root.joinpath(topic, *directories,
+                                  f"{name}+{directory_name(cluster_id)}.parquet")
 
     @staticmethod
     def _readable(table: pa.Table, failures: dict[int, BaseException]) -> pa.Table:
@@ -220,7 +226,7 @@ class ParquetSink(Sink[ParquetConfig]):
             table = pa.concat_tables(tables, promote_options="permissive")
             for directories, bucket, piece in _pieces(table, pa.concat_tables(places)):
                 written += self._write_file(
-                    self.file_path(partition, first_offset, directories, bucket), piece)
+                    self.file_path(partition, first_offset, cluster_id, directories, bucket), piece)
         self._buffers.clear()
         self._buffered_rows = self._buffered_bytes = 0
         return written

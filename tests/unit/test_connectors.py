@@ -45,7 +45,7 @@ def test_generator_honours_its_rate() -> None:
     assert polled is not None and len(polled) <= 5
 
 
-def test_parquet_sink_names_files_by_partition_and_offset(tmp_path: Path) -> None:
+def test_parquet_sink_names_files_by_partition_offset_and_cluster(tmp_path: Path) -> None:
     sink = ParquetSink(ParquetConfig(path=str(tmp_path)), CONTEXT)
     sink.open()
     sink.write(pa.table({"x": [1, 2]}), ("t", 1), 40)
@@ -53,12 +53,25 @@ def test_parquet_sink_names_files_by_partition_and_offset(tmp_path: Path) -> Non
     assert not list(tmp_path.rglob("*.parquet")), "nothing is visible before flush"
     sink.flush({("t", 1): 43}, "cluster")
     files = sorted(tmp_path.rglob("*"))
-    assert [f.name for f in files if f.is_file()] == ["t+0001+00000000000000000040.parquet"]
+    assert [f.name for f in files if f.is_file()] == ["t+0001+00000000000000000040+cluster.parquet"]
     assert pq.read_table(files[-1])["x"].to_pylist() == [1, 2, 3]
     # A replay of the same records overwrites the same file.
     sink.write(pa.table({"x": [1, 2, 3]}), ("t", 1), 40)
     sink.flush({("t", 1): 43}, "cluster")
     assert len([f for f in tmp_path.rglob("*") if f.is_file()]) == 1
+
+
+def test_parquet_files_of_another_cluster_never_overwrite_or_mix(tmp_path: Path) -> None:
+    """A new in-memory embedded broker (a new cluster id) starts its offsets at 0 again."""
+    for cluster, values in (("streamflow-aaa", [1, 2]), ("streamflow-b+c/d", [3, 4])):
+        sink = ParquetSink(ParquetConfig(path=str(tmp_path)), CONTEXT)
+        sink.open()
+        sink.write(pa.table({"x": values}), ("t", 0), 0)
+        sink.flush({("t", 0): 2}, cluster)
+    files = parquet_files(tmp_path)
+    assert files == ["t/t+0000+00000000000000000000+streamflow-aaa.parquet",
+                     "t/t+0000+00000000000000000000+streamflow-b%2Bc%2Fd.parquet"]
+    assert [pq.read_table(tmp_path / name)["x"].to_pylist() for name in files] == [[1, 2], [3, 4]]
 
 
 def test_leftover_temporary_files_are_removed_on_open(tmp_path: Path) -> None:
@@ -88,11 +101,11 @@ def test_parquet_sink_partitions_by_field_values_and_replays_onto_the_same_files
     sink.write(batch, ("t", 0), 7)
     sink.flush({("t", 0): 11}, "cluster")
     assert parquet_files(tmp_path) == [
-        "t/day=2024-01-01/site=a%2Fb/t+0000+00000000000000000007.parquet",
-        "t/day=2024-01-02/site=c/t+0000+00000000000000000007.parquet",
-        "t/day=__HIVE_DEFAULT_PARTITION__/site=c/t+0000+00000000000000000007.parquet",
+        "t/day=2024-01-01/site=a%2Fb/t+0000+00000000000000000007+cluster.parquet",
+        "t/day=2024-01-02/site=c/t+0000+00000000000000000007+cluster.parquet",
+        "t/day=__HIVE_DEFAULT_PARTITION__/site=c/t+0000+00000000000000000007+cluster.parquet",
     ]
-    first = tmp_path / "t/day=2024-01-01/site=a%2Fb/t+0000+00000000000000000007.parquet"
+    first = tmp_path / "t/day=2024-01-01/site=a%2Fb/t+0000+00000000000000000007+cluster.parquet"
     assert pq.read_table(first)["x"].to_pylist() == [1, 3]
     # After a crash the same records come again from offset 7: the same files are rewritten.
     replay = ParquetSink(config, CONTEXT)
@@ -127,7 +140,7 @@ def test_parquet_sink_rolls_files_by_event_time(tmp_path: Path) -> None:
                ("t", 0), 0)
     sink.flush({("t", 0): 5}, "cluster")
     files = parquet_files(tmp_path)
-    assert files == [f"t/t+0000+00000000000000000000+{start:015d}.parquet"
+    assert files == [f"t/t+0000+00000000000000000000+{start:015d}+cluster.parquet"
                      for start in (-1, 0, hour, 2 * hour)]
     assert pq.read_table(tmp_path / files[1])["x"].to_pylist() == [1, 3]
 

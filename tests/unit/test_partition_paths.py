@@ -109,4 +109,5 @@ def test_event_times_that_are_no_time_are_dead_lettered_alone(tmp_path: Path) ->
     assert rejected.value.rows == [1, 3]
     sink.flush({("t", 0): 4}, "cluster")
     assert {path.name: pq.read_table(path)["id"].to_pylist() for path in files(tmp_path)} == {
-        f"t+0000+{0:020d}+{-1:015d}.parquet": [2], f"t+0000+{0:020d}+{0:015d}.parquet": [0]}
+        f"t+0000+{0:020d}+{-1:015d}+cluster.parquet": [2],
+        f"t+0000+{0:020d}+{0:015d}+cluster.parquet": [0]}
