@@ -30,6 +30,7 @@ from streamflow.config.loader import connector_settings, format_location, step_s
 from streamflow.config.models import WINDOW_FIELDS, ModelConfig, ProcessorConfig, default_dead_letter_topic
 from streamflow.plugins import ROW_ID, SOURCE_GROUP, ComponentContext, Processor
 from streamflow.processing.dedupe import DedupeStep
+from streamflow.processing.enrich import EnrichStep
 from streamflow.processing.fields import (
     DropStep,
     FillNullStep,
@@ -37,7 +38,7 @@ from streamflow.processing.fields import (
     RenameStep,
     SelectStep,
 )
-from streamflow.processing.parse import RAW_VALUE, ParseStep
+from streamflow.processing.parse import RAW_VALUE, ParseConfig, ParseStep
 from streamflow.processing.routing import RouteStep
 from streamflow.processing.steps import HIDDEN_PREFIX, BatchQuery, SchemaCheck, SqlTransform
 from streamflow.processing.validation import FilterStep, ValidateStep
@@ -114,24 +115,24 @@ def field_use(shape: Shape, name: str, where: Where, role: str = "field") -> lis
                     f"did you mean {close[0]!r}? If not, {declare}" if close else declare)]
 
 
-def step_field_uses(step: Processor[Any]) -> Iterator[tuple[Where, str]]:
+def step_field_uses(plugin: type[Processor[Any]], settings: Any) -> Iterator[tuple[Where, str]]:
     """(settings path, field) for each field a built-in step reads by name."""
-    settings = step.config
-    if isinstance(step, SelectStep | DropStep):
+    if issubclass(plugin, SelectStep | DropStep):
         yield from (((index,), name) for index, name in enumerate(settings.root))
-    elif isinstance(step, RenameStep | NormalizeStep | ValidateStep):
+    elif issubclass(plugin, RenameStep | NormalizeStep | ValidateStep):
         yield from (((name,), name) for name in settings.root)
-    elif isinstance(step, DedupeStep):
+    elif issubclass(plugin, DedupeStep):
         yield from ((("key", index), name) for index, name in enumerate(settings.key))
         if settings.time_field is not None:
             yield ("time_field",), settings.time_field
-    elif isinstance(step, ParseStep):
+    elif issubclass(plugin, ParseStep):
         yield ("field",), settings.field
+    elif issubclass(plugin, EnrichStep):
+        yield ("key",), settings.key
 
 
-def parse_output(step: ParseStep) -> Shape:
+def parse_output(settings: ParseConfig) -> Shape:
     """The fields a ``parse`` step decodes: the CSV columns or Avro fields it is given, else open."""
-    settings = step.config
     if settings.columns:
         return Shape(pa.schema([pa.field(name, pa.string()) for name in settings.columns]), "closed")
     if settings.format == "avro" and settings.schema_ is not None:
@@ -229,15 +230,14 @@ def check_steps(stage: ProcessorConfig, pipeline: str, shape: Shape, where: Wher
             if plugin is not ParseStep:
                 shape = Shape.of("unknown")
                 continue
-        step = plugin(settings, context)
-        for suffix, name in step_field_uses(step):
+        for suffix, name in step_field_uses(plugin, settings):
             findings += field_use(shape, name, (*at, *suffix))
-        if isinstance(step, ParseStep):
-            shape = parse_output(step)
-        elif isinstance(step, RUN_EMPTY):
-            shape, found = run_step(step, shape, at)
+        if issubclass(plugin, ParseStep):
+            shape = parse_output(settings)
+        elif issubclass(plugin, RUN_EMPTY):  # only these are built: others may read or connect
+            shape, found = run_step(plugin(settings, context), shape, at)
             findings += found
-        elif not isinstance(step, PASS_THROUGH):
+        elif not issubclass(plugin, PASS_THROUGH):
             shape = Shape(shape.fields, "unknown")
     return shape, findings
 

@@ -13,8 +13,9 @@ from streamflow.cli import main
 from streamflow.config import load_pipeline, parse_pipeline
 from streamflow.runtime.semantics import Finding, check_pipeline
 
-EXAMPLES = sorted(path for path in (Path(__file__).parents[2] / "examples").glob("*.yaml")
-                  if not path.name.endswith(".test.yaml"))
+ROOT = Path(__file__).parents[2]
+EXAMPLES = [*sorted(path for path in (ROOT / "examples").glob("*.yaml")
+                    if not path.name.endswith(".test.yaml")), ROOT / "docker" / "pipeline.yaml"]
 SCHEMA = {"schema": {"id": {"type": "string"}, "temperature": {"type": "float"},
                      "humidity": {"type": "float"}}}
 
@@ -114,9 +115,13 @@ def test_a_step_that_does_not_fit_a_declared_type_is_an_error() -> None:
     assert found.message == "normalize: field 'temperature' is double, not text"
 
 
-def test_after_a_python_step_fields_are_not_checked() -> None:
+def test_after_a_python_or_enrich_step_fields_are_not_checked(tmp_path: Path) -> None:
     python = {"python": {"function": "tests.step_functions:add_one_batch", "mode": "batch"}}
     assert check(pipeline(SCHEMA, python, {"filter": "anything > 1"})) == []
+    lookup = tmp_path / "sites.csv"  # not there: validate builds no enrich step, so reads nothing
+    enrich = {"enrich": {"source": "csv", "path": str(lookup), "key": "idd"}}
+    found = only(check(pipeline(SCHEMA, enrich, {"filter": "site IS NOT NULL"})))
+    assert (found.path, found.hint) == ("processors[0].steps[1].enrich.key", "did you mean 'id'?")
 
 
 def test_a_model_target_typo_is_an_error_with_a_suggestion() -> None:
