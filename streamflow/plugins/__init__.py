@@ -163,7 +163,8 @@ class Sink(ABC, Generic[ConfigT]):
     - :meth:`revoke` is called before partitions move to another replica: drop their buffers,
       never flush them (the runtime flushes and commits first, so dropping is safe; when the
       stage was evicted from its group, the partitions are lost and their rows must not be
-      made durable: they replay at the next owner).
+      made durable: they replay at the next owner; the runtime then also closes the sink and
+      opens it again, which discards whatever was written and not flushed).
     - :meth:`close` releases resources; anything written but not flushed (after a failure) is
       discarded, to be replayed.
     """

@@ -415,6 +415,10 @@ class StageRunner(Stage, RebalanceListener):
             self._last_offsets.pop(partition, None)
 
 
+class UnflushedRowsLostError(RuntimeError):
+    """A sink stage lost some partitions while its sink held unflushed rows of others."""
+
+
 class StepFailedError(RuntimeError):
     """A step with ``on_error: fail`` failed: the stage stops without committing the batch."""
 
@@ -867,6 +871,7 @@ class SinkStage(StageRunner):
         self._cluster_id = ""
         self._newly_assigned: list[TopicPartition] = []
         self._already_written: dict[TopicPartition, int] = {}  # next offset the sink stored
+        self._unflushed_kept: list[TopicPartition] = []  # see on_lost
 
     def open(self) -> None:
         self._cluster_id = self.transport.cluster_id()
@@ -928,11 +933,6 @@ class SinkStage(StageRunner):
         self._pending_timestamps.append(np.asarray(batch.timestamps_ms, dtype=np.float64))
         self.metrics.count(len(consumed), written, len(failures))
 
-    def tick(self) -> None:
-        if self._pending and (time.monotonic() - self._last_flush >= self.commit_interval_s
-                              or self.sink.should_flush()):
-            self.checkpoint()
-
     def checkpoint(self) -> None:
         """Flush the sink, then commit what it made durable."""
         self._last_flush = time.monotonic()
@@ -970,14 +970,35 @@ class SinkStage(StageRunner):
         self._newly_assigned = [p for p in self._newly_assigned if p not in partitions]
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
-        """Discard the lost partitions' pending rows, unflushed: they replay at the next owner."""
+        """Discard everything written and not flushed: the lost partitions' rows replay at
+        their next owner.
+
+        A sink may hold the rows of several partitions in one open transaction (the table
+        sinks), which cannot drop some of them: the sink is closed, which discards whatever
+        was not flushed, and opened again. Unflushed rows of partitions this member keeps would
+        go with them: the stage then fails at its next poll instead, and its restart replays
+        them (an evicted member loses every partition, so Kafka's group protocol never does
+        this)."""
         super().on_lost(partitions)
         lost = set(partitions)
+        self._unflushed_kept = sorted(set(self._pending) - lost)
+        unflushed = self._pending_rows > 0
         for partition in lost & set(self._pending):
             del self._pending[partition]
-        if not self._pending:  # the usual case: a member that was evicted lost every partition
-            self._pending_rows, self._pending_timestamps = 0, []
+        self._pending_rows, self._pending_timestamps = 0, []
         self.sink.revoke(partitions)
         for partition in partitions:
             self._already_written.pop(partition, None)
         self._newly_assigned = [p for p in self._newly_assigned if p not in lost]
+        if unflushed and not self._unflushed_kept:
+            self.sink.close()
+            self.sink.open()
+
+    def tick(self) -> None:
+        if self._unflushed_kept:
+            raise UnflushedRowsLostError(
+                f"stage {self.name} lost partitions while it had unflushed rows of "
+                f"{self._unflushed_kept}, which it keeps: restarting to replay them")
+        if self._pending and (time.monotonic() - self._last_flush >= self.commit_interval_s
+                              or self.sink.should_flush()):
+            self.checkpoint()
