@@ -5,8 +5,16 @@ from __future__ import annotations
 import errno
 
 from streamflow.ml.spec import ModelSpecError
+from streamflow.runtime.stages import StepFailedError
+from streamflow.transport import AuthenticationError
 
 DEBUG_HINT = "run with --log-level DEBUG for the traceback"
+# the fix for errors of a kind, after "Kind: message; "
+FIXES: list[tuple[type[BaseException], str]] = [
+    (StepFailedError, "fix the step or its input, or set the step's on_error: dlq to dead-letter "
+                      "such records instead"),
+    (AuthenticationError, "check the credentials and ACLs that kafka.config gives (sasl.*, ssl.*)"),
+]
 
 
 class FatalError(Exception):
@@ -42,4 +50,5 @@ def describe(error: BaseException) -> str:
     if isinstance(error, ModelSpecError):
         return (f"a model's estimator cannot be built: {error}; fix it in the pipeline file "
                 "(`streamflow validate FILE` checks it without running)")
-    return f"{type(error).__name__}: {error}; {DEBUG_HINT}"
+    fix = next((fix for kind, fix in FIXES if isinstance(error, kind)), DEBUG_HINT)
+    return f"{type(error).__name__}: {error}; {fix}"

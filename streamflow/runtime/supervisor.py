@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter
 
 from streamflow.plugins import TransientError
+from streamflow.runtime.fatal import describe
 from streamflow.runtime.stage import Stage
 from streamflow.transport import AuthenticationError, TransportError
 
@@ -89,7 +90,7 @@ class Supervisor:
                 continue
             error = runner.error
             if not is_transient(error):
-                return f"{runner.name} failed: {type(error).__name__}: {error}"
+                return f"{runner.name} failed: {describe(error)}"
             delay = backoff_delay(entry.attempt)
             entry.attempt += 1
             entry.restart_at = now + delay

@@ -19,6 +19,7 @@ import pytest
 from streamflow.ml.spec import ModelSpecError
 from streamflow.runtime.fatal import DEBUG_HINT, FatalError, describe, metrics_port_error
 from streamflow.runtime.logs import configure_logging
+from streamflow.runtime.stages import StepFailedError
 from streamflow.transport.broker import free_port
 from streamflow.transport.confluent import ConfluentTransport, _ClientLog
 
@@ -79,6 +80,9 @@ def test_other_errors_are_one_line_too() -> None:
         "a model's estimator cannot be built: river has no 'linear_model.LogisticRegresion'; fix "
         "it in the pipeline file (`streamflow validate FILE` checks it without running)")
     assert describe(KeyError("x")) == f"KeyError: 'x'; {DEBUG_HINT}"
+    assert describe(StepFailedError("step 'sql' failed (KeyError: 'x') and has on_error: fail")) == (
+        "StepFailedError: step 'sql' failed (KeyError: 'x') and has on_error: fail; fix the step or "
+        "its input, or set the step's on_error: dlq to dead-letter such records instead")
 
 
 @pytest.fixture

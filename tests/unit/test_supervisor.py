@@ -77,4 +77,5 @@ def test_a_fatal_failure_stops_with_one_clear_reason() -> None:
     supervisor = Supervisor()
     supervisor.add(lambda: FailingRunner("clean", AuthenticationError("bad password")), counter()[0])
     supervisor.start()
-    assert supervisor.check() == "clean failed: AuthenticationError: bad password"
+    assert supervisor.check() == ("clean failed: AuthenticationError: bad password; check the "
+                                  "credentials and ACLs that kafka.config gives (sasl.*, ssl.*)")
