@@ -8,6 +8,7 @@ On a terminal or in a text log it is a table on stderr (stdout stays the console
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from streamflow.metrics.totals import Totals, read_totals
 
 log = logging.getLogger("streamflow.summary")
 
+PLAIN_WIDTH = 120  # of the tables when stderr is no terminal
 EXAMPLE_WIDTH = 100  # characters of an example shown in the table (the JSON has it whole)
 
 
@@ -70,8 +72,7 @@ class RunSummary:
                 f"after {self.elapsed_s:,.1f}s")
 
     def tables(self) -> Group:
-        """The headline, the counts table and, when there are dead letters, the table of their
-        reasons."""
+        """The counts table and, when there are dead letters, the table of their reasons."""
         counts = Table(box=box.SIMPLE_HEAD)
         counts.add_column("component")
         counts.add_column("kind")
@@ -87,9 +88,8 @@ class RunSummary:
                            _count(totals.records_out), _count(totals.filtered), dead)
         reasons = [(component.name, kind, reason) for component in self.components
                    for kind, reason in component.reasons.items()]
-        headline = Text(self.headline(), style="bold")
         if not reasons:
-            return Group(headline, counts)
+            return Group(counts)
         letters = Table(box=box.SIMPLE_HEAD)
         for column, justify in (("component", "left"), ("error class", "left"),
                                 ("step", "left"), ("records", "right"), ("example", "left")):
@@ -99,14 +99,17 @@ class RunSummary:
                 else reason.example[:EXAMPLE_WIDTH - 1] + "…"
             letters.add_row(Text(name), Text(kind), Text(reason.step), _count(reason.count),
                             Text(example))
-        return Group(headline, counts, Text("dead letters by error class", style="bold"), letters)
+        return Group(counts, Text("dead letters by error class", style="bold"), letters)
 
     def report(self, log_format: str, console: Console | None = None) -> None:
-        """As tables on stderr (``console``), or for JSON logs as one log line."""
+        """As the headline and tables on stderr (``console``), or for JSON logs as one log line."""
         if log_format == "json":
             log.info("%s", self.headline(), extra={"data": self.as_dict()})
-        else:
-            (console or Console(stderr=True)).print(self.tables())
+            return
+        if console is None:  # a terminal's width, else (a log file, CI) a wide one
+            console = Console(stderr=True, width=None if sys.stderr.isatty() else PLAIN_WIDTH)
+        console.print(Text(self.headline(), style="bold"), soft_wrap=True)
+        console.print(self.tables())
 
 
 def component_kinds(config: PipelineConfig) -> dict[str, str]:
