@@ -26,9 +26,16 @@ from tests.source_runs import unique
 BIG = 5_000_000  # over every client's default limit (librdkafka 1,000,000; kafka-python 1 MiB)
 
 
-def run(pipeline: dict[str, Any]) -> None:
-    result = PipelineRunner(parse_pipeline(pipeline), until_idle_s=1, metrics_port=0).run()
+def run(pipeline: dict[str, Any]) -> PipelineRunner:
+    runner = PipelineRunner(parse_pipeline(pipeline), until_idle_s=1, metrics_port=0)
+    result = runner.run()
     assert result.exit_code == 0, result.errors
+    return runner
+
+
+def latest_dead_letters(runner: PipelineRunner) -> list[dict[str, Any]]:
+    """The dead letters the dashboard lists for ``runner``, newest first."""
+    return list(runner.metrics.latest_dead_letters.document()["letters"])
 
 
 def headers(record_headers: list[tuple[str, bytes]] | None) -> dict[str, bytes]:
@@ -156,7 +163,7 @@ def test_file_source_dead_letters_a_huge_line_truncated_and_goes_on(
         "sources": [{"name": "src", "type": "file", "topic": topic, "path": str(path)}],
         "metrics": {"port": 0},
     }
-    run(pipeline)
+    first = run(pipeline)
     run(pipeline)  # a restart resumes after the position: nothing is published again
 
     assert [json.loads(value)["n"] for value in read_topic(bootstrap, topic).values] == [0, 2]
@@ -171,6 +178,9 @@ def test_file_source_dead_letters_a_huge_line_truncated_and_goes_on(
     assert found["streamflow.original.topic"] == topic.encode()
     assert json.loads(found["streamflow.source.position"]) is None  # the first batch of the file
     assert found["streamflow.source.index"] == b"1"
+    [listed] = latest_dead_letters(first)
+    assert big_line.startswith(listed["value"]) and listed["size"] == len(big_line)
+    assert dict(listed["headers"])["streamflow.stage"] == "src"
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -212,7 +222,7 @@ def test_processor_output_too_large_dead_letters_its_input(bootstrap: str, clien
     producer = transport.producer()
     producer.produce([OutgoingBatch(source, records)])
     producer.close()
-    run({
+    runner = run({
         "pipeline": name,
         "kafka": {"bootstrap": bootstrap, "client": client},
         "processors": [{"name": "grow", "input": source, "output": output, "steps": [
@@ -228,6 +238,9 @@ def test_processor_output_too_large_dead_letters_its_input(bootstrap: str, clien
     assert letter["streamflow.step"] == b"produce"
     assert letter["streamflow.error.class"] == b"OversizeRecordError"
     assert letter["streamflow.original.offset"] == b"1"
+    [listed] = latest_dead_letters(runner)
+    assert listed["value"] == records[1].decode()
+    assert dict(listed["headers"])["streamflow.error.class"] == "OversizeRecordError"
 
 
 @pytest.mark.parametrize("client", CLIENTS)
