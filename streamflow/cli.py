@@ -30,7 +30,7 @@ log = logging.getLogger("streamflow")
 def _run(args: argparse.Namespace) -> int:
     config = load_pipeline(args.file)
     REDACTOR.add(config_secrets(config))
-    for warning in require_valid(config, args.file):
+    for warning in require_valid(config, args.file, stage=args.stage):
         log.warning("%s: %s", warning.file, warning.line())
     runner = PipelineRunner(config, stage=args.stage, until_idle_s=args.until_idle,
                             metrics_port=args.metrics_port)
