@@ -387,10 +387,13 @@ def check_fields(config: PipelineConfig) -> list[Finding]:
     return flow.findings
 
 
-def check_sources(config: PipelineConfig) -> list[Finding]:
-    """What each source's plugin finds wrong in its settings before reading (a missing file)."""
+def check_sources(config: PipelineConfig, stage: str | None = None) -> list[Finding]:
+    """What each source's plugin (or only ``stage``'s, when one runs alone: a container may see
+    only its own files) finds wrong in its settings before reading (a missing file)."""
     findings = []
     for index, source in enumerate(config.sources):
+        if stage is not None and source.name != stage:
+            continue
         plugin, settings = connector_settings(source, SOURCE_GROUP)
         findings += [finding("error", ("sources", index, problem.setting), problem.message, problem.hint)
                      for problem in plugin.problems(settings)]
@@ -439,18 +442,19 @@ def check_topics(config: PipelineConfig) -> list[Finding]:
     return findings
 
 
-CHECKS: tuple[Callable[[PipelineConfig], list[Finding]], ...] = (check_sources, check_topics, check_fields)
+def check_pipeline(config: PipelineConfig, file: str, stage: str | None = None) -> list[Finding]:
+    """Every finding of every semantic check of ``config``, loaded from ``file``; with ``stage``,
+    of the sources only that one (the pipeline runs only it)."""
+    findings = check_sources(config, stage) + check_topics(config) + check_fields(config)
+    return [replace(found, file=file) for found in findings]
 
 
-def check_pipeline(config: PipelineConfig, file: str) -> list[Finding]:
-    """Every finding of every semantic check of ``config``, loaded from ``file``."""
-    return [replace(found, file=file) for check in CHECKS for found in check(config)]
-
-
-def require_valid(config: PipelineConfig, file: str, strict: bool = False) -> list[Finding]:
-    """The warnings of ``config``. When it has errors (or, with ``strict``, warnings), raises
-    :class:`ConfigError` listing them, then the other warnings."""
-    findings = check_pipeline(config, file)
+def require_valid(config: PipelineConfig, file: str, strict: bool = False,
+                  stage: str | None = None) -> list[Finding]:
+    """The warnings of ``config`` (run alone: only ``stage``'s source is checked). When it has
+    errors (or, with ``strict``, warnings), raises :class:`ConfigError` listing them, then the
+    other warnings."""
+    findings = check_pipeline(config, file, stage)
     failing = [found for found in findings if found.severity == "error" or strict]
     if failing:
         raise ConfigError(file, [found.line() for found in failing] +

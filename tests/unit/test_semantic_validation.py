@@ -165,6 +165,10 @@ def test_a_file_source_path_must_match_a_file_unless_followed(tmp_path: Path) ->
     assert found.path == "sources[0].path" and "matches no file" in found.message
     assert "follow: true" in found.hint
     assert check(pipeline(sources=[{**source, "follow": True}])) == []
+    # A stage run alone (--stage) may see only its own files: other sources' are not checked.
+    config = parse_pipeline(pipeline(sources=[source]))
+    assert check_pipeline(config, "p.yaml", stage="clean") == []
+    assert len(check_pipeline(config, "p.yaml", stage="csvfile")) == 1
     (tmp_path / "data.csv").write_text("a\n1\n")
     assert check(pipeline(sources=[source])) == []
 
