@@ -81,6 +81,8 @@ def test_faust_agent_stage_accounts_for_every_record(fresh_broker: str, tmp_path
     assert agent_failure["streamflow.error.message"] == b"event 11 asked to explode"
     assert agent_failure["streamflow.original.topic"] == b"fst.raw"
     assert by_step[b"parse"]["streamflow.error.class"] == b"DecodeError"
+    listed = runner.metrics.latest_dead_letters.document()["letters"]  # on the dashboard
+    assert sorted(letter["value"].encode() for letter in listed) == sorted(dead.values)
     counts = stage_counts(runner, "enrich")
     # 14 records in: 11 passed on as 12 (one fanned out), 1 filtered, 2 dead-lettered.
     assert counts == {"in": 14, "out": 12, "filtered": 1, "dead_lettered": 2}
