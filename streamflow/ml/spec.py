@@ -17,6 +17,8 @@ import river
 from river import base, compose, metrics
 from river.base.anomaly_detector import AnomalyDetector
 
+from streamflow.ml.errors import ModelSpecError
+
 _RIVER_NAME = re.compile(
     r"^(?P<module>[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)\.(?P<cls>[A-Z]\w*)$"
 )
@@ -32,10 +34,6 @@ DEFAULT_METRICS = {
 
 FIX = ("name a river estimator, e.g. [{linear_model.LinearRegression: {}}], or a function of your "
        "own module that returns one, e.g. 'my_models:build'")
-
-
-class ModelSpecError(ValueError):
-    """The estimator, metric or detector named in the config cannot be built."""
 
 
 def _outside_user_code(module: str) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from streamflow.ml.spec import ModelSpecError
+from streamflow.ml.errors import ModelSpecError
 from streamflow.runtime.stages import StepFailedError
 from streamflow.transport import AuthenticationError
 

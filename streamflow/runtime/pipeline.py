@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamflow.config.loader import connector_settings
 from streamflow.config.models import (
@@ -26,16 +26,12 @@ from streamflow.config.models import (
 )
 from streamflow.metrics import MetricsServer, PipelineMetrics, SourceMetrics
 from streamflow.metrics.totals import read_totals
-from streamflow.ml.engine import EngineSettings
-from streamflow.ml.spec import DEFAULT_METRICS, build_estimator, infer_task, model_label
-from streamflow.ml.worker import EngineSpec
 from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
 from streamflow.plugins.agents import load_agent
 from streamflow.runtime.dead_letter_watch import DeadLetterWatch
 from streamflow.runtime.fatal import metrics_port_error
 from streamflow.runtime.faust_stage import FaustStage
 from streamflow.runtime.logs import REDACTOR
-from streamflow.runtime.model_stage import ModelStage
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, source_dead_letter_topic
 from streamflow.runtime.stage import Stage
 from streamflow.runtime.stages import SinkStage, StageIdentity, TopicStage, build_steps
@@ -50,6 +46,9 @@ from streamflow.transport import (
     create_transport,
 )
 from streamflow.transport.broker import EmbeddedBroker
+
+if TYPE_CHECKING:
+    from streamflow.runtime.model_stage import ModelStage
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +280,12 @@ class PipelineRunner:
                           self._exactly_once, changelog, stage.checkpoint)
 
     def _model_stage(self, stage: ModelConfig, transport: Transport) -> ModelStage:
+        # Imported here: river takes seconds and ~90 MB, which a pipeline without models spares.
+        from streamflow.ml.engine import EngineSettings
+        from streamflow.ml.spec import DEFAULT_METRICS, build_estimator, infer_task, model_label
+        from streamflow.ml.worker import EngineSpec
+        from streamflow.runtime.model_stage import ModelStage
+
         batch = stage.batch or self.config.runtime.batch
         metrics = self.metrics.stage(stage.name, ("model",))
         estimator = build_estimator(stage.estimator)
