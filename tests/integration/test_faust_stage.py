@@ -83,6 +83,9 @@ def test_faust_agent_stage_accounts_for_every_record(fresh_broker: str, tmp_path
     assert by_step[b"parse"]["streamflow.error.class"] == b"DecodeError"
     listed = runner.metrics.latest_dead_letters.document()["letters"]  # on the dashboard
     assert sorted(letter["value"].encode() for letter in listed) == sorted(dead.values)
+    # The dashboard draws components that ended without an error as finished, not failed.
+    assert {node["name"]: (node["state"], node["dead_letter"]) for node in runner.status()["nodes"]
+            } == dict.fromkeys(["events", "enrich", "lake"], ("finished", "fst.dlq"))
     counts = stage_counts(runner, "enrich")
     # 14 records in: 11 passed on as 12 (one fanned out), 1 filtered, 2 dead-lettered.
     assert counts == {"in": 14, "out": 12, "filtered": 1, "dead_lettered": 2}
