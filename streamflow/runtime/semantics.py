@@ -2,8 +2,10 @@
 run``: what the file's structure allows but a run would get wrong.
 
 - SQL (``sql``, ``filter``, ``route``) is run by DuckDB, through the step itself, over an empty
-  table of the fields the earlier steps produce; so are the other built-in steps, which gives
-  each step's output fields without data. Fields flow from stage to stage through their topics.
+  table of the fields the earlier steps produce, with no access to files or URLs; so are the
+  other built-in steps that need no data (``schema``, ``select``, ...), which gives each step's
+  output fields. No step that reads or connects (``enrich``, ``python``, a plugin's) is built.
+  Fields flow from stage to stage through their topics.
 - Fields a step, window or model names must exist where they are used.
 - Sources' settings are checked by their plugin (:meth:`Source.problems`: a file that is not
   there), and every topic a stage or sink reads must be written by the pipeline or be external.
