@@ -171,13 +171,13 @@ function svg(name, attributes, text) {
   return element;
 }
 
-function box(x, y, label, rateText, stroke, dashed) {
+function box(x, y, label, rateText, stroke, { dashed = false, muted = false } = {}) {
   const group = svg("g", { class: "node" });
   group.append(
     svg("rect", { x: x - 66, y: y - 20, width: 132, height: 40, rx: 6, fill: "#22303c", stroke,
                   "stroke-width": 2, ...(dashed ? { "stroke-dasharray": "5 3" } : {}) }),
     svg("text", { x, y: y - 4 }, label),
-    svg("text", { x, y: y + 12, class: "rate" }, rateText),
+    svg("text", { x, y: y + 12, class: muted ? "rate ended" : "rate" }, rateText),
   );
   return group;
 }
@@ -222,7 +222,7 @@ function drawGraph(status) {
     const state = node.state || (node.running ? "running" : "failed");
     const text = state === "running" ? rateText(recent("throughput", node.name)) : state;
     const group = box(x, y, `${node.name} (${node.kind})`, text, STATE_COLORS[state] || "#3b4a58",
-                      state === "finished");
+                      { dashed: state === "finished", muted: state !== "running" });
     group.dataset.name = node.name;
     group.dataset.state = state;
     boxes.push(group);
@@ -233,7 +233,7 @@ function drawGraph(status) {
     const [x, y] = position[`dlq:${topic}`];
     const group = box(x, y, topic,
                       rateText(rates.length ? rates.reduce((a, b) => a + b, 0) : null),
-                      DEAD_LETTER_COLOR, true);
+                      DEAD_LETTER_COLOR, { dashed: true });
     group.classList.add("dead-letter-topic");
     group.dataset.name = topic;
     boxes.push(group);
