@@ -1,7 +1,8 @@
 """Dashboard cost: the core stage's throughput with and without the live dashboard open.
 
 "dashboard-open" keeps headless Chromium (Debian's chromium) on the dashboard for the whole
-run, polling ``/metrics`` and ``/api/status`` every two seconds like a person watching it.
+run, polling ``/api/status`` and what is new in ``/api/history`` and ``/api/dead-letters`` every
+two seconds like a person watching it; the daemon samples its history once a second meanwhile.
 """
 
 from __future__ import annotations
