@@ -15,11 +15,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## The quickstart: generator → clean → river model → Parquet, on the embedded broker.
+## The quickstart: generator → clean → river model → Parquet, on the embedded broker. Its
+## Parquet folder starts empty (QUICKSTART_APPEND=1 keeps earlier runs' files, and counts them);
+## its dead letters go to dead-letters.jsonl beside it, as the embedded broker ends with the run.
+QUICKSTART_OUTPUT ?= ./output/quickstart
+export QUICKSTART_OUTPUT
+LAKE = $(QUICKSTART_OUTPUT)/sensors.scored
+
 run: $(STAMP)
-	@echo "Parquet output: ./output/quickstart   live metrics: http://127.0.0.1:9108/metrics"
-	$(BIN)/streamflow run examples/quickstart.yaml --until-idle $${UNTIL_IDLE:-5}
-	@$(BIN)/python -c "import duckdb; print('rows in ./output/quickstart:', duckdb.sql(\"SELECT count(*) FROM read_parquet('output/quickstart/**/*.parquet')\").fetchall()[0][0])"
+	@if [ "$(QUICKSTART_APPEND)" = 1 ]; then \
+	  echo "appending to $(LAKE): the row count includes earlier runs"; \
+	else rm -rf "$(LAKE)"; echo "starting from an empty $(LAKE) (QUICKSTART_APPEND=1 appends)"; fi
+	@echo "Parquet output: $(LAKE)   dead letters: $(QUICKSTART_OUTPUT)/dead-letters.jsonl   dashboard: http://127.0.0.1:$${STREAMFLOW_METRICS_PORT:-9108}/"
+	$(BIN)/streamflow run examples/quickstart.yaml --until-idle $${UNTIL_IDLE:-5} \
+	  --dlq-file "$(QUICKSTART_OUTPUT)/dead-letters.jsonl"
+	@$(BIN)/python -c 'import duckdb, pathlib, sys; files = sorted(map(str, pathlib.Path(sys.argv[1]).rglob("*.parquet"))); print(f"rows in {sys.argv[1]}:", duckdb.execute("SELECT count(*) FROM read_parquet(?)", [files]).fetchone()[0] if files else 0)' "$(LAKE)"
 
 ## Debian's PostgreSQL, Mosquitto, Prometheus and Chromium, when missing (as root; else a warning).
 services:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
+import os
 import signal
 import sys
 import threading
+from dataclasses import asdict
+from pathlib import Path
 
 from streamflow import __version__
 from streamflow.config import ConfigError, load_pipeline
 from streamflow.plugins import catalog
+from streamflow.runtime import dlq
 from streamflow.runtime.fatal import describe
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
 from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
@@ -23,6 +28,7 @@ from streamflow.runtime.testing import run_test_file
 from streamflow.transport.broker import BrokerUnavailableError, EmbeddedBroker
 
 EXIT_CONFIG = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool killed by it: `streamflow ... | head`
 
 log = logging.getLogger("streamflow")
 
@@ -33,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     for warning in require_valid(config, args.file, stage=args.stage):
         log.warning("%s: %s", warning.file, warning.line())
     runner = PipelineRunner(config, stage=args.stage, until_idle_s=args.until_idle,
-                            metrics_port=args.metrics_port)
+                            metrics_port=args.metrics_port, dead_letter_file=args.dlq_file)
     install_signal_handlers(runner)
     live = args.log_format == "text" and sys.stderr.isatty()
     progress = (
@@ -71,7 +77,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"error: no streamflow daemon answers at {args.url} ({exc}); "
               "start one with `streamflow run FILE` or pass --url", file=sys.stderr)
         return 1
-    print(render_status(report))
+    print(json.dumps(asdict(report), indent=2) if args.json else render_status(report))
     return 0 if report.ready else 3
 
 
@@ -102,11 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
                      help="how often to log progress with --until-idle when stderr is no "
                           "terminal (default 5); a terminal shows it live")
+    run.add_argument("--dlq-file", type=Path, metavar="PATH",
+                     help="also write the dead letters of this run to PATH, one JSON object a "
+                          "line, so that they outlive the embedded broker")
     run.set_defaults(handler=_run)
 
     status = commands.add_parser("status", help="health and per-stage figures of a running daemon")
     status.add_argument("--url", default="http://127.0.0.1:9108",
                         help="the daemon's metrics address (default http://127.0.0.1:9108)")
+    status.add_argument("--json", action="store_true",
+                        help="as JSON: ready, detail (the /readyz answer) and per-stage figures")
     status.set_defaults(handler=_status)
 
     test = commands.add_parser(
@@ -124,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     broker.set_defaults(handler=_broker)
 
     catalog.add_command(commands)
+    dlq.add_command(commands)
     return parser
 
 
@@ -131,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:  # whoever read stdout stopped reading (`| head`): so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ConfigError as exc:
         print(f"invalid pipeline {exc.source}:", file=sys.stderr)
         for line in exc.errors:

@@ -1,4 +1,5 @@
-"""Dead letters: failed records keep their key and value and gain headers saying why and where.
+"""Dead letters: failed records keep their key, value and headers and gain headers saying why
+and where (``streamflow.*``, which replace any of that name the record had).
 
 A record Kafka refuses for its size (over the client's or the broker's limit) is a dead letter
 too. When the dead-letter topic refuses it as well, a truncated copy goes there instead: value
@@ -41,22 +42,29 @@ class Failure:
     error: BaseException
 
 
-(_PIPELINE, _STAGE, _STEP, _CLASS, _MESSAGE, _TOPIC, _PARTITION, _OFFSET, _SOURCE_POSITION,
- _SOURCE_INDEX, _SIZE, _TRUNCATED) = (
-    f"{HEADER_PREFIX}{name}" for name in (
-        "pipeline", "stage", "step", "error.class", "error.message",
-        "original.topic", "original.partition", "original.offset",
-        "source.position", "source.index", "original.size", "truncated",
-    )
+HEADER_NAMES = (  # of the headers dead letters gain, after HEADER_PREFIX
+    "pipeline", "stage", "step", "error.class", "error.message",
+    "original.topic", "original.partition", "original.offset",
+    "source.position", "source.index", "original.size", "truncated",
 )
+(_PIPELINE, _STAGE, _STEP, _CLASS, _MESSAGE, _TOPIC, _PARTITION, _OFFSET, _SOURCE_POSITION,
+ _SOURCE_INDEX, _SIZE, _TRUNCATED) = (f"{HEADER_PREFIX}{name}" for name in HEADER_NAMES)
+TRUNCATED_HEADER = _TRUNCATED
+
+
+def original_headers(headers: Headers | None) -> Headers:
+    """The headers of ``headers`` that are not streamflow's own (``streamflow.*``)."""
+    return [(name, value) for name, value in headers or () if not name.startswith(HEADER_PREFIX)]
 
 
 def dead_letter_headers(
     pipeline: str, stage: str, failure: Failure, batch: ConsumedBatch
 ) -> Headers:
-    """Headers naming the stage, step, error class and message, and the record's origin."""
+    """The record's own headers, then headers naming the stage, step, error class and message,
+    and the record's origin."""
     row, error = failure.row, failure.error
     return [
+        *original_headers(batch.headers[row] if batch.headers else None),
         (_PIPELINE, pipeline.encode()),
         (_STAGE, stage.encode()),
         (_STEP, failure.step.encode()),

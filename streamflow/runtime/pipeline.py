@@ -29,6 +29,7 @@ from streamflow.metrics.totals import read_totals
 from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
 from streamflow.plugins.agents import load_agent
 from streamflow.runtime.dead_letter_watch import DeadLetterWatch
+from streamflow.runtime.dlq import DeadLetterFile
 from streamflow.runtime.fatal import metrics_port_error
 from streamflow.runtime.faust_stage import FaustStage
 from streamflow.runtime.logs import REDACTOR
@@ -85,8 +86,10 @@ class PipelineRunner:
         stage: str | None = None,
         until_idle_s: float | None = None,
         metrics_port: int | None = None,
+        dead_letter_file: Path | None = None,
     ) -> None:
         self.config = config
+        self.dead_letter_file = dead_letter_file
         self.only_stage = stage
         self.until_idle_s = until_idle_s
         self.metrics = PipelineMetrics(config.pipeline, config_hash(config))
@@ -153,6 +156,9 @@ class PipelineRunner:
                 return RunResult(1, "Kafka refused the credentials", [f"kafka: {exc}"])
             if self._stop.is_set():
                 return RunResult(0, self._stop_reason)
+            if self.dead_letter_file is not None:  # closed after _shutdown, before the broker
+                stack.enter_context(DeadLetterFile(transport, self._dead_letter_topics(),
+                                                   self.dead_letter_file))
             self._build(transport)
             # Collect garbage, then freeze what exists now (modules, settings, clients) out of
             # the cyclic collector's reach: each batch pushes thousands of librdkafka messages
@@ -165,6 +171,11 @@ class PipelineRunner:
             self._started = True
             self._started_at = time.monotonic()
             return self._supervise()
+
+    def _dead_letter_topics(self) -> list[str]:
+        """The dead-letter topics of the sources and stages this process runs."""
+        topics = self.dead_letter_watch.dead_letter_topics
+        return sorted({topic for name, topic in topics.items() if self._selected(name)})
 
     def _wait_for_broker(self, transport: Transport) -> None:
         """Create the topics, waiting with backoff while the broker is unreachable."""

@@ -89,3 +89,17 @@ def test_scalar_settings_and_summaries() -> None:
         "Keeps records for which the predicate holds.")
     assert summary_of("Uses :func:`a.b.f`, :class:`~a.b.C` and ``x ...`` with `y`. Then.") == (
         "Uses a.b.f, C and x ... with y.")
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly() -> None:
+    """`streamflow connectors show kafka | head -1`: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "streamflow", "connectors", "list"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the command writes anything, as `head` may
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141
+    assert errors == ""
