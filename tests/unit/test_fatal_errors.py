@@ -18,7 +18,7 @@ import pytest
 
 from streamflow.ml.spec import ModelSpecError
 from streamflow.runtime.fatal import DEBUG_HINT, FatalError, describe, metrics_port_error
-from streamflow.runtime.logs import configure_logging
+from streamflow.runtime.logs import StderrHandler, configure_logging
 from streamflow.runtime.stages import StepFailedError
 from streamflow.transport.broker import free_port
 from streamflow.transport.confluent import ConfluentTransport, _ClientLog
@@ -122,7 +122,11 @@ def test_librdkafka_levels_are_warning_at_most_and_debug_while_closing(
 
 
 def test_librdkafka_logs_through_python_logging_not_to_stderr(
-        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    root = logging.getLogger()  # an earlier test's main() may have left its stderr handler
+    monkeypatch.setattr(root, "handlers",
+                        [h for h in root.handlers if not isinstance(h, StderrHandler)])
     producer = ConfluentTransport(f"127.0.0.1:{free_port()}").producer()  # nothing listens there
     raw = producer._producer  # type: ignore[attr-defined]
     with caplog.at_level(logging.DEBUG, "streamflow.transport.librdkafka"):
