@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup run test test-cluster kafka services lint bench clean fuzz
+.PHONY: setup run test test-cluster kafka services lint bench bench-peers clean fuzz
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
@@ -65,5 +65,13 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks core --json benchmarks/results/core.json
 
+## The peers `python -m benchmarks clean|model|latency` compares with (Quix Streams, Bytewax),
+## pinned in benchmarks/peers/requirements.txt, in a venv of their own: their pins never bend ours.
+PEERS_VENV = .venv-peers
+bench-peers: $(STAMP)
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -r benchmarks/peers/requirements.txt
+
 clean:
-	rm -rf $(VENV) output .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) output .pytest_cache .ruff_cache

@@ -9,19 +9,43 @@ fail the pressure filter (filtered), the rest are produced with two derived fiel
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import AsyncIterator
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
-from benchmarks.core import REQUIRED, TYPE_NAMES, compare, run_stage, schema_step
+from benchmarks.core import (
+    PARTITIONS,
+    REQUIRED,
+    TYPE_NAMES,
+    compare,
+    run_stage,
+    schema_step,
+    stage_settings,
+)
+from benchmarks.peers.cleaning import DEVICE, MAX_HUMIDITY, MIN_PRESSURE, clean, fields
+from benchmarks.processes import (
+    Measures,
+    TopicWatch,
+    check_output,
+    peer_command,
+    peers_missing,
+    run_self_timed,
+    run_until,
+    scratch,
+    streamflow_command,
+)
+from connectors.sources.generator import GeneratorConfig, sensor_event
 from streamflow.processing.steps import SchemaViolation
 from streamflow.processing.validation import ValidationError
+from streamflow.transport import TopicSpec, create_transport
 
 WORKLOAD = "parse-schema-validate-filter-sql-produce"
-MAX_HUMIDITY = 85.0
-DEVICE_PATTERN = r"sensor-\d{4}"
-MIN_PRESSURE = 1000.0
+DEVICE_PATTERN = DEVICE.pattern
+PEERS = ("quix", "bytewax")
 DERIVE = "temperature * 1.8 + 32 AS temperature_f, humidity / 100 AS humidity_ratio"
 
 
@@ -65,16 +89,95 @@ async def clean_agent(stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[di
                    "humidity_ratio": record["humidity"] / 100}
 
 
-def run_native(bootstrap: str, source: str, records: int, guarantee: str = "at_least_once") -> float:
-    return run_stage(bootstrap, source, records, {"steps": clean_steps()}, guarantee=guarantee)
+def expected_sets(records: int, latency_values: list[bytes] | None = None
+                  ) -> tuple[Counter[str], Counter[bytes]]:
+    """The output (as :func:`canonical` writes each record) and dead letters the clean stage
+    must produce from the first ``records`` pre-loaded records (or from ``latency_values``,
+    whose records carry a send time)."""
+    declared = fields(latency_values is not None)
+    values = latency_values if latency_values is not None else [
+        sensor_event(GeneratorConfig(seed=1), index)[1] for index in range(records)]
+    output: Counter[str] = Counter()
+    dead: Counter[bytes] = Counter()
+    for value in values:
+        kind, record = clean(value, declared)
+        if kind == "out":
+            output[json.dumps(record, sort_keys=True)] += 1
+        elif kind == "dlq":
+            dead[value] += 1
+    return output, dead
 
 
-def run_faust(bootstrap: str, source: str, records: int) -> float:
+def canonical(value: bytes) -> str:
+    """An output record as JSON with sorted keys, to compare records whatever their key order."""
+    return json.dumps(json.loads(value), sort_keys=True)
+
+
+def checked(system: str, records: int, expected: tuple[Counter[str], Counter[bytes]],
+            run: Callable[[str, str, str], float | Measures]) -> Callable[[str, str, int], Measures]:
+    """A system's run (``run(bootstrap, source, name)``, writing ``<name>.out`` and
+    ``<name>.dlq``) followed by the record-by-record check of both topics."""
+    def measured(bootstrap: str, source: str, _records: int) -> Measures:
+        name = f"{system.replace('-', '')}{uuid.uuid4().hex[:8]}"
+        create_transport("confluent", bootstrap).admin().create_topics(
+            [TopicSpec(f"{name}.out", PARTITIONS), TopicSpec(f"{name}.dlq", PARTITIONS)])
+        result = run(bootstrap, source, name)
+        watch = TopicWatch(bootstrap)
+        try:
+            check_output(watch, system, f"{name}.out", f"{name}.dlq", *expected, canonical)
+        finally:
+            watch.close()
+        return result if isinstance(result, dict) else {"events_per_s": result}
+    return measured
+
+
+def run_native(bootstrap: str, source: str, name: str, records: int,
+               guarantee: str = "at_least_once") -> float:
+    return run_stage(bootstrap, source, records, {"steps": clean_steps()}, guarantee=guarantee,
+                     name=name)
+
+
+def run_isolated(bootstrap: str, source: str, name: str, records: int) -> Measures:
+    """The native stage in a process of its own (``benchmarks.isolated``), with its peak RSS."""
+    with scratch() as folder:
+        return run_self_timed(*streamflow_command(
+            stage_settings(bootstrap, source, name, {"steps": clean_steps()}), "stage", records,
+            folder))
+
+
+def run_faust(bootstrap: str, source: str, name: str, records: int) -> float:
     return run_stage(bootstrap, source, records,
-                     {"type": "faust", "agent": "benchmarks.clean:clean_agent"})
+                     {"type": "faust", "agent": "benchmarks.clean:clean_agent"}, name=name)
+
+
+def run_peer(system: str, bootstrap: str, source: str, name: str, records: int, total: int
+             ) -> Measures:
+    """Peer ``system``'s clean app (benchmarks/peers/) until the output and dead-letter topics
+    hold the ``total`` records they will get."""
+    output, dead = f"{name}.out", f"{name}.dlq"
+    with scratch() as folder:
+        mark = folder / "first"
+        command = peer_command(system, f"{system}_clean", {
+            "bootstrap": bootstrap, "input": source, "output": output, "dlq": dead,
+            "group": name, "mark": str(mark)})
+        watch = TopicWatch(bootstrap)
+        try:
+            return run_until(*command, records, mark, watch.tally([output, dead]), total)
+        finally:
+            watch.close()
 
 
 def run_clean(records: int, repeat: int) -> list[dict[str, Any]]:
-    return compare({"streamflow": run_native,
-                    "streamflow-exactly-once": partial(run_native, guarantee="exactly_once"),
-                    "faust": run_faust}, WORKLOAD, records, repeat)
+    expected = expected_sets(records)
+    systems: dict[str, Callable[[str, str, str], float | Measures]] = {
+        "streamflow": partial(run_isolated, records=records),
+        "streamflow-exactly-once": partial(run_native, records=records, guarantee="exactly_once"),
+        "faust": partial(run_faust, records=records),
+    }
+    skipped = peers_missing()
+    if not skipped:
+        total = sum(expected[0].values()) + sum(expected[1].values())
+        systems.update({peer: partial(run_peer, peer, records=records, total=total)
+                        for peer in PEERS})
+    return compare({system: checked(system, records, expected, run)
+                    for system, run in systems.items()}, WORKLOAD, records, repeat, skipped)

@@ -17,6 +17,8 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 
 from benchmarks.common import local_broker, measure_stage
+from benchmarks.processes import Measures
+from benchmarks.stats import medians
 from connectors.sources.generator import GeneratorConfig, sensor_event
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
@@ -94,21 +96,30 @@ def run_raw_confluent(bootstrap: str, source: str, records: int) -> float:
     return records / elapsed
 
 
-def run_stage(bootstrap: str, source: str, records: int, stage: dict[str, Any],
-              on_running: Callable[[PipelineRunner], None] | None = None,
-              guarantee: str = "at_least_once") -> float:
-    """Events per second of one processor stage reading ``source`` (``stage``: its settings
-    besides name, input and output). With ``on_running``, the metrics endpoint and dashboard
-    are served on a free port and ``on_running`` is called once the stage runs."""
-    name = f"bench{uuid.uuid4().hex[:8]}"
-    config = parse_pipeline({
+def stage_settings(bootstrap: str, source: str, name: str, stage: dict[str, Any],
+                   metrics: bool = False, guarantee: str = "at_least_once") -> dict[str, Any]:
+    """Pipeline ``name``: one processor stage named ``stage`` reading ``source`` into
+    ``<name>.out`` (``stage``: its settings besides name, input and output); its dead letters go
+    to ``<name>.dlq``."""
+    return {
         "pipeline": name,
         "kafka": {"bootstrap": bootstrap},
         "topics": [{"name": f"{name}.out", "partitions": PARTITIONS}],
         "processors": [{"name": "stage", "input": source, "output": f"{name}.out", **stage}],
-        "metrics": {"enabled": on_running is not None, "port": free_port()},
+        "metrics": {"enabled": metrics, "port": free_port()},
         "runtime": {"batch": {"max_records": 10_000, "max_wait_ms": 50}, "guarantee": guarantee},
-    })
+    }
+
+
+def run_stage(bootstrap: str, source: str, records: int, stage: dict[str, Any],
+              on_running: Callable[[PipelineRunner], None] | None = None,
+              guarantee: str = "at_least_once", name: str | None = None) -> float:
+    """Events per second of one processor stage reading ``source`` (``stage``: its settings
+    besides name, input and output) in pipeline ``name`` (a fresh one by default). With
+    ``on_running``, the metrics endpoint and dashboard are served on a free port and
+    ``on_running`` is called once the stage runs."""
+    config = parse_pipeline(stage_settings(bootstrap, source, name or f"bench{uuid.uuid4().hex[:8]}",
+                                           stage, on_running is not None, guarantee))
     return measure_stage(PipelineRunner(config), "stage", records, on_running or (lambda r: None))
 
 
@@ -121,23 +132,30 @@ def run_streamflow(bootstrap: str, source: str, records: int,
     ]}, on_running, guarantee)
 
 
-def compare(systems: dict[str, Callable[[str, str, int], float]], workload: str, records: int,
-            repeat: int) -> list[dict[str, Any]]:
-    """Run each system ``repeat`` times on the same pre-loaded topic; keep each one's best."""
-    best: dict[str, float] = {}
+def compare(systems: dict[str, Callable[[str, str, int], float | Measures]], workload: str,
+            records: int, repeat: int, skipped: str | None = None) -> list[dict[str, Any]]:
+    """Run each system in turn, ``repeat`` rounds, on the same pre-loaded topic; report each
+    one's median events per second (and of its other measures, when it has some)."""
+    runs: dict[str, list[Measures]] = {system: [] for system in systems}
     with local_broker() as bootstrap:
         source = "bench.input"
         create_transport("confluent", bootstrap).admin().create_topics([TopicSpec(source, PARTITIONS)])
         load_input(bootstrap, source, records)
         for _round in range(repeat):
             for system, run in systems.items():
-                rate = run(bootstrap, source, records)
-                print(f"{system}: {rate:,.0f} events/s", flush=True)
-                best[system] = max(best.get(system, 0.0), rate)
-    return [
-        {"system": system, "workload": workload, "events_per_s": round(rate), "records": records}
-        for system, rate in best.items()
-    ]
+                measured = run(bootstrap, source, records)
+                if not isinstance(measured, dict):
+                    measured = {"events_per_s": measured}
+                print(f"{system}: {measured['events_per_s']:,.0f} events/s"
+                      + "".join(f", {name} {value:,.1f}" for name, value in measured.items()
+                                if name != "events_per_s"), flush=True)
+                runs[system].append(measured)
+    if skipped:
+        print(skipped, flush=True)
+    return [{"system": system, "workload": workload,
+             **{name: round(value, 1) for name, value in medians(measured).items()},
+             "events_per_s": round(medians(measured)["events_per_s"]), "records": records}
+            for system, measured in runs.items()]
 
 
 def run_core(records: int, repeat: int) -> list[dict[str, Any]]:

@@ -1,0 +1,35 @@
+"""A streamflow pipeline in a process of its own, so that its peak RSS is measured alone:
+``python -m benchmarks.isolated SETTINGS.json STAGE [--records N]``. With ``--records`` it
+prints ``{"events_per_s": ...}`` once STAGE handled N records (``measure_stage``) and exits;
+without, it runs until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.common import measure_stage
+from streamflow.config import parse_pipeline
+from streamflow.runtime.pipeline import PipelineRunner, install_signal_handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.isolated")
+    parser.add_argument("settings", type=Path, help="the pipeline's settings as JSON")
+    parser.add_argument("stage")
+    parser.add_argument("--records", type=int)
+    args = parser.parse_args(argv)
+    runner = PipelineRunner(parse_pipeline(json.loads(args.settings.read_text())))
+    if args.records is None:
+        install_signal_handlers(runner)
+        runner.run()
+    else:
+        print(json.dumps({"events_per_s": measure_stage(runner, args.stage, args.records)}),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
