@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks import report
 from benchmarks.clean import run_clean
 from benchmarks.common import BROKERS, choose_broker
 from benchmarks.core import run_core
@@ -21,11 +22,16 @@ WORKLOADS = {"core": run_core, "model": run_model, "dashboard": run_dashboard,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return report.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("workload", choices=sorted(WORKLOADS),
+                        help="or `report`: PNG charts of the JSON results (report --help)")
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--records", type=int, default=200_000)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per system; the best is kept")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds, each running every system in turn; each one's median is kept")
     parser.add_argument("--broker", choices=BROKERS, default="tansu",
                         help="the embedded Tansu or Apache Kafka (KRaft, from `make kafka`'s jars)")
     args = parser.parse_args(argv)

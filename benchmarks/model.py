@@ -1,6 +1,7 @@
-"""Model workload: a river ``learn_one`` model as a streamflow stage vs a plain river loop.
+"""Model workload: a river ``learn_one`` model as a streamflow stage vs a plain river loop and a
+Quix Streams app (benchmarks/peers/quix_model.py, when `make bench-peers` installed it).
 
-Both see the same records (river's synthetic Friedman stream) and the same model
+All see the same records (river's synthetic Friedman stream) and the same model
 (StandardScaler | LinearRegression), predicting then learning each record and updating MAE.
 The stage reads them from a one-partition topic on the chosen broker and writes predictions
 to another; its time runs from the first consumed record to the last acknowledged output. The
@@ -14,12 +15,15 @@ import json
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Producer
 from river import datasets, linear_model, metrics, preprocessing
 
 from benchmarks.common import local_broker, measure_stage
+from benchmarks.processes import TopicWatch, peer_command, peers_missing, run_until, scratch
+from benchmarks.stats import medians
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
 from streamflow.transport import TopicSpec, create_transport
@@ -41,6 +45,40 @@ def run_river(stream: list[tuple[dict[str, float], float]]) -> float:
         metric.update(y, y_pred)
         model.learn_one(x, y)
     return len(stream) / (time.perf_counter() - started)
+
+
+def river_predictions(stream: list[tuple[dict[str, float], float]]) -> list[float]:
+    """Plain river's prediction of each record, before it learns it."""
+    model = preprocessing.StandardScaler() | linear_model.LinearRegression()
+    predictions = []
+    for x, y in stream:
+        predictions.append(model.predict_one(x))
+        model.learn_one(x, y)
+    return predictions
+
+
+def run_quix(bootstrap: str, topic: str, expected: list[float]) -> dict[str, float]:
+    """benchmarks/peers/quix_model.py until its output holds a prediction per record; each
+    must be plain river's, in order (one partition)."""
+    name = f"quix{uuid.uuid4().hex[:8]}"
+    output = f"{name}.out"
+    create_transport("confluent", bootstrap).admin().create_topics([TopicSpec(output, 1)])
+    watch = TopicWatch(bootstrap)
+    try:
+        with scratch() as folder:
+            mark = folder / "first"
+            measured = run_until(*peer_command("quix", "quix_model", {
+                "bootstrap": bootstrap, "input": topic, "output": output, "group": name,
+                "mark": str(mark)}), len(expected), mark, watch.tally([output]), len(expected))
+        found = [json.loads(value)["prediction"] for value in watch.values(output)]
+    finally:
+        watch.close()
+    if found != expected:
+        wrong = next((i for i, (a, b) in enumerate(zip(found, expected, strict=False)) if a != b),
+                     min(len(found), len(expected)))
+        raise AssertionError(f"quix: {len(found)} predictions for {len(expected)} records, "
+                             f"first differing at record {wrong}")
+    return measured
 
 
 def run_streamflow(bootstrap: str, topic: str, count: int, guarantee: str = "at_least_once"
@@ -65,7 +103,12 @@ def run_streamflow(bootstrap: str, topic: str, count: int, guarantee: str = "at_
 
 def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
     stream = records(records_count)
-    best = {"streamflow": 0.0, "streamflow-exactly-once": 0.0, "river": 0.0}
+    runs: dict[str, list[dict[str, float]]] = {
+        "streamflow": [], "streamflow-exactly-once": [], "river": []}
+    skipped = peers_missing()
+    if not skipped:
+        runs["quix"] = []
+        expected = river_predictions(stream)
     with local_broker() as bootstrap:
         topic = "bench.model.input"
         create_transport("confluent", bootstrap).admin().create_topics([TopicSpec(topic, 1)])
@@ -75,16 +118,25 @@ def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
             producer.poll(0)
         producer.flush()
         for _round in range(repeat):
-            for system, run in (
-                ("river", lambda: run_river(stream)),
-                ("streamflow", lambda: run_streamflow(bootstrap, topic, len(stream))),
-                ("streamflow-exactly-once",
-                 lambda: run_streamflow(bootstrap, topic, len(stream), "exactly_once")),
-            ):
-                rate = run()
-                print(f"{system}: {rate:,.0f} events/s", flush=True)
-                best[system] = max(best[system], rate)
-    overhead = best["river"] / best["streamflow"] - 1
-    print(f"stage overhead vs plain river: {overhead:.1%}", flush=True)
-    return [{"system": system, "workload": WORKLOAD, "events_per_s": round(rate),
-             "records": records_count} for system, rate in best.items()]
+            systems: dict[str, Callable[[], float | dict[str, float]]] = {
+                "river": lambda: run_river(stream),
+                "streamflow": lambda: run_streamflow(bootstrap, topic, len(stream)),
+                "streamflow-exactly-once":
+                    lambda: run_streamflow(bootstrap, topic, len(stream), "exactly_once"),
+                "quix": lambda: run_quix(bootstrap, topic, expected),
+            }
+            for system in runs:
+                measured = systems[system]()
+                if not isinstance(measured, dict):
+                    measured = {"events_per_s": measured}
+                print(f"{system}: {measured['events_per_s']:,.0f} events/s", flush=True)
+                runs[system].append(measured)
+    if skipped:
+        print(skipped, flush=True)
+    results = {system: medians(measured) for system, measured in runs.items()}
+    if results["streamflow"]["events_per_s"]:  # 0 when its first batch held every record
+        overhead = results["river"]["events_per_s"] / results["streamflow"]["events_per_s"] - 1
+        print(f"stage overhead vs plain river: {overhead:.1%}", flush=True)
+    return [{"system": system, "workload": WORKLOAD, **{k: round(v, 1) for k, v in found.items()},
+             "events_per_s": round(found["events_per_s"]), "records": records_count}
+            for system, found in results.items()]
