@@ -1,0 +1,52 @@
+"""The benchmarks' pure parts: percentiles, medians, and the report's reading of JSON results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.report import load_rows, series, write_charts
+from benchmarks.stats import latency_summary, medians, percentile
+
+
+def test_nearest_rank_percentiles() -> None:
+    values = [float(v) for v in range(100, 0, -1)]  # 1..100, unordered
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([7.0], 1) == 7
+    assert latency_summary([1.0, 2.0, 3.0, 40.0]) == {
+        "p50_ms": 2.0, "p95_ms": 40.0, "p99_ms": 40.0, "max_ms": 40.0}
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 0)
+
+
+def test_medians_per_measure() -> None:
+    runs = [{"events_per_s": 3.0, "rss_peak_mb": 10.0}, {"events_per_s": 1.0},
+            {"events_per_s": 2.0, "rss_peak_mb": 30.0}]
+    assert medians(runs) == {"events_per_s": 2.0, "rss_peak_mb": 20.0}
+
+
+def test_report_reads_rows_and_draws_charts(tmp_path: Path) -> None:
+    (tmp_path / "clean.json").write_text(json.dumps([
+        {"system": "streamflow", "workload": "clean", "events_per_s": 100, "rss_peak_mb": 200.0},
+        {"system": "quix", "workload": "clean", "events_per_s": 40, "rss_peak_mb": 80.0}]))
+    (tmp_path / "latency.json").write_text(json.dumps([
+        {"system": "quix", "workload": "latency", "events_per_s": 5000, "p50_ms": 7.0,
+         "p95_ms": 9.0, "p99_ms": 12.0, "max_ms": 30.0}]))
+    rows = load_rows(tmp_path)
+    assert [row["system"] for row in rows] == ["streamflow", "quix", "quix"]
+    assert series(rows, "rss_peak_mb") == {"clean": {"streamflow": 200.0, "quix": 80.0}}
+    written = write_charts(rows, tmp_path / "charts")
+    assert sorted(path.name for path in written) == ["latency.png", "rss.png", "throughput.png"]
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in written)
+
+
+def test_report_refuses_other_json(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text(json.dumps({"system": "streamflow"}))
+    with pytest.raises(ValueError, match="not a list of result rows"):
+        load_rows(tmp_path)
