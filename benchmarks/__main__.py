@@ -12,6 +12,7 @@ from benchmarks.clean import run_clean
 from benchmarks.common import BROKERS, choose_broker
 from benchmarks.core import run_core
 from benchmarks.dashboard import run_dashboard
+from benchmarks.latency import run_latency
 from benchmarks.model import run_model
 from benchmarks.scaleout import run_scaleout
 from benchmarks.sinks import run_sinks
@@ -26,17 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["report"]:
         return report.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("workload", choices=sorted(WORKLOADS),
+    parser.add_argument("workload", choices=sorted([*WORKLOADS, "latency"]),
                         help="or `report`: PNG charts of the JSON results (report --help)")
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds, each running every system in turn; each one's median is kept")
+    parser.add_argument("--rate", type=int, default=5000, help="latency: records per second")
+    parser.add_argument("--seconds", type=float, default=60, help="latency: how long to send")
     parser.add_argument("--broker", choices=BROKERS, default="tansu",
                         help="the embedded Tansu or Apache Kafka (KRaft, from `make kafka`'s jars)")
     args = parser.parse_args(argv)
     choose_broker(args.broker)
-    results = WORKLOADS[args.workload](args.records, args.repeat)
+    if args.workload == "latency":
+        results = run_latency(args.rate, args.seconds, args.repeat)
+    else:
+        results = WORKLOADS[args.workload](args.records, args.repeat)
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

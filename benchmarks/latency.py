@@ -1,0 +1,158 @@
+"""Latency workload: a producer writes sensor records at a fixed rate, each with its send time
+(``sent_us``), into a topic → topic clean stage (benchmarks.clean's rules, the send time declared
+too); a reader takes arrival minus send time of every output record. Each system runs in a
+process of its own (streamflow through ``benchmarks.isolated``, the peers with .venv-peers'
+python) with its peak RSS sampled. Records sent before the measured period (one every 100 ms
+until the first comes out: the group join) are checked but not timed."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from benchmarks.clean import PEERS, canonical, clean_steps, expected_sets
+from benchmarks.common import local_broker
+from benchmarks.core import PARTITIONS, stage_settings
+from benchmarks.peers.cleaning import LATENCY_FIELD
+from benchmarks.processes import (
+    Measures,
+    TopicWatch,
+    check_output,
+    peer_command,
+    peers_missing,
+    running,
+    scratch,
+    streamflow_command,
+)
+from benchmarks.stats import latency_summary, medians
+from connectors.sources.generator import GeneratorConfig, sensor_event
+from streamflow.transport import TopicSpec, create_transport
+
+WORKLOAD = "latency-topic-to-topic-clean"
+TICK_S = 0.005
+WARMUP_TIMEOUT_S = 120.0
+QUIET_S = 3.0  # the output is complete once nothing arrived for this long after the last send
+
+
+class Reader:
+    """Reads ``topic`` from its start in a thread: each record's value and arrival time."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-latency",
+                                   "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+        self._consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)
+                               for partition in range(PARTITIONS)])
+        self.arrivals: list[tuple[float, bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self._consumer.poll(0.05)
+            if message is not None and message.error() is None:
+                self.arrivals.append((time.time(), message.value()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._consumer.close()
+
+
+def stamped(value: bytes) -> bytes:
+    """``value`` with the send time (now) as its last field, when it is a JSON object."""
+    if value.startswith(b"{") and value.endswith(b"}"):
+        return value[:-1] + b',"%s":%d}' % (LATENCY_FIELD.encode(), time.time_ns() // 1000)
+    return value
+
+
+def measure(bootstrap: str, system: str, rate: int, seconds: float) -> Measures:
+    """One run of ``system`` at ``rate`` records per second for ``seconds``, checked."""
+    name = f"{system.replace('-', '')}{uuid.uuid4().hex[:8]}"
+    source, output, dead = f"{name}.in", f"{name}.out", f"{name}.dlq"
+    create_transport("confluent", bootstrap).admin().create_topics(
+        [TopicSpec(topic, PARTITIONS) for topic in (source, output, dead)])
+    events = GeneratorConfig(seed=2)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+    sent: list[bytes] = []
+
+    def send(index: int) -> None:
+        key, value = sensor_event(events, index)
+        sent.append(stamped(value))
+        producer.produce(source, sent[-1], key)
+
+    with scratch() as folder:
+        if system == "streamflow":
+            steps = clean_steps()
+            steps[0]["schema"][LATENCY_FIELD] = {"type": "int", "required": True}
+            command = streamflow_command(stage_settings(bootstrap, source, name, {"steps": steps}),
+                                         "stage", None, folder)
+        else:
+            command = peer_command(system, f"{system}_clean", {
+                "bootstrap": bootstrap, "input": source, "output": output, "dlq": dead,
+                "group": name, "mark": str(folder / "first"), "latency": "1"})
+        reader = Reader(bootstrap, output)
+        with running(*command) as (process, sampler):
+            deadline = time.monotonic() + WARMUP_TIMEOUT_S
+            while not reader.arrivals:  # until the stage runs: one record every 100 ms
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{system} produced no output")
+                send(len(sent))
+                producer.poll(0.1)
+            warmup = len(sent)
+            started = time.time()
+            total = int(rate * seconds)
+            while (index := len(sent) - warmup) < total:
+                due = min(total, int((time.time() - started) * rate) + 1)
+                for _ in range(due - index):
+                    send(len(sent))
+                producer.poll(0)
+                time.sleep(TICK_S)
+            sending = time.time() - started
+            producer.flush()
+            expected = expected_sets(0, sent)
+            count = sum(expected[0].values())
+            while len(reader.arrivals) < count and time.time() - max(
+                    [reader.arrivals[-1][0], started + sending]) < QUIET_S:
+                time.sleep(0.1)
+            rss = sampler.stop()
+        reader.stop()
+    watch = TopicWatch(bootstrap)
+    try:
+        check_output(watch, system, output, dead, *expected, canonical)
+    finally:
+        watch.close()
+    started_us = started * 1e6
+    latencies = []
+    for arrival, value in reader.arrivals:
+        sent_us = json.loads(value)[LATENCY_FIELD]
+        if sent_us >= started_us:
+            latencies.append((arrival * 1e6 - sent_us) / 1000)
+    return {"events_per_s": total / sending, **latency_summary(latencies), "rss_peak_mb": rss}
+
+
+def run_latency(rate: int, seconds: float, repeat: int) -> list[dict[str, Any]]:
+    """Each system in turn, ``repeat`` rounds; each one's median of every measure."""
+    systems = ["streamflow"]
+    skipped = peers_missing()
+    if not skipped:
+        systems += PEERS
+    runs: dict[str, list[Measures]] = {system: [] for system in systems}
+    with local_broker() as bootstrap:
+        for _round in range(repeat):
+            for system in systems:
+                found = measure(bootstrap, system, rate, seconds)
+                print(f"{system}: " + ", ".join(f"{k} {v:,.1f}" for k, v in found.items()),
+                      flush=True)
+                runs[system].append(found)
+    if skipped:
+        print(skipped, flush=True)
+    return [{"system": system, "workload": WORKLOAD, **medians(found),
+             "events_per_s": round(medians(found)["events_per_s"]), "rate": rate,
+             "seconds": seconds} for system, found in runs.items()]
+
