@@ -2,9 +2,11 @@
 
 ``streamflow`` runs it as a native processor stage on Arrow micro-batches (the stage's JSON parse,
 then the ``schema``, ``validate``, ``filter`` and ``sql`` steps); ``faust`` runs the same work as a
-Faust agent in a ``type: faust`` stage, one event at a time. Both read the core workload's
+Faust agent in a ``type: faust`` stage, one event at a time; ``quix`` and ``bytewax`` as the
+peers' apps in benchmarks/peers/ (after `make bench-peers`). All read the core workload's
 pre-loaded input; about 7% of its records break the humidity rule (dead-lettered) and about 5%
-fail the pressure filter (filtered), the rest are produced with two derived fields.
+fail the pressure filter (filtered), the rest are produced with two derived fields. Each
+system's output and dead-letter topics are then checked record by record.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def canonical(value: bytes) -> str:
     return json.dumps(json.loads(value), sort_keys=True)
 
 
-def checked(system: str, records: int, expected: tuple[Counter[str], Counter[bytes]],
+def checked(system: str, expected: tuple[Counter[str], Counter[bytes]],
             run: Callable[[str, str, str], float | Measures]) -> Callable[[str, str, int], Measures]:
     """A system's run (``run(bootstrap, source, name)``, writing ``<name>.out`` and
     ``<name>.dlq``) followed by the record-by-record check of both topics."""
@@ -179,5 +181,5 @@ def run_clean(records: int, repeat: int) -> list[dict[str, Any]]:
         total = sum(expected[0].values()) + sum(expected[1].values())
         systems.update({peer: partial(run_peer, peer, records=records, total=total)
                         for peer in PEERS})
-    return compare({system: checked(system, records, expected, run)
+    return compare({system: checked(system, expected, run)
                     for system, run in systems.items()}, WORKLOAD, records, repeat, skipped)

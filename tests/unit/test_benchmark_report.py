@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import processes
 from benchmarks.report import load_rows, series, write_charts
 from benchmarks.stats import latency_summary, medians, percentile
 
@@ -50,3 +52,10 @@ def test_report_refuses_other_json(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text(json.dumps({"system": "streamflow"}))
     with pytest.raises(ValueError, match="not a list of result rows"):
         load_rows(tmp_path)
+
+
+def test_peers_skipped_without_their_venv(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(processes, "PEERS_PYTHON", processes.ROOT / "no-such-venv" / "python")
+    assert "make bench-peers" in (processes.peers_missing() or "")
+    monkeypatch.setattr(processes, "PEERS_PYTHON", Path(sys.executable))
+    assert processes.peers_missing() is None
