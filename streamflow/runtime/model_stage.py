@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 _SPLICEABLE = r"[^{\s]}$"
 _MAX_BYTES = 2**31 - 1
 METRIC_VALUES_INTERVAL_S = 1.0
+COMMITTED_RETRY_S = 5.0  # how often committed offsets unknown at assignment are asked again
 
 
 @dataclass
@@ -119,6 +120,8 @@ class ModelStage(StageRunner):
         self._assigned: list[TopicPartition] = []
         self._restored: set[int] = set()  # partitions whose state the worker holds
         self._restored_at: dict[int, int] = {}  # exactly_once: restored, not caught up yet
+        self._committed_unknown: set[int] = set()  # exactly_once: see _retry_committed
+        self._committed_retry_at = 0.0
         self._in_flight: deque[InFlight | CheckpointInFlight] = deque()
         self._checkpoint_due = False
 
@@ -149,7 +152,23 @@ class ModelStage(StageRunner):
             self._restored.update(partitions)
             if self.transactional:
                 self._restored_at.update(restored)
-                self._catch_up(self.committed_input(partitions), confirm=True)
+                committed = self.committed_input(partitions)
+                self._committed_unknown.update(set(partitions) - set(committed))
+                self._catch_up(committed, confirm=True)
+
+    def _retry_committed(self) -> None:
+        """Under exactly_once: bring up to date, once the group's committed offsets are known,
+        the restored partitions whose offsets were not known at assignment (a crashed member's
+        open transaction holds them until it times out) and which got no record since. A
+        partition with nothing left to read gets no first record to tell where it resumed: its
+        state would stay behind the committed offset, and the checkpoint on stop with it."""
+        self._committed_unknown &= set(self._restored_at)
+        if not self._committed_unknown or time.monotonic() < self._committed_retry_at:
+            return
+        self._committed_retry_at = time.monotonic() + COMMITTED_RETRY_S
+        known = self.committed_input(sorted(self._committed_unknown))
+        self._committed_unknown.difference_update(known)
+        self._catch_up(known, confirm=True)
 
     def _first_offsets(self, batch: ConsumedBatch) -> dict[int, int]:
         """The offset of the first record in ``batch`` of each partition still to catch up."""
@@ -454,6 +473,7 @@ class ModelStage(StageRunner):
         while self.worker.ready():
             self._finish()
         self._restore_assigned()
+        self._retry_committed()
         if self._checkpoint_due or (
             time.monotonic() - self._last_checkpoint >= self.config.checkpoint.every_seconds
         ):

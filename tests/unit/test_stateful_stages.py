@@ -501,12 +501,10 @@ def test_a_model_stage_exactly_once_holds_across_crashes(
     check_predictions(world, tmp_path, exactly_once=True)
 
 
-def test_a_model_stage_exactly_once_catches_up_a_partition_with_nothing_left_to_read(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Its input all committed by batches (exactly_once) but no checkpoint in place, a stage
-    crashes; the one restarted after it gets no record, yet learns the committed records
-    again at assignment, so its checkpoint on stop covers every record once."""
+def crash_before_any_checkpoint(world: World, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> StageRunner:
+    """An exactly_once model stage that consumed (and committed) the whole input and crashed
+    publishing its first checkpoint, on stop."""
     publish = model_stage_module.publish
     crashing: set[threading.Thread] = set()
 
@@ -522,8 +520,45 @@ def test_a_model_stage_exactly_once_catches_up_a_partition_with_nothing_left_to_
     harness.wait_until(lambda: caught_up(first), "the input consumed to its end")
     first.stop()
     first.thread.join(harness.TIMEOUT_S)
+    return first
+
+
+def test_a_model_stage_exactly_once_catches_up_a_partition_with_nothing_left_to_read(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its input all committed by batches (exactly_once) but no checkpoint in place, a stage
+    crashes; the one restarted after it gets no record, yet learns the committed records
+    again at assignment, so its checkpoint on stop covers every record once."""
+    first = crash_before_any_checkpoint(world, tmp_path, monkeypatch)
     assert isinstance(first.error, harness.Crash) and learned(tmp_path) == 0
     assert world.all_committed(harness.group(world, "model"))
+    restarted = model_stage(world, world.transport(), True, tmp_path, checkpoint_every=NEVER)
+    restarted.start()
+    run_to_end(restarted)
+    assert harness.records_in(restarted) == 0
+    assert learned(tmp_path) == len(world.valid())
+
+
+def test_a_model_stage_exactly_once_catches_up_once_unknown_committed_offsets_are_known(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but a crashed producer's open transaction holds the group's offsets while the
+    restarted stage is assigned its partitions, none of which has a record left: the stage asks
+    again until the transaction times out, then learns the committed records."""
+    crash_before_any_checkpoint(world, tmp_path, monkeypatch)
+    group = harness.group(world, "model")
+    committed = world.cluster.committed_offsets(group)
+    zombie = world.transport().consumer(group, [world.input])
+
+    def zombie_assigned() -> bool:
+        zombie.consume_batch(1, 0.05)
+        return bool(zombie.assignment())
+
+    harness.wait_until(zombie_assigned, "the zombie's partitions")
+    producer = world.transport({"transaction.timeout.ms": "12000"}).producer("crashed")
+    producer.begin_transaction()
+    producer.send_offsets_to_transaction({(world.input, 0): committed[(world.input, 0)]}, zombie)
+    zombie.close()  # its transaction stays open until it times out
     restarted = model_stage(world, world.transport(), True, tmp_path, checkpoint_every=NEVER)
     restarted.start()
     run_to_end(restarted)
