@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -117,3 +118,13 @@ def postgres_dsn() -> Iterator[str]:
 def mqtt_address() -> Iterator[tuple[str, int]]:
     """``(host, port)`` of an MQTT broker for the whole session (see tests/services.py)."""
     yield from _service_or_skip(services.mosquitto())
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """The root logger's handlers and level, restored after a test that configures logging."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

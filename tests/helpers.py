@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 
 from streamflow.transport import ConsumedBatch, create_transport
 
@@ -23,3 +26,27 @@ def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> ConsumedB
         raise TimeoutError(f"reading {topic} did not finish in {timeout_s}s")
     finally:
         consumer.close()
+
+
+def run_on_terminal(command: Sequence[str], env: Mapping[str, str] | None = None,
+                    timeout_s: float = 120) -> tuple[int, bytes]:
+    """Run ``command`` with a pseudo-terminal as its stdout and stderr: its exit code and all
+    it wrote there."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=terminal,
+                               stderr=terminal)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        output += chunk
+    code = process.wait(timeout=timeout_s)
+    os.close(controller)
+    return code, output

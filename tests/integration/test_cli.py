@@ -15,7 +15,7 @@ import pytest
 from streamflow.cli import main
 from streamflow.transport import TopicSpec, create_transport
 from streamflow.transport.broker import free_port
-from tests.helpers import read_topic
+from tests.helpers import read_topic, run_on_terminal
 
 QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
 
@@ -117,25 +117,8 @@ def test_a_bounded_run_logs_progress_and_json_on_request(fresh_broker: str, tmp_
 
 
 def test_a_bounded_run_on_a_terminal_shows_a_live_line(fresh_broker: str, tmp_path: Path) -> None:
-    import pty
-
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        run_bounded(), env=bounded_env(fresh_broker, tmp_path),
-        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
-    )
-    os.close(terminal)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(controller, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-    assert process.wait(timeout=120) == 0
-    os.close(controller)
+    code, output = run_on_terminal(run_bounded(), bounded_env(fresh_broker, tmp_path))
+    assert code == 0
     assert b"per s" in output and b"lag" in output  # the live table's header
     assert b"streamflow.progress" not in output, "a terminal gets the live table, not log lines"
 

@@ -25,7 +25,7 @@ from streamflow.config import parse_pipeline
 from streamflow.metrics.totals import read_totals
 from streamflow.runtime.pipeline import PipelineRunner
 from streamflow.transport.broker import free_port
-from tests.helpers import read_topic
+from tests.helpers import read_topic, run_on_terminal
 
 COUNT = 1500
 
@@ -141,28 +141,11 @@ ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 def test_a_run_on_a_terminal_keeps_its_table_below_the_log_and_ends_quietly(tmp_path: Path) -> None:
     """On the embedded broker, which stops before the process ends: no librdkafka line after it."""
-    import pty
-
     path = write(tmp_path, pipeline("embedded", tmp_path / "lake", count=4000, rate=1000))
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
+    code, output = run_on_terminal(
         [sys.executable, "-m", "streamflow", "run", str(path), "--until-idle", "1",
-         "--metrics-port", "0"],
-        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
-        env={**os.environ, "COLUMNS": "120"},
-    )
-    os.close(terminal)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(controller, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-    assert process.wait(timeout=120) == 0, output[-3000:]
-    os.close(controller)
+         "--metrics-port", "0"], {**os.environ, "COLUMNS": "120"})
+    assert code == 0, output[-3000:]
     text = ANSI.sub(b"", output).decode()
     assert "per s" in text and "dead-lettered" in text  # the live table was shown
     assert "streamflow.progress" not in text, "a terminal gets the live table, not log lines"

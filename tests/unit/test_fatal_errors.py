@@ -85,15 +85,6 @@ def test_other_errors_are_one_line_too() -> None:
         "its input, or set the step's on_error: dlq to dead-letter such records instead")
 
 
-@pytest.fixture
-def root_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def test_log_lines_go_to_the_current_stderr_even_after_the_first_was_closed(
         root_logging: None, monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = io.StringIO(), io.StringIO()

@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 from rich.console import Console
@@ -36,15 +35,6 @@ CONFIG = parse_pipeline({
 
 class SchemaError(ValueError):
     pass
-
-
-@pytest.fixture
-def root_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_reasons_count_each_error_class_and_keep_its_first_message() -> None:
