@@ -307,20 +307,58 @@ def _aborted(future: Any) -> bool:
     return isinstance(value, tuple) and bool(value) and value[0] == -1
 
 
-def _finish_interrupted_join(consumer: KafkaConsumer) -> None:
-    """Make kafka-python 3.0 finish a group join that an earlier poll's timeout interrupted.
+class _FinishedJoin:
+    """A join task that finished between two polls, shown to kafka-python's join loop as still in
+    flight, so that the loop takes its outcome (the assignment, or the error) instead of dropping
+    it and sending a new JoinGroup. Its callbacks run at once: the task is done."""
 
-    A rejoin that its coordinator starts because the subscribed topics' metadata changed (a topic
-    created after the subscription, partitions added) is not marked as needed: the poll's loop
-    only sees the metadata differ from the last assignment. When the poll times out between the
-    leader's assignment and the SyncGroup answer, the assignment already matches the metadata, so
-    the next poll finds nothing to do and never applies the answer. The member then keeps an empty
-    assignment, with its heartbeat off, for good (seen under load on Apache Kafka 4.1.1, 3 of 15
-    contract runs). Marking the rejoin as needed while the join is in flight keeps the loop going
-    until the join completes."""
+    is_done = False
+
+    def __init__(self, task: Any) -> None:
+        self._task = task
+
+    def add_callback(self, callback: Any) -> Any:
+        return self._task.add_callback(callback)
+
+    def add_errback(self, errback: Any) -> Any:
+        return self._task.add_errback(errback)
+
+    def __await__(self) -> Any:
+        return self._task.__await__()
+
+
+def _keep_interrupted_joins(consumer: KafkaConsumer) -> None:
+    """Make kafka-python 3.0 finish a group join that a poll's timeout interrupted, as the Java
+    consumer does with its pending join future.
+
+    kafka-python keeps such a join running as a task, but two of its paths lose the outcome:
+    - A rejoin that its coordinator starts because the subscribed topics' metadata changed (a
+      topic created after the subscription, partitions added) is not marked as needed: the
+      coordinator only sees the metadata differ from the last assignment. Once the leader has
+      assigned, the two match, so no later poll looks at the task again. The member then keeps an
+      empty assignment, with its heartbeat off, for good (seen under load on Apache Kafka 4.1.1,
+      3 of 15 contract runs).
+    - A task that finished while no poll awaited it is replaced by a new JoinGroup and its
+      assignment dropped. On a broker whose joins take seconds (Tansu holds each for half the
+      session timeout) a member polling in short slices then rejoins again and again (1 member in
+      3 polling every 5 ms had no partition after 15 s).
+    The coordinator here counts a pending task as a rejoin still needed, and hands a finished one
+    to its join loop as still in flight, so that the loop takes its outcome."""
     coordinator = consumer._coordinator
-    if coordinator._join_task is not None:
-        coordinator.request_rejoin()
+    library_need_rejoin = coordinator.need_rejoin
+    library_join_group = coordinator.join_group_async
+
+    def need_rejoin() -> bool:
+        return coordinator._join_task is not None or library_need_rejoin()
+
+    async def join_group_async(timeout_ms: int | None = None) -> bool:
+        task = coordinator._join_task
+        if task is not None and task.is_done:
+            coordinator._join_task = _FinishedJoin(task)
+        return await library_join_group(timeout_ms=timeout_ms)
+
+    coordinator.need_rejoin = need_rejoin
+    coordinator.join_group_async = join_group_async
 
 
 class KafkaPythonConsumer(Consumer):
@@ -332,11 +370,11 @@ class KafkaPythonConsumer(Consumer):
             rebalance_listener = _Listener(listener)
             rebalance_listener.consumer = self.raw
             self.raw.subscribe(list(topics), listener=rebalance_listener)
+            _keep_interrupted_joins(self.raw)
         except errors.KafkaError as exc:
             raise _error(exc) from exc
 
     def consume_batch(self, max_records: int, timeout_s: float) -> ConsumedBatch:
-        _finish_interrupted_join(self.raw)
         try:
             polled = self.raw.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except errors.KafkaError as exc:
