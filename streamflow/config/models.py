@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from streamflow.config.lineage import LineageConfig
 from streamflow.plugins import PROCESSOR_GROUP, PartitionedState, load
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -455,6 +456,7 @@ class PipelineConfig(Strict):
     sinks: list[SinkConfig] = Field(default_factory=list)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    lineage: LineageConfig | None = None
     schedules: list[ScheduleConfig] = Field(
         default_factory=list, description="jobs on cron expressions (docs/schedules.md)")
 
