@@ -130,7 +130,8 @@ def delta_rows(path: Path) -> pa.Table:
 def iceberg_settings(directory: Path, table: str) -> dict[str, Any]:
     """Settings of an iceberg sink writing ``table`` with a SQLite catalog in ``directory``."""
     return {"table": table, "catalog": {"name": "local", "properties": {
-        "type": "sql", "uri": f"sqlite:///{directory}/catalog.db", "warehouse": f"file://{directory}"}}}
+        "type": "sql", "uri": f"sqlite:///{directory}/catalog.db",
+        "warehouse": f"file://{directory}/iceberg"}}}
 
 
 def iceberg_rows(directory: Path, table: str) -> pa.Table:
