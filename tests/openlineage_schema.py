@@ -15,12 +15,19 @@ RUN_EVENT = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent"
 CUSTOM_FACETS = {"streamflow_config", "streamflow_model"}  # streamflow's own (no published schema)
 
 
-def _load() -> tuple[Registry, dict[str, str]]:
+def _base(document: dict[str, Any]) -> str:
+    """The kind of facet a facet schema defines (``RunFacet``, ``JobFacet``, ``DatasetFacet``...):
+    the OpenLineage.json definition its own extends."""
+    (definition,) = (d for name, d in document["$defs"].items() if name.endswith("Facet"))
+    return str(definition["allOf"][0]["$ref"]).rsplit("/", 1)[1]
+
+
+def _load() -> tuple[Registry, dict[tuple[str, str], str]]:
     documents = [json.loads(path.read_text()) for path in sorted(SPEC.glob("*.json"))]
     registry = Registry().with_resources(
         (document["$id"], Resource.from_contents(document)) for document in documents)
-    facet_schemas = {name: document["$id"] for document in documents
-                     for name in document.get("properties", {})}
+    facet_schemas = {(_base(document), name): document["$id"] for document in documents
+                     if "properties" in document for name in document["properties"]}
     return registry, facet_schemas
 
 
@@ -28,13 +35,19 @@ REGISTRY, FACET_SCHEMAS = _load()
 
 
 def _validator(ref: str) -> Draft202012Validator:
-    return Draft202012Validator({"$ref": ref}, registry=REGISTRY)
+    # formats checked as far as jsonschema can without extra packages (uuid: yes; date-time, uri: no)
+    return Draft202012Validator({"$ref": ref}, registry=REGISTRY,
+                                format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
-def _facet_maps(event: dict[str, Any]) -> list[dict[str, Any]]:
-    maps = [event["run"].get("facets", {}), event["job"].get("facets", {})]
+def _facet_maps(event: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each facet map of the event with the kind of facet it holds."""
+    maps = [("RunFacet", event["run"].get("facets", {})),
+            ("JobFacet", event["job"].get("facets", {}))]
     for dataset in [*event.get("inputs", []), *event.get("outputs", [])]:
-        maps += [dataset.get(key, {}) for key in ("facets", "inputFacets", "outputFacets")]
+        maps += [("DatasetFacet", dataset.get("facets", {})),
+                 ("InputDatasetFacet", dataset.get("inputFacets", {})),
+                 ("OutputDatasetFacet", dataset.get("outputFacets", {}))]
     return maps
 
 
@@ -42,9 +55,9 @@ def validate_event(event: dict[str, Any]) -> None:
     """Raise ``jsonschema.ValidationError`` unless ``event`` is a valid RunEvent whose every
     facet is valid by its facet schema (or is one of streamflow's custom facets)."""
     _validator(RUN_EVENT).validate(event)
-    for facets in _facet_maps(event):
+    for kind, facets in _facet_maps(event):
         for name, facet in facets.items():
             if name in CUSTOM_FACETS:
                 continue
-            assert name in FACET_SCHEMAS, f"facet {name!r} has no vendored schema"
-            _validator(FACET_SCHEMAS[name]).validate({name: facet})
+            assert (kind, name) in FACET_SCHEMAS, f"{kind} {name!r} has no vendored schema"
+            _validator(FACET_SCHEMAS[kind, name]).validate({name: facet})

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jsonschema import ValidationError
 from openlineage.client.event_v2 import RunState
 from openlineage.client.serde import Serde
 from prometheus_client import CollectorRegistry, Counter
@@ -291,3 +292,23 @@ def test_each_transport_is_built_from_its_settings(tmp_path: Path) -> None:
     assert http.config.auth.get_bearer() == "Bearer k"
     assert (kafka.kind, kafka.topic, kafka.kafka_config.config["bootstrap.servers"],
             kafka.kafka_config.config["acks"]) == ("kafka", "ol", BOOTSTRAP, "all")
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda e: e.update(eventType="FINISHED"),
+    lambda e: e["run"].update(runId="not-a-uuid"),
+    lambda e: e["inputs"][0]["facets"]["schema"]["fields"][0].pop("name"),
+    lambda e: e["outputs"][0]["facets"]["columnLineage"]["fields"]["temp"].pop("inputFields"),
+    lambda e: e["job"]["facets"]["jobType"].pop("processingType"),
+    lambda e: e["run"]["facets"]["errorMessage"].pop("programmingLanguage"),
+])
+def test_the_schema_check_refuses_an_event_off_the_spec(corrupt: Any) -> None:
+    job = describe_jobs(pipeline(), BOOTSTRAP)["shape"]
+    event = as_json(run_event(RunState.FAIL, "0190e5a8-0000-7000-8000-000000000000", job,
+                              "plant", "plant", "abc123", ValueError("x")))
+    validate_event(event)
+
+    corrupt(event)
+
+    with pytest.raises(ValidationError):
+        validate_event(event)
