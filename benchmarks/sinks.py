@@ -26,7 +26,7 @@ from streamflow.runtime.pipeline import PipelineRunner
 from tests.services import postgres
 
 WORKLOAD = "sink-rows-durable"
-SINK_TYPES = ("parquet", "postgres", "duckdb", "delta", "kafka")
+SINK_TYPES = ("parquet", "postgres", "duckdb", "delta", "iceberg", "kafka")
 
 
 @contextmanager
@@ -39,6 +39,9 @@ def sink_settings(sink_type: str, postgres_dsn: str) -> Iterator[dict[str, Any]]
                 "parquet": {"path": str(directory / "lake")},
                 "duckdb": {"path": str(directory / "warehouse.duckdb"), "table": "events"},
                 "delta": {"path": str(directory / "events")},
+                "iceberg": {"table": "bench.events", "catalog": {"properties": {
+                    "type": "sql", "uri": f"sqlite:///{directory}/catalog.db",
+                    "warehouse": f"file://{directory}"}}},
                 "kafka": {"topic": f"bench.copy.{directory.name}", "partitions": PARTITIONS},
             }[sink_type]
             return

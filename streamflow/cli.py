@@ -1,4 +1,4 @@
-"""The ``streamflow`` command: run, validate, broker."""
+"""The ``streamflow`` command: run, validate, schedule, broker."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ from pathlib import Path
 
 from streamflow import __version__
 from streamflow.config import ConfigError, load_pipeline
+from streamflow.config.models import PipelineConfig
+from streamflow.metrics import MetricsServer, PipelineMetrics
 from streamflow.plugins import catalog
 from streamflow.runtime import dlq
-from streamflow.runtime.fatal import describe
+from streamflow.runtime.fatal import describe, metrics_port_error
+from streamflow.runtime.jobs import schedule_errors
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
 from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
 from streamflow.runtime.progress import ProgressReporter
+from streamflow.runtime.schedules import pipeline_scheduler
 from streamflow.runtime.semantics import require_valid
 from streamflow.runtime.status import fetch_status, render_status
 from streamflow.runtime.summary import component_kinds
@@ -33,8 +37,16 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool killed by it: `streamflo
 log = logging.getLogger("streamflow")
 
 
+def _load(file: str) -> PipelineConfig:
+    """The pipeline in ``file``, its schedules' python functions imported."""
+    config = load_pipeline(file)
+    if errors := schedule_errors(config):
+        raise ConfigError(file, errors)
+    return config
+
+
 def _run(args: argparse.Namespace) -> int:
-    config = load_pipeline(args.file)
+    config = _load(args.file)
     REDACTOR.add(config_secrets(config))
     for warning in require_valid(config, args.file, stage=args.stage):
         log.warning("%s: %s", warning.file, warning.line())
@@ -61,12 +73,43 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    config = load_pipeline(args.file)
+    config = _load(args.file)
     for warning in require_valid(config, args.file, strict=args.strict):
         print(f"warning: {warning.file}: {warning.line()}", file=sys.stderr)
     stages = len(config.processors) + len(config.models) + len(config.sinks)
     print(f"{args.file}: valid pipeline {config.pipeline!r} "
           f"({len(config.sources)} sources, {stages} stages, {len(config.topic_specs())} topics)")
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    REDACTOR.add(config_secrets(config))
+    if not config.schedules:
+        print(f"error: {args.file} has no schedules: block (docs/schedules.md)", file=sys.stderr)
+        return EXIT_CONFIG
+    metrics = PipelineMetrics(config.pipeline)
+    scheduler = pipeline_scheduler(config, metrics)
+    with contextlib.ExitStack() as stack:
+        if config.metrics.enabled:
+            port = config.metrics.port if args.metrics_port is None else args.metrics_port
+            try:
+                server = MetricsServer(metrics.registry, config.metrics.host, port,
+                                       status=lambda: {"pipeline": config.pipeline,
+                                                       "schedules": scheduler.status()}).start()
+            except OSError as exc:
+                raise metrics_port_error(exc, config.metrics.host, port) from exc
+            stack.callback(server.stop)
+            log.info("metrics at %s/metrics", server.url)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: scheduler.stop())
+        log.info("running %d schedules of pipeline %s; Ctrl-C stops", len(config.schedules),
+                 config.pipeline)
+        scheduler.start()
+        running = scheduler.join_when_stopped(config.runtime.shutdown_timeout_s)
+    if running:
+        log.error("did not stop within the shutdown timeout: %s", ", ".join(running))
+        return 1
     return 0
 
 
@@ -129,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file")
     validate.add_argument("--strict", action="store_true", help="treat warnings as errors")
     validate.set_defaults(handler=_validate)
+
+    schedule = commands.add_parser(
+        "schedule", help="run a pipeline's schedules alone, without its stages (docs/schedules.md)")
+    schedule.add_argument("file", help="pipeline YAML file")
+    schedule.add_argument("--metrics-port", type=int, help="override metrics.port")
+    schedule.set_defaults(handler=_schedule)
 
     broker = commands.add_parser("broker", help="run the embedded broker for local development")
     broker.add_argument("--port", type=int, default=9092)

@@ -16,6 +16,7 @@ import psycopg
 import pyarrow as pa
 from confluent_kafka import Consumer, TopicPartition
 from deltalake import DeltaTable
+from pyiceberg.catalog import load_catalog
 
 from streamflow.api import Pipeline
 from streamflow.runtime.pipeline import PipelineRunner, RunResult
@@ -124,6 +125,18 @@ def duckdb_rows(path: Path, table: str) -> pa.Table:
 
 def delta_rows(path: Path) -> pa.Table:
     return pa.table(DeltaTable(str(path)).to_pyarrow_table())
+
+
+def iceberg_settings(directory: Path, table: str) -> dict[str, Any]:
+    """Settings of an iceberg sink writing ``table`` with a SQLite catalog in ``directory``."""
+    return {"table": table, "catalog": {"name": "local", "properties": {
+        "type": "sql", "uri": f"sqlite:///{directory}/catalog.db",
+        "warehouse": f"file://{directory}/iceberg"}}}
+
+
+def iceberg_rows(directory: Path, table: str) -> pa.Table:
+    catalog = iceberg_settings(directory, table)["catalog"]
+    return load_catalog(catalog["name"], **catalog["properties"]).load_table(table).scan().to_arrow()
 
 
 def parquet_rows(path: Path) -> pa.Table:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
+from croniter import croniter
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -14,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from streamflow.config.lineage import LineageConfig
 from streamflow.plugins import PROCESSOR_GROUP, PartitionedState, load
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -361,6 +363,85 @@ class RuntimeConfig(Strict):
         "model stages with a labels topic)",
     )
     dead_letter_warning: DeadLetterWarningConfig = Field(default_factory=DeadLetterWarningConfig)
+    schedule_state_dir: str = Field(
+        "./state", description="where the scheduler keeps each schedule's last tick "
+        "(<dir>/<pipeline>.schedules.json), to tell a missed tick at start-up"
+    )
+
+
+FUNCTION_PATH = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+MIB = 1024 * 1024
+
+
+class PythonJobConfig(Strict):
+    """A job calling a user function (no arguments), imported as ``package.module:function``."""
+
+    function: str = Field(pattern=FUNCTION_PATH, description="'package.module:function'")
+
+
+class CompactParquetJobConfig(Strict):
+    """Small-file compaction of a ``parquet`` sink's output (docs/schedules.md)."""
+
+    sink: Name = Field(description="a parquet sink of this pipeline")
+    max_file_bytes: int = Field(
+        128 * MIB, ge=1, description="files this large are left alone, and compacted files "
+        "are made of at most this many bytes of small files")
+    keep_newest: int = Field(
+        1, ge=1, description="the newest flushes per Kafka partition left as written: a replay "
+        "after a crash rewrites the last flush, whose offsets may not be committed yet")
+
+
+class DeltaMaintenanceJobConfig(Strict):
+    """Optimize (compact) and vacuum a ``delta`` sink's table."""
+
+    sink: Name = Field(description="a delta sink of this pipeline")
+    optimize: bool = Field(True, description="rewrite small files into larger ones")
+    vacuum_retention_hours: float | None = Field(
+        168, ge=0, description="delete files no version newer than this many hours needs; "
+        "null: no vacuum")
+
+
+JOB_KINDS = {"python": "", "compact_parquet": "parquet", "delta_maintenance": "delta"}
+
+
+class ScheduleConfig(Strict):
+    """A job run on a cron expression (UTC): exactly one of python, compact_parquet,
+    delta_maintenance."""
+
+    name: Name
+    cron: str = Field(description="five fields, UTC: minute hour day-of-month month "
+                      "day-of-week, e.g. '*/5 * * * *'")
+    on_missed: Literal["run_once", "skip"] = Field(
+        "skip", description="a tick missed while nothing ran: run once at start-up, or skip it")
+    python: PythonJobConfig | None = None
+    compact_parquet: CompactParquetJobConfig | None = None
+    delta_maintenance: DeltaMaintenanceJobConfig | None = None
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        if len(value.split()) != 5 or not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a cron expression: give five fields, minute hour "
+                             "day-of-month month day-of-week (UTC), e.g. '*/5 * * * *'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_job(self) -> ScheduleConfig:
+        given = [kind for kind in JOB_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a schedule runs exactly one job: set one of {', '.join(JOB_KINDS)}"
+                             f"; got {', '.join(given) or 'none'}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in JOB_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def job(self) -> PythonJobConfig | CompactParquetJobConfig | DeltaMaintenanceJobConfig:
+        job = getattr(self, self.kind)
+        assert job is not None
+        return job  # type: ignore[no-any-return]
 
 
 class PipelineConfig(Strict):
@@ -375,6 +456,9 @@ class PipelineConfig(Strict):
     sinks: list[SinkConfig] = Field(default_factory=list)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    lineage: LineageConfig | None = None
+    schedules: list[ScheduleConfig] = Field(
+        default_factory=list, description="jobs on cron expressions (docs/schedules.md)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> PipelineConfig:
@@ -398,6 +482,27 @@ class PipelineConfig(Strict):
                 "runtime.guarantee: exactly_once does not cover "
                 f"{', '.join(unsupported)}; use at_least_once, or run those stages in a "
                 "pipeline of their own")
+        return self
+
+    @model_validator(mode="after")
+    def _schedules_fit(self) -> PipelineConfig:
+        names = [schedule.name for schedule in self.schedules]
+        if len(set(names)) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"schedules: names must be unique; {twice} appear twice")
+        sinks = {sink.name: sink.type for sink in self.sinks}
+        for number, schedule in enumerate(self.schedules):
+            job = schedule.job
+            if not isinstance(job, CompactParquetJobConfig | DeltaMaintenanceJobConfig):
+                continue
+            wanted, where = JOB_KINDS[schedule.kind], f"schedules[{number}].{schedule.kind}.sink"
+            if job.sink not in sinks:
+                choices = sorted(name for name, kind in sinks.items() if kind == wanted)
+                raise ValueError(f"{where}: {job.sink!r} is no sink of this pipeline; name one "
+                                 f"of its {wanted} sinks: {choices}")
+            if sinks[job.sink] != wanted:
+                raise ValueError(f"{where}: sink {job.sink!r} is of type {sinks[job.sink]}; "
+                                 f"{schedule.kind} works on a {wanted} sink")
         return self
 
     def dead_letter_topic(self, stage: ProcessorConfig | ModelConfig | SinkConfig) -> str:

@@ -23,8 +23,10 @@ STAGE = ("pipeline", "stage")
 SOURCE = ("pipeline", "source")
 SINK = ("pipeline", "sink")
 MODEL = ("pipeline", "stage", "model")
+SCHEDULE = ("pipeline", "schedule")
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+JOB_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 SIZE_BUCKETS = (1, 10, 100, 500, 1000, 2500, 5000, 10_000, 50_000)
 
 # name, type, help, labels, extra constructor arguments
@@ -58,6 +60,9 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
      "Unix time a stage last processed a batch.", STAGE, {}),
     ("streamflow_checkpoint_last_success_timestamp_seconds", Gauge,
      "Unix time of a stage's last successful commit of offsets (and state).", STAGE, {}),
+    ("streamflow_lineage_emit_failures", Counter,
+     "OpenLineage events that could not be sent (transport error or queue full).", ("pipeline",),
+     {}),
     ("streamflow_source_records", Counter, "Records a source published.", SOURCE, {}),
     ("streamflow_source_errors", Counter, "Failed source polls or publishes.", SOURCE, {}),
     ("streamflow_source_records_dead_lettered", Counter,
@@ -87,6 +92,13 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
      STAGE, {}),
     ("streamflow_window_results", Counter, "Aggregate records a windowed stage emitted.", STAGE, {}),
     ("streamflow_window_open", Gauge, "Windows held open in a windowed stage's state.", STAGE, {}),
+    ("streamflow_schedule_runs", Counter, "Runs a scheduled job started.", SCHEDULE, {}),
+    ("streamflow_schedule_failures", Counter, "Runs of a scheduled job that raised.", SCHEDULE, {}),
+    ("streamflow_schedule_skipped", Counter,
+     "Ticks of a schedule skipped: its job's previous run was still going, or the tick was "
+     "missed while nothing ran (on_missed: skip).", SCHEDULE, {}),
+    ("streamflow_schedule_duration_seconds", Histogram, "Time a scheduled job's run took.",
+     SCHEDULE, {"buckets": JOB_BUCKETS}),
 ]
 
 
@@ -215,6 +227,16 @@ class WindowMetrics:
     open_windows: Gauge
 
 
+@dataclass
+class ScheduleMetrics:
+    """Metrics of one schedule."""
+
+    runs: Counter
+    failures: Counter
+    skipped: Counter
+    duration: Histogram
+
+
 class PipelineMetrics:
     """All metrics of one pipeline, in a registry of their own."""
 
@@ -292,3 +314,10 @@ class PipelineMetrics:
                 "streamflow_model_evictions", "streamflow_model_checkpoint_age_seconds",
             )),
         )
+
+    def schedule(self, name: str) -> ScheduleMetrics:
+        labels = (self.pipeline, name)
+        return ScheduleMetrics(*(self._bound(family, *labels) for family in (
+            "streamflow_schedule_runs", "streamflow_schedule_failures",
+            "streamflow_schedule_skipped", "streamflow_schedule_duration_seconds",
+        )))

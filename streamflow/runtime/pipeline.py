@@ -32,7 +32,9 @@ from streamflow.runtime.dead_letter_watch import DeadLetterWatch
 from streamflow.runtime.dlq import DeadLetterFile
 from streamflow.runtime.fatal import metrics_port_error
 from streamflow.runtime.faust_stage import FaustStage
+from streamflow.runtime.lineage import CLOSE_TIMEOUT_S, LineageTracker, open_lineage
 from streamflow.runtime.logs import REDACTOR
+from streamflow.runtime.schedules import Scheduler, pipeline_scheduler
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, source_dead_letter_topic
 from streamflow.runtime.stage import Stage
 from streamflow.runtime.stages import SinkStage, StageIdentity, TopicStage, build_steps
@@ -97,6 +99,9 @@ class PipelineRunner:
         self.bootstrap: str | None = None
         self.metrics_server: MetricsServer | None = None
         self.supervisor = Supervisor()
+        # the schedules run in the whole daemon, not in a one-stage container (--stage)
+        self.scheduler: Scheduler | None = (
+            pipeline_scheduler(config, self.metrics) if config.schedules and stage is None else None)
         self._started = False
         self._fatal: str | None = None
         self._stop = threading.Event()
@@ -110,6 +115,7 @@ class PipelineRunner:
                                                              *config.sinks]},
         })
         self._started_at = time.monotonic()
+        self.lineage: LineageTracker | None = None
         if stage is not None and stage not in stage_names + source_names:
             raise UnknownStageError(
                 f"--stage {stage!r} is not in pipeline {config.pipeline!r}; "
@@ -160,6 +166,8 @@ class PipelineRunner:
                 stack.enter_context(DeadLetterFile(transport, self._dead_letter_topics(),
                                                    self.dead_letter_file))
             self._build(transport)
+            if self.config.lineage is not None:
+                self._open_lineage(stack)
             # Collect garbage, then freeze what exists now (modules, settings, clients) out of
             # the cyclic collector's reach: each batch pushes thousands of librdkafka messages
             # into the oldest generation, whose full collections otherwise walk the whole
@@ -168,9 +176,21 @@ class PipelineRunner:
             gc.freeze()
             stack.callback(gc.unfreeze)  # so that what ends with the run is collected again
             self.supervisor.start()
+            if self.scheduler is not None:
+                self.scheduler.start()
             self._started = True
             self._started_at = time.monotonic()
             return self._supervise()
+
+    def _open_lineage(self, stack: ExitStack) -> None:
+        """OpenLineage events for the runners (docs/lineage.md), sent until the stop."""
+        assert self.bootstrap is not None
+        failures = self.metrics.families["streamflow_lineage_emit_failures"].labels(
+            self.config.pipeline)
+        opened = open_lineage(self.config, self.bootstrap, config_hash(self.config), failures)
+        if opened is not None:
+            self.lineage, emitter = opened
+            stack.callback(emitter.close, CLOSE_TIMEOUT_S)
 
     def _dead_letter_topics(self) -> list[str]:
         """The dead-letter topics of the sources and stages this process runs."""
@@ -338,12 +358,16 @@ class PipelineRunner:
 
     def _supervise(self) -> RunResult:
         checked_at = time.monotonic()
+        if self.lineage is not None:
+            self.lineage.observe(self.supervisor.runners)
         while not self._stop.wait(SUPERVISE_INTERVAL_S):
             if time.monotonic() - checked_at >= DEAD_LETTER_CHECK_S:
                 checked_at = time.monotonic()
                 self.dead_letter_watch.observe(read_totals(self.metrics.registry),
                                                self.metrics.reasons)
             fatal = self.supervisor.check()
+            if self.lineage is not None:
+                self.lineage.observe(self.supervisor.runners)
             if fatal:
                 self._fatal = fatal
                 self.stop(fatal)
@@ -395,16 +419,22 @@ class PipelineRunner:
             node["state"] = runner.state if runner else "not started"
             node["running"] = node["state"] == "running"
             node["dead_letter"] = self.dead_letter_watch.dead_letter_topics[node["name"]]
-        return {"pipeline": config.pipeline, "nodes": nodes, "ready": self.readiness()[0]}
+        return {"pipeline": config.pipeline, "nodes": nodes, "ready": self.readiness()[0],
+                "schedules": self.scheduler.status() if self.scheduler else []}
 
     def _shutdown(self) -> RunResult:
         deadline = time.monotonic() + self.config.runtime.shutdown_timeout_s
+        if self.scheduler is not None:
+            self.scheduler.stop()
         for group in (self.sources, self.stages):
             for runner in group:
                 runner.stop()
             for runner in group:
                 runner.join(max(deadline - time.monotonic(), 0))
         hung = [r.name for r in self.supervisor.runners if r.is_alive()]
+        if self.scheduler is not None:
+            hung += [f"schedule {name}" for name in
+                     self.scheduler.join(max(deadline - time.monotonic(), 0))]
         errors = [self._fatal] if self._fatal else []
         if hung:
             errors.append(f"did not stop within the shutdown timeout: {', '.join(hung)}")
@@ -416,6 +446,8 @@ class PipelineRunner:
             time.monotonic() - self._started_at, summarize(kinds, self.metrics, REDACTOR.mask),
             self.config.runtime.dead_letter_warning.share,
         )
+        if self.lineage is not None:
+            self.lineage.finish()
         return RunResult(exit_code, self._stop_reason, errors, summary)
 
 

@@ -1,12 +1,12 @@
 """SIGKILL a pipeline of sinks mid-stream, restart it on the same broker: every record lands
 exactly once in each sink's output.
 
-The postgres, duckdb and delta sinks store offsets with their rows: for them the test also throws
-away the Kafka commits of the killed run (their groups are rewound to the start), so that only the
-offsets in the sink's own storage keep the restart from writing anything twice. The parquet sink
-relies on the Kafka commit (a replay rewrites the same files), so its group is left alone. The
-kafka and console sinks are at least once: together, the killed and the restarted run must
-have produced or printed every record, possibly some twice.
+The postgres, duckdb, delta and iceberg sinks store offsets with their rows: for them the test
+also throws away the Kafka commits of the killed run (their groups are rewound to the start), so
+that only the offsets in the sink's own storage keep the restart from writing anything twice.
+The parquet sink relies on the Kafka commit (a replay rewrites the same files), so its group is
+left alone. The kafka and console sinks are at least once: together, the killed and the
+restarted run must have produced or printed every record, possibly some twice.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from tests.sink_tables import (
     committed_offsets,
     delta_rows,
     duckdb_rows,
+    iceberg_rows,
+    iceberg_settings,
     parquet_rows,
     postgres_names,
     postgres_rows,
@@ -41,7 +43,7 @@ from tests.sink_tables import (
 
 COUNT = 8000
 PARTITIONS = 2
-EXACTLY_ONCE = ("postgres", "duckdb", "delta")
+EXACTLY_ONCE = ("postgres", "duckdb", "delta", "iceberg")
 
 
 def pipeline_file(tmp_path: Path, bootstrap: str, pipeline: str,
@@ -114,6 +116,8 @@ def test_sigkill_mid_stream_then_restart_writes_each_record_once(
             "duckdb": ({"path": str(tmp_path / "warehouse.duckdb"), "table": "events"},
                        lambda: duckdb_rows(tmp_path / "warehouse.duckdb", "events")),
             "delta": ({"path": str(tmp_path / "events")}, lambda: delta_rows(tmp_path / "events")),
+            "iceberg": (iceberg_settings(tmp_path, "lake.events"),
+                        lambda: iceberg_rows(tmp_path, "lake.events")),
             "parquet": ({"path": str(tmp_path / "lake")}, lambda: parquet_rows(tmp_path / "lake")),
             "kafka": ({"topic": f"{pipeline}.copied"}, lambda: pa.table({"id": [
                 json.loads(value)["id"]

@@ -24,6 +24,8 @@ from tests.sink_tables import (
     committed_offsets,
     delta_rows,
     duckdb_rows,
+    iceberg_rows,
+    iceberg_settings,
     postgres_names,
     postgres_rows,
     unique,
@@ -113,6 +115,12 @@ def test_delta_lands_once_evolves_and_dead_letters(fresh_broker: str, tmp_path: 
     check_rows(delta_rows(path))
 
 
+def test_iceberg_lands_once_evolves_and_dead_letters(fresh_broker: str, tmp_path: Path) -> None:
+    land_evolve_and_reject(fresh_broker, tmp_path, "iceberg",
+                           **iceberg_settings(tmp_path, "lake.readings"))
+    check_rows(iceberg_rows(tmp_path, "lake.readings"))
+
+
 VERSIONS = [{"id": i % 5, "version": i, **({"note": f"v{i}"} if i % 2 else {})} for i in range(30)]
 
 
@@ -148,6 +156,12 @@ def test_duckdb_upsert_keeps_the_last_version_of_each_key(fresh_broker: str,
     path = tmp_path / "warehouse.duckdb"
     upsert(fresh_broker, tmp_path, "duckdb", path=str(path), table="latest")
     check_last_versions(duckdb_rows(path, "latest"))
+
+
+def test_iceberg_upsert_keeps_the_last_version_of_each_key(fresh_broker: str,
+                                                           tmp_path: Path) -> None:
+    upsert(fresh_broker, tmp_path, "iceberg", **iceberg_settings(tmp_path, "lake.latest"))
+    check_last_versions(iceberg_rows(tmp_path, "lake.latest"))
 
 
 def test_postgres_dead_letters_rows_the_database_rejects(

@@ -23,6 +23,7 @@ SECTIONS = {  # (kind, connector): (page, heading the section starts with)
     ("sink", "postgres"): ("sinks.md", "## Tables"),
     ("sink", "duckdb"): ("sinks.md", "## Tables"),
     ("sink", "delta"): ("sinks.md", "## `delta`"),
+    ("sink", "iceberg"): ("sinks.md", "## `iceberg`"),
     ("sink", "kafka"): ("sinks.md", "## `kafka`"),
     ("sink", "console"): ("sinks.md", "## `console`"),
 }

@@ -271,6 +271,23 @@ function renderTotals(status) {
   document.getElementById("totals").replaceChildren(...rows);
 }
 
+function renderSchedules(status) {
+  const schedules = status.schedules || [];
+  document.getElementById("schedules-panel").hidden = !schedules.length;
+  const time = iso => (iso ? new Date(iso).toLocaleString() : "–");
+  const rows = [row(["schedule", "cron", "runs", "failures", "skipped", "last start",
+                     "last run", "next tick"], true)];
+  for (const s of schedules) {
+    const last = s.running ? "running" : s.last_error ? `failed: ${s.last_error}`
+      : s.last_seconds === null ? "–" : `${s.last_seconds.toFixed(1)} s`;
+    const tr = row([s.name, s.cron, wholeFormat.format(s.runs), wholeFormat.format(s.failures),
+                    wholeFormat.format(s.skipped), time(s.last_start), last, time(s.next_tick)]);
+    tr.dataset.name = s.name;
+    rows.push(tr);
+  }
+  document.getElementById("schedules").replaceChildren(...rows);
+}
+
 let lastLetter = 0;
 const LETTER_ROWS = 50;
 
@@ -345,6 +362,7 @@ async function poll() {
     plots.forEach(plot => plot.update());
     drawGraph(status);
     renderTotals(status);
+    renderSchedules(status);
     renderDeadLetters(letters);
     document.body.dataset.updates = String(Number(document.body.dataset.updates) + 1);
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();

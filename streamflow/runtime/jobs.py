@@ -1,0 +1,213 @@
+"""The jobs a schedule runs: a user function, Parquet small-file compaction, Delta maintenance.
+
+Parquet compaction knows the ``parquet`` sink's file names (connectors/sinks/parquet.py, which
+streamflow does not import): ``<topic>+<partition>+<first offset>[+<bucket>]+<cluster>.parquet``,
+written under ``<name>.tmp`` and renamed. The sink stores no offsets in its files: a restart
+replays from the group's committed offsets and rewrites the files of the flushes after them,
+under the same names. A sink commits its offsets right after each flush, so only the newest
+flush of a Kafka partition may be rewritten; compaction leaves the newest ``keep_newest``
+flushes of each partition as they are, and merges only older, finished files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from streamflow.config.models import (
+    CompactParquetJobConfig,
+    DeltaMaintenanceJobConfig,
+    PipelineConfig,
+    PythonJobConfig,
+    ScheduleConfig,
+)
+from streamflow.processing.python_step import import_function
+
+log = logging.getLogger(__name__)
+
+TEMPORARY_SUFFIX = ".tmp"  # the parquet sink removes leftovers with it when it opens
+COMPACTED_FROM = b"streamflow.compacted_from"  # file metadata: the names a compacted file replaced
+SINK_FILE = re.compile(
+    r"^(?P<topic>[^+/]+)\+(?P<partition>\d+)\+(?P<first>\d{20})"
+    r"(?:\+compacted-(?P<last>\d{20})|\+-?\d+)?\+(?P<cluster>[^+/]+)\.parquet$")
+
+
+@dataclass(frozen=True)
+class ParquetFile:
+    path: Path
+    partition: int
+    first_offset: int
+    cluster: str
+    compacted: bool
+    size: int
+
+
+@dataclass
+class CompactionResult:
+    files_in: int = 0
+    files_out: int = 0
+    rows: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.files_in} files compacted into {self.files_out} ({self.rows} rows)"
+
+
+def _listing(folder: Path) -> list[ParquetFile]:
+    files = []
+    for path in folder.rglob("*.parquet"):
+        match = SINK_FILE.match(path.name)
+        if match is None:
+            continue
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # replaced or compacted meanwhile
+            continue
+        files.append(ParquetFile(path, int(match["partition"]), int(match["first"]),
+                                 match["cluster"], match["last"] is not None, size))
+    return files
+
+
+def finish_interrupted(folder: Path) -> int:
+    """Delete the files a compacted file replaced, where a crash left them beside it; how many."""
+    removed = 0
+    for item in _listing(folder):
+        if not item.compacted:
+            continue
+        metadata = pq.read_schema(item.path).metadata or {}
+        for name in json.loads(metadata.get(COMPACTED_FROM, b"[]")):
+            replaced = item.path.parent / name
+            if replaced != item.path and replaced.exists():
+                replaced.unlink()
+                removed += 1
+    return removed
+
+
+def compact_parquet(folder: Path, max_file_bytes: int, keep_newest: int = 1,
+                    compression: str = "zstd") -> CompactionResult:
+    """Merge the small, finished files of each directory under ``folder`` (a parquet sink's
+    ``<path>/<topic>``), per Kafka partition and cluster, in offset order.
+
+    Each compacted file is written under a temporary name, fsynced and renamed into place, then
+    the files it replaced are deleted; its metadata names them, so a crash in between is
+    finished by the next run (:func:`finish_interrupted`) instead of leaving rows twice.
+    """
+    result = CompactionResult()
+    if not folder.is_dir():
+        return result
+    finish_interrupted(folder)
+    files = _listing(folder)
+    flushes: dict[tuple[int, str], set[int]] = defaultdict(set)
+    for item in files:
+        if not item.compacted:
+            flushes[item.partition, item.cluster].add(item.first_offset)
+    protected = {key: set(sorted(offsets)[-keep_newest:]) for key, offsets in flushes.items()}
+    groups: dict[tuple[Path, int, str], list[ParquetFile]] = defaultdict(list)
+    for item in files:
+        newest = protected.get((item.partition, item.cluster), set())
+        if item.size < max_file_bytes and (item.compacted or item.first_offset not in newest):
+            groups[item.path.parent, item.partition, item.cluster].append(item)
+    for (directory, _partition, _cluster), group in sorted(groups.items()):
+        for chunk in _chunks(sorted(group, key=lambda f: f.first_offset), max_file_bytes):
+            rows = _merge(directory, chunk, compression)
+            if rows is not None:
+                result.files_in += len(chunk)
+                result.files_out += 1
+                result.rows += rows
+    return result
+
+
+def _chunks(files: list[ParquetFile], max_bytes: int) -> list[list[ParquetFile]]:
+    """``files`` in runs of at least two whose sizes add up to at most ``max_bytes``."""
+    chunks: list[list[ParquetFile]] = [[]]
+    size = 0
+    for item in files:
+        if chunks[-1] and size + item.size > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += item.size
+    return [chunk for chunk in chunks if len(chunk) > 1]
+
+
+def _merge(directory: Path, chunk: list[ParquetFile], compression: str) -> int | None:
+    """Write ``chunk``'s rows to one compacted file and delete ``chunk``; its row count, or None
+    when the files' types cannot be merged (they are left as they are)."""
+    try:
+        table = pa.concat_tables([pq.ParquetFile(item.path).read() for item in chunk],
+                                 promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        log.warning("compaction: %s files from %s on are left as they are: %s",
+                    directory, chunk[0].path.name, exc)
+        return None
+    first = SINK_FILE.match(chunk[0].path.name)
+    assert first is not None
+    last_offset = max(item.first_offset for item in chunk)
+    final = directory / (f"{first['topic']}+{first['partition']}+{first['first']}"
+                         f"+compacted-{last_offset:020d}+{first['cluster']}.parquet")
+    metadata = dict(table.schema.metadata or {})
+    metadata[COMPACTED_FROM] = json.dumps([item.path.name for item in chunk]).encode()
+    temporary = final.with_name(final.name + TEMPORARY_SUFFIX)
+    pq.write_table(table.replace_schema_metadata(metadata), temporary, compression=compression)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, final)
+    for item in chunk:
+        if item.path != final:
+            item.path.unlink(missing_ok=True)
+    return table.num_rows
+
+
+def delta_maintenance(path: str, storage_options: dict[str, str], optimize: bool,
+                      vacuum_retention_hours: float | None) -> str:
+    """Optimize (compact) and vacuum the Delta table at ``path``; what was done."""
+    from deltalake import DeltaTable  # the [delta] extra
+
+    table = DeltaTable(path, storage_options=storage_options or None)
+    done = []
+    if optimize:
+        metrics = table.optimize.compact()
+        done.append(f"optimize: {metrics.get('numFilesRemoved', 0)} files into "
+                    f"{metrics.get('numFilesAdded', 0)}")
+    if vacuum_retention_hours is not None:
+        removed = table.vacuum(retention_hours=int(vacuum_retention_hours), dry_run=False,
+                               enforce_retention_duration=False)
+        done.append(f"vacuum: {len(removed)} files deleted")
+    return "; ".join(done) or "nothing to do"
+
+
+def build_job(schedule: ScheduleConfig, config: PipelineConfig) -> Callable[[], object]:
+    """The callable a schedule runs (the pipeline validated that its sink exists and fits)."""
+    job = schedule.job
+    if isinstance(job, PythonJobConfig):
+        return import_function(job.function)
+    sink = next(sink for sink in config.sinks if sink.name == job.sink)
+    settings = sink.connector_settings()
+    if isinstance(job, CompactParquetJobConfig):
+        folder = Path(settings["path"]) / sink.input
+        compression = str(settings.get("compression", "zstd"))
+        return lambda: compact_parquet(folder, job.max_file_bytes, job.keep_newest, compression)
+    assert isinstance(job, DeltaMaintenanceJobConfig)
+    return lambda: delta_maintenance(settings["path"], settings.get("storage_options") or {},
+                                     job.optimize, job.vacuum_retention_hours)
+
+
+def schedule_errors(config: PipelineConfig) -> list[str]:
+    """Where a schedule's python function cannot be imported, with the field path."""
+    errors = []
+    for number, schedule in enumerate(config.schedules):
+        if schedule.python is not None:
+            try:
+                import_function(schedule.python.function)
+            except ValueError as exc:
+                errors.append(f"schedules[{number}].python.function: {exc}; name an importable "
+                              "'package.module:function'")
+    return errors
