@@ -18,8 +18,8 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.sinks.warehouse import JSON, ColumnType, Naming, conform
-from streamflow.plugins import ComponentContext, Sink, SinkRecordError, TransientError
+from connectors.sinks.warehouse import ColumnType, Naming, buffer_conformed
+from streamflow.plugins import ComponentContext, Sink, TransientError
 from streamflow.transport.base import TopicPartition
 
 NAMING = Naming("Delta Lake", fold=str.lower)  # delta-rs compares names in Unicode lower case
@@ -77,15 +77,7 @@ class DeltaSink(Sink[DeltaConfig]):
         return {partition: version for partition, version in versions.items() if version is not None}
 
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
-        conformed = conform(table, self.columns, [], NAMING)
-        self.columns.update({name: pa.string() if kind == JSON else kind
-                             for name, kind in conformed.new_columns.items()})
-        rows = conformed.good_rows()
-        if rows.num_rows:
-            self._buffer.append(rows.drop_columns([conformed.sequence]))
-        if conformed.failures:
-            failed = sorted(conformed.failures)
-            raise SinkRecordError(failed, [conformed.failures[row] for row in failed])
+        buffer_conformed(self._buffer, table, self.columns, [], NAMING)
 
     def flush(self, offsets: Mapping[TopicPartition, int], cluster_id: str) -> int | None:
         if not self._buffer and self._table() is None:

@@ -29,7 +29,7 @@ from connectors.sinks.warehouse import (
     ascii_lower,
     conform,
 )
-from streamflow.plugins import ComponentContext, Sink, SinkRecordError
+from streamflow.plugins import ComponentContext, Sink
 from streamflow.transport.base import TopicPartition
 
 _ARROW_TYPES: dict[str, ColumnType] = {
@@ -125,9 +125,7 @@ class DuckDBSink(Sink[DuckDBConfig]):
             conformed.failures.update(self._unconvertible(connection, rows, sequence))
             keep = ~np.isin(rows.column(sequence).to_numpy(), list(conformed.failures))
             self._insert(connection, rows.filter(pa.array(keep)), sequence)
-        if conformed.failures:
-            failed = sorted(conformed.failures)
-            raise SinkRecordError(failed, [conformed.failures[row] for row in failed])
+        conformed.raise_failures()
 
     def _add_columns(self, connection: duckdb.DuckDBPyConnection,
                      new_columns: Mapping[str, pa.DataType | Literal["json"]]) -> None:

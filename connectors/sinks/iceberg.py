@@ -21,8 +21,8 @@ from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
 from pyiceberg.table import Table, Transaction
 from pyiceberg.table.snapshots import ancestors_of
 
-from connectors.sinks.warehouse import JSON, ColumnType, Naming, conform
-from streamflow.plugins import ComponentContext, Sink, SinkRecordError, TransientError
+from connectors.sinks.warehouse import ColumnType, Naming, buffer_conformed
+from streamflow.plugins import ComponentContext, Sink, TransientError
 from streamflow.transport.base import TopicPartition
 
 NAMING = Naming("Iceberg", fold=str.lower)  # Spark, Trino and DuckDB resolve columns ignoring case
@@ -119,21 +119,16 @@ class IcebergSink(Sink[IcebergConfig]):
         return found
 
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
-        conformed = conform(table, self.columns, self.keys, NAMING)
-        self.columns.update({name: pa.string() if kind == JSON else kind
-                             for name, kind in conformed.new_columns.items()})
-        rows = conformed.good_rows()
-        if rows.num_rows:
-            self._buffer.append(rows.drop_columns([conformed.sequence]))
-        if conformed.failures:
-            failed = sorted(conformed.failures)
-            raise SinkRecordError(failed, [conformed.failures[row] for row in failed])
+        buffer_conformed(self._buffer, table, self.columns, self.keys, NAMING)
 
     def _last_per_key(self, data: pa.Table) -> pa.Table:
         """``data`` with only the last row of each key (an upsert takes one row per key)."""
-        numbered = data.append_column("_sf_index", pa.array(range(data.num_rows), pa.int64()))
-        last = numbered.group_by(self.keys, use_threads=False).aggregate([("_sf_index", "max")])
-        return data.take(last.column("_sf_index_max"))
+        # The key columns under names of our own: any name a field has (_sf_index...) is data.
+        names = [f"key{position}" for position in range(len(self.keys))]
+        numbered = pa.table([*(data.column(key) for key in self.keys),
+                             pa.array(range(data.num_rows), pa.int64())], names=[*names, "index"])
+        last = numbered.group_by(names, use_threads=False).aggregate([("index", "max")])
+        return data.take(last.column("index_max"))
 
     def flush(self, offsets: Mapping[TopicPartition, int], cluster_id: str) -> int | None:
         assert self._catalog is not None

@@ -31,7 +31,7 @@ from connectors.sinks.warehouse import (
     WarehouseConfig,
     conform,
 )
-from streamflow.plugins import ComponentContext, Sink, SinkRecordError, TransientError
+from streamflow.plugins import ComponentContext, Sink, TransientError
 from streamflow.transport.base import TopicPartition
 
 # PostgreSQL's names for the Arrow types a JSON batch can hold, and back.
@@ -200,9 +200,7 @@ class PostgresSink(Sink[PostgresConfig]):
             rows = conformed.good_rows()
             if rows.num_rows:
                 conformed.failures.update(self._load(rows, conformed.sequence))
-        if conformed.failures:
-            failed = sorted(conformed.failures)
-            raise SinkRecordError(failed, [conformed.failures[row] for row in failed])
+        conformed.raise_failures()
 
     def _add_columns(self, new_columns: Mapping[str, pa.DataType | Literal["json"]]) -> None:
         assert self.connection is not None

@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from streamflow.plugins import SinkRecordError
+
 JSON: Literal["json"] = "json"
 # What a column holds, for conforming: an Arrow type, JSON text, or None for a database type
 # Arrow has no equivalent of (values go as text and the database converts them).
@@ -148,6 +150,26 @@ class Conformed:
             self.sequence, pa.array(np.arange(self.table.num_rows, dtype=np.int64))
         )
         return numbered.filter(pa.array(keep))
+
+    def raise_failures(self) -> None:
+        """Raise :class:`SinkRecordError` for the failed rows, if there are any."""
+        if self.failures:
+            failed = sorted(self.failures)
+            raise SinkRecordError(failed, [self.failures[row] for row in failed])
+
+
+def buffer_conformed(buffer: list[pa.Table], table: pa.Table, columns: dict[str, ColumnType],
+                     keys: list[str], naming: Naming) -> None:
+    """Fit ``table`` to ``columns`` (adding its new ones, JSON held as text), append its good rows
+    to ``buffer``, and raise :class:`SinkRecordError` for the rest: the write of a sink that
+    commits its buffer at flush (Delta Lake, Iceberg)."""
+    conformed = conform(table, columns, keys, naming)
+    columns.update({name: pa.string() if kind == JSON else kind
+                    for name, kind in conformed.new_columns.items()})
+    rows = conformed.good_rows()
+    if rows.num_rows:
+        buffer.append(rows.drop_columns([conformed.sequence]))
+    conformed.raise_failures()
 
 
 def is_nested(kind: pa.DataType) -> bool:

@@ -91,6 +91,17 @@ def test_upsert_replaces_the_row_with_the_same_key(tmp_path: Path) -> None:
     assert missing_key.value.rows == [0]
 
 
+def test_an_upsert_takes_fields_named_like_its_own_columns(tmp_path: Path) -> None:
+    """The last row of each key is found under names of the sink's own: fields named _sf_index
+    or index_max, or a key named index, are data (a field _sf_index failed every flush)."""
+    sink = open_sink(tmp_path, mode="upsert", keys=["index"])
+    sink.write(pa.table({"index": [1, 1, 2], "_sf_index": [7, 8, 9], "index_max": [0, 1, 2],
+                         "id": [10, 11, 12]}), PARTITION, 0)
+    sink.flush({PARTITION: 3}, "c")
+    assert rows(tmp_path).to_pydict() == {
+        "index": [1, 2], "_sf_index": [8, 9], "index_max": [1, 2], "id": [11, 12]}
+
+
 @pytest.mark.parametrize("mode", ["append", "upsert"])
 def test_a_fresh_sink_resumes_from_the_offsets_in_the_snapshots(tmp_path: Path, mode: str) -> None:
     settings: dict[str, Any] = {"mode": mode, "keys": ["id"] if mode == "upsert" else []}
