@@ -261,6 +261,8 @@ class CheckpointConfig(Strict):
     path: str = Field("./checkpoints", description="directory of the checkpoint store")
     every_records: int = Field(10_000, ge=1)
     every_seconds: float = Field(30.0, gt=0)
+    keep_versions: int = Field(
+        20, ge=1, description="registry versions kept (the last ones), besides tagged ones")
 
 
 class LabelsConfig(Strict):

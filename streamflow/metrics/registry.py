@@ -87,6 +87,9 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
     ("streamflow_model_checkpoint_age_seconds", Gauge,
      "Seconds since a model stage last saved its state (or started, before its first save).",
      MODEL, {}),
+    ("streamflow_model_rollbacks", Counter,
+     "Partitions of a model stage that adopted an earlier registry version (models rollback).",
+     MODEL, {}),
     ("streamflow_records_late", Counter,
      "Records a windowed stage sent to its late topic: one or more of their windows had closed.",
      STAGE, {}),
@@ -213,6 +216,7 @@ class ModelMetrics:
     features_expired: Counter
     evictions: Counter
     checkpoint_age: Gauge
+    rollbacks: Counter
 
     def metric(self, name: str, window: str, partition: int) -> Gauge:
         return self._metric(name, window, str(partition))
@@ -312,6 +316,7 @@ class PipelineMetrics:
                 "streamflow_model_records_learned", "streamflow_model_drift_events",
                 "streamflow_model_labels_unmatched", "streamflow_model_features_expired",
                 "streamflow_model_evictions", "streamflow_model_checkpoint_age_seconds",
+                "streamflow_model_rollbacks",
             )),
         )
 

@@ -213,10 +213,14 @@ def _dumps(payload: Any) -> bytes:
 @dataclass(frozen=True)
 class Staged:
     """A checkpoint file written and fsynced under a temporary name, not yet in place, with its
-    tag in a temporary file beside it."""
+    tag in a temporary file beside it. With a ``header``, publishing it also records it in a new
+    version of the model registry (:mod:`streamflow.ml.registry`), which keeps ``keep_versions``
+    versions besides tagged ones."""
 
     temporary: Path
     path: Path
+    header: dict[str, Any] | None = None
+    keep_versions: int = 0
 
     @property
     def tag_file(self) -> Path:
@@ -229,6 +233,11 @@ def publish(staged: Iterable[Staged]) -> None:
     crash at any point leaves every file with its tag recorded."""
     files = list(staged)
     tags = [json.loads(file.tag_file.read_bytes()) for file in files]
+    versioned = [(file, tag) for file, tag in zip(files, tags, strict=True) if file.header is not None]
+    if versioned:
+        from streamflow.ml.registry import NewVersion  # the registry is built on this module
+
+        version = NewVersion.stage(versioned)  # hard links to the files, before they move
     for file, tag in zip(files, tags, strict=True):
         in_place = _tags_in_place(file.path, tag["algorithm"])
         _write_sidecar(file.path, tag["algorithm"], [tag["tag"], *in_place])
@@ -239,6 +248,8 @@ def publish(staged: Iterable[Staged]) -> None:
     for file, tag in zip(files, tags, strict=True):
         _write_sidecar(file.path, tag["algorithm"], [tag["tag"]])  # if lost, the pair still holds it
         file.tag_file.unlink()
+    if versioned:
+        version.commit()
 
 
 @dataclass(frozen=True)
@@ -251,9 +262,11 @@ class Snapshot:
     payload: Any
     integrity: Integrity
 
-    def staged(self, sequence: int) -> Staged:
-        """Where :meth:`write_staged` writes this snapshot, as checkpoint number ``sequence``."""
-        return Staged(self.path.with_suffix(f".{sequence}.tmp"), self.path)
+    def staged(self, sequence: int, keep_versions: int = 0) -> Staged:
+        """Where :meth:`write_staged` writes this snapshot, as checkpoint number ``sequence``;
+        with ``keep_versions``, publishing it makes a registry version of it."""
+        header = json.loads(self.header[len(MAGIC):]) if keep_versions else None
+        return Staged(self.path.with_suffix(f".{sequence}.tmp"), self.path, header, keep_versions)
 
     def write_staged(self, file: Staged) -> None:
         """Encode and write to ``file``'s temporary name, and its tag beside it, fsynced."""
@@ -306,59 +319,84 @@ class CheckpointStore:
                 path.unlink()
                 _sidecar(path).unlink(missing_ok=True)
 
+    def entries(self) -> list[tuple[str, str]]:
+        """The name and kind of each checkpoint in the store, as their headers say."""
+        found = []
+        for path in sorted(self.directory.glob(f"*{SUFFIX}")):
+            with open(path, "rb") as handle:
+                if handle.readline() != MAGIC:
+                    continue
+                header = json.loads(handle.readline())
+            found.append((str(header.get("name", "")), str(header.get("kind", ""))))
+        return found
+
     def load(self, name: str, kind: str) -> tuple[dict[str, Any], Any] | None:
         """The header and payload saved under ``name``, or None if there is none. The file is
         unpickled only once its owner, mode, header and integrity tag are checked."""
-        path = self.path(name)
         try:
-            _refuse_unless_private(self.directory, self.directory.stat())
-            data = _read_private(path)
+            return load_verified(self.path(name), self.integrity, kind, name)
         except FileNotFoundError:
             return None
-        handle = io.BytesIO(data)
-        if handle.readline() != MAGIC:
-            raise CheckpointError(f"{path} is not a streamflow checkpoint")
-        try:
-            header = json.loads(handle.readline())
-        except ValueError:
-            raise CheckpointError(f"{path} has a damaged header") from None
-        if header.get("format") not in READABLE_FORMATS:
-            raise CheckpointError(
-                f"{path} has checkpoint format {header.get('format')}; this streamflow reads "
-                f"formats {sorted(READABLE_FORMATS)} (format 4 added the integrity check that is "
-                "verified before a checkpoint is unpickled). Move the store aside to start the "
-                "model afresh."
-            )
-        if header.get("kind") != kind or header.get("name") != name:
-            raise CheckpointError(f"{path} holds {header.get('kind')} {header.get('name')!r}")
-        self._verify(path, data)
-        return header, _Unpickler(handle).load()
 
-    def _verify(self, path: Path, data: bytes) -> None:
-        """Refuse ``path`` unless its tag is one its sidecar recorded, under this process's key."""
-        sidecar = _sidecar(path)
-        try:
-            record = json.loads(_read_private(sidecar))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} has no integrity record ({sidecar.name}), so it was not "
-                                  "written by this streamflow; move it aside (the model starts "
-                                  "afresh).") from None
-        except ValueError:
-            raise CheckpointError(f"{sidecar} is damaged; move {path.name} and it aside (the model "
-                                  "starts afresh).") from None
-        algorithm = record.get("algorithm") if isinstance(record, dict) else None
-        if algorithm != self.integrity.algorithm:
-            raise CheckpointError(
-                f"{path} was recorded with {algorithm}, but this process uses "
-                f"{self.integrity.algorithm} ({KEY_VARIABLE} is "
-                f"{'set' if self.integrity.key else 'not set'}), so it cannot be verified: set "
-                f"{KEY_VARIABLE} as when it was written, or move the store aside (the model starts "
-                "afresh)."
-            )
-        actual = self.integrity.tag(data)
-        if not any(hmac.compare_digest(actual, str(tag)) for tag in record.get("tags", [])):
-            raise CheckpointError(
-                f"{path} does not match the {algorithm} recorded when it was written: it was "
-                "changed or replaced since, and is not loaded (a checkpoint is a pickle, which runs "
-                "code). Move it aside (the model starts afresh)."
-            )
+
+def read_verified(path: Path, integrity: Integrity) -> tuple[dict[str, Any], io.BytesIO]:
+    """The header of the checkpoint file at ``path`` and its payload, still pickled, once the
+    file and its directory are private, its format readable and its integrity tag verified."""
+    _refuse_unless_private(path.parent, path.parent.stat())
+    data = _read_private(path)
+    handle = io.BytesIO(data)
+    if handle.readline() != MAGIC:
+        raise CheckpointError(f"{path} is not a streamflow checkpoint")
+    try:
+        header = json.loads(handle.readline())
+    except ValueError:
+        raise CheckpointError(f"{path} has a damaged header") from None
+    if header.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(
+            f"{path} has checkpoint format {header.get('format')}; this streamflow reads "
+            f"formats {sorted(READABLE_FORMATS)} (format 4 added the integrity check that is "
+            "verified before a checkpoint is unpickled). Move the store aside to start the "
+            "model afresh."
+        )
+    _verify(path, data, integrity)
+    return header, handle
+
+
+def load_verified(path: Path, integrity: Integrity, kind: str,
+                  name: str | None = None) -> tuple[dict[str, Any], Any]:
+    """The header and payload of the checkpoint file at ``path``, unpickled only once
+    :func:`read_verified` checked it and it holds a ``kind`` (named ``name``, if given)."""
+    header, handle = read_verified(path, integrity)
+    if header.get("kind") != kind or (name is not None and header.get("name") != name):
+        raise CheckpointError(f"{path} holds {header.get('kind')} {header.get('name')!r}")
+    return header, _Unpickler(handle).load()
+
+
+def _verify(path: Path, data: bytes, integrity: Integrity) -> None:
+    """Refuse ``path`` unless its tag is one its sidecar recorded, under ``integrity``."""
+    sidecar = _sidecar(path)
+    try:
+        record = json.loads(_read_private(sidecar))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no integrity record ({sidecar.name}), so it was not "
+                              "written by this streamflow; move it aside (the model starts "
+                              "afresh).") from None
+    except ValueError:
+        raise CheckpointError(f"{sidecar} is damaged; move {path.name} and it aside (the model "
+                              "starts afresh).") from None
+    algorithm = record.get("algorithm") if isinstance(record, dict) else None
+    if algorithm != integrity.algorithm:
+        raise CheckpointError(
+            f"{path} was recorded with {algorithm}, but this process uses "
+            f"{integrity.algorithm} ({KEY_VARIABLE} is "
+            f"{'set' if integrity.key else 'not set'}), so it cannot be verified: set "
+            f"{KEY_VARIABLE} as when it was written, or move the store aside (the model starts "
+            "afresh)."
+        )
+    actual = integrity.tag(data)
+    if not any(hmac.compare_digest(actual, str(tag)) for tag in record.get("tags", [])):
+        raise CheckpointError(
+            f"{path} does not match the {algorithm} recorded when it was written: it was "
+            "changed or replaced since, and is not loaded (a checkpoint is a pickle, which runs "
+            "code). Move it aside (the model starts afresh)."
+        )

@@ -119,6 +119,7 @@ class PartitionState:
     detector: Any | None = None
     drift_events: int = 0
     records_since_checkpoint: int = 0
+    rollback: dict[str, Any] | None = None  # the rollback request adopted last (registry)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ class ModelEngine:
         self.store = store
         self.states: dict[int, PartitionState] = {}
         self.cluster_id: str | None = None  # of the Kafka cluster whose offsets states hold
+        self.registry_metadata: dict[str, Any] = {}  # what each registry version also records
         self.slots: OrderedDict[tuple[int, str], ModelSlot] = OrderedDict()
         self._on_learned = on_learned
         self._on_drift = on_drift
@@ -272,12 +274,37 @@ class ModelEngine:
             state.records_since_checkpoint = 0
             models = {key: slot for (p, key), slot in self.slots.items() if p == partition}
             learned = {key: slot.learned for key, slot in models.items()}
+            metrics = {metric.name: {"cumulative": float(metric.cumulative.get()),
+                                     "rolling": metric.rolling_value()} for metric in state.metrics}
             snapshots.append(self.store.snapshot(
                 self._state_name(partition), "partition-state", (state, models),
                 {"next_offsets": state.next_offsets, "learned": learned,
-                 "cluster_id": self.cluster_id},
+                 "cluster_id": self.cluster_id, "partition": partition,
+                 "records_learned": sum(learned.values()), "metrics": metrics,
+                 "drift_events": state.drift_events, "rollback": state.rollback,
+                 "registry": {**self.registry_metadata, "cluster_id": self.cluster_id}},
             ))
         return snapshots
+
+    def adopt(self, partition: int, state: PartitionState, models: dict[str, ModelSlot],
+              rollback: dict[str, Any]) -> None:
+        """Replace partition ``partition``'s models, metrics and drift detector by ``state``'s
+        and ``models`` (an earlier checkpoint's), keeping its offsets: the records since that
+        checkpoint are not learned again. ``rollback`` is recorded in the state."""
+        current = self.states[partition]
+        state.next_offsets = current.next_offsets
+        state.waiting = current.waiting
+        state.drift_events = current.drift_events
+        state.records_since_checkpoint = current.records_since_checkpoint
+        state.rollback = rollback
+        for slot in models.values():
+            slot.next_offsets = dict(current.next_offsets)
+            if slot.background is None and self.settings.drift_policy == "swap":
+                slot.background = slot.model.fresh()
+        self.revoke(partition)
+        self.states[partition] = state
+        for key, slot in models.items():
+            self.slots[(partition, key)] = slot
 
     # --- records --------------------------------------------------------------------------
 

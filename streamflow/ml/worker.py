@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import importlib.metadata
 import logging
 import os
 import pickle
@@ -32,6 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,9 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from streamflow.ml.checkpoint import CheckpointStore, Snapshot, Staged
+from streamflow import __version__
+from streamflow.ml.checkpoint import CheckpointError, CheckpointStore, Snapshot, Staged
 from streamflow.ml.engine import DriftEvent, EngineSettings, ModelEngine
 from streamflow.ml.model import Features, PredictionColumns, RiverModel
+from streamflow.ml.registry import Registry, RegistryError, RollbackRequest
 from streamflow.ml.spec import build_estimator
 from streamflow.plugins import TransientError
 
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 _CLOSE_TIMEOUT_S = 30.0
 _PR_SET_PDEATHSIG = 1
 _SEND_BUFFER_BYTES = 16 << 20
+ROLLBACK_CHECK_S = 1.0  # how often the worker looks for a rollback request between batches
 
 
 class ModelWorkerError(RuntimeError):
@@ -84,6 +89,8 @@ class EngineSpec:
     pipeline: str
     stage: str
     checkpoint_every_records: int
+    keep_versions: int = 0  # registry versions kept; 0: checkpoints are not kept as versions
+    config_hash: str = ""  # of the pipeline config, recorded in each version
 
 
 @dataclass
@@ -96,12 +103,13 @@ class Effects:
     unmatched: int = 0
     drift: list[DriftEvent] = field(default_factory=list)
     logs: list[tuple[str, int, str]] = field(default_factory=list)  # logger, level, message
+    rollbacks: int = 0  # partitions that adopted an earlier version
 
     def take(self) -> Effects:
         """These effects, and start afresh."""
         taken = Effects(self.learned, self.evicted, self.expired, self.unmatched, self.drift,
-                        self.logs)
-        self.learned = self.evicted = self.expired = self.unmatched = 0
+                        self.logs, self.rollbacks)
+        self.learned = self.evicted = self.expired = self.unmatched = self.rollbacks = 0
         self.drift, self.logs = [], []
         return taken
 
@@ -171,7 +179,14 @@ class EngineHost:
         estimator = build_estimator(spec.estimator)
         task = spec.settings.task
         self.every_records = spec.checkpoint_every_records
+        self.keep_versions = spec.keep_versions
+        self.config_hash = spec.config_hash
         self.checkpoints = 0  # taken so far: they number their staged files
+        self.effects = effects
+        self.registry = Registry.of_stage(spec.checkpoint_root, spec.pipeline, spec.stage)
+        self._rollback_check_at = 0.0
+        self._request_error: str | None = None  # the last one logged
+        self._rollbacks_passed: set[tuple[str, int]] = set()  # (request, partition) not adopted
 
         def learned(count: int) -> None:
             effects.learned += count
@@ -198,6 +213,11 @@ class EngineHost:
             on_expired=expired,
             on_unmatched=unmatched,
         )
+        self.engine.registry_metadata = {
+            "pipeline": spec.pipeline, "stage": spec.stage, "config_hash": spec.config_hash,
+            "river_version": importlib.metadata.version("river"),
+            "streamflow_version": __version__,
+        }
 
     def start(self, cluster_id: str | None) -> None:
         self.engine.cluster_id = cluster_id
@@ -208,6 +228,7 @@ class EngineHost:
         for partition in partitions:
             if partition not in self.engine.states:
                 self.engine.assign(partition)
+        self.adopt_requested(force=True)  # a rollback requested while the pipeline was stopped
         return {partition: self.engine.states[partition].next_offsets.get(topic, 0)
                 for partition in partitions}
 
@@ -218,9 +239,14 @@ class EngineHost:
     def checkpoint(self) -> Durable:
         """Snapshot every partition; once written, the offsets that may be committed, and the
         metric values."""
+        self.adopt_requested()
+        # a registry version only when something changed: an idle stage checkpoints every
+        # every_seconds, and its versions would push the others out
+        changed = any(state.records_since_checkpoint for state in self.engine.states.values())
         snapshots = self.engine.snapshots()
         self.checkpoints += 1
-        staged = [snapshot.staged(self.checkpoints) for snapshot in snapshots]
+        keep = self.keep_versions if changed else 0
+        staged = [snapshot.staged(self.checkpoints, keep) for snapshot in snapshots]
         return Durable(Checkpointed(self.engine.committable(), self.metric_values(), staged),
                        snapshots)
 
@@ -231,7 +257,60 @@ class EngineHost:
             for metric in state.metrics
         ]
 
+    def adopt_requested(self, force: bool = False) -> None:
+        """Have each partition adopt the version of a rollback request it has not adopted yet
+        (looked for at most every :data:`ROLLBACK_CHECK_S` unless ``force``)."""
+        now = time.monotonic()
+        if not force and now < self._rollback_check_at:
+            return
+        self._rollback_check_at = now + ROLLBACK_CHECK_S
+        try:
+            request = self.registry.rollback_request()
+        except (RegistryError, CheckpointError, OSError) as exc:
+            if str(exc) != self._request_error:  # once, not every second
+                log.error("cannot read the rollback request: %s", exc)
+            self._request_error = str(exc)
+            return
+        self._request_error = None
+        if request is None:
+            return
+        for partition, state in list(self.engine.states.items()):
+            adopted = state.rollback is not None and state.rollback.get("id") == request.id
+            if not adopted and (request.id, partition) not in self._rollbacks_passed:
+                self._adopt(partition, request)
+
+    def _adopt(self, partition: int, request: RollbackRequest) -> None:
+        current = self.engine.states[partition]
+        try:
+            loaded = self.registry.load_state(request.version, self.engine._state_name(partition))
+        except (RegistryError, CheckpointError, OSError) as exc:
+            self._rollbacks_passed.add((request.id, partition))
+            log.error("rollback of partition %d to version %d refused: %s", partition,
+                      request.version, exc)
+            return
+        if loaded is None:
+            self._rollbacks_passed.add((request.id, partition))
+            log.warning("rollback to version %d: it holds no state of partition %d, which keeps "
+                        "its model", request.version, partition)
+            return
+        header, (state, models) = loaded
+        learned_before = sum(slot.learned for (p, _key), slot in self.engine.slots.items()
+                             if p == partition)
+        self.engine.adopt(partition, state, models, {
+            "id": request.id, "version": request.version, "adopted_at": time.time(),
+            "at_offsets": dict(current.next_offsets), "learned_before": learned_before,
+        })
+        state.records_since_checkpoint = max(state.records_since_checkpoint, self.every_records)
+        self.effects.rollbacks += 1
+        log.warning("partition %d rolled back to version %d at offsets %s: its model had learned "
+                    "%d records, version %d's %d%s", partition, request.version,
+                    current.next_offsets, learned_before, request.version,
+                    sum(header.get("learned", {}).values()),
+                    "" if header.get("registry", {}).get("config_hash") in (None, self.config_hash)
+                    else " (that version was taken with another pipeline config)")
+
     def handle(self, request: BatchRequest) -> BatchReply:
+        self.adopt_requested()
         reply = BatchReply()
         if request.features is not None:
             self._score(request, reply)

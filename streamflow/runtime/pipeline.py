@@ -340,7 +340,8 @@ class PipelineRunner:
         )
         spec = EngineSpec(
             settings, stage.estimator, str(stage.checkpoint.path), self.config.pipeline,
-            stage.name, stage.checkpoint.every_records,
+            stage.name, stage.checkpoint.every_records, stage.checkpoint.keep_versions,
+            config_hash(self.config),
         )
         return ModelStage(
             self._identity(stage), transport, batch, metrics, model_metrics, stage, spec,

@@ -1,0 +1,376 @@
+"""The model registry: each checkpoint of a model stage is kept as a version in its store.
+
+A stage's store (``<checkpoint.path>/<pipeline>/<stage>/``) holds, besides the current
+checkpoint files, ``versions/<N>/``: hard links to the partition-state files a checkpoint put in
+place, each with its integrity sidecar, and ``version.json``, the version's metadata (offsets,
+metrics, records learned, drift events, config hash, river and streamflow versions, creation
+time), gathered from the files' headers. A version is built in a hidden directory while its
+checkpoint is published (by the stage, after the output it covers is out) and renamed into
+place whole: readers see a version complete or not at all, and nothing in it changes after that
+(a checkpoint replaces the current file with a new one; the version keeps the old one). Versions
+are numbered in the order they were published; replicas of a stage share the numbering.
+
+Retention keeps the last ``keep_versions`` versions, the tagged ones (``versions/<N>/tags.json``)
+and the one a rollback request names. A version is retired by renaming it aside, then looking
+at its tags once more, so that a tag set meanwhile keeps it.
+
+A rollback is a request file in the store (``rollback.json``: an id and a version). The stage's
+worker looks at it between batches (at most once a second) and when it restores partitions; a
+partition whose state has not adopted that request yet takes the version's models and metrics,
+keeping its offsets (records are not learned again), and remembers the request's id in its
+state, so a stopped pipeline adopts it at its next start and a restart after a crash adopts it
+again if the checkpoint after the adoption was not written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamflow.ml.checkpoint import (
+    _LEFTOVER_AGE_S,
+    CheckpointError,
+    Integrity,
+    Staged,
+    _private_directory,
+    _read_private,
+    _refuse_unless_private,
+    _sidecar,
+    _sync_directories,
+    _write_private,
+    load_verified,
+    read_verified,
+)
+
+VERSIONS = "versions"
+METADATA = "version.json"
+TAGS = "tags.json"
+REQUEST = "rollback.json"
+EXPORT_FORMAT = "streamflow-model-export/1"
+_NEW_PREFIX = ".new-"
+_RETIRED_PREFIX = ".retired-"
+_PARTITION_FIELDS = ("partition", "next_offsets", "learned", "records_learned", "metrics",
+                     "drift_events", "rollback", "saved_at")
+
+
+class RegistryError(RuntimeError):
+    """A version, tag or request the registry does not have, or cannot take."""
+
+
+@dataclass(frozen=True)
+class Version:
+    """A version's number, metadata (``version.json``) and tags."""
+
+    number: int
+    metadata: dict[str, Any]
+    tags: list[str]
+
+    @property
+    def records_learned(self) -> int:
+        return sum(int(part.get("records_learned", 0))
+                   for part in self.metadata.get("partitions", {}).values())
+
+
+@dataclass(frozen=True)
+class RollbackRequest:
+    """Have the stage adopt ``version``; ``id`` tells requests apart."""
+
+    id: str
+    version: int
+    requested_at: float
+
+
+def _write_json(path: Path, document: Any) -> None:
+    """Write ``document`` to ``path`` atomically, readable by its owner only."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.part")
+    _write_private(temporary, json.dumps(document, indent=2).encode())
+    os.replace(temporary, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(_read_private(path))
+    except ValueError:
+        raise RegistryError(f"{path} is damaged") from None
+
+
+@dataclass
+class NewVersion:
+    """A version being built by :func:`streamflow.ml.checkpoint.publish`: :meth:`stage` links
+    the staged files before they are put in place, :meth:`commit` names the version after."""
+
+    store: Path
+    directory: Path
+    keep: int
+    metadata: dict[str, Any]
+
+    @classmethod
+    def stage(cls, files: list[tuple[Staged, dict[str, str]]]) -> NewVersion:
+        """Link each staged file, with a sidecar holding its tag, into a hidden directory."""
+        store = files[0][0].path.parent
+        versions = store / VERSIONS
+        _private_directory(versions)
+        _remove_leftovers(versions)
+        directory = versions / f"{_NEW_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        directory.mkdir(mode=0o700)
+        partitions: dict[str, dict[str, Any]] = {}
+        common: dict[str, Any] = {}
+        for file, tag in files:
+            assert file.header is not None
+            os.link(file.temporary, directory / file.path.name)
+            _write_private(_sidecar(directory / file.path.name),
+                           json.dumps({"algorithm": tag["algorithm"], "tags": [tag["tag"]]}).encode())
+            header = file.header
+            partitions[header["name"]] = {
+                "file": file.path.name, **{key: header[key] for key in _PARTITION_FIELDS if key in header}}
+            common = dict(header.get("registry", {}))
+        metadata = {**common, "partitions": partitions}
+        return cls(store, directory, max(file.keep_versions for file, _ in files), metadata)
+
+    def commit(self) -> int:
+        """Name the version (the next number free), write its metadata, apply retention."""
+        versions = self.directory.parent
+        number = max(_numbers(versions), default=0) + 1
+        while True:
+            self.metadata.update(version=number, created_at=time.time())
+            _write_json(self.directory / METADATA, self.metadata)
+            try:
+                os.rename(self.directory, versions / str(number))
+                break
+            except OSError:  # another replica took that number: take the next
+                if not (versions / str(number)).exists():
+                    raise
+                number += 1
+        _sync_directories([versions / str(number) / METADATA, versions / str(number)])
+        Registry(self.store).retain(self.keep)
+        return number
+
+
+def _numbers(versions: Path) -> list[int]:
+    try:
+        names = os.listdir(versions)
+    except FileNotFoundError:
+        return []
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def _remove_leftovers(versions: Path) -> None:
+    """Hidden directories of writers that died building or retiring a version."""
+    for path in versions.iterdir():
+        if path.name.startswith((_NEW_PREFIX, _RETIRED_PREFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - path.stat().st_mtime > _LEFTOVER_AGE_S:
+                    shutil.rmtree(path, ignore_errors=True)
+
+
+class Registry:
+    """The versions of one model stage's store, read and managed while the stage runs or not."""
+
+    def __init__(self, store: str | Path) -> None:
+        self.store = Path(store)
+        self.versions_directory = self.store / VERSIONS
+        self.integrity = Integrity.from_environment()
+
+    @classmethod
+    def of_stage(cls, root: str | Path, pipeline: str, stage: str) -> Registry:
+        return cls(Path(root) / pipeline / stage)
+
+    # --- reading --------------------------------------------------------------------------
+
+    def versions(self) -> list[Version]:
+        """Every version, oldest first (one retired while this reads is left out)."""
+        found = []
+        for number in _numbers(self.versions_directory):
+            with contextlib.suppress(RegistryError):
+                found.append(self.version(number))
+        return found
+
+    def version(self, number: int) -> Version:
+        directory = self.versions_directory / str(number)
+        try:
+            _refuse_unless_private(directory, directory.stat())
+            metadata = _read_json(directory / METADATA)
+        except FileNotFoundError:
+            raise RegistryError(f"{self.store} has no version {number}"
+                                f"{self._known()}") from None
+        return Version(number, metadata, self._tags(directory))
+
+    def _known(self) -> str:
+        numbers = _numbers(self.versions_directory)
+        return f" (it has {numbers[0]}..{numbers[-1]})" if numbers else " (it has no versions yet)"
+
+    def _tags(self, directory: Path) -> list[str]:
+        try:
+            return list(_read_json(directory / TAGS))
+        except FileNotFoundError:
+            return []
+
+    def files(self, number: int) -> dict[str, Path]:
+        """The checkpoint file of each partition state in version ``number``, by state name."""
+        version = self.version(number)
+        directory = self.versions_directory / str(number)
+        return {name: directory / part["file"]
+                for name, part in version.metadata.get("partitions", {}).items()}
+
+    def verify(self, number: int) -> None:
+        """Check the integrity of every file of version ``number``, unpickling nothing."""
+        for path in self.files(number).values():
+            read_verified(path, self.integrity)
+
+    def load_state(self, number: int, name: str) -> tuple[dict[str, Any], Any] | None:
+        """The header and (state, models) of partition state ``name`` in version ``number``,
+        verified before it is unpickled; None if the version has no such partition."""
+        path = self.files(number).get(name)
+        if path is None:
+            return None
+        try:
+            return load_verified(path, self.integrity, "partition-state", name)
+        except FileNotFoundError:
+            raise RegistryError(f"version {number} was removed while being read") from None
+
+    # --- tags and retention ---------------------------------------------------------------
+
+    def tag(self, number: int, name: str) -> int | None:
+        """Tag version ``number`` ``name``; a tag names one version, so it moves from the one
+        that had it, whose number is returned."""
+        if not name or name.isdigit():
+            raise RegistryError(f"a tag is a name, not {name!r}")
+        self.version(number)
+        moved_from = None
+        for version in self.versions():
+            if name in version.tags and version.number != number:
+                self._set_tags(version.number, [tag for tag in version.tags if tag != name])
+                moved_from = version.number
+        directory = self.versions_directory / str(number)
+        tags = self._tags(directory)
+        if name not in tags:
+            self._set_tags(number, [*tags, name])
+        if name not in self.version(number).tags:  # retired while it was being tagged
+            raise RegistryError(f"version {number} was removed by retention meanwhile")
+        return moved_from
+
+    def untag(self, name: str) -> int:
+        """Remove tag ``name``; the number of the version that had it."""
+        for version in self.versions():
+            if name in version.tags:
+                self._set_tags(version.number, [tag for tag in version.tags if tag != name])
+                return version.number
+        raise RegistryError(f"no version is tagged {name!r}")
+
+    def _set_tags(self, number: int, tags: list[str]) -> None:
+        _write_json(self.versions_directory / str(number) / TAGS, tags)
+
+    def resolve(self, reference: str) -> int:
+        """A version number from a number, a tag, or ``latest``."""
+        if reference.isdigit():
+            return int(reference)
+        versions = self.versions()
+        if reference == "latest" and versions:
+            return versions[-1].number
+        for version in versions:
+            if reference in version.tags:
+                return version.number
+        raise RegistryError(f"no version is tagged {reference!r}{self._known()}")
+
+    def retain(self, keep: int) -> list[int]:
+        """Retire versions beyond the last ``keep``, but tagged ones and the one a rollback
+        request names; the numbers retired."""
+        numbers = _numbers(self.versions_directory)
+        request = self.rollback_request()
+        pinned = {request.version} if request else set()
+        retired = []
+        for number in numbers[:-keep]:
+            directory = self.versions_directory / str(number)
+            if number in pinned or self._tags(directory):
+                continue
+            aside = self.versions_directory / f"{_RETIRED_PREFIX}{number}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(directory, aside)
+            except FileNotFoundError:  # retired by another replica
+                continue
+            if self._tags(aside):  # tagged just now: keep it
+                os.rename(aside, directory)
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
+            retired.append(number)
+        return retired
+
+    # --- rollback -------------------------------------------------------------------------
+
+    def request_rollback(self, number: int) -> RollbackRequest:
+        """Ask the stage to adopt version ``number`` (checked whole first)."""
+        self.verify(number)
+        request = RollbackRequest(uuid.uuid4().hex, number, time.time())
+        _write_json(self.store / REQUEST, request.__dict__)
+        return request
+
+    def rollback_request(self) -> RollbackRequest | None:
+        try:
+            document = _read_json(self.store / REQUEST)
+        except FileNotFoundError:
+            return None
+        try:
+            return RollbackRequest(str(document["id"]), int(document["version"]),
+                                   float(document["requested_at"]))
+        except (KeyError, TypeError, ValueError):
+            raise RegistryError(f"{self.store / REQUEST} is damaged") from None
+
+    # --- export ---------------------------------------------------------------------------
+
+    def export(self, number: int, destination: Path) -> str:
+        """Write version ``number`` as one portable file at ``destination``: a plain pickle
+        (protocol 5) of an :class:`Exported`'s fields as a dict, holding river estimators and
+        JSON-like metadata only. Returns the file's SHA-256."""
+        version = self.version(number)
+        models: dict[int, dict[str, Any]] = {}
+        for name, part in version.metadata.get("partitions", {}).items():
+            loaded = self.load_state(number, name)
+            assert loaded is not None
+            _state, slots = loaded[1]
+            models[int(part["partition"])] = {key: slot.model.estimator for key, slot in slots.items()}
+        document = {"format": EXPORT_FORMAT, "metadata": {**version.metadata, "tags": version.tags},
+                    "models": models}
+        body = pickle.dumps(document, protocol=5)
+        temporary = destination.with_name(f"{destination.name}.{os.getpid()}.part")
+        _write_private(temporary, body)
+        os.replace(temporary, destination)
+        return hashlib.sha256(body).hexdigest()
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A version exported by ``streamflow models export``: its metadata and its river
+    estimators by input partition and model key (``""`` without ``key_field``)."""
+
+    metadata: dict[str, Any]
+    models: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def model(self) -> Any:
+        """The estimator, when the version holds exactly one."""
+        every = [model for keyed in self.models.values() for model in keyed.values()]
+        if len(every) != 1:
+            raise ValueError(f"this export holds {len(every)} models: pick one from .models")
+        return every[0]
+
+
+def load(path: str | Path, sha256: str | None = None) -> Exported:
+    """Load a file written by ``streamflow models export``. It is a pickle, which runs code when
+    loaded: the file must belong to this user and be writable by no one else, and with
+    ``sha256`` (printed by the export) its digest must match before it is unpickled."""
+    data = _read_private(Path(path))
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
+        raise CheckpointError(f"{path} does not have the SHA-256 given: it is not loaded")
+    document = pickle.loads(data)
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is not a model exported by streamflow")
+    return Exported(document["metadata"], document["models"])
