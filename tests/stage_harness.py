@@ -42,6 +42,7 @@ TIMEOUT_S = 60.0
 # A crashed member is evicted, and its open transaction aborted, within seconds.
 FAST_FAILURE = {"session.timeout.ms": "2000", "transaction.timeout.ms": "3000"}
 GUARANTEES = [pytest.param(False, id="at_least_once"), pytest.param(True, id="exactly_once")]
+PER_BATCH = 0.0  # exactly_once: a transaction per batch, so that crash points count batches
 
 
 def unique(prefix: str) -> str:

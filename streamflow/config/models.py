@@ -364,6 +364,12 @@ class RuntimeConfig(Strict):
         "output, dead letters and input offsets in one Kafka transaction (not Faust stages, nor "
         "model stages with a labels topic)",
     )
+    transaction_interval_ms: int = Field(
+        100, ge=0, le=10_000,
+        description="exactly_once: a stage's transaction spans the batches of this interval "
+        "(Kafka Streams' commit.interval.ms); read_committed readers see its records when it "
+        "commits. 0: a transaction per batch. Keep it well below transaction.timeout.ms",
+    )
     dead_letter_warning: DeadLetterWarningConfig = Field(default_factory=DeadLetterWarningConfig)
     schedule_state_dir: str = Field(
         "./state", description="where the scheduler keeps each schedule's last tick "

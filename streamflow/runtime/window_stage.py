@@ -30,6 +30,7 @@ from streamflow.processing.windows import (
 )
 from streamflow.runtime.dead_letters import Failure, dead_letter_batch
 from streamflow.runtime.stages import (
+    TRANSACTION_INTERVAL_S,
     Handled,
     StageIdentity,
     StepRunner,
@@ -93,10 +94,12 @@ class WindowStage(TopicStage):
         changelog_topic: str,
         checkpoint: StateCheckpointConfig,
         exactly_once: bool = False,
+        transaction_interval_s: float = TRANSACTION_INTERVAL_S,
     ) -> None:
         self.windows = WindowStates(window)
         super().__init__(identity, transport, batch, metrics, output_topic, steps, exactly_once,
-                         changelog_topic, checkpoint, {"windows": self.windows})
+                         changelog_topic, checkpoint, {"windows": self.windows},
+                         transaction_interval_s)
         self.window = window
         self.window_metrics = window_metrics
         self.late_topic = late_topic

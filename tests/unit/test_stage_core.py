@@ -20,11 +20,13 @@ from streamflow.metrics import PipelineMetrics
 from streamflow.plugins import ComponentContext, Sink, Source, SourceBatch
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
 from streamflow.runtime.stages import SinkStage, StageIdentity, TopicStage
-from streamflow.transport import TopicPartition, Transport
+from streamflow.transport import OutgoingBatch, TopicPartition, TopicSpec, Transport
 from tests.stage_harness import (
     COUNT,
     FAST_FAILURE,
     GUARANTEES,
+    PARTITIONS,
+    PER_BATCH,
     TIMEOUT_S,
     Crash,
     InjectedTransport,
@@ -50,13 +52,15 @@ def world() -> Iterator[World]:
 # --- Stages -------------------------------------------------------------------------------------
 
 
-def topic_stage(world: World, transport: Transport, exactly_once: bool) -> TopicStage:
+def topic_stage(world: World, transport: Transport, exactly_once: bool,
+                transaction_interval_s: float = PER_BATCH) -> TopicStage:
     """A processor stage with no steps: each valid input goes out as it came, each other one to
     the dead letters."""
     metrics = PipelineMetrics(world.pipeline).stage("copy")
     return TopicStage(StageIdentity(world.pipeline, "copy", world.input, world.dead_letters),
                       transport, BatchConfig(max_records=25, max_wait_ms=10), metrics,
-                      world.output, [], exactly_once=exactly_once)
+                      world.output, [], exactly_once=exactly_once,
+                      transaction_interval_s=transaction_interval_s)
 
 
 def check_topic_outputs(world: World, exactly_once: bool) -> None:
@@ -158,6 +162,64 @@ def test_at_least_once_loses_nothing_across_a_crash(world: World, step: str, aft
 def test_exactly_once_holds_across_a_crash(world: World, step: str, after: bool) -> None:
     crash_and_restart(world, True, step, after)
     check_topic_outputs(world, exactly_once=True)
+
+
+SPANNING = 1.0  # exactly_once: a transaction spans the batches of a second (these runs take less)
+
+
+@pytest.mark.parametrize(("step", "at", "after"), [
+    pytest.param("produce", 6, True, id="mid-transaction"),
+    pytest.param("commit_transaction", 1, False, id="before-its-commit"),
+])
+def test_exactly_once_holds_across_a_crash_in_a_transaction_spanning_batches(
+    world: World, step: str, at: int, after: bool
+) -> None:
+    transport = world.transport(FAST_FAILURE)
+    injector = Injector(step, at=at, after=after)
+    first = topic_stage(world, InjectedTransport(transport, injector), True, SPANNING)
+    first.start()
+    crashed(first, injector)
+    assert injector.calls["begin_transaction"] == 1 and injector.calls["produce"] >= 6, \
+        "the batches did not share a transaction"
+    restarted = topic_stage(world, transport, True, SPANNING)
+    restarted.start()
+    wait_until(lambda: world.all_committed(group(world)), "the input's offsets committed")
+    finish(restarted)
+    check_topic_outputs(world, exactly_once=True)
+
+
+def test_a_stop_commits_the_open_transaction_spanning_batches(world: World) -> None:
+    stage = stopped_mid_stream(world, lambda t: topic_stage(world, t, True, SPANNING))
+    assert world.cluster.open_transaction_count() == 0
+    committed = world.cluster.committed_offsets(group(world))
+    covered = {number for number, (partition, offset) in world.places().items()
+               if offset < committed.get((world.input, partition), 0)}
+    assert records_in(stage) == len(covered) > 0
+    produced = world.output_ids()
+    assert set(produced) == covered & world.valid() and max(produced.values()) == 1
+
+
+def test_a_record_the_broker_refuses_sends_its_whole_transaction_again(world: World) -> None:
+    """An output record over the output topic's size limit, handled after several batches of
+    the same open transaction: the refusal aborts the transaction, so every record sent in it
+    goes again in a new one, and the big record's input goes to the dead letters."""
+    small = "small-out"
+    admin = world.transport().admin()
+    admin.create_topics([TopicSpec(small, PARTITIONS, config={"max.message.bytes": "2000"})])
+    big = json.dumps({"id": COUNT, "pad": "p" * 3000}).encode()
+    producer = world.transport().producer()
+    producer.produce([OutgoingBatch(world.input, [big], [str(COUNT).encode()])])
+    metrics = PipelineMetrics(world.pipeline).stage("copy")
+    stage = TopicStage(StageIdentity(world.pipeline, "copy", world.input, world.dead_letters),
+                       world.transport(), BatchConfig(max_records=25, max_wait_ms=10), metrics,
+                       small, [], exactly_once=True, transaction_interval_s=SPANNING)
+    stage.start()
+    wait_until(lambda: world.all_committed(group(world)), "the input's offsets committed")
+    finish(stage)
+    ids = Counter(json.loads(v or b"")["id"] for v in world.read(small))
+    assert set(ids) == world.valid() and max(ids.values()) == 1
+    letters = world.dead_letter_values()
+    assert set(letters) == {*world.poison(), big} and max(letters.values()) == 1
 
 
 @pytest.mark.parametrize("exactly_once", GUARANTEES)

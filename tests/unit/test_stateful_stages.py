@@ -42,7 +42,15 @@ from streamflow.runtime.stages import StageIdentity, StageRunner, StepRunner, To
 from streamflow.runtime.window_stage import WindowStage
 from streamflow.transport import TopicSpec, Transport
 from tests import stage_harness as harness
-from tests.stage_harness import COUNT, GUARANTEES, PARTITIONS, InjectedTransport, Injector, World
+from tests.stage_harness import (
+    COUNT,
+    GUARANTEES,
+    PARTITIONS,
+    PER_BATCH,
+    InjectedTransport,
+    Injector,
+    World,
+)
 
 CHANGELOG = "changelog"
 LATE = "late"
@@ -106,7 +114,7 @@ def window_stage(world: World, transport: Transport, exactly_once: bool,
     return WindowStage(StageIdentity(world.pipeline, "window", world.input, world.dead_letters),
                        transport, BATCH, metrics.stage("window"), world.output, [],
                        WINDOW, metrics.window("window"), LATE, CHANGELOG, checkpoint,
-                       exactly_once)
+                       exactly_once, PER_BATCH)
 
 
 def expected_windows(world: World) -> Counter[tuple[str, int, float]]:
@@ -264,7 +272,8 @@ def dedupe_stage(world: World, transport: Transport, exactly_once: bool,
     return TopicStage(StageIdentity(world.pipeline, "dedupe", world.input, world.dead_letters),
                       transport, BATCH, metrics.stage("dedupe"), world.output, [StepRunner(dedupe)],
                       exactly_once, CHANGELOG,
-                      StateCheckpointConfig(every_records=snapshot_every, every_seconds=3600))
+                      StateCheckpointConfig(every_records=snapshot_every, every_seconds=3600),
+                      transaction_interval_s=PER_BATCH)
 
 
 def first_of_each_x(world: World) -> set[int]:
@@ -334,7 +343,8 @@ def model_stage(world: World, transport: Transport, exactly_once: bool, checkpoi
     metrics = PipelineMetrics(world.pipeline)
     return ModelStage(StageIdentity(world.pipeline, "model", world.input, world.dead_letters),
                       transport, BATCH, metrics.stage("model", ("model",)),
-                      metrics.model("model", "LinearRegression"), config, spec, None, exactly_once)
+                      metrics.model("model", "LinearRegression"), config, spec, None, exactly_once,
+                      PER_BATCH)
 
 
 def checkpoint_headers(checkpoints: Path) -> dict[str, dict[str, Any]]:
