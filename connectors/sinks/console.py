@@ -9,6 +9,7 @@ from typing import BinaryIO, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors.sinks.warehouse import apart_from_lineage
 from streamflow.plugins import ComponentContext, Sink
 from streamflow.processing.codec import encode_json
 from streamflow.transport.base import TopicPartition
@@ -34,7 +35,7 @@ class ConsoleSink(Sink[ConsoleConfig]):
         self._written = 0
 
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
-        lines = encode_json(table)
+        lines = encode_json(apart_from_lineage(table))
         if lines:
             self._written += self.output.write(b"\n".join(lines) + b"\n")
 

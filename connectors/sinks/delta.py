@@ -5,7 +5,8 @@ schema merge) and records, per topic-partition, an application transaction whose
 next offset to read. On assignment the runtime reads those versions back and skips what the
 table already holds, so a replayed commit is never applied twice. Delta ignores case in column
 names: a field whose column differs from another only in case has its records dead-lettered
-(column names: :mod:`connectors.sinks.warehouse`).
+(column names: :mod:`connectors.sinks.warehouse`). With a lineage manifest (docs/lineage.md),
+each commit carries it in its commit info, as custom metadata ``streamflow.lineage`` (JSON text).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.sinks.warehouse import ColumnType, Naming, buffer_conformed
 from streamflow.plugins import ComponentContext, Sink, TransientError
+from streamflow.runtime.row_lineage import MANIFEST_PROPERTY, manifest_text
 from streamflow.transport.base import TopicPartition
 
 NAMING = Naming("Delta Lake", fold=str.lower)  # delta-rs compares names in Unicode lower case
@@ -86,11 +88,14 @@ class DeltaSink(Sink[DeltaConfig]):
                 else pa.schema(self._table().schema().to_arrow()).empty_table())
         transactions = [Transaction(self.app_id(partition, cluster_id), offset)
                         for partition, offset in offsets.items()]
+        metadata = ({MANIFEST_PROPERTY: manifest_text(self.lineage_manifest)}
+                    if self.lineage_manifest is not None else None)
         try:
             write_deltalake(
                 self.config.path, data, mode="append", schema_mode="merge",
                 storage_options=self.config.storage_options or None,
-                commit_properties=CommitProperties(app_transactions=transactions),
+                commit_properties=CommitProperties(custom_metadata=metadata,
+                                                   app_transactions=transactions),
             )
         except CommitFailedError as exc:
             raise TransientError(f"Delta commit to {self.config.path} failed: {exc}") from exc

@@ -5,15 +5,18 @@ columns as new fields appear; ``append`` or ``upsert`` on key columns; the consu
 stored in ``offsets_table`` in the transaction that inserts the rows. DuckDB allows one writing
 process per file: give each pipeline (or each replica) its own file. DuckDB ignores the case of
 ASCII letters in column names: a field whose column differs from another only that way has
-its records dead-lettered (column names: :mod:`connectors.sinks.warehouse`).
+its records dead-lettered (column names: :mod:`connectors.sinks.warehouse`). With a lineage
+manifest (docs/lineage.md), each commit adds a row to ``lineage_table`` in its transaction.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import duckdb
 import numpy as np
@@ -199,8 +202,24 @@ class DuckDBSink(Sink[DuckDBConfig]):
             [[self.context.pipeline, self.context.name, topic, partition, cluster_id, offset]
              for (topic, partition), offset in offsets.items()],
         )
+        if self.lineage_manifest is not None:
+            self._store_manifest(connection, self.lineage_manifest)
         connection.commit()
         self._in_transaction = False
+
+    def _store_manifest(self, connection: duckdb.DuckDBPyConnection,
+                        manifest: Mapping[str, Any]) -> None:
+        """Add ``manifest`` to the lineage table (created if missing), in the open transaction."""
+        lineage = quote(self.config.lineage_table)
+        connection.execute(
+            f"CREATE TABLE IF NOT EXISTS {lineage} (pipeline VARCHAR, sink VARCHAR, "
+            "table_name VARCHAR, commit_id VARCHAR PRIMARY KEY, committed_at TIMESTAMPTZ, "
+            "rows BIGINT, config_hash VARCHAR, manifest JSON NOT NULL)")
+        connection.execute(
+            f"INSERT INTO {lineage} VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [self.context.pipeline, self.context.name, self.config.table, manifest["commit_id"],
+             datetime.fromisoformat(manifest["committed_at"]), manifest["rows"],
+             manifest["config_hash"], json.dumps(manifest)])
 
     def close(self) -> None:
         if self.connection is not None:

@@ -6,7 +6,8 @@ topic-partition, the next offset to read as a property of the snapshot's summary
 the runtime reads them back, from the newest snapshot of the current one's ancestry that holds
 each, and skips what the table already holds. Column names are compared ignoring case, as the
 engines that read Iceberg tables do: a field whose column differs from another only in case has
-its records dead-lettered (column names: :mod:`connectors.sinks.warehouse`).
+its records dead-lettered (column names: :mod:`connectors.sinks.warehouse`). With a lineage
+manifest (docs/lineage.md), the summary also holds it as ``streamflow.lineage`` (JSON text).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pyiceberg.table.snapshots import ancestors_of
 
 from connectors.sinks.warehouse import ColumnType, Naming, buffer_conformed
 from streamflow.plugins import ComponentContext, Sink, TransientError
+from streamflow.runtime.row_lineage import MANIFEST_PROPERTY, manifest_text
 from streamflow.transport.base import TopicPartition
 
 NAMING = Naming("Iceberg", fold=str.lower)  # Spark, Trino and DuckDB resolve columns ignoring case
@@ -143,6 +145,8 @@ class IcebergSink(Sink[IcebergConfig]):
             table = self._catalog.create_table(self.config.table, schema=data.schema)
         properties = {self.offset_key(partition, cluster_id): str(offset)
                       for partition, offset in offsets.items()}
+        if self.lineage_manifest is not None:
+            properties[MANIFEST_PROPERTY] = manifest_text(self.lineage_manifest)
         try:
             with table.transaction() as transaction:
                 existing = set(table.schema().column_names)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from connectors.sinks.warehouse import is_nested, json_text
+from connectors.sinks.warehouse import apart_from_lineage, is_nested, json_text
 from streamflow.config.models import KafkaConfig
 from streamflow.plugins import ComponentContext, Sink
 from streamflow.processing.codec import encode_json
@@ -80,6 +80,7 @@ class KafkaSink(Sink[KafkaSinkConfig]):
         return [None if key is None else key.encode() for key in text.to_pylist()]
 
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
+        table = apart_from_lineage(table)
         self._buffer.append(OutgoingBatch(self.config.topic, encode_json(table), self._keys(table)))
 
     def flush(self, offsets: Mapping[TopicPartition, int], cluster_id: str) -> int:

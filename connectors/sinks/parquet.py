@@ -8,6 +8,10 @@ cluster's id, and its directory from the ``partition_by`` values, so a replay of
 after a crash overwrites the same files instead of adding new ones, while the records of another
 cluster (a new in-memory embedded broker starts its offsets at 0 again) never overwrite them.
 
+With a lineage manifest (docs/lineage.md), each file has a sidecar beside it,
+``_<file name>.lineage.json`` (a leading ``_``: readers of the folder skip it), written before
+the file and replaced with it by a replay.
+
 Partition directories are ``<field>=<value>``, one value to one directory (on a case-sensitive
 file system): see :func:`directory_name`. A record whose ``partition_by`` value cannot name a
 directory (a JSON object or array) is dead-lettered.
@@ -27,9 +31,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from connectors.sinks.warehouse import ColumnTypeError, cast_values, conform, is_nested
+from connectors.sinks.warehouse import (
+    ColumnTypeError,
+    apart_from_lineage,
+    cast_values,
+    conform,
+    is_nested,
+)
 from streamflow.plugins import ComponentContext, Sink, SinkRecordError
 from streamflow.processing.steps import type_depth
+from streamflow.runtime.row_lineage import OFFSET, SIDECAR_SUFFIX, manifest_text
 from streamflow.transport.base import TopicPartition
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -119,6 +130,7 @@ class ParquetSink(Sink[ParquetConfig]):
     def write(self, table: pa.Table, partition: TopicPartition, first_offset: int) -> None:
         _start, tables, places = self._buffers.setdefault(partition, (first_offset, [], []))
         failures: dict[int, BaseException] = {}
+        table = apart_from_lineage(table)
         table = self._readable(table, failures)
         table = self._placeable(table, failures)
         if tables:
@@ -225,8 +237,10 @@ class ParquetSink(Sink[ParquetConfig]):
                 continue
             table = pa.concat_tables(tables, promote_options="permissive")
             for directories, bucket, piece in _pieces(table, pa.concat_tables(places)):
-                written += self._write_file(
-                    self.file_path(partition, first_offset, cluster_id, directories, bucket), piece)
+                path = self.file_path(partition, first_offset, cluster_id, directories, bucket)
+                if self.lineage_manifest is not None:
+                    self._write_sidecar(path, partition, piece)
+                written += self._write_file(path, piece)
         self._buffers.clear()
         self._buffered_rows = self._buffered_bytes = 0
         return written
@@ -240,11 +254,38 @@ class ParquetSink(Sink[ParquetConfig]):
         os.replace(temporary, final)
         return final.stat().st_size
 
+    def _write_sidecar(self, path: Path, partition: TopicPartition, piece: pa.Table) -> None:
+        """The commit's manifest for the file at ``path`` (holding ``piece`` of ``partition``'s
+        rows): that partition's offsets, with the file's own first and last offset and rows."""
+        assert self.lineage_manifest is not None
+        entries = [dict(entry) for entry in self.lineage_manifest["offsets"]
+                   if (entry["topic"], entry["partition"]) == partition]
+        for entry in entries:
+            entry["rows"] = piece.num_rows
+            if OFFSET in piece.column_names and piece.num_rows:
+                entry["first_offset"] = pc.min(piece.column(OFFSET)).as_py()
+                entry["last_offset"] = pc.max(piece.column(OFFSET)).as_py()
+        manifest = {**self.lineage_manifest, "file": path.name, "rows": piece.num_rows,
+                    "offsets": entries}
+        sidecar = sidecar_path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = sidecar.with_name(sidecar.name + TEMPORARY_SUFFIX)
+        with open(temporary, "w") as handle:
+            handle.write(manifest_text(manifest))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, sidecar)
+
     def revoke(self, partitions: Sequence[TopicPartition]) -> None:
         for partition in partitions:
             _first, tables, _places = self._buffers.pop(partition, (0, [], []))
             self._buffered_rows -= sum(table.num_rows for table in tables)
             self._buffered_bytes -= sum(table.nbytes for table in tables)
+
+
+def sidecar_path(path: Path) -> Path:
+    """The lineage manifest beside the Parquet file at ``path``."""
+    return path.with_name(f"_{path.name}{SIDECAR_SUFFIX}")
 
 
 def _pieces(table: pa.Table, places: pa.Table) -> list[tuple[list[str], int | None, pa.Table]]:

@@ -6,14 +6,17 @@ exactly where the committed rows end. The table is created from the first record
 column (ALTER TABLE ADD COLUMN) when a new field appears, up to PostgreSQL's 1,600 columns (the
 records of fields beyond them are dead-lettered). Every identifier is quoted; a field
 whose name cannot be a column (empty, with a control character, longer than PostgreSQL's 63
-bytes) gets a column named by the rule in :mod:`connectors.sinks.warehouse`.
+bytes) gets a column named by the rule in :mod:`connectors.sinks.warehouse`. With a lineage
+manifest (docs/lineage.md), each commit adds a row to ``lineage_table`` in its transaction.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
@@ -302,11 +305,32 @@ class PostgresSink(Sink[PostgresConfig]):
                     (self.context.pipeline, self.context.name, topic, partition, cluster_id, offset)
                     for (topic, partition), offset in offsets.items()
                 ])
+                if self.lineage_manifest is not None:
+                    self._store_manifest(cursor, self.lineage_manifest)
             self.connection.commit()
         self._expected.update({partition: (cluster_id, offset)
                                for partition, offset in offsets.items()})
         written, self._bytes = self._bytes, 0
         return written
+
+    def _store_manifest(self, cursor: psycopg.Cursor[Any], manifest: Mapping[str, Any]) -> None:
+        """Add ``manifest`` to the lineage table (created if missing), in the open transaction."""
+        assert self.connection is not None
+        lineage = sql.Identifier(self.config.db_schema, self.config.lineage_table)
+        try:
+            with self.connection.transaction():  # a savepoint: another sink may create it too
+                cursor.execute(sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (pipeline text, sink text, table_name text, "
+                    "commit_id text PRIMARY KEY, committed_at timestamptz, rows bigint, "
+                    "config_hash text, manifest jsonb NOT NULL)").format(lineage))
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+            pass
+        cursor.execute(sql.SQL(
+            "INSERT INTO {} (pipeline, sink, table_name, commit_id, committed_at, rows, "
+            "config_hash, manifest) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(lineage), (
+            self.context.pipeline, self.context.name, self.config.table, manifest["commit_id"],
+            datetime.fromisoformat(manifest["committed_at"]), manifest["rows"],
+            manifest["config_hash"], json.dumps(manifest)))
 
     def revoke(self, partitions: Sequence[TopicPartition]) -> None:
         for partition in partitions:

@@ -20,7 +20,9 @@ existing column, or from one an earlier field of the batch creates, is a differe
 cannot get a column: its records with a value there are dead-lettered (``ColumnNameError``).
 
 The sinks' own column, the row order within a write (:attr:`Conformed.sequence`), takes a name
-no column of the batch has, so a field named ``_sf_seq`` is ordinary data.
+no column of the batch has, so a field named ``_sf_seq`` is ordinary data. Lineage columns
+(:mod:`streamflow.runtime.row_lineage`), last in a batch, keep their names, which end like mapped
+names: a field named like one is mapped by the rule above.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from streamflow.plugins import SinkRecordError
+from streamflow.runtime.row_lineage import lineage_count
 
 JSON: Literal["json"] = "json"
 # What a column holds, for conforming: an Arrow type, JSON text, or None for a database type
@@ -98,6 +101,10 @@ class WarehouseConfig(BaseModel):
         "streamflow_offsets",
         description="table holding the consumed offsets, written in the same transaction as rows",
     )
+    lineage_table: str = Field(
+        "streamflow_lineage",
+        description="with the sink's lineage_manifest: a row per commit, in its transaction",
+    )
 
     @model_validator(mode="after")
     def _keys_match_mode(self) -> WarehouseConfig:
@@ -156,6 +163,20 @@ class Conformed:
         if self.failures:
             failed = sorted(self.failures)
             raise SinkRecordError(failed, [self.failures[row] for row in failed])
+
+
+def apart_from_lineage(table: pa.Table) -> pa.Table:
+    """For a sink that keeps field names as they are (Parquet, Kafka, console): ``table`` with
+    the fields whose names end like a mapped name renamed by the rule (:func:`mapped_name`)
+    when it has lineage columns, so that no field bears a lineage column's name."""
+    own = lineage_count(table)
+    if not own:
+        return table
+    fields = table.column_names[:table.num_columns - own]
+    names = [mapped_name(name) if _MAPPED.search(name) else name for name in fields]
+    if names == fields:
+        return table
+    return table.rename_columns([*names, *table.column_names[len(fields):]])
 
 
 def buffer_conformed(buffer: list[pa.Table], table: pa.Table, columns: dict[str, ColumnType],
@@ -236,7 +257,9 @@ def conform(table: pa.Table, columns: dict[str, ColumnType], keys: list[str],
     """
     fields = dict(zip(table.column_names, table.column_names, strict=True))
     if naming is not None:
-        fields = {naming.column(name): name for name in table.column_names}
+        own = table.num_columns - lineage_count(table)  # lineage columns keep their names
+        fields = {naming.column(name) if index < own else name: name
+                  for index, name in enumerate(table.column_names)}
         table = table.rename_columns(list(fields))
     fold = naming.fold if naming is not None else None
     owners = {fold(name): name for name in columns} if fold is not None else {}

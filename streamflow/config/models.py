@@ -261,8 +261,6 @@ class CheckpointConfig(Strict):
     path: str = Field("./checkpoints", description="directory of the checkpoint store")
     every_records: int = Field(10_000, ge=1)
     every_seconds: float = Field(30.0, gt=0)
-    keep_versions: int = Field(
-        20, ge=1, description="registry versions kept (the last ones), besides tagged ones")
 
 
 class LabelsConfig(Strict):
@@ -334,6 +332,12 @@ class SinkConfig(ConnectorConfig):
     input: Name
     dead_letter: Name | None = None
     batch: BatchConfig | None = None
+    lineage_columns: bool = Field(
+        False, description="add to each row the topic, partition and offset of its input record, "
+        "the config hash and the model version (docs/lineage.md, row-level lineage)")
+    lineage_manifest: bool = Field(
+        False, description="store with each commit a manifest of the input offsets it covers "
+        "(Parquet: a sidecar per file; tables: a lineage table; Delta, Iceberg: commit properties)")
 
 
 class MetricsConfig(Strict):
@@ -363,12 +367,6 @@ class RuntimeConfig(Strict):
         description="exactly_once: each processor, window and model stage commits a batch's "
         "output, dead letters and input offsets in one Kafka transaction (not Faust stages, nor "
         "model stages with a labels topic)",
-    )
-    transaction_interval_ms: int = Field(
-        100, ge=0, le=10_000,
-        description="exactly_once: a stage's transaction spans the batches of this interval "
-        "(Kafka Streams' commit.interval.ms); read_committed readers see its records when it "
-        "commits. 0: a transaction per batch. Keep it well below transaction.timeout.ms",
     )
     dead_letter_warning: DeadLetterWarningConfig = Field(default_factory=DeadLetterWarningConfig)
     schedule_state_dir: str = Field(

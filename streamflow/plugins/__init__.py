@@ -167,9 +167,15 @@ class Sink(ABC, Generic[ConfigT]):
       opens it again, which discards whatever was written and not flushed).
     - :meth:`close` releases resources; anything written but not flushed (after a failure) is
       discarded, to be replayed.
+    - Row-level lineage (docs/lineage.md), when the sink's ``lineage_columns`` or
+      ``lineage_manifest`` is on: the tables :meth:`write` gets end with lineage columns (their
+      count is in the schema's metadata: ``streamflow.runtime.row_lineage.lineage_count``), and
+      during each :meth:`flush` ``lineage_manifest`` holds that commit's manifest (a JSON-able
+      mapping), which a sink that can stores with the commit.
     """
 
     config_model: ClassVar[type[BaseModel]]
+    lineage_manifest: Mapping[str, Any] | None = None  # set by the runtime during flush
 
     def __init__(self, config: ConfigT, context: ComponentContext) -> None:
         self.config = config

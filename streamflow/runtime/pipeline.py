@@ -34,6 +34,7 @@ from streamflow.runtime.fatal import metrics_port_error
 from streamflow.runtime.faust_stage import FaustStage
 from streamflow.runtime.lineage import CLOSE_TIMEOUT_S, LineageTracker, open_lineage
 from streamflow.runtime.logs import REDACTOR
+from streamflow.runtime.row_lineage import with_row_lineage
 from streamflow.runtime.schedules import Scheduler, pipeline_scheduler
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, source_dead_letter_topic
 from streamflow.runtime.stage import Stage
@@ -252,6 +253,7 @@ class PipelineRunner:
                                       lambda s=sink_config: self._sink_stage(s, transport))
 
     def _supervise_stage(self, name: str, factory: Callable[[], Stage]) -> None:
+        factory = with_row_lineage(factory, self.config, config_hash(self.config))
         self.supervisor.add(factory, self.metrics.stage(name).restarts)
 
     def _source_factory(
@@ -294,10 +296,6 @@ class PipelineRunner:
     def _exactly_once(self) -> bool:
         return self.config.runtime.guarantee == "exactly_once"
 
-    @property
-    def _transaction_interval_s(self) -> float:
-        return self.config.runtime.transaction_interval_ms / 1000
-
     def _processor_stage(self, stage: ProcessorConfig, transport: Transport) -> TopicStage:
         batch = stage.batch or self.config.runtime.batch
         metrics = self.metrics.stage(stage.name, tuple(step.kind for step in stage.steps))
@@ -309,11 +307,10 @@ class PipelineRunner:
                 self._identity(stage), transport, batch, metrics, stage.output, steps,
                 stage.window, self.metrics.window(stage.name),
                 self.config.late_topic(stage.window), changelog, stage.checkpoint,
-                self._exactly_once, self._transaction_interval_s,
+                self._exactly_once,
             )
         return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps,
-                          self._exactly_once, changelog, stage.checkpoint,
-                          transaction_interval_s=self._transaction_interval_s)
+                          self._exactly_once, changelog, stage.checkpoint)
 
     def _model_stage(self, stage: ModelConfig, transport: Transport) -> ModelStage:
         # Imported here: river takes seconds and ~90 MB, which a pipeline without models spares.
@@ -345,13 +342,11 @@ class PipelineRunner:
         )
         spec = EngineSpec(
             settings, stage.estimator, str(stage.checkpoint.path), self.config.pipeline,
-            stage.name, stage.checkpoint.every_records, stage.checkpoint.keep_versions,
-            config_hash(self.config),
+            stage.name, stage.checkpoint.every_records,
         )
         return ModelStage(
             self._identity(stage), transport, batch, metrics, model_metrics, stage, spec,
             self.config.drift_topic(stage) if stage.drift else None, self._exactly_once,
-            self._transaction_interval_s,
         )
 
     def _sink_stage(self, sink_config: SinkConfig, transport: Transport) -> SinkStage:
