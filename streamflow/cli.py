@@ -18,7 +18,7 @@ from streamflow.config import ConfigError, load_pipeline
 from streamflow.config.models import PipelineConfig
 from streamflow.metrics import MetricsServer, PipelineMetrics
 from streamflow.plugins import catalog
-from streamflow.runtime import dlq, lineage_cli
+from streamflow.runtime import dlq, lineage_cli, models_cli
 from streamflow.runtime.fatal import describe, metrics_port_error
 from streamflow.runtime.jobs import schedule_errors
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     catalog.add_command(commands)
     dlq.add_command(commands)
     lineage_cli.add_command(commands)
+    models_cli.add_command(commands)
     return parser
 
 

@@ -261,6 +261,8 @@ class CheckpointConfig(Strict):
     path: str = Field("./checkpoints", description="directory of the checkpoint store")
     every_records: int = Field(10_000, ge=1)
     every_seconds: float = Field(30.0, gt=0)
+    keep_versions: int = Field(
+        20, ge=1, description="registry versions kept (the last ones), besides tagged ones")
 
 
 class LabelsConfig(Strict):
@@ -367,6 +369,12 @@ class RuntimeConfig(Strict):
         description="exactly_once: each processor, window and model stage commits a batch's "
         "output, dead letters and input offsets in one Kafka transaction (not Faust stages, nor "
         "model stages with a labels topic)",
+    )
+    transaction_interval_ms: int = Field(
+        100, ge=0, le=10_000,
+        description="exactly_once: a stage's transaction spans the batches of this interval "
+        "(Kafka Streams' commit.interval.ms); read_committed readers see its records when it "
+        "commits. 0: a transaction per batch. Keep it well below transaction.timeout.ms",
     )
     dead_letter_warning: DeadLetterWarningConfig = Field(default_factory=DeadLetterWarningConfig)
     schedule_state_dir: str = Field(

@@ -11,8 +11,9 @@ offsets it covers, so no record is learned twice.
 - Under at_least_once, input offsets are committed only at checkpoints, right after the model
   states covering them were put in place. After a crash the stage resumes from the checkpoint;
   output records produced after it may be produced again.
-- Under exactly_once, each batch's output, dead letters and input offsets are one Kafka
-  transaction, so the committed offsets run ahead of the checkpoint, never behind it. A
+- Under exactly_once, each batch's output, dead letters and input offsets go in the stage's
+  open Kafka transaction (see StageRunner.deliver), which is committed before a checkpoint's
+  files are put in place, so the committed offsets run ahead of the checkpoint, never behind it. A
   partition whose restored state is behind the committed offset is brought up to it at
   assignment (and to its first record, should the consumer resume beyond) by replaying the
   input records in between through the model, learning them with their output discarded
@@ -53,7 +54,7 @@ from streamflow.plugins import ROW_ID
 from streamflow.processing.codec import decode_json, encode_json, user_fields
 from streamflow.runtime.dead_letters import Failure, OutputBatch
 from streamflow.runtime.row_lineage import origin_headers
-from streamflow.runtime.stages import StageIdentity, StageRunner
+from streamflow.runtime.stages import TRANSACTION_INTERVAL_S, StageIdentity, StageRunner
 from streamflow.transport import (
     ConsumedBatch,
     OutgoingBatch,
@@ -104,9 +105,11 @@ class ModelStage(StageRunner):
         spec: EngineSpec,
         drift_topic: str | None,
         exactly_once: bool = False,
+        transaction_interval_s: float = TRANSACTION_INTERVAL_S,
     ) -> None:
         super().__init__(identity, transport, batch, metrics)
         self.transactional = exactly_once
+        self.transaction_interval_s = transaction_interval_s
         self.config = config
         self.spec = spec
         self.model_metrics = model_metrics
@@ -268,6 +271,7 @@ class ModelStage(StageRunner):
         self.model_metrics.evictions.inc(effects.evicted)
         self.model_metrics.features_expired.inc(effects.expired)
         self.model_metrics.labels_unmatched.inc(effects.unmatched)
+        self.model_metrics.rollbacks.inc(effects.rollbacks)
         for event in effects.drift:
             log.warning("stage %s: drift on partition %d at offset %d (policy %s)",
                         self.name, event.partition, event.offset, event.policy)
@@ -362,6 +366,7 @@ class ModelStage(StageRunner):
         self._in_flight.popleft()
         if isinstance(in_flight, CheckpointInFlight):
             checkpointed: Checkpointed = reply
+            self.commit_transaction()  # files must never cover offsets beyond committed ones
             publish(checkpointed.staged)  # the output of every batch before the checkpoint is out
             self._last_saved = time.monotonic()
             self._set_metric_gauges(checkpointed.metric_values)

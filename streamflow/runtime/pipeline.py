@@ -296,6 +296,10 @@ class PipelineRunner:
     def _exactly_once(self) -> bool:
         return self.config.runtime.guarantee == "exactly_once"
 
+    @property
+    def _transaction_interval_s(self) -> float:
+        return self.config.runtime.transaction_interval_ms / 1000
+
     def _processor_stage(self, stage: ProcessorConfig, transport: Transport) -> TopicStage:
         batch = stage.batch or self.config.runtime.batch
         metrics = self.metrics.stage(stage.name, tuple(step.kind for step in stage.steps))
@@ -307,10 +311,11 @@ class PipelineRunner:
                 self._identity(stage), transport, batch, metrics, stage.output, steps,
                 stage.window, self.metrics.window(stage.name),
                 self.config.late_topic(stage.window), changelog, stage.checkpoint,
-                self._exactly_once,
+                self._exactly_once, self._transaction_interval_s,
             )
         return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps,
-                          self._exactly_once, changelog, stage.checkpoint)
+                          self._exactly_once, changelog, stage.checkpoint,
+                          transaction_interval_s=self._transaction_interval_s)
 
     def _model_stage(self, stage: ModelConfig, transport: Transport) -> ModelStage:
         # Imported here: river takes seconds and ~90 MB, which a pipeline without models spares.
@@ -342,11 +347,13 @@ class PipelineRunner:
         )
         spec = EngineSpec(
             settings, stage.estimator, str(stage.checkpoint.path), self.config.pipeline,
-            stage.name, stage.checkpoint.every_records,
+            stage.name, stage.checkpoint.every_records, stage.checkpoint.keep_versions,
+            config_hash(self.config),
         )
         return ModelStage(
             self._identity(stage), transport, batch, metrics, model_metrics, stage, spec,
             self.config.drift_topic(stage) if stage.drift else None, self._exactly_once,
+            self._transaction_interval_s,
         )
 
     def _sink_stage(self, sink_config: SinkConfig, transport: Transport) -> SinkStage:

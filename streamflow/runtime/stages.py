@@ -2,10 +2,12 @@
 
 A topic stage decodes a micro-batch, runs its steps, produces the output and the dead letters,
 and commits the input offsets only after the broker acknowledged both (at-least-once). With
-``runtime.guarantee: exactly_once`` it produces both and sends the input offsets in one Kafka
-transaction per batch instead, fenced through the consumer group's metadata (KIP-447), so that
-``read_committed`` readers see each input's result exactly once. A sink
-stage hands batches to its sink and commits after the sink's flush made them durable.
+``runtime.guarantee: exactly_once`` it produces both and sends the input offsets in a Kafka
+transaction instead, fenced through the consumer group's metadata (KIP-447), so that
+``read_committed`` readers see each input's result exactly once. As Kafka Streams does, a
+transaction spans the batches of ``runtime.transaction_interval_ms`` (100 ms by default), and is
+committed early on revoke, at checkpoints and on stop. A sink stage hands batches to its sink
+and commits after the sink's flush made them durable.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from streamflow.transport import (
 log = logging.getLogger(__name__)
 
 LAG_CHECK_INTERVAL_S = 1.0
+TRANSACTION_INTERVAL_S = 0.1  # Kafka Streams' commit.interval.ms under exactly_once
 
 
 class StepOutputError(RuntimeError):
@@ -108,8 +111,13 @@ class StageRunner(Stage, RebalanceListener):
         self.lag_error: str | None = None  # why the last lag measurement failed
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
-        self.transactional = False  # exactly_once: one transaction per batch (see deliver)
+        self.transactional = False  # exactly_once: batches go in transactions (see deliver)
+        self.transaction_interval_s = TRANSACTION_INTERVAL_S
+        self._transaction_since: float | None = None  # monotonic start of the open transaction
+        self._transaction_offsets: dict[TopicPartition, int] = {}  # sent at its commit
+        self._transaction_records: list[OutgoingBatch] = []  # sent in it: resent if it aborts
         self._last_offsets: dict[TopicPartition, int] = {}  # committed asynchronously by deliver
+        self._callback_error: BaseException | None = None  # raised by a rebalance callback
         self._transactional_id = ""
         self._transactional_slot: int | None = None
         self.assigned = False  # joined the group at least once (possibly with no partitions)
@@ -145,6 +153,8 @@ class StageRunner(Stage, RebalanceListener):
                 batch = self.consumer.consume_batch(
                     self.batch_config.max_records, self.batch_config.max_wait_ms / 1000
                 )
+                if self._callback_error is not None:
+                    raise self._callback_error
                 if len(batch):
                     self.idle_since = time.monotonic()
                     self.lag = None
@@ -154,10 +164,14 @@ class StageRunner(Stage, RebalanceListener):
                     self.idle_since = time.monotonic()  # its output is out: idle from now
                 self._check_lag()
                 self.tick()
+                self.commit_transaction(due_only=True)
             self.drain()
+            self.commit_transaction()
         except BaseException as exc:
             log.debug("stage %s failed", self.name, exc_info=True)  # the supervisor says why
             self.error = exc
+            if self._transaction_since is not None:
+                self._abort()  # its batches replay from the committed offsets
         finally:
             self._close()
 
@@ -212,10 +226,12 @@ class StageRunner(Stage, RebalanceListener):
         the input ``offsets``; returns how many output records went to the dead letters instead
         (see :meth:`publish`).
 
-        Under exactly_once the records and the offsets (when given) are one Kafka transaction,
-        aborted if anything fails. Otherwise the offsets are committed asynchronously once the
-        broker acknowledged the records, and confirmed on revoke and drain. Stages that commit at
-        checkpoints of their own state pass no offsets under at_least_once.
+        Under exactly_once the records go in the open transaction (one is begun if none is),
+        with the offsets (when given) sent at its commit, once ``transaction_interval_s`` has
+        passed since it began (see :meth:`commit_transaction`); anything failing aborts it.
+        Otherwise the offsets are committed asynchronously once the broker acknowledged the
+        records, and confirmed on revoke and drain. Stages that commit at checkpoints of their
+        own state pass no offsets under at_least_once.
         """
         if not self.transactional:
             oversize = self.publish(outgoing, failures, batch)
@@ -223,19 +239,42 @@ class StageRunner(Stage, RebalanceListener):
                 self.commit(offsets, asynchronous=True)
                 self._last_offsets.update(offsets)
             return oversize
-        assert self.producer is not None and self.consumer is not None
-        self.producer.begin_transaction()
+        assert self.producer is not None
+        if self._transaction_since is None:
+            self.producer.begin_transaction()
+            self._transaction_since = time.monotonic()
         try:
             oversize = self.publish(outgoing, failures, batch)
-            if offsets:
-                self.producer.send_offsets_to_transaction(offsets, self.consumer)
+        except BaseException:
+            self._abort()
+            raise
+        self._transaction_offsets.update(offsets or {})
+        self.commit_transaction(due_only=True)
+        return oversize
+
+    def commit_transaction(self, due_only: bool = False) -> None:
+        """Send the open transaction's input offsets and commit it (``due_only``: only once
+        ``transaction_interval_s`` has passed since it began); aborted if that fails."""
+        since = self._transaction_since
+        if since is None or (due_only and time.monotonic() - since < self.transaction_interval_s):
+            return
+        assert self.producer is not None and self.consumer is not None
+        try:
+            if self._transaction_offsets:
+                self.producer.send_offsets_to_transaction(self._transaction_offsets,
+                                                          self.consumer)
             self.producer.commit_transaction()
         except BaseException:
             self._abort()
             raise
-        if offsets:
+        if self._transaction_offsets:
             self.metrics.checkpoint_time.set(time.time())
-        return oversize
+        self._forget_transaction()
+
+    def _forget_transaction(self) -> None:
+        self._transaction_since = None
+        self._transaction_offsets = {}
+        self._transaction_records = []
 
     def produce_dead_letters(self, failures: list[Failure], batch: ConsumedBatch) -> None:
         """Publish failed records to the dead-letter topic and count them."""
@@ -256,18 +295,20 @@ class StageRunner(Stage, RebalanceListener):
         assert self.producer is not None
         letters = self.dead_letters(failures, batch)
         try:
-            self.producer.produce([*outgoing, *letters])
+            self._produce([*outgoing, *letters])
         except RecordTooLargeError as exc:
             refused = exc
         else:
             self.metrics.latest_dead_letters.add(letters)
             return 0
         if self.transactional and refused.by_broker:
-            # The refusal aborts the transaction and the records sent with it: send them again.
+            # The refusal aborts the transaction and every record sent in it: send them again.
+            sent, offsets = self._transaction_records, self._transaction_offsets
             self._abort()
             self._renew_producer(refused)
             self.producer.begin_transaction()
-            self.producer.produce(without([*outgoing, *letters], refused.rejected))
+            self._transaction_since, self._transaction_offsets = time.monotonic(), offsets
+            self._produce([*sent, *without([*outgoing, *letters], refused.rejected)])
         else:
             self._renew_producer(refused)
         oversize: list[Failure] = []
@@ -291,20 +332,27 @@ class StageRunner(Stage, RebalanceListener):
 
     def _produce_letters(self, letters: list[OutgoingBatch]) -> None:
         """Produce dead letters; those Kafka refuses for their size go again, truncated."""
-        assert self.producer is not None
         try:
-            self.producer.produce(letters)
+            self._produce(letters)
         except RecordTooLargeError as exc:
             self._renew_producer(exc)
             resent = truncated_refused(letters, exc.rejected)
-            self.producer.produce(resent)
+            self._produce(resent)
             letters = [*without(letters, exc.rejected), *resent]
         self.metrics.latest_dead_letters.add(letters)
 
+    def _produce(self, batches: list[OutgoingBatch]) -> None:
+        """Produce ``batches``; in a transaction, remember them to send again should it abort."""
+        assert self.producer is not None
+        self.producer.produce(batches)
+        if self._transaction_since is not None:
+            self._transaction_records += batches
+
     def _abort(self) -> None:
         """Abort the open transaction, if the producer still can: the stage then fails, and its
-        restart reads the batch again from the committed offsets."""
+        restart reads its batches again from the committed offsets."""
         assert self.producer is not None
+        self._forget_transaction()
         try:
             self.producer.abort_transaction()
         except TransportError:
@@ -314,13 +362,6 @@ class StageRunner(Stage, RebalanceListener):
     def decode(self, batch: ConsumedBatch) -> tuple[pa.Table, list[Failure]]:
         """The table the first step gets, and the records that failed to decode."""
         return decode_input(batch.values, self.steps)
-
-    def produce_output(self, table: pa.Table, batch: ConsumedBatch) -> int:
-        """Produce the rows of ``table`` (records of ``batch``) to their topics; the row count."""
-        assert self.producer is not None
-        self.producer.produce(output_batches(table, self.output_topic, batch.keys,
-                                             batch.timestamps_ms))
-        return table.num_rows
 
     def _new_producer(self) -> Producer:
         """A producer; a transactional one for an exactly-once stage, with an id that its
@@ -385,6 +426,11 @@ class StageRunner(Stage, RebalanceListener):
         """Confirm the revoked partitions' asynchronous commits now: the next owner starts from
         them, and a later drain must not commit them over the next owner's."""
         log.info("stage %s revoked %s", self.name, partitions)
+        if self.error is None:
+            try:
+                self.commit_transaction()
+            except BaseException as exc:  # some clients swallow what a callback raises
+                self._callback_error = exc
         revoked = {partition: self._last_offsets.pop(partition)
                    for partition in partitions if partition in self._last_offsets}
         if not revoked:
@@ -416,6 +462,8 @@ class StageRunner(Stage, RebalanceListener):
                     "dropped, to be replayed by their next owner", self.name, partitions)
         for partition in partitions:
             self._last_offsets.pop(partition, None)
+        if self._transaction_since is not None:
+            self._abort()  # fenced by the group's new generation anyway
 
 
 class UnflushedRowsLostError(RuntimeError):
@@ -498,9 +546,9 @@ class TopicStage(StageRunner):
     - Under at_least_once, offsets are committed at snapshots only, after the snapshot was
       acknowledged, so a commit never runs ahead of a snapshot. Output records produced after
       the restored snapshot are produced again, with the same values, when the stage replays.
-    - Under exactly_once, every batch's output, dead letters and input offsets are one
-      transaction, and a due snapshot joins the transaction of its batch; a snapshot is then
-      never ahead of the committed offsets, and is usually behind them.
+    - Under exactly_once, every batch's output, dead letters and input offsets go in the open
+      transaction, and a due snapshot joins it; a snapshot is then never ahead of the committed
+      offsets, and is usually behind them.
 
     When a partition is assigned, the newest snapshot known for it is restored. Input records
     below its offset are skipped; records between its offset and the group's committed one are
@@ -520,11 +568,13 @@ class TopicStage(StageRunner):
         changelog_topic: str | None = None,
         checkpoint: StateCheckpointConfig | None = None,
         states: Mapping[str, PartitionedState] | None = None,
+        transaction_interval_s: float = TRANSACTION_INTERVAL_S,
     ) -> None:
         super().__init__(identity, transport, batch, metrics)
         self.output_topic = output_topic
         self.steps = list(steps)
         self.transactional = exactly_once
+        self.transaction_interval_s = transaction_interval_s
         self.states: dict[str, PartitionedState] = {**(states or {}), **{
             f"{index}:{runner.step.name}": runner.step for index, runner in enumerate(self.steps)
             if isinstance(runner.step, PartitionedState)}}
@@ -606,7 +656,7 @@ class TopicStage(StageRunner):
             return
         if self.error is None and not self.transactional:
             # After a failure the state may be ahead of the output: it replays. Under
-            # exactly_once every batch committed its offsets already.
+            # exactly_once the revoke committed the open transaction, offsets included.
             self.snapshot(asynchronous=True)
         for partition in revoked & set(self.next_offsets):
             self._known[partition] = self._take(partition)
@@ -758,8 +808,7 @@ class TopicStage(StageRunner):
 
     def snapshot(self, asynchronous: bool = False) -> None:
         """Write the changed partitions' snapshots to the changelog, then commit what they
-        cover (under exactly_once, every batch committed its offsets: the snapshot is a
-        transaction of its own).
+        cover (under exactly_once, it joins the open transaction, which carries the offsets).
 
         A commit that does not happen leaves the group's offsets behind the snapshots, which is
         safe: the next owner of a partition restores a snapshot and skips the records it covers.
