@@ -44,6 +44,8 @@ READABLE_FORMATS = {4}
 SUFFIX = ".ckpt"
 SIDECAR_SUFFIX = ".digest"
 KEY_VARIABLE = "STREAMFLOW_CHECKPOINT_KEY"
+VERSIONS = "versions"  # the model registry's directory in a store (streamflow.ml.registry)
+NEW_VERSION_PREFIX = ".new-"  # a version being prepared there
 _LEFTOVER_AGE_S = 600.0  # temporary files older than this belong to no live writer
 _MANAGED_DICT = 1 << 4  # Py_TPFLAGS_MANAGED_DICT: the type's attributes may live outside a dict
 
@@ -213,13 +215,13 @@ def _dumps(payload: Any) -> bytes:
 @dataclass(frozen=True)
 class Staged:
     """A checkpoint file written and fsynced under a temporary name, not yet in place, with its
-    tag in a temporary file beside it. With a ``header``, publishing it also records it in a new
-    version of the model registry (:mod:`streamflow.ml.registry`), which keeps ``keep_versions``
-    versions besides tagged ones."""
+    tag in a temporary file beside it. With a ``version`` directory (prepared beside the files
+    by :func:`streamflow.ml.registry.prepare_version`), publishing it also names that directory
+    a version of the model registry, which keeps ``keep_versions`` versions besides tagged ones."""
 
     temporary: Path
     path: Path
-    header: dict[str, Any] | None = None
+    version: Path | None = None
     keep_versions: int = 0
 
     @property
@@ -233,11 +235,6 @@ def publish(staged: Iterable[Staged]) -> None:
     crash at any point leaves every file with its tag recorded."""
     files = list(staged)
     tags = [json.loads(file.tag_file.read_bytes()) for file in files]
-    versioned = [(file, tag) for file, tag in zip(files, tags, strict=True) if file.header is not None]
-    if versioned:
-        from streamflow.ml.registry import NewVersion  # the registry is built on this module
-
-        version = NewVersion.stage(versioned)  # hard links to the files, before they move
     for file, tag in zip(files, tags, strict=True):
         in_place = _tags_in_place(file.path, tag["algorithm"])
         _write_sidecar(file.path, tag["algorithm"], [tag["tag"], *in_place])
@@ -248,8 +245,12 @@ def publish(staged: Iterable[Staged]) -> None:
     for file, tag in zip(files, tags, strict=True):
         _write_sidecar(file.path, tag["algorithm"], [tag["tag"]])  # if lost, the pair still holds it
         file.tag_file.unlink()
-    if versioned:
-        version.commit()
+    versions = {(file.version, file.keep_versions) for file in files if file.version is not None}
+    if versions:
+        from streamflow.ml.registry import commit_version  # the registry is built on this module
+
+        for directory, keep in versions:
+            commit_version(directory, keep)
 
 
 @dataclass(frozen=True)
@@ -264,9 +265,15 @@ class Snapshot:
 
     def staged(self, sequence: int, keep_versions: int = 0) -> Staged:
         """Where :meth:`write_staged` writes this snapshot, as checkpoint number ``sequence``;
-        with ``keep_versions``, publishing it makes a registry version of it."""
-        header = json.loads(self.header[len(MAGIC):]) if keep_versions else None
-        return Staged(self.path.with_suffix(f".{sequence}.tmp"), self.path, header, keep_versions)
+        with ``keep_versions``, it is part of a registry version (see :class:`Staged`)."""
+        version = (self.path.parent / VERSIONS / f"{NEW_VERSION_PREFIX}{os.getpid()}-{sequence}"
+                   if keep_versions else None)
+        return Staged(self.path.with_suffix(f".{sequence}.tmp"), self.path, version, keep_versions)
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The header's fields."""
+        return dict(json.loads(self.header[len(MAGIC):]))
 
     def write_staged(self, file: Staged) -> None:
         """Encode and write to ``file``'s temporary name, and its tag beside it, fsynced."""

@@ -4,11 +4,12 @@ A stage's store (``<checkpoint.path>/<pipeline>/<stage>/``) holds, besides the c
 checkpoint files, ``versions/<N>/``: hard links to the partition-state files a checkpoint put in
 place, each with its integrity sidecar, and ``version.json``, the version's metadata (offsets,
 metrics, records learned, drift events, config hash, river and streamflow versions, creation
-time), gathered from the files' headers. A version is built in a hidden directory while its
-checkpoint is published (by the stage, after the output it covers is out) and renamed into
-place whole: readers see a version complete or not at all, and nothing in it changes after that
-(a checkpoint replaces the current file with a new one; the version keeps the old one). Versions
-are numbered in the order they were published; replicas of a stage share the numbering.
+time), gathered from the files' headers. A version is prepared in a hidden directory by the forked
+child that writes the checkpoint's files, and renamed into place whole when the stage publishes
+the checkpoint (after the output it covers is out): readers see a version complete or not at
+all, and nothing in it changes after that (a checkpoint replaces the current file with a new
+one; the version keeps the old one). Versions are numbered in the order they were published;
+replicas of a stage share the numbering.
 
 Retention keeps the last ``keep_versions`` versions, the tagged ones (``versions/<N>/tags.json``)
 and the one a rollback request names. A version is retired by renaming it aside, then looking
@@ -38,8 +39,11 @@ from typing import Any
 
 from streamflow.ml.checkpoint import (
     _LEFTOVER_AGE_S,
+    NEW_VERSION_PREFIX,
+    VERSIONS,
     CheckpointError,
     Integrity,
+    Snapshot,
     Staged,
     _private_directory,
     _read_private,
@@ -51,12 +55,10 @@ from streamflow.ml.checkpoint import (
     read_verified,
 )
 
-VERSIONS = "versions"
 METADATA = "version.json"
 TAGS = "tags.json"
 REQUEST = "rollback.json"
 EXPORT_FORMAT = "streamflow-model-export/1"
-_NEW_PREFIX = ".new-"
 _RETIRED_PREFIX = ".retired-"
 _PARTITION_FIELDS = ("partition", "next_offsets", "learned", "records_learned", "metrics",
                      "drift_events", "rollback", "saved_at")
@@ -103,56 +105,48 @@ def _read_json(path: Path) -> Any:
         raise RegistryError(f"{path} is damaged") from None
 
 
-@dataclass
-class NewVersion:
-    """A version being built by :func:`streamflow.ml.checkpoint.publish`: :meth:`stage` links
-    the staged files before they are put in place, :meth:`commit` names the version after."""
+def prepare_version(snapshots: list[Snapshot], staged: list[Staged]) -> None:
+    """Prepare the version of a checkpoint whose files were just staged (in the forked child
+    that wrote them, so that neither the worker nor the stage spends time on it): hard links to
+    the staged files, each with a sidecar holding its tag, and the metadata, all fsynced, in
+    the hidden directory :func:`commit_version` names a version once the files are in place."""
+    directory = staged[0].version
+    assert directory is not None
+    _private_directory(directory.parent)
+    _remove_leftovers(directory.parent)
+    directory.mkdir(mode=0o700)
+    partitions: dict[str, dict[str, Any]] = {}
+    common: dict[str, Any] = {}
+    for snapshot, file in zip(snapshots, staged, strict=True):
+        link = directory / file.path.name
+        os.link(file.temporary, link)
+        tag = json.loads(file.tag_file.read_bytes())
+        _write_private(_sidecar(link), json.dumps({"algorithm": tag["algorithm"],
+                                                   "tags": [tag["tag"]]}).encode())
+        header = snapshot.fields
+        partitions[header["name"]] = {
+            "file": link.name, **{key: header[key] for key in _PARTITION_FIELDS if key in header}}
+        common = dict(header.get("registry", {}))
+    _write_private(directory / METADATA, json.dumps(
+        {**common, "created_at": time.time(), "partitions": partitions}, indent=2).encode())
+    _sync_directories([directory / METADATA])
 
-    store: Path
-    directory: Path
-    keep: int
-    metadata: dict[str, Any]
 
-    @classmethod
-    def stage(cls, files: list[tuple[Staged, dict[str, str]]]) -> NewVersion:
-        """Link each staged file, with a sidecar holding its tag, into a hidden directory."""
-        store = files[0][0].path.parent
-        versions = store / VERSIONS
-        _private_directory(versions)
-        _remove_leftovers(versions)
-        directory = versions / f"{_NEW_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        directory.mkdir(mode=0o700)
-        partitions: dict[str, dict[str, Any]] = {}
-        common: dict[str, Any] = {}
-        for file, tag in files:
-            assert file.header is not None
-            os.link(file.temporary, directory / file.path.name)
-            _write_private(_sidecar(directory / file.path.name),
-                           json.dumps({"algorithm": tag["algorithm"], "tags": [tag["tag"]]}).encode())
-            header = file.header
-            partitions[header["name"]] = {
-                "file": file.path.name, **{key: header[key] for key in _PARTITION_FIELDS if key in header}}
-            common = dict(header.get("registry", {}))
-        metadata = {**common, "partitions": partitions}
-        return cls(store, directory, max(file.keep_versions for file, _ in files), metadata)
-
-    def commit(self) -> int:
-        """Name the version (the next number free), write its metadata, apply retention."""
-        versions = self.directory.parent
-        number = max(_numbers(versions), default=0) + 1
-        while True:
-            self.metadata.update(version=number, created_at=time.time())
-            _write_json(self.directory / METADATA, self.metadata)
-            try:
-                os.rename(self.directory, versions / str(number))
-                break
-            except OSError:  # another replica took that number: take the next
-                if not (versions / str(number)).exists():
-                    raise
-                number += 1
-        _sync_directories([versions / str(number) / METADATA, versions / str(number)])
-        Registry(self.store).retain(self.keep)
-        return number
+def commit_version(directory: Path, keep: int) -> int:
+    """Name the version prepared in ``directory`` (the next number free: replicas of a stage
+    share the numbering), then apply retention; the version's number."""
+    versions = directory.parent
+    number = max(_numbers(versions), default=0) + 1
+    while True:
+        try:
+            os.rename(directory, versions / str(number))
+            break
+        except OSError:  # another replica took that number: take the next
+            if not (versions / str(number)).exists():
+                raise
+            number += 1
+    Registry(versions.parent).retain(keep)
+    return number
 
 
 def _numbers(versions: Path) -> list[int]:
@@ -166,7 +160,7 @@ def _numbers(versions: Path) -> list[int]:
 def _remove_leftovers(versions: Path) -> None:
     """Hidden directories of writers that died building or retiring a version."""
     for path in versions.iterdir():
-        if path.name.startswith((_NEW_PREFIX, _RETIRED_PREFIX)):
+        if path.name.startswith((NEW_VERSION_PREFIX, _RETIRED_PREFIX)):
             with contextlib.suppress(FileNotFoundError):
                 if time.time() - path.stat().st_mtime > _LEFTOVER_AGE_S:
                     shutil.rmtree(path, ignore_errors=True)
@@ -202,7 +196,7 @@ class Registry:
         except FileNotFoundError:
             raise RegistryError(f"{self.store} has no version {number}"
                                 f"{self._known()}") from None
-        return Version(number, metadata, self._tags(directory))
+        return Version(number, {"version": number, **metadata}, self._tags(directory))
 
     def _known(self) -> str:
         numbers = _numbers(self.versions_directory)
@@ -242,8 +236,8 @@ class Registry:
     def tag(self, number: int, name: str) -> int | None:
         """Tag version ``number`` ``name``; a tag names one version, so it moves from the one
         that had it, whose number is returned."""
-        if not name or name.isdigit():
-            raise RegistryError(f"a tag is a name, not {name!r}")
+        if not name or name.isdigit() or name == "latest":
+            raise RegistryError(f"a tag is a name other than latest, not {name!r}")
         self.version(number)
         moved_from = None
         for version in self.versions():

@@ -47,7 +47,7 @@ from streamflow import __version__
 from streamflow.ml.checkpoint import CheckpointError, CheckpointStore, Snapshot, Staged
 from streamflow.ml.engine import DriftEvent, EngineSettings, ModelEngine
 from streamflow.ml.model import Features, PredictionColumns, RiverModel
-from streamflow.ml.registry import Registry, RegistryError, RollbackRequest
+from streamflow.ml.registry import Registry, RegistryError, RollbackRequest, prepare_version
 from streamflow.ml.spec import build_estimator
 from streamflow.plugins import TransientError
 
@@ -283,10 +283,10 @@ class EngineHost:
         current = self.engine.states[partition]
         try:
             loaded = self.registry.load_state(request.version, self.engine._state_name(partition))
-        except (RegistryError, CheckpointError, OSError) as exc:
+        except Exception as exc:  # refused, gone, or not unpicklable here: the model stays
             self._rollbacks_passed.add((request.id, partition))
-            log.error("rollback of partition %d to version %d refused: %s", partition,
-                      request.version, exc)
+            log.error("rollback of partition %d to version %d failed: %s: %s", partition,
+                      request.version, type(exc).__name__, exc)
             return
         if loaded is None:
             self._rollbacks_passed.add((request.id, partition))
@@ -421,6 +421,8 @@ def _write_in_child(snapshots: list[Snapshot], staged: list[Staged]) -> Callable
     if not hasattr(os, "fork"):
         for snapshot, file in zip(snapshots, staged, strict=True):
             snapshot.write_staged(file)
+        if staged and staged[0].version is not None:
+            prepare_version(snapshots, staged)
         return lambda: None
     errors, error_end = os.pipe()
     pid = os.fork()
@@ -430,6 +432,8 @@ def _write_in_child(snapshots: list[Snapshot], staged: list[Staged]) -> Callable
             os.close(errors)
             for snapshot, file in zip(snapshots, staged, strict=True):
                 snapshot.write_staged(file)
+            if staged and staged[0].version is not None:
+                prepare_version(snapshots, staged)
             exit_code = 0
         except BaseException:
             os.write(error_end, traceback.format_exc().encode())

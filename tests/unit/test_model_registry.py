@@ -23,8 +23,8 @@ from streamflow.ml.checkpoint import MAGIC, CheckpointError, CheckpointStore, pu
 from streamflow.ml.engine import EngineSettings, ModelEngine
 from streamflow.ml.features import pickled_feature_rows
 from streamflow.ml.model import RiverModel
-from streamflow.ml.registry import Registry, RegistryError
-from streamflow.ml.worker import BatchRequest, Effects, EngineSpec, EngineWorker
+from streamflow.ml.registry import Registry, RegistryError, prepare_version
+from streamflow.ml.worker import BatchRequest, Effects, EngineHost, EngineSpec, EngineWorker
 
 TOPIC = "features"
 STREAM = list(itertools.islice(datasets.TrumpApproval(), 500))
@@ -46,7 +46,7 @@ def new_engine(tmp_path: Path) -> ModelEngine:
 
 def learn_and_checkpoint(eng: ModelEngine, first: int, count: int, keep: int) -> None:
     """Learn records ``first`` to ``first + count`` of the stream, then checkpoint as the
-    worker and the stage do: staged files, then published."""
+    worker and the stage do: staged files and the version prepared, then published."""
     chunk = STREAM[first:first + count]
     eng.score(0, list(range(first, first + count)), [None] * count, [x for x, _ in chunk],
               [y for _, y in chunk], [""] * count)
@@ -54,6 +54,7 @@ def learn_and_checkpoint(eng: ModelEngine, first: int, count: int, keep: int) ->
     staged = [snapshot.staged(first, keep) for snapshot in snapshots]
     for snapshot, file in zip(snapshots, staged, strict=True):
         snapshot.write_staged(file)
+    prepare_version(snapshots, staged)
     publish(staged)
 
 
@@ -97,6 +98,8 @@ def test_retention_keeps_the_last_versions_the_tagged_ones_and_a_requested_rollb
     assert registry.version(1).tags == ["good"]
     assert registry.tag(5, "good") == 1  # a tag moves
     assert registry.resolve("good") == 5 and registry.resolve("latest") == 6
+    with pytest.raises(RegistryError, match="a tag is a name other than latest"):
+        registry.tag(5, "latest")
     registry.request_rollback(6)  # version 2 is no longer pinned, nor 1 tagged
     learn_and_checkpoint(eng, 300, 50, keep=2)
     assert [v.number for v in registry.versions()] == [5, 6, 7]
@@ -261,3 +264,34 @@ def test_the_models_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "has no version 9 (it has 1..3)" in capsys.readouterr().err
     assert main(["models", "list", file, "--stage", "other"]) == 1
     assert "has no model stage 'other'" in capsys.readouterr().err
+
+
+def test_a_rollback_to_a_version_tampered_since_the_request_leaves_the_model_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    spec = EngineSpec(settings(), [{"linear_model.LinearRegression": {}}], str(tmp_path), "p",
+                      "model", 1000, keep_versions=5)
+    effects = Effects()
+    host = EngineHost(spec, effects)
+    host.start(None)
+    host.assign([0])
+    for first in (0, 10):
+        host.handle(batch(first, 10))
+        durable = host.checkpoint()
+        for snapshot, file in zip(durable.snapshots, durable.reply.staged, strict=True):
+            snapshot.write_staged(file)
+        prepare_version(durable.snapshots, durable.reply.staged)
+        publish(durable.reply.staged)
+    registry = Registry.of_stage(tmp_path, "p", "model")
+    registry.request_rollback(1)
+    [path] = registry.files(1).values()
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 1
+    path.write_bytes(bytes(data))
+    with caplog.at_level("ERROR"):
+        host.adopt_requested(force=True)
+        host.adopt_requested(force=True)
+    [failure] = [r.getMessage() for r in caplog.records if "rollback" in r.getMessage()]
+    assert "rollback of partition 0 to version 1 failed: CheckpointError" in failure
+    assert effects.rollbacks == 0
+    assert host.handle(batch(20, 1)).versions == [20]  # the model it had goes on
