@@ -104,9 +104,12 @@ def window_results(bootstrap: str, name: str) -> Counter[tuple[int, int, int, in
 
 
 def learned(checkpoints: Path) -> int:
-    """Records learned by the model states in the checkpoint store (from the files' headers)."""
+    """Records learned by the model states in the checkpoint store (from the files' headers;
+    the registry's versions are copies of earlier ones)."""
     total = 0
     for path in checkpoints.rglob("*.ckpt"):
+        if "versions" in path.relative_to(checkpoints).parts:
+            continue
         with open(path, "rb") as handle:
             handle.readline()
             header = json.loads(handle.readline())

@@ -348,9 +348,12 @@ def model_stage(world: World, transport: Transport, exactly_once: bool, checkpoi
 
 
 def checkpoint_headers(checkpoints: Path) -> dict[str, dict[str, Any]]:
-    """The header of each partition state in the checkpoint store, by name (``in+<p>``)."""
+    """The header of each partition state in the checkpoint store, by name (``in+<p>``; not
+    the registry's versions)."""
     headers = {}
     for path in checkpoints.rglob("*.ckpt"):
+        if "versions" in path.relative_to(checkpoints).parts:
+            continue
         with open(path, "rb") as handle:
             handle.readline()
             header = json.loads(handle.readline())
