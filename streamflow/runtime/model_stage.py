@@ -121,7 +121,6 @@ class ModelStage(StageRunner):
         model_metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last_saved)
         self._metric_values_at = 0.0
         self._drift_events: list[DriftEvent] = []
-        self._assigned: list[TopicPartition] = []
         self._restored: set[int] = set()  # partitions whose state the worker holds
         self._restored_at: dict[int, int] = {}  # exactly_once: restored, not caught up yet
         self._committed_unknown: set[int] = set()  # exactly_once: see _retry_committed
@@ -139,25 +138,18 @@ class ModelStage(StageRunner):
     def is_idle(self, since: float) -> bool:
         return super().is_idle(since) and not self._in_flight
 
-    def on_assign(self, partitions: list[TopicPartition]) -> None:
-        super().on_assign(partitions)
-        # Restoring needs broker calls, which some clients forbid inside rebalance callbacks:
-        # do it before the next batch is scored instead.
-        self._assigned.extend(partitions)
-
-    def _restore_assigned(self) -> None:
+    def restore(self, partitions: list[TopicPartition]) -> None:
         """Have the worker restore newly assigned partitions from the checkpoint store."""
         assert self.worker is not None
-        partitions = sorted({partition for _topic, partition in self._assigned} - self._restored)
-        self._assigned = []
-        if partitions:
+        numbers = sorted({partition for _topic, partition in partitions} - self._restored)
+        if numbers:
             self._finish_all()
-            restored = self.worker.call("assign", partitions)
-            self._restored.update(partitions)
+            restored = self.worker.call("assign", numbers)
+            self._restored.update(numbers)
             if self.transactional:
                 self._restored_at.update(restored)
-                committed = self.committed_input(partitions)
-                self._committed_unknown.update(set(partitions) - set(committed))
+                committed = self.committed_input(numbers)
+                self._committed_unknown.update(set(numbers) - set(committed))
                 self._catch_up(committed, confirm=True)
 
     def _retry_committed(self) -> None:
@@ -216,31 +208,18 @@ class ModelStage(StageRunner):
         log.info("stage %s learned %d records again to bring partitions %s from their checkpoint "
                  "up to where it resumed them", self.name, replayed, sorted(p for _t, p in start))
 
-    def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        super().on_revoke(partitions)
-        self._assigned = [tp for tp in self._assigned if tp not in partitions]
-        for _topic, partition in partitions:
+    def revoke(self, partitions: list[TopicPartition], lost: bool) -> None:
+        """Have the worker forget the partitions. Lost ones (this member was evicted): drop
+        their work in flight and every queued checkpoint unpublished (their files would
+        overwrite the next owner's); their next owner replays from its checkpoint."""
+        gone = {partition for _topic, partition in partitions}
+        for partition in gone:
             self._restored_at.pop(partition, None)
         if self.worker is None or self.error is not None:
-            return  # after a failure the state may be ahead of the output: replay
-        self.checkpoint()
-        revoked = sorted({p for _topic, p in partitions} & self._restored)
-        self.worker.call("revoke", revoked)
-        self._restored.difference_update(revoked)
-
-    def on_lost(self, partitions: list[TopicPartition]) -> None:
-        """This member was evicted: drop the lost partitions' work in flight and every queued
-        checkpoint unpublished (their files would overwrite the next owner's), and have the
-        worker forget the lost partitions; their next owner replays from its checkpoint."""
-        super().on_lost(partitions)
-        self._assigned = [tp for tp in self._assigned if tp not in partitions]
-        lost = {partition for _topic, partition in partitions}
-        for partition in lost:
-            self._restored_at.pop(partition, None)
-        if self.worker is None or self.error is not None:
-            return
-        self._drop_in_flight(lost)
-        forgotten = sorted(lost & self._restored)
+            return  # after a failure the state may be ahead of the output: it replays
+        if lost:
+            self._drop_in_flight(gone)
+        forgotten = sorted(gone & self._restored)
         self.worker.call("revoke", forgotten)
         self._restored.difference_update(forgotten)
 
@@ -280,7 +259,6 @@ class ModelStage(StageRunner):
 
     def handle(self, batch: ConsumedBatch) -> None:
         assert self.worker is not None
-        self._restore_assigned()
         if self._restored_at:
             self._catch_up(self._first_offsets(batch))
         request, in_flight = self._prepare(batch)
@@ -479,12 +457,11 @@ class ModelStage(StageRunner):
         assert self.worker is not None
         while self.worker.ready():
             self._finish()
-        self._restore_assigned()
         self._retry_committed()
-        if self._checkpoint_due or (
-            time.monotonic() - self._last_checkpoint >= self.config.checkpoint.every_seconds
-        ):
-            self._request_checkpoint()
+
+    def checkpoint_due(self) -> bool:
+        return self._checkpoint_due or (
+            time.monotonic() - self._last_checkpoint >= self.config.checkpoint.every_seconds)
 
     def _request_checkpoint(self, synchronous: bool = False) -> None:
         """Have the worker save the models and partition states once the batches before have
@@ -495,13 +472,14 @@ class ModelStage(StageRunner):
         self.worker.submit("checkpoint")
         self._in_flight.append(CheckpointInFlight(synchronous))
 
-    def checkpoint(self) -> None:
-        """Checkpoint now: save, then commit the offsets covered, before returning."""
-        self._request_checkpoint(synchronous=True)
-        self._finish_all()
-
-    def drain(self) -> None:
-        self.checkpoint()
+    def checkpoint(self, wait: bool) -> None:
+        """Have the worker save the models; with ``wait``, then commit the offsets covered
+        before returning (else when its reply comes)."""
+        if self.worker is None:
+            return  # it failed to start: nothing to save
+        self._request_checkpoint(synchronous=wait)
+        if wait:
+            self._finish_all()
 
     def _close(self) -> None:
         super()._close()  # closing the consumer may still checkpoint through the worker

@@ -89,7 +89,23 @@ class StageIdentity:
 
 
 class StageRunner(Stage, RebalanceListener):
-    """Consume → handle → commit, until :meth:`stop`; tracks idleness and lag for --until-idle."""
+    """Consume → handle → commit, until :meth:`stop`; tracks idleness and lag for --until-idle.
+
+    The core of every stage kind. It owns, once, the lifecycle of the state a stage keeps per
+    input partition (windows, step states, models, a sink's buffer), which each kind implements
+    through four hooks:
+
+    - :meth:`restore` takes newly assigned partitions from where their state is kept. It is
+      called before the next batch or tick, not in the rebalance callback, where some clients
+      forbid broker calls or swallow exceptions.
+    - :meth:`checkpoint` persists the state of what was handled and commits the input offsets
+      it covers, in that order: when :meth:`checkpoint_due` says so (without waiting), on revoke
+      and on stop (waiting for it). Under exactly_once the open transaction is committed then.
+    - :meth:`revoke` forgets partitions after their checkpoint, or without one when they were
+      lost (the member was evicted, so its work may be ahead of what was committed).
+
+    The kinds differ only in :meth:`handle` and in these hooks.
+    """
 
     origin_headers = False  # row-level lineage: output records get an sf-origin header
 
@@ -118,6 +134,7 @@ class StageRunner(Stage, RebalanceListener):
         self._transaction_records: list[OutgoingBatch] = []  # sent in it: resent if it aborts
         self._last_offsets: dict[TopicPartition, int] = {}  # committed asynchronously by deliver
         self._callback_error: BaseException | None = None  # raised by a rebalance callback
+        self._to_restore: list[TopicPartition] = []  # assigned, to restore before the next batch
         self._transactional_id = ""
         self._transactional_slot: int | None = None
         self.assigned = False  # joined the group at least once (possibly with no partitions)
@@ -155,6 +172,7 @@ class StageRunner(Stage, RebalanceListener):
                 )
                 if self._callback_error is not None:
                     raise self._callback_error
+                self._restore_assigned()
                 if len(batch):
                     self.idle_since = time.monotonic()
                     self.lag = None
@@ -164,9 +182,10 @@ class StageRunner(Stage, RebalanceListener):
                     self.idle_since = time.monotonic()  # its output is out: idle from now
                 self._check_lag()
                 self.tick()
+                if self.checkpoint_due():
+                    self.checkpoint(wait=False)
                 self.commit_transaction(due_only=True)
-            self.drain()
-            self.commit_transaction()
+            self._checkpoint_all()
         except BaseException as exc:
             log.debug("stage %s failed", self.name, exc_info=True)  # the supervisor says why
             self.error = exc
@@ -230,8 +249,8 @@ class StageRunner(Stage, RebalanceListener):
         with the offsets (when given) sent at its commit, once ``transaction_interval_s`` has
         passed since it began (see :meth:`commit_transaction`); anything failing aborts it.
         Otherwise the offsets are committed asynchronously once the broker acknowledged the
-        records, and confirmed on revoke and drain. Stages that commit at checkpoints of their
-        own state pass no offsets under at_least_once.
+        records, and confirmed at checkpoints (on revoke and stop). Stages that commit at
+        checkpoints of their own state pass no offsets under at_least_once.
         """
         if not self.transactional:
             oversize = self.publish(outgoing, failures, batch)
@@ -413,33 +432,60 @@ class StageRunner(Stage, RebalanceListener):
     def tick(self) -> None:
         """Called after every poll, with or without records."""
 
-    def drain(self) -> None:
-        """Called once on a graceful stop, before the clients close: confirms the last
-        asynchronous commits of :meth:`deliver` synchronously."""
-        self.commit(self._last_offsets, asynchronous=False)
+    # --- the state kept per partition -------------------------------------------------------
+
+    def restore(self, partitions: list[TopicPartition]) -> None:
+        """Take the state of newly assigned ``partitions`` from where it is kept."""
+
+    def checkpoint_due(self) -> bool:
+        """Whether to checkpoint now, at the end of this poll."""
+        return False
+
+    def checkpoint(self, wait: bool) -> None:
+        """Persist the state of what was handled, then commit the input offsets it covers;
+        with ``wait``, before returning. Stateless: confirm the asynchronous commits of
+        :meth:`deliver` (under exactly_once the open transaction carries the offsets)."""
+        if wait and self._last_offsets:
+            self.commit(self._last_offsets, asynchronous=False)
+
+    def revoke(self, partitions: list[TopicPartition], lost: bool) -> None:
+        """Forget the state of ``partitions``: checkpointed already, unless ``lost``."""
+
+    def _restore_assigned(self) -> None:
+        if self._to_restore:
+            partitions, self._to_restore = sorted(set(self._to_restore)), []
+            self.restore(partitions)
+
+    def _checkpoint_all(self) -> None:
+        """Checkpoint and commit everything handled, waiting for it (on revoke and stop)."""
+        self.checkpoint(wait=True)
+        self.commit_transaction()
 
     def on_assign(self, partitions: list[TopicPartition]) -> None:
         log.info("stage %s assigned %s", self.name, partitions)
         self.assigned = True
+        self._to_restore.extend(partitions)
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        """Confirm the revoked partitions' asynchronous commits now: the next owner starts from
-        them, and a later drain must not commit them over the next owner's."""
+        """Checkpoint before the partitions go: their next owner starts from that commit, and a
+        later commit of this member must not cover them (it would rewind the next owner's).
+        After a failure nothing is checkpointed: the state may be ahead of the output, and
+        whatever was not committed replays."""
         log.info("stage %s revoked %s", self.name, partitions)
+        self._to_restore = [p for p in self._to_restore if p not in partitions]
         if self.error is None:
             try:
-                self.commit_transaction()
-            except BaseException as exc:  # some clients swallow what a callback raises
-                self._callback_error = exc
-        revoked = {partition: self._last_offsets.pop(partition)
-                   for partition in partitions if partition in self._last_offsets}
-        if not revoked:
-            return
-        try:
-            self.commit(revoked, asynchronous=False)
-        except TransportError as exc:  # e.g. the group coordinator is down: the partitions go anyway
-            log.warning("stage %s: commit on revoke failed (%s); their next owner replays from the "
-                        "last commit", self.name, exc)
+                self._checkpoint_all()
+            except BaseException as exc:
+                if self.transactional or not isinstance(exc, TransportError):
+                    self._callback_error = exc  # raised at the next poll (some clients swallow
+                    # what a callback raises): the stage restarts and replays what was aborted
+                else:  # e.g. the group coordinator is down: the partitions go anyway
+                    log.warning("stage %s: checkpoint on revoke failed (%s); their next owner "
+                                "replays from the last commit", self.name, exc)
+        for partition in partitions:
+            self._last_offsets.pop(partition, None)
+        self.revoke(partitions, lost=False)
 
     def committed_input(self, partitions: list[int]) -> dict[int, int]:
         """The group's committed offsets of ``partitions`` of the input topic, as far as they
@@ -456,14 +502,17 @@ class StageRunner(Stage, RebalanceListener):
         return {p: offset for (_topic, p), offset in committed.items() if offset is not None}
 
     def on_lost(self, partitions: list[TopicPartition]) -> None:
-        """This member was evicted: forget the lost partitions' uncommitted offsets (their next
-        owner replays from the last commit); subclasses drop their work, making nothing durable."""
+        """This member was evicted: drop the lost partitions' uncommitted work (offsets, the
+        open transaction, state), making nothing durable; their next owner replays from the
+        last commit."""
         log.warning("stage %s lost %s (evicted from its group): their uncommitted work is "
                     "dropped, to be replayed by their next owner", self.name, partitions)
+        self._to_restore = [p for p in self._to_restore if p not in partitions]
         for partition in partitions:
             self._last_offsets.pop(partition, None)
         if self._transaction_since is not None:
             self._abort()  # fenced by the group's new generation anyway
+        self.revoke(partitions, lost=True)
 
 
 class UnflushedRowsLostError(RuntimeError):
@@ -584,7 +633,6 @@ class TopicStage(StageRunner):
         self.checkpoint_config = checkpoint or StateCheckpointConfig()
         self.next_offsets: dict[int, int] = {}  # owned partition → first offset its states lack
         self._known: dict[int, PartitionSnapshot] = {}  # snapshots of partitions not owned now
-        self._assigned: list[int] = []
         self._unconfirmed: set[int] = set()  # restored, before their first record
         self._dirty: set[int] = set()
         self._records_since_snapshot = 0
@@ -642,38 +690,22 @@ class TopicStage(StageRunner):
         if self.states:  # read while the group join goes on (in librdkafka's background thread)
             self._known = self._read_snapshots()
 
-    def on_assign(self, partitions: list[TopicPartition]) -> None:
-        super().on_assign(partitions)
-        # Restoring reads the changelog, which clients forbid inside rebalance callbacks.
-        self._assigned.extend(partition for _topic, partition in partitions)
-
-    def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        super().on_revoke(partitions)
-        revoked = {partition for _topic, partition in partitions}
-        self._assigned = [p for p in self._assigned if p not in revoked]
-        self._unconfirmed -= revoked
-        if not self.states:
+    def revoke(self, partitions: list[TopicPartition], lost: bool) -> None:
+        """Keep the revoked partitions' states in memory, should they come back; drop lost ones
+        unsnapshotted: they may be ahead of what was committed, and their next owner restores
+        from the changelog."""
+        gone = {partition for _topic, partition in partitions}
+        self._unconfirmed -= gone
+        if not lost:
+            for partition in gone & set(self.next_offsets):
+                self._known[partition] = self._take(partition)
             return
-        if self.error is None and not self.transactional:
-            # After a failure the state may be ahead of the output: it replays. Under
-            # exactly_once the revoke committed the open transaction, offsets included.
-            self.snapshot(asynchronous=True)
-        for partition in revoked & set(self.next_offsets):
-            self._known[partition] = self._take(partition)
-
-    def on_lost(self, partitions: list[TopicPartition]) -> None:
-        """Drop the lost partitions' states unsnapshotted: they may be ahead of what was
-        committed, and their next owner restores from the changelog."""
-        super().on_lost(partitions)
-        lost = {partition for _topic, partition in partitions}
-        self._assigned = [p for p in self._assigned if p not in lost]
-        self._unconfirmed -= lost
-        self._dirty -= lost
-        for partition in lost & set(self.next_offsets):
+        self._dirty -= gone
+        for partition in gone & set(self.next_offsets):
             del self.next_offsets[partition]
             for state in self.states.values():
                 state.revoke(partition)
-        for partition in lost:
+        for partition in gone:
             self._known.pop(partition, None)
 
     def _take(self, partition: int) -> PartitionSnapshot:
@@ -750,21 +782,20 @@ class TopicStage(StageRunner):
                             "starts afresh", self.name, partition, exc)
         return snapshots
 
-    def _restore_assigned(self) -> None:
+    def restore(self, partitions: list[TopicPartition]) -> None:
         """Restore newly assigned partitions at the group's committed offsets, as far as they
         are known now: the first record of each then confirms where the consumer resumed."""
-        if not self._assigned:
+        if not self.states:
             return
-        partitions, self._assigned = sorted(set(self._assigned)), []
-        committed = self.committed_input(partitions)
-        self._restore({p: committed.get(p) or 0 for p in partitions})
-        self._unconfirmed.update(partitions)
+        numbers = [partition for _topic, partition in partitions]
+        committed = self.committed_input(numbers)
+        self._restore({p: committed.get(p) or 0 for p in numbers})
+        self._unconfirmed.update(numbers)
 
     def _prepare(self, batch: ConsumedBatch) -> ConsumedBatch:
-        """Restore what was assigned; bring each restored state up to where its first record
-        shows the consumer resumed; return ``batch`` without the records the states already
-        hold, nor any of a partition revoked meanwhile (its new owner handles them)."""
-        self._restore_assigned()
+        """Bring each restored state up to where its first record shows the consumer resumed;
+        return ``batch`` without the records the states already hold, nor any of a partition
+        revoked meanwhile (its new owner handles them)."""
         if self._unconfirmed:
             first: dict[int, int] = {}
             for partition, offset in zip(batch.partitions, batch.offsets, strict=True):
@@ -783,12 +814,15 @@ class TopicStage(StageRunner):
                  if partition in owned and offset >= owned[partition]]
         return batch if len(fresh) == len(batch) else batch.select(fresh)
 
-    def tick(self) -> None:
-        if not self.states:
-            return
-        self._restore_assigned()
-        if time.monotonic() - self._last_snapshot >= self.checkpoint_config.every_seconds:
-            self.snapshot()
+    def checkpoint_due(self) -> bool:
+        return bool(self.states) and (time.monotonic() - self._last_snapshot
+                                      >= self.checkpoint_config.every_seconds)
+
+    def checkpoint(self, wait: bool) -> None:
+        if self.states:
+            self.snapshot(asynchronous=not wait)
+        else:
+            super().checkpoint(wait)
 
     def _changelog(self) -> list[OutgoingBatch]:
         """The snapshots of the partitions handled since the last snapshot, as changelog
@@ -825,11 +859,6 @@ class TopicStage(StageRunner):
         self.commit({(topic, int(key)): self.next_offsets[int(key)]
                      for key in changelog[0].keys if key is not None}, asynchronous)
 
-    def drain(self) -> None:
-        if self.states:
-            self.snapshot()
-        else:
-            super().drain()
 
 
 def without(batches: Sequence[OutgoingBatch], rejected: Sequence[tuple[int, int]]
@@ -924,25 +953,18 @@ class SinkStage(StageRunner):
         self._pending_timestamps: list[np.ndarray] = []
         self._last_flush = time.monotonic()
         self._cluster_id = ""
-        self._newly_assigned: list[TopicPartition] = []
         self._already_written: dict[TopicPartition, int] = {}  # next offset the sink stored
-        self._unflushed_kept: list[TopicPartition] = []  # see on_lost
 
     def open(self) -> None:
         self._cluster_id = self.transport.cluster_id()
         self.sink.open()
 
-    def on_assign(self, partitions: list[TopicPartition]) -> None:
-        super().on_assign(partitions)
-        # Asked before the next batch rather than inside the rebalance callback, where some
-        # clients swallow exceptions.
-        self._newly_assigned.extend(partitions)
+    def restore(self, partitions: list[TopicPartition]) -> None:
+        """Ask the sink where the newly assigned partitions' rows it stored end."""
+        self._already_written.update(self.sink.resume_offsets(partitions, self._cluster_id))
 
     def _skip_already_written(self, batch: ConsumedBatch) -> ConsumedBatch:
         """``batch`` without the records the sink reported as already written."""
-        if self._newly_assigned:
-            assigned, self._newly_assigned = self._newly_assigned, []
-            self._already_written.update(self.sink.resume_offsets(assigned, self._cluster_id))
         if not self._already_written:
             return batch
         topic = batch.topics[0]
@@ -990,8 +1012,12 @@ class SinkStage(StageRunner):
         self._pending_timestamps.append(np.asarray(batch.timestamps_ms, dtype=np.float64))
         self.metrics.count(len(consumed), written, len(failures))
 
-    def checkpoint(self) -> None:
-        """Flush the sink, then commit what it made durable."""
+    def checkpoint_due(self) -> bool:
+        return bool(self._pending) and (time.monotonic() - self._last_flush
+                                        >= self.commit_interval_s or self.sink.should_flush())
+
+    def checkpoint(self, wait: bool) -> None:
+        """Flush the sink, then commit what it made durable (always waiting for both)."""
         self._last_flush = time.monotonic()
         if not self._pending:
             return
@@ -1007,9 +1033,6 @@ class SinkStage(StageRunner):
                 self.sink_metrics.latency.observe(latency_ms / 1000)
         self._pending, self._pending_rows, self._pending_timestamps = {}, 0, []
 
-    def drain(self) -> None:
-        self.checkpoint()
-
     def _close(self) -> None:
         super()._close()
         try:
@@ -1017,18 +1040,9 @@ class SinkStage(StageRunner):
         except Exception:
             log.exception("stage %s: closing the sink failed", self.name)
 
-    def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        super().on_revoke(partitions)
-        if self.error is None:  # after a failure, nothing more is made durable: it replays
-            self.checkpoint()
-        self.sink.revoke(partitions)
-        for partition in partitions:
-            self._already_written.pop(partition, None)
-        self._newly_assigned = [p for p in self._newly_assigned if p not in partitions]
-
-    def on_lost(self, partitions: list[TopicPartition]) -> None:
-        """Discard everything written and not flushed: the lost partitions' rows replay at
-        their next owner.
+    def revoke(self, partitions: list[TopicPartition], lost: bool) -> None:
+        """Revoked partitions were flushed. Lost ones: discard everything written and not
+        flushed, their rows replay at their next owner.
 
         A sink may hold the rows of several partitions in one open transaction (the table
         sinks), which cannot drop some of them: the sink is closed, which discards whatever
@@ -1036,26 +1050,21 @@ class SinkStage(StageRunner):
         go with them: the stage then fails at its next poll instead, and its restart replays
         them (an evicted member loses every partition, so Kafka's group protocol never does
         this)."""
-        super().on_lost(partitions)
-        lost = set(partitions)
-        self._unflushed_kept = sorted(set(self._pending) - lost)
-        unflushed = self._pending_rows > 0
-        for partition in lost & set(self._pending):
-            del self._pending[partition]
-        self._pending_rows, self._pending_timestamps = 0, []
+        kept: list[TopicPartition] = []
+        unflushed = False
+        if lost:
+            kept = sorted(set(self._pending) - set(partitions))
+            unflushed = self._pending_rows > 0
+            for partition in set(partitions) & set(self._pending):
+                del self._pending[partition]
+            self._pending_rows, self._pending_timestamps = 0, []
         self.sink.revoke(partitions)
         for partition in partitions:
             self._already_written.pop(partition, None)
-        self._newly_assigned = [p for p in self._newly_assigned if p not in lost]
-        if unflushed and not self._unflushed_kept:
+        if kept:
+            self._callback_error = UnflushedRowsLostError(
+                f"stage {self.name} lost partitions while it had unflushed rows of {kept}, "
+                "which it keeps: restarting to replay them")
+        elif unflushed:
             self.sink.close()
             self.sink.open()
-
-    def tick(self) -> None:
-        if self._unflushed_kept:
-            raise UnflushedRowsLostError(
-                f"stage {self.name} lost partitions while it had unflushed rows of "
-                f"{self._unflushed_kept}, which it keeps: restarting to replay them")
-        if self._pending and (time.monotonic() - self._last_flush >= self.commit_interval_s
-                              or self.sink.should_flush()):
-            self.checkpoint()
