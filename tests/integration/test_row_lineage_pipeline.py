@@ -1,6 +1,7 @@
-"""Row-level lineage on a real broker: file → raw → processor → clean → Parquet and DuckDB sinks
-with lineage columns and manifests. The manifests cover exactly the offsets of the rows written,
-``lineage show`` prints them, and ``lineage trace`` walks a row back to the source record."""
+"""Row-level lineage on a real broker: file → raw → processor → clean → model → scored → Parquet
+and DuckDB sinks with lineage columns and manifests. The manifests cover exactly the offsets of
+the rows written, ``lineage show`` prints them, and ``lineage trace`` walks a row back through
+both stages' topics to the source record."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ import pytest
 from streamflow.cli import main
 from streamflow.config import load_pipeline
 from streamflow.runtime.pipeline import PipelineRunner, config_hash
-from streamflow.runtime.row_lineage import CONFIG_HASH, OFFSET, ORIGIN_HEADER, PARTITION
+from streamflow.runtime.row_lineage import (
+    CONFIG_HASH,
+    MODEL_VERSION,
+    OFFSET,
+    ORIGIN_HEADER,
+    PARTITION,
+)
 from streamflow.transport import create_transport, read_until
 from tests.sink_tables import unique
 
@@ -35,6 +42,7 @@ kafka:
 topics:
   - {{name: {name}.raw, partitions: 2}}
   - {{name: {name}.clean, partitions: 2}}
+  - {{name: {name}.scored, partitions: 2}}
 sources:
   - {{name: src, type: file, topic: {name}.raw, path: "{data}", key_field: id}}
 processors:
@@ -43,10 +51,18 @@ processors:
     output: {name}.clean
     steps:
       - drop: [noise]
+models:
+  - name: m
+    input: {name}.clean
+    output: {name}.scored
+    target: reading
+    features: [id]
+    estimator: [{{linear_model.LinearRegression: {{}}}}]
+    checkpoint: {{path: "{directory / 'checkpoints'}"}}
 sinks:
-  - {{name: lake, type: parquet, input: {name}.clean, path: "{directory / 'lake'}",
+  - {{name: lake, type: parquet, input: {name}.scored, path: "{directory / 'lake'}",
       lineage_columns: true, lineage_manifest: true}}
-  - {{name: wh, type: duckdb, input: {name}.clean, path: "{directory / 'wh.duckdb'}",
+  - {{name: wh, type: duckdb, input: {name}.scored, path: "{directory / 'wh.duckdb'}",
       table: events, lineage_columns: true, lineage_manifest: true}}
 metrics: {{port: 0}}
 runtime: {{commit_interval_s: 0.2}}
@@ -83,22 +99,25 @@ def test_manifests_show_and_trace_on_a_real_broker(
     result = PipelineRunner(config, until_idle_s=1.5, metrics_port=0).run()
     assert result.exit_code == 0, result.errors
 
-    # What the stage wrote to the sinks' input topic: every record, each with its origin.
+    # What the stages wrote: every record, each with the origin of its input record.
     transport = create_transport("confluent", bootstrap)
-    clean = [(partition, offset, dict(headers or []))
-             for batch in read_until(transport, {(f"{name}.clean", 0): None,
-                                                 (f"{name}.clean", 1): None})
-             for partition, offset, headers in zip(batch.partitions, batch.offsets,
-                                                   batch.headers, strict=True)]
-    assert len(clean) == len(RECORDS)
-    assert all(headers[ORIGIN_HEADER].startswith(f"{name}.raw/".encode())
-               for _p, _o, headers in clean)
-    offsets = sorted((partition, offset) for partition, offset, _headers in clean)
+    for topic, upstream in (("clean", "raw"), ("scored", "clean")):
+        written = [(partition, offset, dict(headers or []))
+                   for batch in read_until(transport, {(f"{name}.{topic}", 0): None,
+                                                       (f"{name}.{topic}", 1): None})
+                   for partition, offset, headers in zip(batch.partitions, batch.offsets,
+                                                         batch.headers, strict=True)]
+        assert len(written) == len(RECORDS)
+        assert all(headers[ORIGIN_HEADER].startswith(f"{name}.{upstream}/".encode())
+                   for _p, _o, headers in written)
+    offsets = sorted((partition, offset) for partition, offset, _headers in written)
 
     lake = pq.read_table(tmp_path / "lake")
     assert sorted(zip(lake.column(PARTITION).to_pylist(), lake.column(OFFSET).to_pylist(),
                       strict=True)) == offsets
     assert set(lake.column(CONFIG_HASH).to_pylist()) == {config_hash(config)}
+    assert lake.column(MODEL_VERSION).to_pylist() == lake.column("model_version").to_pylist()
+    assert lake.column(MODEL_VERSION).null_count == 0
     assert "noise" not in lake.column_names
     mapped = next(column for column in lake.column_names
                   if column.startswith(OFFSET) and column != OFFSET)
@@ -117,6 +136,9 @@ def test_manifests_show_and_trace_on_a_real_broker(
     assert code == 0
     check_manifests(table_manifests, offsets)
     assert {m["config_hash"] for m in [*lake_manifests, *table_manifests]} == {config_hash(config)}
+    versions = lake.column("model_version").to_pylist()
+    assert min(m["model_version"]["min"] for m in lake_manifests) == min(versions)
+    assert max(m["model_version"]["max"] for m in lake_manifests) == max(versions)
     assert main(["lineage", "show", str(tmp_path / "wh.duckdb"), "--table", "events"]) == 0
     assert "commits with a manifest, 30 rows" in capsys.readouterr().out
 
@@ -126,11 +148,14 @@ def test_manifests_show_and_trace_on_a_real_broker(
     row, hops = traced["row"], traced["trace"]
     assert (row["partition"], row["offset"]) == offsets[7]
     assert [(hop["topic"], hop["retained"]) for hop in hops] == [
-        (f"{name}.clean", True), (f"{name}.raw", True)]
-    assert hops[0]["written_by"] == ["processor clean"]
-    assert hops[1]["written_by"] == ["source src"] and ORIGIN_HEADER not in hops[1]["headers"]
-    source = json.loads(hops[1]["value"])
+        (f"{name}.scored", True), (f"{name}.clean", True), (f"{name}.raw", True)]
+    assert [hop["written_by"] for hop in hops] == [["model m"], ["processor clean"], ["source src"]]
+    assert ORIGIN_HEADER not in hops[2]["headers"]
+    source = json.loads(hops[2]["value"])
     assert source == RECORDS[source["id"]]  # the record as the source read it, noise included
-    assert json.loads(hops[0]["value"]) == {k: v for k, v in source.items() if k != "noise"}
+    cleaned = {k: v for k, v in source.items() if k != "noise"}
+    assert json.loads(hops[1]["value"]) == cleaned
+    scored = json.loads(hops[0]["value"])
+    assert {k: scored[k] for k in cleaned} == cleaned and "model_version" in scored
     assert main(["lineage", "trace", str(file), "--sink", "lake", "--row", "0"]) == 0
     assert "the source record" in capsys.readouterr().out

@@ -38,6 +38,7 @@ from streamflow.runtime.row_lineage import (
     model_upstream,
     origin_header,
     parse_origin,
+    with_row_lineage,
 )
 from streamflow.runtime.stages import output_batches
 from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicSpec, create_transport
@@ -260,6 +261,15 @@ def test_origin_headers_only_when_asked() -> None:
     traced = output_batches(table, "out", batch.keys, batch.timestamps_ms, batch)
     assert traced[0].headers == [[(ORIGIN_HEADER, b"raw/2/41")], [(ORIGIN_HEADER, b"raw/2/40")]]
     assert parse_origin(origin_header("a.b-c", 1, 99)) == ("a.b-c", 1, 99)
+
+
+def test_pipelines_without_row_lineage_build_their_stages_as_before() -> None:
+    config = pipeline()
+    config.sinks[0].lineage_columns = config.sinks[0].lineage_manifest = False
+    def factory() -> None:
+        return None
+    assert with_row_lineage(factory, config, HASH) is factory
+    assert with_row_lineage(factory, pipeline(), HASH) is not factory
 
 
 @pytest.fixture
