@@ -32,10 +32,8 @@ from streamflow.runtime.dead_letter_watch import DeadLetterWatch
 from streamflow.runtime.dlq import DeadLetterFile
 from streamflow.runtime.fatal import metrics_port_error
 from streamflow.runtime.faust_stage import FaustStage
-from streamflow.runtime.lineage import CLOSE_TIMEOUT_S, LineageTracker, open_lineage
 from streamflow.runtime.logs import REDACTOR
 from streamflow.runtime.row_lineage import with_row_lineage
-from streamflow.runtime.schedules import Scheduler, pipeline_scheduler
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, source_dead_letter_topic
 from streamflow.runtime.stage import Stage
 from streamflow.runtime.stages import SinkStage, StageIdentity, TopicStage, build_steps
@@ -51,8 +49,10 @@ from streamflow.transport import (
 )
 from streamflow.transport.broker import EmbeddedBroker
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported where used: a pipeline without them spares their libraries
+    from streamflow.runtime.lineage import LineageTracker
     from streamflow.runtime.model_stage import ModelStage
+    from streamflow.runtime.schedules import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,11 @@ class PipelineRunner:
         self.metrics_server: MetricsServer | None = None
         self.supervisor = Supervisor()
         # the schedules run in the whole daemon, not in a one-stage container (--stage)
-        self.scheduler: Scheduler | None = (
-            pipeline_scheduler(config, self.metrics) if config.schedules and stage is None else None)
+        self.scheduler: Scheduler | None = None
+        if config.schedules and stage is None:
+            from streamflow.runtime.schedules import pipeline_scheduler  # croniter, only then
+
+            self.scheduler = pipeline_scheduler(config, self.metrics)
         self._started = False
         self._fatal: str | None = None
         self._stop = threading.Event()
@@ -185,6 +188,8 @@ class PipelineRunner:
 
     def _open_lineage(self, stack: ExitStack) -> None:
         """OpenLineage events for the runners (docs/lineage.md), sent until the stop."""
+        from streamflow.runtime.lineage import CLOSE_TIMEOUT_S, open_lineage  # openlineage, ~20 MB
+
         assert self.bootstrap is not None
         failures = self.metrics.families["streamflow_lineage_emit_failures"].labels(
             self.config.pipeline)
