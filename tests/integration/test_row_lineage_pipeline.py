@@ -10,11 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
+import psycopg
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from connectors.sinks.postgres import PostgresConfig, PostgresSink
+from streamflow.api import Pipeline
 from streamflow.cli import main
 from streamflow.config import load_pipeline
+from streamflow.plugins import ComponentContext
+from streamflow.runtime import lineage_cli
 from streamflow.runtime.pipeline import PipelineRunner, config_hash
 from streamflow.runtime.row_lineage import (
     CONFIG_HASH,
@@ -22,9 +29,10 @@ from streamflow.runtime.row_lineage import (
     OFFSET,
     ORIGIN_HEADER,
     PARTITION,
+    LineageSink,
 )
-from streamflow.transport import create_transport, read_until
-from tests.sink_tables import unique
+from streamflow.transport import ConsumedBatch, create_transport, read_until
+from tests.sink_tables import postgres_names, unique
 
 # A field named like the offset lineage column is data, and survives under its mapped column.
 RECORDS = [{"id": i, "reading": i * 1.5, "noise": "x", OFFSET: f"mine-{i}"} for i in range(30)]
@@ -159,3 +167,42 @@ def test_manifests_show_and_trace_on_a_real_broker(
     assert {k: scored[k] for k in cleaned} == cleaned and "model_version" in scored
     assert main(["lineage", "trace", str(file), "--sink", "lake", "--row", "0"]) == 0
     assert "the source record" in capsys.readouterr().out
+
+
+def test_postgres_stores_the_manifest_in_the_flush_transaction(postgres_dsn: str) -> None:
+    with postgres_names(postgres_dsn) as (pipeline, table):
+        config = (Pipeline(pipeline, bootstrap="localhost:9092")
+                  .sink("pg", "postgres", input="in", dsn=postgres_dsn, table=table,
+                        lineage_columns=True, lineage_manifest=True).build())
+        settings = PostgresConfig(dsn=postgres_dsn, table=table)
+        sink = LineageSink(PostgresSink(settings, ComponentContext(pipeline, "pg")),
+                           config.sinks[0], config, "hash")
+        sink.open()
+        try:
+            def write(offsets: list[int]) -> None:
+                batch = ConsumedBatch(topics=["in"] * len(offsets), partitions=[0] * len(offsets),
+                                      offsets=offsets)
+                rows = sink.annotate(pa.table({"x": offsets}), batch, np.arange(len(offsets)))
+                sink.write(rows, ("in", 0), offsets[0])
+
+            write([0, 1, 2])
+            sink.flush({("in", 0): 3}, "c1")
+            write([3, 4])
+            sink.close()  # not flushed: the rows and the manifest roll back together
+            sink.open()
+            write([3, 4, 6])
+            sink.flush({("in", 0): 7}, "c1")
+        finally:
+            sink.close()
+        try:
+            output = lineage_cli.resolve(postgres_dsn.replace("postgresql://", "postgres://", 1),
+                                         table=table)
+            found = lineage_cli.manifests(output)
+            assert [(m["rows"], m["offsets"][0]["first_offset"], m["offsets"][0]["last_offset"],
+                     m["offsets"][0]["next_offset"]) for m in found] == [(3, 0, 2, 3), (3, 3, 6, 7)]
+            assert lineage_cli.lineage_rows(output).column("offset").to_pylist() == [
+                0, 1, 2, 3, 4, 6]
+        finally:
+            with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+                connection.execute("DELETE FROM streamflow_lineage WHERE table_name = %s", (table,))
+
