@@ -40,7 +40,7 @@ from connectors.sinks.warehouse import (
 )
 from streamflow.plugins import ComponentContext, Sink, SinkRecordError
 from streamflow.processing.steps import type_depth
-from streamflow.runtime.row_lineage import OFFSET, SIDECAR_SUFFIX, manifest_text
+from streamflow.runtime.row_lineage import MODEL_VERSION, OFFSET, SIDECAR_SUFFIX, manifest_text
 from streamflow.transport.base import TopicPartition
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -256,7 +256,8 @@ class ParquetSink(Sink[ParquetConfig]):
 
     def _write_sidecar(self, path: Path, partition: TopicPartition, piece: pa.Table) -> None:
         """The commit's manifest for the file at ``path`` (holding ``piece`` of ``partition``'s
-        rows): that partition's offsets, with the file's own first and last offset and rows."""
+        rows): that partition's offsets, with the file's own rows, and with lineage columns its
+        own first and last offset and model versions."""
         assert self.lineage_manifest is not None
         entries = [dict(entry) for entry in self.lineage_manifest["offsets"]
                    if (entry["topic"], entry["partition"]) == partition]
@@ -267,6 +268,9 @@ class ParquetSink(Sink[ParquetConfig]):
                 entry["last_offset"] = pc.max(piece.column(OFFSET)).as_py()
         manifest = {**self.lineage_manifest, "file": path.name, "rows": piece.num_rows,
                     "offsets": entries}
+        if MODEL_VERSION in piece.column_names and piece.column(MODEL_VERSION).null_count < len(piece):
+            versions = pc.min_max(piece.column(MODEL_VERSION)).as_py()
+            manifest["model_version"] = {"min": versions["min"], "max": versions["max"]}
         sidecar = sidecar_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = sidecar.with_name(sidecar.name + TEMPORARY_SUFFIX)

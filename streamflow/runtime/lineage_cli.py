@@ -337,7 +337,9 @@ def _span(manifest: dict[str, Any]) -> str:
 def render_manifests(output: Output, found: list[dict[str, Any]]) -> Iterator[str]:
     """``found`` as text lines."""
     rows = sum(manifest.get("rows", 0) for manifest in found)
-    yield f"{output.label or output.kind}: {len(found)} commits with a manifest, {rows:,} rows"
+    commits = len({manifest.get("commit_id") for manifest in found})
+    files = f" in {len(found)} files" if output.kind == "parquet" else ""
+    yield f"{output.label or output.kind}: {commits} commits with a manifest{files}, {rows:,} rows"
     for manifest in found:
         versions = manifest.get("model_version")
         model = f"{versions['min']}..{versions['max']}" if versions else "-"

@@ -189,7 +189,7 @@ def test_parquet_sidecars_and_lineage_show(tmp_path: Path) -> None:
                      for manifest in found for entry in manifest["offsets"])
     assert covered == [(0, 0, 2, 3), (0, 3, 5, 2), (1, 7, 7, 1)]
     text = "\n".join(lineage_cli.render_manifests(output, found))
-    assert "3 commits with a manifest, 6 rows" in text and f"config {HASH}" in text
+    assert "2 commits with a manifest in 3 files, 6 rows" in text and f"config {HASH}" in text
     assert "scored[0] offsets 3..5, 2 rows (next offset 6)" in text
     rows = lineage_cli.lineage_rows(output)
     assert rows.column("offset").to_pylist() == [0, 1, 2, 3, 5, 7]
