@@ -355,6 +355,24 @@ def render_manifests(output: Output, found: list[dict[str, Any]]) -> Iterator[st
                    f"rows (next offset {entry.get('next_offset')})")
 
 
+def render_trace(hops: list[Hop]) -> Iterator[str]:
+    """``hops`` as text lines, each record indented under the one it went into."""
+    for depth, hop in enumerate(hops):
+        indent, where = "  " * depth, f"{hop.topic}[{hop.partition}]@{hop.offset}"
+        by = f" (written by {', '.join(hop.written_by)})" if hop.written_by else ""
+        if not hop.retained:
+            yield f"{indent}{where}{by}: no longer retained by the topic"
+            continue
+        end = ""
+        if ORIGIN_HEADER not in hop.headers:
+            end = (": the source record" if not hop.written_by or any(
+                writer.startswith("source ") for writer in hop.written_by) else
+                ": no sf-origin header (a window's aggregate or a Faust agent's output, or "
+                "written before row lineage was on)")
+        yield f"{indent}{where}{by}{end}"
+        yield f"{indent}  key {hop.key!r}  timestamp_ms {hop.timestamp_ms}  value {hop.value}"
+
+
 def _show(args: argparse.Namespace) -> int:
     output = resolve(args.output, args.sink, args.table)
     found = manifests(output)
@@ -379,16 +397,7 @@ def _trace(args: argparse.Namespace) -> int:
     else:
         print(f"row {args.row} of {output.label or output.kind}: " + ", ".join(
             f"{name} {value}" for name, value in row.items() if value is not None))
-        for depth, hop in enumerate(hops):
-            where = f"{hop.topic}[{hop.partition}]@{hop.offset}"
-            by = f" (written by {', '.join(hop.written_by)})" if hop.written_by else ""
-            if not hop.retained:
-                print(f"{'  ' * depth}{where}{by}: no longer retained by the topic")
-                continue
-            last = ORIGIN_HEADER not in hop.headers
-            print(f"{'  ' * depth}{where}{by}{': the source record' if last else ''}")
-            print(f"{'  ' * depth}  key {hop.key!r}  timestamp_ms {hop.timestamp_ms}  "
-                  f"value {hop.value}")
+        print("\n".join(render_trace(hops)))
     return 0 if hops and hops[-1].retained else 1
 
 

@@ -287,7 +287,8 @@ def test_trace_walks_the_origin_headers_back_to_the_source_record(cluster: str) 
     producer = transport.producer()
     producer.produce([OutgoingBatch("raw", [b'{"n": 0}', b'{"n": 1}'], [b"k0", b"k1"])])
     producer.produce([OutgoingBatch("clean", [b'{"n": 1}'],
-                                    headers=[[(ORIGIN_HEADER, origin_header("raw", 0, 1))]])])
+                                    headers=[[(ORIGIN_HEADER, origin_header("raw", 0, 1))]]),
+                      OutgoingBatch("clean", [b'{"count": 2}'])])  # like a window's aggregate
     producer.produce([OutgoingBatch("scored", [b'{"n": 1, "p": 2}'],
                                     headers=[[(ORIGIN_HEADER, origin_header("clean", 0, 0))]]),
                       OutgoingBatch("scored", [b'{"gone": 1}'],
@@ -298,6 +299,15 @@ def test_trace_walks_the_origin_headers_back_to_the_source_record(cluster: str) 
         ("scored", 0, True), ("clean", 0, True), ("raw", 1, True)]
     assert hops[-1].value == '{"n": 1}' and hops[-1].key == "k1"
     assert hops[-1].written_by == ["source src"] and hops[1].written_by == ["processor clean"]
+    assert list(lineage_cli.render_trace(hops))[-2:] == [
+        "    raw[0]@1 (written by source src): the source record",
+        "      key 'k1'  timestamp_ms " + str(hops[-1].timestamp_ms) + '  value {"n": 1}']
     lost = lineage_cli.trace(transport, "scored", 0, 1, pipeline())
     assert [(hop.topic, hop.offset, hop.retained) for hop in lost] == [
         ("scored", 1, True), ("clean", 5, False)]
+    assert list(lineage_cli.render_trace(lost))[-1] == (
+        "  clean[0]@5 (written by processor clean): no longer retained by the topic")
+    # A stage's record without an origin (a window's aggregate) is not taken for a source's.
+    stopped = lineage_cli.trace(transport, "clean", 0, 1, pipeline())
+    assert len(stopped) == 1
+    assert "no sf-origin header" in next(lineage_cli.render_trace(stopped))
