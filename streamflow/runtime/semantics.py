@@ -444,10 +444,23 @@ def check_topics(config: PipelineConfig) -> list[Finding]:
     return findings
 
 
+NO_MANIFEST_SINKS = ("kafka", "console")  # no commit to store a lineage manifest in
+
+
+def check_lineage(config: PipelineConfig) -> list[Finding]:
+    """A sink with ``lineage_manifest`` whose type has nowhere to store it (docs/lineage.md)."""
+    return [finding("warning", ("sinks", index, "lineage_manifest"),
+                    f"a {sink.type} sink has no commit to store a lineage manifest in",
+                    "remove lineage_manifest; lineage_columns still add the columns")
+            for index, sink in enumerate(config.sinks)
+            if sink.lineage_manifest and sink.type in NO_MANIFEST_SINKS]
+
+
 def check_pipeline(config: PipelineConfig, file: str, stage: str | None = None) -> list[Finding]:
     """Every finding of every semantic check of ``config``, loaded from ``file``; with ``stage``,
     of the sources only that one (the pipeline runs only it)."""
-    findings = check_sources(config, stage) + check_topics(config) + check_fields(config)
+    findings = (check_sources(config, stage) + check_topics(config) + check_fields(config)
+                + check_lineage(config))
     return [replace(found, file=file) for found in findings]
 
 

@@ -40,6 +40,7 @@ from streamflow.runtime.row_lineage import (
     parse_origin,
     with_row_lineage,
 )
+from streamflow.runtime.semantics import check_pipeline
 from streamflow.runtime.stages import output_batches
 from streamflow.transport import ConsumedBatch, OutgoingBatch, TopicSpec, create_transport
 from streamflow.transport.memory import drop_cluster
@@ -261,6 +262,15 @@ def test_origin_headers_only_when_asked() -> None:
     traced = output_batches(table, "out", batch.keys, batch.timestamps_ms, batch)
     assert traced[0].headers == [[(ORIGIN_HEADER, b"raw/2/41")], [(ORIGIN_HEADER, b"raw/2/40")]]
     assert parse_origin(origin_header("a.b-c", 1, 99)) == ("a.b-c", 1, 99)
+
+
+def test_a_manifest_on_a_sink_without_commits_is_a_warning() -> None:
+    config = (Pipeline("pl", bootstrap="localhost:9092")
+              .source("src", "generator", topic="raw", count=1)
+              .sink("copy", "kafka", input="raw", topic="copy", lineage_manifest=True)
+              .sink("show", "console", input="raw", lineage_columns=True).build())
+    assert [(found.severity, found.path) for found in check_pipeline(config, "p.yaml")] == [
+        ("warning", "sinks[0].lineage_manifest")]
 
 
 def test_pipelines_without_row_lineage_build_their_stages_as_before() -> None:
