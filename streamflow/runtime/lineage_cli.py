@@ -241,18 +241,27 @@ def _duckdb_rows(settings: dict[str, Any]) -> pa.Table:
     import duckdb
 
     with duckdb.connect(settings["path"], read_only=True) as connection:
-        return connection.sql(f"SELECT * FROM {_quote(settings['table'])}").to_arrow_table()
+        table = _quote(settings["table"])
+        names = [name for name in connection.sql(f"SELECT * FROM {table} LIMIT 0").columns
+                 if name in COLUMNS]
+        if not names:
+            return pa.table({})
+        return connection.sql(f"SELECT {', '.join(map(_quote, names))} FROM {table}"
+                              ).to_arrow_table()
 
 
 def _postgres_rows(settings: dict[str, Any]) -> pa.Table:
     import psycopg
     from psycopg import sql
 
+    table = sql.Identifier(settings["schema"], settings["table"])
     with psycopg.connect(settings["dsn"]) as connection:
-        cursor = connection.execute(sql.SQL("SELECT * FROM {}").format(
-            sql.Identifier(settings["schema"], settings["table"])))
-        names = [column.name for column in cursor.description or []]
-        rows = cursor.fetchall()
+        cursor = connection.execute(sql.SQL("SELECT * FROM {} LIMIT 0").format(table))
+        names = [column.name for column in cursor.description or [] if column.name in COLUMNS]
+        if not names:
+            return pa.table({})
+        rows = connection.execute(sql.SQL("SELECT {} FROM {}").format(
+            sql.SQL(", ").join(map(sql.Identifier, names)), table)).fetchall()
     return pa.table({name: [row[index] for row in rows] for index, name in enumerate(names)})
 
 
