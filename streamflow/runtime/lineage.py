@@ -41,6 +41,7 @@ from streamflow.config.lineage import (
     LineageConfig,
 )
 from streamflow.config.models import ModelConfig, PipelineConfig, ProcessorConfig, SinkConfig
+from streamflow.runtime.sql_lineage import sql_columns
 from streamflow.runtime.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -140,16 +141,28 @@ def sink_dataset(sink: SinkConfig, bootstrap: str) -> OutputDataset:
 @dataclass
 class _Fields:
     """The fields of a stage's output as far as its steps tell: each known output field's input
-    field and type (None when unknown), and whether the known fields are all there are."""
+    fields and type (None when unknown), which of them are computed (not one input field as it
+    was), and whether the known fields are all there are."""
 
-    origin: dict[str, str] = field(default_factory=dict)
+    origin: dict[str, tuple[str, ...]] = field(default_factory=dict)
     types: dict[str, str | None] = field(default_factory=dict)
     complete: bool = False
+    computed: frozenset[str] = frozenset()
+
+    def inputs(self, name: str) -> tuple[str, ...]:
+        """The input fields of output field ``name`` (itself, unchanged, if not known)."""
+        return self.origin.get(name, (name,))
+
+    def kept(self, names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+        """The origin of the fields of ``names`` that may exist here."""
+        return {name: self.inputs(name) for name in names
+                if not self.complete or name in self.origin}
 
 
 def _trace_steps(stage: ProcessorConfig) -> tuple[dict[str, str | None] | None, _Fields | None]:
     """The input fields the stage declares (its first step's schema) and its output's fields;
-    the latter None once a step changes fields in ways not derived here (sql, parse, ...)."""
+    the latter None once a step changes fields in ways not derived here (parse, python, a sql
+    statement other than a plain SELECT over ``batch``, ...)."""
     declared: dict[str, str] | None = None
     fields = _Fields()
     for index, step in enumerate(stage.steps):
@@ -159,27 +172,50 @@ def _trace_steps(stage: ProcessorConfig) -> tuple[dict[str, str | None] | None, 
                                             for name, spec in settings.items()}
             if index == 0:
                 declared = types
-            origin = {name: fields.origin.get(name, name)
-                      for name in types if not fields.complete or name in fields.origin}
-            fields = _Fields(origin, types, complete=True)
+            fields = _Fields(fields.kept(types), types, True, fields.computed & set(types))
         elif kind == "select":
-            origin = {name: fields.origin.get(name, name)
-                      for name in settings if not fields.complete or name in fields.origin}
-            fields = _Fields(origin, {name: fields.types.get(name) for name in settings},
-                             complete=True)
+            fields = _Fields(fields.kept(settings),
+                             {name: fields.types.get(name) for name in settings}, True,
+                             fields.computed & set(settings))
         elif kind == "rename":
             renamed = {settings.get(name, name): source for name, source in fields.origin.items()}
             types = {settings.get(name, name): type_ for name, type_ in fields.types.items()}
             if not fields.complete:
-                renamed |= {new: old for old, new in settings.items() if old not in fields.origin}
-            fields = _Fields(renamed, types, fields.complete)
+                renamed |= {new: (old,) for old, new in settings.items()
+                            if old not in fields.origin}
+            fields = _Fields(renamed, types, fields.complete,
+                             frozenset(settings.get(name, name) for name in fields.computed))
         elif kind == "drop":
             fields = _Fields({k: v for k, v in fields.origin.items() if k not in settings},
                              {k: v for k, v in fields.types.items() if k not in settings},
-                             fields.complete)
+                             fields.complete, fields.computed - set(settings))
+        elif kind == "sql":
+            traced = _trace_sql(settings, fields)
+            if traced is None:
+                return declared, None
+            fields = traced
         elif kind not in FIELD_PRESERVING_STEPS:
             return declared, None
     return declared, fields
+
+
+def _trace_sql(query: str, fields: _Fields) -> _Fields | None:
+    """``fields`` after a sql step running ``query`` (None if DuckDB's parse does not tell)."""
+    columns = sql_columns(query, list(fields.origin) if fields.complete else None)
+    if columns is None:
+        return None
+    passed = ({name: inputs for name, inputs in fields.origin.items()
+               if name not in columns.excluded} if columns.passes_unknown else {})
+    origin = passed | {
+        name: tuple(dict.fromkeys(source for ref in refs for source in fields.inputs(ref)))
+        for name, refs in columns.inputs.items()}
+    computed = {name for name, refs in columns.inputs.items()
+                if name in columns.computed or any(ref in fields.computed for ref in refs)}
+    computed |= fields.computed & (set(passed) - set(columns.inputs))
+    types = {name: fields.types.get(name) for name in passed} | {
+        name: fields.types.get(refs[0]) if name not in computed and len(refs) == 1 else None
+        for name, refs in columns.inputs.items()}
+    return _Fields(origin, types, not columns.passes_unknown, frozenset(computed))
 
 
 def _schema_facet(types: dict[str, str | None]) -> schema_dataset.SchemaDatasetFacet:
@@ -190,15 +226,21 @@ def _schema_facet(types: dict[str, str | None]) -> schema_dataset.SchemaDatasetF
     )
 
 
-def _column_lineage(origin: dict[str, str], source: InputDataset
+def _column_lineage(fields: _Fields, source: InputDataset
                     ) -> column_lineage_dataset.ColumnLineageDatasetFacet:
-    identity = column_lineage_dataset.Transformation(type="DIRECT", subtype="IDENTITY",
-                                                     description="", masking=False)
+    """Each output field's input fields: DIRECT, IDENTITY (as it was) or TRANSFORMATION."""
+    how = {subtype: column_lineage_dataset.Transformation(type="DIRECT", subtype=subtype,
+                                                          description="", masking=False)
+           for subtype in ("IDENTITY", "TRANSFORMATION")}
     return column_lineage_dataset.ColumnLineageDatasetFacet(
         fields={
-            output: column_lineage_dataset.Fields(inputFields=[column_lineage_dataset.InputField(
-                source.namespace, source.name, input_field, transformations=[identity])])
-            for output, input_field in origin.items()
+            output: column_lineage_dataset.Fields(inputFields=[
+                column_lineage_dataset.InputField(source.namespace, source.name, input_field,
+                                                  transformations=[how[
+                                                      "TRANSFORMATION" if output in fields.computed
+                                                      else "IDENTITY"]])
+                for input_field in inputs])
+            for output, inputs in fields.origin.items() if inputs
         },
         producer=PRODUCER,
     )
@@ -213,9 +255,9 @@ def _processor_lineage(stage: ProcessorConfig, kafka: str) -> JobLineage:
             source.facets = {"schema": _schema_facet(declared)}
         if fields is not None and fields.complete:
             target.facets = {"schema": _schema_facet(fields.types)}
-        if fields is not None and fields.origin:
+        if fields is not None and any(fields.origin.values()):
             target.facets = {**(target.facets or {}),
-                             "columnLineage": _column_lineage(fields.origin, source)}
+                             "columnLineage": _column_lineage(fields, source)}
     return JobLineage(stage.name, "PROCESSOR", [source], [target])
 
 

@@ -148,8 +148,55 @@ def test_without_a_schema_only_the_renamed_fields_have_lineage_and_there_is_no_s
     assert {out: spec["inputFields"][0]["field"] for out, spec in fields.items()} == {"b": "a"}
 
 
-def test_a_sql_step_ends_the_derivation_but_keeps_the_declared_input_schema() -> None:
-    enrich = describe_jobs(pipeline(), BOOTSTRAP)["enrich"]
+def column_lineage(dataset: Any) -> dict[str, list[tuple[str, str]]]:
+    """Each output field's input fields, with how each is derived (IDENTITY, TRANSFORMATION)."""
+    fields = as_json(dataset.facets["columnLineage"])["fields"]
+    return {out: [(f["field"], f["transformations"][0]["subtype"]) for f in spec["inputFields"]]
+            for out, spec in fields.items()}
+
+
+def sql_stage(*steps: dict[str, Any]) -> JobLineage:
+    return describe_jobs(pipeline(processors=[
+        {"name": "enrich", "input": "raw", "output": "enriched", "steps": list(steps)}]),
+        BOOTSTRAP)["enrich"]
+
+
+def test_a_sql_select_over_batch_gives_each_column_the_fields_it_reads() -> None:
+    enrich = sql_stage({"schema": SCHEMA}, {"rename": {"temperature": "temp"}}, {
+        "sql": "SELECT * EXCLUDE (humidity) REPLACE (round(temp, 1) AS temp), "
+               "temp * 1.8 + 32 AS temp_f, device_id || ':' || ts AS key, 1 AS one "
+               "FROM batch WHERE temp > 0"}, {"drop": ["ts"]})
+
+    assert [f["name"] for f in schema_fields(enrich.inputs[0])] == list(SCHEMA)
+    assert schema_fields(enrich.outputs[0]) == [
+        {"name": "device_id", "type": "string"}, {"name": "temp"}, {"name": "temp_f"},
+        {"name": "key"}, {"name": "one"}]
+    assert column_lineage(enrich.outputs[0]) == {
+        "device_id": [("device_id", "IDENTITY")],
+        "temp": [("temperature", "TRANSFORMATION")],
+        "temp_f": [("temperature", "TRANSFORMATION")],
+        "key": [("device_id", "TRANSFORMATION"), ("ts", "TRANSFORMATION")],
+    }
+
+
+def test_a_sql_star_over_unknown_fields_passes_them_and_names_what_it_adds() -> None:
+    enrich = sql_stage({"rename": {"a": "b"}}, {"sql": "SELECT *, b + c AS d FROM batch"})
+
+    assert "schema" not in enrich.outputs[0].facets
+    assert column_lineage(enrich.outputs[0]) == {
+        "b": [("a", "IDENTITY")], "d": [("a", "TRANSFORMATION"), ("c", "TRANSFORMATION")]}
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT device_id, count(*) AS n FROM batch GROUP BY device_id",
+    "SELECT * FROM batch JOIN other USING (device_id)",
+    "SELECT (SELECT max(x) FROM other) AS m FROM batch",
+    "SELECT temperature + 1 FROM batch",  # a column without a name of its own
+    "SELECT * FROM other",
+])
+def test_a_sql_step_not_derived_ends_the_derivation_but_keeps_the_input_schema(query: str
+                                                                               ) -> None:
+    enrich = sql_stage({"schema": SCHEMA}, {"sql": query})
 
     assert [f["name"] for f in schema_fields(enrich.inputs[0])] == list(SCHEMA)
     assert not enrich.outputs[0].facets
