@@ -19,6 +19,7 @@ from streamflow.config.models import PipelineConfig
 from streamflow.metrics import MetricsServer, PipelineMetrics
 from streamflow.plugins import catalog
 from streamflow.runtime import dlq, lineage_cli, models_cli
+from streamflow.runtime.backfill import BackfillError, BackfillPlan, BackfillRunner, backfill_errors
 from streamflow.runtime.fatal import describe, metrics_port_error
 from streamflow.runtime.jobs import schedule_errors
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
@@ -45,22 +46,46 @@ def _load(file: str) -> PipelineConfig:
     return config
 
 
+def _bounded(args: argparse.Namespace) -> bool:
+    return any(value is not None for value in (args.from_, args.until, args.output_suffix,
+                                               args.model_checkpoint))
+
+
+def _backfill_plan(args: argparse.Namespace, config: PipelineConfig) -> BackfillPlan:
+    """The bounded run the options ask for; ConfigError where they or the pipeline do not fit."""
+    errors = []
+    if getattr(args, "stage", None):
+        errors.append("--stage: a bounded run runs every stage of the pipeline")
+    try:
+        plan = BackfillPlan.parse(args.from_, args.until, args.output_suffix, args.model_checkpoint)
+    except BackfillError as exc:
+        errors += str(exc).split("; ")
+    errors += backfill_errors(config)
+    if errors:
+        raise ConfigError(args.file, errors)
+    return plan
+
+
 def _run(args: argparse.Namespace) -> int:
     config = _load(args.file)
     REDACTOR.add(config_secrets(config))
+    plan = _backfill_plan(args, config) if _bounded(args) else None
     for warning in require_valid(config, args.file, stage=args.stage):
         log.warning("%s: %s", warning.file, warning.line())
-    runner = PipelineRunner(config, stage=args.stage, until_idle_s=args.until_idle,
-                            metrics_port=args.metrics_port, dead_letter_file=args.dlq_file)
+    runner = (BackfillRunner(config, plan, args.metrics_port, args.dlq_file) if plan else
+              PipelineRunner(config, stage=args.stage, until_idle_s=args.until_idle,
+                             metrics_port=args.metrics_port, dead_letter_file=args.dlq_file))
     install_signal_handlers(runner)
     live = args.log_format == "text" and sys.stderr.isatty()
     progress = (
         ProgressReporter(runner.metrics.registry, args.progress_interval, live,
                          list(component_kinds(config))).start()
-        if live or args.until_idle is not None else None
+        if live or runner.until_idle_s is not None else None
     )
     try:
         result = runner.run()
+    except BackfillError as exc:
+        raise ConfigError(args.file, [str(exc)]) from exc
     finally:
         if progress:
             progress.stop()
@@ -74,6 +99,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     config = _load(args.file)
+    if _bounded(args):
+        _backfill_plan(args, config)
     for warning in require_valid(config, args.file, strict=args.strict):
         print(f"warning: {warning.file}: {warning.line()}", file=sys.stderr)
     stages = len(config.processors) + len(config.models) + len(config.sinks)
@@ -135,6 +162,21 @@ def _broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bound_options(command: argparse.ArgumentParser) -> None:
+    """The options of a bounded run (docs/backfills.md)."""
+    command.add_argument("--from", dest="from_", metavar="TIME|OFFSETS",
+                         help="bounded run: read the entry topics from this ISO time, relative "
+                              "time (-1d) or topic:partition=offset,... on")
+    command.add_argument("--until", metavar="TIME|OFFSETS",
+                         help="bounded run: up to this time or these offsets, exclusive "
+                              "(default: where the topics end when it starts)")
+    command.add_argument("--output-suffix", metavar="S",
+                         help="bounded run: suffix of its consumer groups, topics and outputs")
+    command.add_argument("--model-checkpoint", metavar="PATH|fresh",
+                         help="bounded run: model stages start fresh (default) or from the "
+                              "checkpoint store at PATH (a checkpoint.path)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamflow", description=__doc__)
     parser.add_argument("--version", action="version", version=f"streamflow {__version__}")
@@ -154,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dlq-file", type=Path, metavar="PATH",
                      help="also write the dead letters of this run to PATH, one JSON object a "
                           "line, so that they outlive the embedded broker")
+    _bound_options(run)
     run.set_defaults(handler=_run)
 
     status = commands.add_parser("status", help="health and per-stage figures of a running daemon")
@@ -171,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a pipeline file; exit 2 if invalid")
     validate.add_argument("file")
     validate.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    _bound_options(validate)
     validate.set_defaults(handler=_validate)
 
     schedule = commands.add_parser(

@@ -12,7 +12,8 @@ from referencing import Registry, Resource
 
 SPEC = Path(__file__).parent / "data" / "openlineage"
 RUN_EVENT = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent"
-CUSTOM_FACETS = {"streamflow_config", "streamflow_model"}  # streamflow's own (no published schema)
+# streamflow's own facets (no published schema)
+CUSTOM_FACETS = {"streamflow_config", "streamflow_model", "streamflow_backfill"}
 
 
 def _base(document: dict[str, Any]) -> str:

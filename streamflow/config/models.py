@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from croniter import croniter
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -415,12 +417,81 @@ class DeltaMaintenanceJobConfig(Strict):
         "null: no vacuum")
 
 
-JOB_KINDS = {"python": "", "compact_parquet": "parquet", "delta_maintenance": "delta"}
+DURATION = r"^(?P<sign>[-+]?)(?P<amount>\d+)(?P<unit>[smhdw])$"
+DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+SUFFIX = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$"
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30s``, ``15m``, ``6h``, ``1d`` or ``2w``, with a sign if need be (``-1d``)."""
+    match = re.match(DURATION, text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is no duration: give a number and a unit (s, m, h, d, w), "
+                         "e.g. 1d or -6h")
+    delta = timedelta(**{DURATION_UNITS[match["unit"]]: int(match["amount"])})
+    return -delta if match["sign"] == "-" else delta
+
+
+def _relative_or_iso(value: str) -> str:
+    if not re.match(DURATION, value.strip()):
+        try:
+            datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is neither a time relative to the tick (-1d, -6h, 0d) "
+                             "nor an ISO time (2026-12-01T00:00:00Z)") from None
+    return value
+
+
+RelativeOrIsoTime = Annotated[str, AfterValidator(_relative_or_iso)]
+
+
+class BackfillJobConfig(Strict):
+    """A bounded run of this pipeline over a window relative to the tick (docs/backfills.md)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: RelativeOrIsoTime = Field(alias="from",
+                                     description="start: relative to the tick (-1d) or ISO time")
+    until: RelativeOrIsoTime = Field("0d", description="end, exclusive: relative to the tick or "
+                                     "ISO time")
+    output_suffix: str = Field(description="suffix of the run's groups, topics and outputs; "
+                               "{date} is the tick's UTC date, e.g. 'nightly-{date}'")
+    model_checkpoint: str = Field("fresh", description="'fresh', or a checkpoint store's root "
+                                  "directory to start model stages from")
+
+    @field_validator("output_suffix")
+    @classmethod
+    def _valid_suffix(cls, value: str) -> str:
+        try:
+            sample = value.format(date="2026-12-01")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"{value!r}: the only placeholder is {{date}}") from None
+        if not re.match(SUFFIX, sample):
+            raise ValueError(f"{value!r} must give letters, digits, '_' and '-' only (at most 100, "
+                             "starting with a letter or digit)")
+        return value
+
+
+class IcebergExpireSnapshotsJobConfig(Strict):
+    """Snapshot expiry of an ``iceberg`` sink's table (pyiceberg's ExpireSnapshots)."""
+
+    sink: Name = Field(description="an iceberg sink of this pipeline")
+    older_than: str = Field("7d", pattern=r"^\d+[smhdw]$",
+                            description="expire snapshots older than this (30m, 12h, 7d, 2w)")
+    retain_last: int = Field(1, ge=1, description="the newest snapshots of the current one's "
+                             "ancestry that are kept however old")
+
+
+SinkJobConfig = (CompactParquetJobConfig | DeltaMaintenanceJobConfig
+                 | IcebergExpireSnapshotsJobConfig)
+JobConfig = PythonJobConfig | BackfillJobConfig | SinkJobConfig
+JOB_KINDS = {"python": "", "compact_parquet": "parquet", "delta_maintenance": "delta",
+             "backfill": "", "iceberg_expire_snapshots": "iceberg"}
 
 
 class ScheduleConfig(Strict):
     """A job run on a cron expression (UTC): exactly one of python, compact_parquet,
-    delta_maintenance."""
+    delta_maintenance, backfill, iceberg_expire_snapshots."""
 
     name: Name
     cron: str = Field(description="five fields, UTC: minute hour day-of-month month "
@@ -430,6 +501,8 @@ class ScheduleConfig(Strict):
     python: PythonJobConfig | None = None
     compact_parquet: CompactParquetJobConfig | None = None
     delta_maintenance: DeltaMaintenanceJobConfig | None = None
+    backfill: BackfillJobConfig | None = None
+    iceberg_expire_snapshots: IcebergExpireSnapshotsJobConfig | None = None
 
     @field_validator("cron")
     @classmethod
@@ -452,7 +525,7 @@ class ScheduleConfig(Strict):
         return next(kind for kind in JOB_KINDS if getattr(self, kind) is not None)
 
     @property
-    def job(self) -> PythonJobConfig | CompactParquetJobConfig | DeltaMaintenanceJobConfig:
+    def job(self) -> JobConfig:
         job = getattr(self, self.kind)
         assert job is not None
         return job  # type: ignore[no-any-return]
@@ -507,7 +580,7 @@ class PipelineConfig(Strict):
         sinks = {sink.name: sink.type for sink in self.sinks}
         for number, schedule in enumerate(self.schedules):
             job = schedule.job
-            if not isinstance(job, CompactParquetJobConfig | DeltaMaintenanceJobConfig):
+            if not isinstance(job, SinkJobConfig):
                 continue
             wanted, where = JOB_KINDS[schedule.kind], f"schedules[{number}].{schedule.kind}.sink"
             if job.sink not in sinks:

@@ -1,4 +1,5 @@
-"""The jobs a schedule runs: a user function, Parquet small-file compaction, Delta maintenance.
+"""The jobs a schedule runs: a user function, Parquet small-file compaction, Delta maintenance,
+Iceberg snapshot expiry and bounded backfills (streamflow.runtime.backfill).
 
 Parquet compaction knows the ``parquet`` sink's file names (connectors/sinks/parquet.py, which
 streamflow does not import): ``<topic>+<partition>+<first offset>[+<bucket>]+<cluster>.parquet``,
@@ -18,17 +19,22 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streamflow.config.models import (
+    BackfillJobConfig,
     CompactParquetJobConfig,
     DeltaMaintenanceJobConfig,
+    IcebergExpireSnapshotsJobConfig,
     PipelineConfig,
     PythonJobConfig,
     ScheduleConfig,
+    parse_duration,
 )
 from streamflow.processing.python_step import import_function
 
@@ -184,24 +190,78 @@ def delta_maintenance(path: str, storage_options: dict[str, str], optimize: bool
     return "; ".join(done) or "nothing to do"
 
 
+OFFSET_PROPERTY_PREFIX = "streamflow/"  # the iceberg sink's offsets in snapshot summaries
+
+
+def iceberg_expire_snapshots(catalog_name: str, properties: dict[str, str], table_name: str,
+                             older_than: timedelta, retain_last: int,
+                             now: datetime | None = None) -> str:
+    """Expire the snapshots of an Iceberg table older than ``older_than``; what was done.
+
+    Kept however old: the newest ``retain_last`` of the current snapshot's ancestry, branch
+    and tag heads, and the ancestry from the current snapshot back to the newest snapshot
+    holding each Kafka partition's offsets (the iceberg sink reads them back along the
+    ancestry on assignment: expiring them would replay what the table already holds)."""
+    from pyiceberg.catalog import load_catalog  # the [iceberg] extra
+    from pyiceberg.table.snapshots import ancestors_of
+
+    table = load_catalog(catalog_name, **properties).load_table(table_name)
+    ancestry = list(ancestors_of(table.current_snapshot(), table.metadata))  # newest first
+    keep = {snapshot.snapshot_id for snapshot in ancestry[:retain_last]}
+    keep |= {ref.snapshot_id for ref in table.metadata.refs.values()}
+
+    def offset_keys(snapshot: Any) -> set[str]:
+        summary = snapshot.summary.additional_properties if snapshot.summary else {}
+        return {key for key in summary if key.startswith(OFFSET_PROPERTY_PREFIX)}
+
+    wanted = set().union(*map(offset_keys, ancestry)) if ancestry else set()
+    seen: set[str] = set()
+    for snapshot in ancestry:
+        if seen >= wanted:
+            break
+        keep.add(snapshot.snapshot_id)
+        seen |= offset_keys(snapshot)
+    cutoff_ms = int(((now or datetime.now(UTC)) - older_than).timestamp() * 1000)
+    snapshots = [snapshot.snapshot_id for snapshot in table.metadata.snapshots]
+    expired = [snapshot.snapshot_id for snapshot in table.metadata.snapshots
+               if snapshot.timestamp_ms < cutoff_ms and snapshot.snapshot_id not in keep]
+    if expired:
+        table.maintenance.expire_snapshots().by_ids(expired).commit()
+    return f"{len(expired)} snapshots of {table_name} expired, {len(snapshots) - len(expired)} kept"
+
+
 def build_job(schedule: ScheduleConfig, config: PipelineConfig) -> Callable[[], object]:
     """The callable a schedule runs (the pipeline validated that its sink exists and fits)."""
     job = schedule.job
     if isinstance(job, PythonJobConfig):
         return import_function(job.function)
+    if isinstance(job, BackfillJobConfig):
+        from streamflow.runtime.backfill import run_backfill_job  # it imports the runner
+
+        return lambda: run_backfill_job(config, job.from_, job.until, job.output_suffix,
+                                        job.model_checkpoint)
     sink = next(sink for sink in config.sinks if sink.name == job.sink)
     settings = sink.connector_settings()
     if isinstance(job, CompactParquetJobConfig):
         folder = Path(settings["path"]) / sink.input
         compression = str(settings.get("compression", "zstd"))
         return lambda: compact_parquet(folder, job.max_file_bytes, job.keep_newest, compression)
+    if isinstance(job, IcebergExpireSnapshotsJobConfig):
+        from connectors.sinks.iceberg import IcebergConfig  # the [iceberg] extra
+
+        iceberg = IcebergConfig.model_validate(settings)
+        older_than = parse_duration(job.older_than)
+        return lambda: iceberg_expire_snapshots(
+            iceberg.catalog.name, iceberg.catalog.properties, iceberg.table, older_than,
+            job.retain_last)
     assert isinstance(job, DeltaMaintenanceJobConfig)
     return lambda: delta_maintenance(settings["path"], settings.get("storage_options") or {},
                                      job.optimize, job.vacuum_retention_hours)
 
 
 def schedule_errors(config: PipelineConfig) -> list[str]:
-    """Where a schedule's python function cannot be imported, with the field path."""
+    """Where a schedule's python function cannot be imported, or the pipeline cannot run the
+    bounded run of a backfill job, with the field path."""
     errors = []
     for number, schedule in enumerate(config.schedules):
         if schedule.python is not None:
@@ -210,4 +270,8 @@ def schedule_errors(config: PipelineConfig) -> list[str]:
             except ValueError as exc:
                 errors.append(f"schedules[{number}].python.function: {exc}; name an importable "
                               "'package.module:function'")
+        if schedule.backfill is not None:
+            from streamflow.runtime.backfill import backfill_errors
+
+            errors += [f"schedules[{number}].backfill: {error}" for error in backfill_errors(config)]
     return errors

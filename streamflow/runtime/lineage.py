@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -25,6 +25,7 @@ import attr
 from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
 from openlineage.client.facet_v2 import (
     JobFacet,
+    RunFacet,
     column_lineage_dataset,
     error_message_run,
     job_type_job,
@@ -50,6 +51,7 @@ OPENLINEAGE_VERSION = version("openlineage-python")
 PRODUCER = f"https://pypi.org/project/streamflow/{__version__}"
 CONFIG_FACET_SCHEMA = "https://streamflow.dev/spec/facets/StreamflowConfigJobFacet.json"
 MODEL_FACET_SCHEMA = "https://streamflow.dev/spec/facets/StreamflowModelJobFacet.json"
+BACKFILL_FACET_SCHEMA = "https://streamflow.dev/spec/facets/StreamflowBackfillRunFacet.json"
 # steps that keep every field as it is (they filter, fill or check rows)
 FIELD_PRESERVING_STEPS = frozenset({"fill_null", "normalize", "validate", "filter"})
 QUEUE_SIZE = 1000
@@ -80,6 +82,22 @@ class StreamflowModelJobFacet(JobFacet):
     @staticmethod
     def _get_schema() -> str:
         return MODEL_FACET_SCHEMA
+
+
+@attr.define
+class StreamflowBackfillRunFacet(RunFacet):
+    """Custom run facet of a bounded run (``streamflow run --from``): the range it read, per
+    topic-partition ``[from, until)``, the suffix of its outputs and the model checkpoint."""
+
+    outputSuffix: str
+    fromBound: str
+    untilBound: str
+    offsets: dict[str, list[int]]
+    modelCheckpoint: str
+
+    @staticmethod
+    def _get_schema() -> str:
+        return BACKFILL_FACET_SCHEMA
 
 
 @dataclass
@@ -289,11 +307,14 @@ def describe_jobs(config: PipelineConfig, bootstrap: str) -> dict[str, JobLineag
 def run_event(
     state: RunState, run_id: str, job: JobLineage, pipeline: str, namespace: str,
     config_hash: str, error: BaseException | str | None = None,
+    extra_run_facets: Mapping[str, RunFacet] | None = None,
 ) -> RunEvent:
     """One run event of ``job``; FAIL events carry the error message."""
-    run_facets: dict[str, Any] = {"processing_engine": processing_engine_run.ProcessingEngineRunFacet(
-        version=__version__, name="streamflow", openlineageAdapterVersion=OPENLINEAGE_VERSION,
-        producer=PRODUCER)}
+    run_facets: dict[str, Any] = {
+        **(extra_run_facets or {}),
+        "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
+            version=__version__, name="streamflow", openlineageAdapterVersion=OPENLINEAGE_VERSION,
+            producer=PRODUCER)}
     if error is not None:
         message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
@@ -416,19 +437,21 @@ class LineageTracker:
     (or FAIL, if it failed or hung) at the pipeline's stop."""
 
     def __init__(self, config: PipelineConfig, bootstrap: str, config_hash: str,
-                 emit: Callable[[RunEvent], None]) -> None:
+                 emit: Callable[[RunEvent], None],
+                 run_facets: Mapping[str, RunFacet] | None = None) -> None:
         assert config.lineage is not None
         self.pipeline = config.pipeline
         self.namespace = config.lineage.namespace or config.pipeline
         self.interval_s = config.lineage.running_interval_s
         self.jobs = describe_jobs(config, bootstrap)
         self.config_hash = config_hash
+        self.run_facets = dict(run_facets or {})  # added to every run event (a backfill's range)
         self._emit = emit
         self._runs: dict[int, _Run] = {}
 
     def _event(self, state: RunState, run: _Run, error: BaseException | str | None = None) -> None:
         self._emit(run_event(state, run.run_id, self.jobs[run.runner.name], self.pipeline,
-                             self.namespace, self.config_hash, error))
+                             self.namespace, self.config_hash, error, self.run_facets))
         run.last_event = time.monotonic()
 
     def observe(self, runners: Iterable[Stage]) -> None:
@@ -462,7 +485,8 @@ class LineageTracker:
                 self._event(RunState.COMPLETE, run)
 
 
-def open_lineage(config: PipelineConfig, bootstrap: str, config_hash: str, failures: Any
+def open_lineage(config: PipelineConfig, bootstrap: str, config_hash: str, failures: Any,
+                 run_facets: Mapping[str, RunFacet] | None = None,
                  ) -> tuple[LineageTracker, LineageEmitter] | None:
     """The tracker and emitter of a pipeline with a ``lineage:`` block; None, logged and counted,
     when its transport cannot be set up (the pipeline runs without lineage then)."""
@@ -475,4 +499,4 @@ def open_lineage(config: PipelineConfig, bootstrap: str, config_hash: str, failu
                     "up (%s: %s)", config.lineage.transport.type, type(exc).__name__, exc)
         return None
     emitter = LineageEmitter(client.emit, failures, close=lambda: client.close(CLOSE_TIMEOUT_S))
-    return LineageTracker(config, bootstrap, config_hash, emitter.emit), emitter
+    return LineageTracker(config, bootstrap, config_hash, emitter.emit, run_facets), emitter

@@ -61,11 +61,13 @@ class RunSummary:
     elapsed_s: float
     components: list[ComponentSummary]
     warn_share: float  # dead-lettered shares above it are highlighted
+    backfill: dict[str, Any] | None = None  # a bounded run's range, config hash and checkpoint
 
     def as_dict(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "ended": self.ended, "exit_code": self.exit_code,
                 "elapsed_s": round(self.elapsed_s, 3),
-                "components": [component.as_dict() for component in self.components]}
+                "components": [component.as_dict() for component in self.components],
+                **({"backfill": self.backfill} if self.backfill is not None else {})}
 
     def headline(self) -> str:
         return (f"run summary of pipeline {self.pipeline}: {self.ended} (exit {self.exit_code}) "
@@ -109,6 +111,8 @@ class RunSummary:
         if console is None:  # a terminal's width, else (a log file, CI) a wide one
             console = Console(stderr=True, width=None if sys.stderr.isatty() else PLAIN_WIDTH)
         console.print(Text(self.headline(), style="bold"), soft_wrap=True)
+        for name, value in (self.backfill or {}).items():
+            console.print(Text(f"backfill {name}: {value}"), soft_wrap=True)
         console.print(self.tables())
 
 

@@ -208,6 +208,11 @@ class Reader(ABC):
         committed records only, else its high watermark."""
 
     @abstractmethod
+    def offsets_for_times(self, timestamp_ms: int) -> dict[TopicPartition, int]:
+        """For each partition of this reader, the offset of its first record whose timestamp is
+        at or after ``timestamp_ms``; where there is none, its end (:meth:`end_offsets`)."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release the client."""
 

@@ -377,6 +377,19 @@ class ConfluentReader(Reader):
             ends[(topic, partition)] = high
         return ends
 
+    def offsets_for_times(self, timestamp_ms: int) -> dict[TopicPartition, int]:
+        try:
+            found = self.raw.offsets_for_times(
+                [_TP(topic, partition, timestamp_ms) for topic, partition in self._next], timeout=10)
+        except KafkaException as exc:
+            raise _error(exc) from exc
+        offsets = {(tp.topic, tp.partition): tp.offset for tp in found}
+        if any(offset < 0 for offset in offsets.values()):  # -1: no record that late
+            ends = self.end_offsets()
+            offsets = {place: ends[place] if offset < 0 else offset
+                       for place, offset in offsets.items()}
+        return offsets
+
     def close(self) -> None:
         self._log.closing = True
         self.raw.close()
@@ -419,8 +432,17 @@ class ConfluentConsumer(Consumer):
             self._notify(self._listener.on_lost, partitions)
 
     def consume_batch(self, max_records: int, timeout_s: float) -> ConsumedBatch:
+        """What is fetched already, up to ``max_records``; if nothing is, the first record to
+        come within ``timeout_s`` and what came with it. A batch is then as small as the
+        traffic is light, and fills up as a backlog builds (``consume(n, timeout)`` alone would
+        wait for ``n`` records or the whole timeout, however light the traffic)."""
         try:
-            messages = self.raw.consume(max_records, timeout_s)
+            messages = self.raw.consume(max_records, 0)
+            if not messages:
+                first = self.raw.poll(timeout_s)
+                if first is not None:
+                    messages = [first, *(self.raw.consume(max_records - 1, 0)
+                                         if max_records > 1 else [])]
         except KafkaException as exc:
             raise _error(exc) from exc
         if self._listener_error is not None:

@@ -289,6 +289,15 @@ class KafkaPythonReader(Reader):
             raise _error(exc) from exc
         return {(tp.topic, tp.partition): int(offset) for tp, offset in ends.items()}
 
+    def offsets_for_times(self, timestamp_ms: int) -> dict[TopicPartition, int]:
+        try:
+            found = self.raw.offsets_for_times(dict.fromkeys(self._partitions, timestamp_ms))
+        except errors.KafkaError as exc:
+            raise _error(exc) from exc
+        ends = self.end_offsets() if any(value is None for value in found.values()) else {}
+        return {(tp.topic, tp.partition): ends[(tp.topic, tp.partition)] if value is None
+                else int(value.offset) for tp, value in found.items()}
+
     def close(self) -> None:
         self.raw.close(autocommit=False)
 

@@ -706,6 +706,13 @@ class MemoryReader(Reader):
                 return {p: self._cluster.last_stable_offset(p) for p in self._positions}
             return {p: len(self._cluster.log(p)) for p in self._positions}
 
+    def offsets_for_times(self, timestamp_ms: int) -> dict[TopicPartition, int]:
+        ends = self.end_offsets()
+        with self._cluster.condition:
+            return {p: next((offset for offset, record in enumerate(self._cluster.log(p)[:ends[p]])
+                             if not record.control and record.timestamp_ms >= timestamp_ms), ends[p])
+                    for p in self._positions}
+
     def close(self) -> None:
         """Nothing to release."""
 

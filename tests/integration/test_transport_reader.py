@@ -74,3 +74,21 @@ def test_an_empty_partition_or_range_reads_nothing_at_once(address: str, client:
     assert values(transport, {(name, 0): None}) == []
     assert values(transport, {(name, 0): 5}, {(name, 0): 5}) == []
     assert time.monotonic() - started < 15
+
+
+def test_offsets_for_times_finds_the_first_record_at_or_after_a_time(address: str,
+                                                                       client: str) -> None:
+    transport = create_transport(client, address)
+    name = topic(transport)
+    producer = transport.producer()
+    base = 1_780_000_000_000
+    producer.produce([OutgoingBatch(name, [str(n).encode() for n in range(5)],
+                                    timestamps_ms=[base + 1000 * n for n in range(5)])])
+    producer.close()
+    reader = transport.reader({(name, 0): None})
+    try:
+        assert reader.offsets_for_times(base + 1500) == {(name, 0): 2}
+        assert reader.offsets_for_times(base) == {(name, 0): 0}
+        assert reader.offsets_for_times(base + 60_000) == {(name, 0): 5}  # none that late: the end
+    finally:
+        reader.close()
