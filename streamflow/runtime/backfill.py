@@ -557,7 +557,8 @@ def run_backfill_job(config: PipelineConfig, start: str, until: str, suffix: str
                      model_checkpoint: str, now: datetime | None = None) -> str:
     """A scheduled backfill: the bounded run of ``config`` over ``start``..``until`` relative
     to ``now``, into outputs suffixed ``suffix`` (``{date}``: ``now``'s UTC date), with no
-    metrics endpoint of its own; what it did. RuntimeError if it failed."""
+    metrics endpoint of its own; what it did. BackfillError if it cannot start (a suffix used
+    before: the same ``{date}`` again), RuntimeError if it failed."""
     now = now or datetime.now(UTC)
     plan = BackfillPlan.parse(start, until, suffix.format(date=now.date().isoformat()),
                               model_checkpoint, now)

@@ -16,7 +16,8 @@ from confluent_kafka import Producer
 
 from streamflow.cli import main
 from streamflow.config.models import PipelineConfig
-from streamflow.runtime.backfill import BackfillPlan, BackfillRunner
+from streamflow.runtime.backfill import BackfillError, BackfillPlan, BackfillRunner
+from streamflow.runtime.jobs import build_job
 from streamflow.runtime.pipeline import PipelineRunner, config_hash
 from streamflow.transport import TopicSpec, create_transport
 from tests.openlineage_schema import validate_event
@@ -145,3 +146,19 @@ def test_model_stages_start_from_a_chosen_checkpoint_the_same_way_each_time(
     assert by_version == by_path
     # The copies go on from what the live model learned: 120 records in each partition.
     assert [row[4] for row in by_version] == [*range(120, 140), *range(120, 130)]
+
+
+def test_the_backfill_job_runs_its_window_into_dated_outputs(bootstrap: str, tmp_path: Path) -> None:
+    topic = f"features-{uuid.uuid4().hex[:8]}"
+    preload(bootstrap, topic)
+    data = pipeline(bootstrap, tmp_path, topic).model_dump(mode="json", by_alias=True)
+    data["schedules"] = [{"name": "nightly", "cron": "0 3 * * *", "backfill": {
+        "from": "-3h", "until": "0d", "output_suffix": "nightly-{date}"}}]
+    config = PipelineConfig.model_validate(data)
+    outcome = str(build_job(config.schedules[0], config)())
+    suffix = f"nightly-{datetime.now(UTC).date().isoformat()}"
+    assert outcome.startswith(f"backfill {suffix}: 240 records into the sinks")
+    assert [row[0] for row in rows(tmp_path / f"lake.{suffix}")] == [
+        *range(RECORDS_PER_PARTITION), *range(1000, 1000 + RECORDS_PER_PARTITION)]
+    with pytest.raises(BackfillError, match="the output suffix was used before"):
+        build_job(config.schedules[0], config)()  # the same day again: refused, counted failed
