@@ -12,6 +12,7 @@ do not run. The run stops once every stage is idle with nothing left in its rang
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import re
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from streamflow.config.models import (
     DURATION,
+    SUFFIX,
     MetricsConfig,
     ModelConfig,
     PipelineConfig,
@@ -45,7 +47,7 @@ from streamflow.transport.base import (
 
 DRAINED_S = 1.0  # every stage idle this long with nothing left in its range: the run is done
 JOIN_TIMEOUT_S = 60.0
-SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+SUFFIX_PATTERN = re.compile(SUFFIX)
 RELATIVE = re.compile(DURATION)
 OFFSET_ITEM = re.compile(r"^(?P<topic>[A-Za-z0-9._-]+):(?P<partition>\d+)=(?P<offset>\d+)$")
 FRESH = "fresh"
@@ -97,7 +99,7 @@ class BackfillPlan:
     start: Bound
     until: Bound | None  # None: the entry topics' ends when the run starts
     suffix: str
-    model_checkpoint: str = FRESH  # or the root directory of a checkpoint store
+    model_checkpoint: str = FRESH  # or a checkpoint store's directory, or a registry version
 
     @classmethod
     def parse(cls, start: str | None, until: str | None, suffix: str | None,
@@ -563,7 +565,15 @@ def run_backfill_job(config: PipelineConfig, start: str, until: str, suffix: str
     plan = BackfillPlan.parse(start, until, suffix.format(date=now.date().isoformat()),
                               model_checkpoint, now)
     runner = BackfillRunner(config, plan, serve_metrics=False)
-    result = runner.run()
+    # A daemon froze its objects out of the cyclic collector's reach (PipelineRunner.run); the
+    # run unfreezes everything when it ends, so freeze again what is alive then.
+    frozen = gc.get_freeze_count() > 0
+    try:
+        result = runner.run()
+    finally:
+        if frozen:
+            gc.collect()
+            gc.freeze()
     if result.exit_code != 0:
         raise RuntimeError(f"backfill {plan.suffix} failed: {result.reason}; "
                            f"{'; '.join(result.errors)}")

@@ -3,6 +3,7 @@ included; nothing outside the range reaches the output; the config hash tells co
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 import uuid
@@ -155,7 +156,12 @@ def test_the_backfill_job_runs_its_window_into_dated_outputs(bootstrap: str, tmp
     data["schedules"] = [{"name": "nightly", "cron": "0 3 * * *", "backfill": {
         "from": "-3h", "until": "0d", "output_suffix": "nightly-{date}"}}]
     config = PipelineConfig.model_validate(data)
-    outcome = str(build_job(config.schedules[0], config)())
+    gc.freeze()  # as the daemon the job runs in did: the run must leave its objects frozen
+    try:
+        outcome = str(build_job(config.schedules[0], config)())
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
     suffix = f"nightly-{datetime.now(UTC).date().isoformat()}"
     assert outcome.startswith(f"backfill {suffix}: 240 records into the sinks")
     assert [row[0] for row in rows(tmp_path / f"lake.{suffix}")] == [
