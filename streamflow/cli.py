@@ -166,15 +166,16 @@ def _bound_options(command: argparse.ArgumentParser) -> None:
     """The options of a bounded run (docs/backfills.md)."""
     command.add_argument("--from", dest="from_", metavar="TIME|OFFSETS",
                          help="bounded run: read the entry topics from this ISO time, relative "
-                              "time (-1d) or topic:partition=offset,... on")
+                              "time (--from=-1d) or topic:partition=offset,... on")
     command.add_argument("--until", metavar="TIME|OFFSETS",
                          help="bounded run: up to this time or these offsets, exclusive "
                               "(default: where the topics end when it starts)")
     command.add_argument("--output-suffix", metavar="S",
                          help="bounded run: suffix of its consumer groups, topics and outputs")
-    command.add_argument("--model-checkpoint", metavar="PATH|fresh",
-                         help="bounded run: model stages start fresh (default) or from the "
-                              "checkpoint store at PATH (a checkpoint.path)")
+    command.add_argument("--model-checkpoint", metavar="PATH|VERSION|fresh",
+                         help="bounded run: model stages start fresh (default), from the "
+                              "checkpoint store at PATH (a checkpoint.path) or from a version of "
+                              "their registry (a number, a tag or latest)")
 
 
 def build_parser() -> argparse.ArgumentParser:
