@@ -32,7 +32,6 @@ from streamflow.config.models import (
     parse_duration,
 )
 from streamflow.metrics import PipelineMetrics
-from streamflow.runtime.lineage import CLOSE_TIMEOUT_S, StreamflowBackfillRunFacet, open_lineage
 from streamflow.runtime.pipeline import PipelineRunner, RunResult, config_hash
 from streamflow.transport import Transport
 from streamflow.transport.base import (
@@ -535,6 +534,12 @@ class BackfillRunner(PipelineRunner):
                 "offsets": {f"{t}:{p}": list(bounds) for (t, p), bounds in sorted(self.ranges.items())}}
 
     def _open_lineage(self, stack: ExitStack) -> None:
+        from streamflow.runtime.lineage import (  # openlineage, only with a lineage block
+            CLOSE_TIMEOUT_S,
+            StreamflowBackfillRunFacet,
+            open_lineage,
+        )
+
         assert self.bootstrap is not None
         failures = self.metrics.families["streamflow_lineage_emit_failures"].labels(
             self.config.pipeline)
