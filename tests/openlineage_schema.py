@@ -13,7 +13,8 @@ from referencing import Registry, Resource
 SPEC = Path(__file__).parent / "data" / "openlineage"
 RUN_EVENT = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent"
 # streamflow's own facets (no published schema)
-CUSTOM_FACETS = {"streamflow_config", "streamflow_model", "streamflow_backfill"}
+CUSTOM_FACETS = {"streamflow_config", "streamflow_model", "streamflow_backfill",
+                 "streamflow_model_version"}
 
 
 def _base(document: dict[str, Any]) -> str:

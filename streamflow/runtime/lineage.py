@@ -42,6 +42,7 @@ from streamflow.config.lineage import (
     LineageConfig,
 )
 from streamflow.config.models import ModelConfig, PipelineConfig, ProcessorConfig, SinkConfig
+from streamflow.ml.registry import Registry
 from streamflow.runtime.sql_lineage import sql_columns
 from streamflow.runtime.stage import Stage
 
@@ -52,6 +53,8 @@ PRODUCER = f"https://pypi.org/project/streamflow/{__version__}"
 CONFIG_FACET_SCHEMA = "https://streamflow.dev/spec/facets/StreamflowConfigJobFacet.json"
 MODEL_FACET_SCHEMA = "https://streamflow.dev/spec/facets/StreamflowModelJobFacet.json"
 BACKFILL_FACET_SCHEMA = "https://streamflow.dev/spec/facets/StreamflowBackfillRunFacet.json"
+MODEL_VERSION_FACET_SCHEMA = (
+    "https://streamflow.dev/spec/facets/StreamflowModelVersionRunFacet.json")
 # steps that keep every field as it is (they filter, fill or check rows)
 FIELD_PRESERVING_STEPS = frozenset({"fill_null", "normalize", "validate", "filter"})
 QUEUE_SIZE = 1000
@@ -98,6 +101,35 @@ class StreamflowBackfillRunFacet(RunFacet):
     @staticmethod
     def _get_schema() -> str:
         return BACKFILL_FACET_SCHEMA
+
+
+@attr.define
+class StreamflowModelVersionRunFacet(RunFacet):
+    """Custom run facet of a model stage: the newest version in its checkpoint registry when the
+    event was sent (no field before its first checkpoint that learned something)."""
+
+    version: int | None = None
+    createdAt: str | None = None
+    recordsLearned: int | None = None
+
+    @staticmethod
+    def _get_schema() -> str:
+        return MODEL_VERSION_FACET_SCHEMA
+
+
+def model_version_facet(registry: Registry) -> StreamflowModelVersionRunFacet:
+    """The newest version of ``registry`` (none if it cannot be read)."""
+    try:
+        versions = registry.versions()
+    except OSError:
+        versions = []
+    if not versions:
+        return StreamflowModelVersionRunFacet(producer=PRODUCER)
+    newest = versions[-1]
+    created = datetime.fromtimestamp(newest.metadata["created_at"], UTC).isoformat()
+    return StreamflowModelVersionRunFacet(version=newest.number, createdAt=created,
+                                          recordsLearned=newest.records_learned,
+                                          producer=PRODUCER)
 
 
 @dataclass
@@ -446,12 +478,18 @@ class LineageTracker:
         self.jobs = describe_jobs(config, bootstrap)
         self.config_hash = config_hash
         self.run_facets = dict(run_facets or {})  # added to every run event (a backfill's range)
+        self.registries = {model.name: Registry.of_stage(model.checkpoint.path, config.pipeline,
+                                                         model.name) for model in config.models}
         self._emit = emit
         self._runs: dict[int, _Run] = {}
 
     def _event(self, state: RunState, run: _Run, error: BaseException | str | None = None) -> None:
+        facets = self.run_facets
+        registry = self.registries.get(run.runner.name)
+        if registry is not None:
+            facets = {**facets, "streamflow_model_version": model_version_facet(registry)}
         self._emit(run_event(state, run.run_id, self.jobs[run.runner.name], self.pipeline,
-                             self.namespace, self.config_hash, error, self.run_facets))
+                             self.namespace, self.config_hash, error, facets))
         run.last_event = time.monotonic()
 
     def observe(self, runners: Iterable[Stage]) -> None:

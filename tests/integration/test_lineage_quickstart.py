@@ -50,6 +50,12 @@ def test_the_quickstart_emits_start_and_complete_per_component(
         assert [(d["namespace"], d["name"]) for d in event["outputs"]] == outputs
         assert event["job"]["namespace"] == "quickstart"
         assert event["job"]["facets"]["streamflow_config"]["configHash"] == config_hash(config)
+    versions = [e["run"]["facets"]["streamflow_model_version"] for e in by_job["quickstart.predict"]]
+    assert "version" not in versions[0]  # a fresh checkpoint store has none
+    assert versions[1]["version"] >= 1 and versions[1]["recordsLearned"] > 0  # at the stop
+    assert all("streamflow_model_version" not in e["run"]["facets"]
+               for job, job_events in by_job.items() if job != "quickstart.predict"
+               for e in job_events)
     clean_input = start["quickstart.clean"]["inputs"][0]
     assert [f["name"] for f in clean_input["facets"]["schema"]["fields"]] == [
         "device_id", "ts", "temperature", "humidity", "pressure", "battery"]
