@@ -26,7 +26,7 @@ run: $(STAMP)
 	@if [ "$(QUICKSTART_APPEND)" = 1 ]; then \
 	  echo "appending to $(LAKE): the row count includes earlier runs"; \
 	else rm -rf "$(LAKE)"; echo "starting from an empty $(LAKE) (QUICKSTART_APPEND=1 appends)"; fi
-	@echo "Parquet output: $(LAKE)   dead letters: $(QUICKSTART_OUTPUT)/dead-letters.jsonl   dashboard: http://127.0.0.1:$${STREAMFLOW_METRICS_PORT:-9108}/"
+	@echo "Parquet output: $(LAKE)   dead letters: $(QUICKSTART_OUTPUT)/dead-letters.jsonl   lineage: $(QUICKSTART_OUTPUT)/lineage.ndjson   dashboard: http://127.0.0.1:$${STREAMFLOW_METRICS_PORT:-9108}/"
 	$(BIN)/streamflow run examples/quickstart.yaml --until-idle $${UNTIL_IDLE:-5} \
 	  --dlq-file "$(QUICKSTART_OUTPUT)/dead-letters.jsonl"
 	@$(BIN)/python -c 'import duckdb, pathlib, sys; files = sorted(map(str, pathlib.Path(sys.argv[1]).rglob("*.parquet"))); print(f"rows in {sys.argv[1]}:", duckdb.execute("SELECT count(*) FROM read_parquet(?)", [files]).fetchone()[0] if files else 0)' "$(LAKE)"

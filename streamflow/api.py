@@ -142,8 +142,17 @@ class Pipeline:
     def sink(self, name: str, type: str, *, input: str, **settings: Any) -> Pipeline:
         return self._add("sinks", {"name": name, "type": type, "input": input, **settings})
 
+    def schedule(self, name: str, cron: str, *, on_missed: str | None = None,
+                 **job: Any) -> Pipeline:
+        """A scheduled job (docs/schedules.md), e.g. ``schedule("compact-lake", "*/5 * * * *",
+        compact_parquet={"sink": "lake"})``."""
+        self._data.setdefault("schedules", []).append(
+            {"name": name, "cron": cron, **({"on_missed": on_missed} if on_missed else {}), **job})
+        return self
+
     def configure(self, section: str, **values: Any) -> Pipeline:
-        """Set ``metrics`` or ``runtime`` options, e.g. ``configure("metrics", port=9200)``."""
+        """Set ``metrics``, ``runtime`` or ``lineage`` options, e.g.
+        ``configure("metrics", port=9200)``."""
         self._data.setdefault(section, {}).update(values)
         return self
 

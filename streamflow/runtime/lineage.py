@@ -9,6 +9,7 @@ slow or failing lineage backend never holds a stage up.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import queue
@@ -31,6 +32,7 @@ from openlineage.client.facet_v2 import (
     job_type_job,
     processing_engine_run,
     schema_dataset,
+    source_code_job,
 )
 from openlineage.client.uuid import generate_new_uuid
 
@@ -43,6 +45,7 @@ from streamflow.config.lineage import (
 )
 from streamflow.config.models import ModelConfig, PipelineConfig, ProcessorConfig, SinkConfig
 from streamflow.ml.registry import Registry
+from streamflow.processing.python_step import import_function
 from streamflow.runtime.sql_lineage import sql_columns
 from streamflow.runtime.stage import Stage
 
@@ -296,6 +299,28 @@ def _column_lineage(fields: _Fields, source: InputDataset
     )
 
 
+def _source_code(stage: ProcessorConfig) -> source_code_job.SourceCodeJobFacet | None:
+    """The code a processor stage runs beyond its declared steps: its Faust agent's or python
+    steps' functions (Python), else its sql statements (SQL); None if it has neither."""
+    functions = ([stage.agent] if stage.agent else
+                 [step.settings["function"] for step in stage.steps if step.kind == "python"])
+    sources = []
+    for path in functions:
+        try:
+            sources.append(f"# {path}\n{inspect.getsource(import_function(path))}")
+        except (OSError, TypeError, ValueError) as exc:
+            sources.append(f"# {path}: source not available ({exc})\n")
+    if sources:
+        return source_code_job.SourceCodeJobFacet(language="python", sourceCode="\n".join(sources),
+                                                  producer=PRODUCER)
+    statements = [str(step.settings).strip().rstrip(";") for step in stage.steps
+                  if step.kind == "sql"]
+    if statements:
+        return source_code_job.SourceCodeJobFacet(
+            language="sql", sourceCode=";\n".join(statements) + ";", producer=PRODUCER)
+    return None
+
+
 def _processor_lineage(stage: ProcessorConfig, kafka: str) -> JobLineage:
     source = InputDataset(kafka, stage.input)
     target = OutputDataset(kafka, stage.output)
@@ -308,7 +333,9 @@ def _processor_lineage(stage: ProcessorConfig, kafka: str) -> JobLineage:
         if fields is not None and any(fields.origin.values()):
             target.facets = {**(target.facets or {}),
                              "columnLineage": _column_lineage(fields, source)}
-    return JobLineage(stage.name, "PROCESSOR", [source], [target])
+    code = _source_code(stage)
+    return JobLineage(stage.name, "PROCESSOR", [source], [target],
+                      {"sourceCode": code} if code is not None else {})
 
 
 def _model_lineage(model: ModelConfig, kafka: str, pipeline: PipelineConfig) -> JobLineage:

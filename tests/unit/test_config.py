@@ -265,6 +265,10 @@ def test_python_api_builds_the_same_pipeline_as_the_yaml() -> None:
                    {"linear_model.LinearRegression": {"intercept_lr": 0.1}},
                ])
         .sink("lake", "parquet", input="sensors.scored", path="./output/quickstart")
+        .configure("lineage", transport={"type": "file",
+                                         "path": "./output/quickstart/lineage.ndjson"})
+        .schedule("compact-lake", "*/5 * * * *", compact_parquet={"sink": "lake"})
+        .configure("runtime", schedule_state_dir="./output/quickstart/state")
         .configure("metrics", port=9108)
         .build()
     )

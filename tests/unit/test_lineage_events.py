@@ -187,6 +187,26 @@ def test_a_sql_star_over_unknown_fields_passes_them_and_names_what_it_adds() -> 
         "b": [("a", "IDENTITY")], "d": [("a", "TRANSFORMATION"), ("c", "TRANSFORMATION")]}
 
 
+def test_the_code_a_processor_runs_is_its_source_code_facet() -> None:
+    sql = sql_stage({"schema": SCHEMA}, {"sql": "SELECT *, 1 AS one FROM batch;"},
+                    {"sql": " SELECT * FROM batch WHERE ts > 0 "})
+    python = sql_stage({"sql": "SELECT * FROM batch"},
+                       {"python": {"function": "tests.step_functions:double_x", "mode": "record"}})
+    plain = sql_stage({"schema": SCHEMA}, {"drop": ["ts"]})
+
+    assert as_json(sql.facets["sourceCode"])["language"] == "sql"
+    assert as_json(sql.facets["sourceCode"])["sourceCode"] == (
+        "SELECT *, 1 AS one FROM batch;\nSELECT * FROM batch WHERE ts > 0;")
+    code = as_json(python.facets["sourceCode"])
+    assert code["language"] == "python"
+    assert code["sourceCode"].startswith("# tests.step_functions:double_x\ndef double_x(")
+    assert "sourceCode" not in plain.facets
+    for job in (sql, python):
+        event = run_event(RunState.START, "00000000-0000-0000-0000-000000000000", job, "plant",
+                          "plant", "hash")
+        validate_event(as_json(event))
+
+
 @pytest.mark.parametrize("query", [
     "SELECT device_id, count(*) AS n FROM batch GROUP BY device_id",
     "SELECT * FROM batch JOIN other USING (device_id)",
