@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pyarrow as pa
 import pytest
+from pyiceberg.catalog import load_catalog
 
 from connectors.sinks.kafka import KafkaSink, KafkaSinkConfig
 from connectors.sinks.postgres import PostgresConfig, PostgresSink
@@ -119,6 +121,19 @@ def test_iceberg_lands_once_evolves_and_dead_letters(fresh_broker: str, tmp_path
     land_evolve_and_reject(fresh_broker, tmp_path, "iceberg",
                            **iceberg_settings(tmp_path, "lake.readings"))
     check_rows(iceberg_rows(tmp_path, "lake.readings"))
+
+
+def test_iceberg_on_a_postgresql_catalog_lands_once_evolves_and_dead_letters(
+    fresh_broker: str, postgres_dsn: str, tmp_path: Path
+) -> None:
+    """The catalog in PostgreSQL (pyiceberg's SQL catalog through SQLAlchemy and psycopg), the
+    data files in a local warehouse folder."""
+    table = f"lake.readings_{uuid.uuid4().hex[:8]}"
+    catalog = {"name": "pg", "properties": {
+        "type": "sql", "uri": postgres_dsn.replace("postgresql://", "postgresql+psycopg://", 1),
+        "warehouse": f"file://{tmp_path}/iceberg"}}
+    land_evolve_and_reject(fresh_broker, tmp_path, "iceberg", table=table, catalog=catalog)
+    check_rows(load_catalog("pg", **catalog["properties"]).load_table(table).scan().to_arrow())
 
 
 VERSIONS = [{"id": i % 5, "version": i, **({"note": f"v{i}"} if i % 2 else {})} for i in range(30)]
