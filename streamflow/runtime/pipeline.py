@@ -33,7 +33,7 @@ from streamflow.runtime.dlq import DeadLetterFile
 from streamflow.runtime.fatal import metrics_port_error
 from streamflow.runtime.faust_stage import FaustStage
 from streamflow.runtime.logs import REDACTOR
-from streamflow.runtime.row_lineage import with_row_lineage
+from streamflow.runtime.row_lineage import LineageSink, row_lineage_on
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, source_dead_letter_topic
 from streamflow.runtime.stage import Stage
 from streamflow.runtime.stages import SinkStage, StageIdentity, TopicStage, build_steps
@@ -113,6 +113,7 @@ class PipelineRunner:
         stage_names = [s.name for s in [*config.processors, *config.models, *config.sinks]]
         source_names = [s.name for s in config.sources]
         self._source_names = set(source_names)
+        self._origin_headers = row_lineage_on(config)  # a sink wants row-level lineage
         self.dead_letter_watch = DeadLetterWatch(config.runtime.dead_letter_warning, {
             **{name: source_dead_letter_topic(config.pipeline) for name in source_names},
             **{s.name: config.dead_letter_topic(s) for s in [*config.processors, *config.models,
@@ -258,7 +259,6 @@ class PipelineRunner:
                                       lambda s=sink_config: self._sink_stage(s, transport))
 
     def _supervise_stage(self, name: str, factory: Callable[[], Stage]) -> None:
-        factory = with_row_lineage(factory, self.config, config_hash(self.config))
         self.supervisor.add(factory, self.metrics.stage(name).restarts)
 
     def _source_factory(
@@ -310,17 +310,21 @@ class PipelineRunner:
         metrics = self.metrics.stage(stage.name, tuple(step.kind for step in stage.steps))
         steps = build_steps(stage, self.config.pipeline)
         changelog = self.config.changelog_topic(stage) if stage.keeps_state else None
+        runner: TopicStage
         if stage.window:
             assert changelog is not None
-            return WindowStage(
+            runner = WindowStage(
                 self._identity(stage), transport, batch, metrics, stage.output, steps,
                 stage.window, self.metrics.window(stage.name),
                 self.config.late_topic(stage.window), changelog, stage.checkpoint,
                 self._exactly_once, self._transaction_interval_s,
             )
-        return TopicStage(self._identity(stage), transport, batch, metrics, stage.output, steps,
-                          self._exactly_once, changelog, stage.checkpoint,
-                          transaction_interval_s=self._transaction_interval_s)
+        else:
+            runner = TopicStage(self._identity(stage), transport, batch, metrics, stage.output,
+                                steps, self._exactly_once, changelog, stage.checkpoint,
+                                transaction_interval_s=self._transaction_interval_s)
+        runner.origin_headers = self._origin_headers
+        return runner
 
     def _model_stage(self, stage: ModelConfig, transport: Transport) -> ModelStage:
         # Imported here: river takes seconds and ~90 MB, which a pipeline without models spares.
@@ -355,15 +359,19 @@ class PipelineRunner:
             stage.name, stage.checkpoint.every_records, stage.checkpoint.keep_versions,
             config_hash(self.config),
         )
-        return ModelStage(
+        runner = ModelStage(
             self._identity(stage), transport, batch, metrics, model_metrics, stage, spec,
             self.config.drift_topic(stage) if stage.drift else None, self._exactly_once,
             self._transaction_interval_s,
         )
+        runner.origin_headers = self._origin_headers
+        return runner
 
     def _sink_stage(self, sink_config: SinkConfig, transport: Transport) -> SinkStage:
         plugin, settings = connector_settings(sink_config, SINK_GROUP)
         sink = plugin(settings, ComponentContext(self.config.pipeline, sink_config.name, transport))
+        if sink_config.lineage_columns or sink_config.lineage_manifest:
+            sink = LineageSink(sink, sink_config, self.config, config_hash(self.config))
         return SinkStage(
             self._identity(sink_config), transport, sink_config.batch or self.config.runtime.batch,
             self.metrics.stage(sink_config.name, ("sink",)), sink, self.metrics.sink(sink_config.name),

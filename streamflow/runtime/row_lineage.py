@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -231,28 +231,6 @@ def _versions(part: pa.Table) -> pa.Array:
     if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
         return pa.nulls(part.num_rows, pa.int64())
     return pc.cast(column, pa.int64(), safe=False).combine_chunks()
-
-
-def with_row_lineage(factory: Callable[[], Any], config: PipelineConfig, config_hash: str
-                     ) -> Callable[[], Any]:
-    """``factory`` (of a stage) as is, or, when a sink of ``config`` wants lineage, with its
-    stages set up for it: the sink stage of such a sink wraps its sink in a
-    :class:`LineageSink`; topic and model stages add the ``sf-origin`` header to their output."""
-    if not row_lineage_on(config):
-        return factory
-    from streamflow.runtime.stages import SinkStage, StageRunner
-
-    def build() -> Any:
-        stage = factory()
-        if isinstance(stage, SinkStage):
-            sink = next(sink for sink in config.sinks if sink.name == stage.name)
-            if sink.lineage_columns or sink.lineage_manifest:
-                stage.sink = LineageSink(stage.sink, sink, config, config_hash)
-        elif isinstance(stage, StageRunner):
-            stage.origin_headers = True
-        return stage
-
-    return build
 
 
 def manifest_text(manifest: Mapping[str, Any]) -> str:

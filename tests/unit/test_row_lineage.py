@@ -38,7 +38,6 @@ from streamflow.runtime.row_lineage import (
     model_upstream,
     origin_header,
     parse_origin,
-    with_row_lineage,
 )
 from streamflow.runtime.semantics import check_pipeline
 from streamflow.runtime.stages import output_batches
@@ -271,15 +270,6 @@ def test_a_manifest_on_a_sink_without_commits_is_a_warning() -> None:
               .sink("show", "console", input="raw", lineage_columns=True).build())
     assert [(found.severity, found.path) for found in check_pipeline(config, "p.yaml")] == [
         ("warning", "sinks[0].lineage_manifest")]
-
-
-def test_pipelines_without_row_lineage_build_their_stages_as_before() -> None:
-    config = pipeline()
-    config.sinks[0].lineage_columns = config.sinks[0].lineage_manifest = False
-    def factory() -> None:
-        return None
-    assert with_row_lineage(factory, config, HASH) is factory
-    assert with_row_lineage(factory, pipeline(), HASH) is not factory
 
 
 @pytest.fixture
