@@ -44,7 +44,7 @@ from streamflow.config.lineage import (
     LineageConfig,
 )
 from streamflow.config.models import ModelConfig, PipelineConfig, ProcessorConfig, SinkConfig
-from streamflow.ml.registry import Registry
+from streamflow.ml.registry import Registry, RegistryError
 from streamflow.processing.python_step import import_function
 from streamflow.runtime.sql_lineage import sql_columns
 from streamflow.runtime.stage import Stage
@@ -121,18 +121,20 @@ class StreamflowModelVersionRunFacet(RunFacet):
 
 
 def model_version_facet(registry: Registry) -> StreamflowModelVersionRunFacet:
-    """The newest version of ``registry`` (none if it cannot be read)."""
+    """The newest version of ``registry``; none if it has none, or cannot be read (logged: a
+    damaged store must not stop the lineage of a running pipeline)."""
     try:
         versions = registry.versions()
-    except OSError:
-        versions = []
-    if not versions:
+        if not versions:
+            return StreamflowModelVersionRunFacet(producer=PRODUCER)
+        newest = versions[-1]
+        created = datetime.fromtimestamp(float(newest.metadata["created_at"]), UTC)
+        return StreamflowModelVersionRunFacet(version=newest.number, createdAt=created.isoformat(),
+                                              recordsLearned=newest.records_learned,
+                                              producer=PRODUCER)
+    except (OSError, RegistryError, LookupError, TypeError, ValueError, OverflowError) as exc:
+        log.warning("lineage: the versions in %s cannot be read (%s)", registry.store, exc)
         return StreamflowModelVersionRunFacet(producer=PRODUCER)
-    newest = versions[-1]
-    created = datetime.fromtimestamp(newest.metadata["created_at"], UTC).isoformat()
-    return StreamflowModelVersionRunFacet(version=newest.number, createdAt=created,
-                                          recordsLearned=newest.records_learned,
-                                          producer=PRODUCER)
 
 
 @dataclass

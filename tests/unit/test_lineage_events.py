@@ -4,6 +4,7 @@ an emitter that never holds the pipeline up."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -19,12 +20,14 @@ from prometheus_client import CollectorRegistry, Counter
 
 from streamflow.config.lineage import LineageConfig
 from streamflow.config.models import PipelineConfig
+from streamflow.ml.registry import Registry
 from streamflow.runtime.lineage import (
     JobLineage,
     LineageEmitter,
     LineageTracker,
     create_client,
     describe_jobs,
+    model_version_facet,
     run_event,
 )
 from streamflow.runtime.pipeline import config_hash
@@ -205,6 +208,17 @@ def test_the_code_a_processor_runs_is_its_source_code_facet() -> None:
         event = run_event(RunState.START, "00000000-0000-0000-0000-000000000000", job, "plant",
                           "plant", "hash")
         validate_event(as_json(event))
+
+
+def test_a_damaged_model_registry_gives_an_empty_version_facet(tmp_path: Path) -> None:
+    version = tmp_path / "store" / "versions" / "1"
+    version.mkdir(parents=True, mode=0o700)
+    (version / "version.json").write_text(json.dumps({"partitions": {}}))  # no created_at
+    (version / "version.json").chmod(0o600)
+
+    facet = model_version_facet(Registry(tmp_path / "store"))
+
+    assert (facet.version, facet.createdAt, facet.recordsLearned) == (None, None, None)
 
 
 @pytest.mark.parametrize("query", [
