@@ -7,7 +7,8 @@ written under ``<name>.tmp`` and renamed. The sink stores no offsets in its file
 replays from the group's committed offsets and rewrites the files of the flushes after them,
 under the same names. A sink commits its offsets right after each flush, so only the newest
 flush of a Kafka partition may be rewritten; compaction leaves the newest ``keep_newest``
-flushes of each partition as they are, and merges only older, finished files.
+flushes of each partition as they are, and merges only older, finished files. A compacted
+file's lineage sidecar holds the manifests of the files it replaced.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from streamflow.config.models import (
     parse_duration,
 )
 from streamflow.processing.python_step import import_function
+from streamflow.runtime.row_lineage import COMPACTED_MANIFESTS, sidecar_path, write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ def finish_interrupted(folder: Path) -> int:
             if replaced != item.path and replaced.exists():
                 replaced.unlink()
                 removed += 1
+            if replaced != item.path:
+                sidecar_path(replaced).unlink(missing_ok=True)
     return removed
 
 
@@ -165,11 +169,30 @@ def _merge(directory: Path, chunk: list[ParquetFile], compression: str) -> int |
     pq.write_table(table.replace_schema_metadata(metadata), temporary, compression=compression)
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
+    taken_over = _manifests(chunk)
+    if taken_over:
+        write_sidecar(final, {"file": final.name, "rows": table.num_rows,
+                              "compacted_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                              COMPACTED_MANIFESTS: taken_over})
     os.replace(temporary, final)
     for item in chunk:
         if item.path != final:
             item.path.unlink(missing_ok=True)
+            sidecar_path(item.path).unlink(missing_ok=True)
     return table.num_rows
+
+
+def _manifests(chunk: list[ParquetFile]) -> list[dict[str, Any]]:
+    """The lineage manifests of ``chunk``'s files (docs/lineage.md), a compacted file's own
+    taken-over manifests in place of its sidecar; files without a sidecar add none."""
+    found: list[dict[str, Any]] = []
+    for item in chunk:
+        try:
+            manifest = json.loads(sidecar_path(item.path).read_text())
+        except FileNotFoundError:
+            continue
+        found += manifest.get(COMPACTED_MANIFESTS, [manifest])
+    return found
 
 
 def delta_maintenance(path: str, storage_options: dict[str, str], optimize: bool,

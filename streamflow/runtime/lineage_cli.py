@@ -25,12 +25,13 @@ from streamflow.config.models import PipelineConfig
 from streamflow.plugins import SINK_GROUP
 from streamflow.runtime.row_lineage import (
     COLUMNS,
+    COMPACTED_MANIFESTS,
     MANIFEST_PROPERTY,
     OFFSET,
     ORIGIN_HEADER,
     SHORT_NAMES,
-    SIDECAR_SUFFIX,
     parse_origin,
+    sidecar_path,
 )
 from streamflow.transport import Transport, TransportError, create_transport, read_until
 
@@ -136,9 +137,12 @@ def _parquet_files(root: Path) -> list[Path]:
 def _parquet_manifests(settings: dict[str, Any]) -> list[dict[str, Any]]:
     found = []
     for file in _parquet_files(Path(settings["path"])):
-        sidecar = file.with_name(f"_{file.name}{SIDECAR_SUFFIX}")
+        sidecar = sidecar_path(file)
         if sidecar.is_file():
-            found.append({**json.loads(sidecar.read_text()), "file": str(file)})
+            manifest = json.loads(sidecar.read_text())
+            found += [{**taken, "file": str(file), "compacted_file": taken.get("file")}
+                      for taken in manifest[COMPACTED_MANIFESTS]] \
+                if COMPACTED_MANIFESTS in manifest else [{**manifest, "file": str(file)}]
     return found
 
 
@@ -347,13 +351,16 @@ def render_manifests(output: Output, found: list[dict[str, Any]]) -> Iterator[st
     """``found`` as text lines."""
     rows = sum(manifest.get("rows", 0) for manifest in found)
     commits = len({manifest.get("commit_id") for manifest in found})
-    files = f" in {len(found)} files" if output.kind == "parquet" else ""
+    files = (f" in {len({manifest['file'] for manifest in found})} files"
+             if output.kind == "parquet" else "")
     yield f"{output.label or output.kind}: {commits} commits with a manifest{files}, {rows:,} rows"
     for manifest in found:
         versions = manifest.get("model_version")
         model = f"{versions['min']}..{versions['max']}" if versions else "-"
         where = next((f"{name} {manifest[name]}" for name in
                       ("file", "delta_version", "iceberg_snapshot") if name in manifest), "")
+        if manifest.get("compacted_file"):
+            where += f" (compacted from {manifest['compacted_file']})"
         yield (f"commit {manifest.get('commit_id', '?')[:12]}  rows {manifest.get('rows')}  "
                f"config {manifest.get('config_hash')}  streamflow {manifest.get('streamflow_version')}"
                f"  model_version {model}  span {_span(manifest)}" + (f"  {where}" if where else ""))
