@@ -3,7 +3,9 @@
 too); a reader takes arrival minus send time of every output record. Each system runs in a
 process of its own (streamflow through ``benchmarks.isolated``, the peers with .venv-peers'
 python) with its peak RSS sampled. Records sent before the measured period (one every 100 ms
-until the first comes out: the group join) are checked but not timed."""
+until the first comes out: the group join) are checked but not timed. ``startup_s`` is the
+time from the process's start to the first output record's arrival (the first record is sent
+as the process starts): imports, group join and the first batch."""
 
 from __future__ import annotations
 
@@ -97,6 +99,7 @@ def measure(bootstrap: str, system: str, rate: int, seconds: float) -> Measures:
                 "bootstrap": bootstrap, "input": source, "output": output, "dlq": dead,
                 "group": name, "mark": str(folder / "first"), "latency": "1"})
         reader = Reader(bootstrap, output)
+        spawned = time.time()
         with running(*command) as (process, sampler):
             deadline = time.monotonic() + WARMUP_TIMEOUT_S
             while not reader.arrivals:  # until the stage runs: one record every 100 ms
@@ -133,7 +136,8 @@ def measure(bootstrap: str, system: str, rate: int, seconds: float) -> Measures:
         sent_us = json.loads(value)[LATENCY_FIELD]
         if sent_us >= started_us:
             latencies.append((arrival * 1e6 - sent_us) / 1000)
-    return {"events_per_s": total / sending, **latency_summary(latencies), "rss_peak_mb": rss}
+    return {"events_per_s": total / sending, **latency_summary(latencies), "rss_peak_mb": rss,
+            "startup_s": round(reader.arrivals[0][0] - spawned, 2)}
 
 
 def run_latency(rate: int, seconds: float, repeat: int) -> list[dict[str, Any]]:
