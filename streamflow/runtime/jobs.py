@@ -1,5 +1,6 @@
 """The jobs a schedule runs: a user function, Parquet small-file compaction, Delta maintenance,
-Iceberg snapshot expiry and bounded backfills (streamflow.runtime.backfill).
+Iceberg snapshot expiry, bounded backfills (streamflow.runtime.backfill) and model reports
+(streamflow.runtime.model_report).
 
 Parquet compaction knows the ``parquet`` sink's file names (connectors/sinks/parquet.py, which
 streamflow does not import): ``<topic>+<partition>+<first offset>[+<bucket>]+<cluster>.parquet``,
@@ -32,12 +33,15 @@ from streamflow.config.models import (
     CompactParquetJobConfig,
     DeltaMaintenanceJobConfig,
     IcebergExpireSnapshotsJobConfig,
+    ModelReportJobConfig,
     PipelineConfig,
     PythonJobConfig,
     ScheduleConfig,
     parse_duration,
 )
+from streamflow.ml.registry import Registry
 from streamflow.processing.python_step import import_function
+from streamflow.runtime.model_report import matplotlib_missing, write_model_report
 from streamflow.runtime.row_lineage import COMPACTED_MANIFESTS, sidecar_path, write_sidecar
 
 log = logging.getLogger(__name__)
@@ -263,6 +267,12 @@ def build_job(schedule: ScheduleConfig, config: PipelineConfig) -> Callable[[], 
 
         return lambda: run_backfill_job(config, job.from_, job.until, job.output_suffix,
                                         job.model_checkpoint)
+    if isinstance(job, ModelReportJobConfig):
+        [model] = [model for model in config.models if job.stage in (None, model.name)]
+        registry = Registry.of_stage(model.checkpoint.path, config.pipeline, model.name)
+        since = parse_duration(job.since)
+        return lambda: write_model_report(registry, config.pipeline, model.name, since,
+                                          Path(job.output_dir))
     sink = next(sink for sink in config.sinks if sink.name == job.sink)
     settings = sink.connector_settings()
     if isinstance(job, CompactParquetJobConfig):
@@ -283,8 +293,9 @@ def build_job(schedule: ScheduleConfig, config: PipelineConfig) -> Callable[[], 
 
 
 def schedule_errors(config: PipelineConfig) -> list[str]:
-    """Where a schedule's python function cannot be imported, or the pipeline cannot run the
-    bounded run of a backfill job, with the field path."""
+    """Where a schedule's python function cannot be imported, the pipeline cannot run the
+    bounded run of a backfill job, or a model report cannot draw its chart, with the field
+    path."""
     errors = []
     for number, schedule in enumerate(config.schedules):
         if schedule.python is not None:
@@ -297,4 +308,6 @@ def schedule_errors(config: PipelineConfig) -> list[str]:
             from streamflow.runtime.backfill import backfill_errors
 
             errors += [f"schedules[{number}].backfill: {error}" for error in backfill_errors(config)]
+        if schedule.model_report is not None and (missing := matplotlib_missing()):
+            errors.append(f"schedules[{number}].model_report: {missing}")
     return errors
