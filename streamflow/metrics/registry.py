@@ -88,8 +88,8 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
      "Seconds since a model stage last saved its state (or started, before its first save).",
      MODEL, {}),
     ("streamflow_model_rollbacks", Counter,
-     "Partitions of a model stage that adopted an earlier registry version (models rollback).",
-     MODEL, {}),
+     "Partitions of a model stage that adopted an earlier registry version (models rollback), "
+     "by the version adopted.", (*MODEL, "version"), {}),
     ("streamflow_records_late", Counter,
      "Records a windowed stage sent to its late topic: one or more of their windows had closed.",
      STAGE, {}),
@@ -216,10 +216,14 @@ class ModelMetrics:
     features_expired: Counter
     evictions: Counter
     checkpoint_age: Gauge
-    rollbacks: Counter
+    _rollbacks: Any
 
     def metric(self, name: str, window: str, partition: int) -> Gauge:
         return self._metric(name, window, str(partition))
+
+    def rollbacks(self, version: int) -> Counter:
+        """Adoptions of registry version ``version``."""
+        return self._rollbacks(str(version))
 
 
 @dataclass
@@ -316,8 +320,8 @@ class PipelineMetrics:
                 "streamflow_model_records_learned", "streamflow_model_drift_events",
                 "streamflow_model_labels_unmatched", "streamflow_model_features_expired",
                 "streamflow_model_evictions", "streamflow_model_checkpoint_age_seconds",
-                "streamflow_model_rollbacks",
             )),
+            self._partial("streamflow_model_rollbacks", *labels),
         )
 
     def schedule(self, name: str) -> ScheduleMetrics:

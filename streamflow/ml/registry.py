@@ -188,6 +188,13 @@ class Registry:
                 found.append(self.version(number))
         return found
 
+    def latest(self) -> Version | None:
+        """The newest version (reading its metadata only), or None without any."""
+        for number in reversed(_numbers(self.versions_directory)):
+            with contextlib.suppress(RegistryError):  # retired while this reads: the one before
+                return self.version(number)
+        return None
+
     def version(self, number: int) -> Version:
         directory = self.versions_directory / str(number)
         try:

@@ -18,13 +18,11 @@ from streamflow.cli import main
 from streamflow.config.loader import parse_pipeline
 from streamflow.config.models import PipelineConfig
 from streamflow.metrics import PipelineMetrics
-from streamflow.ml.checkpoint import publish
-from streamflow.ml.registry import Registry, prepare_version
-from streamflow.ml.worker import Effects, EngineHost, EngineSpec
+from streamflow.ml.registry import Registry
 from streamflow.runtime.jobs import build_job
 from streamflow.runtime.model_report import ModelReport, report_chart, write_model_report
 from streamflow.runtime.schedules import Schedule, Scheduler
-from tests.unit.test_model_registry import TOPIC, batch, settings
+from tests.model_versions import TOPIC, VersionWriter
 from tests.unit.test_schedules import START, FakeClock
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -33,28 +31,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def make_versions(root: Path) -> Registry:
     """Versions 1-3 learned 10, 30 and 60 records; version 4 continues from a rollback to
     version 1 and learned 5 more (15)."""
-    spec = EngineSpec(settings(), [{"linear_model.LinearRegression": {}}], str(root), "p",
-                      "model", 1000, keep_versions=10, config_hash="c0ffee")
-    host = EngineHost(spec, Effects())
-    host.start(None)
-    host.assign([0])
-    registry = Registry.of_stage(root, "p", "model")
-
-    def checkpoint() -> None:
-        durable = host.checkpoint()
-        for snapshot, file in zip(durable.snapshots, durable.reply.staged, strict=True):
-            snapshot.write_staged(file)
-        prepare_version(durable.snapshots, durable.reply.staged)
-        publish(durable.reply.staged)
-
-    for first, count in ((0, 10), (10, 20), (30, 30)):
-        host.handle(batch(first, count))
-        checkpoint()
-    registry.request_rollback(1)
-    host.adopt_requested(force=True)
-    host.handle(batch(60, 5))
-    checkpoint()
-    return registry
+    writer = VersionWriter(root)
+    for count in (10, 20, 30):
+        writer.learn(count)
+        writer.checkpoint()
+    writer.roll_back(1)
+    writer.learn(5)
+    writer.checkpoint()
+    return writer.registry
 
 
 def config(tmp_path: Path, **report: object) -> PipelineConfig:
