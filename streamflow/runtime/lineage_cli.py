@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import pyarrow.parquet as pq
 from streamflow.config import load_pipeline
 from streamflow.config.loader import connector_settings
 from streamflow.config.models import PipelineConfig
+from streamflow.ml.checkpoint import CheckpointError
+from streamflow.ml.registry import Registry, RegistryError
 from streamflow.plugins import SINK_GROUP
 from streamflow.runtime.row_lineage import (
     COLUMNS,
@@ -34,6 +37,8 @@ from streamflow.runtime.row_lineage import (
     sidecar_path,
 )
 from streamflow.transport import Transport, TransportError, create_transport, read_until
+
+log = logging.getLogger(__name__)
 
 KINDS = ("parquet", "delta", "duckdb", "postgres", "iceberg")
 MAX_HOPS = 64  # a trace stops after this many topics (a cycle of stages cannot loop it forever)
@@ -66,6 +71,7 @@ class Hop:
     timestamp_ms: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
     written_by: list[str] = field(default_factory=list)
+    model_rollback: dict[str, Any] | None = None  # a model stage's record: see _model_rollback
 
 
 def resolve(target: str, sink: str | None = None, table: str | None = None) -> Output:
@@ -319,7 +325,25 @@ def trace(transport: Transport, topic: str, partition: int, offset: int,
         hops.append(hop)
         origin = hop.headers.get(ORIGIN_HEADER)
         coordinates = parse_origin(origin.encode()) if hop.retained and origin else None
+        if pipeline is not None and coordinates is not None:
+            hop.model_rollback = _model_rollback(pipeline, hop.topic, *coordinates)
     return hops
+
+
+def _model_rollback(config: PipelineConfig, output: str, topic: str, partition: int,
+                    offset: int) -> dict[str, Any] | None:
+    """The rollback (``streamflow models rollback``) the model stage writing ``output``
+    predicted its input record at (``topic``, ``partition``, ``offset``) with, as its registry's
+    versions record it; None without one, or where the registry cannot be read from here."""
+    for model in config.models:
+        if model.output == output:
+            registry = Registry.of_stage(model.checkpoint.path, config.pipeline, model.name)
+            try:
+                return registry.rollback_at(topic, partition, offset)
+            except (OSError, RegistryError, CheckpointError, LookupError, TypeError) as exc:
+                log.warning("lineage trace: the versions of model stage %s cannot be read (%s)",
+                            model.name, exc)
+    return None
 
 
 def _writers(config: PipelineConfig, topic: str) -> list[str]:
@@ -387,6 +411,11 @@ def render_trace(hops: list[Hop]) -> Iterator[str]:
                 "written before row lineage was on)")
         yield f"{indent}{where}{by}{end}"
         yield f"{indent}  key {hop.key!r}  timestamp_ms {hop.timestamp_ms}  value {hop.value}"
+        if hop.model_rollback:
+            rollback = hop.model_rollback
+            yield (f"{indent}  predicted by the model adopted in a rollback to version "
+                   f"{rollback['version']} (from version {rollback.get('from_version')}, at "
+                   f"offsets {rollback.get('at_offsets')}, request {rollback['id']})")
 
 
 def _show(args: argparse.Namespace) -> int:

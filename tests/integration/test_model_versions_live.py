@@ -131,3 +131,13 @@ def test_list_show_and_a_rollback_adopted_by_the_running_stage(
     assert lake.column(MODEL_VERSION).to_pylist() == versions_out
     assert lake.column(MODEL_VERSION).to_pylist()[adopted_at:] == list(
         range(target.records_learned, target.records_learned + 320 - adopted_at))
+    # and a trace of a row names the rollback its model came from, from the adoption on
+    adoption = latest["rollback"]
+    for row, rollback in ((adopted_at - 1, None), (adopted_at, adoption), (319, adoption)):
+        assert main(["lineage", "trace", str(path), "--sink", "lake", "--row", str(row), "--json"]) == 0
+        [scored, features] = json.loads(capsys.readouterr().out)["trace"]
+        assert (scored["offset"], features["offset"]) == (row, row)
+        assert scored["model_rollback"] == rollback
+    assert main(["lineage", "trace", str(path), "--sink", "lake", "--row", str(adopted_at)]) == 0
+    assert (f"predicted by the model adopted in a rollback to version {target.number} (from "
+            f"version {newest}, at offsets {{'features': {adopted_at}}}") in capsys.readouterr().out

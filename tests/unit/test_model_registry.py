@@ -22,7 +22,7 @@ from streamflow.ml.engine import ModelEngine
 from streamflow.ml.model import RiverModel
 from streamflow.ml.registry import Registry, RegistryError, prepare_version
 from streamflow.ml.worker import Effects, EngineHost, EngineSpec, EngineWorker
-from tests.model_versions import TOPIC, batch, settings
+from tests.model_versions import TOPIC, VersionWriter, batch, settings
 
 STREAM = list(itertools.islice(datasets.TrumpApproval(), 500))
 
@@ -211,6 +211,24 @@ def test_a_running_worker_adopts_a_rollback_between_batches_and_a_new_one_at_sta
         assert [version for effect in effects for version in effect.rollbacks] == [1, 2]
     finally:
         worker.close()
+
+
+def test_the_rollback_a_record_was_predicted_after_is_found_by_its_offset(tmp_path: Path) -> None:
+    writer = VersionWriter(tmp_path)
+    for _ in range(3):
+        writer.learn(10)
+        writer.checkpoint()  # versions 1-3; the next record is offset 30
+    writer.roll_back(1)
+    writer.learn(10)
+    writer.checkpoint()  # version 4: rollback to 1 at offset 30
+    writer.roll_back(3)
+    writer.learn(10)
+    writer.checkpoint()  # version 5: rollback to 3 at offset 40
+    found = [writer.registry.rollback_at(TOPIC, 0, offset) for offset in (29, 30, 39, 40, 99)]
+    assert [r and (r["version"], r["from_version"], r["at_offsets"]) for r in found] == [
+        None, (1, 3, {TOPIC: 30}), (1, 3, {TOPIC: 30}), (3, 4, {TOPIC: 40}), (3, 4, {TOPIC: 40})]
+    assert writer.registry.rollback_at(TOPIC, 1, 99) is None  # another partition
+    assert writer.registry.rollback_at("other", 0, 99) is None
 
 
 def test_the_models_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
