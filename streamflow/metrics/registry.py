@@ -90,6 +90,9 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
     ("streamflow_model_rollbacks", Counter,
      "Partitions of a model stage that adopted an earlier registry version (models rollback).",
      MODEL, {}),
+    ("streamflow_model_mlflow_errors", Counter,
+     "MLflow calls of a model stage that failed or were dropped (queue full, unreachable server).",
+     MODEL, {}),
     ("streamflow_records_late", Counter,
      "Records a windowed stage sent to its late topic: one or more of their windows had closed.",
      STAGE, {}),
@@ -217,6 +220,7 @@ class ModelMetrics:
     evictions: Counter
     checkpoint_age: Gauge
     rollbacks: Counter
+    mlflow_errors: Counter
 
     def metric(self, name: str, window: str, partition: int) -> Gauge:
         return self._metric(name, window, str(partition))
@@ -316,7 +320,7 @@ class PipelineMetrics:
                 "streamflow_model_records_learned", "streamflow_model_drift_events",
                 "streamflow_model_labels_unmatched", "streamflow_model_features_expired",
                 "streamflow_model_evictions", "streamflow_model_checkpoint_age_seconds",
-                "streamflow_model_rollbacks",
+                "streamflow_model_rollbacks", "streamflow_model_mlflow_errors",
             )),
         )
 
