@@ -5,8 +5,9 @@ PostgreSQL and Mosquitto are found in this order: an existing server named by an
 variable (``STREAMFLOW_TEST_PG_DSN``, ``STREAMFLOW_TEST_MQTT=host:port``); a container through
 testcontainers when a Docker engine answers; the server binary from Debian's packages, run from
 a temporary folder on a free loopback port. When none is possible, :class:`ServiceUnavailable`
-says how to install one (the fixtures turn it into a skip). The MLflow server is the ``mlflow``
-extra's own, which ``make setup`` installs: without it, its tests fail.
+says how to install one (the fixtures turn it into a skip). The MLflow tracking server is the one
+``make setup`` installs in a virtualenv of its own (or the ``mlflow`` command named by
+``STREAMFLOW_TEST_MLFLOW``): without it, its tests fail.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from streamflow.transport.broker import free_port
 
 PG_DSN_VARIABLE = "STREAMFLOW_TEST_PG_DSN"
 MQTT_VARIABLE = "STREAMFLOW_TEST_MQTT"
+MLFLOW_VARIABLE = "STREAMFLOW_TEST_MLFLOW"
+# the full mlflow package, which the Makefile installs apart from the project's (see there)
+MLFLOW_SERVER = Path(sys.executable).parent.parent / "mlflow-server" / "bin" / "mlflow"
 
 
 class ServiceUnavailable(RuntimeError):
@@ -187,16 +191,20 @@ def mosquitto() -> Iterator[tuple[str, int]]:
 
 @contextlib.contextmanager
 def mlflow_server(folder: Path) -> Iterator[str]:
-    """The URI of an MLflow tracking server run from ``folder``: a SQLite backend store and an
-    artifacts directory there, on a free loopback port. Its process group (the server, its
+    """The URI of an MLflow tracking server run from ``folder`` (the ``mlflow`` command of
+    :data:`MLFLOW_SERVER`): a SQLite backend store and an artifacts directory there, on a free
+    loopback port. Its process group (the server, its
     uvicorn worker and job runner) is killed by the server's PID at the end."""
-    if shutil.which("mlflow", path=str(Path(sys.executable).parent)) is None:
-        raise ServiceUnavailable("no mlflow command: pip install 'streamflow[mlflow]'")
+    command = os.environ.get(MLFLOW_VARIABLE) or str(MLFLOW_SERVER)
+    if shutil.which(command) is None:
+        raise ServiceUnavailable(
+            f"no MLflow server at {command}: run make setup (it installs one in a virtualenv of "
+            f"its own), or set {MLFLOW_VARIABLE} to an mlflow command")
     port = free_port()
     log_path = folder / "mlflow.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            [command, "server", "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
              "--artifacts-destination", str(folder / "artifacts")],
             stdout=log, stderr=log, start_new_session=True)

@@ -34,10 +34,12 @@ QUEUE_SIZE = 100  # versions and alias changes waiting for MLflow; beyond, they 
 CLOSE_TIMEOUT_S = 10.0  # the longest a stop waits for what is still queued
 CHAMPION = "champion"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter's value
-# MLflow's HTTP defaults (7 retries with backoff, 120 s a request) would hold the tracker for
-# minutes per call while a server is down; these apply where the environment sets none.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# Where the environment sets none: MLflow's HTTP defaults (7 retries with backoff, 120 s a
+# request) would hold the tracker for minutes per call while a server is down, and the run's
+# link printed to stdout when it ends would mix with the command's output.
+ENVIRONMENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 VERSION_TAG = "streamflow.version"
 # the pyfunc model's code, logged with each model version (not imported here: it imports mlflow)
 PYFUNC_CODE = importlib.util.find_spec("streamflow.ml.pyfunc_model").origin  # type: ignore[union-attr]
@@ -91,6 +93,15 @@ class _NoSignatureWarning(logging.Filter):
 
 
 _NO_SIGNATURE_WARNING = _NoSignatureWarning()
+
+
+def _mlflow_distribution() -> str:
+    """The MLflow distribution installed: the client alone (the mlflow extra) or the whole."""
+    try:
+        importlib.metadata.version("mlflow")
+    except importlib.metadata.PackageNotFoundError:
+        return "mlflow-skinny"
+    return "mlflow"
 
 
 def _duplicate_keys(metadata: dict[str, Any]) -> list[str]:
@@ -201,7 +212,7 @@ class MlflowTracker:
     def _start(self) -> None:
         """The client, experiment, registered model and run, each once it could be made."""
         if self._client is None:
-            for name, value in HTTP_DEFAULTS.items():
+            for name, value in ENVIRONMENT_DEFAULTS.items():
                 os.environ.setdefault(name, value)
             from mlflow import MlflowClient  # ~1.5 s and many modules: only for stages using it
 
@@ -279,7 +290,7 @@ class MlflowTracker:
         export = directory / "export.pkl"
         self.registry.export(number, export)
         requirements = [f"{name}=={importlib.metadata.version(name)}"
-                        for name in ("mlflow", "river", "pandas")]
+                        for name in (_mlflow_distribution(), "river", "pandas")]
         mlflow.pyfunc.save_model(
             str(directory / "model"), python_model=PYFUNC_CODE,
             artifacts={"export": str(export)}, model_config=self.model_config,

@@ -86,6 +86,10 @@ def test_versions_are_logged_registered_and_the_newest_is_champion(
     assert all(version.run_id == run.info.run_id for version in versions)
     assert client.get_model_version_by_alias(name, "champion").version == versions[-1].version
 
+    requirements = Path(client.download_artifacts(run.info.run_id, "versions/3/requirements.txt",
+                                                  str(tmp_path))).read_text().split()
+    names = {requirement.split("==")[0] for requirement in requirements}
+    assert names >= {"river", "pandas"} and names & {"mlflow", "mlflow-skinny"}
     river_model = registry.load_state(3, f"{TOPIC}+0")[1][1][""].model.estimator
     rows = [x for x, _ in STREAM[300:340]]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)  # where models:/ URIs are looked up
