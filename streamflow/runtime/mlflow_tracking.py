@@ -137,6 +137,7 @@ class MlflowTracker:
         self.run_id: str | None = None
         self.model_versions: dict[int, str] = {}  # registry version → registered model version
         self._failing = False
+        self._abandoned = False  # by a stop that waited long enough
         self._queue: queue.Queue[Any] = queue.Queue(QUEUE_SIZE)
         self._client: Any = None
         self._thread = threading.Thread(target=self._run, name=f"mlflow-{config.name}", daemon=True)
@@ -164,10 +165,12 @@ class MlflowTracker:
         except queue.Full:
             pass
         self._thread.join(max(deadline - time.monotonic(), 0))
-        if self._thread.is_alive():
-            left = self._queue.qsize()
-            self._failed(f"{left} calls not made within {timeout_s:g}s of the stop")
-            self.errors.inc(max(left - 1, 0))
+        if self._thread.is_alive():  # a call under way, and those queued behind it
+            self._abandoned = True  # counted here: the thread counts and makes no more
+            with self._queue.mutex:
+                queued = sum(1 for task in self._queue.queue if task is not self._STOP)
+            self._failed(f"{queued + 1} calls not made within {timeout_s:g}s of the stop")
+            self.errors.inc(queued)
 
     def _put(self, task: tuple[str, Any]) -> None:
         try:
@@ -193,16 +196,14 @@ class MlflowTracker:
                 if kind == "end":
                     self._end(argument)
                     continue
-            except Exception as exc:
-                self._failed(f"ending run {self.run_id}: {type(exc).__name__}: {exc}")
-                continue
-            try:
                 self._start()
                 if kind == "version":
                     self._log_version(argument)
                 else:
                     self._alias(argument)
             except Exception as exc:  # any MLflow or store failure: the stage must go on
+                if self._abandoned:
+                    return
                 self._failed(f"{kind} {argument}: {type(exc).__name__}: {exc}")
             else:
                 if self._failing:

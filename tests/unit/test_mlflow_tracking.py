@@ -6,6 +6,7 @@ tracking server that cannot be reached."""
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -140,6 +141,24 @@ def test_an_unreachable_server_is_counted_and_logged_and_never_blocks(
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1, warnings  # once per outage
     assert "http://stage:***@127.0.0.1" in warnings[0] and "pa55word" not in warnings[0]
+
+
+def test_a_server_that_never_answers_holds_a_stop_no_longer_than_its_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        logger, metrics = tracker(model_config(f"http://127.0.0.1:{silent.getsockname()[1]}"),
+                                  tmp_path)
+        for number in (1, 2):
+            logger.version_published(number)
+        started = time.monotonic()
+        logger.close(failed=False, timeout_s=0.5)
+        assert time.monotonic() - started < 1.0
+        assert errors(metrics) == 3  # the call under way, the other version, and ending the run
+        time.sleep(6)  # the call under way times out: it was counted already
+        assert errors(metrics) == 3
 
 
 def test_a_full_queue_drops_and_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
