@@ -41,6 +41,7 @@ ENVIRONMENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 VERSION_TAG = "streamflow.version"
+THREAD_PREFIX = "mlflow-"  # the trackers' threads are named this and the stage's name
 # the pyfunc model's code, logged with each model version (not imported here: it imports mlflow)
 PYFUNC_CODE = importlib.util.find_spec("streamflow.ml.pyfunc_model").origin  # type: ignore[union-attr]
 
@@ -84,15 +85,20 @@ def version_metrics(metadata: dict[str, Any]) -> list[tuple[str, float, int, int
     return found
 
 
-class _NoSignatureWarning(logging.Filter):
-    """Drops MLflow's warning that a model has no signature, logged at every save: the pyfunc
-    model takes whatever features the stage takes, as river does, so it has none on purpose."""
+class _QuietTracker(logging.Filter):
+    """Drops, from the trackers' threads, MLflow's warning that a model has no signature (logged
+    at every save: the pyfunc model takes whatever features the stage takes, as river does, so
+    it has none on purpose) and urllib3's warning at each retry of a request (a failed call is
+    logged once per outage, and counted)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to infer model signature")
+        if not record.threadName or not record.threadName.startswith(THREAD_PREFIX):
+            return True
+        message = record.getMessage()
+        return not message.startswith(("Failed to infer model signature", "Retrying ("))
 
 
-_NO_SIGNATURE_WARNING = _NoSignatureWarning()
+_QUIET_TRACKER = _QuietTracker()
 
 
 def _mlflow_distribution() -> str:
@@ -140,7 +146,8 @@ class MlflowTracker:
         self._abandoned = False  # by a stop that waited long enough
         self._queue: queue.Queue[Any] = queue.Queue(QUEUE_SIZE)
         self._client: Any = None
-        self._thread = threading.Thread(target=self._run, name=f"mlflow-{config.name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{THREAD_PREFIX}{config.name}",
+                                        daemon=True)
         self._thread.start()
 
     # --- the stage's side: never blocks -----------------------------------------------------
@@ -217,7 +224,8 @@ class MlflowTracker:
                 os.environ.setdefault(name, value)
             from mlflow import MlflowClient  # ~1.5 s and many modules: only for stages using it
 
-            logging.getLogger("mlflow.pyfunc").addFilter(_NO_SIGNATURE_WARNING)
+            for name in ("mlflow.pyfunc", "urllib3.connectionpool"):
+                logging.getLogger(name).addFilter(_QUIET_TRACKER)
             self._client = MlflowClient(self.settings.tracking_uri, self.settings.tracking_uri)
         if self.run_id is not None:
             return
