@@ -5,25 +5,37 @@ tracking server that cannot be reached."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow.pyfunc
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from river import linear_model, preprocessing
 
 from streamflow.config import ConfigError, parse_pipeline
 from streamflow.config.models import ModelConfig
 from streamflow.metrics import PipelineMetrics
-from streamflow.ml.registry import Registry
+from streamflow.ml.checkpoint import CheckpointStore, publish
+from streamflow.ml.engine import ModelEngine
+from streamflow.ml.model import RiverModel
+from streamflow.ml.registry import Registry, prepare_version
 from streamflow.runtime.logs import config_secrets
 from streamflow.runtime.mlflow_tracking import MlflowTracker, run_parameters, version_metrics
 from streamflow.transport.broker import free_port
-from tests.unit.test_model_registry import STREAM, TOPIC, learn_and_checkpoint, new_engine
+from tests.unit.test_model_registry import (
+    STREAM,
+    TOPIC,
+    learn_and_checkpoint,
+    new_engine,
+    settings,
+)
 
 
 def model_config(uri: str, **mlflow: str) -> ModelConfig:
@@ -121,6 +133,49 @@ def test_set_champion_moves_the_alias_to_an_earlier_version(mlflow_uri: str, tmp
     again.close(failed=False, timeout_s=60)
     assert errors(metrics) == 0
     assert client.get_model_version_by_alias(name, "champion").tags["streamflow.version"] == "2"
+
+
+def test_a_keyed_version_predicts_each_row_with_the_model_of_its_key(
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    eng = ModelEngine(
+        replace(settings(), key_field="k"),
+        lambda: RiverModel(preprocessing.StandardScaler() | linear_model.LinearRegression(),
+                           "regression"),
+        CheckpointStore(tmp_path, "p", "model"))
+    eng.assign(0)
+    keys = ["a" if y > 43 else "b" for _, y in STREAM[:200]]
+    eng.score(0, list(range(200)), [None] * 200, [x for x, _ in STREAM[:200]],
+              [y for _, y in STREAM[:200]], keys)
+    snapshots = eng.snapshots()
+    staged = [snapshot.staged(1, 5) for snapshot in snapshots]
+    for snapshot, file in zip(snapshots, staged, strict=True):
+        snapshot.write_staged(file)
+    prepare_version(snapshots, staged)
+    [number] = publish(staged)
+    name = f"keyed-{uuid.uuid4().hex[:8]}"
+    config = model_config(mlflow_uri, registered_model=name)
+    metrics = PipelineMetrics("p")
+    logger = MlflowTracker(config, "p", Registry.of_stage(tmp_path, "p", "model"),
+                           run_parameters(config, "p", "regression", ["MAE"], "c0ffee"),
+                           {"task": "regression", "features": ["ordinal_date", "gallup"],
+                            "target": "y", "key_field": "k"},
+                           metrics.model("model", "LinearRegression").mlflow_errors)
+    logger.version_published(number)
+    logger.close(failed=False, timeout_s=60)
+    assert errors(metrics) == 0
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    models = {key: slot.model.estimator for (_p, key), slot in eng.slots.items()}
+    rows = [{"ordinal_date": x["ordinal_date"], "gallup": x["gallup"], "k": key, "y": 1.0}
+            for (x, _), key in zip(STREAM[200:220], itertools.cycle(["a", "b", "c"]))]
+    rows[0]["gallup"] = None  # left out of the features, as the stage leaves nulls out
+    expected = [models[row["k"]].predict_one(
+        {name: row[name] for name in ("ordinal_date", "gallup") if row[name] is not None})
+        if row["k"] in models else None for row in rows]
+    assert expected[2] is None and set(models) == {"a", "b"}  # "c" has no model: no prediction
+    assert loaded.predict(pd.DataFrame(rows)) == expected
 
 
 def test_an_unreachable_server_is_counted_and_logged_and_never_blocks(
