@@ -217,14 +217,10 @@ def mlflow_server(folder: Path) -> Iterator[str]:
                 raise ServiceUnavailable(f"the MLflow server did not answer: {_tail(log_path)}")
             time.sleep(0.2)
         yield uri
-    finally:
+    finally:  # a throwaway server: killed at once (a graceful stop takes it seconds)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
 
 
 def _healthy(url: str) -> bool:
