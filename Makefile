@@ -3,6 +3,10 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+# The tests' MLflow tracking server, in a virtualenv of its own: the full mlflow package pins
+# pyarrow below 26, whose 24 and 25 crash in pyarrow.compute here; the pipeline needs the
+# client only (the mlflow extra: mlflow-skinny).
+MLFLOW_SERVER = $(VENV)/mlflow-server
 
 .PHONY: setup run test test-cluster kafka services lint bench bench-peers clean fuzz
 
@@ -10,7 +14,9 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,postgres,mqtt,delta,faust,iceberg,reports]'
+	$(BIN)/pip install --quiet -e '.[dev,postgres,mqtt,delta,faust,iceberg,reports,mlflow]'
+	$(PYTHON) -m venv $(MLFLOW_SERVER)
+	$(MLFLOW_SERVER)/bin/pip install --quiet 'mlflow>=3.1,<4'
 	touch $(STAMP)
 
 setup: $(STAMP)

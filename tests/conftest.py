@@ -134,3 +134,11 @@ def root_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URI of a real MLflow tracking server for the whole session (SQLite backend store,
+    artifacts in a temporary folder; see tests/services.py), started on first use."""
+    with services.mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri

@@ -1,10 +1,13 @@
-"""Throwaway servers the tests (and benchmarks) start themselves: PostgreSQL and Mosquitto.
+"""Throwaway servers the tests (and benchmarks) start themselves: PostgreSQL, Mosquitto and an
+MLflow tracking server.
 
-Each is found in this order: an existing server named by an environment variable
-(``STREAMFLOW_TEST_PG_DSN``, ``STREAMFLOW_TEST_MQTT=host:port``); a container through
+PostgreSQL and Mosquitto are found in this order: an existing server named by an environment
+variable (``STREAMFLOW_TEST_PG_DSN``, ``STREAMFLOW_TEST_MQTT=host:port``); a container through
 testcontainers when a Docker engine answers; the server binary from Debian's packages, run from
 a temporary folder on a free loopback port. When none is possible, :class:`ServiceUnavailable`
-says how to install one (the fixtures turn it into a skip).
+says how to install one (the fixtures turn it into a skip). The MLflow tracking server is the one
+``make setup`` installs in a virtualenv of its own (or the ``mlflow`` command named by
+``STREAMFLOW_TEST_MLFLOW``): without it, its tests fail.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +30,9 @@ from streamflow.transport.broker import free_port
 
 PG_DSN_VARIABLE = "STREAMFLOW_TEST_PG_DSN"
 MQTT_VARIABLE = "STREAMFLOW_TEST_MQTT"
+MLFLOW_VARIABLE = "STREAMFLOW_TEST_MLFLOW"
+# the full mlflow package, which the Makefile installs apart from the project's (see there)
+MLFLOW_SERVER = Path(sys.executable).parent.parent / "mlflow-server" / "bin" / "mlflow"
 
 
 class ServiceUnavailable(RuntimeError):
@@ -178,3 +187,43 @@ def mosquitto() -> Iterator[tuple[str, int]]:
             yield "127.0.0.1", port
         finally:
             stop_process(process)
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """The URI of an MLflow tracking server run from ``folder`` (the ``mlflow`` command of
+    :data:`MLFLOW_SERVER`): a SQLite backend store and an artifacts directory there, on a free
+    loopback port. Its process group (the server, its
+    uvicorn worker and job runner) is killed by the server's PID at the end."""
+    command = os.environ.get(MLFLOW_VARIABLE) or str(MLFLOW_SERVER)
+    if shutil.which(command) is None:
+        raise ServiceUnavailable(
+            f"no MLflow server at {command}: run make setup (it installs one in a virtualenv of "
+            f"its own), or set {MLFLOW_VARIABLE} to an mlflow command")
+    port = free_port()
+    log_path = folder / "mlflow.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [command, "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+             "--artifacts-destination", str(folder / "artifacts")],
+            stdout=log, stderr=log, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port("127.0.0.1", port, process, 120, "the MLflow server", log_path)
+        deadline = time.monotonic() + 60
+        while not _healthy(f"{uri}/health"):
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise ServiceUnavailable(f"the MLflow server did not answer: {_tail(log_path)}")
+            time.sleep(0.2)
+        yield uri
+    finally:  # a throwaway server: killed at once (a graceful stop takes it seconds)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _healthy(url: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+        return bool(response.status == 200)
+    return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -184,6 +185,9 @@ def _model_errors(data: dict[str, Any]) -> list[str]:
             errors += attempt((*where, "drift", "detector"), build_detector, model.drift.detector)
         for position, name in enumerate(model.metrics or []):
             errors += attempt((*where, "metrics", position), build_metric, name)
+        if model.mlflow and importlib.util.find_spec("mlflow") is None:
+            errors.append(f"{format_location((*where, 'mlflow'))}: the mlflow package is not "
+                          "installed: pip install 'streamflow[mlflow]', or remove mlflow")
     return errors
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from croniter import croniter
 from pydantic import (
@@ -286,6 +287,45 @@ class DriftConfig(Strict):
     )
 
 
+MLFLOW_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+class MlflowConfig(Strict):
+    """Where a model stage logs its run, metrics and checkpoints as MLflow model versions."""
+
+    tracking_uri: str = Field(
+        min_length=1, description="an MLflow tracking server (http://host:5000) or store URI "
+        "(file:, sqlite:, postgresql:, mysql:, mssql:, databricks); a password in it is masked")
+    experiment: str | None = Field(None, min_length=1, description="default: the pipeline name")
+    registered_model: str | None = Field(
+        None, min_length=1, description="the registered model's name; default <pipeline>.<stage>")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0].lower() if ":" in value else ""
+        if scheme.split("+")[0] not in MLFLOW_SCHEMES:  # the value may hold a password: not shown
+            raise ValueError(
+                f"it is not an MLflow tracking URI (it starts with {scheme + ':' or 'no scheme'}): "
+                "give http://host:port for a tracking server, or a store URI starting with "
+                f"{', '.join(known + ':' for known in MLFLOW_SCHEMES[2:])}")
+        return value
+
+
+def uri_password(uri: str) -> str | None:
+    """The password in ``uri``'s user information (``scheme://user:password@host``), if any."""
+    try:
+        return urlsplit(uri).password
+    except ValueError:
+        return None
+
+
+def masked_uri(uri: str) -> str:
+    """``uri`` with the password in its user information, if any, replaced by ``***``."""
+    password = uri_password(uri)
+    return uri.replace(f":{password}@", ":***@", 1) if password else uri
+
+
 class ModelConfig(StageBase):
     """A river model stage: predict each record, then learn from it (progressive validation)."""
 
@@ -310,6 +350,9 @@ class ModelConfig(StageBase):
     mini_batch: bool = Field(
         False, description="use learn_many/predict_many per micro-batch (predicts before learning)"
     )
+    mlflow: MlflowConfig | None = Field(
+        None, description="log a run, metrics and each checkpoint as a registered model version "
+        "(the mlflow extra; docs/models.md, MLflow)")
 
 
 class ConnectorConfig(BaseModel):

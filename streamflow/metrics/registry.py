@@ -90,6 +90,9 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
     ("streamflow_model_rollbacks", Counter,
      "Partitions of a model stage that adopted an earlier registry version (models rollback), "
      "by the version adopted.", (*MODEL, "version"), {}),
+    ("streamflow_model_mlflow_errors", Counter,
+     "MLflow calls of a model stage that failed or were dropped (queue full, unreachable server).",
+     MODEL, {}),
     ("streamflow_records_late", Counter,
      "Records a windowed stage sent to its late topic: one or more of their windows had closed.",
      STAGE, {}),
@@ -216,6 +219,7 @@ class ModelMetrics:
     features_expired: Counter
     evictions: Counter
     checkpoint_age: Gauge
+    mlflow_errors: Counter
     _rollbacks: Any
 
     def metric(self, name: str, window: str, partition: int) -> Gauge:
@@ -320,6 +324,7 @@ class PipelineMetrics:
                 "streamflow_model_records_learned", "streamflow_model_drift_events",
                 "streamflow_model_labels_unmatched", "streamflow_model_features_expired",
                 "streamflow_model_evictions", "streamflow_model_checkpoint_age_seconds",
+                "streamflow_model_mlflow_errors",
             )),
             self._partial("streamflow_model_rollbacks", *labels),
         )

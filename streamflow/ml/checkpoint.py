@@ -229,10 +229,11 @@ class Staged:
         return self.temporary.with_suffix(".tag.tmp")
 
 
-def publish(staged: Iterable[Staged]) -> None:
+def publish(staged: Iterable[Staged]) -> list[int]:
     """Put staged files in place, durably. Each sidecar first records the new file's tag beside
     the tag of the file in place, and keeps only the new one once the new file is in place: a
-    crash at any point leaves every file with its tag recorded."""
+    crash at any point leaves every file with its tag recorded. Returns the numbers of the
+    registry versions this named."""
     files = list(staged)
     tags = [json.loads(file.tag_file.read_bytes()) for file in files]
     for file, tag in zip(files, tags, strict=True):
@@ -246,11 +247,11 @@ def publish(staged: Iterable[Staged]) -> None:
         _write_sidecar(file.path, tag["algorithm"], [tag["tag"]])  # if lost, the pair still holds it
         file.tag_file.unlink()
     versions = {(file.version, file.keep_versions) for file in files if file.version is not None}
-    if versions:
-        from streamflow.ml.registry import commit_version  # the registry is built on this module
+    if not versions:
+        return []
+    from streamflow.ml.registry import commit_version  # the registry is built on this module
 
-        for directory, keep in versions:
-            commit_version(directory, keep)
+    return [commit_version(directory, keep) for directory, keep in versions]
 
 
 @dataclass(frozen=True)

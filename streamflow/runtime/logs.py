@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from streamflow.config.models import PipelineConfig
+from streamflow.config.models import PipelineConfig, uri_password
 
 SECRET_KEY = re.compile(r"pass(word)?|secret|token|jaas|credential|private", re.IGNORECASE)
 MASK = "***"
@@ -97,10 +97,13 @@ def configure_logging(level: str, log_format: str) -> None:
 
 def config_secrets(config: PipelineConfig) -> list[str]:
     """Values of settings whose names say they are secret (Kafka client and connectors, at any
-    depth: a connector's own ``config`` of client settings, say)."""
+    depth: a connector's own ``config`` of client settings, say), and the passwords in model
+    stages' MLflow tracking URIs."""
     found = _secrets(config.kafka.config)
     for component in [*config.sources, *config.sinks]:
         found += _secrets(component.connector_settings())
+    found += [password for model in config.models if model.mlflow
+              if (password := uri_password(model.mlflow.tracking_uri))]
     return found
 
 

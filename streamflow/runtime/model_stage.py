@@ -40,6 +40,7 @@ from streamflow.metrics import ModelMetrics, StageMetrics
 from streamflow.ml.checkpoint import publish
 from streamflow.ml.engine import DriftEvent
 from streamflow.ml.features import pickled_feature_rows
+from streamflow.ml.registry import Registry
 from streamflow.ml.worker import (
     BatchReply,
     BatchRequest,
@@ -53,6 +54,7 @@ from streamflow.ml.worker import (
 from streamflow.plugins import ROW_ID
 from streamflow.processing.codec import decode_json, encode_json, user_fields
 from streamflow.runtime.dead_letters import Failure, OutputBatch
+from streamflow.runtime.mlflow_tracking import MlflowTracker, run_parameters
 from streamflow.runtime.row_lineage import origin_headers
 from streamflow.runtime.stages import TRANSACTION_INTERVAL_S, StageIdentity, StageRunner
 from streamflow.transport import (
@@ -117,6 +119,7 @@ class ModelStage(StageRunner):
         self.labels_topic = config.labels.topic if config.labels else None
         self.label_field = (config.labels.field if config.labels else None) or config.target
         self.worker: EngineWorker | None = None
+        self.mlflow: MlflowTracker | None = None
         self._last_checkpoint = self._last_saved = time.monotonic()  # requested, durable
         model_metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last_saved)
         self._metric_values_at = 0.0
@@ -134,6 +137,23 @@ class ModelStage(StageRunner):
     def open(self) -> None:
         self.worker = EngineWorker(self.spec, f"model-{self.name}", self._apply)
         self.worker.call("start", self.transport.cluster_id())
+        if self.config.mlflow is not None:
+            settings, spec = self.spec.settings, self.spec
+            self.mlflow = MlflowTracker(
+                self.config, spec.pipeline,
+                Registry.of_stage(spec.checkpoint_root, spec.pipeline, spec.stage),
+                run_parameters(self.config, spec.pipeline, settings.task, settings.metrics,
+                               spec.config_hash),
+                {"task": settings.task, "features": self.config.features,
+                 "target": self.config.target, "key_field": self.config.key_field},
+                self.model_metrics.mlflow_errors)
+
+    def set_champion(self, version: int) -> None:
+        """Point MLflow's ``champion`` alias at the registered model version of registry version
+        ``version`` (queued, never blocking; nothing without an ``mlflow:`` block). Each new
+        version gets the alias when it is registered; call this when another one becomes it."""
+        if self.mlflow is not None:
+            self.mlflow.set_champion(version)
 
     def is_idle(self, since: float) -> bool:
         return super().is_idle(since) and not self._in_flight
@@ -346,7 +366,11 @@ class ModelStage(StageRunner):
         if isinstance(in_flight, CheckpointInFlight):
             checkpointed: Checkpointed = reply
             self.commit_transaction()  # files must never cover offsets beyond committed ones
-            publish(checkpointed.staged)  # the output of every batch before the checkpoint is out
+            # the output of every batch before the checkpoint is out
+            versions = publish(checkpointed.staged)
+            if self.mlflow is not None:
+                for number in versions:
+                    self.mlflow.version_published(number)
             self._last_saved = time.monotonic()
             self._set_metric_gauges(checkpointed.metric_values)
             if checkpointed.committable and not self.transactional:
@@ -487,3 +511,6 @@ class ModelStage(StageRunner):
         if self.worker is not None:
             self.worker.close()
             self.worker = None
+        if self.mlflow is not None:
+            self.mlflow.close(failed=self.error is not None)
+            self.mlflow = None

@@ -7,7 +7,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from streamflow.config.models import CheckpointConfig, DriftConfig, LabelsConfig, ModelConfig
+from streamflow.config.models import (
+    CheckpointConfig,
+    DriftConfig,
+    LabelsConfig,
+    MlflowConfig,
+    ModelConfig,
+)
 
 ROOT = Path(__file__).parents[2]
 
@@ -16,7 +22,7 @@ def test_every_model_setting_is_documented() -> None:
     page = (ROOT / "docs" / "models.md").read_text()
     settings: list[tuple[type[BaseModel], str]] = [
         (ModelConfig, "`{}`"), (LabelsConfig, "`{}`"), (DriftConfig, "`{}`"),
-        (CheckpointConfig, "`{}`")]
+        (CheckpointConfig, "`{}`"), (MlflowConfig, "`{}`")]
     missing = [f"{model.__name__}.{name}" for model, form in settings
                for name in model.model_fields if form.format(name) not in page]
     assert not missing, f"docs/models.md does not mention {missing}"
