@@ -7,6 +7,9 @@ STAMP   = $(VENV)/.installed
 # pyarrow below 26, whose 24 and 25 crash in pyarrow.compute here; the pipeline needs the
 # client only (the mlflow extra: mlflow-skinny).
 MLFLOW_SERVER = $(VENV)/mlflow-server
+# DuckDB's Iceberg reader for the tests (tests/readers/duckdb_iceberg.py): DuckDB 1.5.5 with its
+# iceberg and avro extensions from PyPI, as ours is newer than any extension published there.
+DUCKDB_ICEBERG = $(VENV)/duckdb-iceberg
 
 .PHONY: setup run test test-cluster kafka services lint bench bench-peers clean fuzz
 
@@ -17,6 +20,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,postgres,mqtt,delta,faust,iceberg,reports,mlflow]'
 	$(PYTHON) -m venv $(MLFLOW_SERVER)
 	$(MLFLOW_SERVER)/bin/pip install --quiet 'mlflow>=3.1,<4'
+	$(PYTHON) -m venv $(DUCKDB_ICEBERG)
+	$(DUCKDB_ICEBERG)/bin/pip install --quiet duckdb-extension-iceberg==1.5.5 duckdb-extension-avro==1.5.5
 	touch $(STAMP)
 
 setup: $(STAMP)

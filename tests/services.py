@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -26,6 +27,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+
 from streamflow.transport.broker import free_port
 
 PG_DSN_VARIABLE = "STREAMFLOW_TEST_PG_DSN"
@@ -33,6 +36,7 @@ MQTT_VARIABLE = "STREAMFLOW_TEST_MQTT"
 MLFLOW_VARIABLE = "STREAMFLOW_TEST_MLFLOW"
 # the full mlflow package, which the Makefile installs apart from the project's (see there)
 MLFLOW_SERVER = Path(sys.executable).parent.parent / "mlflow-server" / "bin" / "mlflow"
+DUCKDB_ICEBERG = Path(sys.executable).parent.parent / "duckdb-iceberg" / "bin" / "python"
 
 
 class ServiceUnavailable(RuntimeError):
@@ -227,3 +231,18 @@ def _healthy(url: str) -> bool:
     with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
         return bool(response.status == 200)
     return False
+
+
+def duckdb_iceberg_scan(metadata_location: str, order_by: str) -> pa.Table:
+    """The rows DuckDB's Iceberg reader reads from an Iceberg table's metadata file, run by the
+    Python of the virtualenv ``make setup`` installs it in (tests/readers/duckdb_iceberg.py)."""
+    if not DUCKDB_ICEBERG.exists():
+        raise FileNotFoundError(f"no {DUCKDB_ICEBERG}: run `make setup`, which installs DuckDB's "
+                                "Iceberg reader in a virtualenv of its own")
+    done = subprocess.run(
+        [str(DUCKDB_ICEBERG), str(Path(__file__).parent / "readers" / "duckdb_iceberg.py"),
+         metadata_location.removeprefix("file://"), order_by],
+        capture_output=True, text=True, timeout=120, check=True)
+    found = json.loads(done.stdout)
+    return pa.table({name: [row[index] for row in found["rows"]]
+                     for index, name in enumerate(found["columns"])})

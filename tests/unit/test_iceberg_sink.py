@@ -1,5 +1,6 @@
 """The iceberg sink on a SQLite catalog and a local warehouse: append, new columns, partition
-spec, upsert, offsets in snapshot summaries, dead letters; read back by pyiceberg and DuckDB."""
+spec, upsert, offsets in snapshot summaries, dead letters; read back by pyiceberg and by DuckDB's
+Iceberg reader."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 import pytest
 from pyiceberg.catalog import load_catalog
 
 from connectors.sinks.iceberg import IcebergConfig, IcebergSink
 from streamflow.plugins import ComponentContext, SinkRecordError
+from tests.services import duckdb_iceberg_scan
 
 TABLE = "lake.events"
 PARTITION = ("raw", 0)
@@ -40,12 +41,10 @@ def rows(tmp_path: Path) -> pa.Table:
 
 
 def duckdb_rows(tmp_path: Path) -> pa.Table:
-    """The table read by DuckDB: ``read_parquet`` over the data files of pyiceberg's scan plan
-    (DuckDB's iceberg extension would have to be downloaded)."""
+    """The table as DuckDB's Iceberg reader (``iceberg_scan`` over its metadata file) reads
+    it, ordered by id."""
     table = load_catalog("test", **catalog_properties(tmp_path)).load_table(TABLE)
-    files = [task.file.file_path.removeprefix("file://") for task in table.scan().plan_files()]
-    return duckdb.sql(f"SELECT * FROM read_parquet({files!r}, union_by_name = true) ORDER BY id"
-                      ).to_arrow_table()
+    return duckdb_iceberg_scan(table.metadata_location, "id")
 
 
 def test_appends_and_adds_a_column_for_a_new_field(tmp_path: Path) -> None:
@@ -94,6 +93,8 @@ def test_upsert_replaces_the_row_with_the_same_key(tmp_path: Path) -> None:
     sink.write(pa.table({"id": [2, 3, 2], "value": [20.0, 30.0, 21.0]}), PARTITION, 2)
     sink.flush({PARTITION: 5}, "c")
     assert rows(tmp_path).to_pydict() == {"id": [1, 2, 3], "value": [1.0, 21.0, 30.0]}
+    # the replaced rows are deleted in DuckDB's reading too (Iceberg's delete files, or rewrites)
+    assert duckdb_rows(tmp_path).to_pydict() == {"id": [1, 2, 3], "value": [1.0, 21.0, 30.0]}
     with pytest.raises(SinkRecordError) as missing_key:
         sink.write(pa.table({"id": [None, 4], "value": [1.0, 4.0]}), PARTITION, 5)
     assert missing_key.value.rows == [0]
