@@ -34,7 +34,8 @@ _COUNTERS = {
 _LAG = "streamflow_consumer_lag_records"
 _LATENCY = "streamflow_end_to_end_latency_seconds_bucket"
 _MODEL = "streamflow_model_metric"
-SAMPLES = (*_COUNTERS, _LAG, _LATENCY, _MODEL)
+_CANDIDATE = "streamflow_model_candidate_metric"
+SAMPLES = (*_COUNTERS, _LAG, _LATENCY, _MODEL, _CANDIDATE)
 QUANTILES = {"p50": 0.5, "p95": 0.95}
 # the charts, each a series per component (or per quantile, per model metric)
 CHARTS = ("throughput", "lag", "dead_letters", "latency", "model")
@@ -88,9 +89,11 @@ def read(registry: CollectorRegistry) -> Reading:
             elif sample.name == _LATENCY:
                 bound = float(labels["le"])
                 reading.buckets[bound] = reading.buckets.get(bound, 0.0) + value
-            elif sample.name == _MODEL and math.isfinite(value):
+            elif sample.name in (_MODEL, _CANDIDATE) and math.isfinite(value):
+                # a line per stage (the published predictions') and, with challengers, per model
                 window = " (rolling)" if labels["window"] == "rolling" else ""
-                name = f"{labels['stage']} {labels['metric']}{window}"
+                model = f"/{labels['candidate']}" if sample.name == _CANDIDATE else ""
+                name = f"{labels['stage']}{model} {labels['metric']}{window}"
                 model_sums.setdefault(name, []).append(value)
     for name in sources:
         counts = reading.counts[name]

@@ -90,6 +90,15 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
     ("streamflow_model_rollbacks", Counter,
      "Partitions of a model stage that adopted an earlier registry version (models rollback).",
      MODEL, {}),
+    ("streamflow_model_candidate_metric", Gauge,
+     "Progressive-validation metric of each model of a stage with challengers, on its own "
+     "predictions, per input partition; candidate is the model's name (main: the stage's "
+     "estimator).", (*MODEL, "candidate", "metric", "window", "partition"), {}),
+    ("streamflow_model_champion", Gauge,
+     "1 for the model whose predictions a stage with challengers publishes, per input "
+     "partition; 0 for its challengers.", (*MODEL, "candidate", "partition"), {}),
+    ("streamflow_model_promotions", Counter,
+     "Challengers a model stage promoted to champion (promotion rule met).", MODEL, {}),
     ("streamflow_records_late", Counter,
      "Records a windowed stage sent to its late topic: one or more of their windows had closed.",
      STAGE, {}),
@@ -217,9 +226,18 @@ class ModelMetrics:
     evictions: Counter
     checkpoint_age: Gauge
     rollbacks: Counter
+    promotions: Counter
+    _candidate_metric: Any
+    _champion: Any
 
     def metric(self, name: str, window: str, partition: int) -> Gauge:
         return self._metric(name, window, str(partition))
+
+    def candidate_metric(self, candidate: str, name: str, window: str, partition: int) -> Gauge:
+        return self._candidate_metric(candidate, name, window, str(partition))
+
+    def champion(self, candidate: str, partition: int) -> Gauge:
+        return self._champion(candidate, str(partition))
 
 
 @dataclass
@@ -316,8 +334,10 @@ class PipelineMetrics:
                 "streamflow_model_records_learned", "streamflow_model_drift_events",
                 "streamflow_model_labels_unmatched", "streamflow_model_features_expired",
                 "streamflow_model_evictions", "streamflow_model_checkpoint_age_seconds",
-                "streamflow_model_rollbacks",
+                "streamflow_model_rollbacks", "streamflow_model_promotions",
             )),
+            self._partial("streamflow_model_candidate_metric", *labels),
+            self._partial("streamflow_model_champion", *labels),
         )
 
     def schedule(self, name: str) -> ScheduleMetrics:
