@@ -7,7 +7,10 @@ deterministic: river's default KNNClassifier, an approximate search seeded at ra
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import yaml
 from river import base, datasets, dummy, feature_extraction, linear_model, metrics, preprocessing, stats
 
 from streamflow.config import ConfigError, load_pipeline
+from streamflow.config.models import BatchConfig, ModelConfig
 from streamflow.metrics import PipelineMetrics
 from streamflow.metrics.history import History
 from streamflow.ml.checkpoint import CheckpointStore, publish
@@ -26,6 +30,12 @@ from streamflow.ml.features import pickled_feature_rows
 from streamflow.ml.model import RiverModel
 from streamflow.ml.registry import Registry
 from streamflow.ml.spec import infer_task
+from streamflow.ml.worker import EngineSpec
+from streamflow.runtime.model_stage import ModelStage
+from streamflow.runtime.stages import StageIdentity
+from streamflow.transport import OutgoingBatch, TopicSpec, read_until
+from streamflow.transport.memory import MemoryTransport, drop_cluster
+from tests.stage_harness import finish, wait_until
 
 TOPIC = "features"
 BANANAS = list(datasets.Bananas())
@@ -205,7 +215,7 @@ def test_a_restart_with_other_challengers_keeps_the_champion_and_the_models_stil
 def test_registry_versions_carry_each_models_standing(tmp_path: Path) -> None:
     """Through the worker process, as a stage runs it: the challengers are built from their
     specs there, and the version a checkpoint makes records every model's metrics."""
-    from streamflow.ml.worker import BatchRequest, EngineSpec, EngineWorker
+    from streamflow.ml.worker import BatchRequest, EngineWorker
 
     settings = EngineSettings(task="classification", target="y", metrics=["Accuracy"],
                               rolling_window=100, key_field=None, max_models=1,
@@ -335,3 +345,78 @@ def test_an_anomaly_stage_takes_challengers_but_no_promotion(tmp_path: Path) -> 
                             promotion={"metric": "Accuracy"}))
     assert found == ["models[0].promotion: a anomaly stage has no target to measure its models "
                      "against; promotion needs a regression or classification stage"]
+
+
+# --- the stage, on the in-memory transport ----------------------------------------------------
+
+
+@pytest.fixture
+def cluster() -> Iterator[str]:
+    name = f"memory://challengers-{uuid.uuid4().hex[:10]}"
+    yield name
+    drop_cluster(name)
+
+
+def test_a_stage_publishes_the_champions_predictions_and_the_promotion(
+    cluster: str, tmp_path: Path,
+) -> None:
+    """The stage's output switches from the champion's own predictions to the challenger's at
+    the offset its record on the models topic gives, and the swap is counted and gauged."""
+    transport = MemoryTransport(cluster)
+    admin = transport.admin()
+    admin.create_topics([TopicSpec("bananas", 1), TopicSpec("scored", 1), TopicSpec("p.models", 1),
+                         TopicSpec("p.dlq", 1)])
+    producer = transport.producer()
+    producer.produce([OutgoingBatch("bananas", [json.dumps({**x, "y": y}).encode()
+                                                for x, y in BANANAS])])
+    producer.close()
+    config = ModelConfig.model_validate({
+        "name": "model", "input": "bananas", "output": "scored", "target": "y",
+        "estimator": [{"preprocessing.StandardScaler": {}}, {"linear_model.LogisticRegression": {}}],
+        "challengers": [{"name": "poly", "estimator": POLY_SPEC}],
+        "promotion": {"metric": "Accuracy", "by": 0.05, "over": 500, "evaluations": 3},
+        "checkpoint": {"path": str(tmp_path), "every_records": 1000},
+    })
+    settings = EngineSettings(task="classification", target="y", metrics=["Accuracy"],
+                              rolling_window=500, key_field=None, max_models=1,
+                              features_topic="bananas", challengers=("poly",),
+                              promotion=PromotionRule("Accuracy", 0.05, 500, 3))
+    spec = EngineSpec(settings, config.estimator, str(tmp_path), "p", "model", 1000,
+                      challengers={"poly": POLY_SPEC})
+    pipeline_metrics = PipelineMetrics("p")
+    model_metrics = pipeline_metrics.model("model", "StandardScaler|LogisticRegression")
+    stage = ModelStage(StageIdentity("p", "model", "bananas", "p.dlq"), transport,
+                       BatchConfig(max_records=200, max_wait_ms=10),
+                       pipeline_metrics.stage("model", ("model",)), model_metrics, config, spec,
+                       None, models_topic="p.models")
+    stage.start()
+    wait_until(lambda: sum(transport.cluster.high_watermarks("scored").values()) == len(BANANAS),
+               "the stage's output")
+    finish(stage)
+
+    start = {("scored", 0): 0}
+    records = [json.loads(value or b"") for batch in read_until(transport, start)
+               for value in batch.values]
+    (promotion,) = [json.loads(value or b"") for batch in read_until(transport, {("p.models", 0): 0})
+                    for value in batch.values]
+    assert (promotion["promoted"], promotion["demoted"], promotion["partition"]) == ("poly", "main", 0)
+    offset = promotion["offset"]
+    assert 1500 <= offset < 2500  # evaluations end the first batches after 500, 1000, 1500 records
+    published = [record["prediction"] for record in records]
+    assert published[:offset] == own_predictions(logistic(), BANANAS)[:offset]
+    assert published[offset:] == own_predictions(poly(), BANANAS)[offset:]
+    assert [record["model_version"] for record in records] == list(range(len(BANANAS)))
+    assert promotion["model_version"] == offset
+    assert model_metrics.promotions._value.get() == 1
+    registry = pipeline_metrics.registry
+    labels = {"pipeline": "p", "stage": "model", "model": "StandardScaler|LogisticRegression",
+              "partition": "0"}
+    assert registry.get_sample_value("streamflow_model_champion", {**labels, "candidate": "poly"}) == 1
+    assert registry.get_sample_value("streamflow_model_champion", {**labels, "candidate": "main"}) == 0
+    truth = [y for _, y in BANANAS]
+    assert registry.get_sample_value("streamflow_model_candidate_metric", {
+        **labels, "candidate": "main", "metric": "Accuracy", "window": "cumulative"}) == \
+        pytest.approx(rolling_accuracy(truth, own_predictions(logistic(), BANANAS)), abs=1e-12)
+    assert registry.get_sample_value("streamflow_model_metric", {
+        **labels, "metric": "Accuracy", "window": "cumulative"}) == \
+        pytest.approx(rolling_accuracy(truth, published), abs=1e-12)
