@@ -1,0 +1,88 @@
+"""Champion and challenger on a real broker: river's Bananas dataset (shipped in the river
+package) through the file source, Kafka and a model stage whose challenger is clearly better."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from river import datasets, feature_extraction, linear_model, metrics, preprocessing
+
+from streamflow.config import load_pipeline
+from streamflow.ml.registry import Registry
+from streamflow.runtime.pipeline import PipelineRunner
+from tests.helpers import read_topic
+from tests.integration.test_model_stage import pipeline_file, write_dataset
+
+LOGISTIC = [{"preprocessing.StandardScaler": {}}, {"linear_model.LogisticRegression": {}}]
+POLY = [{"preprocessing.StandardScaler": {}},
+        {"feature_extraction.PolynomialExtender": {"degree": 3}},
+        {"linear_model.LogisticRegression": {}}]
+
+
+def own_predictions(estimator: Any, stream: list[tuple[dict[str, Any], bool]]) -> list[Any]:
+    """The estimator alone, as a model stage runs one: the class, then its probabilities, then
+    learning."""
+    predictions = []
+    for x, y in stream:
+        predictions.append(estimator.predict_one(x))
+        estimator.predict_proba_one(x)
+        estimator.learn_one(x, y)
+    return predictions
+
+
+def test_the_promoted_challenger_predicts_from_the_offset_on_the_models_topic(
+    fresh_broker: str, tmp_path: Path,
+) -> None:
+    stream = list(datasets.Bananas())
+    write_dataset(tmp_path / "data.jsonl", stream)
+    path = pipeline_file(
+        tmp_path, fresh_broker, LOGISTIC, ["Accuracy"],
+        challengers=[{"name": "poly", "estimator": POLY}],
+        promotion={"metric": "Accuracy", "by": 0.05, "over": 500, "evaluations": 3},
+        batch={"max_records": 200, "max_wait_ms": 10})
+    runner = PipelineRunner(load_pipeline(path), until_idle_s=1.5)
+    assert runner.run().exit_code == 0
+
+    (promotion,) = [json.loads(value) for value in read_topic(fresh_broker, "learn.models").values]
+    assert {key: promotion[key] for key in ("event", "pipeline", "stage", "topic", "partition",
+                                            "promoted", "demoted")} == {
+        "event": "promotion", "pipeline": "learn", "stage": "model", "topic": "features",
+        "partition": 0, "promoted": "poly", "demoted": "main"}
+    offset = promotion["offset"]
+    assert 1500 <= offset < len(stream)
+    scored = read_topic(fresh_broker, "scored")
+    assert scored.offsets == list(range(len(stream)))
+    records = [json.loads(value) for value in scored.values]
+    published = [record["prediction"] for record in records]
+    by_logistic = own_predictions(preprocessing.StandardScaler() | linear_model.LogisticRegression(),
+                                  stream)
+    by_poly = own_predictions(preprocessing.StandardScaler()
+                              | feature_extraction.PolynomialExtender(degree=3)
+                              | linear_model.LogisticRegression(), stream)
+    assert published[:offset] == by_logistic[:offset]
+    assert published[offset:] == by_poly[offset:]
+    assert by_logistic[offset:] != by_poly[offset:]  # the switch shows
+    assert [record["model_version"] for record in records] == list(range(len(stream)))
+
+    labels = {"pipeline": "learn", "stage": "model", "model": "StandardScaler|LogisticRegression"}
+    registry = runner.metrics.registry
+    assert registry.get_sample_value("streamflow_model_promotions_total", labels) == 1
+    assert registry.get_sample_value("streamflow_model_champion",
+                                     {**labels, "candidate": "poly", "partition": "0"}) == 1
+    accuracy = metrics.Accuracy()
+    for (_x, y), prediction in zip(stream, by_poly, strict=True):
+        accuracy.update(y, prediction)
+    assert registry.get_sample_value("streamflow_model_candidate_metric", {
+        **labels, "candidate": "poly", "metric": "Accuracy", "window": "cumulative",
+        "partition": "0"}) == pytest.approx(accuracy.get(), abs=1e-12)
+
+    # The last version (the stop's checkpoint) holds both models and their standings.
+    last = Registry.of_stage(tmp_path / "checkpoints", "learn", "model").versions()[-1]
+    models = last.metadata["partitions"]["features+0"]["models"]
+    assert {name: (model["champion"], model["records_learned"]) for name, model in models.items()} \
+        == {"poly": (True, len(stream)), "main": (False, len(stream))}
+    assert models["poly"]["metrics"]["Accuracy"]["cumulative"] == pytest.approx(accuracy.get(),
+                                                                                abs=1e-12)
