@@ -4,6 +4,7 @@ package) through the file source, Kafka and a model stage whose challenger is cl
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,11 @@ from river import datasets, feature_extraction, linear_model, metrics, preproces
 from streamflow.config import load_pipeline
 from streamflow.ml.registry import Registry
 from streamflow.runtime.pipeline import PipelineRunner
+from streamflow.transport.broker import free_port
+from tests.browser import Browser, chromium_binary
 from tests.helpers import read_topic
 from tests.integration.test_model_stage import pipeline_file, write_dataset
+from tests.integration.test_operations import DashboardPage, base_url, wait_until
 
 LOGISTIC = [{"preprocessing.StandardScaler": {}}, {"linear_model.LogisticRegression": {}}]
 POLY = [{"preprocessing.StandardScaler": {}},
@@ -86,3 +90,38 @@ def test_the_promoted_challenger_predicts_from_the_offset_on_the_models_topic(
         == {"poly": (True, len(stream)), "main": (False, len(stream))}
     assert models["poly"]["metrics"]["Accuracy"]["cumulative"] == pytest.approx(accuracy.get(),
                                                                                 abs=1e-12)
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason="needs chromium (apt-get install chromium)")
+def test_the_dashboard_draws_a_line_per_model_and_names_the_champion(
+    fresh_broker: str, tmp_path: Path,
+) -> None:
+    write_dataset(tmp_path / "data.jsonl", list(datasets.Bananas()))
+    path = pipeline_file(
+        tmp_path, fresh_broker, LOGISTIC, ["Accuracy"],
+        challengers=[{"name": "poly", "estimator": POLY}],
+        promotion={"metric": "Accuracy", "by": 0.05, "over": 500, "evaluations": 3},
+        batch={"max_records": 200, "max_wait_ms": 10})
+    config = load_pipeline(path)
+    config.metrics.port = free_port()
+    runner = PipelineRunner(config)
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        url = base_url(runner)
+        labels = {"pipeline": "learn", "stage": "model",
+                  "model": "StandardScaler|LogisticRegression"}
+        wait_until(lambda: runner.metrics.registry.get_sample_value(
+            "streamflow_model_promotions_total", labels) == 1, what="the promotion")
+        with Browser(f"{url}/") as browser:
+            page = DashboardPage(browser)
+            wait_until(lambda: "model/poly Accuracy (rolling)" in page.charts().get(
+                "chart-model", {}).get("last", {}), 30, "the challenger's line")
+            legend = browser.evaluate("""[...document.querySelectorAll(
+                '#chart-model .u-legend .u-series .u-label')].map(l => l.textContent)""")
+    finally:
+        runner.stop()
+        thread.join(60)
+    assert {"model Accuracy", "model Accuracy (rolling)", "model/main Accuracy",
+            "model/main Accuracy (rolling)", "model/poly Accuracy (champion)",
+            "model/poly Accuracy (rolling) (champion)"} <= set(legend), legend

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,9 +261,15 @@ def test_the_dashboard_draws_a_line_per_model() -> None:
     model.candidate_metric("poly", "Accuracy", "rolling", 0).set(0.9)
     model.candidate_metric("poly", "Accuracy", "rolling", 1).set(0.8)
     model.champion("poly", 0).set(1)
-    assert History(pipeline_metrics.registry).sample().charts["model"] == {
+    model.champion("main", 0).set(0)
+    history = History(pipeline_metrics.registry)
+    assert history.sample().charts["model"] == {
         "predict Accuracy (rolling)": 0.9, "predict/main Accuracy (rolling)": 0.5,
         "predict/poly Accuracy (rolling)": pytest.approx(0.85)}
+    assert history.document()["champions"] == {"predict": ["poly"]}
+    model.champion("main", 1).set(1)  # partition 1 has kept its own
+    history.sample()
+    assert history.document(after=time.time() + 60)["champions"] == {"predict": ["main", "poly"]}
 
 
 # --- validation -------------------------------------------------------------------------------
