@@ -427,3 +427,22 @@ def test_a_stage_publishes_the_champions_predictions_and_the_promotion(
     assert registry.get_sample_value("streamflow_model_metric", {
         **labels, "metric": "Accuracy", "window": "cumulative"}) == \
         pytest.approx(rolling_accuracy(truth, published), abs=1e-12)
+
+
+def test_a_backfill_publishes_its_promotions_apart_from_the_live_ones() -> None:
+    from streamflow.config.loader import parse_pipeline
+    from streamflow.runtime.backfill import backfill_config, entry_topics
+
+    def bounded(promotion: dict[str, Any]) -> tuple[list[str], str]:
+        config = parse_pipeline({
+            "pipeline": "shop", "kafka": {"bootstrap": "localhost:9092"},
+            "models": [{"name": "model", "input": "orders", "output": "scored", "target": "y",
+                        "estimator": [{"linear_model.LogisticRegression": {}}],
+                        "challengers": [{"name": "poly", "estimator": POLY_SPEC}],
+                        "promotion": promotion}],
+            "topics": [{"name": "promotions"}]})
+        copy = backfill_config(config, "s")
+        return entry_topics(config), copy.models_topic(copy.models[0])
+
+    assert bounded({"metric": "Accuracy"}) == (["orders"], "shop.s.models")
+    assert bounded({"metric": "Accuracy", "topic": "promotions"}) == (["orders"], "promotions.s")
