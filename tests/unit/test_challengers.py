@@ -213,9 +213,13 @@ def test_a_restart_with_other_challengers_keeps_the_champion_and_the_models_stil
     assert alone.published == own_predictions(poly(), BANANAS[:2200])[2100:]  # still the champion
 
 
-def test_registry_versions_carry_each_models_standing(tmp_path: Path) -> None:
+def test_registry_versions_carry_each_models_standing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
     """Through the worker process, as a stage runs it: the challengers are built from their
-    specs there, and the version a checkpoint makes records every model's metrics."""
+    specs there, and the version a checkpoint makes records every model's metrics, which
+    ``models list`` sums up with the champion of each partition."""
+    from streamflow.cli import main
     from streamflow.ml.worker import BatchRequest, EngineWorker
 
     settings = EngineSettings(task="classification", target="y", metrics=["Accuracy"],
@@ -251,6 +255,11 @@ def test_registry_versions_carry_each_models_standing(tmp_path: Path) -> None:
     assert partition["models"]["main"]["metrics"]["Accuracy"]["cumulative"] == \
         reply.standings[0]["main"]["metrics"]["Accuracy"]["cumulative"]
     assert set(partition["models"]["poly"]["promotion"]) == {"value", "wins"}
+    file = pipeline(tmp_path, name="model", checkpoint={"path": str(tmp_path)},
+                    challengers=[{"name": "poly", "estimator": POLY_SPEC}])
+    assert main(["models", "list", str(file)]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert "champion" in header.split() and row.endswith("0:poly")
 
 
 def test_the_dashboard_draws_a_line_per_model() -> None:
