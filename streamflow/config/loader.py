@@ -188,6 +188,11 @@ def _model_errors(data: dict[str, Any]) -> list[str]:
     return errors
 
 
+def _a(task: str) -> str:
+    """``task`` with its indefinite article: a regression, an anomaly."""
+    return f"{'an' if task[0] in 'aeiou' else 'a'} {task}"
+
+
 def _challenger_errors(model: ModelConfig, where: tuple[str | int, ...]) -> list[str]:
     """Each challenger's estimator checked as the stage's own is; a challenger built from river
     names must have the task of the stage's estimator, and the promotion metric must measure
@@ -222,8 +227,8 @@ def _challenger_errors(model: ModelConfig, where: tuple[str | int, ...]) -> list
             errors.append(f"{format_location(location)}: {exc}")
             continue
         if task is not None and challenger_task not in (None, task):
-            errors.append(f"{format_location(location)}: a {challenger_task} estimator cannot "
-                          f"challenge the stage's {task} estimator")
+            errors.append(f"{format_location(location)}: {_a(challenger_task)} estimator "
+                          f"cannot challenge the stage's {task} estimator")
     if model.promotion is None:
         return errors
     location = (*where, "promotion", "metric")
@@ -232,8 +237,8 @@ def _challenger_errors(model: ModelConfig, where: tuple[str | int, ...]) -> list
     except ModelSpecError as exc:
         return [*errors, f"{format_location(location)}: {exc}"]
     if task in ("anomaly", "clustering"):
-        errors.append(f"{format_location((*where, 'promotion'))}: a {task} stage has no target "
-                      "to measure its models against; promotion needs a regression or "
+        errors.append(f"{format_location((*where, 'promotion'))}: {_a(task)} stage has no "
+                      "target to measure its models against; promotion needs a regression or "
                       "classification stage")
     elif own is not None and not metric.works_with(own):
         errors.append(f"{format_location(location)}: {model.promotion.metric} does not measure "

@@ -359,7 +359,7 @@ def test_an_anomaly_stage_takes_challengers_but_no_promotion(tmp_path: Path) -> 
     assert load_pipeline(path).models[0].challengers[0].name == "b"
     found = errors(pipeline(tmp_path, estimator=trees, challengers=[{"name": "b", "estimator": trees}],
                             promotion={"metric": "Accuracy"}))
-    assert found == ["models[0].promotion: a anomaly stage has no target to measure its models "
+    assert found == ["models[0].promotion: an anomaly stage has no target to measure its models "
                      "against; promotion needs a regression or classification stage"]
 
 
