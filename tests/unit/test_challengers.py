@@ -455,3 +455,18 @@ def test_a_backfill_publishes_its_promotions_apart_from_the_live_ones() -> None:
 
     assert bounded({"metric": "Accuracy"}) == (["orders"], "shop.s.models")
     assert bounded({"metric": "Accuracy", "topic": "promotions"}) == (["orders"], "promotions.s")
+
+
+def test_a_rollback_restores_the_versions_champion_and_challengers(tmp_path: Path) -> None:
+    run = Run(tmp_path, logistic(), {"poly": poly()}).feed(BANANAS[:1000])
+    run.engine.checkpoint()
+    _header, (state, models) = run.engine.store.load(f"{TOPIC}+0", "partition-state")
+    run.feed(BANANAS[:2000], start=1000)
+    assert run.engine.standings(0)["poly"]["champion"]
+    run.engine.adopt(0, state, models, {"id": "r", "version": 1})
+    assert {name: (s["champion"], s["records_learned"])
+            for name, s in run.engine.standings(0).items()} == {
+        "main": (True, 1000), "poly": (False, 1000)}
+    assert run.engine.committable() == {(TOPIC, 0): 2000}  # the offsets go on
+    run.feed(BANANAS[:2100], start=2000)
+    assert run.versions[-100:] == list(range(1000, 1100))  # main, as it was at the version
