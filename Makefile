@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=python3)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,postgres,mqtt,delta,faust,iceberg]'
+	$(BIN)/pip install --quiet -e '.[dev,postgres,mqtt,delta,faust,iceberg,reports]'
 	touch $(STAMP)
 
 setup: $(STAMP)

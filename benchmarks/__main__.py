@@ -14,12 +14,14 @@ from benchmarks.core import run_core
 from benchmarks.dashboard import run_dashboard
 from benchmarks.latency import run_latency
 from benchmarks.model import run_model
+from benchmarks.pipeline_latency import run_pipeline_latency
 from benchmarks.scaleout import run_scaleout
 from benchmarks.sinks import run_sinks
 from benchmarks.windows import run_windows
 
 WORKLOADS = {"core": run_core, "model": run_model, "dashboard": run_dashboard,
              "sinks": run_sinks, "windows": run_windows, "clean": run_clean, "scaleout": run_scaleout}
+RATED = {"latency": run_latency, "pipeline-latency": run_pipeline_latency}  # a fixed rate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,20 +29,23 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["report"]:
         return report.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("workload", choices=sorted([*WORKLOADS, "latency"]),
+    parser.add_argument("workload", choices=sorted([*WORKLOADS, *RATED]),
                         help="or `report`: PNG charts of the JSON results (report --help)")
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds, each running every system in turn; each one's median is kept")
-    parser.add_argument("--rate", type=int, default=5000, help="latency: records per second")
-    parser.add_argument("--seconds", type=float, default=60, help="latency: how long to send")
+    parser.add_argument("--rate", type=int, default=5000,
+                        help="latency, pipeline-latency: records per second")
+    parser.add_argument("--seconds", type=float, default=60,
+                        help="latency, pipeline-latency: how long to send (pipeline-latency "
+                             "adds the soak figures from 120 s on)")
     parser.add_argument("--broker", choices=BROKERS, default="tansu",
                         help="the embedded Tansu or Apache Kafka (KRaft, from `make kafka`'s jars)")
     args = parser.parse_args(argv)
     choose_broker(args.broker)
-    if args.workload == "latency":
-        results = run_latency(args.rate, args.seconds, args.repeat)
+    if args.workload in RATED:
+        results = RATED[args.workload](args.rate, args.seconds, args.repeat)
     else:
         results = WORKLOADS[args.workload](args.records, args.repeat)
     text = json.dumps(results, indent=2)

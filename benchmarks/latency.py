@@ -3,14 +3,18 @@
 too); a reader takes arrival minus send time of every output record. Each system runs in a
 process of its own (streamflow through ``benchmarks.isolated``, the peers with .venv-peers'
 python) with its peak RSS sampled. Records sent before the measured period (one every 100 ms
-until the first comes out: the group join) are checked but not timed."""
+until the first comes out: the group join) are checked but not timed. ``startup_s`` is the
+time from the process's start to the first output record's arrival (the first record is sent
+as the process starts): imports, group join and the first batch."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
@@ -71,21 +75,69 @@ def stamped(value: bytes) -> bytes:
     return value
 
 
+class PacedProducer:
+    """Writes the generator's sensor records, each with its send time, to ``topic``: one every
+    100 ms until the system answers (its group join, not timed), then at a fixed rate."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+        self._topic = topic
+        self._events = GeneratorConfig(seed=2)
+        self.sent: list[bytes] = []
+        self.warm_up_count = 0
+        self.started = 0.0  # when the timed sending began (unix time)
+        self.sending_s = 0.0
+
+    def _send(self) -> None:
+        key, value = sensor_event(self._events, len(self.sent))
+        self.sent.append(stamped(value))
+        self._producer.produce(self._topic, self.sent[-1], key)
+
+    def warm_up(self, answered: Callable[[], bool], process: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + WARMUP_TIMEOUT_S
+        while not answered():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{process.args!r} produced no output")
+            self._send()
+            self._producer.poll(0.1)
+        self.warm_up_count = len(self.sent)
+
+    def at_rate(self, rate: int, seconds: float) -> int:
+        """Send ``rate`` records a second for ``seconds``; how many."""
+        self.started = time.time()
+        total = int(rate * seconds)
+        while (index := len(self.sent) - self.warm_up_count) < total:
+            due = min(total, int((time.time() - self.started) * rate) + 1)
+            for _ in range(due - index):
+                self._send()
+            self._producer.poll(0)
+            time.sleep(TICK_S)
+        self.sending_s = time.time() - self.started
+        self._producer.flush()
+        return total
+
+
+def wait_until_quiet(arrivals: list[Any], expected: int, sending_ended: float) -> None:
+    """Until ``expected`` arrivals, or nothing arrived for ``QUIET_S`` after the sending ended."""
+    while len(arrivals) < expected and time.time() - max(
+            [arrivals[-1][0], sending_ended]) < QUIET_S:
+        time.sleep(0.1)
+
+
+def timed_latencies(arrivals: list[tuple[float, int]], started: float) -> list[float]:
+    """Arrival minus send time in ms of the ``(arrival, sent_us)`` pairs sent from ``started``."""
+    started_us = started * 1e6
+    return [(arrival * 1e6 - sent_us) / 1000 for arrival, sent_us in arrivals
+            if sent_us >= started_us]
+
+
 def measure(bootstrap: str, system: str, rate: int, seconds: float) -> Measures:
     """One run of ``system`` at ``rate`` records per second for ``seconds``, checked."""
     name = f"{system.replace('-', '')}{uuid.uuid4().hex[:8]}"
     source, output, dead = f"{name}.in", f"{name}.out", f"{name}.dlq"
     create_transport("confluent", bootstrap).admin().create_topics(
         [TopicSpec(topic, PARTITIONS) for topic in (source, output, dead)])
-    events = GeneratorConfig(seed=2)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
-    sent: list[bytes] = []
-
-    def send(index: int) -> None:
-        key, value = sensor_event(events, index)
-        sent.append(stamped(value))
-        producer.produce(source, sent[-1], key)
-
+    producer = PacedProducer(bootstrap, source)
     with scratch() as folder:
         if system == "streamflow":
             steps = clean_steps()
@@ -97,29 +149,13 @@ def measure(bootstrap: str, system: str, rate: int, seconds: float) -> Measures:
                 "bootstrap": bootstrap, "input": source, "output": output, "dlq": dead,
                 "group": name, "mark": str(folder / "first"), "latency": "1"})
         reader = Reader(bootstrap, output)
+        spawned = time.time()
         with running(*command) as (process, sampler):
-            deadline = time.monotonic() + WARMUP_TIMEOUT_S
-            while not reader.arrivals:  # until the stage runs: one record every 100 ms
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{system} produced no output")
-                send(len(sent))
-                producer.poll(0.1)
-            warmup = len(sent)
-            started = time.time()
-            total = int(rate * seconds)
-            while (index := len(sent) - warmup) < total:
-                due = min(total, int((time.time() - started) * rate) + 1)
-                for _ in range(due - index):
-                    send(len(sent))
-                producer.poll(0)
-                time.sleep(TICK_S)
-            sending = time.time() - started
-            producer.flush()
-            expected = expected_sets(0, sent)
-            count = sum(expected[0].values())
-            while len(reader.arrivals) < count and time.time() - max(
-                    [reader.arrivals[-1][0], started + sending]) < QUIET_S:
-                time.sleep(0.1)
+            producer.warm_up(lambda: bool(reader.arrivals), process)
+            total = producer.at_rate(rate, seconds)
+            expected = expected_sets(0, producer.sent)
+            wait_until_quiet(reader.arrivals, sum(expected[0].values()),
+                             producer.started + producer.sending_s)
             rss = sampler.stop()
         reader.stop()
     watch = TopicWatch(bootstrap)
@@ -127,13 +163,10 @@ def measure(bootstrap: str, system: str, rate: int, seconds: float) -> Measures:
         check_output(watch, system, output, dead, *expected, canonical)
     finally:
         watch.close()
-    started_us = started * 1e6
-    latencies = []
-    for arrival, value in reader.arrivals:
-        sent_us = json.loads(value)[LATENCY_FIELD]
-        if sent_us >= started_us:
-            latencies.append((arrival * 1e6 - sent_us) / 1000)
-    return {"events_per_s": total / sending, **latency_summary(latencies), "rss_peak_mb": rss}
+    latencies = timed_latencies([(arrival, json.loads(value)[LATENCY_FIELD])
+                                 for arrival, value in reader.arrivals], producer.started)
+    return {"events_per_s": total / producer.sending_s, **latency_summary(latencies),
+            "rss_peak_mb": rss, "startup_s": round(reader.arrivals[0][0] - spawned, 2)}
 
 
 def run_latency(rate: int, seconds: float, repeat: int) -> list[dict[str, Any]]:

@@ -70,6 +70,7 @@ class RssSampler:
     def __init__(self, pid: int) -> None:
         self._process = psutil.Process(pid)
         self.peak_bytes = 0
+        self.samples: list[tuple[float, int]] = []  # (unix time, bytes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -86,9 +87,10 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak_bytes = max(self.peak_bytes, self._sample())
+                self.samples.append((time.time(), self._sample()))
             except psutil.Error:
                 return
+            self.peak_bytes = max(self.peak_bytes, self.samples[-1][1])
             self._stop.wait(SAMPLE_S)
 
     def stop(self) -> float:

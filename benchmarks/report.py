@@ -60,6 +60,15 @@ def _bars(path: Path, title: str, unit: str, groups: dict[str, dict[str, float]]
     plt.close(figure)
 
 
+def latency_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """A bar label for each row with latencies: its system, and its workload (without
+    ``latency-``) when the rows hold several latency workloads."""
+    timed = [row for row in rows if row.get("p99_ms")]
+    if len({row["workload"] for row in timed}) == 1:
+        return [row["system"] for row in timed]
+    return [f"{row['system']}, {row['workload'].removeprefix('latency-')}" for row in timed]
+
+
 def write_charts(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     """Draw the charts ``rows`` allow into ``folder``; the files written."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,12 +76,14 @@ def write_charts(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
     throughput = {workload: values for workload, values in series(rows, "events_per_s").items()
                   if workload not in series(rows, "p99_ms")}
     latency: dict[str, dict[str, float]] = {}  # {percentile: {system: ms}}
-    for row in rows:
+    for label, row in zip(latency_labels(rows), (row for row in rows if row.get("p99_ms")),
+                          strict=True):
         for name in LATENCIES:
             if row.get(name) is not None:
-                latency.setdefault(name.removesuffix("_ms"), {})[row["system"]] = row[name]
+                latency.setdefault(name.removesuffix("_ms"), {})[label] = row[name]
     charts = (("throughput.png", "Events per second (median of the rounds)", "events/s", throughput),
-              ("latency.png", "Latency, send to arrival on the output topic", "ms", latency),
+              ("latency.png", "Latency, send to arrival (output topic, or durable Parquet)", "ms",
+               latency),
               ("rss.png", "Peak RSS of the process tree", "MB", series(rows, "rss_peak_mb")))
     for name, title, unit, groups in charts:
         if groups:

@@ -21,6 +21,7 @@ from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
 from pyiceberg.table import Table, Transaction
 from pyiceberg.table.snapshots import ancestors_of
+from pyiceberg.transforms import parse_transform
 
 from connectors.sinks.warehouse import ColumnType, Naming, buffer_conformed
 from streamflow.plugins import ComponentContext, Sink, TransientError
@@ -38,6 +39,11 @@ class CatalogConfig(BaseModel):
         default_factory=dict,
         description="catalog properties, e.g. type: sql, uri: sqlite:///..., warehouse: file:///...",
     )
+
+
+# the transforms partition_by takes, each with an instance to ask which types it takes
+TRANSFORMS = {name: name for name in ("identity", "year", "month", "day", "hour")} | {
+    "bucket[N]": "bucket[2]", "truncate[N]": "truncate[2]"}
 
 
 class PartitionField(BaseModel):
@@ -185,6 +191,16 @@ class IcebergSink(Sink[IcebergConfig]):
                   for field in self.config.partition_by]
         new = [(column, transform) for column, transform in wanted
                if (column, transform) not in present and column in schema.column_names]
+        for column, transform in new:
+            column_type = schema.find_type(column)
+            if not parse_transform(transform).can_transform(column_type):
+                takes = [name for name, example in TRANSFORMS.items()
+                         if parse_transform(example).can_transform(column_type)]
+                raise ValueError(
+                    f"iceberg sink of table {self.config.table}: partition_by field {column!r} "
+                    f"has type {column_type} (as its first records gave it), which transform "
+                    f"{transform} cannot take; cast the field upstream (a schema step) or use a "
+                    f"transform for {column_type}: {', '.join(takes)}")
         if new:
             with transaction.update_spec() as update:
                 for column, transform in new:

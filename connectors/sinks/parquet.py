@@ -40,7 +40,7 @@ from connectors.sinks.warehouse import (
 )
 from streamflow.plugins import ComponentContext, Sink, SinkRecordError
 from streamflow.processing.steps import type_depth
-from streamflow.runtime.row_lineage import MODEL_VERSION, OFFSET, SIDECAR_SUFFIX, manifest_text
+from streamflow.runtime.row_lineage import MODEL_VERSION, OFFSET, write_sidecar
 from streamflow.transport.base import TopicPartition
 
 TEMPORARY_SUFFIX = ".tmp"
@@ -271,25 +271,14 @@ class ParquetSink(Sink[ParquetConfig]):
         if MODEL_VERSION in piece.column_names and piece.column(MODEL_VERSION).null_count < len(piece):
             versions = pc.min_max(piece.column(MODEL_VERSION)).as_py()
             manifest["model_version"] = {"min": versions["min"], "max": versions["max"]}
-        sidecar = sidecar_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = sidecar.with_name(sidecar.name + TEMPORARY_SUFFIX)
-        with open(temporary, "w") as handle:
-            handle.write(manifest_text(manifest))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, sidecar)
+        write_sidecar(path, manifest)
 
     def revoke(self, partitions: Sequence[TopicPartition]) -> None:
         for partition in partitions:
             _first, tables, _places = self._buffers.pop(partition, (0, [], []))
             self._buffered_rows -= sum(table.num_rows for table in tables)
             self._buffered_bytes -= sum(table.nbytes for table in tables)
-
-
-def sidecar_path(path: Path) -> Path:
-    """The lineage manifest beside the Parquet file at ``path``."""
-    return path.with_name(f"_{path.name}{SIDECAR_SUFFIX}")
 
 
 def _pieces(table: pa.Table, places: pa.Table) -> list[tuple[list[str], int | None, pa.Table]]:

@@ -533,16 +533,27 @@ class IcebergExpireSnapshotsJobConfig(Strict):
                              "ancestry that are kept however old")
 
 
+class ModelReportJobConfig(Strict):
+    """A model stage's registry versions created within ``since``: their metrics as a Parquet
+    table and a PNG chart (matplotlib: the [reports] extra) in ``output_dir``."""
+
+    stage: Name | None = Field(None, description="a model stage of this pipeline (default: its "
+                               "only one)")
+    since: str = Field("7d", pattern=r"^\d+[smhdw]$",
+                       description="the versions created this long before the tick (12h, 7d, 2w)")
+    output_dir: str = Field(description="folder the table and the chart are written to")
+
+
 SinkJobConfig = (CompactParquetJobConfig | DeltaMaintenanceJobConfig
                  | IcebergExpireSnapshotsJobConfig)
-JobConfig = PythonJobConfig | BackfillJobConfig | SinkJobConfig
+JobConfig = PythonJobConfig | BackfillJobConfig | ModelReportJobConfig | SinkJobConfig
 JOB_KINDS = {"python": "", "compact_parquet": "parquet", "delta_maintenance": "delta",
-             "backfill": "", "iceberg_expire_snapshots": "iceberg"}
+             "backfill": "", "iceberg_expire_snapshots": "iceberg", "model_report": ""}
 
 
 class ScheduleConfig(Strict):
     """A job run on a cron expression (UTC): exactly one of python, compact_parquet,
-    delta_maintenance, backfill, iceberg_expire_snapshots."""
+    delta_maintenance, backfill, iceberg_expire_snapshots, model_report."""
 
     name: Name
     cron: str = Field(description="five fields, UTC: minute hour day-of-month month "
@@ -554,6 +565,7 @@ class ScheduleConfig(Strict):
     delta_maintenance: DeltaMaintenanceJobConfig | None = None
     backfill: BackfillJobConfig | None = None
     iceberg_expire_snapshots: IcebergExpireSnapshotsJobConfig | None = None
+    model_report: ModelReportJobConfig | None = None
 
     @field_validator("cron")
     @classmethod
@@ -629,8 +641,18 @@ class PipelineConfig(Strict):
             twice = sorted({name for name in names if names.count(name) > 1})
             raise ValueError(f"schedules: names must be unique; {twice} appear twice")
         sinks = {sink.name: sink.type for sink in self.sinks}
+        stages = [model.name for model in self.models]
         for number, schedule in enumerate(self.schedules):
             job = schedule.job
+            if isinstance(job, ModelReportJobConfig):
+                where = f"schedules[{number}].model_report.stage"
+                if not stages:
+                    raise ValueError(f"{where}: this pipeline has no model stage to report on")
+                if job.stage is None and len(stages) > 1:
+                    raise ValueError(f"{where}: name one of the model stages: {stages}")
+                if job.stage is not None and job.stage not in stages:
+                    raise ValueError(f"{where}: {job.stage!r} is no model stage of this pipeline; "
+                                     f"name one of {stages}")
             if not isinstance(job, SinkJobConfig):
                 continue
             wanted, where = JOB_KINDS[schedule.kind], f"schedules[{number}].{schedule.kind}.sink"

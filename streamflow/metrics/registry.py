@@ -88,8 +88,8 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
      "Seconds since a model stage last saved its state (or started, before its first save).",
      MODEL, {}),
     ("streamflow_model_rollbacks", Counter,
-     "Partitions of a model stage that adopted an earlier registry version (models rollback).",
-     MODEL, {}),
+     "Partitions of a model stage that adopted an earlier registry version (models rollback), "
+     "by the version adopted.", (*MODEL, "version"), {}),
     ("streamflow_model_candidate_metric", Gauge,
      "Progressive-validation metric of each model of a stage with challengers, on its own "
      "predictions, per input partition; candidate is the model's name (main: the stage's "
@@ -225,13 +225,17 @@ class ModelMetrics:
     features_expired: Counter
     evictions: Counter
     checkpoint_age: Gauge
-    rollbacks: Counter
     promotions: Counter
+    _rollbacks: Any
     _candidate_metric: Any
     _champion: Any
 
     def metric(self, name: str, window: str, partition: int) -> Gauge:
         return self._metric(name, window, str(partition))
+
+    def rollbacks(self, version: int) -> Counter:
+        """Adoptions of registry version ``version``."""
+        return self._rollbacks(str(version))
 
     def candidate_metric(self, candidate: str, name: str, window: str, partition: int) -> Gauge:
         return self._candidate_metric(candidate, name, window, str(partition))
@@ -334,8 +338,9 @@ class PipelineMetrics:
                 "streamflow_model_records_learned", "streamflow_model_drift_events",
                 "streamflow_model_labels_unmatched", "streamflow_model_features_expired",
                 "streamflow_model_evictions", "streamflow_model_checkpoint_age_seconds",
-                "streamflow_model_rollbacks", "streamflow_model_promotions",
+                "streamflow_model_promotions",
             )),
+            self._partial("streamflow_model_rollbacks", *labels),
             self._partial("streamflow_model_candidate_metric", *labels),
             self._partial("streamflow_model_champion", *labels),
         )

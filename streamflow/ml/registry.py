@@ -188,6 +188,13 @@ class Registry:
                 found.append(self.version(number))
         return found
 
+    def latest(self) -> Version | None:
+        """The newest version (reading its metadata only), or None without any."""
+        for number in reversed(_numbers(self.versions_directory)):
+            with contextlib.suppress(RegistryError):  # retired while this reads: the one before
+                return self.version(number)
+        return None
+
     def version(self, number: int) -> Version:
         directory = self.versions_directory / str(number)
         try:
@@ -317,6 +324,24 @@ class Registry:
                                    float(document["requested_at"]))
         except (KeyError, TypeError, ValueError):
             raise RegistryError(f"{self.store / REQUEST} is damaged") from None
+
+    def rollback_at(self, topic: str, partition: int, offset: int) -> dict[str, Any] | None:
+        """The rollback whose adopted model predicted the stage's input record at (``topic``,
+        ``partition``, ``offset``), as the versions kept record it: of the rollbacks a version's
+        state of that partition continues from, the one adopted last at or before that offset;
+        None if there is none (or the versions recording it were retired)."""
+        found: dict[str, Any] | None = None
+        for version in self.versions():
+            for part in version.metadata.get("partitions", {}).values():
+                rollback = part.get("rollback")
+                if not rollback or int(part.get("partition", -1)) != partition:
+                    continue
+                at = rollback.get("at_offsets", {}).get(topic)
+                if at is not None and at <= offset and (found is None or (
+                        at, rollback["adopted_at"]) > (found["at_offsets"][topic],
+                                                       found["adopted_at"])):
+                    found = rollback
+        return found
 
     # --- export ---------------------------------------------------------------------------
 

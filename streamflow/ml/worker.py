@@ -105,15 +105,15 @@ class Effects:
     unmatched: int = 0
     drift: list[DriftEvent] = field(default_factory=list)
     logs: list[tuple[str, int, str]] = field(default_factory=list)  # logger, level, message
-    rollbacks: int = 0  # partitions that adopted an earlier version
+    rollbacks: list[int] = field(default_factory=list)  # per partition adopting one: its version
     promotions: list[Promotion] = field(default_factory=list)
 
     def take(self) -> Effects:
         """These effects, and start afresh."""
         taken = Effects(self.learned, self.evicted, self.expired, self.unmatched, self.drift,
                         self.logs, self.rollbacks, self.promotions)
-        self.learned = self.evicted = self.expired = self.unmatched = self.rollbacks = 0
-        self.drift, self.logs, self.promotions = [], [], []
+        self.learned = self.evicted = self.expired = self.unmatched = 0
+        self.drift, self.logs, self.rollbacks, self.promotions = [], [], [], []
         return taken
 
 
@@ -321,12 +321,14 @@ class EngineHost:
         header, (state, models) = loaded
         learned_before = sum(slot.learned for (p, _key), slot in self.engine.slots.items()
                              if p == partition)
+        newest = self.registry.latest()
         self.engine.adopt(partition, state, models, {
             "id": request.id, "version": request.version, "adopted_at": time.time(),
             "at_offsets": dict(current.next_offsets), "learned_before": learned_before,
+            "from_version": newest.number if newest else None,
         })
         state.records_since_checkpoint = max(state.records_since_checkpoint, self.every_records)
-        self.effects.rollbacks += 1
+        self.effects.rollbacks.append(request.version)
         log.warning("partition %d rolled back to version %d at offsets %s: its model had learned "
                     "%d records, version %d's %d%s", partition, request.version,
                     current.next_offsets, learned_before, request.version,

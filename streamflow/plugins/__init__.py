@@ -9,6 +9,7 @@ point groups a third-party package uses::
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from abc import ABC, abstractmethod
@@ -314,6 +315,14 @@ class PluginNotFoundError(LookupError):
 
 def discover(group: str) -> dict[str, Any]:
     """Installed plugins of an entry point group, by name (loaded lazily by :func:`load`)."""
+    return dict(_installed(group))
+
+
+@functools.cache
+def _installed(group: str) -> dict[str, Any]:
+    """The entry points of ``group``, read once a process (a scan of every installed package
+    takes milliseconds, and building a pipeline looks plugins up dozens of times): like Kafka
+    Connect's plugin path, a plugin installed later is seen by the next process."""
     return {entry.name: entry for entry in entry_points(group=group)}
 
 

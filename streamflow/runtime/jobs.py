@@ -1,5 +1,6 @@
 """The jobs a schedule runs: a user function, Parquet small-file compaction, Delta maintenance,
-Iceberg snapshot expiry and bounded backfills (streamflow.runtime.backfill).
+Iceberg snapshot expiry, bounded backfills (streamflow.runtime.backfill) and model reports
+(streamflow.runtime.model_report).
 
 Parquet compaction knows the ``parquet`` sink's file names (connectors/sinks/parquet.py, which
 streamflow does not import): ``<topic>+<partition>+<first offset>[+<bucket>]+<cluster>.parquet``,
@@ -7,7 +8,8 @@ written under ``<name>.tmp`` and renamed. The sink stores no offsets in its file
 replays from the group's committed offsets and rewrites the files of the flushes after them,
 under the same names. A sink commits its offsets right after each flush, so only the newest
 flush of a Kafka partition may be rewritten; compaction leaves the newest ``keep_newest``
-flushes of each partition as they are, and merges only older, finished files.
+flushes of each partition as they are, and merges only older, finished files. A compacted
+file's lineage sidecar holds the manifests of the files it replaced.
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ from streamflow.config.models import (
     CompactParquetJobConfig,
     DeltaMaintenanceJobConfig,
     IcebergExpireSnapshotsJobConfig,
+    ModelReportJobConfig,
     PipelineConfig,
     PythonJobConfig,
     ScheduleConfig,
     parse_duration,
 )
+from streamflow.ml.registry import Registry
 from streamflow.processing.python_step import import_function
+from streamflow.runtime.model_report import matplotlib_missing, write_model_report
+from streamflow.runtime.row_lineage import COMPACTED_MANIFESTS, sidecar_path, write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,8 @@ def finish_interrupted(folder: Path) -> int:
             if replaced != item.path and replaced.exists():
                 replaced.unlink()
                 removed += 1
+            if replaced != item.path:
+                sidecar_path(replaced).unlink(missing_ok=True)
     return removed
 
 
@@ -165,11 +173,30 @@ def _merge(directory: Path, chunk: list[ParquetFile], compression: str) -> int |
     pq.write_table(table.replace_schema_metadata(metadata), temporary, compression=compression)
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
+    taken_over = _manifests(chunk)
+    if taken_over:
+        write_sidecar(final, {"file": final.name, "rows": table.num_rows,
+                              "compacted_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                              COMPACTED_MANIFESTS: taken_over})
     os.replace(temporary, final)
     for item in chunk:
         if item.path != final:
             item.path.unlink(missing_ok=True)
+            sidecar_path(item.path).unlink(missing_ok=True)
     return table.num_rows
+
+
+def _manifests(chunk: list[ParquetFile]) -> list[dict[str, Any]]:
+    """The lineage manifests of ``chunk``'s files (docs/lineage.md), a compacted file's own
+    taken-over manifests in place of its sidecar; files without a sidecar add none."""
+    found: list[dict[str, Any]] = []
+    for item in chunk:
+        try:
+            manifest = json.loads(sidecar_path(item.path).read_text())
+        except FileNotFoundError:
+            continue
+        found += manifest.get(COMPACTED_MANIFESTS, [manifest])
+    return found
 
 
 def delta_maintenance(path: str, storage_options: dict[str, str], optimize: bool,
@@ -240,6 +267,12 @@ def build_job(schedule: ScheduleConfig, config: PipelineConfig) -> Callable[[], 
 
         return lambda: run_backfill_job(config, job.from_, job.until, job.output_suffix,
                                         job.model_checkpoint)
+    if isinstance(job, ModelReportJobConfig):
+        [model] = [model for model in config.models if job.stage in (None, model.name)]
+        registry = Registry.of_stage(model.checkpoint.path, config.pipeline, model.name)
+        since = parse_duration(job.since)
+        return lambda: write_model_report(registry, config.pipeline, model.name, since,
+                                          Path(job.output_dir))
     sink = next(sink for sink in config.sinks if sink.name == job.sink)
     settings = sink.connector_settings()
     if isinstance(job, CompactParquetJobConfig):
@@ -260,8 +293,9 @@ def build_job(schedule: ScheduleConfig, config: PipelineConfig) -> Callable[[], 
 
 
 def schedule_errors(config: PipelineConfig) -> list[str]:
-    """Where a schedule's python function cannot be imported, or the pipeline cannot run the
-    bounded run of a backfill job, with the field path."""
+    """Where a schedule's python function cannot be imported, the pipeline cannot run the
+    bounded run of a backfill job, or a model report cannot draw its chart, with the field
+    path."""
     errors = []
     for number, schedule in enumerate(config.schedules):
         if schedule.python is not None:
@@ -274,4 +308,6 @@ def schedule_errors(config: PipelineConfig) -> list[str]:
             from streamflow.runtime.backfill import backfill_errors
 
             errors += [f"schedules[{number}].backfill: {error}" for error in backfill_errors(config)]
+        if schedule.model_report is not None and (missing := matplotlib_missing()):
+            errors.append(f"schedules[{number}].model_report: {missing}")
     return errors

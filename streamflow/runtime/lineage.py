@@ -109,11 +109,17 @@ class StreamflowBackfillRunFacet(RunFacet):
 @attr.define
 class StreamflowModelVersionRunFacet(RunFacet):
     """Custom run facet of a model stage: the newest version in its checkpoint registry when the
-    event was sent (no field before its first checkpoint that learned something)."""
+    event was sent (no field before its first checkpoint that learned something) and, when that
+    version continues from a rollback (``streamflow models rollback``), the rollback: the
+    version adopted (``rollbackTo``), the newest version when it was adopted (``rollbackFrom``)
+    and the request's id."""
 
     version: int | None = None
     createdAt: str | None = None
     recordsLearned: int | None = None
+    rollbackFrom: int | None = None
+    rollbackTo: int | None = None
+    rollbackId: str | None = None
 
     @staticmethod
     def _get_schema() -> str:
@@ -124,14 +130,18 @@ def model_version_facet(registry: Registry) -> StreamflowModelVersionRunFacet:
     """The newest version of ``registry``; none if it has none, or cannot be read (logged: a
     damaged store must not stop the lineage of a running pipeline)."""
     try:
-        versions = registry.versions()
-        if not versions:
+        newest = registry.latest()
+        if newest is None:
             return StreamflowModelVersionRunFacet(producer=PRODUCER)
-        newest = versions[-1]
         created = datetime.fromtimestamp(float(newest.metadata["created_at"]), UTC)
-        return StreamflowModelVersionRunFacet(version=newest.number, createdAt=created.isoformat(),
-                                              recordsLearned=newest.records_learned,
-                                              producer=PRODUCER)
+        rollbacks = [part["rollback"] for part in newest.metadata.get("partitions", {}).values()
+                     if part.get("rollback")]
+        rollback = max(rollbacks, key=lambda r: float(r["adopted_at"]), default=None)
+        return StreamflowModelVersionRunFacet(
+            version=newest.number, createdAt=created.isoformat(),
+            recordsLearned=newest.records_learned, producer=PRODUCER,
+            **({"rollbackFrom": rollback.get("from_version"), "rollbackTo": int(rollback["version"]),
+                "rollbackId": str(rollback["id"])} if rollback else {}))
     except (OSError, RegistryError, LookupError, TypeError, ValueError, OverflowError) as exc:
         log.warning("lineage: the versions in %s cannot be read (%s)", registry.store, exc)
         return StreamflowModelVersionRunFacet(producer=PRODUCER)
@@ -492,12 +502,15 @@ class _Run:
     runner: Stage
     last_event: float
     ended: bool = False
+    rollback_id: str | None = None  # of the rollback its last model version facet showed
 
 
 class LineageTracker:
     """Turns the runners' lives into run events: START for each runner (a restarted one is a new
-    run), RUNNING every ``running_interval_s``, FAIL when a runner ends with an error, COMPLETE
-    (or FAIL, if it failed or hung) at the pipeline's stop."""
+    run), RUNNING every ``running_interval_s`` and, for a model stage, as soon as its newest
+    registry version continues from a rollback its events have not shown yet (the checkpoint
+    that follows an adoption), FAIL when a runner ends with an error, COMPLETE (or FAIL, if it
+    failed or hung) at the pipeline's stop."""
 
     def __init__(self, config: PipelineConfig, bootstrap: str, config_hash: str,
                  emit: Callable[[RunEvent], None],
@@ -514,14 +527,26 @@ class LineageTracker:
         self._emit = emit
         self._runs: dict[int, _Run] = {}
 
-    def _event(self, state: RunState, run: _Run, error: BaseException | str | None = None) -> None:
+    def _event(self, state: RunState, run: _Run, error: BaseException | str | None = None,
+               version: StreamflowModelVersionRunFacet | None = None) -> None:
         facets = self.run_facets
         registry = self.registries.get(run.runner.name)
         if registry is not None:
-            facets = {**facets, "streamflow_model_version": model_version_facet(registry)}
+            version = version or model_version_facet(registry)
+            run.rollback_id = version.rollbackId
+            facets = {**facets, "streamflow_model_version": version}
         self._emit(run_event(state, run.run_id, self.jobs[run.runner.name], self.pipeline,
                              self.namespace, self.config_hash, error, facets))
         run.last_event = time.monotonic()
+
+    def _new_rollback(self, run: _Run) -> StreamflowModelVersionRunFacet | None:
+        """The version facet of ``run``'s model stage if it shows a rollback the run's events
+        have not shown yet."""
+        registry = self.registries.get(run.runner.name)
+        if registry is None:
+            return None
+        version = model_version_facet(registry)
+        return version if version.rollbackId not in (None, run.rollback_id) else None
 
     def observe(self, runners: Iterable[Stage]) -> None:
         """Called from the supervising loop after the supervisor's check."""
@@ -536,6 +561,8 @@ class LineageTracker:
             if runner.error is not None and not runner.is_alive():
                 run.ended = True
                 self._event(RunState.FAIL, run, runner.error)
+            elif rollback := self._new_rollback(run):
+                self._event(RunState.RUNNING, run, version=rollback)
             elif now - run.last_event >= self.interval_s:
                 self._event(RunState.RUNNING, run)
 

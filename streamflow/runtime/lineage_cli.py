@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,17 +23,22 @@ import pyarrow.parquet as pq
 from streamflow.config import load_pipeline
 from streamflow.config.loader import connector_settings
 from streamflow.config.models import PipelineConfig
+from streamflow.ml.checkpoint import CheckpointError
+from streamflow.ml.registry import Registry, RegistryError
 from streamflow.plugins import SINK_GROUP
 from streamflow.runtime.row_lineage import (
     COLUMNS,
+    COMPACTED_MANIFESTS,
     MANIFEST_PROPERTY,
     OFFSET,
     ORIGIN_HEADER,
     SHORT_NAMES,
-    SIDECAR_SUFFIX,
     parse_origin,
+    sidecar_path,
 )
 from streamflow.transport import Transport, TransportError, create_transport, read_until
+
+log = logging.getLogger(__name__)
 
 KINDS = ("parquet", "delta", "duckdb", "postgres", "iceberg")
 MAX_HOPS = 64  # a trace stops after this many topics (a cycle of stages cannot loop it forever)
@@ -65,6 +71,7 @@ class Hop:
     timestamp_ms: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
     written_by: list[str] = field(default_factory=list)
+    model_rollback: dict[str, Any] | None = None  # a model stage's record: see _model_rollback
 
 
 def resolve(target: str, sink: str | None = None, table: str | None = None) -> Output:
@@ -136,9 +143,12 @@ def _parquet_files(root: Path) -> list[Path]:
 def _parquet_manifests(settings: dict[str, Any]) -> list[dict[str, Any]]:
     found = []
     for file in _parquet_files(Path(settings["path"])):
-        sidecar = file.with_name(f"_{file.name}{SIDECAR_SUFFIX}")
+        sidecar = sidecar_path(file)
         if sidecar.is_file():
-            found.append({**json.loads(sidecar.read_text()), "file": str(file)})
+            manifest = json.loads(sidecar.read_text())
+            found += [{**taken, "file": str(file), "compacted_file": taken.get("file")}
+                      for taken in manifest[COMPACTED_MANIFESTS]] \
+                if COMPACTED_MANIFESTS in manifest else [{**manifest, "file": str(file)}]
     return found
 
 
@@ -315,7 +325,25 @@ def trace(transport: Transport, topic: str, partition: int, offset: int,
         hops.append(hop)
         origin = hop.headers.get(ORIGIN_HEADER)
         coordinates = parse_origin(origin.encode()) if hop.retained and origin else None
+        if pipeline is not None and coordinates is not None:
+            hop.model_rollback = _model_rollback(pipeline, hop.topic, *coordinates)
     return hops
+
+
+def _model_rollback(config: PipelineConfig, output: str, topic: str, partition: int,
+                    offset: int) -> dict[str, Any] | None:
+    """The rollback (``streamflow models rollback``) the model stage writing ``output``
+    predicted its input record at (``topic``, ``partition``, ``offset``) with, as its registry's
+    versions record it; None without one, or where the registry cannot be read from here."""
+    for model in config.models:
+        if model.output == output:
+            registry = Registry.of_stage(model.checkpoint.path, config.pipeline, model.name)
+            try:
+                return registry.rollback_at(topic, partition, offset)
+            except (OSError, RegistryError, CheckpointError, LookupError, TypeError) as exc:
+                log.warning("lineage trace: the versions of model stage %s cannot be read (%s)",
+                            model.name, exc)
+    return None
 
 
 def _writers(config: PipelineConfig, topic: str) -> list[str]:
@@ -347,13 +375,16 @@ def render_manifests(output: Output, found: list[dict[str, Any]]) -> Iterator[st
     """``found`` as text lines."""
     rows = sum(manifest.get("rows", 0) for manifest in found)
     commits = len({manifest.get("commit_id") for manifest in found})
-    files = f" in {len(found)} files" if output.kind == "parquet" else ""
+    files = (f" in {len({manifest['file'] for manifest in found})} files"
+             if output.kind == "parquet" else "")
     yield f"{output.label or output.kind}: {commits} commits with a manifest{files}, {rows:,} rows"
     for manifest in found:
         versions = manifest.get("model_version")
         model = f"{versions['min']}..{versions['max']}" if versions else "-"
         where = next((f"{name} {manifest[name]}" for name in
                       ("file", "delta_version", "iceberg_snapshot") if name in manifest), "")
+        if manifest.get("compacted_file"):
+            where += f" (compacted from {manifest['compacted_file']})"
         yield (f"commit {manifest.get('commit_id', '?')[:12]}  rows {manifest.get('rows')}  "
                f"config {manifest.get('config_hash')}  streamflow {manifest.get('streamflow_version')}"
                f"  model_version {model}  span {_span(manifest)}" + (f"  {where}" if where else ""))
@@ -380,6 +411,11 @@ def render_trace(hops: list[Hop]) -> Iterator[str]:
                 "written before row lineage was on)")
         yield f"{indent}{where}{by}{end}"
         yield f"{indent}  key {hop.key!r}  timestamp_ms {hop.timestamp_ms}  value {hop.value}"
+        if hop.model_rollback:
+            rollback = hop.model_rollback
+            yield (f"{indent}  predicted by the model adopted in a rollback to version "
+                   f"{rollback['version']} (from version {rollback.get('from_version')}, at "
+                   f"offsets {rollback.get('at_offsets')}, request {rollback['id']})")
 
 
 def _show(args: argparse.Namespace) -> int:

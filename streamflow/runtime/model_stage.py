@@ -255,7 +255,8 @@ class ModelStage(StageRunner):
         self.model_metrics.evictions.inc(effects.evicted)
         self.model_metrics.features_expired.inc(effects.expired)
         self.model_metrics.labels_unmatched.inc(effects.unmatched)
-        self.model_metrics.rollbacks.inc(effects.rollbacks)
+        for version in effects.rollbacks:
+            self.model_metrics.rollbacks(version).inc()
         for event in effects.drift:
             log.warning("stage %s: drift on partition %d at offset %d (policy %s)",
                         self.name, event.partition, event.offset, event.policy)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,24 @@ MODEL_VERSION_FIELD = "model_version"  # the field a model stage adds to its out
 ORIGIN_HEADER = "sf-origin"  # on a stage's output record: topic/partition/offset of its input
 MANIFEST_PROPERTY = "streamflow.lineage"  # the Delta commit and Iceberg snapshot property
 SIDECAR_SUFFIX = ".lineage.json"  # a Parquet file's manifest: _<file name><SIDECAR_SUFFIX>
+COMPACTED_MANIFESTS = "compacted_from"  # a compacted file's sidecar: the manifests it took over
+
+
+def sidecar_path(path: Path) -> Path:
+    """The lineage manifest beside the Parquet file at ``path`` (readers skip a leading ``_``)."""
+    return path.with_name(f"_{path.name}{SIDECAR_SUFFIX}")
+
+
+def write_sidecar(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Write ``manifest`` beside the Parquet file at ``path``: to ``<sidecar>.tmp``, fsynced,
+    then renamed, so a reader never sees half of it."""
+    sidecar = sidecar_path(path)
+    temporary = sidecar.with_name(sidecar.name + ".tmp")
+    with open(temporary, "w") as handle:
+        handle.write(manifest_text(manifest))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, sidecar)
 
 
 def lineage_count(table: pa.Table) -> int:

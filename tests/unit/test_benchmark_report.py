@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import processes
-from benchmarks.report import load_rows, series, write_charts
+from benchmarks.pipeline_latency import steadiness
+from benchmarks.report import latency_labels, load_rows, series, write_charts
 from benchmarks.stats import latency_summary, medians, percentile
 
 
@@ -59,3 +60,19 @@ def test_peers_skipped_without_their_venv(monkeypatch: pytest.MonkeyPatch) -> No
     assert "make bench-peers" in (processes.peers_missing() or "")
     monkeypatch.setattr(processes, "PEERS_PYTHON", Path(sys.executable))
     assert processes.peers_missing() is None
+
+
+def test_soak_steadiness_compares_the_first_and_last_minute() -> None:
+    started = 1000.0
+    rss = [(started + t, 100 + (t >= 60) * 3 + (t >= 200) * 2) for t in range(300)]
+    latencies = [(started + t / 10, 10.0 + (t >= 2400) * 5) for t in range(3000)]
+    assert steadiness(latencies, rss, started, 300.0) == {
+        "rss_growth_pct": 1.9, "p99_first_minute_ms": 10.0, "p99_last_minute_ms": 15.0}
+
+
+def test_latency_chart_names_the_workload_when_rows_of_two_share_a_system(tmp_path: Path) -> None:
+    rows = [{"system": "streamflow", "workload": workload, "events_per_s": 5000, "p50_ms": 1.0,
+             "p95_ms": 2.0, "p99_ms": 3.0, "max_ms": 4.0}
+            for workload in ("latency-topic-to-topic-clean", "latency-pipeline-to-durable-parquet")]
+    assert set(latency_labels(rows)) == {"streamflow, topic-to-topic-clean",
+                                         "streamflow, pipeline-to-durable-parquet"}

@@ -79,10 +79,11 @@ def test_dockerfile_is_slim_non_root_with_healthcheck_and_exec_entrypoint() -> N
 
 
 def test_the_image_installs_the_extras_of_the_built_in_connectors() -> None:
-    """The postgres source and sink, the mqtt source and the delta sink work in the image."""
+    """The postgres source and sink, the mqtt source, the delta and iceberg sinks and the
+    model_report job work in the image."""
     install = re.search(r"pip install [^']*'\.\[([a-z,]+)\]'", (DOCKER / "Dockerfile").read_text())
     assert install is not None
-    assert {"postgres", "mqtt", "delta"} <= set(install.group(1).split(","))
+    assert {"postgres", "mqtt", "delta", "iceberg", "reports"} <= set(install.group(1).split(","))
 
 
 def test_grafana_dashboard_is_provisioned_and_queries_known_metrics() -> None:

@@ -79,6 +79,14 @@ def test_an_unknown_transform_is_a_settings_error(tmp_path: Path) -> None:
         open_sink(tmp_path, partition_by=[{"field": "id", "transform": "fortnight"}])
 
 
+def test_a_transform_the_fields_type_cannot_take_names_the_field_and_the_fix(tmp_path: Path) -> None:
+    sink = open_sink(tmp_path, partition_by=[{"field": "ts", "transform": "day"}])
+    sink.write(pa.table({"id": [1], "ts": ["2024-01-01T05:00:00Z"]}), PARTITION, 0)
+    with pytest.raises(ValueError, match=r"partition_by field 'ts' has type string .* transform "
+                                         r"day cannot take; cast .* identity, bucket\[N\], truncate"):
+        sink.flush({PARTITION: 1}, "c")
+
+
 def test_upsert_replaces_the_row_with_the_same_key(tmp_path: Path) -> None:
     sink = open_sink(tmp_path, mode="upsert", keys=["id"])
     sink.write(pa.table({"id": [1, 2], "value": [1.0, 2.0]}), PARTITION, 0)

@@ -31,6 +31,7 @@ from streamflow.runtime.lineage import (
     run_event,
 )
 from streamflow.runtime.pipeline import config_hash
+from tests.model_versions import VersionWriter
 from tests.openlineage_schema import validate_event
 
 BOOTSTRAP = "k1:9092,k2:9092"
@@ -314,6 +315,43 @@ def test_running_events_come_every_interval_and_a_hung_runner_fails_at_the_stop(
 
     assert [e["eventType"] for e in events] == ["START", "RUNNING", "FAIL"]
     assert "shutdown timeout" in events[-1]["run"]["facets"]["errorMessage"]["message"]
+
+
+def test_an_adopted_rollback_is_shown_at_once_in_a_running_event(tmp_path: Path) -> None:
+    """The checkpoint after an adoption is a version continuing from the rollback: the next
+    observation sends a RUNNING event whose version facet names it; later events go on
+    showing it, without another event of their own."""
+    config = pipeline(lineage={"transport": {"type": "file", "path": "x"},
+                               "running_interval_s": 3600})
+    config.models[0].checkpoint.path = str(tmp_path)
+    events: list[dict[str, Any]] = []
+    lineage = LineageTracker(config, BOOTSTRAP, "abc123", lambda e: events.append(as_json(e)))
+    writer, runner = VersionWriter(tmp_path, "plant", "predict"), FakeRunner("predict")
+    for count in (10, 20):
+        writer.learn(count)
+        writer.checkpoint()
+    lineage.observe([runner])
+    lineage.observe([runner])
+    writer.roll_back(1)
+    writer.learn(5)
+    lineage.observe([runner])  # adopted, not checkpointed yet: nothing to show
+    writer.checkpoint()
+    lineage.observe([runner])
+    lineage.observe([runner])
+    runner.alive = False
+    lineage.finish()
+
+    facets = [(e["eventType"], e["run"]["facets"]["streamflow_model_version"]) for e in events]
+    assert [(state, facet["version"]) for state, facet in facets] == [
+        ("START", 2), ("RUNNING", 3), ("COMPLETE", 3)]
+    assert "rollbackTo" not in facets[0][1]
+    request = writer.registry.rollback_request()
+    assert request is not None
+    for _state, facet in facets[1:]:
+        assert (facet["rollbackFrom"], facet["rollbackTo"], facet["rollbackId"],
+                facet["recordsLearned"]) == (2, 1, request.id, 15)
+    for event in events:
+        validate_event(event)
 
 
 def failures() -> Counter:

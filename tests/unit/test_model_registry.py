@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pytest
 import yaml
 from river import datasets, linear_model, preprocessing
@@ -20,19 +18,13 @@ from river import datasets, linear_model, preprocessing
 import streamflow.ml
 from streamflow.cli import main
 from streamflow.ml.checkpoint import MAGIC, CheckpointError, CheckpointStore, publish
-from streamflow.ml.engine import EngineSettings, ModelEngine
-from streamflow.ml.features import pickled_feature_rows
+from streamflow.ml.engine import ModelEngine
 from streamflow.ml.model import RiverModel
 from streamflow.ml.registry import Registry, RegistryError, prepare_version
-from streamflow.ml.worker import BatchRequest, Effects, EngineHost, EngineSpec, EngineWorker
+from streamflow.ml.worker import Effects, EngineHost, EngineSpec, EngineWorker
+from tests.model_versions import TOPIC, VersionWriter, batch, settings
 
-TOPIC = "features"
 STREAM = list(itertools.islice(datasets.TrumpApproval(), 500))
-
-
-def settings() -> EngineSettings:
-    return EngineSettings(task="regression", target="y", metrics=["MAE"], rolling_window=50,
-                          key_field=None, max_models=10, features_topic=TOPIC)
 
 
 def new_engine(tmp_path: Path) -> ModelEngine:
@@ -166,14 +158,6 @@ def test_an_export_loads_with_streamflow_and_with_plain_pickle(tmp_path: Path) -
         streamflow.ml.load(destination)
 
 
-def batch(first: int, count: int) -> BatchRequest:
-    offsets = np.arange(first, first + count)
-    features = pa.table({"x": offsets.astype(float)})
-    return BatchRequest(features=pickled_feature_rows(features),
-                        partitions=np.zeros(count, dtype=np.int64), offsets=offsets,
-                        targets=[2.0 * i for i in offsets.tolist()])
-
-
 def test_a_running_worker_adopts_a_rollback_between_batches_and_a_new_one_at_start(
     tmp_path: Path,
 ) -> None:
@@ -201,13 +185,14 @@ def test_a_running_worker_adopts_a_rollback_between_batches_and_a_new_one_at_sta
             reply = worker.call("handle", batch(first, 5))
         assert reply.versions == [10, 11, 12, 13, 14]
         assert reply.checkpoint_due  # the adoption is saved soon
-        assert sum(effect.rollbacks for effect in effects) == 1
+        assert [version for effect in effects for version in effect.rollbacks] == [1]
         assert any("rolled back to version 1" in message
                    for effect in effects for _logger, _level, message in effect.logs)
         publish(worker.call("checkpoint").staged)
         latest = registry.versions()[-1].metadata["partitions"][f"{TOPIC}+0"]
         assert latest["records_learned"] == 15
         assert latest["rollback"]["version"] == 1
+        assert latest["rollback"]["from_version"] == 2  # the newest when it was adopted
         assert latest["next_offsets"] == {TOPIC: first + 5}  # offsets go on: nothing relearned
     finally:
         worker.close()
@@ -223,9 +208,27 @@ def test_a_running_worker_adopts_a_rollback_between_batches_and_a_new_one_at_sta
         worker.call("revoke", [0])
         worker.call("assign", [0])
         assert worker.call("handle", batch(first + 6, 1)).versions == [30]
-        assert sum(effect.rollbacks for effect in effects) == 2
+        assert [version for effect in effects for version in effect.rollbacks] == [1, 2]
     finally:
         worker.close()
+
+
+def test_the_rollback_a_record_was_predicted_after_is_found_by_its_offset(tmp_path: Path) -> None:
+    writer = VersionWriter(tmp_path)
+    for _ in range(3):
+        writer.learn(10)
+        writer.checkpoint()  # versions 1-3; the next record is offset 30
+    writer.roll_back(1)
+    writer.learn(10)
+    writer.checkpoint()  # version 4: rollback to 1 at offset 30
+    writer.roll_back(3)
+    writer.learn(10)
+    writer.checkpoint()  # version 5: rollback to 3 at offset 40
+    found = [writer.registry.rollback_at(TOPIC, 0, offset) for offset in (29, 30, 39, 40, 99)]
+    assert [r and (r["version"], r["from_version"], r["at_offsets"]) for r in found] == [
+        None, (1, 3, {TOPIC: 30}), (1, 3, {TOPIC: 30}), (3, 4, {TOPIC: 40}), (3, 4, {TOPIC: 40})]
+    assert writer.registry.rollback_at(TOPIC, 1, 99) is None  # another partition
+    assert writer.registry.rollback_at("other", 0, 99) is None
 
 
 def test_the_models_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -293,5 +296,5 @@ def test_a_rollback_to_a_version_tampered_since_the_request_leaves_the_model_alo
         host.adopt_requested(force=True)
     [failure] = [r.getMessage() for r in caplog.records if "rollback" in r.getMessage()]
     assert "rollback of partition 0 to version 1 failed: CheckpointError" in failure
-    assert effects.rollbacks == 0
+    assert effects.rollbacks == []
     assert host.handle(batch(20, 1)).versions == [20]  # the model it had goes on

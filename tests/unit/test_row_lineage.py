@@ -25,7 +25,7 @@ from connectors.sinks.warehouse import mapped_name
 from streamflow.api import Pipeline
 from streamflow.config.models import PipelineConfig
 from streamflow.plugins import ComponentContext, Sink, SinkRecordError
-from streamflow.runtime import lineage_cli
+from streamflow.runtime import jobs, lineage_cli
 from streamflow.runtime.row_lineage import (
     CONFIG_HASH,
     MODEL_VERSION,
@@ -195,6 +195,37 @@ def test_parquet_sidecars_and_lineage_show(tmp_path: Path) -> None:
     assert rows.column("offset").to_pylist() == [0, 1, 2, 3, 5, 7]
     # pyarrow reads the folder without the sidecars (their names start with "_").
     assert pq.read_table(tmp_path).num_rows == 6
+
+
+def test_compaction_keeps_the_manifests_of_the_files_it_replaces(tmp_path: Path) -> None:
+    config = pipeline(path=str(tmp_path))
+    sink = wrapped(ParquetSink(ParquetConfig(path=str(tmp_path)), CONTEXT), config)
+    sink.open()
+    output = lineage_cli.resolve(str(tmp_path))
+
+    def flushes(first: int, count: int) -> None:
+        for offset in range(first, first + count):
+            records(sink, "scored", 0, [offset], x=[offset])
+            sink.flush({("scored", 0): offset + 1}, "c1")
+
+    def covered() -> list[tuple[str, int, int]]:
+        return sorted((Path(manifest["file"]).name.split("+")[3], entry["first_offset"],
+                       entry["rows"]) for manifest in lineage_cli.manifests(output)
+                      for entry in manifest["offsets"])
+
+    flushes(0, 4)
+    assert jobs.compact_parquet(tmp_path / "scored", 1 << 20).files_in == 3
+    assert covered() == [("c1.parquet", 3, 1)] + [("compacted-00000000000000000002", offset, 1)
+                                                  for offset in range(3)]
+    assert len(list(tmp_path.rglob("_*.lineage.json"))) == 2  # the replaced files' are gone
+    flushes(4, 2)  # compacted again with newer files: the manifests stay flat
+    jobs.compact_parquet(tmp_path / "scored", 1 << 20)
+    assert covered() == [("c1.parquet", 5, 1)] + [("compacted-00000000000000000004", offset, 1)
+                                                  for offset in range(5)]
+    text = "\n".join(lineage_cli.render_manifests(output, lineage_cli.manifests(output)))
+    assert "6 commits with a manifest in 2 files, 6 rows" in text
+    assert "(compacted from scored+0000+00000000000000000001+c1.parquet)" in text
+    assert lineage_cli.lineage_rows(output).column("offset").to_pylist() == list(range(6))
 
 
 def test_duckdb_stores_the_manifest_in_the_commit(tmp_path: Path) -> None:
