@@ -188,6 +188,65 @@ def _model_errors(data: dict[str, Any]) -> list[str]:
         if model.mlflow and importlib.util.find_spec("mlflow") is None:
             errors.append(f"{format_location((*where, 'mlflow'))}: the mlflow package is not "
                           "installed: pip install 'streamflow[mlflow]', or remove mlflow")
+        errors += _challenger_errors(model, where)
+    return errors
+
+
+def _a(task: str) -> str:
+    """``task`` with its indefinite article: a regression, an anomaly."""
+    return f"{'an' if task[0] in 'aeiou' else 'a'} {task}"
+
+
+def _challenger_errors(model: ModelConfig, where: tuple[str | int, ...]) -> list[str]:
+    """Each challenger's estimator checked as the stage's own is; a challenger built from river
+    names must have the task of the stage's estimator, and the promotion metric must measure
+    models of that task."""
+    from streamflow.ml.spec import (
+        ModelSpecError,
+        build_estimator,
+        build_metric,
+        infer_task,
+        resolve_factory,
+    )
+
+    def built(spec: Any) -> Any:
+        """The estimator of river names; None for a factory, which validation does not call."""
+        if isinstance(spec, str):
+            resolve_factory(spec)
+            return None
+        return build_estimator(spec)
+
+    try:
+        own = built(model.estimator)
+        task = model.task or (infer_task(own) if own is not None else None)
+    except ModelSpecError:  # reported with the stage's estimator
+        own, task = None, model.task
+    errors: list[str] = []
+    for index, challenger in enumerate(model.challengers):
+        location = (*where, "challengers", index, "estimator")
+        try:
+            estimator = built(challenger.estimator)
+            challenger_task = (model.task or infer_task(estimator)) if estimator is not None else None
+        except ModelSpecError as exc:
+            errors.append(f"{format_location(location)}: {exc}")
+            continue
+        if task is not None and challenger_task not in (None, task):
+            errors.append(f"{format_location(location)}: {_a(challenger_task)} estimator "
+                          f"cannot challenge the stage's {task} estimator")
+    if model.promotion is None:
+        return errors
+    location = (*where, "promotion", "metric")
+    try:
+        metric = build_metric(model.promotion.metric)
+    except ModelSpecError as exc:
+        return [*errors, f"{format_location(location)}: {exc}"]
+    if task in ("anomaly", "clustering"):
+        errors.append(f"{format_location((*where, 'promotion'))}: {_a(task)} stage has no "
+                      "target to measure its models against; promotion needs a regression or "
+                      "classification stage")
+    elif own is not None and not metric.works_with(own):
+        errors.append(f"{format_location(location)}: {model.promotion.metric} does not measure "
+                      f"{task} models")
     return errors
 
 

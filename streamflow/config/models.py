@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from streamflow.config.lineage import LineageConfig
+from streamflow.ml.model import MAIN_MODEL
 from streamflow.plugins import PROCESSOR_GROUP, PartitionedState, load
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -324,6 +325,27 @@ def masked_uri(uri: str) -> str:
     """``uri`` with the password in its user information, if any, replaced by ``***``."""
     password = uri_password(uri)
     return uri.replace(f":{password}@", ":***@", 1) if password else uri
+class ChallengerConfig(Strict):
+    """A model learning beside the stage's own (the champion), in the same form as ``estimator``."""
+
+    name: Name
+    estimator: list[RiverSpec] | str = Field(
+        description="river pipeline as [{module.Class: {params}}, ...] or 'module:factory'"
+    )
+
+
+class PromotionConfig(Strict):
+    """When a challenger replaces the champion: its rolling ``metric`` over the last ``over``
+    evaluated records beats the champion's by at least ``by`` at ``evaluations`` consecutive
+    evaluations (one at the end of the first batch after each ``over`` evaluated records)."""
+
+    metric: str = Field(description="a river.metrics name, e.g. Accuracy or MAE")
+    by: float = Field(0.0, ge=0, description="margin, in the metric's unit (0.01: one point "
+                      "of Accuracy); the metric's direction (bigger_is_better) is respected")
+    over: int = Field(5000, ge=1, description="window of the compared rolling metric, in records, "
+                      "and the number of evaluated records between evaluations")
+    evaluations: int = Field(3, ge=1, description="consecutive evaluations the challenger must win")
+    topic: Name | None = Field(None, description="promotion events topic (default <pipeline>.models)")
 
 
 class ModelConfig(StageBase):
@@ -353,6 +375,33 @@ class ModelConfig(StageBase):
     mlflow: MlflowConfig | None = Field(
         None, description="log a run, metrics and each checkpoint as a registered model version "
         "(the mlflow extra; docs/models.md, MLflow)")
+    challengers: list[ChallengerConfig] = Field(
+        default_factory=list, description="models that see the same records, progressively "
+        "validated beside the champion; only the champion's predictions are published")
+    promotion: PromotionConfig | None = Field(
+        None, description="when a challenger becomes the champion (needs challengers)")
+
+    @model_validator(mode="after")
+    def _challengers_fit(self) -> ModelConfig:
+        names = [challenger.name for challenger in self.challengers]
+        if MAIN_MODEL in names:
+            raise ValueError(f"challengers: {MAIN_MODEL!r} names the stage's own estimator; "
+                             "give the challenger another name")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"challengers: names must be unique; {twice} appear twice")
+        if self.promotion is not None and not self.challengers:
+            raise ValueError("promotion: there is no challenger to promote; add challengers")
+        if self.challengers and self.key_field is not None:
+            raise ValueError(
+                "challengers do not go with key_field: each key has a model of its own, which "
+                "one challenger cannot replace; run the challengers in a stage of their own, or "
+                "remove key_field")
+        if self.challengers and self.labels is not None:
+            raise ValueError(
+                "challengers do not go with a labels topic: a waiting prediction is the "
+                "champion's alone; remove labels or the challengers")
+        return self
 
 
 class ConnectorConfig(BaseModel):
@@ -663,6 +712,11 @@ class PipelineConfig(Strict):
     def drift_topic(self, model: ModelConfig) -> str:
         return (model.drift.topic if model.drift else None) or f"{self.pipeline}.drift"
 
+    def models_topic(self, model: ModelConfig) -> str:
+        """Where a model stage publishes its promotions: ``promotion.topic``, else
+        ``<pipeline>.models``."""
+        return (model.promotion.topic if model.promotion else None) or f"{self.pipeline}.models"
+
     def late_topic(self, window: WindowConfig) -> str:
         return window.late_topic or f"{self.pipeline}.late"
 
@@ -683,6 +737,8 @@ class PipelineConfig(Strict):
                 names.append(model.labels.topic)
             if model.drift:
                 names.append(self.drift_topic(model))
+            if model.promotion:
+                names.append(self.models_topic(model))
         for sink in self.sinks:
             names += [sink.input, self.dead_letter_topic(sink)]
         for stage in self.processors:

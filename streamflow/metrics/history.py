@@ -34,7 +34,9 @@ _COUNTERS = {
 _LAG = "streamflow_consumer_lag_records"
 _LATENCY = "streamflow_end_to_end_latency_seconds_bucket"
 _MODEL = "streamflow_model_metric"
-SAMPLES = (*_COUNTERS, _LAG, _LATENCY, _MODEL)
+_CANDIDATE = "streamflow_model_candidate_metric"
+_CHAMPION = "streamflow_model_champion"
+SAMPLES = (*_COUNTERS, _LAG, _LATENCY, _MODEL, _CANDIDATE, _CHAMPION)
 QUANTILES = {"p50": 0.5, "p95": 0.95}
 # the charts, each a series per component (or per quantile, per model metric)
 CHARTS = ("throughput", "lag", "dead_letters", "latency", "model")
@@ -59,20 +61,24 @@ class Reading:
     lag: dict[str, float] = field(default_factory=dict)
     buckets: dict[float, float] = field(default_factory=dict)  # latency, cumulative by bound
     model: dict[str, float] = field(default_factory=dict)
+    champions: dict[str, list[str]] = field(default_factory=dict)  # stage → champion models
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One point of every chart: unix time and each chart's values by series name."""
+    """One point of every chart: unix time and each chart's values by series name, and the
+    champion of each model stage with challengers (one per input partition)."""
 
     time: float
     charts: dict[str, dict[str, float | None]]
+    champions: dict[str, list[str]] = field(default_factory=dict)
 
 
 def read(registry: CollectorRegistry) -> Reading:
     """The counters, lag, latency buckets and model metrics in ``registry`` now."""
     reading = Reading()
     model_sums: dict[str, list[float]] = {}
+    champions: dict[str, set[str]] = {}
     sources: set[str] = set()
     for family in registry.restricted_registry(SAMPLES).collect():
         for sample in family.samples:
@@ -88,14 +94,19 @@ def read(registry: CollectorRegistry) -> Reading:
             elif sample.name == _LATENCY:
                 bound = float(labels["le"])
                 reading.buckets[bound] = reading.buckets.get(bound, 0.0) + value
-            elif sample.name == _MODEL and math.isfinite(value):
+            elif sample.name in (_MODEL, _CANDIDATE) and math.isfinite(value):
+                # a line per stage (the published predictions') and, with challengers, per model
                 window = " (rolling)" if labels["window"] == "rolling" else ""
-                name = f"{labels['stage']} {labels['metric']}{window}"
+                model = f"/{labels['candidate']}" if sample.name == _CANDIDATE else ""
+                name = f"{labels['stage']}{model} {labels['metric']}{window}"
                 model_sums.setdefault(name, []).append(value)
+            elif sample.name == _CHAMPION and value == 1:
+                champions.setdefault(labels["stage"], set()).add(labels["candidate"])
     for name in sources:
         counts = reading.counts[name]
         counts.records_out = counts.records_in - counts.dead_lettered
     reading.model = {name: sum(values) / len(values) for name, values in model_sums.items()}
+    reading.champions = {stage: sorted(names) for stage, names in champions.items()}
     return reading
 
 
@@ -175,7 +186,8 @@ class History:
         before = self._previous
         charts = derive(reading, before[1] if before else None,
                         max(clock - before[0], 1e-3) if before else 0.0)
-        sample = Sample(round(time.time(), 3), charts)  # as served: ?after= compares equal
+        sample = Sample(round(time.time(), 3), charts,  # time as served: ?after= compares equal
+                        reading.champions)
         with self._lock:
             self.samples.append(sample)
             self.totals = reading.counts
@@ -184,11 +196,13 @@ class History:
 
     def document(self, after: float = 0.0) -> dict[str, Any]:
         """The samples later than unix time ``after`` (all: 0) as JSON-ready columns, ``t`` and
-        one list per chart and series (null where a series has no value), and the totals now."""
+        one list per chart and series (null where a series has no value), and the totals and
+        the champions of model stages with challengers now."""
         with self._lock:
             samples = (list(takewhile(lambda sample: sample.time > after, reversed(self.samples)))
                        [::-1] if after else list(self.samples))
             totals = {name: vars(counts).copy() for name, counts in self.totals.items()}
+            champions = self.samples[-1].champions if self.samples else {}
         charts: dict[str, dict[str, list[float | None]]] = {chart: {} for chart in CHARTS}
         for index, sample in enumerate(samples):
             for chart, values in sample.charts.items():
@@ -198,5 +212,5 @@ class History:
                     column[index] = value
         return {"interval_s": self.interval_s, "window_s": self.interval_s * self.samples.maxlen,
                 "t": [sample.time for sample in samples], "charts": charts,
-                "totals": totals}
+                "totals": totals, "champions": champions}
 

@@ -93,6 +93,15 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
     ("streamflow_model_mlflow_errors", Counter,
      "MLflow calls of a model stage that failed or were dropped (queue full, unreachable server).",
      MODEL, {}),
+    ("streamflow_model_candidate_metric", Gauge,
+     "Progressive-validation metric of each model of a stage with challengers, on its own "
+     "predictions, per input partition; candidate is the model's name (main: the stage's "
+     "estimator).", (*MODEL, "candidate", "metric", "window", "partition"), {}),
+    ("streamflow_model_champion", Gauge,
+     "1 for the model whose predictions a stage with challengers publishes, per input "
+     "partition; 0 for its challengers.", (*MODEL, "candidate", "partition"), {}),
+    ("streamflow_model_promotions", Counter,
+     "Challengers a model stage promoted to champion (promotion rule met).", MODEL, {}),
     ("streamflow_records_late", Counter,
      "Records a windowed stage sent to its late topic: one or more of their windows had closed.",
      STAGE, {}),
@@ -220,7 +229,10 @@ class ModelMetrics:
     evictions: Counter
     checkpoint_age: Gauge
     mlflow_errors: Counter
+    promotions: Counter
     _rollbacks: Any
+    _candidate_metric: Any
+    _champion: Any
 
     def metric(self, name: str, window: str, partition: int) -> Gauge:
         return self._metric(name, window, str(partition))
@@ -228,6 +240,12 @@ class ModelMetrics:
     def rollbacks(self, version: int) -> Counter:
         """Adoptions of registry version ``version``."""
         return self._rollbacks(str(version))
+
+    def candidate_metric(self, candidate: str, name: str, window: str, partition: int) -> Gauge:
+        return self._candidate_metric(candidate, name, window, str(partition))
+
+    def champion(self, candidate: str, partition: int) -> Gauge:
+        return self._champion(candidate, str(partition))
 
 
 @dataclass
@@ -324,9 +342,11 @@ class PipelineMetrics:
                 "streamflow_model_records_learned", "streamflow_model_drift_events",
                 "streamflow_model_labels_unmatched", "streamflow_model_features_expired",
                 "streamflow_model_evictions", "streamflow_model_checkpoint_age_seconds",
-                "streamflow_model_mlflow_errors",
+                "streamflow_model_mlflow_errors", "streamflow_model_promotions",
             )),
             self._partial("streamflow_model_rollbacks", *labels),
+            self._partial("streamflow_model_candidate_metric", *labels),
+            self._partial("streamflow_model_champion", *labels),
         )
 
     def schedule(self, name: str) -> ScheduleMetrics:

@@ -25,7 +25,7 @@ from typing import Any
 from river import utils
 
 from streamflow.ml.checkpoint import CheckpointStore, Snapshot
-from streamflow.ml.model import Features, Model, Prediction, PredictionColumns
+from streamflow.ml.model import MAIN_MODEL, Features, Model, Prediction, PredictionColumns
 from streamflow.ml.spec import build_detector, build_metric
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,54 @@ class TrackedMetric:
 
 @dataclass
 class ModelSlot:
-    """One model (the stage's, or one key's) with what it has learned."""
+    """One model (the stage's, or one key's) with what it has learned; with challengers, the
+    champion, its name, and the challengers by name (each a slot of its own)."""
 
     model: Model
     background: Model | None = None
     learned: int = 0
     next_offsets: dict[str, int] = field(default_factory=dict)
+    name: str = MAIN_MODEL
+    challengers: dict[str, ModelSlot] | None = None
+
+
+@dataclass(frozen=True)
+class PromotionRule:
+    """A challenger replaces the champion when its rolling ``metric`` over the last ``over``
+    evaluated records beats the champion's by at least ``by`` at ``evaluations`` consecutive
+    evaluations; one evaluation ends the first batch after each ``over`` evaluated records."""
+
+    metric: str
+    by: float
+    over: int
+    evaluations: int
+
+
+@dataclass
+class Challenge:
+    """A partition's standings of its champion and challengers, by model name: each model's own
+    progressive metrics, the promotion metric over the rule's window, and the evaluations won
+    in a row."""
+
+    metrics: dict[str, list[TrackedMetric]] = field(default_factory=dict)
+    judged: dict[str, TrackedMetric] = field(default_factory=dict)
+    streaks: dict[str, int] = field(default_factory=dict)
+    since_evaluation: int = 0  # evaluated records since the last evaluation
+    promotions: int = 0
+
+
+@dataclass
+class Promotion:
+    """A challenger became the champion of ``partition``: it predicts from ``offset`` on."""
+
+    partition: int
+    offset: int
+    promoted: str
+    demoted: str
+    metric: str
+    promoted_value: float
+    demoted_value: float
+    model_version: int  # records the promoted model had learned
 
 
 @dataclass
@@ -120,6 +162,7 @@ class PartitionState:
     drift_events: int = 0
     records_since_checkpoint: int = 0
     rollback: dict[str, Any] | None = None  # the rollback request adopted last (registry)
+    challenge: Challenge | None = None  # with challengers
 
 
 @dataclass(frozen=True)
@@ -137,6 +180,8 @@ class EngineSettings:
     drift_detector: dict[str, Any] | None = None
     drift_policy: str = "none"
     mini_batch: bool = False
+    challengers: tuple[str, ...] = ()  # names of the models challenging the stage's own
+    promotion: PromotionRule | None = None
 
 
 @dataclass
@@ -177,9 +222,14 @@ class ModelEngine:
         on_evicted: Callable[[], None] = lambda: None,
         on_expired: Callable[[int], None] = lambda count: None,
         on_unmatched: Callable[[], None] = lambda: None,
+        new_challengers: dict[str, Callable[[], Model]] | None = None,
+        on_promoted: Callable[[Promotion], None] = lambda promotion: None,
     ) -> None:
         self.settings = settings
         self.new_model = new_model
+        # every model by name: the stage's own and the challengers
+        self.new_models = {MAIN_MODEL: new_model, **(new_challengers or {})}
+        self._on_promoted = on_promoted
         self.store = store
         self.states: dict[int, PartitionState] = {}
         self.cluster_id: str | None = None  # of the Kafka cluster whose offsets states hold
@@ -214,6 +264,7 @@ class ModelEngine:
             self.states[partition] = state
             for key, slot in models.items():
                 self.slots[(partition, key)] = slot
+                self._line_up(partition, slot)
             log.info("restored partition %d at offsets %s", partition, state.next_offsets)
             return
         state = PartitionState(partition)
@@ -252,12 +303,76 @@ class ModelEngine:
         slot = loaded[1] if loaded is not None else ModelSlot(self.new_model())
         if slot.background is None and self.settings.drift_policy == "swap":
             slot.background = slot.model.fresh()
+        self._line_up(partition, slot)
         self.slots[slot_key] = slot
         while len(self.slots) > self.settings.max_models:
             (old_partition, old_key), old = self.slots.popitem(last=False)
             self.store.save(self._model_name(old_partition, old_key), "model", old)
             self._on_evicted()
         return slot
+
+    def _line_up(self, partition: int, slot: ModelSlot) -> None:
+        """Give ``slot`` the configured challengers, and its partition standings for them: a
+        checkpoint taken with other challengers (or none) keeps the models still configured,
+        and its champion, configured or not."""
+        state = self.states[partition]
+        if not self.settings.challengers:
+            if slot.challengers:
+                log.warning("partition %d: challengers %s are configured no more: dropped",
+                            partition, sorted(slot.challengers))
+            slot.challengers, state.challenge = None, None
+            return
+        before = slot.challengers or {}
+        slot.challengers = {
+            name: before.get(name) or ModelSlot(new_model(), name=name)
+            for name, new_model in self.new_models.items() if name != slot.name
+        }
+        if set(before) - set(slot.challengers) - {slot.name}:
+            log.warning("partition %d: challengers %s are configured no more: dropped", partition,
+                        sorted(set(before) - set(slot.challengers) - {slot.name}))
+        challenge = state.challenge or Challenge()
+        names = [slot.name, *slot.challengers]
+        settings, rule = self.settings, self.settings.promotion
+        metrics = {name: challenge.metrics.get(name) or [
+            TrackedMetric.create(metric, settings.rolling_window, settings.task)
+            for metric in settings.metrics] for name in names}
+        judged: dict[str, TrackedMetric] = {}
+        if rule is not None:
+            for name in names:
+                kept = challenge.judged.get(name)
+                fits = kept is not None and kept.name == rule.metric \
+                    and kept.unapplied.maxlen == rule.over
+                judged[name] = kept if kept is not None and fits else TrackedMetric.create(
+                    rule.metric, rule.over, settings.task)
+        if list(metrics) != list(challenge.metrics) or judged.keys() != challenge.judged.keys():
+            challenge.since_evaluation = 0  # a new window for the new line-up
+        challenge.metrics, challenge.judged = metrics, judged
+        challenge.streaks = {name: challenge.streaks.get(name, 0) for name in slot.challengers}
+        state.challenge = challenge
+
+    def standings(self, partition: int) -> dict[str, dict[str, Any]]:
+        """Each model of a partition with challengers, by name: whether it is the champion, the
+        records it learned, its metrics (cumulative and rolling) and, with a promotion rule, the
+        promotion metric over the rule's window and the evaluations it won in a row."""
+        state = self.states[partition]
+        slot = self.slots.get((partition, ""))
+        if state.challenge is None or slot is None or slot.challengers is None:
+            return {}
+        challenge = state.challenge
+        learned = {slot.name: slot.learned,
+                   **{name: other.learned for name, other in slot.challengers.items()}}
+        standings = {}
+        for name, tracked in challenge.metrics.items():
+            standing: dict[str, Any] = {
+                "champion": name == slot.name, "records_learned": learned.get(name, 0),
+                "metrics": {metric.name: {"cumulative": float(metric.cumulative.get()),
+                                          "rolling": metric.rolling_value()}
+                            for metric in tracked}}
+            if name in challenge.judged:
+                standing["promotion"] = {"value": challenge.judged[name].rolling_value(),
+                                         "wins": challenge.streaks.get(name, 0)}
+            standings[name] = standing
+        return standings
 
     def checkpoint(self) -> None:
         """Save each partition's state together with its models in memory, in one atomic file.
@@ -282,6 +397,8 @@ class ModelEngine:
                  "cluster_id": self.cluster_id, "partition": partition,
                  "records_learned": sum(learned.values()), "metrics": metrics,
                  "drift_events": state.drift_events, "rollback": state.rollback,
+                 **({"models": self.standings(partition),
+                     "promotions": state.challenge.promotions} if state.challenge else {}),
                  "registry": {**self.registry_metadata, "cluster_id": self.cluster_id}},
             ))
         return snapshots
@@ -305,6 +422,7 @@ class ModelEngine:
         self.states[partition] = state
         for key, slot in models.items():
             self.slots[(partition, key)] = slot
+            self._line_up(partition, slot)
 
     # --- records --------------------------------------------------------------------------
 
@@ -370,6 +488,8 @@ class ModelEngine:
             self._score_progressively(state, run, offsets[-1] + 1, rows, targets)
         else:
             self._score_each(state, run, offsets, keys, rows, targets, model_keys)
+        if state.challenge is not None:
+            self._challenge(state, run, offsets, rows, targets)
         state.next_offsets[topic] = offsets[-1] + 1
         state.records_since_checkpoint += len(offsets) - run.first
         return run
@@ -457,6 +577,109 @@ class ModelEngine:
             slot.learned += len(labelled)
             self._on_learned(len(labelled))
         slot.next_offsets[self.settings.features_topic] = offsets[-1] + 1
+
+    def _challenge(self, state: PartitionState, run: ScoredRun, offsets: list[int],
+                   rows: list[Features], targets: list[Any]) -> None:
+        """Have the challengers predict and learn the run the champion just did, measure every
+        model on its own predictions and, every ``promotion.over`` evaluated records, judge
+        them: at the end of the run, so a swap falls between two batches."""
+        challenge = state.challenge
+        slot = self.slot(state.partition, "")
+        assert challenge is not None and slot.challengers is not None
+        fresh_rows, fresh_targets = rows[run.first:], targets[run.first:]
+        self._measure(challenge, slot.name, fresh_targets, run.predictions)
+        for name, challenger in slot.challengers.items():
+            predictions, errors = self._follow(challenger, fresh_rows, fresh_targets)
+            self._measure(challenge, name, fresh_targets, predictions)
+            if errors:
+                position, error = next(iter(errors.items()))
+                log.warning("partition %d: challenger %s could not take %d records of this "
+                            "batch, the first at offset %d: %s: %s", state.partition, name,
+                            len(errors), offsets[run.first + position], type(error).__name__,
+                            error)
+        rule = self.settings.promotion
+        if rule is None:
+            return
+        challenge.since_evaluation += len(fresh_targets) - fresh_targets.count(None)
+        if challenge.since_evaluation >= rule.over:
+            challenge.since_evaluation = 0
+            self._judge(state, slot, rule, offsets[-1] + 1)
+
+    @staticmethod
+    def _measure(challenge: Challenge, name: str, targets: list[Any],
+                 predictions: PredictionColumns) -> None:
+        for metric in challenge.metrics[name]:
+            metric.update_many(targets, predictions)
+        if name in challenge.judged:
+            challenge.judged[name].update_many(targets, predictions)
+
+    def _follow(self, challenger: ModelSlot, rows: list[Features],
+                targets: list[Any]) -> tuple[PredictionColumns, dict[int, BaseException]]:
+        """A challenger predicts and learns ``rows`` as the champion does: record by record
+        (a mini-batch at once with ``mini_batch``), learning the records that have a target."""
+        model, task = challenger.model, self.settings.task
+        unsupervised = task in ("anomaly", "clustering")
+        errors: dict[int, BaseException] = {}
+        if self.settings.mini_batch:
+            predictions = PredictionColumns.for_task(task)
+            labelled = [i for i, target in enumerate(targets) if target is not None]
+            try:
+                for prediction in model.predict_batch(rows):
+                    predictions.append(prediction)
+                if labelled:
+                    model.learn_batch([rows[i] for i in labelled], [targets[i] for i in labelled])
+            except Exception as exc:  # the challenger misses the batch; the champion goes on
+                predictions = PredictionColumns.for_task(task)
+                for _row in rows:
+                    predictions.append(None)
+                return predictions, dict.fromkeys(range(len(rows)), exc)
+            challenger.learned += len(labelled)
+            return predictions, errors
+        if unsupervised or None not in targets:
+            predictions, errors = model.progressive(rows, targets)
+            challenger.learned += len(rows) - len(errors)
+            return predictions, errors
+        predictions = PredictionColumns.for_task(task)
+        for position, (row, target) in enumerate(zip(rows, targets, strict=True)):
+            prediction: Prediction | None
+            try:
+                prediction = model.predict(row)
+                if target is not None:
+                    model.learn(row, target)
+                    challenger.learned += 1
+            except Exception as exc:
+                prediction = None
+                errors[position] = exc
+            predictions.append(prediction)
+        return predictions, errors
+
+    def _judge(self, state: PartitionState, slot: ModelSlot, rule: PromotionRule,
+               next_offset: int) -> None:
+        """One evaluation: each challenger whose promotion metric beats the champion's by
+        ``rule.by`` (in the metric's direction) wins it; the best of those that won
+        ``rule.evaluations`` in a row becomes the champion from ``next_offset`` on."""
+        challenge = state.challenge
+        assert challenge is not None and slot.challengers is not None
+        values = {name: tracked.rolling_value() for name, tracked in challenge.judged.items()}
+        sign = 1.0 if challenge.judged[slot.name].cumulative.bigger_is_better else -1.0
+        best: str | None = None
+        for name in slot.challengers:
+            margin = sign * (values[name] - values[slot.name])
+            won = margin > 0 and margin >= rule.by  # False for NaN
+            challenge.streaks[name] = challenge.streaks.get(name, 0) + 1 if won else 0
+            if challenge.streaks[name] >= rule.evaluations and (
+                    best is None or sign * values[name] > sign * values[best]):
+                best = name
+        if best is None:
+            return
+        promoted = slot.challengers.pop(best)
+        demoted = ModelSlot(slot.model, learned=slot.learned, name=slot.name)
+        slot.model, slot.learned, slot.name = promoted.model, promoted.learned, best
+        slot.challengers[demoted.name] = demoted
+        challenge.streaks = dict.fromkeys(slot.challengers, 0)
+        challenge.promotions += 1
+        self._on_promoted(Promotion(state.partition, next_offset, best, demoted.name, rule.metric,
+                                    values[best], values[demoted.name], slot.learned))
 
     def _wait_for_label(self, state: PartitionState, key: bytes | None, features: Features,
                         prediction: Prediction, model_key: str) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Features = dict[str, Any]
+MAIN_MODEL = "main"  # the name of a model stage's own estimator beside its challengers
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass takes three times as long to build

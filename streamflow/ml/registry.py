@@ -61,7 +61,7 @@ REQUEST = "rollback.json"
 EXPORT_FORMAT = "streamflow-model-export/1"
 _RETIRED_PREFIX = ".retired-"
 _PARTITION_FIELDS = ("partition", "next_offsets", "learned", "records_learned", "metrics",
-                     "drift_events", "rollback", "saved_at")
+                     "drift_events", "rollback", "saved_at", "models", "promotions")
 
 
 class RegistryError(RuntimeError):

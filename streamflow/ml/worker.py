@@ -45,7 +45,7 @@ import numpy as np
 
 from streamflow import __version__
 from streamflow.ml.checkpoint import CheckpointError, CheckpointStore, Snapshot, Staged
-from streamflow.ml.engine import DriftEvent, EngineSettings, ModelEngine
+from streamflow.ml.engine import DriftEvent, EngineSettings, ModelEngine, Promotion
 from streamflow.ml.model import Features, PredictionColumns, RiverModel
 from streamflow.ml.registry import Registry, RegistryError, RollbackRequest, prepare_version
 from streamflow.ml.spec import build_estimator
@@ -91,6 +91,8 @@ class EngineSpec:
     checkpoint_every_records: int
     keep_versions: int = 0  # registry versions kept; 0: checkpoints are not kept as versions
     config_hash: str = ""  # of the pipeline config, recorded in each version
+    challengers: dict[str, list[dict[str, dict[str, Any] | None]] | str] = field(
+        default_factory=dict)  # estimators by name, as settings.challengers orders them
 
 
 @dataclass
@@ -104,13 +106,14 @@ class Effects:
     drift: list[DriftEvent] = field(default_factory=list)
     logs: list[tuple[str, int, str]] = field(default_factory=list)  # logger, level, message
     rollbacks: list[int] = field(default_factory=list)  # per partition adopting one: its version
+    promotions: list[Promotion] = field(default_factory=list)
 
     def take(self) -> Effects:
         """These effects, and start afresh."""
         taken = Effects(self.learned, self.evicted, self.expired, self.unmatched, self.drift,
-                        self.logs, self.rollbacks)
+                        self.logs, self.rollbacks, self.promotions)
         self.learned = self.evicted = self.expired = self.unmatched = 0
-        self.drift, self.logs, self.rollbacks = [], [], []
+        self.drift, self.logs, self.rollbacks, self.promotions = [], [], [], []
         return taken
 
 
@@ -136,6 +139,7 @@ class BatchRequest:
 
 
 MetricValue = tuple[int, str, float, float]  # partition, metric, cumulative, rolling
+Standings = dict[int, dict[str, dict[str, Any]]]  # partition → ModelEngine.standings
 
 
 @dataclass
@@ -151,6 +155,7 @@ class BatchReply:
     errors: list[tuple[int, str, str]] = field(default_factory=list)
     label_errors: list[tuple[int, str, str]] = field(default_factory=list)
     metric_values: list[MetricValue] | None = None
+    standings: Standings | None = None  # with metric_values, of partitions with challengers
     checkpoint_due: bool = False
 
 
@@ -162,6 +167,7 @@ class Checkpointed:
     committable: dict[tuple[str, int], int]
     metric_values: list[MetricValue]
     staged: list[Staged]
+    standings: Standings = field(default_factory=dict)
 
 
 @dataclass
@@ -203,6 +209,14 @@ class EngineHost:
         def drifted(event: DriftEvent) -> None:
             effects.drift.append(event)  # not a bound append: take() replaces the list
 
+        def promoted(event: Promotion) -> None:
+            effects.promotions.append(event)
+            state = self.engine.states[event.partition]  # a version at the swap
+            state.records_since_checkpoint = max(state.records_since_checkpoint,
+                                                 self.every_records)
+
+        challengers = {name: build_estimator(estimator)
+                       for name, estimator in spec.challengers.items()}
         self.engine = ModelEngine(
             spec.settings,
             lambda: RiverModel(estimator.clone(), task),
@@ -212,6 +226,10 @@ class EngineHost:
             on_evicted=evicted,
             on_expired=expired,
             on_unmatched=unmatched,
+            new_challengers={
+                name: lambda challenger=challenger: RiverModel(challenger.clone(), task)
+                for name, challenger in challengers.items()},
+            on_promoted=promoted,
         )
         self.engine.registry_metadata = {
             "pipeline": spec.pipeline, "stage": spec.stage, "config_hash": spec.config_hash,
@@ -247,8 +265,8 @@ class EngineHost:
         self.checkpoints += 1
         keep = self.keep_versions if changed else 0
         staged = [snapshot.staged(self.checkpoints, keep) for snapshot in snapshots]
-        return Durable(Checkpointed(self.engine.committable(), self.metric_values(), staged),
-                       snapshots)
+        return Durable(Checkpointed(self.engine.committable(), self.metric_values(), staged,
+                                    self.standings()), snapshots)
 
     def metric_values(self) -> list[MetricValue]:
         return [
@@ -256,6 +274,13 @@ class EngineHost:
             for partition, state in self.engine.states.items()
             for metric in state.metrics
         ]
+
+    def standings(self) -> Standings:
+        """The standings of each partition with challengers."""
+        if not self.engine.settings.challengers:
+            return {}
+        return {partition: standings for partition in self.engine.states
+                if (standings := self.engine.standings(partition))}
 
     def adopt_requested(self, force: bool = False) -> None:
         """Have each partition adopt the version of a rollback request it has not adopted yet
@@ -323,6 +348,7 @@ class EngineHost:
         self.engine.expire()
         if request.metric_values:
             reply.metric_values = self.metric_values()
+            reply.standings = self.standings()
         reply.checkpoint_due = self.engine.due_for_checkpoint(self.every_records)
         return reply
 

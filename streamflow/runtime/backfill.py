@@ -138,6 +138,7 @@ def entry_topics(config: PipelineConfig) -> list[str]:
     written |= {config.dead_letter_topic(stage)
                 for stage in [*config.processors, *config.models, *config.sinks]}
     written |= {config.drift_topic(model) for model in config.models if model.drift}
+    written |= {config.models_topic(model) for model in config.models if model.promotion}
     written |= {config.late_topic(p.window) for p in config.processors if p.window}
     return sorted(read - written)
 
@@ -216,7 +217,7 @@ def backfill_config(config: PipelineConfig, suffix: str) -> PipelineConfig:
     for model in data["models"]:
         for name in ("input", "output", "dead_letter"):
             model[name] = rename(model.get(name))
-        for block in ("labels", "drift"):
+        for block in ("labels", "drift", "promotion"):
             if model.get(block):
                 model[block]["topic"] = rename(model[block].get("topic"))
     for sink, original in zip(data["sinks"], config.sinks, strict=True):

@@ -357,6 +357,8 @@ def _model_lineage(model: ModelConfig, kafka: str, pipeline: PipelineConfig) -> 
     outputs = [OutputDataset(kafka, model.output)]
     if model.drift:
         outputs.append(OutputDataset(kafka, pipeline.drift_topic(model)))
+    if model.promotion:
+        outputs.append(OutputDataset(kafka, pipeline.models_topic(model)))
     estimator = (model.estimator if isinstance(model.estimator, str)
                  else " | ".join(name for step in model.estimator for name in step))
     facet = StreamflowModelJobFacet(estimator=estimator, task=model.task, producer=PRODUCER)

@@ -41,6 +41,7 @@ ENVIRONMENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 VERSION_TAG = "streamflow.version"
+PROMOTIONS_TAG = "streamflow.promotions"  # on the first version holding a promoted champion
 THREAD_PREFIX = "mlflow-"  # the trackers' threads are named this and the stage's name
 # the pyfunc model's code, logged with each model version (not imported here: it imports mlflow)
 PYFUNC_CODE = importlib.util.find_spec("streamflow.ml.pyfunc_model").origin  # type: ignore[union-attr]
@@ -162,6 +163,12 @@ class MlflowTracker:
         ``version`` (logged earlier by this stage, or found by its ``streamflow.version`` tag)."""
         self._put(("champion", version))
 
+    def promoted(self, version: int, promotions: list[str]) -> None:
+        """Registry version ``version`` is the first to hold the champions of ``promotions``
+        (challengers promoted since the version before, described): tag its registered model
+        version with them (``streamflow.promotions``) and point ``champion`` at it."""
+        self._put(("promoted", (version, promotions)))
+
     def close(self, failed: bool, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Log what is queued and end the run (FAILED if ``failed``), waiting at most
         ``timeout_s``; what is left then is counted as errors."""
@@ -206,6 +213,8 @@ class MlflowTracker:
                 self._start()
                 if kind == "version":
                     self._log_version(argument)
+                elif kind == "promoted":
+                    self._promoted(*argument)
                 else:
                     self._alias(argument)
             except Exception as exc:  # any MLflow or store failure: the stage must go on
@@ -305,7 +314,8 @@ class MlflowTracker:
             artifacts={"export": str(export)}, model_config=self.model_config,
             pip_requirements=requirements)
 
-    def _alias(self, version: int) -> None:
+    def _model_version(self, version: int) -> str:
+        """The registered model version of registry version ``version``."""
         model_version = self.model_versions.get(version)
         if model_version is None:
             found = self._client.search_model_versions(
@@ -314,6 +324,16 @@ class MlflowTracker:
                 raise LookupError(f"registry version {version} has no registered model version "
                                   f"in {self.registered_model!r}")
             model_version = str(max(int(found_version.version) for found_version in found))
+        return model_version
+
+    def _alias(self, version: int) -> None:
+        self._client.set_registered_model_alias(self.registered_model, CHAMPION,
+                                                self._model_version(version))
+
+    def _promoted(self, version: int, promotions: list[str]) -> None:
+        model_version = self._model_version(version)
+        self._client.set_model_version_tag(self.registered_model, model_version,
+                                           PROMOTIONS_TAG, "; ".join(promotions))
         self._client.set_registered_model_alias(self.registered_model, CHAMPION, model_version)
 
     def _end(self, failed: bool) -> None:

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from streamflow.config.models import BatchConfig, ModelConfig
 from streamflow.metrics import ModelMetrics, StageMetrics
 from streamflow.ml.checkpoint import publish
-from streamflow.ml.engine import DriftEvent
+from streamflow.ml.engine import DriftEvent, Promotion
 from streamflow.ml.features import pickled_feature_rows
 from streamflow.ml.registry import Registry
 from streamflow.ml.worker import (
@@ -49,6 +49,7 @@ from streamflow.ml.worker import (
     EngineSpec,
     EngineWorker,
     MetricValue,
+    Standings,
     record_error_type,
 )
 from streamflow.plugins import ROW_ID
@@ -108,8 +109,10 @@ class ModelStage(StageRunner):
         drift_topic: str | None,
         exactly_once: bool = False,
         transaction_interval_s: float = TRANSACTION_INTERVAL_S,
+        models_topic: str | None = None,
     ) -> None:
         super().__init__(identity, transport, batch, metrics)
+        self.models_topic = models_topic  # where promotions are published
         self.transactional = exactly_once
         self.transaction_interval_s = transaction_interval_s
         self.config = config
@@ -124,6 +127,8 @@ class ModelStage(StageRunner):
         model_metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last_saved)
         self._metric_values_at = 0.0
         self._drift_events: list[DriftEvent] = []
+        self._promotions: list[Promotion] = []
+        self._unversioned_promotions: list[str] = []  # for MLflow, until a version holds them
         self._restored: set[int] = set()  # partitions whose state the worker holds
         self._restored_at: dict[int, int] = {}  # exactly_once: restored, not caught up yet
         self._committed_unknown: set[int] = set()  # exactly_once: see _retry_committed
@@ -261,6 +266,7 @@ class ModelStage(StageRunner):
                     file.temporary.unlink(missing_ok=True)
                     file.tag_file.unlink(missing_ok=True)
         self._drift_events = [event for event in self._drift_events if event.partition not in lost]
+        self._promotions = [event for event in self._promotions if event.partition not in lost]
 
     def _apply(self, effects: Effects) -> None:
         """Count and log what the worker's engine did."""
@@ -277,6 +283,18 @@ class ModelStage(StageRunner):
                         self.name, event.partition, event.offset, event.policy)
             self.model_metrics.drift_events.inc()
         self._drift_events += effects.drift
+        for promotion in effects.promotions:
+            log.warning("stage %s: %s promoted to champion of partition %d from offset %d, "
+                        "demoting %s (rolling %s %.6g against %.6g)", self.name,
+                        promotion.promoted, promotion.partition, promotion.offset,
+                        promotion.demoted, promotion.metric, promotion.promoted_value,
+                        promotion.demoted_value)
+            self.model_metrics.promotions.inc()
+            if self.mlflow is not None:
+                self._unversioned_promotions.append(
+                    f"{promotion.promoted} replaced {promotion.demoted} on partition "
+                    f"{promotion.partition} from offset {promotion.offset}")
+        self._promotions += effects.promotions
 
     def handle(self, batch: ConsumedBatch) -> None:
         assert self.worker is not None
@@ -371,15 +389,18 @@ class ModelStage(StageRunner):
             if self.mlflow is not None:
                 for number in versions:
                     self.mlflow.version_published(number)
+                if versions and self._unversioned_promotions:
+                    self.mlflow.promoted(max(versions), self._unversioned_promotions)
+                    self._unversioned_promotions = []
             self._last_saved = time.monotonic()
-            self._set_metric_gauges(checkpointed.metric_values)
+            self._set_metric_gauges(checkpointed.metric_values, checkpointed.standings)
             if checkpointed.committable and not self.transactional:
                 # A periodic commit need not wait: if it is lost, the restored state skips
                 # the records it covers.
                 self.commit(checkpointed.committable, asynchronous=not in_flight.synchronous)
             return
         if in_flight.replay:
-            self._drift_events = []  # published when the records were first handled
+            self._drift_events, self._promotions = [], []  # published when first handled
             return
         batch, failures = in_flight.batch, in_flight.failures
         outgoing: list[OutgoingBatch] = []
@@ -398,12 +419,15 @@ class ModelStage(StageRunner):
         if self._drift_events and self.drift_topic:
             outgoing.append(self._drift_batch())
         self._drift_events = []
+        if self._promotions and self.models_topic:
+            outgoing.append(self._promotions_batch())
+        self._promotions = []
         offsets = batch.next_offsets() if self.transactional else None
         produced -= self.deliver(outgoing, failures, batch, offsets)
         self.count_dead_letters(failures)
         self.metrics.count(len(batch), produced, len(failures))
         if reply.metric_values is not None:
-            self._set_metric_gauges(reply.metric_values)
+            self._set_metric_gauges(reply.metric_values, reply.standings)
         if reply.checkpoint_due and not any(  # none queued already
             isinstance(queued, CheckpointInFlight) for queued in self._in_flight
         ):
@@ -473,10 +497,33 @@ class ModelStage(StageRunner):
         }).encode() for event in self._drift_events]
         return OutgoingBatch(self.drift_topic, events)
 
-    def _set_metric_gauges(self, values: list[MetricValue]) -> None:
+    def _promotions_batch(self) -> OutgoingBatch:
+        """The promotions as JSON records: the input partition and the first offset of it the
+        promoted model predicted, the models, and the values that decided."""
+        assert self.models_topic is not None and self.config.promotion is not None
+        rule = self.config.promotion
+        records = [json.dumps({
+            "event": "promotion", "pipeline": self.identity.pipeline, "stage": self.name,
+            "topic": self.identity.input_topic, "partition": promotion.partition,
+            "offset": promotion.offset, "promoted": promotion.promoted,
+            "demoted": promotion.demoted, "model_version": promotion.model_version,
+            "metric": promotion.metric, "promoted_value": promotion.promoted_value,
+            "demoted_value": promotion.demoted_value, "by": rule.by, "over": rule.over,
+            "evaluations": rule.evaluations, "promoted_at_ms": int(time.time() * 1000),
+        }).encode() for promotion in self._promotions]
+        return OutgoingBatch(self.models_topic, records)
+
+    def _set_metric_gauges(self, values: list[MetricValue], standings: Standings | None) -> None:
         for partition, name, cumulative, rolling in values:
             self.model_metrics.metric(name, "cumulative", partition).set(cumulative)
             self.model_metrics.metric(name, "rolling", partition).set(rolling)
+        for partition, models in (standings or {}).items():
+            for candidate, standing in models.items():
+                self.model_metrics.champion(candidate, partition).set(standing["champion"])
+                for name, value in standing["metrics"].items():
+                    for window in ("cumulative", "rolling"):
+                        self.model_metrics.candidate_metric(
+                            candidate, name, window, partition).set(value[window])
 
     def tick(self) -> None:
         assert self.worker is not None

@@ -47,9 +47,11 @@ def _summary(version: Version) -> dict[str, str]:
     metrics = ", ".join(f"{name}={values['cumulative']:.4g}/{values['rolling']:.4g}"
                         for part in parts for name, values in part.get("metrics", {}).items())
     rollbacks = {part["rollback"]["version"] for part in parts if part.get("rollback")}
+    champions = ", ".join(f"{part.get('partition')}:{name}" for part in parts
+                          for name, model in part.get("models", {}).items() if model["champion"])
     return {"version": str(version.number), "created (UTC)": _when(version.metadata["created_at"]),
             "learned": str(version.records_learned), "offsets": offsets,
-            "metrics (cumulative/rolling)": metrics,
+            "metrics (cumulative/rolling)": metrics, "champion": champions,
             "from rollback to": ",".join(map(str, sorted(rollbacks))),
             "tags": ",".join(version.tags)}
 
@@ -66,6 +68,9 @@ def list_versions(args: argparse.Namespace) -> int:
         print(f"no versions in {registry.store} (the stage has not checkpointed yet)")
         return 0
     rows = [_summary(version) for version in versions]
+    if not any(row["champion"] for row in rows):  # a stage without challengers
+        for row in rows:
+            del row["champion"]
     widths = {column: max(len(column), *(len(row[column]) for row in rows)) for column in rows[0]}
     print("  ".join(column.ljust(width) for column, width in widths.items()).rstrip())
     for row in rows:

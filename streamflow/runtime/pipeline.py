@@ -328,7 +328,7 @@ class PipelineRunner:
 
     def _model_stage(self, stage: ModelConfig, transport: Transport) -> ModelStage:
         # Imported here: river takes seconds and ~90 MB, which a pipeline without models spares.
-        from streamflow.ml.engine import EngineSettings
+        from streamflow.ml.engine import EngineSettings, PromotionRule
         from streamflow.ml.spec import DEFAULT_METRICS, build_estimator, infer_task, model_label
         from streamflow.ml.worker import EngineSpec
         from streamflow.runtime.model_stage import ModelStage
@@ -338,7 +338,7 @@ class PipelineRunner:
         estimator = build_estimator(stage.estimator)
         task = stage.task or infer_task(estimator)
         model_metrics = self.metrics.model(stage.name, model_label(estimator))
-        labels = stage.labels
+        labels, promotion = stage.labels, stage.promotion
         settings = EngineSettings(
             task=task,
             target=stage.target,
@@ -353,16 +353,21 @@ class PipelineRunner:
             drift_detector=stage.drift.detector if stage.drift else None,
             drift_policy=stage.drift.policy if stage.drift else "none",
             mini_batch=stage.mini_batch,
+            challengers=tuple(challenger.name for challenger in stage.challengers),
+            promotion=PromotionRule(promotion.metric, promotion.by, promotion.over,
+                                    promotion.evaluations) if promotion else None,
         )
         spec = EngineSpec(
             settings, stage.estimator, str(stage.checkpoint.path), self.config.pipeline,
             stage.name, stage.checkpoint.every_records, stage.checkpoint.keep_versions,
             config_hash(self.config),
+            {challenger.name: challenger.estimator for challenger in stage.challengers},
         )
         runner = ModelStage(
             self._identity(stage), transport, batch, metrics, model_metrics, stage, spec,
             self.config.drift_topic(stage) if stage.drift else None, self._exactly_once,
             self._transaction_interval_s,
+            self.config.models_topic(stage) if promotion else None,
         )
         runner.origin_headers = self._origin_headers
         return runner

@@ -134,6 +134,17 @@ def test_set_champion_moves_the_alias_to_an_earlier_version(mlflow_uri: str, tmp
     assert errors(metrics) == 0
     assert client.get_model_version_by_alias(name, "champion").tags["streamflow.version"] == "2"
 
+    # a promotion: the first version holding the promoted champion is tagged and aliased
+    promoting, metrics = tracker(model_config(mlflow_uri, registered_model=name), tmp_path)
+    promoting.set_champion(2)
+    promoting.promoted(1, ["poly replaced main on partition 0 from offset 1500"])
+    promoting.close(failed=False, timeout_s=60)
+    assert errors(metrics) == 0
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.tags["streamflow.version"] == "1"
+    assert champion.tags["streamflow.promotions"] == (
+        "poly replaced main on partition 0 from offset 1500")
+
 
 def test_a_keyed_version_predicts_each_row_with_the_model_of_its_key(
     mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -55,7 +55,7 @@ const CHARTS = {
   model: { format: figure, unit: "", fromZero: false },
 };
 
-const history = { t: [], windowS: 900, totals: {}, charts: {} };
+const history = { t: [], windowS: 900, totals: {}, charts: {}, champions: {} };
 for (const chart of Object.keys(CHARTS)) history.charts[chart] = {};
 
 // Append a /api/history document's columns, then drop what is older than the window.
@@ -63,6 +63,7 @@ function merge(doc) {
   const before = history.t.length, added = doc.t.length;
   history.windowS = doc.window_s;
   history.totals = doc.totals;
+  history.champions = doc.champions || {};
   if (!added) return;
   history.t.push(...doc.t);
   for (const [chart, series] of Object.entries(history.charts)) {
@@ -101,7 +102,7 @@ class Plot {
     this.chart = chart;
     this.options = CHARTS[chart];
     this.element = document.getElementById(`chart-${chart}`);
-    this.names = null;
+    this.names = null;  // the series' labels, joined, that the plot was built with
     this.plot = null;
   }
 
@@ -109,10 +110,11 @@ class Plot {
     const series = history.charts[this.chart];
     const names = Object.keys(series).sort();
     const data = [history.t, ...names.map(name => series[name])];
-    if (this.plot && names.join("\n") === this.names) {
+    const labels = names.map(name => this.label(name));
+    if (this.plot && labels.join("\n") === this.names) {
       this.plot.setData(data);
     } else {
-      this.build(names, data);
+      this.build(labels, data);
     }
     const element = this.element;
     element.dataset.points = String(names.reduce(
@@ -120,9 +122,17 @@ class Plot {
     element.dataset.last = JSON.stringify(Object.fromEntries(names.map(n => [n, last(series[n])])));
   }
 
-  build(names, data) {
+  // A model line of a stage with challengers is named "stage/model metric"; the champion's
+  // (the model whose predictions the stage publishes) says so.
+  label(name) {
+    const model = this.chart === "model" && name.match(/^([^/ ]+)\/([^ ]+) /);
+    return model && (history.champions[model[1]] || []).includes(model[2])
+      ? `${name} (champion)` : name;
+  }
+
+  build(labels, data) {
     if (this.plot) this.plot.destroy();
-    this.names = names.join("\n");
+    this.names = labels.join("\n");
     const { format, unit, fromZero, spanGaps } = this.options;
     const show = value => (value === null || value === undefined ? "–" : format(value) + unit);
     const axis = { stroke: "#8a96a3", grid: { stroke: "#26313c", width: 1 },
@@ -133,8 +143,8 @@ class Plot {
       scales: fromZero ? { y: { range: (u, min, max) => [Math.min(0, min), max > 0 ? max * 1.1 : 1] } } : {},
       series: [
         { label: "time", value: (u, t) => (t === null ? "latest" : clock(t)) },
-        ...names.map((name, index) => ({
-          label: name,
+        ...labels.map((label, index) => ({
+          label,
           stroke: COLORS[index % COLORS.length],
           width: 1.5,
           spanGaps: Boolean(spanGaps),
