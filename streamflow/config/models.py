@@ -372,6 +372,9 @@ class ModelConfig(StageBase):
     mini_batch: bool = Field(
         False, description="use learn_many/predict_many per micro-batch (predicts before learning)"
     )
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="worker processes learning the input partitions in parallel, each "
+        "partition in one of them; auto: one per core (a one-partition input uses one)")
     mlflow: MlflowConfig | None = Field(
         None, description="log a run, metrics and each checkpoint as a registered model version "
         "(the mlflow extra; docs/models.md, MLflow)")

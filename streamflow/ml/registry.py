@@ -132,6 +132,25 @@ def prepare_version(snapshots: list[Snapshot], staged: list[Staged]) -> None:
     _sync_directories([directory / METADATA])
 
 
+def merge_prepared(directories: list[Path]) -> Path:
+    """One prepared version of a checkpoint whose partitions several worker processes wrote,
+    each preparing a version of its own (streamflow.ml.pool): the files and partitions of the
+    others moved into the first, which is returned."""
+    first, *others = directories
+    metadata = _read_json(first / METADATA)
+    for other in others:
+        metadata["partitions"].update(_read_json(other / METADATA)["partitions"])
+        for path in other.iterdir():
+            if path.name != METADATA:
+                os.rename(path, first / path.name)
+    _write_private(first / f"{METADATA}.part", json.dumps(metadata, indent=2).encode())
+    os.replace(first / f"{METADATA}.part", first / METADATA)
+    _sync_directories([first / METADATA])
+    for other in others:
+        shutil.rmtree(other)
+    return first
+
+
 def commit_version(directory: Path, keep: int) -> int:
     """Name the version prepared in ``directory`` (the next number free: replicas of a stage
     share the numbering), then apply retention; the version's number."""

@@ -36,10 +36,10 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from streamflow.ml.model import Features, PredictionColumns, RiverModel
 from streamflow.ml.registry import Registry, RegistryError, RollbackRequest, prepare_version
 from streamflow.ml.spec import build_estimator
 from streamflow.plugins import TransientError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,7 @@ class BatchRequest:
     Labels come as (consumed-batch row, partition, offset, record key, label).
     """
 
-    features: bytes | None = None
+    features: bytes | pa.Table | None = None  # a table is pickled when sent: EngineWorker.submit
     partitions: np.ndarray | None = None
     offsets: np.ndarray | None = None
     targets: list[Any] | None = None
@@ -254,16 +257,20 @@ class EngineHost:
         for partition in partitions:
             self.engine.revoke(partition)
 
-    def checkpoint(self) -> Durable:
+    def checkpoint(self, versioned: bool | None = None) -> Durable:
         """Snapshot every partition; once written, the offsets that may be committed, and the
-        metric values."""
+        metric values. ``versioned`` says whether the snapshots make a registry version (the
+        stage decides for all its workers: see streamflow.ml.pool); by default, whether
+        anything changed."""
         self.adopt_requested()
         # a registry version only when something changed: an idle stage checkpoints every
         # every_seconds, and its versions would push the others out
-        changed = any(state.records_since_checkpoint for state in self.engine.states.values())
+        if versioned is None:
+            versioned = any(state.records_since_checkpoint
+                            for state in self.engine.states.values())
         snapshots = self.engine.snapshots()
         self.checkpoints += 1
-        keep = self.keep_versions if changed else 0
+        keep = self.keep_versions if versioned else 0
         staged = [snapshot.staged(self.checkpoints, keep) for snapshot in snapshots]
         return Durable(Checkpointed(self.engine.committable(), self.metric_values(), staged,
                                     self.standings()), snapshots)
@@ -551,7 +558,13 @@ class EngineWorker:
         return self._process.pid
 
     def submit(self, method: str, *args: Any) -> None:
-        """Send a request; its reply comes from a later :meth:`receive`."""
+        """Send a request; its reply comes from a later :meth:`receive`. A batch request's
+        feature table is sent as the pickle of its rows (:mod:`streamflow.ml.features`)."""
+        if method == "handle" and args[0].features is not None and not isinstance(
+                args[0].features, bytes):
+            from streamflow.ml.features import pickled_feature_rows  # pyarrow: not in the worker
+
+            args = (replace(args[0], features=pickled_feature_rows(args[0].features)),)
         try:
             self._connection.send((method, args))
         except OSError as exc:

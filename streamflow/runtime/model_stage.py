@@ -1,7 +1,8 @@
 """The model stage runner: Kafka in, predictions out, with checkpointed exactly-once learning.
 
-The engine runs in a worker process (:mod:`streamflow.ml.worker`). This thread decodes each
-batch, hands it over, and produces the output of the batch before it while the worker learns:
+The engine runs in worker processes (:mod:`streamflow.ml.worker`), one per core, each learning
+some of the input partitions (:mod:`streamflow.ml.pool`). This thread decodes each batch, hands
+it over, and produces the output of the batch before it while the workers learn:
 one batch is always queued ahead of the worker. A checkpoint request queues behind the batches
 before it, and its files are put in place when its reply comes: replies are handled in order, so
 by then the output of those batches is out. (A checkpoint in place before that output would have
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from streamflow.config.models import BatchConfig, ModelConfig
 from streamflow.metrics import ModelMetrics, StageMetrics
 from streamflow.ml.checkpoint import publish
 from streamflow.ml.engine import DriftEvent, Promotion
-from streamflow.ml.features import pickled_feature_rows
+from streamflow.ml.pool import EngineWorkers
 from streamflow.ml.registry import Registry
 from streamflow.ml.worker import (
     BatchReply,
@@ -47,7 +49,6 @@ from streamflow.ml.worker import (
     Checkpointed,
     Effects,
     EngineSpec,
-    EngineWorker,
     MetricValue,
     Standings,
     record_error_type,
@@ -113,6 +114,7 @@ class ModelStage(StageRunner):
     ) -> None:
         super().__init__(identity, transport, batch, metrics)
         self.models_topic = models_topic  # where promotions are published
+        self.workers = (os.cpu_count() or 1) if config.workers == "auto" else config.workers
         self.transactional = exactly_once
         self.transaction_interval_s = transaction_interval_s
         self.config = config
@@ -121,7 +123,7 @@ class ModelStage(StageRunner):
         self.drift_topic = drift_topic
         self.labels_topic = config.labels.topic if config.labels else None
         self.label_field = (config.labels.field if config.labels else None) or config.target
-        self.worker: EngineWorker | None = None
+        self.worker: EngineWorkers | None = None
         self.mlflow: MlflowTracker | None = None
         self._last_checkpoint = self._last_saved = time.monotonic()  # requested, durable
         model_metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last_saved)
@@ -140,7 +142,7 @@ class ModelStage(StageRunner):
         return [self.identity.input_topic, *([self.labels_topic] if self.labels_topic else [])]
 
     def open(self) -> None:
-        self.worker = EngineWorker(self.spec, f"model-{self.name}", self._apply)
+        self.worker = EngineWorkers(self.spec, f"model-{self.name}", self._apply, self.workers)
         self.worker.call("start", self.transport.cluster_id())
         if self.config.mlflow is not None:
             settings, spec = self.spec.settings, self.spec
@@ -347,7 +349,7 @@ class ModelStage(StageRunner):
             in_flight.failures += [Failure(int(row), "model", error) for row in rows_in_batch]
             return
         in_flight.table, in_flight.rows_in_batch = table, rows_in_batch
-        request.features = pickled_feature_rows(table.select(names))
+        request.features = table.select(names)  # pickled per worker: EngineWorker.submit
         request.partitions = np.asarray(batch.partitions)[rows_in_batch]
         request.offsets = np.asarray(batch.offsets)[rows_in_batch]
         target, key_field = self.config.target, self.config.key_field

@@ -214,7 +214,7 @@ def test_a_killed_worker_restarts_its_stage_from_the_checkpoint(
     wait_for_checkpoint(store, 3_000)
     [stage] = [stage for stage in runner.stages if isinstance(stage, ModelStage)]
     assert stage.worker is not None
-    os.kill(stage.worker.pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    os.kill(stage.worker.pids[0], signal.SIGKILL)  # as the kernel's OOM killer would
     thread.join(timeout=180)
     assert not thread.is_alive()
     [result] = results
