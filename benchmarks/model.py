@@ -5,7 +5,10 @@ All see the same records (river's synthetic Friedman stream) and the same model
 (StandardScaler | LinearRegression), predicting then learning each record and updating MAE.
 The stage reads them from a one-partition topic on the chosen broker and writes predictions
 to another; its time runs from the first consumed record to the last acknowledged output. The
-stage runs under both guarantees (``streamflow-exactly-once``: a transaction per batch).
+stage runs under both guarantees (``streamflow-exactly-once``: a transaction per batch), and
+``streamflow-2-partitions`` reads the same records spread over two partitions, which its two
+worker processes learn apart (one model per partition: issue 16's "beats plain river on 2
+cores").
 """
 
 from __future__ import annotations
@@ -104,17 +107,21 @@ def run_streamflow(bootstrap: str, topic: str, count: int, guarantee: str = "at_
 def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
     stream = records(records_count)
     runs: dict[str, list[dict[str, float]]] = {
-        "streamflow": [], "streamflow-exactly-once": [], "river": []}
+        "streamflow": [], "streamflow-exactly-once": [], "streamflow-2-partitions": [],
+        "river": []}
     skipped = peers_missing()
     if not skipped:
         runs["quix"] = []
         expected = river_predictions(stream)
     with local_broker() as bootstrap:
-        topic = "bench.model.input"
-        create_transport("confluent", bootstrap).admin().create_topics([TopicSpec(topic, 1)])
+        topic, spread = "bench.model.input", "bench.model.input2"
+        create_transport("confluent", bootstrap).admin().create_topics(
+            [TopicSpec(topic, 1), TopicSpec(spread, 2)])
         producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
-        for x, y in stream:
-            producer.produce(topic, json.dumps({**x, "y": y}).encode())
+        for index, (x, y) in enumerate(stream):
+            value = json.dumps({**x, "y": y}).encode()
+            producer.produce(topic, value)
+            producer.produce(spread, value, partition=index % 2)
             producer.poll(0)
         producer.flush()
         for _round in range(repeat):
@@ -123,6 +130,8 @@ def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
                 "streamflow": lambda: run_streamflow(bootstrap, topic, len(stream)),
                 "streamflow-exactly-once":
                     lambda: run_streamflow(bootstrap, topic, len(stream), "exactly_once"),
+                # the records over two partitions, learned by one worker each (workers: auto)
+                "streamflow-2-partitions": lambda: run_streamflow(bootstrap, spread, len(stream)),
                 "quix": lambda: run_quix(bootstrap, topic, expected),
             }
             for system in runs:
