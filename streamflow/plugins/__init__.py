@@ -16,12 +16,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-import pyarrow as pa
 from pydantic import BaseModel
 
 from streamflow.transport.base import TopicPartition, Transport
+
+if TYPE_CHECKING:  # in annotations only: the model worker imports this module, not pyarrow
+    import pyarrow as pa
 
 SOURCE_GROUP = "streamflow.sources"
 SINK_GROUP = "streamflow.sinks"
