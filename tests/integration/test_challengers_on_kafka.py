@@ -11,10 +11,9 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
-from river import base, datasets, feature_extraction, linear_model, metrics, preprocessing, tree
+from river import datasets, feature_extraction, linear_model, metrics, preprocessing, tree
 
 from streamflow.config import load_pipeline
 from streamflow.ml.checkpoint import CheckpointStore
@@ -25,25 +24,10 @@ from tests.browser import Browser, chromium_binary
 from tests.helpers import read_topic
 from tests.integration.test_model_stage import pipeline_file, wait_for_checkpoint, write_dataset
 from tests.integration.test_operations import DashboardPage, base_url, wait_until
+from tests.unit.test_challengers import POLY_SPEC as POLY
+from tests.unit.test_challengers import own_predictions
 
 LOGISTIC = [{"preprocessing.StandardScaler": {}}, {"linear_model.LogisticRegression": {}}]
-POLY = [{"preprocessing.StandardScaler": {}},
-        {"feature_extraction.PolynomialExtender": {"degree": 3}},
-        {"linear_model.LogisticRegression": {}}]
-
-
-def own_predictions(estimator: Any, stream: list[tuple[dict[str, Any], Any]]) -> list[Any]:
-    """The estimator alone, as a model stage runs one: the prediction (then, for a classifier,
-    its probabilities), then learning."""
-    predictions = []
-    for x, y in stream:
-        predictions.append(estimator.predict_one(x))
-        if isinstance(estimator, base.Classifier):
-            estimator.predict_proba_one(x)
-        estimator.learn_one(x, y)
-    return predictions
-
-
 def position(bootstrap: str, offset: int) -> int:
     """The position in the stream of the record at ``offset`` of features' partition 0 (the
     source writes in transactions, whose markers take offsets too)."""

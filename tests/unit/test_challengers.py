@@ -61,7 +61,7 @@ POLY_SPEC = [{"preprocessing.StandardScaler": {}},
 def own_predictions(estimator: Any, stream: list[tuple[dict[str, Any], Any]]) -> list[Any]:
     """The estimator's progressive predictions on its own: predict each record, then learn it.
     A model stage asks a classifier for its probabilities too, after the class, and so does
-    this: river's KNNClassifier is not quite the same after a predict_proba_one."""
+    this (an estimator may keep state across the two calls)."""
     predictions = []
     for x, y in stream:
         predictions.append(estimator.predict_one(x))
