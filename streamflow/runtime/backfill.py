@@ -505,7 +505,7 @@ class BackfillRunner(PipelineRunner):
                          dead_letter_file=dead_letter_file)
         self.original = original
         self.plan = plan
-        self.config_hash = config_hash(original)
+        self.config_hash = config_hash(original)  # the pipeline's: its outputs' lineage names it
         self.metrics = PipelineMetrics(config.pipeline, self.config_hash)
         self.ranges: dict[TopicPartition, tuple[int, int]] = {}
         self.model_checkpoint = plan.model_checkpoint

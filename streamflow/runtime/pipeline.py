@@ -95,7 +95,8 @@ class PipelineRunner:
         self.dead_letter_file = dead_letter_file
         self.only_stage = stage
         self.until_idle_s = until_idle_s
-        self.metrics = PipelineMetrics(config.pipeline, config_hash(config))
+        self.config_hash = config_hash(config)  # in metrics, lineage, row lineage, model versions
+        self.metrics = PipelineMetrics(config.pipeline, self.config_hash)
         self.metrics_port = config.metrics.port if metrics_port is None else metrics_port
         self.bootstrap: str | None = None
         self.metrics_server: MetricsServer | None = None
@@ -194,7 +195,7 @@ class PipelineRunner:
         assert self.bootstrap is not None
         failures = self.metrics.families["streamflow_lineage_emit_failures"].labels(
             self.config.pipeline)
-        opened = open_lineage(self.config, self.bootstrap, config_hash(self.config), failures)
+        opened = open_lineage(self.config, self.bootstrap, self.config_hash, failures)
         if opened is not None:
             self.lineage, emitter = opened
             stack.callback(emitter.close, CLOSE_TIMEOUT_S)
@@ -360,7 +361,7 @@ class PipelineRunner:
         spec = EngineSpec(
             settings, stage.estimator, str(stage.checkpoint.path), self.config.pipeline,
             stage.name, stage.checkpoint.every_records, stage.checkpoint.keep_versions,
-            config_hash(self.config),
+            self.config_hash,
             {challenger.name: challenger.estimator for challenger in stage.challengers},
         )
         runner = ModelStage(
@@ -376,7 +377,7 @@ class PipelineRunner:
         plugin, settings = connector_settings(sink_config, SINK_GROUP)
         sink = plugin(settings, ComponentContext(self.config.pipeline, sink_config.name, transport))
         if sink_config.lineage_columns or sink_config.lineage_manifest:
-            sink = LineageSink(sink, sink_config, self.config, config_hash(self.config))
+            sink = LineageSink(sink, sink_config, self.config, self.config_hash)
         return SinkStage(
             self._identity(sink_config), transport, sink_config.batch or self.config.runtime.batch,
             self.metrics.stage(sink_config.name, ("sink",)), sink, self.metrics.sink(sink_config.name),

@@ -102,8 +102,16 @@ def test_the_same_range_twice_gives_the_same_rows(bootstrap: str, tmp_path: Path
     assert {facet["outputSuffix"] for facet in facets} == {"first", "second"}
     assert all(facet["offsets"][f"{topic}:1"] == [25, 70] for facet in facets)
 
+    # the same range with a changed config: its lineage names another config hash
     changed = pipeline(bootstrap, tmp_path, topic, learning_rate=0.01)
     assert config_hash(changed) != config_hash(config)
+    result = BackfillRunner(changed, BackfillPlan.parse(start, until, "changed")).run()
+    assert result.exit_code == 0, result.errors
+    events = [json.loads(line) for line in (tmp_path / "lineage.ndjson").read_text().splitlines()]
+    assert {event["job"]["facets"]["streamflow_config"]["configHash"] for event in events
+            if event["run"]["facets"]["streamflow_backfill"]["outputSuffix"] == "changed"} == {
+        config_hash(changed)}
+    assert rows(tmp_path / "lake.changed") != first  # another learning rate, other predictions
 
 
 def test_a_used_suffix_and_bad_bounds_are_refused(bootstrap: str, tmp_path: Path,
