@@ -3,11 +3,13 @@
 A request is answered 202 only after Kafka acknowledged all of its records, so a sender that
 retries until it gets 202 loses nothing (at-least-once: a retry after a lost 202 or a 503 may
 repeat records). The webhook has no replayable position of its own: its position is the count
-of requests taken so far, kept only for reporting. Answers: 400 malformed body (with the reason:
-not UTF-8, not JSON objects, nested too deeply, a lone surrogate, or shorter than its
-Content-Length), 401 missing or wrong bearer token, 404 other paths, 411 no Content-Length, 413
-body over ``max_body_bytes`` (nothing published), 503 when Kafka did not take the records within
-``ack_timeout_s`` (retry) or when ``max_connections`` are already being served.
+of requests taken so far, kept only for reporting. A body comes with a Content-Length or
+chunked. Answers: 400 malformed body (with the reason: not UTF-8, not JSON objects, nested too
+deeply, a lone surrogate, shorter than its Content-Length, or not all in within
+``body_timeout_s``), 401 missing or wrong bearer token, 404 other paths or methods, 411 neither
+Content-Length nor chunked, 413 body over ``max_body_bytes`` (nothing published), 503 when Kafka
+did not take the records within ``ack_timeout_s`` (retry) or when ``max_connections`` are already
+being served.
 
 413 also answers a request with records Kafka refused for their size (over the topic's
 ``max.message.bytes`` or the client's limit): those went to the pipeline's dead-letter topic, and
@@ -16,30 +18,33 @@ T}``, where the indices count the request's records from 0 and ``accepted`` coun
 to the topic. The request is done (a 4xx): resending it would repeat the accepted records and
 refuse the large ones again.
 
-A connection whose request line and headers take longer than ``header_timeout_s``, or whose body
-takes longer than ``body_timeout_s``, is dropped; so is one where any single read or write waits
-that long.
+It is an aiohttp application on an event loop in a thread of its own; connections are kept alive
+between requests. A connection whose request line and headers take longer than
+``header_timeout_s`` is dropped, and so is one where any single read, or the peer's taking of an
+answer, waits that long; a body not all in within ``body_timeout_s`` is answered 400 and its
+connection closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
 import logging
-import socket
 import threading
 from collections import deque
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from aiohttp import hdrs, web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from connectors.sources.records import AckTracker, encode_record, record_key
 from streamflow.plugins import ComponentContext, Source, SourceBatch
-from streamflow.plugins.listeners import BoundedHTTPServer, is_loopback
+from streamflow.plugins.listeners import ConnectionLimits, Listener, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,8 @@ class HttpConfig(BaseModel):
         "write; a slower connection is dropped"
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, description="time allowed for a request's body; a slower connection is dropped"
+        30.0, gt=0, description="time allowed for a request's body; a slower one is answered 400 and "
+        "its connection closed"
     )
     max_connections: int = Field(
         64, ge=1, description="connections served at once; further ones are answered 503"
@@ -136,18 +142,32 @@ def _object(document: Any, where: str) -> dict[str, Any]:
 
 @dataclass
 class PendingRequest:
-    """The records of one request, and the answer its handler waits for."""
+    """The records of one request, and the answer its handler waits for (``done``, set from the
+    pipeline's thread)."""
 
     values: list[bytes]
     keys: list[bytes | None]
-    done: threading.Event = field(default_factory=threading.Event)
+    done: Future[None] = field(default_factory=Future)
     acknowledged: bool = False
     dead_lettered: list[int] = field(default_factory=list)  # indices Kafka refused for size
     dead_letter_topic: str = ""
 
     def finish(self, acknowledged: bool) -> None:
         self.acknowledged = acknowledged
-        self.done.set()
+        with contextlib.suppress(InvalidStateError):  # finished already, or its wait timed out
+            self.done.set_result(None)
+
+
+class _Answer(Exception):
+    """Ends a request with ``status`` and the JSON ``body``; ``close`` ends its connection too."""
+
+    def __init__(self, status: HTTPStatus, body: dict[str, Any], close: bool = True,
+                 **headers: str) -> None:
+        super().__init__(status)
+        self.response = web.json_response(body, status=status, headers={
+            name.replace("_", "-"): value for name, value in headers.items()})
+        if close:
+            self.response.force_close()
 
 
 class HttpSource(Source[HttpConfig]):
@@ -161,25 +181,30 @@ class HttpSource(Source[HttpConfig]):
         self._queue: deque[PendingRequest] = deque()
         self._ready = threading.Condition()
         self._tracker: AckTracker[PendingRequest] = AckTracker()
-        self._server: ThreadingHTTPServer | None = None
+        self._listener: Listener | None = None
         self._closed = False
         self._batch: list[tuple[int, PendingRequest]] = []  # last polled: first row of each request
 
     @property
     def port(self) -> int:
         """The port actually bound (useful with ``port: 0``)."""
-        assert self._server is not None, "open() first"
-        return int(self._server.server_address[1])
+        assert self._listener is not None, "open() first"
+        return self._listener.port
 
     def open(self, position: dict[str, int] | None) -> None:
         self._tracker = AckTracker((position or {}).get("requests", 0))
+        config = self.config
         try:
-            self._server = _WebhookServer((self.config.host, self.config.port), self)
+            self._listener = Listener(
+                [web.route("*", "/{path:.*}", self._handle)], config.host, config.port,
+                f"http-{self.context.name}",
+                ConnectionLimits(config.max_connections, config.header_timeout_s,
+                                 config.header_timeout_s, _BUSY),
+            )
         except OSError as exc:
             raise OSError(f"http source {self.context.name} cannot listen on "
-                          f"{self.config.host}:{self.config.port}: {exc.strerror or exc}") from exc
-        threading.Thread(target=self._server.serve_forever, name=f"http-{self.context.name}",
-                         daemon=True).start()
+                          f"{config.host}:{config.port}: {exc.strerror or exc}") from exc
+        self._listener.start()
         log.info("http source %s listening on http://%s:%d%s", self.context.name,
                  self.config.host, self.port, self.config.path)
 
@@ -234,130 +259,80 @@ class HttpSource(Source[HttpConfig]):
             self._queue.clear()
         for pending in waiting + self._tracker.drain():
             pending.finish(False)
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        if self._listener is not None:
+            self._listener.stop()
 
-
-_BUSY_BODY = b'{"error": "too many connections; retry"}'
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
-
-
-class _WebhookServer(BoundedHTTPServer):
-    """A thread per connection, at most ``max_connections`` of them (a further one gets a 503)."""
-
-    def __init__(self, address: tuple[str, int], source: HttpSource) -> None:
-        self.source = source
-        super().__init__(address, _WebhookHandler, source.config.max_connections,
-                         busy_response=_BUSY)
-
-
-class _Deadline:
-    """Drops a connection (its pending read or write returns) unless cancelled in time."""
-
-    def __init__(self, connection: socket.socket, seconds: float) -> None:
-        self._timer = threading.Timer(seconds, self._drop, (connection,))
-        self._timer.daemon = True
-        self._timer.start()
-
-    @staticmethod
-    def _drop(connection: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            connection.shutdown(socket.SHUT_RDWR)
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-
-class _WebhookHandler(BaseHTTPRequestHandler):
-    server: _WebhookServer
-    protocol_version = "HTTP/1.1"
-    _deadline: _Deadline | None = None
-
-    def setup(self) -> None:
-        self.timeout = self.server.source.config.header_timeout_s  # any one read or write
-        super().setup()
-
-    def handle_one_request(self) -> None:
-        self._deadline = _Deadline(self.connection, self.server.source.config.header_timeout_s)
+    async def _handle(self, request: web.Request) -> web.Response:
         try:
-            super().handle_one_request()
-        finally:
-            self._deadline.cancel()
+            return await self._receive(request)
+        except _Answer as answer:
+            return answer.response
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-    def _read_body(self, length: int) -> bytes:
-        """The body, read within ``body_timeout_s``; shorter than ``length`` if it ended early."""
-        assert self._deadline is not None
-        self._deadline.cancel()  # the headers are in
-        self._deadline = _Deadline(self.connection, self.server.source.config.body_timeout_s)
-        try:
-            return self.rfile.read(length)
-        except OSError:
-            return b""
-        finally:
-            self._deadline.cancel()
-
-    def _answer(self, status: HTTPStatus, body: dict[str, Any], **headers: str) -> None:
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), value)
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def do_POST(self) -> None:
-        source = self.server.source
-        config = source.config
-        if self.path.split("?", 1)[0] != config.path:
-            self.close_connection = True
-            return self._answer(HTTPStatus.NOT_FOUND, {"error": f"POST to {config.path}"})
+    async def _receive(self, request: web.Request) -> web.Response:
+        config = self.config
+        if request.method != "POST" or request.path != config.path:
+            raise _Answer(HTTPStatus.NOT_FOUND, {"error": f"POST to {config.path}"})
         if config.token is not None and not hmac.compare_digest(
-            self.headers.get("Authorization", "").encode(), f"Bearer {config.token}".encode()
+            request.headers.get(hdrs.AUTHORIZATION, "").encode(), f"Bearer {config.token}".encode()
         ):
-            self.close_connection = True
-            return self._answer(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"},
-                                WWW_Authenticate="Bearer")
-        length_header = self.headers.get("Content-Length")
-        if length_header is None or not length_header.isdigit():
-            self.close_connection = True
-            return self._answer(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length is required"})
-        length = int(length_header)
-        if length > config.max_body_bytes:
-            self.close_connection = True
-            return self._answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                {"error": f"body of {length} bytes exceeds {config.max_body_bytes}"})
-        body = self._read_body(length)
-        if len(body) < length:
-            self.close_connection = True
-            return self._answer(HTTPStatus.BAD_REQUEST, {
-                "error": f"body ended after {len(body)} of its {length} bytes (Content-Length)"
-            })
+            raise _Answer(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"},
+                          WWW_Authenticate="Bearer")
+        body = await self._body(request)
         try:
             documents = parse_body(body)
             values, keys = encode_body(documents, config.key_field)
         except BodyError as exc:
-            return self._answer(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            raise _Answer(HTTPStatus.BAD_REQUEST, {"error": str(exc)}, close=False) from None
         if not documents:
-            return self._answer(HTTPStatus.ACCEPTED, {"accepted": 0})
-        pending = source.submit(values, keys)
-        if not pending.done.wait(config.ack_timeout_s):
-            source.withdraw(pending)
+            return web.json_response({"accepted": 0}, status=HTTPStatus.ACCEPTED)
+        pending = self.submit(values, keys)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(pending.done), config.ack_timeout_s)
+        except TimeoutError:
+            self.withdraw(pending)
         if pending.acknowledged and pending.dead_lettered:
-            return self._answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
+            raise _Answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
                 "error": f"{len(pending.dead_lettered)} records too large for Kafka were "
                          f"dead-lettered to {pending.dead_letter_topic}; do not resend them as they are",
                 "accepted": len(documents) - len(pending.dead_lettered),
                 "dead_lettered": pending.dead_lettered,
                 "dead_letter_topic": pending.dead_letter_topic,
-            })
+            }, close=False)
         if pending.acknowledged:
-            return self._answer(HTTPStatus.ACCEPTED, {"accepted": len(documents)})
-        return self._answer(HTTPStatus.SERVICE_UNAVAILABLE,
-                            {"error": "Kafka did not acknowledge the records in time; retry"},
-                            Retry_After="1")
+            return web.json_response({"accepted": len(documents)}, status=HTTPStatus.ACCEPTED)
+        raise _Answer(HTTPStatus.SERVICE_UNAVAILABLE,
+                      {"error": "Kafka did not acknowledge the records in time; retry"},
+                      close=False, Retry_After="1")
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The whole body (by Content-Length or chunked), within ``body_timeout_s`` and with no
+        read waiting over ``header_timeout_s``; else an :class:`_Answer`."""
+        config = self.config
+        length = request.content_length
+        if length is None and "chunked" not in request.headers.get(hdrs.TRANSFER_ENCODING, "").lower():
+            raise _Answer(HTTPStatus.LENGTH_REQUIRED,
+                          {"error": "Content-Length or chunked Transfer-Encoding is required"})
+        if length is not None and length > config.max_body_bytes:
+            raise _Answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                          {"error": f"body of {length} bytes exceeds {config.max_body_bytes}"})
+        body = bytearray()
+        try:
+            async with asyncio.timeout(config.body_timeout_s):
+                while chunk := await asyncio.wait_for(request.content.readany(),
+                                                      config.header_timeout_s):
+                    body += chunk
+                    if len(body) > config.max_body_bytes:
+                        raise _Answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
+                            "error": f"chunked body exceeds {config.max_body_bytes} bytes"})
+        except TimeoutError:
+            raise _Answer(HTTPStatus.BAD_REQUEST, {
+                "error": f"body not received in time ({len(body)} bytes came)"}) from None
+        if length is not None and len(body) < length:
+            raise _Answer(HTTPStatus.BAD_REQUEST, {
+                "error": f"body ended after {len(body)} of its {length} bytes (Content-Length)"})
+        return bytes(body)
+
+
+_BUSY_BODY = b'{"error": "too many connections; retry"}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))

@@ -10,10 +10,13 @@
   above N (all without it).
 - ``/``: the live dashboard; its assets ship in the package (no CDN).
 
-There is no authentication, so it listens on 127.0.0.1 unless configured otherwise, and warns
-when it is. A connection is dropped when a read or write waits longer than ``read_timeout_s`` or
-the whole exchange takes longer than ``deadline_s``; at most ``max_connections`` are served at
-once, and further ones are closed at once.
+It is an aiohttp application on an event loop in a thread of its own (``metrics``), beside the
+pipeline's threads. There is no authentication, so it listens on 127.0.0.1 unless configured
+otherwise, and warns when it is. A connection is dropped when the server waits on its peer (for
+more of a request, or for it to take an answer) longer than ``read_timeout_s`` at a time, or when
+a request has not fully arrived ``deadline_s`` after the connection opened or the previous answer
+was sent; at most ``max_connections`` are served at once, and further ones are closed at once.
+Connections are kept alive between requests.
 """
 
 from __future__ import annotations
@@ -21,17 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs
 
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from streamflow.metrics.history import History
-from streamflow.plugins.listeners import BoundedHTTPServer, is_loopback
+from streamflow.plugins.listeners import ConnectionLimits, Listener, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +53,27 @@ def _asset(name: str) -> bytes:
     return resources.files("streamflow.metrics").joinpath("dashboard", name).read_bytes()
 
 
-def _after(query: str) -> float | None:
-    """The ``after`` parameter of a query string (0 without it), or None if it is no number."""
+def _after(request: web.Request) -> float | None:
+    """The ``after`` parameter of a query (0 without it, or empty), or None if it is no number."""
     try:
-        after = float(parse_qs(query).get("after", ["0"])[0])
+        after = float(request.query.get("after") or "0")
     except ValueError:
         return None
     return after if math.isfinite(after) else None
 
 
+def _send(status: int, content_type: str, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body,
+                        headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+
+def _json(status: int, document: dict[str, Any]) -> web.Response:
+    return _send(status, "application/json", json.dumps(document).encode())
+
+
 class MetricsServer:
     """Serves metrics, health and the dashboard, and samples the dashboard's history, until
-    :meth:`stop`."""
+    :meth:`stop`. The port is bound on construction (an OSError says why it cannot be)."""
 
     def __init__(
         self,
@@ -77,59 +87,57 @@ class MetricsServer:
         deadline_s: float = 30.0,
         max_connections: int = 32,
     ) -> None:
-        assets = {path: (_asset(name), kind) for path, (name, kind) in ASSETS.items()}
         self.history = history = History(registry)
 
-        class Handler(BaseHTTPRequestHandler):
-            timeout = read_timeout_s  # of each read and write on the connection
+        async def metrics(_request: web.Request) -> web.Response:
+            return _send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
 
-            def do_GET(self) -> None:
-                path, _, query = self.path.partition("?")
-                if path == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
-                elif path == "/healthz":
-                    self._send(200, "text/plain; charset=utf-8", b"ok\n")
-                elif path == "/readyz":
-                    ready, detail = readiness()
-                    self._json(200 if ready else 503, detail)
-                elif path == "/api/status":
-                    self._json(200, status())
-                elif path in ("/api/history", "/api/dead-letters"):
-                    after = _after(query)
-                    if after is None:
-                        self._json(400, {"error": "after must be a finite number"})
-                        return
-                    self._json(200, history.document(after) if path == "/api/history"
-                               else dead_letters(int(after)))
-                elif path in assets:
-                    body, kind = assets[path]
-                    self._send(200, kind, body)
-                else:
-                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+        async def healthz(_request: web.Request) -> web.Response:
+            return _send(200, "text/plain; charset=utf-8", b"ok\n")
 
-            def _json(self, code: int, document: dict[str, Any]) -> None:
-                self._send(code, "application/json", json.dumps(document).encode())
+        async def readyz(_request: web.Request) -> web.Response:
+            ready, detail = readiness()
+            return _json(200 if ready else 503, detail)
 
-            def _send(self, code: int, content_type: str, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
+        async def api_status(_request: web.Request) -> web.Response:
+            return _json(200, status())
 
-            def log_message(self, format: str, *args: object) -> None:
-                """Requests are not logged: scrapes would drown everything else."""
+        async def api_history(request: web.Request) -> web.Response:
+            after = _after(request)
+            if after is None:
+                return _json(400, {"error": "after must be a finite number"})
+            return _json(200, history.document(after))
 
-        self._server = BoundedHTTPServer((host, port), Handler, max_connections, deadline_s)
+        async def api_dead_letters(request: web.Request) -> web.Response:
+            after = _after(request)
+            if after is None:
+                return _json(400, {"error": "after must be a finite number"})
+            return _json(200, dead_letters(int(after)))
+
+        def asset(name: str, kind: str) -> Callable[[web.Request], Any]:
+            body = _asset(name)
+
+            async def serve(_request: web.Request) -> web.Response:
+                return _send(200, kind, body)
+            return serve
+
+        async def not_found(_request: web.Request) -> web.Response:
+            return _send(404, "text/plain; charset=utf-8", b"not found\n")
+
+        routes = [
+            web.get("/metrics", metrics), web.get("/healthz", healthz), web.get("/readyz", readyz),
+            web.get("/api/status", api_status), web.get("/api/history", api_history),
+            web.get("/api/dead-letters", api_dead_letters),
+            *(web.get(path, asset(name, kind)) for path, (name, kind) in ASSETS.items()),
+            web.get("/{path:.*}", not_found),
+        ]
         self.host = host
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics", daemon=True
-        )
+        self._listener = Listener(routes, host, port, "metrics",
+                                  ConnectionLimits(max_connections, read_timeout_s, deadline_s))
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        return self._listener.port
 
     @property
     def url(self) -> str:
@@ -137,7 +145,7 @@ class MetricsServer:
 
     def start(self) -> MetricsServer:
         self.history.start()
-        self._thread.start()
+        self._listener.start()
         if not is_loopback(self.host):
             log.warning("the metrics server and dashboard listen on %s, beyond this machine, without "
                         "authentication (metrics.host); anyone who reaches %s can read them",
@@ -145,6 +153,5 @@ class MetricsServer:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._listener.stop()
         self.history.stop()

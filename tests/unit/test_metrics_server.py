@@ -1,5 +1,5 @@
 """The metrics and dashboard server: loopback by default, a warning elsewhere, and connections
-that cannot hold a thread forever."""
+that cannot hold a connection slot forever."""
 
 from __future__ import annotations
 
