@@ -166,7 +166,8 @@ def measure(bootstrap: str, system: str, rate: int, seconds: float) -> Measures:
     latencies = timed_latencies([(arrival, json.loads(value)[LATENCY_FIELD])
                                  for arrival, value in reader.arrivals], producer.started)
     return {"events_per_s": total / producer.sending_s, **latency_summary(latencies),
-            "rss_peak_mb": rss, "startup_s": round(reader.arrivals[0][0] - spawned, 2)}
+            "rss_peak_mb": rss, "pss_peak_mb": sampler.pss_peak_mb,
+            "startup_s": round(reader.arrivals[0][0] - spawned, 2)}
 
 
 def run_latency(rate: int, seconds: float, repeat: int) -> list[dict[str, Any]]:

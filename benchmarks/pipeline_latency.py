@@ -6,8 +6,8 @@ it: the sink writes each file under a temporary name, fsyncs it and renames it i
 a file is durable once seen. The sink flushes every ``runtime.commit_interval_s`` (0.5 s here).
 
 With ``--seconds`` of two minutes or more, the row also says whether the run held steady (the
-soak of issue 16): the RSS growth after the first minute, and p99 in the first and last
-minute of sending.
+soak of issue 16): the growth of the process tree's memory (PSS) after the first minute, and
+p99 in the first and last minute of sending.
 """
 
 from __future__ import annotations
@@ -89,17 +89,18 @@ def pipeline_settings(bootstrap: str, name: str, folder: Path) -> dict[str, Any]
     }
 
 
-def steadiness(latencies: list[tuple[float, float]], rss: list[tuple[float, int]],
+def steadiness(latencies: list[tuple[float, float]], memory: list[tuple[float, int]],
                started: float, sending_s: float) -> Measures:
-    """RSS growth after the first minute (peak after it over the RSS at its end, in %), and p99
-    of the records sent in the first and in the last minute; ``latencies`` are (send time, ms)
-    and ``rss`` (time, bytes) samples, both in unix time."""
+    """Memory growth after the first minute (the peak after it over the memory at its end, in
+    %), and p99 of the records sent in the first and in the last minute; ``latencies`` are (send
+    time, ms) and ``memory`` (time, bytes) samples of the process tree's PSS (a checkpoint
+    writer forked by a model worker would count twice in an RSS sum), in unix time."""
     after = started + MINUTE_S
-    at_minute = next(size for sampled, size in rss if sampled >= after)
-    later = max(size for sampled, size in rss if sampled >= after)
+    at_minute = next(size for sampled, size in memory if sampled >= after)
+    later = max(size for sampled, size in memory if sampled >= after)
     first = [ms for sent, ms in latencies if sent < after]
     last = [ms for sent, ms in latencies if sent >= started + sending_s - MINUTE_S]
-    return {"rss_growth_pct": round(100 * (later - at_minute) / at_minute, 1),
+    return {"pss_growth_pct": round(100 * (later - at_minute) / at_minute, 1),
             "p99_first_minute_ms": round(percentile(first, 99), 1),
             "p99_last_minute_ms": round(percentile(last, 99), 1)}
 
@@ -131,7 +132,7 @@ def measure(bootstrap: str, rate: int, seconds: float) -> Measures:
                              f"{sum(extra.values())} unexpected")
     latencies = timed_latencies(watch.arrivals, producer.started)
     row: Measures = {"events_per_s": total / producer.sending_s, **latency_summary(latencies),
-                     "rss_peak_mb": rss_peak}
+                     "rss_peak_mb": rss_peak, "pss_peak_mb": sampler.pss_peak_mb}
     if seconds >= 2 * MINUTE_S:
         by_send = [(sent / 1e6, (arrival * 1e6 - sent) / 1000) for arrival, sent in watch.arrivals
                    if sent >= producer.started * 1e6]

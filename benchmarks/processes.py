@@ -65,39 +65,50 @@ def streamflow_command(config: dict[str, Any], stage: str, records: int | None,
 
 
 class RssSampler:
-    """The peak resident set size of a process and its descendants, sampled every ``SAMPLE_S``."""
+    """The peak memory of a process and its descendants, sampled every ``SAMPLE_S``: the sum of
+    their resident set sizes (RSS), and of their proportional set sizes (PSS: a page shared by
+    n processes counts 1/n in each). A model worker forks a child to write each checkpoint, which
+    shares the worker's pages: the RSS sum counts them twice while it lives, the PSS sum once."""
 
     def __init__(self, pid: int) -> None:
         self._process = psutil.Process(pid)
         self.peak_bytes = 0
-        self.samples: list[tuple[float, int]] = []  # (unix time, bytes)
+        self.peak_pss_bytes = 0
+        self.samples: list[tuple[float, int]] = []  # (unix time, PSS bytes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _sample(self) -> int:
-        total = 0
+    def _sample(self) -> tuple[int, int]:
+        rss = pss = 0
         for process in (self._process, *self._process.children(recursive=True)):
             try:
-                total += process.memory_info().rss
+                memory = process.memory_full_info()
             except psutil.Error:  # ended between listing and reading
                 continue
-        return total
+            rss, pss = rss + memory.rss, pss + memory.pss
+        return rss, pss
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.samples.append((time.time(), self._sample()))
+                rss, pss = self._sample()
             except psutil.Error:
                 return
-            self.peak_bytes = max(self.peak_bytes, self.samples[-1][1])
+            self.samples.append((time.time(), pss))
+            self.peak_bytes = max(self.peak_bytes, rss)
+            self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
             self._stop.wait(SAMPLE_S)
 
     def stop(self) -> float:
-        """Stop sampling; the peak in MB."""
+        """Stop sampling; the peak RSS sum in MB."""
         self._stop.set()
         self._thread.join()
         return round(self.peak_bytes / 2**20, 1)
+
+    @property
+    def pss_peak_mb(self) -> float:
+        return round(self.peak_pss_bytes / 2**20, 1)
 
 
 @contextmanager
@@ -127,6 +138,7 @@ def run_self_timed(command: Sequence[str], env: dict[str, str]) -> Measures:
             raise RuntimeError(f"{command[2:]} exited with {process.returncode}")
         measures: Measures = json.loads(stdout.decode().strip().splitlines()[-1])
         measures["rss_peak_mb"] = sampler.stop()
+        measures["pss_peak_mb"] = sampler.pss_peak_mb
     return measures
 
 
@@ -152,7 +164,8 @@ def run_until(command: Sequence[str], env: dict[str, str], records: int, mark: P
             time.sleep(DONE_POLL_S)
         finished = time.time()
         rss = sampler.stop()
-    return {"events_per_s": records / (finished - float(mark.read_text())), "rss_peak_mb": rss}
+    return {"events_per_s": records / (finished - float(mark.read_text())), "rss_peak_mb": rss,
+            "pss_peak_mb": sampler.pss_peak_mb}
 
 
 class TopicWatch:

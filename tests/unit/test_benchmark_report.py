@@ -67,7 +67,7 @@ def test_soak_steadiness_compares_the_first_and_last_minute() -> None:
     rss = [(started + t, 100 + (t >= 60) * 3 + (t >= 200) * 2) for t in range(300)]
     latencies = [(started + t / 10, 10.0 + (t >= 2400) * 5) for t in range(3000)]
     assert steadiness(latencies, rss, started, 300.0) == {
-        "rss_growth_pct": 1.9, "p99_first_minute_ms": 10.0, "p99_last_minute_ms": 15.0}
+        "pss_growth_pct": 1.9, "p99_first_minute_ms": 10.0, "p99_last_minute_ms": 15.0}
 
 
 def test_latency_chart_names_the_workload_when_rows_of_two_share_a_system(tmp_path: Path) -> None:
