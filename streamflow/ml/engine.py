@@ -11,8 +11,8 @@ their own offsets, so they are never learned twice either. A model evicted, relo
 evicted again between two checkpoints is saved ahead of its partition's checkpoint; after a
 crash in that window its replayed records are predicted by that newer model. A partition's state
 lists the keys that have such a file, so that a registry version of a checkpoint holds the
-files of the models that were not in memory, as they were then (see :attr:`ModelEngine.
-version_links`), and a rollback puts a version's files back in their place.
+files of the models that were not in memory, as they were then (see
+``ModelEngine.version_links``), and a rollback puts a version's files back in their place.
 """
 
 from __future__ import annotations
