@@ -17,9 +17,9 @@ from streamflow.ml.worker import BatchReply, BatchRequest, Effects, EngineHost, 
 TOPIC = "features"
 
 
-def settings() -> EngineSettings:
+def settings(key_field: str | None = None, max_models: int = 10) -> EngineSettings:
     return EngineSettings(task="regression", target="y", metrics=["MAE"], rolling_window=50,
-                          key_field=None, max_models=10, features_topic=TOPIC)
+                          key_field=key_field, max_models=max_models, features_topic=TOPIC)
 
 
 def batch(first: int, count: int) -> BatchRequest:
@@ -34,9 +34,11 @@ def batch(first: int, count: int) -> BatchRequest:
 class VersionWriter:
     """A model stage's engine on partition 0, in this process, writing registry versions."""
 
-    def __init__(self, root: Path, pipeline: str = "p", stage: str = "model") -> None:
-        spec = EngineSpec(settings(), [{"linear_model.LinearRegression": {}}], str(root),
-                          pipeline, stage, 1000, keep_versions=10, config_hash="c0ffee")
+    def __init__(self, root: Path, pipeline: str = "p", stage: str = "model",
+                 engine_settings: EngineSettings | None = None) -> None:
+        spec = EngineSpec(engine_settings or settings(), [{"linear_model.LinearRegression": {}}],
+                          str(root), pipeline, stage, 1000, keep_versions=10,
+                          config_hash="c0ffee")
         self.effects = Effects()
         self.host = EngineHost(spec, self.effects)
         self.host.start(None)

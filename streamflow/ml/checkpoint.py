@@ -34,7 +34,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,27 @@ def _tags_in_place(path: Path, algorithm: str) -> list[str]:
     return tags[:1]
 
 
+def link_checkpoint(path: Path, directory: Path) -> bool:
+    """Hard-link the checkpoint file ``path`` and its integrity record into ``directory``, each
+    unless a file of that name is there already (the first link stays); False, linking
+    nothing, if there is no ``path`` or no ``directory``."""
+    try:
+        os.link(path, directory / path.name)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        return False
+    with contextlib.suppress(FileExistsError):
+        os.link(_sidecar(path), directory / _sidecar(path).name)
+    return True
+
+
+def model_name(state: str, key: str) -> str:
+    """The checkpoint name of ``key``'s model, evicted from memory to a file of its own, of
+    the partition state named ``state``."""
+    return f"{state}/model/{key}"
+
+
 def _sync_directories(paths: Iterable[Path]) -> None:
     for directory in {path.parent for path in paths}:
         descriptor = os.open(directory, os.O_RDONLY)
@@ -257,12 +278,16 @@ def publish(staged: Iterable[Staged]) -> list[int]:
 @dataclass(frozen=True)
 class Snapshot:
     """A checkpoint taken when the state was consistent: the payload is encoded when written,
-    possibly later and elsewhere (the model worker writes from a forked child process)."""
+    possibly later and elsewhere (the model worker writes from a forked child process).
+    ``evicted`` names the keyed models of a partition state that were in files of their own
+    then (see :func:`model_name`), with the records each had learned: a registry version of
+    the snapshot links their files too."""
 
     path: Path
     header: bytes
     payload: Any
     integrity: Integrity
+    evicted: dict[str, int] = field(default_factory=dict)
 
     def staged(self, sequence: int, keep_versions: int = 0) -> Staged:
         """Where :meth:`write_staged` writes this snapshot, as checkpoint number ``sequence``;
@@ -275,6 +300,12 @@ class Snapshot:
     def fields(self) -> dict[str, Any]:
         """The header's fields."""
         return dict(json.loads(self.header[len(MAGIC):]))
+
+    def evicted_files(self) -> dict[str, Path]:
+        """The file of each model in :attr:`evicted`, by key."""
+        state = self.fields["name"]
+        return {key: self.path.with_name(f"{_safe(model_name(state, key))}{SUFFIX}")
+                for key in self.evicted}
 
     def write_staged(self, file: Staged) -> None:
         """Encode and write to ``file``'s temporary name, and its tag beside it, fsynced."""
@@ -305,16 +336,29 @@ class CheckpointStore:
         return self.directory / f"{_safe(name)}{SUFFIX}"
 
     def snapshot(self, name: str, kind: str, payload: Any,
-                 metadata: dict[str, Any] | None = None) -> Snapshot:
-        """``payload`` under ``name``, to be written by :meth:`Snapshot.write` before it changes."""
+                 metadata: dict[str, Any] | None = None,
+                 evicted: dict[str, int] | None = None) -> Snapshot:
+        """``payload`` under ``name``, to be written by :meth:`Snapshot.write` before it changes
+        (``evicted``: see :class:`Snapshot`)."""
         header = {"format": FORMAT_VERSION, "kind": kind, "name": name, "saved_at": time.time(),
                   **(metadata or {})}
         return Snapshot(self.path(name), MAGIC + json.dumps(header).encode() + b"\n", payload,
-                        self.integrity)
+                        self.integrity, evicted or {})
 
     def save(self, name: str, kind: str, payload: Any, metadata: dict[str, Any] | None = None) -> None:
         """Write ``payload`` under ``name`` atomically."""
         self.snapshot(name, kind, payload, metadata).write()
+
+    def replace_by_link(self, name: str, source: Path | None) -> None:
+        """Make the checkpoint ``name`` a hard link to the checkpoint file ``source``, with its
+        integrity record, or remove it when ``source`` is None. The file goes first and comes
+        back last, so that it never stands beside another file's integrity record."""
+        path = self.path(name)
+        path.unlink(missing_ok=True)
+        _sidecar(path).unlink(missing_ok=True)
+        if source is not None:
+            os.link(_sidecar(source), _sidecar(path))
+            os.link(source, path)
 
     def delete_tree(self, name: str) -> None:
         """Remove the checkpoint ``name`` and those named ``name/...``, with their sidecars."""

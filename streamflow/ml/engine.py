@@ -9,7 +9,10 @@ exactly-once across restarts.
 Keyed models evicted from memory (LRU) are written to files of their own at eviction and carry
 their own offsets, so they are never learned twice either. A model evicted, reloaded and
 evicted again between two checkpoints is saved ahead of its partition's checkpoint; after a
-crash in that window its replayed records are predicted by that newer model.
+crash in that window its replayed records are predicted by that newer model. A partition's state
+lists the keys that have such a file, so that a registry version of a checkpoint holds the
+files of the models that were not in memory, as they were then (see
+``ModelEngine.version_links``), and a rollback puts a version's files back in their place.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from river import utils
 
-from streamflow.ml.checkpoint import CheckpointStore, Snapshot
+from streamflow.ml.checkpoint import CheckpointStore, Snapshot, link_checkpoint, model_name
 from streamflow.ml.model import MAIN_MODEL, Features, Model, Prediction, PredictionColumns
 from streamflow.ml.spec import build_detector, build_metric
 
@@ -163,6 +167,8 @@ class PartitionState:
     records_since_checkpoint: int = 0
     rollback: dict[str, Any] | None = None  # the rollback request adopted last (registry)
     challenge: Challenge | None = None  # with challengers
+    # keys whose model has a file of its own in the store, with the records it had learned then
+    stored: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -235,6 +241,10 @@ class ModelEngine:
         self.cluster_id: str | None = None  # of the Kafka cluster whose offsets states hold
         self.registry_metadata: dict[str, Any] = {}  # what each registry version also records
         self.slots: OrderedDict[tuple[int, str], ModelSlot] = OrderedDict()
+        # A registry version being prepared (by a forked child) in a directory, and the keys,
+        # by partition, whose model files it links: a file of theirs is linked into it first,
+        # before the engine replaces or removes it.
+        self.version_links: tuple[Path, dict[int, dict[str, int]]] | None = None
         self._on_learned = on_learned
         self._on_drift = on_drift
         self._on_evicted = on_evicted
@@ -247,7 +257,7 @@ class ModelEngine:
         return f"{self.settings.features_topic}+{partition}"
 
     def _model_name(self, partition: int, key: str) -> str:
-        return f"{self.settings.features_topic}+{partition}/model/{key}"
+        return model_name(self._state_name(partition), key)
 
     def assign(self, partition: int) -> None:
         """Restore a partition's state from the store, or start it fresh."""
@@ -261,6 +271,7 @@ class ModelEngine:
             loaded = None
         if loaded is not None:
             state, models = loaded[1]
+            vars(state).setdefault("stored", {})  # a checkpoint from before the field
             self.states[partition] = state
             for key, slot in models.items():
                 self.slots[(partition, key)] = slot
@@ -307,9 +318,18 @@ class ModelEngine:
         self.slots[slot_key] = slot
         while len(self.slots) > self.settings.max_models:
             (old_partition, old_key), old = self.slots.popitem(last=False)
+            self._keep_for_version(old_partition, old_key)
             self.store.save(self._model_name(old_partition, old_key), "model", old)
+            self.states[old_partition].stored[old_key] = old.learned
             self._on_evicted()
         return slot
+
+    def _keep_for_version(self, partition: int, key: str) -> None:
+        """Before ``key``'s model file is replaced or removed: link it into the version being
+        prepared, if that version holds it (unless linked already, or the version is done)."""
+        if self.version_links is not None and key in self.version_links[1].get(partition, ()):
+            link_checkpoint(self.store.path(self._model_name(partition, key)),
+                            self.version_links[0])
 
     def _line_up(self, partition: int, slot: ModelSlot) -> None:
         """Give ``slot`` the configured challengers, and its partition standings for them: a
@@ -383,32 +403,50 @@ class ModelEngine:
             snapshot.write()
 
     def snapshots(self) -> list[Snapshot]:
-        """What :meth:`checkpoint` writes, taken now, for the caller to write later."""
+        """What :meth:`checkpoint` writes, taken now, for the caller to write later; each
+        names the keyed models of its partition that are in files of their own, not in
+        memory (:attr:`Snapshot.evicted`)."""
         snapshots = []
         for partition, state in self.states.items():
             state.records_since_checkpoint = 0
             models = {key: slot for (p, key), slot in self.slots.items() if p == partition}
             learned = {key: slot.learned for key, slot in models.items()}
+            evicted = dict(state.stored)
+            for key in models:
+                evicted.pop(key, None)
             metrics = {metric.name: {"cumulative": float(metric.cumulative.get()),
                                      "rolling": metric.rolling_value()} for metric in state.metrics}
             snapshots.append(self.store.snapshot(
                 self._state_name(partition), "partition-state", (state, models),
                 {"next_offsets": state.next_offsets, "learned": learned,
                  "cluster_id": self.cluster_id, "partition": partition,
-                 "records_learned": sum(learned.values()), "metrics": metrics,
+                 "records_learned": sum(learned.values()) + sum(evicted.values()),
+                 "metrics": metrics,
                  "drift_events": state.drift_events, "rollback": state.rollback,
                  **({"models": self.standings(partition),
                      "promotions": state.challenge.promotions} if state.challenge else {}),
                  "registry": {**self.registry_metadata, "cluster_id": self.cluster_id}},
+                evicted,
             ))
         return snapshots
 
     def adopt(self, partition: int, state: PartitionState, models: dict[str, ModelSlot],
-              rollback: dict[str, Any]) -> None:
+              rollback: dict[str, Any], evicted: dict[str, tuple[Path, int]]) -> None:
         """Replace partition ``partition``'s models, metrics and drift detector by ``state``'s
         and ``models`` (an earlier checkpoint's), keeping its offsets: the records since that
-        checkpoint are not learned again. ``rollback`` is recorded in the state."""
+        checkpoint are not learned again. The keyed models that checkpoint had in files of
+        their own, ``evicted`` (by key: a copy of the file, the records its model learned),
+        become the store's, read when their key comes; the store's other keyed models are
+        removed, so a key that checkpoint did not know starts afresh. ``rollback`` is
+        recorded in the state."""
         current = self.states[partition]
+        for key in current.stored.keys() - evicted.keys():
+            self._keep_for_version(partition, key)
+            self.store.replace_by_link(self._model_name(partition, key), None)
+        for key, (path, _learned) in evicted.items():
+            self._keep_for_version(partition, key)
+            self.store.replace_by_link(self._model_name(partition, key), path)
+        state.stored = {key: learned for key, (_path, learned) in evicted.items()}
         state.next_offsets = current.next_offsets
         state.waiting = current.waiting
         state.drift_events = current.drift_events

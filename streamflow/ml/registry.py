@@ -2,14 +2,17 @@
 
 A stage's store (``<checkpoint.path>/<pipeline>/<stage>/``) holds, besides the current
 checkpoint files, ``versions/<N>/``: hard links to the partition-state files a checkpoint put in
-place, each with its integrity sidecar, and ``version.json``, the version's metadata (offsets,
-metrics, records learned, drift events, config hash, river and streamflow versions, creation
-time), gathered from the files' headers. A version is prepared in a hidden directory by the forked
-child that writes the checkpoint's files, and renamed into place whole when the stage publishes
-the checkpoint (after the output it covers is out): readers see a version complete or not at
-all, and nothing in it changes after that (a checkpoint replaces the current file with a new
-one; the version keeps the old one). Versions are numbered in the order they were published;
-replicas of a stage share the numbering.
+place and to the files of the keyed models its partitions had evicted from memory then, each
+with its integrity sidecar, and ``version.json``, the version's metadata (offsets, metrics,
+records learned, drift events, config hash, river and streamflow versions, creation time, the
+evicted models' files), gathered from the files' headers. A version is prepared in a hidden
+directory by the forked child that writes the checkpoint's files, and renamed into place whole
+when the stage publishes the checkpoint (after the output it covers is out): readers see a
+version complete or not at all, and nothing in it changes after that (a checkpoint or an
+eviction replaces the current file with a new one; the version keeps the old one, and the
+worker links an evicted model's old file into a version still being prepared before it
+replaces it). Versions are numbered in the order they were published; replicas of a stage share
+the numbering.
 
 Retention keeps the last ``keep_versions`` versions, the tagged ones (``versions/<N>/tags.json``)
 and the one a rollback request names. A version is retired by renaming it aside, then looking
@@ -18,9 +21,10 @@ at its tags once more, so that a tag set meanwhile keeps it.
 A rollback is a request file in the store (``rollback.json``: an id and a version). The stage's
 worker looks at it between batches (at most once a second) and when it restores partitions; a
 partition whose state has not adopted that request yet takes the version's models and metrics,
-keeping its offsets (records are not learned again), and remembers the request's id in its
-state, so a stopped pipeline adopts it at its next start and a restart after a crash adopts it
-again if the checkpoint after the adoption was not written.
+keeping its offsets (records are not learned again), and the version's evicted keyed models
+become the store's; it remembers the request's id in its state, so a stopped pipeline adopts
+it at its next start and a restart after a crash adopts it again if the checkpoint after the
+adoption was not written.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from streamflow.ml.checkpoint import (
     _sidecar,
     _sync_directories,
     _write_private,
+    link_checkpoint,
     load_verified,
     read_verified,
 )
@@ -105,16 +110,24 @@ def _read_json(path: Path) -> Any:
         raise RegistryError(f"{path} is damaged") from None
 
 
+def open_version(directory: Path) -> None:
+    """Create the hidden directory a version is prepared in (:attr:`Staged.version`), if it is
+    not there yet."""
+    _private_directory(directory.parent)
+    directory.mkdir(mode=0o700, exist_ok=True)
+
+
 def prepare_version(snapshots: list[Snapshot], staged: list[Staged]) -> None:
     """Prepare the version of a checkpoint whose files were just staged (in the forked child
     that wrote them, so that neither the worker nor the stage spends time on it): hard links to
-    the staged files, each with a sidecar holding its tag, and the metadata, all fsynced, in
-    the hidden directory :func:`commit_version` names a version once the files are in place."""
+    the staged files, each with a sidecar holding its tag, and to the files of the keyed models
+    each snapshot names as evicted, with their sidecars (a model whose file is gone is left
+    out, as it would start afresh), and the metadata, all fsynced, in the hidden directory
+    :func:`commit_version` names a version once the files are in place."""
     directory = staged[0].version
     assert directory is not None
-    _private_directory(directory.parent)
+    open_version(directory)
     _remove_leftovers(directory.parent)
-    directory.mkdir(mode=0o700)
     partitions: dict[str, dict[str, Any]] = {}
     common: dict[str, Any] = {}
     for snapshot, file in zip(snapshots, staged, strict=True):
@@ -124,8 +137,15 @@ def prepare_version(snapshots: list[Snapshot], staged: list[Staged]) -> None:
         _write_private(_sidecar(link), json.dumps({"algorithm": tag["algorithm"],
                                                    "tags": [tag["tag"]]}).encode())
         header = snapshot.fields
-        partitions[header["name"]] = {
+        part = partitions[header["name"]] = {
             "file": link.name, **{key: header[key] for key in _PARTITION_FIELDS if key in header}}
+        if snapshot.evicted:
+            evicted = {key: path.name for key, path in snapshot.evicted_files().items()
+                       if link_checkpoint(path, directory)}
+            part["learned"] = {**{key: snapshot.evicted[key] for key in evicted},
+                               **part.get("learned", {})}
+            part["records_learned"] = sum(part["learned"].values())
+            part["evicted"] = evicted
         common = dict(header.get("registry", {}))
     _write_private(directory / METADATA, json.dumps(
         {**common, "created_at": time.time(), "partitions": partitions}, indent=2).encode())
@@ -241,10 +261,20 @@ class Registry:
         return {name: directory / part["file"]
                 for name, part in version.metadata.get("partitions", {}).items()}
 
+    def evicted_models(self, number: int, name: str) -> dict[str, tuple[Path, int]]:
+        """The keyed models partition state ``name`` of version ``number`` had evicted from
+        memory, by key: the model's file in the version, and the records it had learned."""
+        part = self.version(number).metadata.get("partitions", {}).get(name, {})
+        directory = self.versions_directory / str(number)
+        return {key: (directory / file, int(part.get("learned", {}).get(key, 0)))
+                for key, file in part.get("evicted", {}).items()}
+
     def verify(self, number: int) -> None:
         """Check the integrity of every file of version ``number``, unpickling nothing."""
-        for path in self.files(number).values():
+        for name, path in self.files(number).items():
             read_verified(path, self.integrity)
+            for model, _learned in self.evicted_models(number, name).values():
+                read_verified(model, self.integrity)
 
     def load_state(self, number: int, name: str) -> tuple[dict[str, Any], Any] | None:
         """The header and (state, models) of partition state ``name`` in version ``number``,
@@ -252,8 +282,17 @@ class Registry:
         path = self.files(number).get(name)
         if path is None:
             return None
+        return self._load(number, path, "partition-state", name)
+
+    def load_model(self, number: int, path: Path) -> tuple[dict[str, Any], Any]:
+        """The header and model (a ModelSlot) of the evicted keyed model file ``path`` of
+        version ``number`` (see :meth:`evicted_models`), verified before it is unpickled."""
+        return self._load(number, path, "model")
+
+    def _load(self, number: int, path: Path, kind: str,
+              name: str | None = None) -> tuple[dict[str, Any], Any]:
         try:
-            return load_verified(path, self.integrity, "partition-state", name)
+            return load_verified(path, self.integrity, kind, name)
         except FileNotFoundError:
             raise RegistryError(f"version {number} was removed while being read") from None
 
@@ -374,6 +413,8 @@ class Registry:
             loaded = self.load_state(number, name)
             assert loaded is not None
             _state, slots = loaded[1]
+            slots = {**{key: self.load_model(number, path)[1] for key, (path, _learned)
+                        in self.evicted_models(number, name).items()}, **slots}
             models[int(part["partition"])] = {key: slot.model.estimator for key, slot in slots.items()}
         document = {"format": EXPORT_FORMAT, "metadata": {**version.metadata, "tags": version.tags},
                     "models": models}

@@ -47,7 +47,13 @@ from streamflow import __version__
 from streamflow.ml.checkpoint import CheckpointError, CheckpointStore, Snapshot, Staged
 from streamflow.ml.engine import DriftEvent, EngineSettings, ModelEngine, Promotion
 from streamflow.ml.model import Features, PredictionColumns, RiverModel
-from streamflow.ml.registry import Registry, RegistryError, RollbackRequest, prepare_version
+from streamflow.ml.registry import (
+    Registry,
+    RegistryError,
+    RollbackRequest,
+    open_version,
+    prepare_version,
+)
 from streamflow.ml.spec import build_estimator
 from streamflow.plugins import TransientError
 
@@ -272,6 +278,16 @@ class EngineHost:
         self.checkpoints += 1
         keep = self.keep_versions if versioned else 0
         staged = [snapshot.staged(self.checkpoints, keep) for snapshot in snapshots]
+        self.engine.version_links = None
+        if keep and any(snapshot.evicted for snapshot in snapshots):
+            # the forked child links the evicted models' files; one the worker replaces
+            # meanwhile is linked by the worker first (ModelEngine.version_links)
+            directory = staged[0].version
+            assert directory is not None
+            open_version(directory)
+            self.engine.version_links = (directory, {
+                partition: snapshot.evicted
+                for partition, snapshot in zip(self.engine.states, snapshots, strict=True)})
         return Durable(Checkpointed(self.engine.committable(), self.metric_values(), staged,
                                     self.standings()), snapshots)
 
@@ -313,8 +329,10 @@ class EngineHost:
 
     def _adopt(self, partition: int, request: RollbackRequest) -> None:
         current = self.engine.states[partition]
+        name = self.engine._state_name(partition)
         try:
-            loaded = self.registry.load_state(request.version, self.engine._state_name(partition))
+            loaded = self.registry.load_state(request.version, name)
+            evicted = self.registry.evicted_models(request.version, name)
         except Exception as exc:  # refused, gone, or not unpicklable here: the model stays
             self._rollbacks_passed.add((request.id, partition))
             log.error("rollback of partition %d to version %d failed: %s: %s", partition,
@@ -326,20 +344,21 @@ class EngineHost:
                         "its model", request.version, partition)
             return
         header, (state, models) = loaded
-        learned_before = sum(slot.learned for (p, _key), slot in self.engine.slots.items()
-                             if p == partition)
+        in_memory = {key: slot.learned for (p, key), slot in self.engine.slots.items()
+                     if p == partition}
+        learned_before = sum({**current.stored, **in_memory}.values())
         newest = self.registry.latest()
         self.engine.adopt(partition, state, models, {
             "id": request.id, "version": request.version, "adopted_at": time.time(),
             "at_offsets": dict(current.next_offsets), "learned_before": learned_before,
             "from_version": newest.number if newest else None,
-        })
+        }, evicted)
         state.records_since_checkpoint = max(state.records_since_checkpoint, self.every_records)
         self.effects.rollbacks.append(request.version)
         log.warning("partition %d rolled back to version %d at offsets %s: its model had learned "
                     "%d records, version %d's %d%s", partition, request.version,
                     current.next_offsets, learned_before, request.version,
-                    sum(header.get("learned", {}).values()),
+                    header.get("records_learned", 0),
                     "" if header.get("registry", {}).get("config_hash") in (None, self.config_hash)
                     else " (that version was taken with another pipeline config)")
 

@@ -432,6 +432,9 @@ def _checkpoints(source: str, pipeline: str, model: ModelConfig) -> tuple[list[L
         for name, path in registry.files(number).items():
             if (loaded := registry.load_state(number, name)) is not None:
                 found.append((name, "partition-state", *loaded, path))
+            for model_path, _learned in registry.evicted_models(number, name).values():
+                header, slot = registry.load_model(number, model_path)
+                found.append((header["name"], "model", header, slot, model_path))
     except RegistryError as exc:
         raise BackfillError(f"--model-checkpoint: {source!r} is no directory, and model stage "
                             f"{model.name}'s registry says: {exc}") from None

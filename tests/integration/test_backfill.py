@@ -29,7 +29,8 @@ BASE_MS = int(time.time() * 1000) - 3_600_000
 
 
 def preload(bootstrap: str, topic: str) -> None:
-    """Two partitions of labelled records, ``id`` = partition * 1000 + offset."""
+    """Two partitions of labelled records, ``id`` = partition * 1000 + offset, ``k`` one of
+    five keys."""
     admin = create_transport("confluent", bootstrap).admin()
     admin.create_topics([TopicSpec(topic, 2)])
     admin.close()
@@ -37,25 +38,29 @@ def preload(bootstrap: str, topic: str) -> None:
     for partition in (0, 1):
         for index in range(RECORDS_PER_PARTITION):
             x = (index % 17) / 17 + partition
-            record = {"id": partition * 1000 + index, "x": x, "y": 3 * x + 1}
+            record = {"id": partition * 1000 + index, "k": index % 5, "x": x, "y": 3 * x + 1}
             producer.produce(topic, json.dumps(record).encode(), partition=partition,
                              timestamp=BASE_MS + 1000 * index)
     assert producer.flush(30) == 0
 
 
-def pipeline(bootstrap: str, tmp_path: Path, topic: str, learning_rate: float = 0.05
-             ) -> PipelineConfig:
+def pipeline(bootstrap: str, tmp_path: Path, topic: str, learning_rate: float = 0.05,
+             keyed: bool = False) -> PipelineConfig:
+    """With ``keyed``, a model per ``k``, at most two in memory. The output topic is the
+    test's own, as bounded runs of two tests may share a suffix."""
+    scored = f"{topic}-scored"
     return PipelineConfig.model_validate({
         "pipeline": f"bf-{topic}",
         "kafka": {"bootstrap": bootstrap},
         "topics": [{"name": topic, "partitions": 2, "external": True},
-                   {"name": "scored", "partitions": 2}],
-        "models": [{"name": "model", "input": topic, "output": "scored", "target": "y",
+                   {"name": scored, "partitions": 2}],
+        "models": [{"name": "model", "input": topic, "output": scored, "target": "y",
                     "features": ["x"], "batch": {"max_records": 7, "max_wait_ms": 20},
                     "estimator": [{"linear_model.LinearRegression": {
                         "intercept_lr": learning_rate}}],
+                    **({"key_field": "k", "max_models": 2} if keyed else {}),
                     "checkpoint": {"path": str(tmp_path / "checkpoints")}}],
-        "sinks": [{"name": "lake", "type": "parquet", "input": "scored",
+        "sinks": [{"name": "lake", "type": "parquet", "input": scored,
                    "path": str(tmp_path / "lake")}],
         "lineage": {"transport": {"type": "file", "path": str(tmp_path / "lineage.ndjson")}},
         "metrics": {"port": 0},
@@ -136,12 +141,13 @@ def test_a_used_suffix_and_bad_bounds_are_refused(bootstrap: str, tmp_path: Path
     assert f"--until: {topic}:7 is no partition of the entry topics" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["one-model", "keyed-evicted"])
 def test_model_stages_start_from_a_chosen_checkpoint_the_same_way_each_time(
-    bootstrap: str, tmp_path: Path
+    bootstrap: str, tmp_path: Path, keyed: bool
 ) -> None:
     topic = f"features-{uuid.uuid4().hex[:8]}"
     preload(bootstrap, topic)
-    config = pipeline(bootstrap, tmp_path, topic)
+    config = pipeline(bootstrap, tmp_path, topic, keyed=keyed)
     assert PipelineRunner(config, until_idle_s=1.0).run().exit_code == 0  # the live run learns
     range_ = {"start": f"{topic}:0=100,{topic}:1=110", "until": None}
     for suffix, checkpoint in (("by-version", "latest"), ("by-path", str(tmp_path / "checkpoints"))):
@@ -152,7 +158,11 @@ def test_model_stages_start_from_a_chosen_checkpoint_the_same_way_each_time(
         assert "sha256" in result.summary.backfill["model_checkpoint"]
     by_version, by_path = rows(tmp_path / "lake.by-version"), rows(tmp_path / "lake.by-path")
     assert [row[0] for row in by_version] == [*range(100, 120), *range(1110, 1120)]
-    assert by_version == by_path
+    assert by_version == by_path  # a version holds the keyed models evicted to the store too
+    if keyed:  # each key's model had learned 24 records of each partition
+        assert [row[4] for row in by_version] == [24 + index // 5 for index in range(20)] + [
+            24 + index // 5 for index in range(10)]
+        return
     # The copies go on from what the live model learned: 120 records in each partition.
     assert [row[4] for row in by_version] == [*range(120, 140), *range(120, 130)]
 

@@ -463,7 +463,7 @@ def test_a_rollback_restores_the_versions_champion_and_challengers(tmp_path: Pat
     _header, (state, models) = run.engine.store.load(f"{TOPIC}+0", "partition-state")
     run.feed(BANANAS[:2000], start=1000)
     assert run.engine.standings(0)["poly"]["champion"]
-    run.engine.adopt(0, state, models, {"id": "r", "version": 1})
+    run.engine.adopt(0, state, models, {"id": "r", "version": 1}, {})
     assert {name: (s["champion"], s["records_learned"])
             for name, s in run.engine.standings(0).items()} == {
         "main": (True, 1000), "poly": (False, 1000)}
