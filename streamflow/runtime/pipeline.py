@@ -172,6 +172,7 @@ class PipelineRunner:
                 stack.enter_context(DeadLetterFile(transport, self._dead_letter_topics(),
                                                    self.dead_letter_file))
             self._build(transport)
+            self._serve(stack)
             if self.config.lineage is not None:
                 self._open_lineage(stack)
             # Collect garbage, then freeze what exists now (modules, settings, clients) out of
@@ -187,6 +188,19 @@ class PipelineRunner:
             self._started = True
             self._started_at = time.monotonic()
             return self._supervise()
+
+    def _serve(self, stack: ExitStack) -> None:
+        """Start the prediction server of each model stage run here that has ``serving:``."""
+        served = [model for model in self.config.models
+                  if model.serving is not None and self._selected(model.name)]
+        if not served:
+            return
+        from streamflow.runtime.serving import ModelServer  # aiohttp, only then
+
+        for model in served:
+            assert model.serving is not None
+            server = ModelServer(self.config.pipeline, model, model.serving).start()
+            stack.callback(server.stop)
 
     def _open_lineage(self, stack: ExitStack) -> None:
         """OpenLineage events for the runners (docs/lineage.md), sent until the stop."""
