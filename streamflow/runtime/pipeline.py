@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # imported where used: a pipeline without them spares their l
     from streamflow.runtime.lineage import LineageTracker
     from streamflow.runtime.model_stage import ModelStage
     from streamflow.runtime.schedules import Scheduler
+    from streamflow.runtime.serving import ModelServer
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class PipelineRunner:
         self.metrics_port = config.metrics.port if metrics_port is None else metrics_port
         self.bootstrap: str | None = None
         self.metrics_server: MetricsServer | None = None
+        self.model_servers: list[ModelServer] = []  # of the model stages with serving:
         self.supervisor = Supervisor()
         # the schedules run in the whole daemon, not in a one-stage container (--stage)
         self.scheduler: Scheduler | None = None
@@ -201,6 +203,7 @@ class PipelineRunner:
             assert model.serving is not None
             server = ModelServer(self.config.pipeline, model, model.serving).start()
             stack.callback(server.stop)
+            self.model_servers.append(server)
 
     def _open_lineage(self, stack: ExitStack) -> None:
         """OpenLineage events for the runners (docs/lineage.md), sent until the stop."""

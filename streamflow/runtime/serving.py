@@ -44,7 +44,7 @@ from aiohttp import web
 from streamflow.config.models import ModelConfig, ServingConfig
 from streamflow.ml.engine import ModelSlot
 from streamflow.ml.features import feature_rows
-from streamflow.ml.model import Prediction
+from streamflow.ml.model import Features, Prediction
 from streamflow.ml.registry import Registry
 from streamflow.plugins import ROW_ID
 from streamflow.plugins.listeners import is_loopback
@@ -128,16 +128,24 @@ def _finite(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Records:
+    """A request's decoded records: position in the request, feature dict and model key."""
+
+    positions: list[int]
+    features: list[Features]
+    keys: list[str]
+
+
 class Predictor:
     """Turns request bodies into answers with the version it is given."""
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
 
-    def predict(self, body: bytes, served: ServedVersion) -> tuple[list[dict[str, Any]], bool]:
-        """One answer per record of ``body`` (a :class:`RequestError` if any record fails),
-        and whether the body was NDJSON."""
-        values, ndjson = split_body(body)
+    def records(self, values: list[bytes]) -> Records:
+        """The feature dict and model key of each record, as the stage builds them (a
+        :class:`RequestError` if a record is not a JSON object or a feature is in none)."""
         decoded = decode_features(self.config, values)
         if decoded.failures:
             raise RequestError(400, "records are not JSON objects",
@@ -146,13 +154,21 @@ class Predictor:
             raise RequestError(422, str(decoded.missing_error().args[0]))
         table = decoded.table
         rows = feature_rows(decoded.features())
-        positions = table[ROW_ID].to_pylist()
         key_field = self.config.key_field
         keys = ([str(value) for value in table[key_field].to_pylist()]
                 if key_field and key_field in table.column_names else [""] * len(rows))
+        return Records(table[ROW_ID].to_pylist(), rows, keys)
+
+    def predict(self, body: bytes, served: ServedVersion) -> tuple[list[dict[str, Any]], bool]:
+        """One answer per record of ``body`` (a :class:`RequestError` if any record fails),
+        and whether the body was NDJSON."""
+        values, ndjson = split_body(body)
+        records = self.records(values)
+        key_field = self.config.key_field
         answers: list[dict[str, Any] | None] = [None] * len(values)
         errors = []
-        for position, features, key in zip(positions, rows, keys, strict=True):
+        for position, features, key in zip(records.positions, records.features, records.keys,
+                                           strict=True):
             found = served.model(key)
             if found is None:
                 errors.append((position, f"version {served.number} has no model for "
