@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -193,6 +194,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     print(f"serving stage {model.name} of pipeline {config.pipeline} at {server.url}/predict; "
           "Ctrl-C stops it", flush=True)
+    gc.collect()  # then keep what exists now (modules, the model) out of full collections,
+    gc.freeze()  # which would otherwise walk it all every few thousand requests
     stop.wait()
     server.stop()
     return 0

@@ -364,7 +364,8 @@ class ServingConfig(Strict):
     request_timeout_s: float = Field(
         10.0, gt=0, description="time allowed to read a request's body and answer it")
     keepalive_timeout_s: float = Field(
-        15.0, gt=0, description="an idle keep-alive connection is closed after this long")
+        15.0, gt=0, description="a connection idle this long, or whose request line and "
+        "headers take longer, is closed")
     poll_interval_s: float = Field(
         1.0, gt=0, description="how often the registry is looked at for a newer version")
 

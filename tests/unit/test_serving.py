@@ -5,6 +5,7 @@ the stage's own; its bounds (body size, concurrency, time) and its bearer token 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import pickle
@@ -442,6 +443,22 @@ def test_concurrent_requests_are_bounded_and_a_slow_body_times_out(tmp_path: Pat
         ok = raw_request(server.port or 0, b"POST /predict HTTP/1.1\r\nHost: x\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(record), record))
         assert status_of(ok) == 200
+    finally:
+        server.stop()
+
+
+def test_a_connection_whose_headers_trickle_in_is_closed(tmp_path: Path) -> None:
+    server = ModelServer("p", model_config(tmp_path), fast(keepalive_timeout_s=0.5)).start()
+    try:
+        connection = raw_request(server.port or 0, b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            for byte in b"X-Slow: " + b"a" * 40:
+                connection.sendall(bytes([byte]))
+                time.sleep(0.1)
+        assert connection.recv(100) == b""  # closed by the server, without an answer
+        assert time.monotonic() - started < 3
+        connection.close()
     finally:
         server.stop()
 
