@@ -48,6 +48,7 @@ from streamflow.ml.model import Features, Prediction
 from streamflow.ml.registry import Registry
 from streamflow.plugins import ROW_ID
 from streamflow.plugins.listeners import is_loopback
+from streamflow.runtime.fatal import FatalError
 from streamflow.runtime.model_stage import decode_features
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ NDJSON = "application/x-ndjson"
 _STOP_TIMEOUT_S = 10.0
 
 
-class ServingError(RuntimeError):
+class ServingError(FatalError):
     """The server cannot start as configured (a token missing, the port taken)."""
 
 
@@ -225,9 +226,10 @@ class ModelServer:
             return None
         token = environ.get(name, "")
         if len(token) < MIN_TOKEN_CHARS:
-            raise ServingError(f"serving of stage {self.stage}: set {name} to a bearer token of "
-                               f"at least {MIN_TOKEN_CHARS} characters ("
-                               + ("it is not set)" if not token else "it is shorter)"))
+            raise ServingError(f"serving of stage {self.stage} needs a bearer token in {name}, "
+                               + ("which is not set" if not token else "which is shorter than "
+                                  f"{MIN_TOKEN_CHARS} characters"),
+                               f"set {name} to a token of at least {MIN_TOKEN_CHARS} characters")
         return token
 
     @property
@@ -370,7 +372,9 @@ class ModelServer:
             except OSError as exc:
                 started.set_exception(ServingError(
                     f"serving of stage {self.stage} cannot listen on {self.serving.host}:"
-                    f"{self.serving.port}: {exc.strerror or exc}"))
+                    f"{self.serving.port}: {exc.strerror or exc}",
+                    "set serving.port (0 takes any free port) or serving.host, or pass "
+                    "--port/--host to streamflow serve"))
                 return
             self.port = int(runner.addresses[0][1])
             started.set_result(None)

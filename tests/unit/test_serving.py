@@ -380,9 +380,9 @@ def test_off_loopback_a_token_is_required(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ValidationError, match="set token_env"):
         ServingConfig.model_validate({"host": "0.0.0.0"})
     settings = fast(host="0.0.0.0", token_env="SERVE_TOKEN")
-    with pytest.raises(ServingError, match="set SERVE_TOKEN to a bearer token"):
+    with pytest.raises(ServingError, match="needs a bearer token in SERVE_TOKEN, which is not set"):
         ModelServer("p", model_config(tmp_path), settings, environ={})
-    with pytest.raises(ServingError, match="it is shorter"):
+    with pytest.raises(ServingError, match="shorter than 16 characters; set SERVE_TOKEN"):
         ModelServer("p", model_config(tmp_path), settings, environ={"SERVE_TOKEN": "short"})
 
     trainer = Trainer(tmp_path)
