@@ -265,8 +265,9 @@ class ModelServer:
             await asyncio.sleep(self.serving.poll_interval_s)
             try:
                 await asyncio.to_thread(self.refresh)
-            except OSError as exc:  # the store unreadable for now: try again later
-                log.warning("stage %s: cannot read the model registry: %s", self.stage, exc)
+            except Exception as exc:  # the store unreadable for now: try again later
+                log.warning("stage %s: cannot read the model registry: %s: %s", self.stage,
+                            type(exc).__name__, exc)
 
     # --- HTTP -----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import json
 import pickle
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from streamflow.ml.worker import EngineSpec
 from streamflow.runtime.model_stage import ModelStage
 from streamflow.runtime.serving import (
     ModelServer,
+    Predictor,
     RequestError,
     ServingError,
     load_version,
@@ -38,6 +40,7 @@ from streamflow.runtime.serving import (
 from streamflow.runtime.stages import StageIdentity
 from streamflow.transport import ConsumedBatch
 from streamflow.transport.memory import MemoryTransport
+from tests.hostile import generate
 from tests.unit.test_features import same_rows
 
 TOPIC = "features"
@@ -231,6 +234,28 @@ def test_bad_input_is_a_4xx_in_json_naming_the_records(
         assert status == 404 and "error" in answer
 
     serve(server, test)
+
+
+@pytest.mark.parametrize("features", [None, ["id", "v"]])
+def test_hostile_records_get_an_answer_or_a_4xx_never_an_error(
+    trained: tuple[Trainer, ModelServer], features: list[str] | None
+) -> None:
+    _trainer, server = trained
+    predictor = Predictor(model_config(Path(server.registry.store), features=features))
+    assert server.served is not None
+    values = [record.value for record in generate(250, seed=29, huge_every=125)
+              if record.value is not None]
+    bodies = values + [b"\n".join(values[i:i + 7]) for i in range(0, len(values), 7)]
+    outcomes: Counter[int] = Counter()
+    for request in bodies:
+        try:
+            answers, _ndjson = predictor.predict(request, server.served)
+            outcomes[200] += 1
+            json.dumps(answers, allow_nan=False)  # what the server sends is JSON
+        except RequestError as exc:
+            assert 400 <= exc.status < 500
+            outcomes[exc.status] += 1
+    assert outcomes[200] and outcomes[400]  # answers and refusals both
 
 
 def test_a_body_over_max_body_bytes_is_refused_with_413(tmp_path: Path) -> None:
