@@ -21,6 +21,7 @@ from aiohttp import ClientSession, test_utils
 from pydantic import ValidationError
 from river import datasets, linear_model, preprocessing
 
+from streamflow.cli import main
 from streamflow.config.models import BatchConfig, ModelConfig, ServingConfig
 from streamflow.metrics import PipelineMetrics
 from streamflow.ml.checkpoint import CheckpointStore, publish
@@ -495,3 +496,20 @@ def test_a_taken_port_is_a_serving_error(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         with pytest.raises(ServingError, match=f"cannot listen on 127.0.0.1:{port}"):
             ModelServer("p", model_config(tmp_path), fast(port=port)).start()
+
+
+def test_serve_refuses_an_unknown_stage_and_a_host_off_loopback_without_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(json.dumps({"pipeline": "p", "models": [model_config(tmp_path).model_dump(
+        mode="json", exclude_none=True)]}))
+    assert main(["serve", str(path), "--stage", "nope"]) == 2
+    assert "has no model stage 'nope'" in capsys.readouterr().err
+    assert main(["serve", str(path), "--host", "0.0.0.0"]) == 2
+    assert "set token_env" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(path), "--port", str(taken.getsockname()[1])]) == 1
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
