@@ -28,7 +28,7 @@ from streamflow.ml.checkpoint import CheckpointStore, publish
 from streamflow.ml.engine import EngineSettings, ModelEngine
 from streamflow.ml.model import RiverModel
 from streamflow.ml.registry import prepare_version
-from streamflow.ml.worker import EngineSpec
+from streamflow.ml.worker import BatchRequest, EngineSpec
 from streamflow.runtime.model_stage import ModelStage
 from streamflow.runtime.serving import (
     ModelServer,
@@ -353,9 +353,8 @@ def test_a_classifier_answers_its_class_probabilities(tmp_path: Path) -> None:
     serve(server, test)
 
 
-def stage_features(config: ModelConfig, values: list[bytes]) -> list[dict[str, Any]] | None:
-    """The feature dicts a model stage hands its worker for one batch of ``values`` (None when
-    it dead-letters the whole batch)."""
+def stage_request(config: ModelConfig, values: list[bytes]) -> BatchRequest:
+    """What a model stage hands its worker for one batch of ``values``."""
     metrics = PipelineMetrics("p")
     stage = ModelStage(StageIdentity("p", "model", TOPIC, "dlq"), MemoryTransport("equality"),
                        BatchConfig(),
@@ -366,6 +365,12 @@ def stage_features(config: ModelConfig, values: list[bytes]) -> list[dict[str, A
     request, _in_flight = stage._prepare(ConsumedBatch(
         [TOPIC] * count, [0] * count, list(range(count)), [None] * count, list(values),
         [0] * count, [None] * count))
+    return request
+
+
+def stage_features(config: ModelConfig, values: list[bytes]) -> list[dict[str, Any]] | None:
+    """The feature dicts of :func:`stage_request` (None when the stage dead-letters the batch)."""
+    request = stage_request(config, values)
     if request.features is None:
         return None
     features: list[dict[str, Any]] = pickle.loads(request.features)
@@ -400,6 +405,18 @@ def test_the_servers_feature_dicts_equal_the_stages(
         return
     served = server.predictor.records(split_body(b"\n".join(values))[0])
     assert stage and same_rows(served.features, stage)
+
+
+def test_the_servers_model_keys_equal_the_stages(tmp_path: Path) -> None:
+    config = model_config(tmp_path, features=["x"], key_field="device")
+    records = [{"device": "a", "x": 1}, {"device": "b7", "x": 2}, {"device": None, "x": 3},
+               {"x": 4}]
+    values = [json.dumps(record).encode() for record in records]
+    served = Predictor(config).records(values)
+    assert served.keys == stage_request(config, values).model_keys == ["a", "b7", "None", "None"]
+    alone = [json.dumps({"x": 1}).encode()]  # no record of the batch has the field
+    assert Predictor(config).records(alone).keys == [""]
+    assert stage_request(config, alone).model_keys is None  # the worker takes "" for each
 
 
 def test_off_loopback_a_token_is_required(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
