@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -49,8 +50,15 @@ def quickstart_environment(folder: Path) -> dict[str, str]:
 
 
 def train(environ: dict[str, str]) -> None:
-    """Run the quickstart until idle: its model stage learns and checkpoints versions."""
-    result = PipelineRunner(load_pipeline(QUICKSTART, environ), until_idle_s=2.0).run()
+    """Run the quickstart until idle in a process of its own (the load generator's then stays
+    small: a full garbage collection of the pipeline's objects would stall it): its model stage
+    learns and checkpoints versions."""
+    subprocess.run([sys.executable, "-m", "benchmarks.serving", "train"], env=environ, cwd=ROOT,
+                   check=True)
+
+
+def _train_here() -> None:
+    result = PipelineRunner(load_pipeline(QUICKSTART), until_idle_s=2.0).run()
     if result.exit_code:
         raise RuntimeError(f"the quickstart failed: {result.reason} {result.errors}")
 
@@ -73,8 +81,18 @@ class Connections:
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         """The status and body of the answer to ``POST path`` with ``body``."""
-        reader, writer = (self.idle.pop() if self.idle
-                          else await asyncio.open_connection(self.host, self.port))
+        while self.idle:  # the most recently used first: the least likely to be closed
+            reader, writer = self.idle.pop()
+            if not reader.at_eof():
+                try:
+                    return await self._exchange(reader, writer, path, body)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    writer.close()  # closed by the server while idle: try another
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        return await self._exchange(reader, writer, path, body)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        path: str, body: bytes) -> tuple[int, bytes]:
         writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(),
                                                          len(body), body))
@@ -175,3 +193,7 @@ def run_serving(rate: int, seconds: float, repeat: int) -> list[dict[str, Any]]:
         runs.append(found)
     return [{"system": "streamflow", "workload": WORKLOAD, "rate": rate, "seconds": seconds,
              **medians(runs)}]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["train"]:
+    _train_here()
