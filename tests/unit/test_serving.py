@@ -134,6 +134,12 @@ def test_one_record_or_ndjson_is_predicted_by_the_newest_version(
         river.learn_one(x, y)
     x = STREAM[250][0]
 
+    def served_model() -> Any:
+        assert server.served is not None
+        return server.served.models[""][1].model.estimator
+
+    before = pickle.dumps(served_model())
+
     async def test(call: Call) -> None:
         status, answer = await call("POST", "/predict", data=json.dumps(x))
         assert status == 200
@@ -151,8 +157,9 @@ def test_one_record_or_ndjson_is_predicted_by_the_newest_version(
         assert await call("GET", "/healthz") == (200, {
             "stage": "model", "version": 1, "models": 1,
             "loaded_at": server.served.loaded_at if server.served else None})
-        # the server learns nothing: the same record, the same answer
+        # the server learns nothing: the same record, the same answer, the same model
         assert (await call("POST", "/predict", data=json.dumps(x)))[1] == answer
+        assert pickle.dumps(served_model()) == before
 
     serve(server, test)
 
