@@ -195,6 +195,8 @@ class Predictor:
         if prediction.score is not None:
             answer["score"] = _finite(prediction.score)
         answer.update(version=number, records_learned=slot.learned, partition=partition)
+        if slot.challengers is not None:  # the stage has challengers: which model is champion
+            answer["champion"] = slot.name
         if self.config.key_field:
             answer["key"] = key
         return answer

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from aiohttp import ClientSession, test_utils
 from pydantic import ValidationError
@@ -26,6 +27,7 @@ from streamflow.config.models import BatchConfig, ModelConfig, ServingConfig
 from streamflow.metrics import PipelineMetrics
 from streamflow.ml.checkpoint import CheckpointStore, publish
 from streamflow.ml.engine import EngineSettings, ModelEngine
+from streamflow.ml.features import pickled_feature_rows
 from streamflow.ml.model import RiverModel
 from streamflow.ml.registry import prepare_version
 from streamflow.ml.worker import BatchRequest, EngineSpec
@@ -61,13 +63,17 @@ class Trainer:
     """A real engine on a checkpoint store, checkpointing as the worker and stage do."""
 
     def __init__(self, tmp_path: Path, key_field: str | None = None,
-                 task: str = "regression", estimator: Callable[[], Any] | None = None) -> None:
+                 task: str = "regression", estimator: Callable[[], Any] | None = None,
+                 challengers: dict[str, Callable[[], Any]] | None = None) -> None:
         settings = EngineSettings(task=task, target="y", metrics=[], rolling_window=10,
-                                  key_field=key_field, max_models=10, features_topic=TOPIC)
+                                  key_field=key_field, max_models=10, features_topic=TOPIC,
+                                  challengers=tuple(challengers or ()))
         build = estimator or (lambda: preprocessing.StandardScaler()
                               | linear_model.LinearRegression())
-        self.engine = ModelEngine(settings, lambda: RiverModel(build(), task),
-                                  CheckpointStore(tmp_path, "p", "model"))
+        self.engine = ModelEngine(
+            settings, lambda: RiverModel(build(), task), CheckpointStore(tmp_path, "p", "model"),
+            new_challengers={name: lambda make=make: RiverModel(make(), task)
+                             for name, make in (challengers or {}).items()} or None)
         self.offset = 0
 
     def learn(self, records: list[tuple[dict[str, Any], Any]], partition: int = 0,
@@ -336,6 +342,24 @@ def test_keyed_models_are_picked_by_the_records_key(tmp_path: Path) -> None:
     serve(server, test)
 
 
+def test_with_challengers_the_champion_answers_and_is_named(tmp_path: Path) -> None:
+    trainer = Trainer(tmp_path, challengers={"plain": linear_model.LinearRegression})
+    trainer.learn(STREAM[:200])
+    trainer.checkpoint()
+    config = model_config(tmp_path, challengers=[
+        {"name": "plain", "estimator": [{"linear_model.LinearRegression": {}}]}])
+    server = ModelServer("p", config, fast())
+    server.refresh()
+    assert server.served is not None
+    _partition, slot = server.served.models[""]
+    assert slot.challengers is not None and set(slot.challengers) == {"plain"}
+    x = STREAM[250][0]
+    [answer], _ndjson = server.predictor.predict(json.dumps(x).encode(), server.served)
+    assert answer["champion"] == "main"
+    assert answer["prediction"] == slot.model.predict(x).value
+    assert answer["prediction"] != slot.challengers["plain"].model.predict(x).value
+
+
 def test_a_classifier_answers_its_class_probabilities(tmp_path: Path) -> None:
     phishing = list(itertools.islice(datasets.Phishing(), 300))
     trainer = Trainer(tmp_path, task="classification", estimator=lambda: (
@@ -380,7 +404,8 @@ def stage_features(config: ModelConfig, values: list[bytes]) -> list[dict[str, A
     request = stage_request(config, values)
     if request.features is None:
         return None
-    features: list[dict[str, Any]] = pickle.loads(request.features)
+    assert isinstance(request.features, pa.Table)  # sent to the worker as its rows' pickle
+    features: list[dict[str, Any]] = pickle.loads(pickled_feature_rows(request.features))
     return features
 
 
