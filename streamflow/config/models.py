@@ -359,8 +359,8 @@ class ServingConfig(Strict):
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment variable holding "
         "the bearer token (at least 16 characters) callers must present; required off loopback")
     max_body_bytes: int = Field(1_048_576, ge=1, description="larger bodies are answered 413")
-    max_concurrent_requests: int = Field(
-        64, ge=1, description="requests served at once; further ones are answered 503")
+    max_connections: int = Field(
+        64, ge=1, description="connections served at once; further ones are answered 503")
     request_timeout_s: float = Field(
         10.0, gt=0, description="time allowed to read a request's body and answer it")
     keepalive_timeout_s: float = Field(

@@ -7,7 +7,8 @@ to the stage's worker: it holds a read-only copy of the newest version of the st
 loaded with the registry's integrity checks, and swaps it for a newer one (a single reference
 assignment, so a request is answered wholly by one version) when the registry has one, looked
 for every ``poll_interval_s``. It runs in the stage's process (``serving:``) or on its own
-(``streamflow serve``), on aiohttp, in a thread with its own event loop.
+(``streamflow serve``), on the :class:`~streamflow.plugins.listeners.Listener` the metrics
+server and the webhook use (aiohttp on an event loop in a thread of its own).
 
 Records are decoded and their feature dicts built by the code the stage decodes its batches
 with (:func:`~streamflow.runtime.model_stage.decode_features`), a request being one batch: a
@@ -19,14 +20,13 @@ Answers: 200 with the predictions; 400 a body that is not JSON objects; 401 a mi
 bearer token; 404, 405 other paths and methods; 408 a body not read within
 ``request_timeout_s``; 413 a body over ``max_body_bytes``; 422 records the model cannot take (a
 listed feature in no record, a value the estimator refuses, a key without a model); 503 no
-version yet, or ``max_concurrent_requests`` being served. Errors are JSON: ``{"error": ...}``,
+version yet, or ``max_connections`` being served. Errors are JSON: ``{"error": ...}``,
 with ``"records": [{"record": i, "error": ...}]`` naming records from 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -34,8 +34,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import Future
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +46,7 @@ from streamflow.ml.features import feature_rows
 from streamflow.ml.model import Features, Prediction
 from streamflow.ml.registry import Registry
 from streamflow.plugins import ROW_ID
-from streamflow.plugins.listeners import is_loopback
+from streamflow.plugins.listeners import ConnectionLimits, Listener, is_loopback
 from streamflow.runtime.fatal import FatalError
 from streamflow.runtime.model_stage import decode_features
 
@@ -203,8 +202,8 @@ class Predictor:
 
 
 class ModelServer:
-    """Serves one model stage's newest registry version; :meth:`start` runs it in a thread,
-    :meth:`app` is the aiohttp application (for aiohttp's test server)."""
+    """Serves one model stage's newest registry version on a :class:`Listener` (aiohttp, on
+    an event loop in a thread of its own), a thread looking for newer versions."""
 
     def __init__(self, pipeline: str, config: ModelConfig, serving: ServingConfig,
                  environ: Mapping[str, str] | None = None) -> None:
@@ -217,10 +216,9 @@ class ModelServer:
         self.served: ServedVersion | None = None
         self.port: int | None = None
         self._refused: set[int] = set()  # versions that could not be loaded
-        self._active = 0
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
+        self._listener: Listener | None = None
+        self._poller: threading.Thread | None = None
+        self._stop_polling = threading.Event()
 
     def _token(self, environ: Mapping[str, str]) -> str | None:
         name = self.serving.token_env
@@ -262,47 +260,32 @@ class ModelServer:
                  len(served.models))
         return True
 
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.serving.poll_interval_s)
+    def _poll(self) -> None:
+        """Look for a newer version every ``poll_interval_s`` until :meth:`stop`."""
+        while not self._stop_polling.wait(self.serving.poll_interval_s):
             try:
-                await asyncio.to_thread(self.refresh)
+                self.refresh()
             except Exception as exc:  # the store unreadable for now: try again later
                 log.warning("stage %s: cannot read the model registry: %s: %s", self.stage,
                             type(exc).__name__, exc)
 
     # --- HTTP -----------------------------------------------------------------------------
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.serving.max_body_bytes,
-                              middlewares=[self._guard])
-        app.router.add_post("/predict", self._predict)
-        app.router.add_get("/healthz", self._healthz)
-
-        async def poll(app: web.Application) -> Any:
-            task = asyncio.create_task(self._poll())
-            yield
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-        app.cleanup_ctx.append(poll)
-        return app
-
-    @web.middleware
-    async def _guard(self, request: web.Request,
-                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                     ) -> web.StreamResponse:
-        """Token, concurrency bound and timeout; every error answered as JSON."""
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        """Every request: the token, then the route; every error answered as JSON."""
         if self.token is not None and not hmac.compare_digest(
             request.headers.get("Authorization", "").encode(), f"Bearer {self.token}".encode()
         ):
             return web.json_response({"error": "missing or wrong bearer token"}, status=401,
                                      headers={"WWW-Authenticate": "Bearer"})
-        if self._active >= self.serving.max_concurrent_requests:
-            return web.json_response({"error": "too many requests at once; retry"}, status=503,
-                                     headers={"Retry-After": "1"})
-        self._active += 1
+        routes = {"/predict": ("POST", self._predict), "/healthz": ("GET", self._healthz)}
+        if request.path not in routes:
+            return web.json_response({"error": "no such path: POST /predict or GET /healthz"},
+                                     status=404)
+        method, handler = routes[request.path]
+        if request.method != method:
+            return web.json_response({"error": f"{request.path} takes {method}"}, status=405,
+                                     headers={"Allow": method})
         try:
             async with asyncio.timeout(self.serving.request_timeout_s):
                 return await handler(request)
@@ -312,21 +295,22 @@ class ModelServer:
                 status=408, headers={"Connection": "close"})
         except RequestError as exc:
             return exc.response()
-        except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method, too large
-            if exc.empty_body:
-                raise
-            return web.json_response({"error": exc.text or exc.reason}, status=exc.status,
-                                     headers={k: v for k, v in exc.headers.items()
-                                              if k.lower() not in ("content-type",
-                                                                   "content-length")})
-        finally:
-            self._active -= 1
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The whole body (by Content-Length or chunked), at most ``max_body_bytes``."""
+        limit = self.serving.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise RequestError(413, f"body of {length} bytes exceeds {limit}")
+        body = bytearray()
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"body exceeds {limit} bytes")
+        return bytes(body)
 
     async def _predict(self, request: web.Request) -> web.Response:
-        length = request.content_length
-        if length is not None and length > self.serving.max_body_bytes:
-            raise RequestError(413, f"body of {length} bytes exceeds {self.serving.max_body_bytes}")
-        body = await request.read()
+        body = await self._body(request)
         served = self.served
         if served is None:
             return web.json_response(
@@ -348,49 +332,43 @@ class ModelServer:
     # --- running --------------------------------------------------------------------------
 
     def start(self) -> ModelServer:
-        """Load the newest version, then serve in a thread until :meth:`stop`; raises
+        """Load the newest version, then serve until :meth:`stop`; raises
         :class:`ServingError` if the address cannot be bound."""
         self.refresh()
-        started: Future[None] = Future()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve(started)),
-                                        name=f"serve-{self.stage}", daemon=True)
-        self._thread.start()
-        started.result()
-        where = "" if is_loopback(self.serving.host) else " (bearer token required)"
+        serving = self.serving
+        try:
+            self._listener = Listener(
+                [web.route("*", "/{path:.*}", self._handle)], serving.host, serving.port,
+                f"serve-{self.stage}",
+                ConnectionLimits(serving.max_connections, serving.keepalive_timeout_s,
+                                 serving.keepalive_timeout_s, _BUSY),
+                grace_s=serving.request_timeout_s)
+        except OSError as exc:
+            raise ServingError(
+                f"serving of stage {self.stage} cannot listen on {serving.host}:{serving.port}: "
+                f"{exc.strerror or exc}", "set serving.port (0 takes any free port) or "
+                "serving.host, or pass --port/--host to streamflow serve") from exc
+        self.port = self._listener.port
+        self._listener.start()
+        self._poller = threading.Thread(target=self._poll, name=f"serve-{self.stage}-poll",
+                                        daemon=True)
+        self._poller.start()
+        where = "" if is_loopback(serving.host) else " (bearer token required)"
         log.info("stage %s: predictions at %s/predict%s, serving %s", self.stage, self.url,
                  where, f"version {self.served.number}" if self.served else "no version yet")
         return self
 
-    async def _serve(self, started: Future[None]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
-                               keepalive_timeout=self.serving.keepalive_timeout_s,
-                               shutdown_timeout=self.serving.request_timeout_s)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.serving.host, self.serving.port)
-            try:
-                await site.start()
-            except OSError as exc:
-                started.set_exception(ServingError(
-                    f"serving of stage {self.stage} cannot listen on {self.serving.host}:"
-                    f"{self.serving.port}: {exc.strerror or exc}",
-                    "set serving.port (0 takes any free port) or serving.host, or pass "
-                    "--port/--host to streamflow serve"))
-                return
-            self.port = int(runner.addresses[0][1])
-            started.set_result(None)
-            await self._stopping.wait()
-        finally:
-            await runner.cleanup()
-
     def stop(self) -> None:
         """Stop serving: requests in flight are answered first (up to request_timeout_s)."""
-        if self._thread is None:
-            return
-        if self._loop is not None and self._stopping is not None:
-            with contextlib.suppress(RuntimeError):  # the loop ended already
-                self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(self.serving.request_timeout_s + _STOP_TIMEOUT_S)
-        self._thread = None
+        self._stop_polling.set()
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        if self._poller is not None:
+            self._poller.join()
+            self._poller = None
+
+
+_BUSY_BODY = b'{"error": "too many connections; retry"}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))

@@ -1,5 +1,5 @@
-"""The model server: POST /predict and GET /healthz on aiohttp's test server (the real
-application), over registry versions a real engine checkpointed; the features it builds against
+"""The model server: POST /predict and GET /healthz, started on a free port, over registry
+versions a real engine checkpointed; the features it builds against
 the stage's own; its bounds (body size, concurrency, time) and its bearer token off loopback."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from aiohttp import ClientSession, test_utils
+from aiohttp import ClientSession
 from pydantic import ValidationError
 from river import datasets, linear_model, preprocessing
 
@@ -102,19 +102,24 @@ Call = Callable[..., Awaitable[tuple[int, Any]]]
 
 
 def serve(server: ModelServer, test: Callable[[Call], Awaitable[None]]) -> None:
-    """Run ``test`` against ``server``'s application on aiohttp's test server."""
-    async def run() -> None:
-        async with test_utils.TestClient(test_utils.TestServer(server.app())) as client:
-            async def call(method: str, path: str, **options: Any) -> tuple[int, Any]:
-                response = await client.request(method, path, **options)
-                text = await response.text()
-                if response.content_type == "application/x-ndjson":
-                    return response.status, [json.loads(line) for line in text.splitlines()]
-                return response.status, json.loads(text)
+    """Run ``test`` against ``server``, started on a free port, with an aiohttp client."""
+    server.start()
+    try:
+        async def run() -> None:
+            async with ClientSession() as session:
+                async def call(method: str, path: str, **options: Any) -> tuple[int, Any]:
+                    async with session.request(method, server.url + path, **options) as response:
+                        text = await response.text()
+                        if response.content_type == "application/x-ndjson":
+                            return response.status, [json.loads(line)
+                                                     for line in text.splitlines()]
+                        return response.status, json.loads(text)
 
-            await test(call)
+                await test(call)
 
-    asyncio.run(run())
+        asyncio.run(run())
+    finally:
+        server.stop()
 
 
 def body(records: list[dict[str, Any]]) -> bytes:
@@ -504,7 +509,7 @@ def test_concurrent_requests_are_bounded_and_a_slow_body_times_out(tmp_path: Pat
     trainer.learn(STREAM[:50])
     trainer.checkpoint()
     server = ModelServer("p", model_config(tmp_path),
-                         fast(max_concurrent_requests=1, request_timeout_s=1.0)).start()
+                         fast(max_connections=1, request_timeout_s=1.0)).start()
     try:
         head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
         slow = raw_request(server.port or 0, head)  # its body never completes
