@@ -16,12 +16,15 @@ from benchmarks.latency import run_latency
 from benchmarks.model import run_model
 from benchmarks.pipeline_latency import run_pipeline_latency
 from benchmarks.scaleout import run_scaleout
+from benchmarks.serving import run_serving
 from benchmarks.sinks import run_sinks
 from benchmarks.windows import run_windows
 
 WORKLOADS = {"core": run_core, "model": run_model, "dashboard": run_dashboard,
              "sinks": run_sinks, "windows": run_windows, "clean": run_clean, "scaleout": run_scaleout}
-RATED = {"latency": run_latency, "pipeline-latency": run_pipeline_latency}  # a fixed rate
+RATED = {"latency": run_latency, "pipeline-latency": run_pipeline_latency,  # a fixed rate
+         "serving": run_serving}
+DEFAULT_RATES = {"serving": 500}  # requests per second; the others' records, 5000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,17 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds, each running every system in turn; each one's median is kept")
-    parser.add_argument("--rate", type=int, default=5000,
-                        help="latency, pipeline-latency: records per second")
+    parser.add_argument("--rate", type=int,
+                        help="latency, pipeline-latency: records per second (default 5000); "
+                             "serving: requests per second (default 500)")
     parser.add_argument("--seconds", type=float, default=60,
-                        help="latency, pipeline-latency: how long to send (pipeline-latency "
-                             "adds the soak figures from 120 s on)")
+                        help="latency, pipeline-latency, serving: how long to send "
+                             "(pipeline-latency adds the soak figures from 120 s on)")
     parser.add_argument("--broker", choices=BROKERS, default="tansu",
                         help="the embedded Tansu or Apache Kafka (KRaft, from `make kafka`'s jars)")
     args = parser.parse_args(argv)
     choose_broker(args.broker)
     if args.workload in RATED:
-        results = RATED[args.workload](args.rate, args.seconds, args.repeat)
+        rate = args.rate or DEFAULT_RATES.get(args.workload, 5000)
+        results = RATED[args.workload](rate, args.seconds, args.repeat)
     else:
         results = WORKLOADS[args.workload](args.records, args.repeat)
     text = json.dumps(results, indent=2)

@@ -1,9 +1,10 @@
-"""The ``streamflow`` command: run, validate, schedule, broker."""
+"""The ``streamflow`` command: run, validate, schedule, serve, broker."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from streamflow import __version__
 from streamflow.config import ConfigError, load_pipeline
 from streamflow.config.models import PipelineConfig
 from streamflow.metrics import MetricsServer, PipelineMetrics
+from streamflow.ml.registry import RegistryError
 from streamflow.plugins import catalog
 from streamflow.runtime import dlq, lineage_cli, models_cli
 from streamflow.runtime.backfill import BackfillError, BackfillPlan, BackfillRunner, backfill_errors
@@ -162,6 +164,43 @@ def _broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from streamflow.config.models import ServingConfig
+    from streamflow.runtime.serving import ModelServer, ServingError  # aiohttp, only here
+
+    config = load_pipeline(args.file)
+    try:
+        model = models_cli.model_stage(config, args.file, args.stage)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    given = {name: value for name, value in
+             (("host", args.host), ("port", args.port), ("token_env", args.token_env))
+             if value is not None}
+    try:
+        serving = ServingConfig.model_validate(
+            {**(model.serving.model_dump() if model.serving else {}), **given})
+    except ValidationError as exc:
+        raise ConfigError(args.file, [error["msg"] for error in exc.errors()]) from None
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        server = ModelServer(config.pipeline, model, serving).start()
+    except ServingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"serving stage {model.name} of pipeline {config.pipeline} at {server.url}/predict; "
+          "Ctrl-C stops it", flush=True)
+    gc.collect()  # then keep what exists now (modules, the model) out of full collections,
+    gc.freeze()  # which would otherwise walk it all every few thousand requests
+    stop.wait()
+    server.stop()
+    return 0
+
+
 def _bound_options(command: argparse.ArgumentParser) -> None:
     """The options of a bounded run (docs/backfills.md)."""
     command.add_argument("--from", dest="from_", metavar="TIME|OFFSETS",
@@ -227,6 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     broker = commands.add_parser("broker", help="run the embedded broker for local development")
     broker.add_argument("--port", type=int, default=9092)
     broker.set_defaults(handler=_broker)
+
+    serve = commands.add_parser(
+        "serve", help="answer POST /predict from a model stage's newest version (docs/models.md)")
+    serve.add_argument("file", help="pipeline YAML file")
+    serve.add_argument("--stage", help="the model stage (needed if the pipeline has several)")
+    serve.add_argument("--host", help="override serving.host (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="override serving.port (default 8000; 0: any)")
+    serve.add_argument("--token-env", help="override serving.token_env: the variable holding "
+                                           "the bearer token (required off loopback)")
+    serve.set_defaults(handler=_serve)
 
     catalog.add_command(commands)
     dlq.add_command(commands)

@@ -21,6 +21,7 @@ from pydantic import (
 from streamflow.config.lineage import LineageConfig
 from streamflow.ml.model import MAIN_MODEL
 from streamflow.plugins import PROCESSOR_GROUP, PartitionedState, load
+from streamflow.plugins.listeners import is_loopback
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=200)]
@@ -348,6 +349,35 @@ class PromotionConfig(Strict):
     topic: Name | None = Field(None, description="promotion events topic (default <pipeline>.models)")
 
 
+class ServingConfig(Strict):
+    """``POST /predict`` over a model stage's newest registry version (docs/models.md, Serving)."""
+
+    host: str = Field("127.0.0.1", description="address to listen on; anything but loopback "
+                      "needs token_env")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on; 0 picks a free one")
+    token_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment variable holding "
+        "the bearer token (at least 16 characters) callers must present; required off loopback")
+    max_body_bytes: int = Field(1_048_576, ge=1, description="larger bodies are answered 413")
+    max_connections: int = Field(
+        64, ge=1, description="connections served at once; further ones are answered 503")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="time allowed to read a request's body and answer it")
+    keepalive_timeout_s: float = Field(
+        15.0, gt=0, description="a connection idle this long, or whose request line and "
+        "headers take longer, is closed")
+    poll_interval_s: float = Field(
+        1.0, gt=0, description="how often the registry is looked at for a newer version")
+
+    @model_validator(mode="after")
+    def _token_unless_loopback(self) -> ServingConfig:
+        if self.token_env is None and not is_loopback(self.host):
+            raise ValueError(f"host {self.host!r} is reachable from other machines: set "
+                             "token_env (an environment variable holding a bearer token) or "
+                             "listen on 127.0.0.1")
+        return self
+
+
 class ModelConfig(StageBase):
     """A river model stage: predict each record, then learn from it (progressive validation)."""
 
@@ -383,6 +413,8 @@ class ModelConfig(StageBase):
         "validated beside the champion; only the champion's predictions are published")
     promotion: PromotionConfig | None = Field(
         None, description="when a challenger becomes the champion (needs challengers)")
+    serving: ServingConfig | None = Field(
+        None, description="serve predictions of the newest registry version over HTTP")
 
     @model_validator(mode="after")
     def _challengers_fit(self) -> ModelConfig:

@@ -219,6 +219,10 @@ class Registry:
 
     # --- reading --------------------------------------------------------------------------
 
+    def numbers(self) -> list[int]:
+        """The numbers of the versions, oldest first (a directory listing: nothing is read)."""
+        return _numbers(self.versions_directory)
+
     def versions(self) -> list[Version]:
         """Every version, oldest first (one retired while this reads is left out)."""
         found = []

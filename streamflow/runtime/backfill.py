@@ -217,6 +217,7 @@ def backfill_config(config: PipelineConfig, suffix: str) -> PipelineConfig:
     for model in data["models"]:
         for name in ("input", "output", "dead_letter"):
             model[name] = rename(model.get(name))
+        model["serving"] = None  # the live pipeline's server keeps its port
         for block in ("labels", "drift", "promotion"):
             if model.get(block):
                 model[block]["topic"] = rename(model[block].get("topic"))

@@ -31,6 +31,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,7 +55,7 @@ from streamflow.ml.worker import (
     record_error_type,
 )
 from streamflow.plugins import ROW_ID
-from streamflow.processing.codec import decode_json, encode_json, user_fields
+from streamflow.processing.codec import Failures, decode_json, encode_json, user_fields
 from streamflow.runtime.dead_letters import Failure, OutputBatch
 from streamflow.runtime.mlflow_tracking import MlflowTracker, run_parameters
 from streamflow.runtime.row_lineage import origin_headers
@@ -74,6 +75,38 @@ _SPLICEABLE = r"[^{\s]}$"
 _MAX_BYTES = 2**31 - 1
 METRIC_VALUES_INTERVAL_S = 1.0
 COMMITTED_RETRY_S = 5.0  # how often committed offsets unknown at assignment are asked again
+
+
+@dataclass(frozen=True)
+class DecodedFeatures:
+    """Features records decoded as a model stage decodes a batch of them."""
+
+    table: pa.Table  # the records decoded, with their ``_sf_row``
+    names: list[str]  # the feature fields
+    missing: list[str]  # listed features in no record
+    failures: Failures  # (position, error) of the records that are not JSON objects
+
+    def features(self) -> pa.Table:
+        """The feature columns, whose rows :mod:`streamflow.ml.features` makes river's dicts."""
+        return self.table.select(self.names)
+
+    def missing_error(self) -> KeyError:
+        return KeyError(f"feature fields missing: {', '.join(self.missing)}")
+
+
+def decode_features(config: ModelConfig, values: Sequence[bytes | None]) -> DecodedFeatures:
+    """Decode features records into one table and pick their feature fields: ``features``, or
+    every integer and float field of these records but the target and the key field. The stage
+    decodes each batch with it, and the model server each request."""
+    table, failures = decode_json(values)
+    if config.features is not None:
+        names = config.features
+    else:
+        excluded = {config.target, config.key_field, ROW_ID}
+        names = [field.name for field in table.schema if field.name not in excluded
+                 and (pa.types.is_integer(field.type) or pa.types.is_floating(field.type))]
+    missing = [name for name in names if name not in table.column_names]
+    return DecodedFeatures(table, names, missing, failures)
 
 
 @dataclass
@@ -325,31 +358,20 @@ class ModelStage(StageRunner):
             self._prepare_labels(batch, np.flatnonzero(is_label), request, in_flight)
         return request, in_flight
 
-    def _feature_names(self, table: pa.Table) -> list[str]:
-        if self.config.features is not None:
-            return self.config.features
-        excluded = {self.config.target, self.config.key_field, ROW_ID}
-        return [
-            f.name for f in table.schema
-            if f.name not in excluded
-            and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
-        ]
-
     def _prepare_features(self, batch: ConsumedBatch, indices: np.ndarray, request: BatchRequest,
                           in_flight: InFlight) -> None:
-        table, decode_failures = decode_json([batch.values[i] for i in indices])
+        decoded = decode_features(self.config, [batch.values[i] for i in indices])
+        table = decoded.table
         in_flight.failures += [
-            Failure(int(indices[row]), "parse", error) for row, error in decode_failures
+            Failure(int(indices[row]), "parse", error) for row, error in decoded.failures
         ]
         rows_in_batch = indices[table[ROW_ID].to_numpy()]
-        names = self._feature_names(table)
-        missing = [name for name in names if name not in table.column_names]
-        if missing:
-            error = KeyError(f"feature fields missing: {', '.join(missing)}")
+        if decoded.missing:
+            error = decoded.missing_error()
             in_flight.failures += [Failure(int(row), "model", error) for row in rows_in_batch]
             return
         in_flight.table, in_flight.rows_in_batch = table, rows_in_batch
-        request.features = table.select(names)  # pickled per worker: EngineWorker.submit
+        request.features = decoded.features()  # pickled per worker: EngineWorker.submit
         request.partitions = np.asarray(batch.partitions)[rows_in_batch]
         request.offsets = np.asarray(batch.offsets)[rows_in_batch]
         target, key_field = self.config.target, self.config.key_field

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from streamflow.config import load_pipeline
+from streamflow.config.models import ModelConfig, PipelineConfig
 from streamflow.ml.checkpoint import CheckpointError
 from streamflow.ml.registry import Registry, RegistryError, Version
 
@@ -24,6 +25,12 @@ EXIT_ERROR = 1
 def stage_registry(file: str, stage: str | None) -> Registry:
     """The registry of model stage ``stage`` of the pipeline in ``file`` (the only one if None)."""
     config = load_pipeline(file)
+    model = model_stage(config, file, stage)
+    return Registry.of_stage(model.checkpoint.path, config.pipeline, model.name)
+
+
+def model_stage(config: PipelineConfig, file: str, stage: str | None) -> ModelConfig:
+    """Model stage ``stage`` of ``config`` (read from ``file``; the only one if None)."""
     names = [model.name for model in config.models]
     if stage is None and len(names) == 1:
         stage = names[0]
@@ -33,7 +40,7 @@ def stage_registry(file: str, stage: str | None) -> Registry:
                             f"{', '.join(names) or 'none'}" if stage else
                             f"{file} has several model stages: name one with --stage "
                             f"({', '.join(names)})")
-    return Registry.of_stage(model.checkpoint.path, config.pipeline, model.name)
+    return model
 
 
 def _when(timestamp: float) -> str:

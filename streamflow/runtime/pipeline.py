@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # imported where used: a pipeline without them spares their l
     from streamflow.runtime.lineage import LineageTracker
     from streamflow.runtime.model_stage import ModelStage
     from streamflow.runtime.schedules import Scheduler
+    from streamflow.runtime.serving import ModelServer
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class PipelineRunner:
         self.metrics_port = config.metrics.port if metrics_port is None else metrics_port
         self.bootstrap: str | None = None
         self.metrics_server: MetricsServer | None = None
+        self.model_servers: list[ModelServer] = []  # of the model stages with serving:
         self.supervisor = Supervisor()
         # the schedules run in the whole daemon, not in a one-stage container (--stage)
         self.scheduler: Scheduler | None = None
@@ -172,6 +174,7 @@ class PipelineRunner:
                 stack.enter_context(DeadLetterFile(transport, self._dead_letter_topics(),
                                                    self.dead_letter_file))
             self._build(transport)
+            self._serve(stack)
             if self.config.lineage is not None:
                 self._open_lineage(stack)
             # Collect garbage, then freeze what exists now (modules, settings, clients) out of
@@ -187,6 +190,20 @@ class PipelineRunner:
             self._started = True
             self._started_at = time.monotonic()
             return self._supervise()
+
+    def _serve(self, stack: ExitStack) -> None:
+        """Start the prediction server of each model stage run here that has ``serving:``."""
+        served = [model for model in self.config.models
+                  if model.serving is not None and self._selected(model.name)]
+        if not served:
+            return
+        from streamflow.runtime.serving import ModelServer  # aiohttp, only then
+
+        for model in served:
+            assert model.serving is not None
+            server = ModelServer(self.config.pipeline, model, model.serving).start()
+            stack.callback(server.stop)
+            self.model_servers.append(server)
 
     def _open_lineage(self, stack: ExitStack) -> None:
         """OpenLineage events for the runners (docs/lineage.md), sent until the stop."""

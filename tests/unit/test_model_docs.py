@@ -13,6 +13,7 @@ from streamflow.config.models import (
     LabelsConfig,
     MlflowConfig,
     ModelConfig,
+    ServingConfig,
 )
 
 ROOT = Path(__file__).parents[2]
@@ -22,7 +23,7 @@ def test_every_model_setting_is_documented() -> None:
     page = (ROOT / "docs" / "models.md").read_text()
     settings: list[tuple[type[BaseModel], str]] = [
         (ModelConfig, "`{}`"), (LabelsConfig, "`{}`"), (DriftConfig, "`{}`"),
-        (CheckpointConfig, "`{}`"), (MlflowConfig, "`{}`")]
+        (CheckpointConfig, "`{}`"), (MlflowConfig, "`{}`"), (ServingConfig, "`{}`")]
     missing = [f"{model.__name__}.{name}" for model, form in settings
                for name in model.model_fields if form.format(name) not in page]
     assert not missing, f"docs/models.md does not mention {missing}"
