@@ -288,6 +288,17 @@ class Registry:
             return None
         return self._load(number, path, "partition-state", name)
 
+    def load_models(self, number: int, name: str) -> dict[str, Any] | None:
+        """Every keyed model (a ModelSlot) of partition state ``name`` in version ``number``, by
+        key: those in memory then and those it had evicted; None if the version has no such
+        partition."""
+        loaded = self.load_state(number, name)
+        if loaded is None:
+            return None
+        _state, slots = loaded[1]
+        return {**{key: self.load_model(number, path)[1] for key, (path, _learned)
+                   in self.evicted_models(number, name).items()}, **slots}
+
     def load_model(self, number: int, path: Path) -> tuple[dict[str, Any], Any]:
         """The header and model (a ModelSlot) of the evicted keyed model file ``path`` of
         version ``number`` (see :meth:`evicted_models`), verified before it is unpickled."""
@@ -414,11 +425,8 @@ class Registry:
         version = self.version(number)
         models: dict[int, dict[str, Any]] = {}
         for name, part in version.metadata.get("partitions", {}).items():
-            loaded = self.load_state(number, name)
-            assert loaded is not None
-            _state, slots = loaded[1]
-            slots = {**{key: self.load_model(number, path)[1] for key, (path, _learned)
-                        in self.evicted_models(number, name).items()}, **slots}
+            slots = self.load_models(number, name)
+            assert slots is not None
             models[int(part["partition"])] = {key: slot.model.estimator for key, slot in slots.items()}
         document = {"format": EXPORT_FORMAT, "metadata": {**version.metadata, "tags": version.tags},
                     "models": models}

@@ -91,15 +91,15 @@ class ServedVersion:
 
 
 def load_version(registry: Registry, number: int) -> ServedVersion:
-    """Version ``number``'s models, each partition state verified before it is unpickled.
-    Where several partitions hold a model of one key, the one that learned most is kept."""
+    """Version ``number``'s models, evicted keyed models included, each file verified before it
+    is unpickled. Where several partitions hold a model of one key, the one that learned most is
+    kept."""
     version = registry.version(number)
     models: dict[str, tuple[int, ModelSlot]] = {}
     for name, part in sorted(version.metadata.get("partitions", {}).items()):
-        loaded = registry.load_state(number, name)
-        if loaded is None:
+        slots = registry.load_models(number, name)  # the keyed models it had evicted too
+        if slots is None:
             continue
-        _header, (_state, slots) = loaded
         for key, slot in slots.items():
             if key not in models or slot.learned > models[key][1].learned:
                 models[key] = (int(part["partition"]), slot)

@@ -16,6 +16,7 @@ from streamflow.ml.features import pickled_feature_rows
 from streamflow.ml.pool import EngineWorkers
 from streamflow.ml.registry import Registry, prepare_version
 from streamflow.ml.worker import BatchReply, BatchRequest, EngineSpec
+from streamflow.runtime.serving import load_version
 from tests.model_versions import TOPIC, VersionWriter, settings
 
 KEYS = ["a", "b", "c", "d", "e"]
@@ -72,6 +73,8 @@ def test_a_version_holds_every_keyed_model_and_keeps_it_when_the_store_moves_on(
     registry.verify(1)
     first = predictions(streamflow.ml.load(_export(registry, 1, tmp_path)))
     assert sorted(first) == KEYS and len(set(first.values())) == len(KEYS)
+    served = load_version(registry, 1)  # the model server answers for the evicted keys too
+    assert {key: served.models[key][1].model.estimator.predict_one(PROBE) for key in KEYS} == first
 
     writer.learn_keys(KEYS * 2)  # each evicted model is read back, learns, and is evicted again
     writer.checkpoint()  # version 2
