@@ -82,13 +82,16 @@ class EngineWorkers:
         return self.receive()
 
     def _spread(self, partitions: list[int]) -> dict[int, list[int]]:
-        """New owners for ``partitions``: each to the worker holding the fewest (workers start
-        only when there are partitions for them)."""
+        """Owners for ``partitions``: a new one to the worker holding the fewest (workers start
+        only when there are partitions for them), one a worker holds to that worker."""
         loads = [0] * self._count
         for index in self._owner.values():
             loads[index] += 1
         spread: dict[int, list[int]] = {}
         for partition in partitions:
+            if partition in self._owner:  # its worker has it already (and skips restoring it)
+                spread.setdefault(self._owner[partition], []).append(partition)
+                continue
             index = min(range(self._count), key=lambda i: (loads[i], i))
             loads[index] += 1
             self._owner[partition] = index
