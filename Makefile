@@ -10,6 +10,7 @@ MLFLOW_SERVER = $(VENV)/mlflow-server
 # DuckDB's Iceberg reader for the tests (tests/readers/duckdb_iceberg.py): DuckDB 1.5.5 with its
 # iceberg and avro extensions from PyPI, as ours is newer than any extension published there.
 DUCKDB_ICEBERG = $(VENV)/duckdb-iceberg
+TEST_TOOLS = $(VENV)/.test-tools
 
 .PHONY: setup run test test-cluster kafka services lint bench bench-peers clean fuzz
 
@@ -18,13 +19,17 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,postgres,mqtt,delta,faust,iceberg,reports,mlflow]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## What only the tests use, each in a virtualenv of its own (not needed by `make run`).
+$(TEST_TOOLS): $(STAMP)
 	$(PYTHON) -m venv $(MLFLOW_SERVER)
 	$(MLFLOW_SERVER)/bin/pip install --quiet 'mlflow>=3.1,<4'
 	$(PYTHON) -m venv $(DUCKDB_ICEBERG)
 	$(DUCKDB_ICEBERG)/bin/pip install --quiet duckdb-extension-iceberg==1.5.5 duckdb-extension-avro==1.5.5
-	touch $(STAMP)
-
-setup: $(STAMP)
+	touch $(TEST_TOOLS)
 
 ## The quickstart: generator → clean → river model → Parquet, on the embedded broker. Its
 ## Parquet folder starts empty (QUICKSTART_APPEND=1 keeps earlier runs' files, and counts them);
@@ -56,13 +61,13 @@ kafka: $(STAMP)
 ## then a smoke subset on the embedded Tansu broker, so that `bootstrap: embedded` stays covered.
 TANSU_SMOKE = tests/integration/test_transport_contract.py tests/integration/test_quickstart.py
 
-test: $(STAMP) services kafka
+test: $(STAMP) $(TEST_TOOLS) services kafka
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -n 3
 	STREAMFLOW_TEST_BROKER=tansu $(BIN)/pytest -q -n 3 $(TANSU_SMOKE)
 
 ## Broker failures on a three-node Kafka cluster under a 200,000-event pipeline (about 3 minutes).
-test-cluster: $(STAMP) services kafka
+test-cluster: $(STAMP) $(TEST_TOOLS) services kafka
 	$(BIN)/pytest -q -s -m slow tests/integration/test_kafka_cluster.py
 
 ## Atheris fuzzing of the decoders and a processor stage (issue 13) for FUZZ_SECONDS (default 60);
