@@ -13,6 +13,7 @@ p99 in the first and last minute of sending.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -34,6 +35,7 @@ from streamflow.transport import TopicSpec, create_transport
 WORKLOAD = "latency-pipeline-to-durable-parquet"
 COMMIT_INTERVAL_S = 0.5
 WATCH_S = 0.01
+RELIST_S = 1.0
 MINUTE_S = 60.0
 
 
@@ -50,14 +52,27 @@ class ParquetWatch:
         self._thread.start()
 
     def _run(self) -> None:
+        listed: dict[str, tuple[int, float]] = {}  # directory → its mtime, when last listed
         while not self._stop.is_set():
-            for path in sorted(self._folder.rglob("*.parquet")):
-                if path in self._seen or path.name.startswith(("_", ".")):
+            # A directory is listed again when an entry came or went (its mtime moved), and at
+            # least every RELIST_S (a clock tick may hold two changes): listing thousands of
+            # files every WATCH_S would cost the run a core, more and more as files pile up.
+            for directory, subdirectories, _files in os.walk(self._folder):
+                mtime, now = os.stat(directory).st_mtime_ns, time.monotonic()
+                before = listed.get(directory)
+                if before is not None and before[0] == mtime and now - before[1] < RELIST_S:
                     continue
-                seen = time.time()
-                self._seen.add(path)
-                sent = pq.read_table(path, columns=[LATENCY_FIELD]).column(0).to_pylist()
-                self.arrivals += [(seen, value) for value in sent]
+                listed[directory] = (mtime, now)
+                for entry in sorted(os.scandir(directory), key=lambda entry: entry.name):
+                    path = Path(entry.path)
+                    if (path in self._seen or path.suffix != ".parquet"
+                            or path.name.startswith(("_", "."))):
+                        continue
+                    seen = time.time()
+                    self._seen.add(path)
+                    sent = pq.read_table(path, columns=[LATENCY_FIELD]).column(0).to_pylist()
+                    self.arrivals += [(seen, value) for value in sent]
+                subdirectories.sort()
             self._stop.wait(WATCH_S)
 
     def stop(self) -> None:
