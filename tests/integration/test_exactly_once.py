@@ -151,6 +151,11 @@ def test_a_replica_killed_mid_stream(
         replicas[0] = start(config, log)
         # Up (its signal handlers are installed before it logs this) before it may be stopped.
         wait_until(lambda: b"metrics at" in log.read_bytes()[written:], 60, "the restarted replica")
+        # Its first assignment comes once the group dropped the killed member: every partition
+        # then has a live owner that restored it and learned what the killed one had not saved
+        # (a stop before that would leave those states behind, and a later run to catch up).
+        wait_until(lambda: b"assigned" in log.read_bytes()[written:], 60,
+                   "the restarted replica's assignment")
         watcher.wait_for(expected_out, timeout_s=180)
         wait_until(lambda: len(read_topic(bootstrap, f"{name}.dlq").values) >= COUNT // 100, 60,
                    "the dead letters")
