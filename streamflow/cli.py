@@ -17,7 +17,7 @@ from pathlib import Path
 from streamflow import __version__
 from streamflow.config import ConfigError, load_pipeline
 from streamflow.config.models import PipelineConfig
-from streamflow.metrics import MetricsServer, PipelineMetrics
+from streamflow.metrics import PipelineMetrics
 from streamflow.ml.registry import RegistryError
 from streamflow.plugins import catalog
 from streamflow.runtime import dlq, lineage_cli, models_cli
@@ -121,6 +121,8 @@ def _schedule(args: argparse.Namespace) -> int:
     scheduler = pipeline_scheduler(config, metrics)
     with contextlib.ExitStack() as stack:
         if config.metrics.enabled:
+            from streamflow.metrics.server import MetricsServer  # loads aiohttp: only if served
+
             port = config.metrics.port if args.metrics_port is None else args.metrics_port
             try:
                 server = MetricsServer(metrics.registry, config.metrics.host, port,

@@ -44,7 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from connectors.sources.records import AckTracker, encode_record, record_key
 from streamflow.plugins import ComponentContext, Source, SourceBatch
-from streamflow.plugins.listeners import ConnectionLimits, Listener, is_loopback
+from streamflow.plugins.listeners import ConnectionLimits, Listener
+from streamflow.plugins.loopback import is_loopback
 
 log = logging.getLogger(__name__)
 

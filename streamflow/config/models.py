@@ -21,7 +21,7 @@ from pydantic import (
 from streamflow.config.lineage import LineageConfig
 from streamflow.ml.model import MAIN_MODEL
 from streamflow.plugins import PROCESSOR_GROUP, PartitionedState, load
-from streamflow.plugins.listeners import is_loopback
+from streamflow.plugins.loopback import is_loopback
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=200)]

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one running pipeline, and the HTTP endpoint that serves them."""
+"""Prometheus metrics of one running pipeline (the HTTP endpoint that serves them is
+:mod:`streamflow.metrics.server`, imported only where it runs: it loads aiohttp)."""
 
 from streamflow.metrics.registry import (
     ModelMetrics,
@@ -8,7 +9,6 @@ from streamflow.metrics.registry import (
     StageMetrics,
     WindowMetrics,
 )
-from streamflow.metrics.server import MetricsServer
 
-__all__ = ["MetricsServer", "ModelMetrics", "PipelineMetrics", "SinkMetrics", "SourceMetrics", "StageMetrics",
+__all__ = ["ModelMetrics", "PipelineMetrics", "SinkMetrics", "SourceMetrics", "StageMetrics",
            "WindowMetrics"]

@@ -32,7 +32,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from streamflow.metrics.history import History
-from streamflow.plugins.listeners import ConnectionLimits, Listener, is_loopback
+from streamflow.plugins.listeners import ConnectionLimits, Listener
+from streamflow.plugins.loopback import is_loopback
 
 log = logging.getLogger(__name__)
 

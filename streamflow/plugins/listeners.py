@@ -1,12 +1,10 @@
-"""For components that listen on a socket: a loopback check, and :class:`Listener`, an aiohttp
-application served from an event loop in a thread of its own, with bounded connections and
-timeouts."""
+"""For components that listen on a socket: :class:`Listener`, an aiohttp application served
+from an event loop in a thread of its own, with bounded connections and timeouts."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterable
@@ -14,17 +12,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from aiohttp import web
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses (127.0.0.0/8, ::1); a host name may resolve to
-    any address, so it is not."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

@@ -408,7 +408,7 @@ class ModelStage(StageRunner):
         if isinstance(in_flight, CheckpointInFlight):
             checkpointed: Checkpointed = reply
             self.commit_transaction()  # files must never cover offsets beyond committed ones
-            # the output of every batch before the checkpoint is out
+            self.acknowledge()  # the output of every batch before the checkpoint is out
             versions = publish(checkpointed.staged)
             if self.mlflow is not None:
                 for number in versions:
@@ -447,9 +447,12 @@ class ModelStage(StageRunner):
             outgoing.append(self._promotions_batch())
         self._promotions = []
         offsets = batch.next_offsets() if self.transactional else None
-        produced -= self.deliver(outgoing, failures, batch, offsets)
-        self.count_dead_letters(failures)
-        self.metrics.count(len(batch), produced, len(failures))
+
+        def delivered(oversize: int) -> None:
+            self.count_dead_letters(failures)
+            self.metrics.count(len(batch), produced - oversize, len(failures))
+
+        self.deliver(outgoing, failures, batch, offsets, delivered)
         if reply.metric_values is not None:
             self._set_metric_gauges(reply.metric_values, reply.standings)
         if reply.checkpoint_due and not any(  # none queued already

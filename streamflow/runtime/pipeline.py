@@ -24,7 +24,7 @@ from streamflow.config.models import (
     SinkConfig,
     SourceConfig,
 )
-from streamflow.metrics import MetricsServer, PipelineMetrics, SourceMetrics
+from streamflow.metrics import PipelineMetrics, SourceMetrics
 from streamflow.metrics.totals import read_totals
 from streamflow.plugins import SINK_GROUP, SOURCE_GROUP, ComponentContext
 from streamflow.plugins.agents import load_agent
@@ -50,6 +50,7 @@ from streamflow.transport import (
 from streamflow.transport.broker import EmbeddedBroker
 
 if TYPE_CHECKING:  # imported where used: a pipeline without them spares their libraries
+    from streamflow.metrics.server import MetricsServer
     from streamflow.runtime.lineage import LineageTracker
     from streamflow.runtime.model_stage import ModelStage
     from streamflow.runtime.schedules import Scheduler
@@ -150,6 +151,8 @@ class PipelineRunner:
             else:
                 self.bootstrap = kafka.bootstrap
             if self.config.metrics.enabled:
+                from streamflow.metrics.server import MetricsServer
+
                 host = self.config.metrics.host
                 try:
                     self.metrics_server = MetricsServer(

@@ -46,7 +46,8 @@ from streamflow.ml.features import feature_rows
 from streamflow.ml.model import Features, Prediction
 from streamflow.ml.registry import Registry
 from streamflow.plugins import ROW_ID
-from streamflow.plugins.listeners import ConnectionLimits, Listener, is_loopback
+from streamflow.plugins.listeners import ConnectionLimits, Listener
+from streamflow.plugins.loopback import is_loopback
 from streamflow.runtime.fatal import FatalError
 from streamflow.runtime.model_stage import decode_features
 

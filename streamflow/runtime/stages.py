@@ -16,7 +16,7 @@ import logging
 import time
 from abc import abstractmethod
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +133,7 @@ class StageRunner(Stage, RebalanceListener):
         self._transaction_offsets: dict[TopicPartition, int] = {}  # sent at its commit
         self._transaction_records: list[OutgoingBatch] = []  # sent in it: resent if it aborts
         self._last_offsets: dict[TopicPartition, int] = {}  # committed asynchronously by deliver
+        self._unacknowledged: Unacknowledged | None = None  # sent by deliver, not acknowledged
         self._callback_error: BaseException | None = None  # raised by a rebalance callback
         self._to_restore: list[TopicPartition] = []  # assigned, to restore before the next batch
         self._transactional_id = ""
@@ -180,9 +181,12 @@ class StageRunner(Stage, RebalanceListener):
                     self.handle(batch)
                     self.metrics.batch_seconds.observe(time.perf_counter() - started)
                     self.idle_since = time.monotonic()  # its output is out: idle from now
+                else:
+                    self.acknowledge()  # nothing came: no reason to wait for the next batch
                 self._check_lag()
                 self.tick()
                 if self.checkpoint_due():
+                    self.acknowledge()
                     self.checkpoint(wait=False)
                 self.commit_transaction(due_only=True)
             self._checkpoint_all()
@@ -240,24 +244,28 @@ class StageRunner(Stage, RebalanceListener):
             self.metrics.checkpoint_time.set(time.time())
 
     def deliver(self, outgoing: Sequence[OutgoingBatch], failures: list[Failure],
-                batch: ConsumedBatch, offsets: dict[TopicPartition, int] | None) -> int:
+                batch: ConsumedBatch, offsets: dict[TopicPartition, int] | None,
+                delivered: Callable[[int], None] = lambda _oversize: None) -> None:
         """Produce ``outgoing`` and the dead letters of ``failures`` (records of ``batch``), then
-        the input ``offsets``; returns how many output records went to the dead letters instead
-        (see :meth:`publish`).
+        the input ``offsets``; ``delivered`` is then told how many output records went to the
+        dead letters instead (see :meth:`publish`), which ``failures`` now holds too.
 
         Under exactly_once the records go in the open transaction (one is begun if none is),
         with the offsets (when given) sent at its commit, once ``transaction_interval_s`` has
         passed since it began (see :meth:`commit_transaction`); anything failing aborts it.
-        Otherwise the offsets are committed asynchronously once the broker acknowledged the
-        records, and confirmed at checkpoints (on revoke and stop). Stages that commit at
-        checkpoints of their own state pass no offsets under at_least_once.
+        Otherwise they are sent without waiting for the broker, which acknowledges them while
+        the next batch is handled (see :meth:`acknowledge`); the offsets are then committed
+        asynchronously, and confirmed at checkpoints (on revoke and stop). Stages that commit
+        at checkpoints of their own state pass no offsets under at_least_once.
         """
         if not self.transactional:
-            oversize = self.publish(outgoing, failures, batch)
-            if offsets:
-                self.commit(offsets, asynchronous=True)
-                self._last_offsets.update(offsets)
-            return oversize
+            self.acknowledge()
+            assert self.producer is not None
+            letters = self.dead_letters(failures, batch)
+            self.producer.send([*outgoing, *letters])
+            self._unacknowledged = Unacknowledged(outgoing, letters, failures, batch, offsets,
+                                                  delivered)
+            return
         assert self.producer is not None
         if self._transaction_since is None:
             self.producer.begin_transaction()
@@ -269,7 +277,29 @@ class StageRunner(Stage, RebalanceListener):
             raise
         self._transaction_offsets.update(offsets or {})
         self.commit_transaction(due_only=True)
-        return oversize
+        delivered(oversize)
+
+    def acknowledge(self) -> None:
+        """Wait for the broker to acknowledge the batch :meth:`deliver` sent last, if any; then
+        commit its input offsets asynchronously and tell its ``delivered``. Output records
+        Kafka refused for their size go to the dead letters (see :meth:`publish`)."""
+        sent, self._unacknowledged = self._unacknowledged, None
+        if sent is None:
+            return
+        assert self.producer is not None
+        try:
+            self.producer.flush()
+        except RecordTooLargeError as refused:
+            self._renew_producer(refused)
+            oversize = self._dead_letter_refused(refused, sent.outgoing, sent.letters,
+                                                 sent.failures, sent.batch)
+        else:
+            self.metrics.latest_dead_letters.add(sent.letters)
+            oversize = 0
+        if sent.offsets:
+            self.commit(sent.offsets, asynchronous=True)
+            self._last_offsets.update(sent.offsets)
+        sent.delivered(oversize)
 
     def commit_transaction(self, due_only: bool = False) -> None:
         """Send the open transaction's input offsets and commit it (``due_only``: only once
@@ -330,6 +360,13 @@ class StageRunner(Stage, RebalanceListener):
             self._produce([*sent, *without([*outgoing, *letters], refused.rejected)])
         else:
             self._renew_producer(refused)
+        return self._dead_letter_refused(refused, outgoing, letters, failures, batch)
+
+    def _dead_letter_refused(self, refused: RecordTooLargeError, outgoing: Sequence[OutgoingBatch],
+                             letters: list[OutgoingBatch], failures: list[Failure],
+                             batch: ConsumedBatch) -> int:
+        """Dead-letter the records of ``outgoing`` (and truncate those of ``letters``) that
+        Kafka ``refused`` for their size; how many output records were."""
         oversize: list[Failure] = []
         refused_letters: list[tuple[int, int]] = []
         for number, index in refused.rejected:
@@ -361,7 +398,9 @@ class StageRunner(Stage, RebalanceListener):
         self.metrics.latest_dead_letters.add(letters)
 
     def _produce(self, batches: list[OutgoingBatch]) -> None:
-        """Produce ``batches``; in a transaction, remember them to send again should it abort."""
+        """Produce ``batches`` (after the last batch sent, acknowledged); in a transaction,
+        remember them to send again should it abort."""
+        self.acknowledge()
         assert self.producer is not None
         self.producer.produce(batches)
         if self._transaction_since is not None:
@@ -458,6 +497,7 @@ class StageRunner(Stage, RebalanceListener):
 
     def _checkpoint_all(self) -> None:
         """Checkpoint and commit everything handled, waiting for it (on revoke and stop)."""
+        self.acknowledge()
         self.checkpoint(wait=True)
         self.commit_transaction()
 
@@ -510,6 +550,8 @@ class StageRunner(Stage, RebalanceListener):
         self._to_restore = [p for p in self._to_restore if p not in partitions]
         for partition in partitions:
             self._last_offsets.pop(partition, None)
+            if self._unacknowledged is not None and self._unacknowledged.offsets:
+                self._unacknowledged.offsets.pop(partition, None)
         if self._transaction_since is not None:
             self._abort()  # fenced by the group's new generation anyway
         self.revoke(partitions, lost=True)
@@ -571,6 +613,18 @@ def run_steps(steps: Sequence[StepRunner], table: pa.Table, failures: list[Failu
                 )
         table = result.table
     return table
+
+
+@dataclass
+class Unacknowledged:
+    """A batch :meth:`StageRunner.deliver` sent, awaiting the broker's acknowledgement."""
+
+    outgoing: Sequence[OutgoingBatch]
+    letters: list[OutgoingBatch]
+    failures: list[Failure]
+    batch: ConsumedBatch
+    offsets: dict[TopicPartition, int] | None
+    delivered: Callable[[int], None]
 
 
 @dataclass
@@ -667,10 +721,13 @@ class TopicStage(StageRunner):
             outgoing = [*outgoing, *self._changelog()]
         # Stateful under at_least_once: offsets are committed with the snapshots.
         offsets = batch.next_offsets() if self.transactional or not self.states else None
-        oversize = self.deliver(outgoing, handled.failures, batch, offsets)
-        self.count_dead_letters(handled.failures)
-        self.metrics.count(len(batch), handled.produced - oversize, len(handled.failures))
-        self.count(handled)
+
+        def delivered(oversize: int) -> None:
+            self.count_dead_letters(handled.failures)
+            self.metrics.count(len(batch), handled.produced - oversize, len(handled.failures))
+            self.count(handled)
+
+        self.deliver(outgoing, handled.failures, batch, offsets, delivered)
         if snapshot_due and not self.transactional:
             self.snapshot()
 
@@ -853,8 +910,7 @@ class TopicStage(StageRunner):
         if self.transactional:
             self.deliver(changelog, [], ConsumedBatch(), None)
             return
-        assert self.producer is not None
-        self.producer.produce(changelog)
+        self._produce(changelog)
         topic = self.identity.input_topic
         self.commit({(topic, int(key)): self.next_offsets[int(key)]
                      for key in changelog[0].keys if key is not None}, asynchronous)

@@ -38,7 +38,19 @@ class RecordTooLargeError(TransportError):
     def __init__(self, rejected: list[tuple[int, int]], by_broker: bool, detail: str) -> None:
         self.rejected = rejected
         self.by_broker = by_broker
+        self.detail = detail
         super().__init__(f"{len(rejected)} records too large for Kafka: {detail}")
+
+    @classmethod
+    def joined(cls, earlier: RecordTooLargeError | None, later: RecordTooLargeError,
+               batches_before: int) -> RecordTooLargeError:
+        """``earlier`` and ``later`` as one refusal, ``later``'s batches numbered after
+        ``batches_before`` of theirs."""
+        shifted = [(number + batches_before, index) for number, index in later.rejected]
+        if earlier is None:
+            return cls(shifted, later.by_broker, later.detail)
+        return cls(earlier.rejected + shifted, earlier.by_broker or later.by_broker,
+                   earlier.detail)
 
 
 class RebalanceInProgressError(TransportError):
@@ -106,12 +118,34 @@ class OutgoingBatch:
 
 
 class Producer(ABC):
-    """Produces batches; :meth:`produce` returns only once the broker has acknowledged every record."""
+    """Produces batches: :meth:`produce` returns only once the broker has acknowledged every
+    record; :meth:`send` queues records without waiting, and :meth:`flush` waits for them."""
+
+    _unflushed = 0  # batches sent since the last flush (the default send and flush)
+    _refused: RecordTooLargeError | None = None  # what they raised, kept for flush
 
     @abstractmethod
     def produce(self, batches: Sequence[OutgoingBatch]) -> None:
         """Send every record and block until all are acknowledged; raise RecordTooLargeError
         when Kafka refused records for their size only, TransportError on any other failure."""
+
+    def send(self, batches: Sequence[OutgoingBatch]) -> None:
+        """Queue every record of ``batches`` without waiting for the broker; the next
+        :meth:`flush` waits for them. By default they are produced here and now, and a refusal
+        for size is kept for that flush (other failures raise here)."""
+        try:
+            self.produce(batches)
+        except RecordTooLargeError as exc:
+            self._refused = RecordTooLargeError.joined(self._refused, exc, self._unflushed)
+        self._unflushed += len(batches)
+
+    def flush(self) -> None:
+        """Block until every record sent since the last flush is acknowledged, raising what
+        :meth:`produce` would have for them all: a RecordTooLargeError's ``rejected`` numbers
+        those batches in the order they were sent."""
+        refused, self._refused, self._unflushed = self._refused, None, 0
+        if refused is not None:
+            raise refused
 
     @abstractmethod
     def begin_transaction(self) -> None:

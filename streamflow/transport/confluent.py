@@ -92,6 +92,11 @@ def _error(exc: KafkaException | KafkaError) -> TransportError:
 class ConfluentProducer(Producer):
     def __init__(self, config: dict[str, Any], admin_config: dict[str, Any]) -> None:
         self._failures: list[tuple[KafkaError, Message]] = []
+        # Since the last flush: the batches sent, the (batch, index) of their records refused
+        # by the client, and the failure of the transaction that stopped the sending.
+        self._sent: list[OutgoingBatch] = []
+        self._refused_by_client: list[tuple[int, int]] = []
+        self._stopped: _TransactionFailed | None = None
         self._log: _ClientLog = config["logger"]
         # One delivery callback for the producer, not a keyword argument per record.
         self._producer = _Producer({**config, "on_delivery": self._on_delivery})
@@ -105,13 +110,23 @@ class ConfluentProducer(Producer):
             self._failures.append((error, message))
 
     def produce(self, batches: Sequence[OutgoingBatch]) -> None:
-        refused: list[tuple[int, int]] = []  # by the client, before sending
-        stopped: _TransactionFailed | None = None
+        self.send(batches)
+        self.flush()
+
+    def send(self, batches: Sequence[OutgoingBatch]) -> None:
+        first = len(self._sent)
+        self._sent += batches
+        if self._stopped is not None:
+            return
         try:
-            for number, batch in enumerate(batches):
-                self._enqueue(number, batch.topic, enumerate(batch.records()), refused)
+            for number, batch in enumerate(batches, first):
+                self._enqueue(number, batch.topic, enumerate(batch.records()), self._refused_by_client)
         except _TransactionFailed as exc:  # the records not queued yet are unsent
-            stopped = exc
+            self._stopped = exc
+
+    def flush(self) -> None:
+        batches, refused, stopped = self._sent, self._refused_by_client, self._stopped
+        self._sent, self._refused_by_client, self._stopped = [], [], None
         failures = self._flush()
         if stopped and not failures:
             raise stopped
@@ -597,7 +612,9 @@ class ConfluentTransport(Transport):
 
     def producer(self, transactional_id: str | None = None) -> Producer:
         config = {
-            "linger.ms": 5,
+            # Stages send a batch and acknowledge it while handling the next: its records go
+            # out within a millisecond, not after librdkafka's default 5.
+            "linger.ms": 1,
             "enable.idempotence": True,
             "delivery.report.only.error": True,  # no Python callback per acknowledged record
             **self._base(),

@@ -89,6 +89,26 @@ def test_a_record_the_broker_refuses_is_named_and_the_rest_is_acknowledged(
 
 
 @pytest.mark.parametrize("client", CLIENTS)
+def test_records_sent_without_waiting_are_refused_at_the_flush_numbered_across_sends(
+    bootstrap: str, broker_kind: str, client: str
+) -> None:
+    if broker_kind != "kafka":
+        pytest.skip("Tansu has no message size limit")
+    topic = small_topic(client, bootstrap)
+    producer = create_transport(client, bootstrap).producer()
+    producer.send([OutgoingBatch(topic, [b"a", b"x" * BIG])])  # refused by the client
+    producer.send([OutgoingBatch(topic, [b"b"]), OutgoingBatch(topic, [b"y" * 200_000, b"c"])])
+    with pytest.raises(RecordTooLargeError) as raised:
+        producer.flush()
+    assert raised.value.by_broker
+    assert raised.value.rejected == [(0, 1), (2, 0)]
+    producer.send([OutgoingBatch(topic, [b"d"])])
+    producer.flush()  # a flush answers for what was sent since the previous one only
+    producer.close()
+    assert sorted(read_topic(bootstrap, topic).values) == [b"a", b"b", b"c", b"d"]
+
+
+@pytest.mark.parametrize("client", CLIENTS)
 def test_a_record_the_broker_refuses_in_a_transaction_is_named_and_the_rest_can_go_again(
     bootstrap: str, broker_kind: str, client: str
 ) -> None:

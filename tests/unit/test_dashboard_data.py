@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 from streamflow.config.models import BatchConfig
-from streamflow.metrics import MetricsServer, PipelineMetrics
+from streamflow.metrics import PipelineMetrics
 from streamflow.metrics.history import History, quantile
 from streamflow.metrics.letters import PREVIEW_BYTES, LatestDeadLetters
+from streamflow.metrics.server import MetricsServer
 from streamflow.runtime.stage import Stage
 from streamflow.runtime.stages import StageIdentity, TopicStage
 from streamflow.transport import OutgoingBatch

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from streamflow.config.models import MetricsConfig
 from streamflow.metrics.server import MetricsServer
-from streamflow.plugins.listeners import is_loopback
+from streamflow.plugins.loopback import is_loopback
 
 
 @contextmanager

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from streamflow.cli import main
-from streamflow.metrics import MetricsServer, PipelineMetrics
+from streamflow.metrics import PipelineMetrics
+from streamflow.metrics.server import MetricsServer
 
 
 def test_status_json_gives_readiness_detail_and_stage_figures(
