@@ -40,9 +40,10 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool killed by it: `streamflo
 log = logging.getLogger("streamflow")
 
 
-def _load(file: str) -> PipelineConfig:
-    """The pipeline in ``file``, its schedules' python functions imported."""
-    config = load_pipeline(file)
+def _load(file: str, resolve_models: bool = True) -> PipelineConfig:
+    """The pipeline in ``file``, its schedules' python functions imported (``resolve_models``:
+    see :func:`streamflow.config.loader.parse_pipeline`)."""
+    config = load_pipeline(file, resolve_models=resolve_models)
     if errors := schedule_errors(config):
         raise ConfigError(file, errors)
     return config
@@ -69,10 +70,12 @@ def _backfill_plan(args: argparse.Namespace, config: PipelineConfig) -> Backfill
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = _load(args.file)
+    # without river: the model stages' workers resolve their models as they start, and
+    # `streamflow validate` resolves them beforehand
+    config = _load(args.file, resolve_models=False)
     REDACTOR.add(config_secrets(config))
     plan = _backfill_plan(args, config) if _bounded(args) else None
-    for warning in require_valid(config, args.file, stage=args.stage):
+    for warning in require_valid(config, args.file, stage=args.stage, resolve_models=False):
         log.warning("%s: %s", warning.file, warning.line())
     runner = (BackfillRunner(config, plan, args.metrics_port, args.dlq_file) if plan else
               PipelineRunner(config, stage=args.stage, until_idle_s=args.until_idle,
