@@ -386,7 +386,7 @@ def test_a_restored_instance_keeps_its_attributes_inline_and_its_strings_interne
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="checkpoints are written in process")
 @pytest.mark.skipif(sys.version_info >= (3, 13), reason="reads the object layout of CPython 3.11 and 3.12")
 def test_the_worker_writes_checkpoints_without_pickling_its_own_objects(tmp_path: Path) -> None:
-    from streamflow.ml.worker import _write_in_child
+    from streamflow.ml.host import _write_in_child
 
     store = CheckpointStore(tmp_path, "p", "s")
     live = Weights()
