@@ -25,6 +25,7 @@ from streamflow.runtime.backfill import BackfillError, BackfillPlan, BackfillRun
 from streamflow.runtime.fatal import describe, metrics_port_error
 from streamflow.runtime.jobs import schedule_errors
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
+from streamflow.runtime.model_checks import checked_elsewhere
 from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
 from streamflow.runtime.progress import ProgressReporter
 from streamflow.runtime.schedules import pipeline_scheduler
@@ -70,12 +71,14 @@ def _backfill_plan(args: argparse.Namespace, config: PipelineConfig) -> Backfill
 
 
 def _run(args: argparse.Namespace) -> int:
-    # without river: the model stages' workers resolve their models as they start, and
-    # `streamflow validate` resolves them beforehand
+    # This process never imports river (the model stages' workers do): a child resolves the
+    # models as validate does.
     config = _load(args.file, resolve_models=False)
     REDACTOR.add(config_secrets(config))
     plan = _backfill_plan(args, config) if _bounded(args) else None
-    for warning in require_valid(config, args.file, stage=args.stage, resolve_models=False):
+    warnings = (checked_elsewhere(args.file, args.stage) if config.models else
+                require_valid(config, args.file, stage=args.stage))
+    for warning in warnings:
         log.warning("%s: %s", warning.file, warning.line())
     runner = (BackfillRunner(config, plan, args.metrics_port, args.dlq_file) if plan else
               PipelineRunner(config, stage=args.stage, until_idle_s=args.until_idle,

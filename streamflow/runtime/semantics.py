@@ -275,10 +275,9 @@ def check_model_fields(model: ModelConfig, shape: Shape, where: Where) -> list[F
     return findings
 
 
-def model_task(model: ModelConfig, resolve: bool = True) -> str | None:
-    """The model's task as its stage will tell it; None when only calling a factory would, or,
-    without ``resolve``, only river would."""
-    if model.task is not None or isinstance(model.estimator, str) or not resolve:
+def model_task(model: ModelConfig) -> str | None:
+    """The model's task as its stage will tell it; None when only calling a factory would."""
+    if model.task is not None or isinstance(model.estimator, str):
         return model.task
     from streamflow.ml.spec import ModelSpecError, build_estimator, infer_task  # imports river
 
@@ -288,10 +287,10 @@ def model_task(model: ModelConfig, resolve: bool = True) -> str | None:
         return None
 
 
-def model_output(model: ModelConfig, shape: Shape, resolve: bool = True) -> Shape:
+def model_output(model: ModelConfig, shape: Shape) -> Shape:
     """A model stage's output: its input with the fields it adds (``probabilities`` for
-    classifiers, ``score`` for anomaly detectors; see :func:`model_task` for ``resolve``)."""
-    task = model_task(model, resolve)
+    classifiers, ``score`` for anomaly detectors)."""
+    task = model_task(model)
     added = [model.prediction_field, "probabilities", "score", "model_version"]
     extra = {"classification": ["probabilities"], "anomaly": ["score"]}.get(task or "", [])
     fields = [field for field in shape.fields if field.name not in added]
@@ -329,9 +328,8 @@ class FieldFlow:
     """The fields each stage reads and writes, following topics from stage to stage; each stage
     is checked once, and a cycle of topics reads as unknown fields."""
 
-    def __init__(self, config: PipelineConfig, resolve_models: bool = True) -> None:
+    def __init__(self, config: PipelineConfig) -> None:
         self.config = config
-        self.resolve_models = resolve_models  # tell tasks that only river knows
         self.outputs: dict[str, Shape] = {}
         self.findings: list[Finding] = []
         self.visiting: set[str] = set()
@@ -376,15 +374,14 @@ class FieldFlow:
         def compute() -> Shape:
             shape = self.topic(model.input)
             self.findings += check_model_fields(model, shape, ("models", index))
-            return model_output(model, shape, self.resolve_models)
+            return model_output(model, shape)
 
         return self.stage(model.name, compute)
 
 
-def check_fields(config: PipelineConfig, resolve_models: bool = True) -> list[Finding]:
-    """SQL, field names, windows and models against the fields that reach them; without
-    ``resolve_models``, a model's task is known only where set (river is not imported)."""
-    flow = FieldFlow(config, resolve_models)
+def check_fields(config: PipelineConfig) -> list[Finding]:
+    """SQL, field names, windows and models against the fields that reach them."""
+    flow = FieldFlow(config)
     for index in range(len(config.processors)):
         flow.processor(index)
     for index in range(len(config.models)):
@@ -459,22 +456,20 @@ def check_lineage(config: PipelineConfig) -> list[Finding]:
             if sink.lineage_manifest and sink.type in NO_MANIFEST_SINKS]
 
 
-def check_pipeline(config: PipelineConfig, file: str, stage: str | None = None,
-                   resolve_models: bool = True) -> list[Finding]:
+def check_pipeline(config: PipelineConfig, file: str, stage: str | None = None) -> list[Finding]:
     """Every finding of every semantic check of ``config``, loaded from ``file``; with ``stage``,
-    of the sources only that one (the pipeline runs only it); ``resolve_models``: see
-    :func:`check_fields`."""
-    findings = (check_sources(config, stage) + check_topics(config)
-                + check_fields(config, resolve_models) + check_lineage(config))
+    of the sources only that one (the pipeline runs only it)."""
+    findings = (check_sources(config, stage) + check_topics(config) + check_fields(config)
+                + check_lineage(config))
     return [replace(found, file=file) for found in findings]
 
 
 def require_valid(config: PipelineConfig, file: str, strict: bool = False,
-                  stage: str | None = None, resolve_models: bool = True) -> list[Finding]:
+                  stage: str | None = None) -> list[Finding]:
     """The warnings of ``config`` (run alone: only ``stage``'s source is checked). When it has
     errors (or, with ``strict``, warnings), raises :class:`ConfigError` listing them, then the
-    other warnings. ``resolve_models``: see :func:`check_fields`."""
-    findings = check_pipeline(config, file, stage, resolve_models)
+    other warnings."""
+    findings = check_pipeline(config, file, stage)
     failing = [found for found in findings if found.severity == "error" or strict]
     if failing:
         raise ConfigError(file, [found.line() for found in failing] +
