@@ -144,8 +144,9 @@ class EngineHost:
     @staticmethod
     def resolved(settings: EngineSettings, estimator: Any) -> EngineSettings:
         """``settings`` with their task (unless set, ``estimator``'s) and metrics (unless set,
-        the task's defaults); each metric and the drift detector are built once, so that one
-        river does not have fails here, at ``start``, rather than when a partition comes."""
+        the task's defaults). Each metric and the drift detector are built once (and dropped),
+        so that one river does not have fails the engine's build, which the stage hears before
+        any request (:meth:`EngineWorker.started`), rather than a partition's assignment."""
         task = settings.task or infer_task(estimator)
         metrics = DEFAULT_METRICS[task] if settings.metrics is None else settings.metrics
         for name in [*metrics, *([settings.promotion.metric] if settings.promotion else [])]:
