@@ -155,9 +155,8 @@ class EngineHost:
             build_detector(settings.drift_detector)
         return replace(settings, task=task, metrics=metrics)
 
-    def start(self, cluster_id: str | None) -> Started:
+    def start(self, cluster_id: str | None) -> None:
         self.engine.cluster_id = cluster_id
-        return self.started
 
     def assign(self, partitions: list[int]) -> dict[int, int]:
         """Restore ``partitions``; the next features offset each restored state covers."""

@@ -11,9 +11,9 @@ with the side effects (counts, drift events, log lines) of its request.
 
 Only the worker imports river (and with it scipy, and pandas in mini-batch mode): this module and
 the messages are plain data, so the stage's process stays without them. What only river can tell
-of the spec (the task, the default metrics, the model's label) comes back in the reply to
-``start`` (:class:`Started`); an estimator, metric or detector the spec names that river does
-not have fails ``start`` with a :class:`~streamflow.ml.errors.ModelSpecError`.
+of the spec (the task, the default metrics, the model's label) is the worker's first message, a
+:class:`Started` (see :meth:`EngineWorker.started`); an estimator, metric or detector the spec
+names that river does not have makes it a :class:`~streamflow.ml.errors.ModelSpecError`.
 
 The child exits when the stage closes it; on Linux the kernel kills it when the stage's thread
 ends (a SIGKILL of the stage's process included), elsewhere it exits when its pipe breaks.
