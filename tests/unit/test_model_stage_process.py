@@ -13,7 +13,7 @@ import pytest
 import yaml
 from river import datasets, linear_model, metrics, preprocessing
 
-HEAVY = ("river", "scipy", "sklearn")
+HEAVY = ("river", "scipy", "sklearn")  # not pandas: pyarrow imports it at its first pa.array
 
 # A fresh interpreter loads the pipeline and runs its model stage on the in-memory transport as
 # `streamflow run` does (which has a child check the models: streamflow.runtime.model_checks),
