@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage")
     parser.add_argument("--records", type=int)
     args = parser.parse_args(argv)
-    runner = PipelineRunner(parse_pipeline(json.loads(args.settings.read_text())))
+    # river only in the model stages' workers, as `streamflow run` does
+    runner = PipelineRunner(parse_pipeline(json.loads(args.settings.read_text()),
+                                           resolve_models=False))
     if args.records is None:
         install_signal_handlers(runner)
         runner.run()

@@ -25,6 +25,7 @@ from streamflow.runtime.backfill import BackfillError, BackfillPlan, BackfillRun
 from streamflow.runtime.fatal import describe, metrics_port_error
 from streamflow.runtime.jobs import schedule_errors
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
+from streamflow.runtime.model_checks import checked_elsewhere
 from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
 from streamflow.runtime.progress import ProgressReporter
 from streamflow.runtime.schedules import pipeline_scheduler
@@ -40,9 +41,10 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool killed by it: `streamflo
 log = logging.getLogger("streamflow")
 
 
-def _load(file: str) -> PipelineConfig:
-    """The pipeline in ``file``, its schedules' python functions imported."""
-    config = load_pipeline(file)
+def _load(file: str, resolve_models: bool = True) -> PipelineConfig:
+    """The pipeline in ``file``, its schedules' python functions imported (``resolve_models``:
+    see :func:`streamflow.config.loader.parse_pipeline`)."""
+    config = load_pipeline(file, resolve_models=resolve_models)
     if errors := schedule_errors(config):
         raise ConfigError(file, errors)
     return config
@@ -69,10 +71,14 @@ def _backfill_plan(args: argparse.Namespace, config: PipelineConfig) -> Backfill
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = _load(args.file)
+    # This process never imports river (the model stages' workers do): a child resolves the
+    # models as validate does.
+    config = _load(args.file, resolve_models=False)
     REDACTOR.add(config_secrets(config))
     plan = _backfill_plan(args, config) if _bounded(args) else None
-    for warning in require_valid(config, args.file, stage=args.stage):
+    warnings = (checked_elsewhere(args.file, args.stage) if config.models else
+                require_valid(config, args.file, stage=args.stage))
+    for warning in warnings:
         log.warning("%s: %s", warning.file, warning.line())
     runner = (BackfillRunner(config, plan, args.metrics_port, args.dlq_file) if plan else
               PipelineRunner(config, stage=args.stage, until_idle_s=args.until_idle,

@@ -11,8 +11,9 @@ import pyarrow as pa
 from streamflow.ml.checkpoint import publish
 from streamflow.ml.engine import EngineSettings
 from streamflow.ml.features import pickled_feature_rows
+from streamflow.ml.host import EngineHost
 from streamflow.ml.registry import Registry, prepare_version
-from streamflow.ml.worker import BatchReply, BatchRequest, Effects, EngineHost, EngineSpec
+from streamflow.ml.worker import BatchReply, BatchRequest, Effects, EngineSpec
 
 TOPIC = "features"
 

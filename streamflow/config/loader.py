@@ -151,13 +151,30 @@ def _plugin_config_errors(data: dict[str, Any]) -> list[str]:
     return errors
 
 
-def _model_errors(data: dict[str, Any]) -> list[str]:
+def _model_errors(data: dict[str, Any], resolve: bool) -> list[str]:
     """Each model's estimator, drift detector and metrics, resolved as a run resolves them, except
-    that an estimator factory is found and checked but not called."""
-    models = _items(data, "models")
-    if not models:
-        return []
-    from streamflow.ml.spec import (  # river is imported only for pipelines with models
+    that an estimator factory is found and checked but not called; without ``resolve``, only what
+    needs no river."""
+    errors: list[str] = []
+    for index, item in _items(data, "models"):
+        try:
+            model = ModelConfig.model_validate(item)
+        except ValidationError:
+            continue  # reported by the pipeline model
+        where = ("models", index)
+        if resolve:
+            errors += _river_errors(model, where)
+        if model.mlflow and importlib.util.find_spec("mlflow") is None:
+            errors.append(f"{format_location((*where, 'mlflow'))}: the mlflow package is not "
+                          "installed: pip install 'streamflow[mlflow]', or remove mlflow")
+        if resolve:
+            errors += _challenger_errors(model, where)
+    return errors
+
+
+def _river_errors(model: ModelConfig, where: tuple[str | int, ...]) -> list[str]:
+    """The estimator, drift detector and metrics of ``model``, resolved in river."""
+    from streamflow.ml.spec import (  # river is imported only to resolve models
         ModelSpecError,
         build_detector,
         build_estimator,
@@ -172,23 +189,12 @@ def _model_errors(data: dict[str, Any]) -> list[str]:
             return [f"{format_location(where)}: {exc}"]
         return []
 
-    errors: list[str] = []
-    for index, item in models:
-        try:
-            model = ModelConfig.model_validate(item)
-        except ValidationError:
-            continue  # reported by the pipeline model
-        where = ("models", index)
-        estimator_check = resolve_factory if isinstance(model.estimator, str) else build_estimator
-        errors += attempt((*where, "estimator"), estimator_check, model.estimator)
-        if model.drift:
-            errors += attempt((*where, "drift", "detector"), build_detector, model.drift.detector)
-        for position, name in enumerate(model.metrics or []):
-            errors += attempt((*where, "metrics", position), build_metric, name)
-        if model.mlflow and importlib.util.find_spec("mlflow") is None:
-            errors.append(f"{format_location((*where, 'mlflow'))}: the mlflow package is not "
-                          "installed: pip install 'streamflow[mlflow]', or remove mlflow")
-        errors += _challenger_errors(model, where)
+    estimator_check = resolve_factory if isinstance(model.estimator, str) else build_estimator
+    errors = attempt((*where, "estimator"), estimator_check, model.estimator)
+    if model.drift:
+        errors += attempt((*where, "drift", "detector"), build_detector, model.drift.detector)
+    for position, name in enumerate(model.metrics or []):
+        errors += attempt((*where, "metrics", position), build_metric, name)
     return errors
 
 
@@ -290,8 +296,12 @@ def connector_settings(component: ConnectorConfig, group: str) -> tuple[type[Any
     return plugin, plugin.config_model.model_validate(component.connector_settings())
 
 
-def parse_pipeline(data: Any, source: str = "<pipeline>") -> PipelineConfig:
-    """Validate already-loaded data (a mapping) into a pipeline, with every error listed."""
+def parse_pipeline(data: Any, source: str = "<pipeline>",
+                   resolve_models: bool = True) -> PipelineConfig:
+    """Validate already-loaded data (a mapping) into a pipeline, with every error listed. With
+    ``resolve_models``, the names each model gives river are resolved in river, which imports it
+    (about 1 s and 65 MB): a run's process does not, since its model stages' workers do, and
+    resolve them as they start (:mod:`streamflow.ml.worker`)."""
     if not isinstance(data, dict):
         raise ConfigError(source, ["(top level): expected a mapping with at least 'pipeline:'"])
     errors: list[str] = []
@@ -299,7 +309,7 @@ def parse_pipeline(data: Any, source: str = "<pipeline>") -> PipelineConfig:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
         errors = _pydantic_errors(exc)
-    errors += _plugin_config_errors(data) + _model_errors(data)
+    errors += _plugin_config_errors(data) + _model_errors(data, resolve_models)
     if errors:
         raise ConfigError(source, errors)
     return config
@@ -367,8 +377,10 @@ def _substitute(value: Any, environ: Mapping[str, str], where: tuple[str | int, 
     return value
 
 
-def load_pipeline(path: str | Path, environ: Mapping[str, str] | None = None) -> PipelineConfig:
-    """Read and parse a pipeline file, replace variables in its strings, and validate it."""
+def load_pipeline(path: str | Path, environ: Mapping[str, str] | None = None,
+                  resolve_models: bool = True) -> PipelineConfig:
+    """Read and parse a pipeline file, replace variables in its strings, and validate it
+    (``resolve_models``: see :func:`parse_pipeline`)."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:
@@ -397,4 +409,4 @@ def load_pipeline(path: str | Path, environ: Mapping[str, str] | None = None) ->
     data = _substitute(data, os.environ if environ is None else environ, (), errors)
     if errors:
         raise ConfigError(str(path), errors)
-    return parse_pipeline(data, str(path))
+    return parse_pipeline(data, str(path), resolve_models)

@@ -3,6 +3,6 @@
 import sys
 from multiprocessing.connection import Connection
 
-from streamflow.ml.worker import serve
+from streamflow.ml.host import serve
 
 serve(Connection(int(sys.argv[1])))

@@ -30,6 +30,7 @@ from river import utils
 
 from streamflow.ml.checkpoint import CheckpointStore, Snapshot, link_checkpoint, model_name
 from streamflow.ml.model import MAIN_MODEL, Features, Model, Prediction, PredictionColumns
+from streamflow.ml.settings import DriftEvent, EngineSettings, Promotion, PromotionRule
 from streamflow.ml.spec import build_detector, build_metric
 
 log = logging.getLogger(__name__)
@@ -105,18 +106,6 @@ class ModelSlot:
     challengers: dict[str, ModelSlot] | None = None
 
 
-@dataclass(frozen=True)
-class PromotionRule:
-    """A challenger replaces the champion when its rolling ``metric`` over the last ``over``
-    evaluated records beats the champion's by at least ``by`` at ``evaluations`` consecutive
-    evaluations; one evaluation ends the first batch after each ``over`` evaluated records."""
-
-    metric: str
-    by: float
-    over: int
-    evaluations: int
-
-
 @dataclass
 class Challenge:
     """A partition's standings of its champion and challengers, by model name: each model's own
@@ -128,20 +117,6 @@ class Challenge:
     streaks: dict[str, int] = field(default_factory=dict)
     since_evaluation: int = 0  # evaluated records since the last evaluation
     promotions: int = 0
-
-
-@dataclass
-class Promotion:
-    """A challenger became the champion of ``partition``: it predicts from ``offset`` on."""
-
-    partition: int
-    offset: int
-    promoted: str
-    demoted: str
-    metric: str
-    promoted_value: float
-    demoted_value: float
-    model_version: int  # records the promoted model had learned
 
 
 @dataclass
@@ -171,25 +146,6 @@ class PartitionState:
     stored: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    task: str
-    target: str | None
-    metrics: list[str]
-    rolling_window: int
-    key_field: str | None
-    max_models: int
-    features_topic: str
-    labels_topic: str | None = None
-    labels_ttl_s: float = 3600.0
-    max_waiting: int = 100_000
-    drift_detector: dict[str, Any] | None = None
-    drift_policy: str = "none"
-    mini_batch: bool = False
-    challengers: tuple[str, ...] = ()  # names of the models challenging the stage's own
-    promotion: PromotionRule | None = None
-
-
 @dataclass
 class ScoredRun:
     """What :meth:`ModelEngine.score` did with a run of records.
@@ -206,17 +162,9 @@ class ScoredRun:
     errors: dict[int, BaseException] = field(default_factory=dict)
 
 
-@dataclass
-class DriftEvent:
-    partition: int
-    offset: int
-    model_key: str
-    error: float
-    policy: str
-
-
 class ModelEngine:
-    """Predicts and learns per partition; checkpoints to a :class:`CheckpointStore`."""
+    """Predicts and learns per partition; checkpoints to a :class:`CheckpointStore`. Its
+    settings name the task and the metrics (see :meth:`streamflow.ml.host.EngineHost.resolved`)."""
 
     def __init__(
         self,
@@ -231,6 +179,7 @@ class ModelEngine:
         new_challengers: dict[str, Callable[[], Model]] | None = None,
         on_promoted: Callable[[Promotion], None] = lambda promotion: None,
     ) -> None:
+        assert settings.task is not None and settings.metrics is not None, "unresolved settings"
         self.settings = settings
         self.new_model = new_model
         # every model by name: the stage's own and the challengers

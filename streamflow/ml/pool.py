@@ -5,9 +5,10 @@ one engine in offset order (its predictions are those of a single worker).
 :class:`EngineWorkers` speaks :class:`~streamflow.ml.worker.EngineWorker`'s protocol. A batch
 request is split by partition into one request per worker holding rows of it, and their replies
 are merged back, in request order. A checkpoint goes to every worker; the registry version each
-worker prepared is merged into one, so that a version holds every partition. Workers start as
-partitions are assigned to them (a one-partition stage runs one), and a new partition goes to
-the worker holding the fewest.
+worker prepared is merged into one, so that a version holds every partition. The first worker
+starts with the pool (its engine tells the stage what it runs: :meth:`EngineWorkers.started`),
+the others as partitions are assigned to them (a one-partition stage runs one), and a new
+partition goes to the worker holding the fewest.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from streamflow.ml.worker import (
     Effects,
     EngineSpec,
     EngineWorker,
+    Started,
 )
 
 Parts = list[tuple[int, np.ndarray | None]]  # (worker, its feature rows in the request)
@@ -45,17 +47,24 @@ class EngineWorkers:
         self._pending: deque[tuple[str, Parts]] = deque()
         self._cluster_id: str | None = None
         self._handled = False  # records went to the workers since the last checkpoint
+        self._add_worker()  # the first one at once: its engine tells what the stage runs
 
     @property
     def pids(self) -> list[int]:
         return [worker.pid for worker in self._workers]
 
+    def started(self) -> Started:
+        """What the first worker tells of its engine (see :meth:`EngineWorker.started`)."""
+        return self._workers[0].started()
+
+    def _add_worker(self) -> EngineWorker:
+        worker = EngineWorker(self._spec, f"{self._name}-{len(self._workers)}", self._on_effects)
+        self._workers.append(worker)
+        return worker
+
     def _worker(self, index: int) -> EngineWorker:
         while len(self._workers) <= index:
-            worker = EngineWorker(self._spec, f"{self._name}-{len(self._workers)}",
-                                  self._on_effects)
-            self._workers.append(worker)
-            worker.call("start", self._cluster_id)
+            self._add_worker().call("start", self._cluster_id)
         return self._workers[index]
 
     def call(self, method: str, *args: Any) -> Any:
@@ -64,7 +73,7 @@ class EngineWorkers:
             raise RuntimeError("receive the pending replies before a call")
         if method == "start":
             self._cluster_id = args[0]
-            return self._worker(0).call(method, *args)
+            return self._workers[0].call(method, *args)
         if method == "assign":
             restored: dict[int, int] = {}
             for index, partitions in self._spread(args[0]).items():

@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,9 +41,9 @@ import pyarrow.compute as pc
 from streamflow.config.models import BatchConfig, ModelConfig
 from streamflow.metrics import ModelMetrics, StageMetrics
 from streamflow.ml.checkpoint import publish
-from streamflow.ml.engine import DriftEvent, Promotion
 from streamflow.ml.pool import EngineWorkers
 from streamflow.ml.registry import Registry
+from streamflow.ml.settings import DriftEvent, Promotion
 from streamflow.ml.worker import (
     BatchReply,
     BatchRequest,
@@ -129,7 +129,8 @@ class CheckpointInFlight:
 
 
 class ModelStage(StageRunner):
-    """Runs a model engine, in its worker process, as a consumer group member."""
+    """Runs a model engine, in its worker process, as a consumer group member. Its
+    ``model_metrics`` are those of the model's label, which the worker tells when it starts."""
 
     def __init__(
         self,
@@ -137,7 +138,7 @@ class ModelStage(StageRunner):
         transport: Transport,
         batch: BatchConfig,
         metrics: StageMetrics,
-        model_metrics: ModelMetrics,
+        model_metrics: Callable[[str], ModelMetrics],
         config: ModelConfig,
         spec: EngineSpec,
         drift_topic: str | None,
@@ -152,14 +153,14 @@ class ModelStage(StageRunner):
         self.transaction_interval_s = transaction_interval_s
         self.config = config
         self.spec = spec
-        self.model_metrics = model_metrics
+        self._model_metrics = model_metrics
+        self.model_metrics: ModelMetrics  # once the worker tells the label: open
         self.drift_topic = drift_topic
         self.labels_topic = config.labels.topic if config.labels else None
         self.label_field = (config.labels.field if config.labels else None) or config.target
         self.worker: EngineWorkers | None = None
         self.mlflow: MlflowTracker | None = None
         self._last_checkpoint = self._last_saved = time.monotonic()  # requested, durable
-        model_metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last_saved)
         self._metric_values_at = 0.0
         self._drift_events: list[DriftEvent] = []
         self._promotions: list[Promotion] = []
@@ -176,15 +177,18 @@ class ModelStage(StageRunner):
 
     def open(self) -> None:
         self.worker = EngineWorkers(self.spec, f"model-{self.name}", self._apply, self.workers)
+        started = self.worker.started()
+        self.model_metrics = self._model_metrics(started.label)
+        self.model_metrics.checkpoint_age.set_function(lambda: time.monotonic() - self._last_saved)
         self.worker.call("start", self.transport.cluster_id())
         if self.config.mlflow is not None:
-            settings, spec = self.spec.settings, self.spec
+            spec = self.spec
             self.mlflow = MlflowTracker(
                 self.config, spec.pipeline,
                 Registry.of_stage(spec.checkpoint_root, spec.pipeline, spec.stage),
-                run_parameters(self.config, spec.pipeline, settings.task, settings.metrics,
+                run_parameters(self.config, spec.pipeline, started.task, started.metrics,
                                spec.config_hash),
-                {"task": settings.task, "features": self.config.features,
+                {"task": started.task, "features": self.config.features,
                  "target": self.config.target, "key_field": self.config.key_field},
                 self.model_metrics.mlflow_errors)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -348,22 +349,19 @@ class PipelineRunner:
         return runner
 
     def _model_stage(self, stage: ModelConfig, transport: Transport) -> ModelStage:
-        # Imported here: river takes seconds and ~90 MB, which a pipeline without models spares.
-        from streamflow.ml.engine import EngineSettings, PromotionRule
-        from streamflow.ml.spec import DEFAULT_METRICS, build_estimator, infer_task, model_label
+        # River is imported by the stage's workers only: what only it tells (the task unless
+        # set, the default metrics, the model's label) comes from the first one as it starts.
+        from streamflow.ml.settings import EngineSettings, PromotionRule
         from streamflow.ml.worker import EngineSpec
         from streamflow.runtime.model_stage import ModelStage
 
         batch = stage.batch or self.config.runtime.batch
         metrics = self.metrics.stage(stage.name, ("model",))
-        estimator = build_estimator(stage.estimator)
-        task = stage.task or infer_task(estimator)
-        model_metrics = self.metrics.model(stage.name, model_label(estimator))
         labels, promotion = stage.labels, stage.promotion
         settings = EngineSettings(
-            task=task,
+            task=stage.task,
             target=stage.target,
-            metrics=stage.metrics if stage.metrics is not None else DEFAULT_METRICS[task],
+            metrics=stage.metrics,
             rolling_window=stage.rolling_window,
             key_field=stage.key_field,
             max_models=stage.max_models,
@@ -385,7 +383,8 @@ class PipelineRunner:
             {challenger.name: challenger.estimator for challenger in stage.challengers},
         )
         runner = ModelStage(
-            self._identity(stage), transport, batch, metrics, model_metrics, stage, spec,
+            self._identity(stage), transport, batch, metrics,
+            functools.partial(self.metrics.model, stage.name), stage, spec,
             self.config.drift_topic(stage) if stage.drift else None, self._exactly_once,
             self._transaction_interval_s,
             self.config.models_topic(stage) if promotion else None,

@@ -35,7 +35,7 @@ def write_dataset(path: Path, stream: list[tuple[dict[str, Any], Any]]) -> None:
 
 
 def pipeline_file(tmp_path: Path, bootstrap: str, estimator: list[dict[str, Any]],
-                  model_metrics: list[str], **model: Any) -> Path:
+                  model_metrics: list[str] | None, **model: Any) -> Path:
     config = {
         "pipeline": "learn",
         "kafka": {"bootstrap": bootstrap},
@@ -284,3 +284,57 @@ def test_delayed_labels_drift_and_failures_cross_the_worker(fresh_broker: str, t
     drift = read_topic(fresh_broker, "late.drift")
     assert drift.values and sample("streamflow_model_drift_events_total") == len(drift.values)
     assert all(json.loads(value)["offset"] >= count // 2 for value in drift.values)
+
+
+# Runs ``streamflow run ARGS`` or ``python -m benchmarks.isolated ARGS`` (the benchmarks' stage
+# process) in this interpreter, then prints what it imported of river's and its peak RSS.
+IMPORTS = """
+import json, runpy, sys
+command, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_module(command, run_name="__main__")
+except SystemExit as exit:
+    assert not exit.code, exit.code
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({"imported": sorted(name for name in sys.modules
+                                     if name.split(".")[0] in ("river", "scipy", "sklearn")),
+                  "peak_rss": status["VmHWM"].strip()}))
+"""
+
+
+def imports_of(module: str, *args: str) -> dict[str, Any]:
+    ran = subprocess.run([sys.executable, "-c", IMPORTS, module, *args], capture_output=True,
+                         text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return json.loads(ran.stdout.splitlines()[-1])
+
+
+def test_the_stage_process_leaves_river_to_its_workers(fresh_broker: str, tmp_path: Path) -> None:
+    """`streamflow run` and the benchmarks' `python -m benchmarks.isolated` run a model stage
+    (its task and metrics left to the worker) whose process never imports river, scipy or
+    sklearn; its workers do, and predict as river does."""
+    stream = list(datasets.TrumpApproval())
+    write_dataset(tmp_path / "data.jsonl", stream)
+    estimator = [{"preprocessing.StandardScaler": {}}, {"linear_model.LinearRegression": {}}]
+    path = pipeline_file(tmp_path, fresh_broker, estimator, None)
+    run = imports_of("streamflow", "run", str(path), "--until-idle", "1.5")
+    assert run["imported"] == []
+    model = preprocessing.StandardScaler() | linear_model.LinearRegression()
+    expected = []
+    for x, y in stream:
+        expected.append(model.predict_one(x))
+        model.learn_one(x, y)
+    assert [prediction for (prediction,) in output_rows(tmp_path, "prediction")] == expected
+
+    config = yaml.safe_load(path.read_text())
+    del config["sources"], config["sinks"]
+    config["pipeline"] = "isolated"  # a group of its own, from the features topic's start
+    config["models"][0]["checkpoint"]["path"] = str(tmp_path / "isolated")
+    settings = tmp_path / "isolated.json"
+    settings.write_text(json.dumps(config))
+    isolated = imports_of("benchmarks.isolated", str(settings), "model", "--records",
+                          str(len(stream)))
+    assert isolated["imported"] == []
+    print(f"peak RSS of the stage's process: streamflow run {run['peak_rss']}, "
+          f"benchmarks.isolated {isolated['peak_rss']}")

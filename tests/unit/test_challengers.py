@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -403,7 +404,8 @@ def test_a_stage_publishes_the_champions_predictions_and_the_promotion(
     model_metrics = pipeline_metrics.model("model", "StandardScaler|LogisticRegression")
     stage = ModelStage(StageIdentity("p", "model", "bananas", "p.dlq"), transport,
                        BatchConfig(max_records=200, max_wait_ms=10),
-                       pipeline_metrics.stage("model", ("model",)), model_metrics, config, spec,
+                       pipeline_metrics.stage("model", ("model",)),
+                       partial(pipeline_metrics.model, "model"), config, spec,
                        None, models_topic="p.models")
     stage.start()
     wait_until(lambda: sum(transport.cluster.high_watermarks("scored").values()) == len(BANANAS),

@@ -230,6 +230,22 @@ def test_validate_resolves_estimators_detectors_and_metrics(tmp_path: Path) -> N
     assert len(errors) == 4
 
 
+def test_run_refuses_what_validate_finds_in_models_before_it_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run resolves its models in a child process (streamflow.runtime.model_checks), its own
+    never importing river, and refuses to start on the errors validate reports."""
+    path = write(tmp_path, minimal(models=[model(
+        estimator=[{"preprocessing.StandardScaler": {}}, {"linear_model.Nope": {}}],
+        metrics=["MAE", "Nope"])]))
+    assert main(["validate", str(path)]) == 2
+    refused = capsys.readouterr().err
+    assert "  models[0].estimator: river has no 'linear_model.Nope'" in refused
+    assert "  models[0].metrics[1]: river.metrics has no metric 'Nope'" in refused
+    assert main(["run", str(path)]) == 2
+    assert capsys.readouterr().err == refused
+
+
 def test_duplicate_names_are_rejected(tmp_path: Path) -> None:
     data = minimal(sinks=[{"name": "gen", "type": "parquet", "input": "raw", "path": "/x"}])
     with pytest.raises(ConfigError, match="used twice"):

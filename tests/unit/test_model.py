@@ -3,6 +3,7 @@ models, drift, mini-batches and checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import io
 import itertools
@@ -386,7 +387,7 @@ def test_a_restored_instance_keeps_its_attributes_inline_and_its_strings_interne
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="checkpoints are written in process")
 @pytest.mark.skipif(sys.version_info >= (3, 13), reason="reads the object layout of CPython 3.11 and 3.12")
 def test_the_worker_writes_checkpoints_without_pickling_its_own_objects(tmp_path: Path) -> None:
-    from streamflow.ml.worker import _write_in_child
+    from streamflow.ml.host import _write_in_child
 
     store = CheckpointStore(tmp_path, "p", "s")
     live = Weights()
@@ -505,5 +506,53 @@ def test_the_worker_writes_checkpoints_while_it_serves_and_replies_in_order(tmp_
         with pytest.raises(ModelWorkerError, match="FileNotFoundError"):
             worker.call("checkpoint")
         assert list(worker.call("handle", batch(6)).versions) == [6, 7, 8]  # still serving
+    finally:
+        worker.close()
+
+
+def test_the_worker_tells_what_river_knows_of_the_spec(tmp_path: Path) -> None:
+    """The stage's process leaves the task and the default metrics to the worker, which tells
+    them, and the model's label, before any request."""
+    from streamflow.ml.worker import EngineSpec, EngineWorker, Started
+
+    settings = EngineSettings(task=None, target="y", metrics=None, rolling_window=5,
+                              key_field=None, max_models=1, features_topic=TOPIC)
+    spec = EngineSpec(settings, [{"preprocessing.StandardScaler": {}},
+                                 {"linear_model.LogisticRegression": {}}], str(tmp_path), "p", "m", 10)
+    worker = EngineWorker(spec, "w", lambda effects: None)
+    try:
+        assert worker.started() == Started("classification", ["Accuracy"],
+                                           "StandardScaler|LogisticRegression")
+        worker.call("start", None)
+        worker.call("assign", [0])
+        assert worker.call("checkpoint").metric_values == [(0, "Accuracy", 0.0, 0.0)]
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    ({"estimator": [{"linear_model.LinearRegresion": {}}]},
+     "river has no 'linear_model.LinearRegresion' (did you mean 'linear_model.LinearRegression'?)"),
+    ({"metrics": ["MAE", "Nope"]}, "river.metrics has no metric 'Nope'"),
+    ({"drift_detector": {"drift.ADWN": {}}}, "river has no 'drift.ADWN'"),
+])
+def test_a_spec_river_cannot_build_fails_the_worker_start(
+    tmp_path: Path, change: dict[str, Any], error: str
+) -> None:
+    """What `streamflow validate` reports, a run's stage learns from its worker as it starts:
+    a ModelSpecError, before any partition comes."""
+    from streamflow.ml.worker import EngineSpec, EngineWorker
+
+    settings = EngineSettings(task="regression", target="y", metrics=["MAE"], rolling_window=5,
+                              key_field=None, max_models=1, features_topic=TOPIC)
+    estimator = change.pop("estimator", [{"linear_model.LinearRegression": {}}])
+    spec = EngineSpec(dataclasses.replace(settings, **change), estimator, str(tmp_path), "p", "m", 10)
+    worker = EngineWorker(spec, "w", lambda effects: None)
+    try:
+        with pytest.raises(ModelSpecError) as raised:
+            worker.call("start", None)
+        assert str(raised.value).startswith(error)
+        with pytest.raises(ModelSpecError):  # every request, until closed
+            worker.started()
     finally:
         worker.close()

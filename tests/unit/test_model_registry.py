@@ -19,9 +19,10 @@ import streamflow.ml
 from streamflow.cli import main
 from streamflow.ml.checkpoint import MAGIC, CheckpointError, CheckpointStore, publish
 from streamflow.ml.engine import ModelEngine
+from streamflow.ml.host import EngineHost
 from streamflow.ml.model import RiverModel
 from streamflow.ml.registry import Registry, RegistryError, prepare_version
-from streamflow.ml.worker import Effects, EngineHost, EngineSpec, EngineWorker
+from streamflow.ml.worker import Effects, EngineSpec, EngineWorker
 from tests.model_versions import TOPIC, VersionWriter, batch, settings
 
 STREAM = list(itertools.islice(datasets.TrumpApproval(), 500))

@@ -13,6 +13,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -394,7 +395,7 @@ def stage_request(config: ModelConfig, values: list[bytes]) -> BatchRequest:
     metrics = PipelineMetrics("p")
     stage = ModelStage(StageIdentity("p", "model", TOPIC, "dlq"), MemoryTransport("equality"),
                        BatchConfig(),
-                       metrics.stage("model", ("model",)), metrics.model("model", "m"), config,
+                       metrics.stage("model", ("model",)), partial(metrics.model, "model"), config,
                        EngineSpec(EngineSettings("regression", "y", [], 10, None, 1, TOPIC),
                                   config.estimator, "", "p", "model", 1), None)
     count = len(values)

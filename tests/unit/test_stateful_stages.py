@@ -23,6 +23,7 @@ import json
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -343,7 +344,7 @@ def model_stage(world: World, transport: Transport, exactly_once: bool, checkpoi
     metrics = PipelineMetrics(world.pipeline)
     return ModelStage(StageIdentity(world.pipeline, "model", world.input, world.dead_letters),
                       transport, BATCH, metrics.stage("model", ("model",)),
-                      metrics.model("model", "LinearRegression"), config, spec, None, exactly_once,
+                      partial(metrics.model, "model"), config, spec, None, exactly_once,
                       PER_BATCH)
 
 
