@@ -45,35 +45,47 @@ class ParquetWatch:
 
     def __init__(self, folder: Path) -> None:
         self._folder = folder
-        self._seen: set[Path] = set()
         self.arrivals: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        listed: dict[str, tuple[int, float]] = {}  # directory → its mtime, when last listed
+        # A directory is listed only when an entry came or went (its mtime moved), and at least
+        # every RELIST_S (a clock tick may hold two changes), and only its new entries are
+        # looked at. Walking and sorting thousands of files at each poll cost the run more and
+        # more of a core as files piled up, and delayed when a new file was seen.
+        listed: dict[Path, tuple[int, float]] = {}  # directory → its mtime, when last listed
+        known: dict[Path, set[str]] = {}  # directory → the entries found in it
+        subdirectories: dict[Path, list[Path]] = {}
         while not self._stop.is_set():
-            # A directory is listed again when an entry came or went (its mtime moved), and at
-            # least every RELIST_S (a clock tick may hold two changes): listing thousands of
-            # files every WATCH_S would cost the run a core, more and more as files pile up.
-            for directory, subdirectories, _files in os.walk(self._folder):
-                mtime, now = os.stat(directory).st_mtime_ns, time.monotonic()
-                before = listed.get(directory)
-                if before is not None and before[0] == mtime and now - before[1] < RELIST_S:
+            pending = [self._folder]
+            while pending:
+                directory = pending.pop()
+                try:
+                    mtime, now = os.stat(directory).st_mtime_ns, time.monotonic()
+                except FileNotFoundError:  # the sink has not made it yet
                     continue
-                listed[directory] = (mtime, now)
-                for entry in sorted(os.scandir(directory), key=lambda entry: entry.name):
-                    path = Path(entry.path)
-                    if (path in self._seen or path.suffix != ".parquet"
-                            or path.name.startswith(("_", "."))):
-                        continue
-                    seen = time.time()
-                    self._seen.add(path)
-                    sent = pq.read_table(path, columns=[LATENCY_FIELD]).column(0).to_pylist()
-                    self.arrivals += [(seen, value) for value in sent]
-                subdirectories.sort()
+                before = listed.get(directory)
+                if before is None or before[0] != mtime or now - before[1] >= RELIST_S:
+                    listed[directory] = (mtime, now)
+                    self._list(directory, known.setdefault(directory, set()),
+                               subdirectories.setdefault(directory, []))
+                pending += subdirectories.get(directory, [])
             self._stop.wait(WATCH_S)
+
+    def _list(self, directory: Path, known: set[str], subdirectories: list[Path]) -> None:
+        """Read the Parquet files new in ``directory``; note its new subdirectories."""
+        found = [(entry.name, entry.is_dir()) for entry in os.scandir(directory)
+                 if entry.name not in known]
+        seen = time.time()  # every file found was in place by now
+        for name, is_directory in sorted(found):
+            known.add(name)
+            if is_directory:
+                subdirectories.append(directory / name)
+            elif name.endswith(".parquet") and not name.startswith(("_", ".")):
+                sent = pq.read_table(directory / name, columns=[LATENCY_FIELD]).column(0).to_pylist()
+                self.arrivals += [(seen, value) for value in sent]
 
     def stop(self) -> None:
         self._stop.set()

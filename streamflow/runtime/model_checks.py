@@ -18,13 +18,19 @@ from dataclasses import asdict
 from streamflow.config import ConfigError, load_pipeline
 from streamflow.runtime.semantics import Finding, require_valid
 
+CHECK_TIMEOUT_S = 120.0
+
 
 def checked_elsewhere(file: str, stage: str | None) -> list[Finding]:
     """The warnings :func:`require_valid` finds in the pipeline in ``file``, its models resolved
     in river by a child process; raises :class:`ConfigError` with the errors it finds."""
     request = json.dumps({"file": file, "stage": stage, "path": sys.path})
-    ran = subprocess.run([sys.executable, "-m", __name__], input=request, capture_output=True,
-                         text=True, check=False)
+    try:
+        ran = subprocess.run([sys.executable, "-m", __name__], input=request, capture_output=True,
+                             text=True, check=False, timeout=CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"checking the pipeline's models took over {CHECK_TIMEOUT_S:.0f} s "
+                           "(an estimator factory that hangs?)") from exc
     if ran.returncode != 0:
         raise RuntimeError(f"checking the pipeline's models failed: {ran.stderr.strip()[-2000:]}")
     found = json.loads(ran.stdout)
