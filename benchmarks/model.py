@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -24,11 +23,18 @@ from typing import Any
 from confluent_kafka import Producer
 from river import datasets, linear_model, metrics, preprocessing
 
-from benchmarks.common import local_broker, measure_stage
-from benchmarks.processes import TopicWatch, peer_command, peers_missing, run_until, scratch
+from benchmarks.common import local_broker
+from benchmarks.processes import (
+    Measures,
+    TopicWatch,
+    peer_command,
+    peers_missing,
+    run_self_timed,
+    run_until,
+    scratch,
+    streamflow_command,
+)
 from benchmarks.stats import medians
-from streamflow.config import parse_pipeline
-from streamflow.runtime.pipeline import PipelineRunner
 from streamflow.transport import TopicSpec, create_transport
 
 WORKLOAD = "river-learn-one-regression"
@@ -85,10 +91,12 @@ def run_quix(bootstrap: str, topic: str, expected: list[float]) -> dict[str, flo
 
 
 def run_streamflow(bootstrap: str, topic: str, count: int, guarantee: str = "at_least_once"
-                   ) -> float:
+                   ) -> Measures:
+    """The model stage in a process of its own (``benchmarks.isolated``), with the peak RSS and
+    PSS of its process tree: the stage's process and its workers."""
     name = f"model{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory() as checkpoints:
-        config = parse_pipeline({
+    with scratch() as folder:
+        settings = {
             "pipeline": name,
             "kafka": {"bootstrap": bootstrap},
             "topics": [{"name": f"{name}.out", "partitions": 1}],
@@ -96,12 +104,12 @@ def run_streamflow(bootstrap: str, topic: str, count: int, guarantee: str = "at_
                 "name": "model", "input": topic, "output": f"{name}.out", "target": "y",
                 "estimator": [{"preprocessing.StandardScaler": {}},
                               {"linear_model.LinearRegression": {}}],
-                "metrics": ["MAE"], "checkpoint": {"path": checkpoints},
+                "metrics": ["MAE"], "checkpoint": {"path": str(folder / "checkpoints")},
             }],
             "metrics": {"enabled": False},
             "runtime": {"batch": {"max_records": 5000, "max_wait_ms": 20}, "guarantee": guarantee},
-        })
-        return measure_stage(PipelineRunner(config), "model", count)
+        }
+        return run_self_timed(*streamflow_command(settings, "model", count, folder))
 
 
 def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
