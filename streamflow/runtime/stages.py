@@ -523,9 +523,16 @@ class StageRunner(Stage, RebalanceListener):
                 else:  # e.g. the group coordinator is down: the partitions go anyway
                     log.warning("stage %s: checkpoint on revoke failed (%s); their next owner "
                                 "replays from the last commit", self.name, exc)
+        self._forget_offsets(partitions)
+        self.revoke(partitions, lost=False)
+
+    def _forget_offsets(self, partitions: list[TopicPartition]) -> None:
+        """Commit no more offsets of ``partitions``: they have gone to another member."""
+        pending = self._unacknowledged.offsets if self._unacknowledged is not None else None
         for partition in partitions:
             self._last_offsets.pop(partition, None)
-        self.revoke(partitions, lost=False)
+            if pending:
+                pending.pop(partition, None)
 
     def committed_input(self, partitions: list[int]) -> dict[int, int]:
         """The group's committed offsets of ``partitions`` of the input topic, as far as they
@@ -548,10 +555,7 @@ class StageRunner(Stage, RebalanceListener):
         log.warning("stage %s lost %s (evicted from its group): their uncommitted work is "
                     "dropped, to be replayed by their next owner", self.name, partitions)
         self._to_restore = [p for p in self._to_restore if p not in partitions]
-        for partition in partitions:
-            self._last_offsets.pop(partition, None)
-            if self._unacknowledged is not None and self._unacknowledged.offsets:
-                self._unacknowledged.offsets.pop(partition, None)
+        self._forget_offsets(partitions)
         if self._transaction_since is not None:
             self._abort()  # fenced by the group's new generation anyway
         self.revoke(partitions, lost=True)
