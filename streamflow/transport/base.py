@@ -131,8 +131,9 @@ class Producer(ABC):
 
     def send(self, batches: Sequence[OutgoingBatch]) -> None:
         """Queue every record of ``batches`` without waiting for the broker; the next
-        :meth:`flush` waits for them. By default they are produced here and now, and a refusal
-        for size is kept for that flush (other failures raise here)."""
+        :meth:`flush` waits for them (flush before :meth:`produce`, whose refusals then name its
+        own batches only). By default they are produced here and now, and a refusal for size is
+        kept for that flush (other failures raise here)."""
         try:
             self.produce(batches)
         except RecordTooLargeError as exc:
