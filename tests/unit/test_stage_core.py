@@ -199,49 +199,47 @@ def test_a_stop_commits_the_open_transaction_spanning_batches(world: World) -> N
     assert set(produced) == covered & world.valid() and max(produced.values()) == 1
 
 
+def oversize_output_stage(world: World, **options: Any) -> tuple[TopicStage, str, bytes]:
+    """A started copy stage whose output topic takes records of up to 2,000 bytes, and whose
+    input ends with one record over that (``big``): the stage, its output topic and ``big``."""
+    small = "small-out"
+    admin = world.transport().admin()
+    admin.create_topics([TopicSpec(small, PARTITIONS, config={"max.message.bytes": "2000"})])
+    big = json.dumps({"id": COUNT, "pad": "p" * 3000}).encode()
+    producer = world.transport().producer()
+    producer.produce([OutgoingBatch(world.input, [big], [str(COUNT).encode()])])
+    metrics = PipelineMetrics(world.pipeline).stage("copy")
+    stage = TopicStage(StageIdentity(world.pipeline, "copy", world.input, world.dead_letters),
+                       world.transport(), BatchConfig(max_records=25, max_wait_ms=10), metrics,
+                       small, [], **options)
+    stage.start()
+    return stage, small, big
+
+
 def test_a_record_the_broker_refuses_after_it_was_sent_is_dead_lettered_and_counted(
     world: World
 ) -> None:
     """At least once, a batch is acknowledged while the next is handled: an output record over
     the output topic's size limit is found refused then, its input goes to the dead letters
     once, and the batch is counted once, without it."""
-    small = "small-out"
-    admin = world.transport().admin()
-    admin.create_topics([TopicSpec(small, PARTITIONS, config={"max.message.bytes": "2000"})])
-    big = json.dumps({"id": COUNT, "pad": "p" * 3000}).encode()
-    producer = world.transport().producer()
-    producer.produce([OutgoingBatch(world.input, [big], [str(COUNT).encode()])])
-    metrics = PipelineMetrics(world.pipeline).stage("copy")
-    stage = TopicStage(StageIdentity(world.pipeline, "copy", world.input, world.dead_letters),
-                       world.transport(), BatchConfig(max_records=25, max_wait_ms=10), metrics,
-                       small, [])
-    stage.start()
+    stage, small, big = oversize_output_stage(world, exactly_once=False)
     wait_until(lambda: world.all_committed(group(world)), "the input's offsets committed")
     finish(stage)
     ids = Counter(json.loads(v or b"")["id"] for v in world.read(small))
     assert set(ids) == world.valid()
     letters = world.dead_letter_values()
     assert set(letters) == {*world.poison(), big} and max(letters.values()) == 1
-    assert metrics.records_in._value.get() == COUNT + 1
-    assert metrics.records_out._value.get() == sum(ids.values())
-    assert metrics.records_dead_lettered._value.get() == len(letters)
+    assert stage.metrics.records_in._value.get() == COUNT + 1
+    assert stage.metrics.records_out._value.get() == sum(ids.values())
+    assert stage.metrics.records_dead_lettered._value.get() == len(letters)
 
 
 def test_a_record_the_broker_refuses_sends_its_whole_transaction_again(world: World) -> None:
     """An output record over the output topic's size limit, handled after several batches of
     the same open transaction: the refusal aborts the transaction, so every record sent in it
     goes again in a new one, and the big record's input goes to the dead letters."""
-    small = "small-out"
-    admin = world.transport().admin()
-    admin.create_topics([TopicSpec(small, PARTITIONS, config={"max.message.bytes": "2000"})])
-    big = json.dumps({"id": COUNT, "pad": "p" * 3000}).encode()
-    producer = world.transport().producer()
-    producer.produce([OutgoingBatch(world.input, [big], [str(COUNT).encode()])])
-    metrics = PipelineMetrics(world.pipeline).stage("copy")
-    stage = TopicStage(StageIdentity(world.pipeline, "copy", world.input, world.dead_letters),
-                       world.transport(), BatchConfig(max_records=25, max_wait_ms=10), metrics,
-                       small, [], exactly_once=True, transaction_interval_s=SPANNING)
-    stage.start()
+    stage, small, big = oversize_output_stage(world, exactly_once=True,
+                                              transaction_interval_s=SPANNING)
     wait_until(lambda: world.all_committed(group(world)), "the input's offsets committed")
     finish(stage)
     ids = Counter(json.loads(v or b"")["id"] for v in world.read(small))
