@@ -13,6 +13,7 @@ from pathlib import Path
 from benchmarks.common import measure_stage
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner, install_signal_handlers
+from streamflow.runtime.process import lean_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage")
     parser.add_argument("--records", type=int)
     args = parser.parse_args(argv)
-    # river only in the model stages' workers, as `streamflow run` does
+    lean_process()  # as `streamflow run`: river only in the model stages' workers, and so on
     runner = PipelineRunner(parse_pipeline(json.loads(args.settings.read_text()),
                                            resolve_models=False))
     if args.records is None:

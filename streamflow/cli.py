@@ -27,6 +27,7 @@ from streamflow.runtime.jobs import schedule_errors
 from streamflow.runtime.logs import REDACTOR, config_secrets, configure_logging
 from streamflow.runtime.model_checks import checked_elsewhere
 from streamflow.runtime.pipeline import PipelineRunner, UnknownStageError, install_signal_handlers
+from streamflow.runtime.process import lean_process
 from streamflow.runtime.progress import ProgressReporter
 from streamflow.runtime.schedules import pipeline_scheduler
 from streamflow.runtime.semantics import require_valid
@@ -71,6 +72,7 @@ def _backfill_plan(args: argparse.Namespace, config: PipelineConfig) -> Backfill
 
 
 def _run(args: argparse.Namespace) -> int:
+    lean_process()  # before the config's checks convert their first Python value
     # This process never imports river (the model stages' workers do): a child resolves the
     # models as validate does.
     config = _load(args.file, resolve_models=False)

@@ -601,6 +601,19 @@ class ConfluentAdmin(Admin):
         """AdminClient holds no resources that need an explicit close."""
 
 
+_PREFETCH = {
+    # librdkafka fetches ahead until its local queue holds 64 MB, or 100,000 records in a
+    # partition. Under a backlog that is memory a stage never needed: a clean stage reading
+    # 200,000 records on Kafka peaked at 237 MB RSS with those defaults and 180 MB with these
+    # bounds, at the same throughput (two rounds, 1 December), which still fetch a batch ahead.
+    "queued.max.messages.kbytes": 1024,
+    "queued.min.messages": 2500,
+    # Once the local queue is full, fetching pauses this long (1 s by default, longer than a
+    # stage takes to drain the queue: it then waited for data).
+    "fetch.queue.backoff.ms": 20,
+}
+
+
 class ConfluentTransport(Transport):
     """confluent-kafka: the fast default."""
 
@@ -636,9 +649,7 @@ class ConfluentTransport(Transport):
             "auto.offset.reset": "earliest",
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 1500,
-            # Once the local queue holds queued.min.messages, fetching pauses this long (1 s by
-            # default, longer than a stage takes to drain the queue: it then waited for data).
-            "fetch.queue.backoff.ms": 20,
+            **_PREFETCH,
             **self._base(),
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -654,7 +665,7 @@ class ConfluentTransport(Transport):
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
-            "fetch.queue.backoff.ms": 20,
+            **_PREFETCH,
             "isolation.level": "read_committed" if read_committed else "read_uncommitted",
         }
         config.pop("session.timeout.ms", None)
