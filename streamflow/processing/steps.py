@@ -5,15 +5,17 @@ from __future__ import annotations
 import re
 import threading
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
 from streamflow.plugins import ComponentContext, Processor, StepResult
+
+if TYPE_CHECKING:
+    import duckdb
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 ARROW_TYPES: dict[str, pa.DataType] = {
@@ -281,7 +283,10 @@ _thread_connections = threading.local()
 def thread_connection(external_access: bool) -> duckdb.DuckDBPyConnection:
     """This thread's DuckDB connection, with or without external access: the statements of the
     steps a stage runs on its thread share it (the first connection costs about 25 MB, each
-    further one 3), and it goes with the thread."""
+    further one 3), and it goes with the thread. DuckDB (20 MB) is imported by the first: a
+    process whose stages run no statement, such as a model stage's, does without it."""
+    import duckdb
+
     name = "external" if external_access else "closed"
     connection: duckdb.DuckDBPyConnection | None = getattr(_thread_connections, name, None)
     if connection is None:

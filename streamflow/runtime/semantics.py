@@ -22,9 +22,8 @@ import difflib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import duckdb
 import pyarrow as pa
 
 from streamflow.config import ConfigError, PipelineConfig
@@ -44,6 +43,9 @@ from streamflow.processing.parse import RAW_VALUE, ParseConfig, ParseStep
 from streamflow.processing.routing import RouteStep
 from streamflow.processing.steps import HIDDEN_PREFIX, BatchQuery, SchemaCheck, SqlTransform
 from streamflow.processing.validation import FilterStep, ValidateStep
+
+if TYPE_CHECKING:
+    import duckdb
 
 Severity = Literal["error", "warning"]
 Where = tuple[str | int, ...]
@@ -153,6 +155,7 @@ def empty_table(shape: Shape) -> pa.Table:
 
 def missing_column(error: duckdb.Error) -> str | None:
     """The column a DuckDB binder error says the statement references but the table lacks."""
+    import duckdb  # loaded already: the error is DuckDB's
     found = MISSING_COLUMN.search(str(error)) if isinstance(error, duckdb.BinderException) else None
     return (found.group(1) or found.group(2)) if found else None
 
@@ -167,6 +170,8 @@ def sql_failure(error: duckdb.Error, shape: Shape, where: Where) -> list[Finding
     any other binding error over fields known exactly with their types. Where a field's type is
     unknown, DuckDB may fail to choose a function for it where typed records would not: nothing
     can be told."""
+    import duckdb  # loaded already: the error is DuckDB's
+
     text = str(error)
     pointer = next((line.strip() for line in text.splitlines() if line.startswith("LINE ")), "")
     if isinstance(error, duckdb.ParserException):
@@ -187,14 +192,18 @@ def run_step(step: Processor[Any], shape: Shape, where: Where) -> tuple[Shape, l
     the statement references that the shape may lack is added (a warning where it was never
     declared) until the statement binds."""
     query = getattr(step, "query", None)
+    statement_errors: tuple[type[Exception], ...] = ()  # only a statement's step meets DuckDB
     if isinstance(query, BatchQuery):
+        import duckdb  # 20 MB, for pipelines with statements
+
         step.query = BatchQuery(query.statement, external_access=False)  # type: ignore[attr-defined]
+        statement_errors = (duckdb.Error,)
     table = empty_table(shape)
     findings: list[Finding] = []
     for _attempt in range(MAX_UNDECLARED):
         try:
             result = step.process(table).table
-        except duckdb.Error as exc:
+        except statement_errors as exc:
             column = missing_column(exc)
             if column is None or column in table.column_names:
                 return Shape(shape.fields, "unknown"), [*findings, *sql_failure(exc, shape, where)]

@@ -13,8 +13,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import duckdb
-
 TABLE = "batch"  # the table a sql step reads (streamflow.processing.steps)
 
 
@@ -34,6 +32,8 @@ def sql_columns(query: str, known: Sequence[str] | None) -> SqlColumns | None:
     """The output columns of ``query`` over ``batch``, whose fields are ``known`` (None: not
     known, so a ``*`` passes the input as it is); None when it is not one plain SELECT over
     ``batch``, or an output column's name is not known (an expression without an alias)."""
+    import duckdb  # 20 MB, for processes whose stages run SQL
+
     try:
         serialized = json.loads(duckdb.connect().execute(
             "SELECT json_serialize_sql(?::VARCHAR)", [query]).fetchone()[0])

@@ -287,8 +287,8 @@ def test_delayed_labels_drift_and_failures_cross_the_worker(fresh_broker: str, t
 
 
 # Runs ``streamflow run ARGS`` or ``python -m benchmarks.isolated ARGS`` (the benchmarks' stage
-# process) in this interpreter, then prints what it imported of river's and pandas, and its peak
-# RSS.
+# process) in this interpreter, then prints what it imported of river's, pandas and DuckDB, and
+# its peak RSS.
 IMPORTS = """
 import json, runpy, sys
 command, sys.argv = sys.argv[1], sys.argv[1:]
@@ -298,7 +298,7 @@ except SystemExit as exit:
     assert not exit.code, exit.code
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({"imported": sorted(name for name in sys.modules
-                                     if name.split(".")[0] in ("river", "scipy", "sklearn", "pandas")),
+                                     if name.split(".")[0] in ("river", "scipy", "sklearn", "pandas", "duckdb")),
                   "peak_rss": status["VmHWM"].strip()}))
 """
 
@@ -314,8 +314,8 @@ def imports_of(module: str, *args: str) -> dict[str, Any]:
 def test_the_stage_process_leaves_river_to_its_workers(fresh_broker: str, tmp_path: Path) -> None:
     """`streamflow run` and the benchmarks' `python -m benchmarks.isolated` run a model stage
     (its task and metrics left to the worker) whose process never imports river, scipy or
-    sklearn, nor pandas (streamflow.runtime.process); its workers do, and predict as river
-    does."""
+    sklearn, nor pandas (streamflow.runtime.process) nor DuckDB (no stage of its runs SQL);
+    its workers do, and predict as river does."""
     stream = list(datasets.TrumpApproval())
     write_dataset(tmp_path / "data.jsonl", stream)
     estimator = [{"preprocessing.StandardScaler": {}}, {"linear_model.LinearRegression": {}}]
