@@ -55,10 +55,15 @@ def stage(kind: str, name: str, checkpoints: Path) -> tuple[str, dict[str, Any]]
 def pipeline(bootstrap: str, name: str, guarantee: str, kind: str, checkpoints: Path
              ) -> dict[str, Any]:
     section, config = stage(kind, name, checkpoints)
+    client: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
+    if guarantee == "exactly_once":
+        # The killed replica's open transaction holds back the partitions it wrote to and the
+        # offsets it sent until the broker aborts it: after 10 s here, not 60 (one broker, no
+        # failover for the producers' message timeout, capped by it, to outlast).
+        client["transaction.timeout.ms"] = 10_000
     return {
         "pipeline": name,
-        "kafka": {"bootstrap": bootstrap,
-                  "config": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}},
+        "kafka": {"bootstrap": bootstrap, "config": client},
         "topics": [{"name": f"{name}.in", "partitions": PARTITIONS, "external": True},
                    {"name": f"{name}.out", "partitions": PARTITIONS}],
         section: [config],

@@ -297,8 +297,9 @@ try:
 except SystemExit as exit:
     assert not exit.code, exit.code
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+left_out = ("river", "scipy", "sklearn", "pandas", "duckdb")
 print(json.dumps({"imported": sorted(name for name in sys.modules
-                                     if name.split(".")[0] in ("river", "scipy", "sklearn", "pandas", "duckdb")),
+                                     if name.split(".")[0] in left_out),
                   "peak_rss": status["VmHWM"].strip()}))
 """
 
