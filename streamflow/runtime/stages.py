@@ -70,6 +70,11 @@ log = logging.getLogger(__name__)
 
 LAG_CHECK_INTERVAL_S = 1.0
 TRANSACTION_INTERVAL_S = 0.1  # Kafka Streams' commit.interval.ms under exactly_once
+# At least once, acknowledged offsets are committed at most this often, not once a batch: a group
+# member committing 500 times a second was evicted within 11 s on the tests' Kafka (its
+# heartbeats queued behind the commits), which small batches at a few thousand records a second
+# reach. A crash replays what was acknowledged since the last commit.
+COMMIT_INTERVAL_S = 0.1
 
 
 class StepOutputError(RuntimeError):
@@ -133,6 +138,8 @@ class StageRunner(Stage, RebalanceListener):
         self._transaction_offsets: dict[TopicPartition, int] = {}  # sent at its commit
         self._transaction_records: list[OutgoingBatch] = []  # sent in it: resent if it aborts
         self._last_offsets: dict[TopicPartition, int] = {}  # committed asynchronously by deliver
+        self._uncommitted: dict[TopicPartition, int] = {}  # acknowledged, to commit when due
+        self._committed_at = 0.0  # monotonic time of the last asynchronous commit
         self._unacknowledged: Unacknowledged | None = None  # sent by deliver, not acknowledged
         self._callback_error: BaseException | None = None  # raised by a rebalance callback
         self._to_restore: list[TopicPartition] = []  # assigned, to restore before the next batch
@@ -184,6 +191,7 @@ class StageRunner(Stage, RebalanceListener):
                 else:
                     self.acknowledge()  # nothing came: no reason to wait for the next batch
                 self._check_lag()
+                self.commit_acknowledged(due_only=True)
                 self.tick()
                 if self.checkpoint_due():
                     self.acknowledge()
@@ -255,7 +263,8 @@ class StageRunner(Stage, RebalanceListener):
         passed since it began (see :meth:`commit_transaction`); anything failing aborts it.
         Otherwise they are sent without waiting for the broker, which acknowledges them while
         the next batch is handled (see :meth:`acknowledge`); the offsets are then committed
-        asynchronously, and confirmed at checkpoints (on revoke and stop). Stages that commit
+        asynchronously, at most every :data:`COMMIT_INTERVAL_S` (see :meth:`commit_acknowledged`),
+        and confirmed at checkpoints (on revoke and stop). Stages that commit
         at checkpoints of their own state pass no offsets under at_least_once.
         """
         if not self.transactional:
@@ -281,7 +290,8 @@ class StageRunner(Stage, RebalanceListener):
 
     def acknowledge(self) -> None:
         """Wait for the broker to acknowledge the batch :meth:`deliver` sent last, if any; then
-        commit its input offsets asynchronously and tell its ``delivered``. Output records
+        commit its input offsets when due (:meth:`commit_acknowledged`) and tell its
+        ``delivered``. Output records
         Kafka refused for their size go to the dead letters (see :meth:`publish`)."""
         sent, self._unacknowledged = self._unacknowledged, None
         if sent is None:
@@ -297,9 +307,20 @@ class StageRunner(Stage, RebalanceListener):
             self.metrics.latest_dead_letters.add(sent.letters)
             oversize = 0
         if sent.offsets:
-            self.commit(sent.offsets, asynchronous=True)
             self._last_offsets.update(sent.offsets)
+            self._uncommitted.update(sent.offsets)
+            self.commit_acknowledged(due_only=True)
         sent.delivered(oversize)
+
+    def commit_acknowledged(self, due_only: bool) -> None:
+        """Commit the offsets acknowledged since the last commit, asynchronously; with
+        ``due_only``, only once :data:`COMMIT_INTERVAL_S` has passed since then."""
+        if not self._uncommitted or (
+                due_only and time.monotonic() - self._committed_at < COMMIT_INTERVAL_S):
+            return
+        offsets, self._uncommitted = self._uncommitted, {}
+        self._committed_at = time.monotonic()
+        self.commit(offsets, asynchronous=True)
 
     def commit_transaction(self, due_only: bool = False) -> None:
         """Send the open transaction's input offsets and commit it (``due_only``: only once
@@ -485,6 +506,7 @@ class StageRunner(Stage, RebalanceListener):
         with ``wait``, before returning. Stateless: confirm the asynchronous commits of
         :meth:`deliver` (under exactly_once the open transaction carries the offsets)."""
         if wait and self._last_offsets:
+            self._uncommitted = {}
             self.commit(self._last_offsets, asynchronous=False)
 
     def revoke(self, partitions: list[TopicPartition], lost: bool) -> None:
@@ -531,6 +553,7 @@ class StageRunner(Stage, RebalanceListener):
         pending = self._unacknowledged.offsets if self._unacknowledged is not None else None
         for partition in partitions:
             self._last_offsets.pop(partition, None)
+            self._uncommitted.pop(partition, None)
             if pending:
                 pending.pop(partition, None)
 

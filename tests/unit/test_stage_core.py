@@ -7,6 +7,7 @@ against the input.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from streamflow.config.models import BatchConfig
 from streamflow.metrics import PipelineMetrics
 from streamflow.plugins import ComponentContext, Sink, Source, SourceBatch
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
-from streamflow.runtime.stages import SinkStage, StageIdentity, TopicStage
+from streamflow.runtime.stages import COMMIT_INTERVAL_S, SinkStage, StageIdentity, TopicStage
 from streamflow.transport import OutgoingBatch, TopicPartition, TopicSpec, Transport
 from tests.stage_harness import (
     COUNT,
@@ -53,12 +54,12 @@ def world() -> Iterator[World]:
 
 
 def topic_stage(world: World, transport: Transport, exactly_once: bool,
-                transaction_interval_s: float = PER_BATCH) -> TopicStage:
+                transaction_interval_s: float = PER_BATCH, max_records: int = 25) -> TopicStage:
     """A processor stage with no steps: each valid input goes out as it came, each other one to
     the dead letters."""
     metrics = PipelineMetrics(world.pipeline).stage("copy")
     return TopicStage(StageIdentity(world.pipeline, "copy", world.input, world.dead_letters),
-                      transport, BatchConfig(max_records=25, max_wait_ms=10), metrics,
+                      transport, BatchConfig(max_records=max_records, max_wait_ms=10), metrics,
                       world.output, [], exactly_once=exactly_once,
                       transaction_interval_s=transaction_interval_s)
 
@@ -82,6 +83,26 @@ def test_a_topic_stage_copies_every_record_once(world: World, exactly_once: bool
     finish(stage)
     check_topic_outputs(world, exactly_once=True)
     assert records_in(stage) == COUNT
+
+
+def test_small_batches_commit_their_offsets_at_most_every_interval(world: World) -> None:
+    """At least once, a stage of one-record batches commits the acknowledged offsets every
+    COMMIT_INTERVAL_S, not once a batch (which got members evicted on Kafka), and commits the
+    last ones while idle, without waiting for a stop."""
+    injector = Injector()
+    stage = topic_stage(world, InjectedTransport(world.transport(), injector), False,
+                        max_records=1)
+    started = time.monotonic()
+    stage.start()
+    wait_until(lambda: world.all_committed(group(world)), "the input's offsets committed")
+    elapsed = time.monotonic() - started
+    commits = injector.calls["commit"]
+    finish(stage)
+    check_topic_outputs(world, exactly_once=False)
+    [batches] = [sample.value for sample in stage.metrics.batch_seconds.collect()[0].samples
+                 if sample.name.endswith("_count")]
+    assert batches == COUNT  # one a record
+    assert commits <= elapsed / COMMIT_INTERVAL_S + 2, f"{commits} commits in {elapsed:.2f} s"
 
 
 @pytest.mark.parametrize("exactly_once", GUARANTEES)
@@ -128,9 +149,10 @@ def test_a_stop_mid_stream_drains_and_a_restart_goes_on(world: World, exactly_on
 
 
 AT_LEAST_ONCE_POINTS = [
-    pytest.param("produce", False, id="before-produce"),
-    pytest.param("produce", True, id="between-produce-and-commit"),
-    pytest.param("commit", True, id="after-commit"),
+    pytest.param("produce", 3, False, id="before-produce"),
+    pytest.param("produce", 3, True, id="between-produce-and-commit"),
+    # the first commit: the next come every COMMIT_INTERVAL_S, maybe after the input's end
+    pytest.param("commit", 1, True, id="after-commit"),
 ]
 EXACTLY_ONCE_POINTS = [
     pytest.param("produce", False, id="before-produce"),
@@ -140,9 +162,10 @@ EXACTLY_ONCE_POINTS = [
 ]
 
 
-def crash_and_restart(world: World, exactly_once: bool, step: str, after: bool) -> None:
+def crash_and_restart(world: World, exactly_once: bool, step: str, after: bool, at: int = 3
+                      ) -> None:
     transport = world.transport(FAST_FAILURE)
-    injector = Injector(step, at=3, after=after)
+    injector = Injector(step, at=at, after=after)
     first = topic_stage(world, InjectedTransport(transport, injector), exactly_once)
     first.start()
     crashed(first, injector)
@@ -152,9 +175,10 @@ def crash_and_restart(world: World, exactly_once: bool, step: str, after: bool) 
     finish(restarted)
 
 
-@pytest.mark.parametrize(("step", "after"), AT_LEAST_ONCE_POINTS)
-def test_at_least_once_loses_nothing_across_a_crash(world: World, step: str, after: bool) -> None:
-    crash_and_restart(world, False, step, after)
+@pytest.mark.parametrize(("step", "at", "after"), AT_LEAST_ONCE_POINTS)
+def test_at_least_once_loses_nothing_across_a_crash(world: World, step: str, at: int, after: bool
+                                                    ) -> None:
+    crash_and_restart(world, False, step, after, at)
     check_topic_outputs(world, exactly_once=False)
 
 
