@@ -137,7 +137,7 @@ class StageRunner(Stage, RebalanceListener):
         self._transaction_since: float | None = None  # monotonic start of the open transaction
         self._transaction_offsets: dict[TopicPartition, int] = {}  # sent at its commit
         self._transaction_records: list[OutgoingBatch] = []  # sent in it: resent if it aborts
-        self._last_offsets: dict[TopicPartition, int] = {}  # committed asynchronously by deliver
+        self._last_offsets: dict[TopicPartition, int] = {}  # acknowledged: see deliver
         self._uncommitted: dict[TopicPartition, int] = {}  # acknowledged, to commit when due
         self._committed_at = 0.0  # monotonic time of the last asynchronous commit
         self._unacknowledged: Unacknowledged | None = None  # sent by deliver, not acknowledged
@@ -264,8 +264,8 @@ class StageRunner(Stage, RebalanceListener):
         Otherwise they are sent without waiting for the broker, which acknowledges them while
         the next batch is handled (see :meth:`acknowledge`); the offsets are then committed
         asynchronously, at most every :data:`COMMIT_INTERVAL_S` (see :meth:`commit_acknowledged`),
-        and confirmed at checkpoints (on revoke and stop). Stages that commit
-        at checkpoints of their own state pass no offsets under at_least_once.
+        and confirmed at checkpoints (on revoke and stop). Stages that commit at checkpoints of
+        their own state pass no offsets under at_least_once.
         """
         if not self.transactional:
             self.acknowledge()
@@ -291,8 +291,8 @@ class StageRunner(Stage, RebalanceListener):
     def acknowledge(self) -> None:
         """Wait for the broker to acknowledge the batch :meth:`deliver` sent last, if any; then
         commit its input offsets when due (:meth:`commit_acknowledged`) and tell its
-        ``delivered``. Output records
-        Kafka refused for their size go to the dead letters (see :meth:`publish`)."""
+        ``delivered``. Output records Kafka refused for their size go to the dead letters (see
+        :meth:`publish`)."""
         sent, self._unacknowledged = self._unacknowledged, None
         if sent is None:
             return
