@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage")
     parser.add_argument("--records", type=int)
     args = parser.parse_args(argv)
-    lean_process()  # as `streamflow run`: river only in the model stages' workers, and so on
+    # as `streamflow run`: its process settings, and river only in the model stages' workers
+    lean_process()
     runner = PipelineRunner(parse_pipeline(json.loads(args.settings.read_text()),
                                            resolve_models=False))
     if args.records is None:

@@ -191,7 +191,7 @@ class StageRunner(Stage, RebalanceListener):
                 else:
                     self.acknowledge()  # nothing came: no reason to wait for the next batch
                 self._check_lag()
-                self.commit_acknowledged(due_only=True)
+                self.commit_acknowledged()
                 self.tick()
                 if self.checkpoint_due():
                     self.acknowledge()
@@ -290,8 +290,8 @@ class StageRunner(Stage, RebalanceListener):
 
     def acknowledge(self) -> None:
         """Wait for the broker to acknowledge the batch :meth:`deliver` sent last, if any; then
-        commit its input offsets when due (:meth:`commit_acknowledged`) and tell its
-        ``delivered``. Output records Kafka refused for their size go to the dead letters (see
+        leave its input offsets to :meth:`commit_acknowledged` and tell its ``delivered``.
+        Output records Kafka refused for their size go to the dead letters (see
         :meth:`publish`)."""
         sent, self._unacknowledged = self._unacknowledged, None
         if sent is None:
@@ -309,14 +309,12 @@ class StageRunner(Stage, RebalanceListener):
         if sent.offsets:
             self._last_offsets.update(sent.offsets)
             self._uncommitted.update(sent.offsets)
-            self.commit_acknowledged(due_only=True)
         sent.delivered(oversize)
 
-    def commit_acknowledged(self, due_only: bool) -> None:
-        """Commit the offsets acknowledged since the last commit, asynchronously; with
-        ``due_only``, only once :data:`COMMIT_INTERVAL_S` has passed since then."""
-        if not self._uncommitted or (
-                due_only and time.monotonic() - self._committed_at < COMMIT_INTERVAL_S):
+    def commit_acknowledged(self) -> None:
+        """Commit the offsets acknowledged since the last commit, asynchronously, once
+        :data:`COMMIT_INTERVAL_S` has passed since it (after every poll)."""
+        if not self._uncommitted or time.monotonic() - self._committed_at < COMMIT_INTERVAL_S:
             return
         offsets, self._uncommitted = self._uncommitted, {}
         self._committed_at = time.monotonic()
