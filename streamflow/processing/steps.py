@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
 from streamflow.plugins import ComponentContext, Processor, StepResult
+from streamflow.processing.arrow_sql import ArrowProjection, compiled
 
 if TYPE_CHECKING:
     import duckdb
@@ -271,10 +272,12 @@ class SqlTransform(Processor[SqlConfig]):
     def __init__(self, config: SqlConfig, context: ComponentContext) -> None:
         super().__init__(config, context)
         self.query = BatchQuery(config.root)
+        self.projection = compiled(ArrowProjection, config.root)  # DuckDB's result, in Arrow
 
     def process(self, table: pa.Table) -> StepResult:
         fitting, failures = self.query.fit(table)
-        return StepResult(self.query.run(fitting), failures)
+        derived = self.projection.apply(fitting) if self.projection else None
+        return StepResult(self.query.run(fitting) if derived is None else derived, failures)
 
 
 _thread_connections = threading.local()
@@ -292,6 +295,8 @@ def thread_connection(external_access: bool) -> duckdb.DuckDBPyConnection:
     if connection is None:
         connection = duckdb.connect(config={"preserve_insertion_order": True,
                                             "enable_external_access": external_access})
+        # Results must not depend on the host's zone; and the schema step's timestamps are UTC.
+        connection.execute("SET TimeZone = 'UTC'")
         setattr(_thread_connections, name, connection)
     return connection
 

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
 from streamflow.plugins import ComponentContext, Processor, StepResult
+from streamflow.processing.arrow_sql import ArrowPredicate, compiled
 from streamflow.processing.steps import BatchQuery, Scalar
 
 
@@ -157,8 +158,11 @@ class FilterStep(Processor[FilterConfig]):
         # DuckDB computes only the predicate, from the columns it names; the rows are kept by
         # Arrow, as they came (a third cheaper on small batches than selecting them in SQL).
         self.query = BatchQuery(f"SELECT CAST(({config.root}) AS BOOLEAN) AS keep FROM batch")
+        self.predicate = compiled(ArrowPredicate, config.root)  # DuckDB's result, in Arrow
 
     def process(self, table: pa.Table) -> StepResult:
         fitting, failures = self.query.fit(table)
-        keep = self.query.run(fitting).column(0)
+        keep = self.predicate.keep(fitting) if self.predicate else None
+        if keep is None:
+            keep = self.query.run(fitting).column(0)
         return StepResult(fitting.filter(keep, null_selection_behavior="drop"), failures)

@@ -1,0 +1,404 @@
+"""Arrow kernels for the simplest ``filter`` predicates and ``sql`` derived fields.
+
+DuckDB costs about a millisecond a statement however small the batch, which at a few thousand
+records a second is most of a stage's time. A predicate, or a ``SELECT *, <expr> AS <name>, ...
+FROM batch`` statement, built only of columns, numeric literals, ``+ - * /``, comparisons,
+``AND``, ``OR``, ``NOT`` and parentheses is compiled here and evaluated with Arrow kernels, giving
+DuckDB's result bit for bit: IEEE arithmetic on doubles, SQL's three-valued logic.
+
+Anything else goes to DuckDB: a statement this grammar does not take (a function, a keyword, a
+string, a comment) for good, and a batch for which the kernels could differ from DuckDB (a named
+column missing, named twice, or not a double; a NaN compared, which DuckDB orders above every
+number; a column type DuckDB's ``SELECT *`` would change) for that batch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# DuckDB's keywords other than its unreserved ones (``duckdb_keywords()``): as a bare word they
+# are not a column (``true``, ``current_date``...), or not always. A test keeps it in step.
+KEYWORDS = frozenset("""
+all analyse analyze and anti any array as asc asof asymmetric at authorization between bigint
+binary bit boolean both by case cast char character check coalesce collate collation column
+columns concurrently constraint create cross current_catalog current_date current_role
+current_schema current_time current_timestamp current_user dec decimal default deferrable desc
+describe distinct do else end except exists extract false fetch float for foreign freeze from
+full generated glob group grouping grouping_id having ilike in initially inner inout int integer
+intersect interval into is isnull join lambda lateral leading left like limit localtime
+localtimestamp map national natural nchar none not notnull null nullif numeric offset on only or
+order out outer overlaps overlay pivot pivot_longer pivot_wider placing position positional
+precision primary qualify real references returning right row select semi session_user setof show
+similar smallint some struct substring summarize symmetric table tablesample then time timestamp
+to trailing treat trim true try_cast tuple union unique unpack unpivot user using values varchar
+variadic verbose when where window with xmlattributes xmlconcat xmlelement xmlexists xmlforest
+xmlnamespaces xmlparse xmlpi xmlroot xmlserialize xmltable
+""".split())  # noqa: SIM905
+
+# Column types whose values DuckDB's ``SELECT *`` returns unchanged, type and all (a test checks
+# each); a batch with any other column goes to DuckDB. tz-aware timestamps come back in the
+# connection's time zone, which :func:`~streamflow.processing.steps.thread_connection` sets to UTC.
+_KEPT_TYPES = frozenset([
+    pa.null(), pa.bool_(), pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16(),
+    pa.uint32(), pa.uint64(), pa.float32(), pa.float64(), pa.string(), pa.binary(), pa.date32(),
+    pa.timestamp("us"), pa.timestamp("us", tz="UTC"),
+])
+
+_TOKEN = re.compile(r"""
+    \s+
+  | (?P<number>(?:\d+\.?\d*|\.\d+)(?P<exponent>[eE][+-]?\d+)?)(?![\w.])
+  | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
+  | "(?P<quoted>(?:[^"]|"")+)"
+  | (?P<symbol><=|>=|<>|!=|==|[-+*/()<>=,])
+""", re.VERBOSE)
+_ARITHMETIC: dict[str, Callable[..., pa.ChunkedArray]] = {
+    "+": pc.add, "-": pc.subtract, "*": pc.multiply, "/": pc.divide}
+_COMPARISON: dict[str, Callable[..., pa.ChunkedArray]] = {
+    "=": pc.equal, "==": pc.equal, "!=": pc.not_equal, "<>": pc.not_equal, "<": pc.less,
+    "<=": pc.less_equal, ">": pc.greater, ">=": pc.greater_equal}
+_MAX_EXACT_DIGITS = 15  # an integer or decimal literal of more digits may not be one double
+Compiled = TypeVar("Compiled")
+
+
+class Unsupported(Exception):
+    """This statement, or this batch, is DuckDB's to evaluate."""
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str  # "number", "word", "name" (quoted), "symbol"
+    text: str
+    exact: bool = False  # a number without exponent: DuckDB's INTEGER or DECIMAL
+
+
+def _tokens(sql: str) -> list[_Token]:
+    if "--" in sql or "/*" in sql:
+        raise Unsupported("a comment")
+    tokens, position = [], 0
+    while position < len(sql):
+        match = _TOKEN.match(sql, position)
+        if match is None:
+            raise Unsupported(f"{sql[position]!r} at {position}")
+        position = match.end()
+        if match["number"] is not None:
+            tokens.append(_Token("number", match["number"], exact=match["exponent"] is None))
+        elif match["word"] is not None:
+            tokens.append(_Token("word", match["word"]))
+        elif match["quoted"] is not None:
+            tokens.append(_Token("name", match["quoted"].replace('""', '"')))
+        elif match["symbol"] is not None:
+            tokens.append(_Token("symbol", match["symbol"]))
+    return tokens
+
+
+class Expression:
+    """A compiled expression: ``number`` (a double) or ``boolean``."""
+
+    kind: str
+    columns: frozenset[str] = frozenset()  # the lower-cased names it reads
+
+    def evaluate(self, columns: dict[str, pa.ChunkedArray]) -> pa.ChunkedArray | pa.Scalar:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Column(Expression):
+    name: str
+    kind = "number"
+
+    @property
+    def columns(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset([self.name.lower()])
+
+    def evaluate(self, columns: dict[str, pa.ChunkedArray]) -> pa.ChunkedArray:
+        return columns[self.name.lower()]
+
+
+@dataclass(frozen=True)
+class _Literal(Expression):
+    value: float
+    exact: bool  # INTEGER or DECIMAL: negated, zero stays +0.0
+    kind = "number"
+
+    def evaluate(self, columns: dict[str, pa.ChunkedArray]) -> pa.Scalar:
+        return pa.scalar(self.value, pa.float64())
+
+
+@dataclass(frozen=True)
+class _Negation(Expression):
+    operand: Expression
+    kind = "number"
+
+    @property
+    def columns(self) -> frozenset[str]:  # type: ignore[override]
+        return self.operand.columns
+
+    def evaluate(self, columns: dict[str, pa.ChunkedArray]) -> pa.ChunkedArray:
+        return pc.negate(self.operand.evaluate(columns))
+
+
+@dataclass(frozen=True)
+class _Binary(Expression):
+    operator: str
+    left: Expression
+    right: Expression
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "number" if self.operator in _ARITHMETIC else "boolean"
+
+    @property
+    def columns(self) -> frozenset[str]:  # type: ignore[override]
+        return self.left.columns | self.right.columns
+
+    def evaluate(self, columns: dict[str, pa.ChunkedArray]) -> pa.ChunkedArray:
+        left, right = self.left.evaluate(columns), self.right.evaluate(columns)
+        if self.operator in _ARITHMETIC:
+            return _ARITHMETIC[self.operator](left, right)
+        if self.operator == "and":
+            return pc.and_kleene(left, right)
+        if self.operator == "or":
+            return pc.or_kleene(left, right)
+        if any(isinstance(side, pa.ChunkedArray) and pc.any(pc.is_nan(side)).as_py()
+               for side in (left, right)):
+            raise Unsupported("a NaN compared: DuckDB orders NaN above every number")
+        return _COMPARISON[self.operator](left, right)
+
+
+@dataclass(frozen=True)
+class _Not(Expression):
+    operand: Expression
+    kind = "boolean"
+
+    @property
+    def columns(self) -> frozenset[str]:  # type: ignore[override]
+        return self.operand.columns
+
+    def evaluate(self, columns: dict[str, pa.ChunkedArray]) -> pa.ChunkedArray:
+        return pc.invert(self.operand.evaluate(columns))
+
+
+class _Parser:
+    """Precedence as in DuckDB's grammar, lowest first: OR, AND, NOT, one comparison (they do
+    not chain), ``+ -``, ``* /``, unary minus. Every operator needs a column below it: DuckDB
+    folds constants in their own types (INTEGER, DECIMAL), which this does not model."""
+
+    def __init__(self, sql: str) -> None:
+        self.tokens = _tokens(sql)
+        self.position = 0
+
+    def peek(self, *texts: str) -> bool:
+        if self.position >= len(self.tokens):
+            return False
+        token = self.tokens[self.position]
+        return token.kind in ("symbol", "word") and token.text.lower() in texts
+
+    def take(self, *texts: str) -> str:
+        if not self.peek(*texts):
+            raise Unsupported(f"expected {' or '.join(texts)}")
+        self.position += 1
+        return self.tokens[self.position - 1].text.lower()
+
+    def done(self) -> bool:
+        return self.position == len(self.tokens)
+
+    def expression(self) -> Expression:
+        left = self.conjunction()
+        while self.peek("or"):
+            self.take("or")
+            left = _logical("or", left, self.conjunction())
+        return left
+
+    def conjunction(self) -> Expression:
+        left = self.negation()
+        while self.peek("and"):
+            self.take("and")
+            left = _logical("and", left, self.negation())
+        return left
+
+    def negation(self) -> Expression:
+        if self.peek("not"):
+            self.take("not")
+            operand = self.negation()
+            if operand.kind != "boolean":
+                raise Unsupported("NOT of a number")
+            return _Not(operand)
+        return self.comparison()
+
+    def comparison(self) -> Expression:
+        left = self.sum()
+        if self.peek(*_COMPARISON):
+            operator = self.take(*_COMPARISON)
+            return _operation(operator, left, self.sum())
+        return left
+
+    def sum(self) -> Expression:
+        left = self.product()
+        while self.peek("+", "-"):
+            operator = self.take("+", "-")
+            left = _operation(operator, left, self.product())
+        return left
+
+    def product(self) -> Expression:
+        left = self.unary()
+        while self.peek("*", "/"):
+            operator = self.take("*", "/")
+            left = _operation(operator, left, self.unary())
+        return left
+
+    def unary(self) -> Expression:
+        if self.peek("-"):
+            self.take("-")
+            operand = self.unary()
+            if isinstance(operand, _Literal):
+                negated = -operand.value
+                return _Literal(negated if negated or not operand.exact else 0.0, operand.exact)
+            if operand.kind != "number":
+                raise Unsupported("minus of a boolean")
+            return _Negation(operand)
+        return self.primary()
+
+    def primary(self) -> Expression:
+        if self.peek("("):
+            self.take("(")
+            inner = self.expression()
+            self.take(")")
+            return inner
+        if self.done():
+            raise Unsupported("the expression ends early")
+        token = self.tokens[self.position]
+        self.position += 1
+        if token.kind == "number":
+            return _literal(token)
+        return _Column(_name(token))
+
+    def alias(self) -> str:
+        if self.done():
+            raise Unsupported("no alias")
+        self.position += 1
+        return _name(self.tokens[self.position - 1])
+
+
+def _name(token: _Token) -> str:
+    """A column's name or an alias: a bare word that is no keyword, or a quoted name, in ASCII
+    (DuckDB's case folding beyond it is its own)."""
+    bare_word = token.kind == "word" and token.text.lower() not in KEYWORDS
+    if (token.kind == "name" or bare_word) and token.text.isascii():
+        return token.text
+    raise Unsupported(f"{token.text!r} is no name")
+
+
+def _literal(token: _Token) -> _Literal:
+    if token.exact and len(token.text.replace(".", "").lstrip("0")) > _MAX_EXACT_DIGITS:
+        raise Unsupported(f"literal {token.text} has more digits than a double keeps")
+    value = float(token.text)
+    if value in (float("inf"), float("-inf")):
+        raise Unsupported(f"literal {token.text} is out of a double's range")
+    return _Literal(value, token.exact)
+
+
+def _operation(operator: str, left: Expression, right: Expression) -> _Binary:
+    if left.kind != "number" or right.kind != "number":
+        raise Unsupported(f"{operator} of a boolean")
+    if not left.columns | right.columns:
+        raise Unsupported(f"{operator} of two literals")
+    return _Binary(operator, left, right)
+
+
+def _logical(operator: str, left: Expression, right: Expression) -> _Binary:
+    if left.kind != "boolean" or right.kind != "boolean":
+        raise Unsupported(f"{operator.upper()} of a number")
+    return _Binary(operator, left, right)
+
+
+def _bound(table: pa.Table, names: frozenset[str]) -> dict[str, pa.ChunkedArray]:
+    """The columns ``names`` read, by lower-cased name, each one double column of ``table``."""
+    found: dict[str, list[int]] = {name: [] for name in names}
+    for index, column_name in enumerate(table.column_names):
+        folded = column_name.lower()
+        if folded in found:
+            found[folded].append(index)
+    bound = {}
+    for name, indices in found.items():
+        if len(indices) != 1 or table.schema.field(indices[0]).type != pa.float64():
+            raise Unsupported(f"column {name!r} is missing, named twice, or not a double")
+        bound[name] = table.column(indices[0])
+    return bound
+
+
+class ArrowPredicate:
+    """A ``filter`` predicate evaluated with Arrow kernels (see the module's docstring)."""
+
+    def __init__(self, sql: str) -> None:
+        parser = _Parser(sql)
+        self.expression = parser.expression()
+        if not parser.done():
+            raise Unsupported("text after the predicate")
+        if self.expression.kind != "boolean":
+            raise Unsupported("a number as predicate")
+
+    def keep(self, table: pa.Table) -> pa.ChunkedArray | None:
+        """The predicate over ``table``'s rows (true, false or null), or None for DuckDB."""
+        try:
+            return self.expression.evaluate(_bound(table, self.expression.columns))
+        except Unsupported:
+            return None
+
+
+class ArrowProjection:
+    """``SELECT *, <expr> AS <name>, ... FROM batch`` evaluated with Arrow kernels."""
+
+    def __init__(self, sql: str) -> None:
+        parser = _Parser(sql)
+        parser.take("select")
+        parser.take("*")
+        self.fields: list[tuple[str, Expression]] = []
+        while parser.peek(","):
+            parser.take(",")
+            expression = parser.expression()
+            if not expression.columns:
+                raise Unsupported("a field without a column")
+            parser.take("as")
+            self.fields.append((parser.alias(), expression))
+        if not self.fields:
+            raise Unsupported("no derived field")
+        parser.take("from")
+        parser.take("batch")
+        if not parser.done():
+            raise Unsupported("text after FROM batch")
+        aliases = [name.lower() for name, _ in self.fields]
+        if len(set(aliases)) != len(aliases):
+            raise Unsupported("a name given twice")
+        self._aliases = frozenset(aliases)
+        self._reads = frozenset().union(*(expression.columns for _, expression in self.fields))
+
+    def apply(self, table: pa.Table) -> pa.Table | None:
+        """``table`` with the derived fields appended, as DuckDB returns it, or None for DuckDB:
+        a column type DuckDB's ``SELECT *`` changes, or two names that differ only in case."""
+        names = {name.lower() for name in table.column_names}
+        if (any(field.type not in _KEPT_TYPES for field in table.schema)
+                or len(names) != table.num_columns or self._aliases & names):
+            return None
+        try:
+            columns = _bound(table, self._reads)
+            derived = [(name, expression.evaluate(columns)) for name, expression in self.fields]
+        except Unsupported:
+            return None
+        fields = [pa.field(field.name, field.type) for field in table.schema]
+        fields += [pa.field(name, values.type) for name, values in derived]
+        return pa.Table.from_arrays([*table.columns, *(values for _, values in derived)],
+                                    schema=pa.schema(fields))
+
+
+def compiled(build: Callable[[str], Compiled], sql: str) -> Compiled | None:
+    """``build(sql)``, or None when the statement is DuckDB's."""
+    try:
+        return build(sql)
+    except Unsupported:
+        return None
