@@ -140,6 +140,11 @@ class Producer(ABC):
             self._refused = RecordTooLargeError.joined(self._refused, exc, self._unflushed)
         self._unflushed += len(batches)
 
+    def acknowledged(self) -> bool:
+        """Whether :meth:`flush` would return without waiting: every record sent since the last
+        flush is acknowledged (or failed). By default :meth:`send` produces at once: always."""
+        return True
+
     def flush(self) -> None:
         """Block until every record sent since the last flush is acknowledged, raising what
         :meth:`produce` would have for them all: a RecordTooLargeError's ``rejected`` numbers

@@ -124,6 +124,10 @@ class ConfluentProducer(Producer):
         except _TransactionFailed as exc:  # the records not queued yet are unsent
             self._stopped = exc
 
+    def acknowledged(self) -> bool:
+        self._producer.poll(0)  # serves the delivery reports that came
+        return len(self._producer) == 0  # records queued, in flight, or not reported
+
     def flush(self) -> None:
         batches, refused, stopped = self._sent, self._refused_by_client, self._stopped
         self._sent, self._refused_by_client, self._stopped = [], [], None

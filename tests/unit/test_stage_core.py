@@ -21,7 +21,14 @@ from streamflow.metrics import PipelineMetrics
 from streamflow.plugins import ComponentContext, Sink, Source, SourceBatch
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
 from streamflow.runtime.stages import COMMIT_INTERVAL_S, SinkStage, StageIdentity, TopicStage
-from streamflow.transport import OutgoingBatch, TopicPartition, TopicSpec, Transport
+from streamflow.transport import (
+    OutgoingBatch,
+    RecordTooLargeError,
+    TopicPartition,
+    TopicSpec,
+    Transport,
+)
+from streamflow.transport.memory import MemoryProducer
 from tests.stage_harness import (
     COUNT,
     FAST_FAILURE,
@@ -223,19 +230,22 @@ def test_a_stop_commits_the_open_transaction_spanning_batches(world: World) -> N
     assert set(produced) == covered & world.valid() and max(produced.values()) == 1
 
 
-def oversize_output_stage(world: World, **options: Any) -> tuple[TopicStage, str, bytes]:
+def oversize_output_stage(world: World, max_records: int = 25, after: int = 0, **options: Any
+                          ) -> tuple[TopicStage, str, bytes]:
     """A started copy stage whose output topic takes records of up to 2,000 bytes, and whose
-    input ends with one record over that (``big``): the stage, its output topic and ``big``."""
+    input has one record over that (``big``), followed by ``after`` more: the stage, its output
+    topic and ``big``."""
     small = "small-out"
     admin = world.transport().admin()
     admin.create_topics([TopicSpec(small, PARTITIONS, config={"max.message.bytes": "2000"})])
-    big = json.dumps({"id": COUNT, "pad": "p" * 3000}).encode()
+    big = json.dumps({"id": -1, "pad": "p" * 3000}).encode()
     producer = world.transport().producer()
-    producer.produce([OutgoingBatch(world.input, [big], [str(COUNT).encode()])])
+    producer.produce([OutgoingBatch(world.input, [big], [b"-1"])])
+    world.load(after)
     metrics = PipelineMetrics(world.pipeline).stage("copy")
     stage = TopicStage(StageIdentity(world.pipeline, "copy", world.input, world.dead_letters),
-                       world.transport(), BatchConfig(max_records=25, max_wait_ms=10), metrics,
-                       small, [], **options)
+                       world.transport(), BatchConfig(max_records=max_records, max_wait_ms=10),
+                       metrics, small, [], **options)
     stage.start()
     return stage, small, big
 
@@ -254,6 +264,37 @@ def test_a_record_the_broker_refuses_after_it_was_sent_is_dead_lettered_and_coun
     letters = world.dead_letter_values()
     assert set(letters) == {*world.poison(), big} and max(letters.values()) == 1
     assert stage.metrics.records_in._value.get() == COUNT + 1
+    assert stage.metrics.records_out._value.get() == sum(ids.values())
+    assert stage.metrics.records_dead_lettered._value.get() == len(letters)
+
+
+def test_a_refusal_among_several_unacknowledged_batches_dead_letters_its_own_input(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At least once, several batches go out before one acknowledgement (a producer that never
+    says all are acknowledged makes the stage wait only once MAX_UNACKNOWLEDGED are out): a
+    record refused for its size is traced to its own batch among them, whose input goes to the
+    dead letters once, and every batch is counted once."""
+    monkeypatch.setattr(MemoryProducer, "acknowledged", lambda _producer: False)
+    found: list[tuple[int, int]] = []  # (batches acknowledged together, position of the refused)
+    split = TopicStage._dead_letter_refused_of_each
+
+    def recorded(stage: TopicStage, refused: RecordTooLargeError, sent: list[Any]) -> list[int]:
+        oversizes = split(stage, refused, sent)
+        found.extend((len(sent), position) for position, n in enumerate(oversizes) if n)
+        return oversizes
+
+    monkeypatch.setattr(TopicStage, "_dead_letter_refused_of_each", recorded)
+    stage, small, big = oversize_output_stage(world, exactly_once=False, max_records=5,
+                                              after=100)
+    wait_until(lambda: world.all_committed(group(world)), "the input's offsets committed")
+    finish(stage)
+    assert len(found) == 1 and found[0][0] > 1 and found[0][1] > 0, found
+    ids = Counter(json.loads(v or b"")["id"] for v in world.read(small))
+    assert set(ids) == world.valid() and max(ids.values()) == 1
+    letters = world.dead_letter_values()
+    assert set(letters) == {*world.poison(), big} and max(letters.values()) == 1
+    assert stage.metrics.records_in._value.get() == world.loaded + 1
     assert stage.metrics.records_out._value.get() == sum(ids.values())
     assert stage.metrics.records_dead_lettered._value.get() == len(letters)
 
