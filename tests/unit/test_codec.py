@@ -101,3 +101,28 @@ def test_encoding_reads_sliced_and_chunked_columns_and_whole_floats() -> None:
         b'{"s":"","f":1e-7}',
         b'{"s":"tab\\there","f":3.0}',
     ]
+
+
+float_values = st.none() | st.floats(width=64) | st.sampled_from([21.0, -0.0, 1e21, 1e-7, 3.0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(float_values, float_values, float_values, float_values), max_size=12),
+       st.integers(0, 12))
+def test_a_float_column_is_written_as_it_would_be_alone(
+        rows: list[tuple[float | None, ...]], cut: int) -> None:
+    """Float columns of one type are formatted together: each one's text is the same as when
+    it is the table's only column, whatever its chunks."""
+    columns = {
+        "a": pa.array([row[0] for row in rows], pa.float64()),
+        "s": pa.array([str(row[1]) for row in rows]),
+        "b": pa.array([row[1] for row in rows], pa.float64()),
+        "h": pa.array([row[2] for row in rows], pa.float32()),
+        "c": pa.array([row[3] for row in rows], pa.float64()),
+    }
+    table = pa.table(columns)
+    table = pa.concat_tables([table.slice(0, cut), table.slice(cut)])
+    alone = [encode_json(table.select([name])) for name in table.column_names]
+    expected = [b"{" + b",".join(texts[row][1:-1] for texts in alone) + b"}"
+                for row in range(table.num_rows)]
+    assert encode_json(table) == expected
