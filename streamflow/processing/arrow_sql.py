@@ -15,6 +15,7 @@ number; a column type DuckDB's ``SELECT *`` would change) for that batch.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -51,12 +52,14 @@ _KEPT_TYPES = frozenset([
 ])
 
 _TOKEN = re.compile(r"""
-    \s+
-  | (?P<number>(?:\d+\.?\d*|\.\d+)(?P<exponent>[eE][+-]?\d+)?)(?![\w.])
+    [ \t\r\n]+
+  | (?P<number>(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?P<exponent>[eE][+-]?[0-9]+)?)(?![A-Za-z0-9_.])
   | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
   | "(?P<quoted>(?:[^"]|"")+)"
-  | (?P<symbol><=|>=|<>|!=|==|[-+*/()<>=,])
+  | (?P<operator>[-+*/<>=~!@\#%^&|`?]+)
+  | (?P<punctuation>[(),])
 """, re.VERBOSE)
+_OPERATORS = frozenset(["+", "-", "*", "/", "<", ">", "=", "==", "<=", ">=", "<>", "!="])
 _ARITHMETIC: dict[str, Callable[..., pa.ChunkedArray]] = {
     "+": pc.add, "-": pc.subtract, "*": pc.multiply, "/": pc.divide}
 _COMPARISON: dict[str, Callable[..., pa.ChunkedArray]] = {
@@ -92,19 +95,37 @@ def _tokens(sql: str) -> list[_Token]:
             tokens.append(_Token("word", match["word"]))
         elif match["quoted"] is not None:
             tokens.append(_Token("name", match["quoted"].replace('""', '"')))
-        elif match["symbol"] is not None:
-            tokens.append(_Token("symbol", match["symbol"]))
+        elif match["operator"] is not None:
+            operator = _operator(match["operator"])
+            position = match.start() + len(operator)
+            tokens.append(_Token("symbol", operator))
+        elif match["punctuation"] is not None:
+            tokens.append(_Token("symbol", match["punctuation"]))
     return tokens
 
 
-class Expression:
+def _operator(run: str) -> str:
+    """The operator a run of operator characters starts with, as DuckDB's (PostgreSQL's) lexer
+    takes it: the whole run, less any trailing ``+`` and ``-`` when it holds none of
+    ``~!@#%^&|`?`` (``<-1`` is ``<`` then ``-1``; ``!=-1`` is the unknown operator ``!=-``)."""
+    operator = run
+    if not set(run) & set("~!@#%^&|`?"):
+        while len(operator) > 1 and operator[-1] in "+-":
+            operator = operator[:-1]
+    if operator not in _OPERATORS:
+        raise Unsupported(f"operator {operator!r}")
+    return operator
+
+
+class Expression(ABC):
     """A compiled expression: ``number`` (a double) or ``boolean``."""
 
     kind: str
     columns: frozenset[str] = frozenset()  # the lower-cased names it reads
 
+    @abstractmethod
     def evaluate(self, columns: dict[str, pa.ChunkedArray]) -> pa.ChunkedArray | pa.Scalar:
-        raise NotImplementedError
+        """The values over ``columns`` (by lower-cased name), or :class:`Unsupported`."""
 
 
 @dataclass(frozen=True)

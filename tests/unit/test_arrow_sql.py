@@ -136,16 +136,19 @@ def test_derived_fields_are_duckdbs(trees: list[Any], table: pa.Table, data: st.
 
 
 TOKENS = ["a", "B", '"c"', "x", "true", "null", "current_date", "value", "abs", "(", ")", "+", "-",
-          "*", "/", "//", "%", "^", "<", ">", "=", "<=", "!=", "<>", "==", "AND", "OR", "NOT", "IS",
-          "IN", "BETWEEN", "::", "'1'", "1", "1.5", "1e3", ".5", ",", "--", "->", "a1", "_b"]
+          "*", "/", "//", "%", "^", "<", ">", "=", "<=", "!=", "<>", "==", "!", "~", "@", "AND",
+          "OR", "NOT", "IS", "IN", "BETWEEN", "::", "'1'", "1", "1.5", "1e3", ".5", ",", "--",
+          "->", "a1", "_b", "\u00a0", "\t", "\u0661"]
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.lists(st.sampled_from(TOKENS), min_size=1, max_size=8), tables)
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(TOKENS), st.sampled_from(["", " "])), min_size=1,
+                max_size=8), tables)
 def test_any_text_the_grammar_takes_means_what_it_means_to_duckdb(
-        tokens: list[str], table: pa.Table) -> None:
-    """Token soup: whatever compiles evaluates as in DuckDB, and DuckDB takes it."""
-    text = " ".join(tokens)
+        tokens: list[tuple[str, str]], table: pa.Table) -> None:
+    """Token soup, tokens apart or run together: whatever compiles evaluates as in DuckDB, and
+    DuckDB takes it."""
+    text = "".join(token + separator for token, separator in tokens)
     predicate = compiled(ArrowPredicate, text)
     keep = predicate.keep(table) if predicate else None
     if keep is not None:
@@ -206,6 +209,7 @@ def test_the_steps_hand_a_nan_comparison_to_duckdb_and_keep_what_it_keeps() -> N
 @pytest.mark.parametrize("text", [
     "abs(a) > 1", "a > '1'", "a > 1 -- comment", "1 > 0", "a", "a > 1 > 2", "NOT a", "a IS NULL",
     "true AND a > 1", "a > 1e400", "a > 1234567890123456", "a::DOUBLE > 1", "a % 2 = 0", "é > 1",
+    "a !=-1", "a >\u00a01", "a > \u0661",
 ])
 def test_the_grammar_leaves_the_rest_to_duckdb(text: str) -> None:
     assert compiled(ArrowPredicate, text) is None
