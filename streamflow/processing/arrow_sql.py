@@ -66,6 +66,10 @@ _COMPARISON: dict[str, Callable[..., pa.ChunkedArray]] = {
     "=": pc.equal, "==": pc.equal, "!=": pc.not_equal, "<>": pc.not_equal, "<": pc.less,
     "<=": pc.less_equal, ">": pc.greater, ">=": pc.greater_equal}
 _MAX_EXACT_DIGITS = 15  # an integer or decimal literal of more digits may not be one double
+# Bounds on a statement's size, under DuckDB's own and far under Python's recursion limit (each
+# level of parentheses takes eight frames of the parser).
+_MAX_OPERATIONS = 200
+_MAX_PARENTHESES = 32
 Compiled = TypeVar("Compiled")
 
 
@@ -213,6 +217,14 @@ class _Parser:
     def __init__(self, sql: str) -> None:
         self.tokens = _tokens(sql)
         self.position = 0
+        self.operations = 0
+        self.parentheses = 0
+
+    def count(self) -> None:
+        """One more operator (or pair of parentheses) in the statement."""
+        self.operations += 1
+        if self.operations > _MAX_OPERATIONS or self.parentheses > _MAX_PARENTHESES:
+            raise Unsupported("a statement this large")
 
     def peek(self, *texts: str) -> bool:
         if self.position >= len(self.tokens):
@@ -233,6 +245,7 @@ class _Parser:
         left = self.conjunction()
         while self.peek("or"):
             self.take("or")
+            self.count()
             left = _logical("or", left, self.conjunction())
         return left
 
@@ -240,12 +253,14 @@ class _Parser:
         left = self.negation()
         while self.peek("and"):
             self.take("and")
+            self.count()
             left = _logical("and", left, self.negation())
         return left
 
     def negation(self) -> Expression:
         if self.peek("not"):
             self.take("not")
+            self.count()
             operand = self.negation()
             if operand.kind != "boolean":
                 raise Unsupported("NOT of a number")
@@ -256,6 +271,7 @@ class _Parser:
         left = self.sum()
         if self.peek(*_COMPARISON):
             operator = self.take(*_COMPARISON)
+            self.count()
             return _operation(operator, left, self.sum())
         return left
 
@@ -263,6 +279,7 @@ class _Parser:
         left = self.product()
         while self.peek("+", "-"):
             operator = self.take("+", "-")
+            self.count()
             left = _operation(operator, left, self.product())
         return left
 
@@ -270,12 +287,14 @@ class _Parser:
         left = self.unary()
         while self.peek("*", "/"):
             operator = self.take("*", "/")
+            self.count()
             left = _operation(operator, left, self.unary())
         return left
 
     def unary(self) -> Expression:
         if self.peek("-"):
             self.take("-")
+            self.count()
             operand = self.unary()
             if isinstance(operand, _Literal):
                 negated = -operand.value
@@ -288,8 +307,11 @@ class _Parser:
     def primary(self) -> Expression:
         if self.peek("("):
             self.take("(")
+            self.parentheses += 1
+            self.count()
             inner = self.expression()
             self.take(")")
+            self.parentheses -= 1
             return inner
         if self.done():
             raise Unsupported("the expression ends early")
@@ -308,9 +330,9 @@ class _Parser:
 
 def _name(token: _Token) -> str:
     """A column's name or an alias: a bare word that is no keyword, or a quoted name, in ASCII
-    (DuckDB's case folding beyond it is its own)."""
+    (DuckDB's case folding beyond it is its own) and without NUL (DuckDB ends a name there)."""
     bare_word = token.kind == "word" and token.text.lower() not in KEYWORDS
-    if (token.kind == "name" or bare_word) and token.text.isascii():
+    if (token.kind == "name" or bare_word) and _plain(token.text):
         return token.text
     raise Unsupported(f"{token.text!r} is no name")
 
@@ -338,8 +360,35 @@ def _logical(operator: str, left: Expression, right: Expression) -> _Binary:
     return _Binary(operator, left, right)
 
 
+def _plain(name: str) -> bool:
+    """Whether DuckDB takes ``name`` as it is, and folds its case as Python does: ASCII (the
+    Kelvin sign's lower case is "k" to Python, not to DuckDB), not empty (DuckDB's ``SELECT *``
+    names such a column "v1"), and without NUL."""
+    return name.isascii() and name != "" and "\x00" not in name
+
+
+def _readable(kind: pa.DataType) -> bool:
+    """Whether DuckDB reads a column of type ``kind`` (a test checks each kind taken here)."""
+    if kind in _KEPT_TYPES or kind in (pa.large_string(), pa.large_binary()):
+        return True
+    if pa.types.is_timestamp(kind) or pa.types.is_decimal128(kind):
+        return True
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return _readable(kind.value_type)
+    if pa.types.is_struct(kind):
+        return all(_readable(field.type) for field in kind)
+    if pa.types.is_map(kind):
+        return _readable(kind.key_type) and _readable(kind.item_type)
+    return False
+
+
 def _bound(table: pa.Table, names: frozenset[str]) -> dict[str, pa.ChunkedArray]:
-    """The columns ``names`` read, by lower-cased name, each one double column of ``table``."""
+    """The columns ``names`` read, by lower-cased name, each one double column of ``table``;
+    :class:`Unsupported` for a table whose every column DuckDB would not read as it is."""
+    if not all(_plain(name) for name in table.column_names):
+        raise Unsupported("a column name DuckDB changes")
+    if not all(_readable(field.type) for field in table.schema):
+        raise Unsupported("a column DuckDB does not read")
     found: dict[str, list[int]] = {name: [] for name in names}
     for index, column_name in enumerate(table.column_names):
         folded = column_name.lower()
@@ -401,7 +450,8 @@ class ArrowProjection:
 
     def apply(self, table: pa.Table) -> pa.Table | None:
         """``table`` with the derived fields appended, as DuckDB returns it, or None for DuckDB:
-        a column type DuckDB's ``SELECT *`` changes, or two names that differ only in case."""
+        a column type or name DuckDB's ``SELECT *`` changes, such as two names that differ only
+        in case."""
         names = {name.lower() for name in table.column_names}
         if (any(field.type not in _KEPT_TYPES for field in table.schema)
                 or len(names) != table.num_columns or self._aliases & names):

@@ -213,3 +213,54 @@ def test_the_steps_hand_a_nan_comparison_to_duckdb_and_keep_what_it_keeps() -> N
 ])
 def test_the_grammar_leaves_the_rest_to_duckdb(text: str) -> None:
     assert compiled(ArrowPredicate, text) is None
+
+
+def with_column(name: str, values: pa.Array) -> pa.Table:
+    return pa.Table.from_arrays([pa.array([1.5, -2.0, None]), values], names=["a", name])
+
+
+@pytest.mark.parametrize("table", [
+    pa.Table.from_arrays([pa.array([1.0, -2.0]), pa.array([1.0, -2.0])],
+                         names=["a", "\u212a"]),  # the Kelvin sign: "k" to Python, not to DuckDB
+    with_column("", pa.array([1.0, 2.0, 3.0])),  # DuckDB's SELECT * calls it "v1"
+    with_column("a\x00", pa.array([1.0, 2.0, 3.0])),  # "a" to DuckDB, which ends names at NUL
+    with_column("h", pa.array([1, 2, 3], pa.float16())),
+    with_column("d", pa.array([1, 2, 3], pa.decimal256(40, 2))),
+    with_column("u", pa.UnionArray.from_dense(pa.array([0, 0, 0], pa.int8()),
+                                              pa.array([0, 1, 2], pa.int32()),
+                                              [pa.array([1, 2, 3])])),
+], ids=["kelvin", "empty", "nul", "float16", "decimal256", "union"])
+def test_tables_duckdb_reads_otherwise_or_not_at_all_go_to_duckdb(table: pa.Table) -> None:
+    names_k = "k" in [name.lower() for name in table.column_names]
+    assert ArrowPredicate("k > 0" if names_k else "a > 0").keep(table) is None
+    assert ArrowProjection("SELECT *, a * 2 AS r FROM batch").apply(table) is None
+
+
+@pytest.mark.parametrize("values", [
+    pa.array(["x", None, "y"], pa.large_string()),
+    pa.array([b"x", None, b""], pa.large_binary()),
+    pa.array([0, None, 2**40], pa.timestamp("ns", tz="Europe/Paris")),
+    pa.array([0, None, 1], pa.timestamp("s")),
+    pa.array([1, None, 3], pa.decimal128(38, 4)),
+    pa.array([[1.0, None], None, []], pa.large_list(pa.float64())),
+    pa.array([{"k": [1], "s": "x"}, None, {"k": None, "s": None}]),
+    pa.array([[("a", 1)], None, []], pa.map_(pa.string(), pa.int64())),
+], ids=str)
+def test_filters_read_past_the_columns_they_do_not_name(values: pa.Array) -> None:
+    """A predicate over doubles is Arrow's to evaluate beside columns of any type DuckDB reads."""
+    table = with_column("other", values)
+    keep = ArrowPredicate("a > 0").keep(table)
+    assert keep is not None
+    assert_same(keep, duckdb_keep("a > 0", table))
+
+
+@pytest.mark.parametrize("text", [
+    "(" * 130 + "a" + ")" * 130 + " > 0",  # DuckDB takes 400 levels
+    " AND ".join(["a > 0"] * 1200),
+    "- " * 500 + "a > 0",
+    'a > 0 AND "x\x00y" > 0',
+])
+def test_large_or_odd_statements_are_duckdbs(text: str) -> None:
+    assert compiled(ArrowPredicate, text) is None
+    assert compiled(ArrowProjection, f"SELECT *, ({text}) AS r FROM batch") is None
+    assert compiled(ArrowProjection, 'SELECT *, a * 2 AS "r\x00s" FROM batch') is None
