@@ -7,9 +7,10 @@ FROM batch`` statement, built only of columns, numeric literals, ``+ - * /``, co
 DuckDB's result bit for bit: IEEE arithmetic on doubles, SQL's three-valued logic.
 
 Anything else goes to DuckDB: a statement this grammar does not take (a function, a keyword, a
-string, a comment) for good, and a batch for which the kernels could differ from DuckDB (a named
-column missing, named twice, or not a double; a NaN compared, which DuckDB orders above every
-number; a column type DuckDB's ``SELECT *`` would change) for that batch.
+string, a comment, or too large a statement) for good, and a batch for which the kernels could
+differ from DuckDB (a named column missing, named twice, or not a double; a NaN compared, which
+DuckDB orders above every number; a column name DuckDB reads otherwise, or a column type it
+does not read or its ``SELECT *`` would change) for that batch.
 """
 
 from __future__ import annotations
@@ -412,11 +413,12 @@ class ArrowPredicate:
             raise Unsupported("text after the predicate")
         if self.expression.kind != "boolean":
             raise Unsupported("a number as predicate")
+        self._reads = self.expression.columns
 
     def keep(self, table: pa.Table) -> pa.ChunkedArray | None:
         """The predicate over ``table``'s rows (true, false or null), or None for DuckDB."""
         try:
-            return self.expression.evaluate(_bound(table, self.expression.columns))
+            return self.expression.evaluate(_bound(table, self._reads))
         except Unsupported:
             return None
 

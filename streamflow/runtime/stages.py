@@ -311,30 +311,30 @@ class StageRunner(Stage, RebalanceListener):
             oversizes = self._dead_letter_refused_of_each(refused, sent)
         else:
             oversizes = [0] * len(sent)
-            for batch in sent:
-                self.metrics.latest_dead_letters.add(batch.letters)
-        for batch, oversize in zip(sent, oversizes, strict=True):
-            if batch.offsets:
-                self._last_offsets.update(batch.offsets)
-                self._uncommitted.update(batch.offsets)
-            batch.delivered(oversize)
+            for pending in sent:
+                self.metrics.latest_dead_letters.add(pending.letters)
+        for pending, oversize in zip(sent, oversizes, strict=True):
+            if pending.offsets:
+                self._last_offsets.update(pending.offsets)
+                self._uncommitted.update(pending.offsets)
+            pending.delivered(oversize)
 
     def _dead_letter_refused_of_each(self, refused: RecordTooLargeError,
                                      sent: list[Unacknowledged]) -> list[int]:
         """:meth:`_dead_letter_refused` for each of the batches ``sent`` since the last flush
         (``refused`` numbers their outgoing batches and letters as sent, one after another)."""
         oversizes, first = [], 0
-        for batch in sent:
-            count = len(batch.outgoing) + len(batch.letters)
+        for pending in sent:
+            count = len(pending.outgoing) + len(pending.letters)
             own = RecordTooLargeError(
                 [(number - first, index) for number, index in refused.rejected
                  if first <= number < first + count], refused.by_broker, refused.detail)
             first += count
             if own.rejected:
-                oversizes.append(self._dead_letter_refused(own, batch.outgoing, batch.letters,
-                                                           batch.failures, batch.batch))
+                oversizes.append(self._dead_letter_refused(
+                    own, pending.outgoing, pending.letters, pending.failures, pending.batch))
             else:
-                self.metrics.latest_dead_letters.add(batch.letters)
+                self.metrics.latest_dead_letters.add(pending.letters)
                 oversizes.append(0)
         return oversizes
 
