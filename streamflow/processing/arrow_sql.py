@@ -157,16 +157,21 @@ class _Literal(Expression):
 
 
 @dataclass(frozen=True)
-class _Negation(Expression):
+class _Unary(Expression):
+    operator: str  # "-" (a number's negation) or "not"
     operand: Expression
-    kind = "number"
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "number" if self.operator == "-" else "boolean"
 
     @property
     def columns(self) -> frozenset[str]:  # type: ignore[override]
         return self.operand.columns
 
     def evaluate(self, columns: dict[str, pa.ChunkedArray]) -> pa.ChunkedArray:
-        return pc.negate(self.operand.evaluate(columns))
+        operand = self.operand.evaluate(columns)
+        return pc.negate(operand) if self.operator == "-" else pc.invert(operand)
 
 
 @dataclass(frozen=True)
@@ -195,19 +200,6 @@ class _Binary(Expression):
                for side in (left, right)):
             raise Unsupported("a NaN compared: DuckDB orders NaN above every number")
         return _COMPARISON[self.operator](left, right)
-
-
-@dataclass(frozen=True)
-class _Not(Expression):
-    operand: Expression
-    kind = "boolean"
-
-    @property
-    def columns(self) -> frozenset[str]:  # type: ignore[override]
-        return self.operand.columns
-
-    def evaluate(self, columns: dict[str, pa.ChunkedArray]) -> pa.ChunkedArray:
-        return pc.invert(self.operand.evaluate(columns))
 
 
 class _Parser:
@@ -265,7 +257,7 @@ class _Parser:
             operand = self.negation()
             if operand.kind != "boolean":
                 raise Unsupported("NOT of a number")
-            return _Not(operand)
+            return _Unary("not", operand)
         return self.comparison()
 
     def comparison(self) -> Expression:
@@ -302,7 +294,7 @@ class _Parser:
                 return _Literal(negated if negated or not operand.exact else 0.0, operand.exact)
             if operand.kind != "number":
                 raise Unsupported("minus of a boolean")
-            return _Negation(operand)
+            return _Unary("-", operand)
         return self.primary()
 
     def primary(self) -> Expression:
