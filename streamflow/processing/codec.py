@@ -1,6 +1,9 @@
 """JSON ↔ Arrow for whole micro-batches.
 
-Decoding hands the batch to pyarrow's NDJSON reader in one call, once cheap checks showed that
+A small batch of plain records (see :func:`_read_plain`) is read record by record with exactly
+the reader's result: pyarrow's reader starts a thread for each call, which costs more than
+such a batch's parsing on a busy machine. Otherwise decoding hands the batch to pyarrow's
+NDJSON reader in one call, once cheap checks showed that
 the batch is UTF-8 and that no record nests deeper than :data:`MAX_DEPTH` (deeper nesting
 overflows the parser's stack). Only when that fails does it look at records one by one: a
 record that is not UTF-8, nests too deep, is not a JSON object, holds a number too large for
@@ -38,6 +41,9 @@ from streamflow.processing.steps import HIDDEN_PREFIX
 Failures = list[tuple[int, BaseException]]
 
 MAX_DEPTH = 128  # nested arrays and objects in a record (as serde_json's default limit)
+# Batches of up to this many records may be read record by record (see _read_plain): from
+# about this size on, the Arrow reader's fixed cost no longer dominates.
+PLAIN_BATCH = 64
 ESCAPE = "_sf~"  # prefixed to record fields named like the runtime's columns
 
 _NOT_OPENING = bytes(byte for byte in range(256) if byte not in b"[{\n")
@@ -104,6 +110,62 @@ def _read(values: Sequence[bytes], schema: pa.Schema | None, buffer: bytes | Non
     return table
 
 
+def _read_plain(values: Sequence[bytes], schema: pa.Schema, buffer: bytes) -> pa.Table | None:
+    """The values read into ``schema`` by ``json.loads``, exactly as :func:`_read` reads them,
+    if they are plain; otherwise None. Plain: ``buffer`` (the values joined by line breaks) is
+    ASCII without ``\\u`` escapes, line breaks of its own or numbers that might be too large
+    for a double; no object names a field twice; the declared types are text, integer, double
+    or boolean; and each declared field is null, absent or of its type's own JSON kind: numbers
+    for doubles (integers only when exact in a double, and zero only where no ``-0`` could be),
+    integers within 64 bits."""
+    if (not buffer.isascii() or b"\\u" in buffer or buffer.count(b"\n") != len(values) - 1
+            or _MAYBE_TOO_LARGE.search(buffer)):
+        return None
+    try:
+        documents = [json.loads(value, object_pairs_hook=_fields_once) for value in values]
+    except (ValueError, RecursionError):
+        return None
+    columns = []
+    for field in schema:
+        plain = _PLAIN_KINDS.get(field.type)
+        column = [document.get(field.name) for document in documents]
+        if plain is None or not all(plain(value, buffer) for value in column):
+            return None
+        columns.append(pa.array(column, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _fields_once(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object that names no field twice (the Arrow reader refuses one that does)."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("a field named twice")
+    return document
+
+
+_EXACT_IN_DOUBLE = 2**53
+# A number that might be too large for a double, in any field: the reader refuses it, where
+# json.loads takes it as infinity (text that looks like one only costs the Arrow reader's call).
+_MAYBE_TOO_LARGE = re.compile(rb"[0-9.][eE]\+?0*[1-9][0-9]{2}|[0-9]{309}")
+
+
+def _plain_double(value: object, buffer: bytes) -> bool:
+    if type(value) is float:
+        return True
+    if type(value) is int:  # the reader keeps the sign of -0, json.loads cannot
+        return 0 < abs(value) <= _EXACT_IN_DOUBLE or (value == 0 and b"-0" not in buffer)
+    return value is None
+
+
+_PLAIN_KINDS = {
+    pa.string(): lambda value, _buffer: value is None or type(value) is str,
+    pa.int64(): lambda value, _buffer: value is None or (
+        type(value) is int and -(2**63) <= value < 2**63),
+    pa.float64(): _plain_double,
+    pa.bool_(): lambda value, _buffer: value is None or type(value) is bool,
+}
+
+
 def _null_items_as_text(kind: pa.DataType, in_list: bool = False) -> pa.DataType:
     if pa.types.is_null(kind) and in_list:
         return pa.string()
@@ -168,6 +230,10 @@ def decode_json(
         objects = cast(Sequence[bytes], values)
         buffer = b"\n".join(objects)
         if _fits_reader(objects, buffer):
+            plain = (_read_plain(objects, schema, buffer)
+                     if schema is not None and len(objects) <= PLAIN_BATCH else None)
+            if plain is not None:
+                return with_row_ids(plain, range(len(objects))), []
             try:
                 table = _read(objects, schema, buffer)
             except (pa.ArrowInvalid, DecodeError):

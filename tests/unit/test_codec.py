@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,3 +127,88 @@ def test_a_float_column_is_written_as_it_would_be_alone(
     expected = [b"{" + b",".join(texts[row][1:-1] for texts in alone) + b"}"
                 for row in range(table.num_rows)]
     assert encode_json(table) == expected
+
+
+# JSON texts of SCHEMA's fields: mostly of the field's own kind, sometimes odd in some way.
+ODD_TEXTS = [
+    "-0", "-0.0", "-0e0", "9007199254740993", "-9007199254740993", "9223372036854775808",
+    "-9223372036854775809", "1e400", "2e308", "1.5E+300", "1e-400", "4.9e-324", "NaN", "Infinity",
+    "-Infinity", "1" + "0" * 400, "1" + "0" * 400 + ".5", '"\\u00e9"', '"é"', '"\\ud800"', '"1.5"',
+    "[1e400]", '{"q":NaN}', '{"q":1,"q":2}', "[[[[[]]]]]", "1.0", "true", '"a"', "null",
+]
+odd_texts = st.sampled_from(ODD_TEXTS) | st.builds(
+    json.dumps, st.floats() | st.integers(-(2**65), 2**65) | st.text(max_size=6))
+own_texts = {
+    "id": st.builds(json.dumps, st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=6)),
+    "x": st.builds(json.dumps, st.floats(allow_nan=False, allow_infinity=False)
+                   | st.integers(-(2**53), 2**53)),
+    "n": st.builds(json.dumps, st.integers(-(2**63), 2**63 - 1)),
+    "ok": st.sampled_from(["true", "false"]),
+    "other": st.sampled_from(["[]", "[1,2.5]", '{"q":[null]}', '"a"', "3"]),
+}
+
+
+@st.composite
+def small_batches(draw: st.DrawFn) -> list[bytes]:
+    """JSON objects of SCHEMA's fields (and one more), each field of its own kind but, in some
+    batches, one: odd in some way or named twice."""
+    records = [list(fields.items()) for fields in draw(st.lists(
+        st.fixed_dictionaries({}, optional=own_texts), min_size=1, max_size=12))]
+    if draw(st.booleans()):
+        fields = draw(st.sampled_from(records))
+        odd = (draw(st.sampled_from(sorted(own_texts))), draw(odd_texts))
+        if fields and draw(st.booleans()):
+            fields[draw(st.integers(0, len(fields) - 1))] = odd
+        else:
+            fields.append(odd)  # perhaps a field named twice
+    spaced = draw(st.booleans())
+    return [("{" + (", " if spaced else ",").join(
+        f'"{name}":{" " if spaced else ""}{text}' for name, text in fields) + "}").encode()
+        for fields in records]
+
+
+def assert_read_as_by_the_reader(values: list[bytes], lenient: bool) -> None:
+    from streamflow.processing import codec
+
+    by_record = decode_json(values, SCHEMA, lenient=lenient)
+    plain_batch, codec.PLAIN_BATCH = codec.PLAIN_BATCH, 0
+    try:
+        by_reader = decode_json(values, SCHEMA, lenient=lenient)
+    finally:
+        codec.PLAIN_BATCH = plain_batch
+    assert by_record[0].schema == by_reader[0].schema
+    assert repr(by_record[0].to_pylist()) == repr(by_reader[0].to_pylist())  # -0.0 is not 0.0
+    assert [(row, repr(error)) for row, error in by_record[1]] == [
+        (row, repr(error)) for row, error in by_reader[1]]
+
+
+@settings(max_examples=400, deadline=None)
+@given(small_batches(), st.booleans())
+def test_small_batches_read_record_by_record_as_the_arrow_reader_reads_them(
+        values: list[bytes], lenient: bool) -> None:
+    assert_read_as_by_the_reader(values, lenient)
+
+
+@pytest.mark.parametrize("lenient", [False, True])
+@pytest.mark.parametrize("name", sorted(own_texts))
+def test_each_odd_value_reads_as_the_arrow_reader_reads_it(name: str, lenient: bool) -> None:
+    plain = b'{"id":"a","x":1.5,"n":2,"ok":false}'
+    for text in ODD_TEXTS:
+        assert_read_as_by_the_reader([plain, f'{{"{name}":{text}}}'.encode()], lenient)
+        assert_read_as_by_the_reader([plain, f'{{"{name}":{text},"{name}":null}}'.encode()], lenient)
+    for text in (b'"\xed\xa0\x80"', b'"\xff"', b'"\xc3\xa9"', b'1}\r', b'1\r}'):
+        assert_read_as_by_the_reader([plain, b'{"%s":%s}' % (name.encode(), text)], lenient)
+
+
+def test_a_small_plain_batch_needs_no_arrow_reader(monkeypatch) -> None:
+    from streamflow.processing import codec
+
+    def refused(*_args: object) -> pa.Table:
+        raise AssertionError("the Arrow reader was called")
+
+    monkeypatch.setattr(codec, "_read", refused)
+    values = [b'{"id":"a","x":-2,"n":3,"ok":true,"other":[1,{"q":null}]}', b'{"x":0.5,"n":null}']
+    table, failures = decode_json(values, SCHEMA)
+    assert failures == []
+    assert table.drop_columns([ROW_ID]).to_pylist() == [
+        {"id": "a", "x": -2.0, "n": 3, "ok": True}, {"id": None, "x": 0.5, "n": None, "ok": None}]
