@@ -1,9 +1,9 @@
 """JSON ↔ Arrow for whole micro-batches.
 
-A small batch of plain records (see :func:`_read_plain`) is read record by record with exactly
-the reader's result: pyarrow's reader starts a thread for each call, which costs more than
-such a batch's parsing on a busy machine. Otherwise decoding hands the batch to pyarrow's
-NDJSON reader in one call, once cheap checks showed that
+A small batch (up to :data:`SMALL_BATCH` records) of plain records (see :func:`_read_plain`) is
+read record by record with exactly the reader's result: pyarrow's reader starts a thread for
+each call, which costs more than such a batch's parsing on a busy machine. Otherwise decoding
+hands the batch to pyarrow's NDJSON reader in one call, once cheap checks showed that
 the batch is UTF-8 and that no record nests deeper than :data:`MAX_DEPTH` (deeper nesting
 overflows the parser's stack). Only when that fails does it look at records one by one: a
 record that is not UTF-8, nests too deep, is not a JSON object, holds a number too large for
@@ -18,7 +18,8 @@ The runtime's own columns start with ``_sf_``: a record field whose name starts 
 or steers the runtime.
 
 Encoding builds the JSON text column-wise with Arrow compute kernels instead of a per-record
-``json.dumps``.
+``json.dumps``; a small batch of text, integer, boolean and double columns is written value by
+value in Python instead, to the same bytes (the kernel calls cost more than such a batch).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -41,9 +42,9 @@ from streamflow.processing.steps import HIDDEN_PREFIX
 Failures = list[tuple[int, BaseException]]
 
 MAX_DEPTH = 128  # nested arrays and objects in a record (as serde_json's default limit)
-# Batches of up to this many records may be read record by record (see _read_plain): from
-# about this size on, the Arrow reader's fixed cost no longer dominates.
-PLAIN_BATCH = 64
+# Batches of up to this many records are read and written value by value where they can be
+# (see _read_plain and _write_plain): about where Arrow's fixed cost per call stops dominating.
+SMALL_BATCH = 32
 ESCAPE = "_sf~"  # prefixed to record fields named like the runtime's columns
 
 _NOT_OPENING = bytes(byte for byte in range(256) if byte not in b"[{\n")
@@ -231,7 +232,7 @@ def decode_json(
         buffer = b"\n".join(objects)
         if _fits_reader(objects, buffer):
             plain = (_read_plain(objects, schema, buffer)
-                     if schema is not None and len(objects) <= PLAIN_BATCH else None)
+                     if schema is not None and len(objects) <= SMALL_BATCH else None)
             if plain is not None:
                 return with_row_ids(plain, range(len(objects))), []
             try:
@@ -413,10 +414,6 @@ def _decode_slowly(
     return merged[0], failures
 
 
-def _is_text(kind: pa.DataType) -> bool:
-    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
-
-
 def _utf8_bytes(column: pa.ChunkedArray) -> list[np.ndarray]:
     """The UTF-8 bytes of each chunk of a string column, as views of its data buffers."""
     pieces = []
@@ -424,8 +421,7 @@ def _utf8_bytes(column: pa.ChunkedArray) -> list[np.ndarray]:
         _validity, offsets, data = chunk.buffers()
         if not len(chunk) or data is None:
             continue
-        width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
-        start, end = np.frombuffer(offsets, width)[[chunk.offset, chunk.offset + len(chunk)]]
+        start, end = np.frombuffer(offsets, np.int32)[[chunk.offset, chunk.offset + len(chunk)]]
         pieces.append(np.frombuffer(data, np.uint8, count=int(end - start), offset=int(start)))
     return pieces
 
@@ -473,7 +469,7 @@ def _json_floats(column: pa.ChunkedArray) -> pa.ChunkedArray:
 def _json_values(column: pa.ChunkedArray) -> pa.ChunkedArray:
     """JSON text of each value of a column; nulls stay null (written as ``null`` later)."""
     kind = column.type
-    if _is_text(kind):
+    if pa.types.is_string(kind):
         return _json_strings(column)
     if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
         return pc.cast(column, pa.string())
@@ -515,13 +511,18 @@ def encode_json(table: pa.Table) -> list[bytes]:
         return []
     if not names:
         return [b"{}"] * table.num_rows
+    for index, kind in enumerate(table.schema.types):  # one text type for the kernels' joins
+        if pa.types.is_large_string(kind):
+            table = table.set_column(index, names[index], pc.cast(table.column(index), pa.string()))
+    if table.num_rows <= SMALL_BATCH and (written := _write_plain(table)) is not None:
+        return written
     floats = _json_float_columns(table)
     parts: list[pa.Scalar | pa.ChunkedArray] = []
     literal = "{"
     for index, name in enumerate(names):
         literal += ("," if index else "") + json.dumps(name) + ":"
         column = table.column(index)
-        if _is_text(column.type) and not column.null_count:
+        if pa.types.is_string(column.type) and not column.null_count:
             parts += [pa.scalar(literal + '"'), _escaped(column)]
             literal = '"'
         else:
@@ -531,3 +532,52 @@ def encode_json(table: pa.Table) -> list[bytes]:
     parts.append(pa.scalar(literal + "}"))
     joined = pc.binary_join_element_wise(*parts, "")
     return pc.cast(joined, pa.binary()).to_pylist()
+
+
+def _write_plain(table: pa.Table) -> list[bytes] | None:
+    """What :func:`encode_json` writes for ``table``, value by value in Python, when its columns
+    are all text, integers, booleans or doubles; otherwise None."""
+    writers = [_PLAIN_WRITERS.get(kind.id) for kind in table.schema.types]
+    if None in writers:
+        return None
+    columns = [[_NULL if value is None else write(value) for value in column.to_pylist()]
+               for write, column in zip(writers, table.columns, strict=True)]
+    names = [json.dumps(name) + ":" for name in table.column_names]
+    return [("{" + ",".join(map(str.__add__, names, row)) + "}").encode()
+            for row in zip(*columns, strict=True)]
+
+
+_NULL = "null"
+
+
+def _double_json(value: float) -> str:
+    """A double as :func:`_json_floats` writes it: Arrow's shortest text (in exponent form from
+    1e10 on and below 1e-6), with ``.0`` after a whole number written without an exponent;
+    ``null`` for NaN and infinities."""
+    if not math.isfinite(value):
+        return _NULL
+    if value == 0:
+        return "-0.0" if math.copysign(1.0, value) < 0 else "0.0"
+    sign, shortest = ("-", repr(-value)) if value < 0 else ("", repr(value))
+    mantissa, _, exponent = shortest.partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    point = len(whole) + int(exponent or 0) - (len(whole) + len(fraction) - len(digits))
+    digits = digits.rstrip("0")
+    if not -6 <= point - 1 < 10:  # exponent form: 1.5e+10, 1e-7
+        return (f"{sign}{digits[0]}{'.' if len(digits) > 1 else ''}{digits[1:]}"
+                f"e{'+' if point > 0 else '-'}{abs(point - 1)}")
+    if point <= 0:
+        return f"{sign}0.{'0' * -point}{digits}"
+    if point >= len(digits):
+        return f"{sign}{digits}{'0' * (point - len(digits))}.0"
+    return f"{sign}{digits[:point]}.{digits[point:]}"
+
+
+_PLAIN_WRITERS: dict[int, Callable[[Any], str]] = {
+    pa.string().id: lambda text: json.dumps(text, ensure_ascii=False),
+    **{kind.id: str for kind in (pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(),
+                                 pa.uint16(), pa.uint32(), pa.uint64())},
+    pa.bool_().id: lambda flag: "true" if flag else "false",
+    pa.float64().id: _double_json,
+}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamflow.plugins import ROW_ID
-from streamflow.processing.codec import decode_json, encode_json
+from streamflow.processing.codec import _double_json, decode_json, encode_json
 
 SCHEMA = pa.schema([("id", pa.string()), ("x", pa.float64()), ("n", pa.int64()), ("ok", pa.bool_())])
 
@@ -129,6 +130,52 @@ def test_a_float_column_is_written_as_it_would_be_alone(
     assert encode_json(table) == expected
 
 
+def by_kernels(table: pa.Table) -> list[bytes]:
+    """encode_json's text for ``table`` as its Arrow kernels write a batch of any size."""
+    from streamflow.processing import codec
+
+    small_batch, codec.SMALL_BATCH = codec.SMALL_BATCH, 0
+    try:
+        return encode_json(table)
+    finally:
+        codec.SMALL_BATCH = small_batch
+
+
+EDGE_DOUBLES = [0.0, -0.0, 5e-324, -2.2250738585072014e-308, 1.7976931348623157e308, 0.1, 1e-6,
+                9.99999e-7, 1e-7, 1.25e-5, 999999999.5, 1e9, 1e10, 1.5e10, 9999999999.0, 1e15,
+                1e16, 1e21, 1e22, 2.0**53, 123456.789, float("nan"), float("inf"), float("-inf")]
+plain_columns = st.sampled_from([
+    (pa.float64(), st.floats() | st.sampled_from(EDGE_DOUBLES)
+     | st.integers(-2000, 2000).map(lambda power: 10.0**(power / 100))),
+    (pa.string(), st.text(max_size=8)), (pa.large_string(), st.text(max_size=4)),
+    (pa.int64(), st.integers(-(2**63), 2**63 - 1)), (pa.uint64(), st.integers(0, 2**64 - 1)),
+    (pa.int8(), st.integers(-128, 127)), (pa.bool_(), st.booleans()),
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=4), plain_columns), min_size=1, max_size=5),
+       st.integers(1, 32), st.data())
+def test_small_batches_are_written_value_by_value_as_the_kernels_write_them(
+        columns: list[tuple[str, tuple[pa.DataType, st.SearchStrategy[object]]]], rows: int,
+        data: st.DataObject) -> None:
+    arrays = [pa.array(data.draw(st.lists(st.none() | values, min_size=rows, max_size=rows)), kind)
+              for _name, (kind, values) in columns]
+    table = pa.Table.from_arrays(arrays, names=[name for name, _column in columns])
+    cut = data.draw(st.integers(0, rows))
+    for chunked in (table, pa.concat_tables([table.slice(0, cut), table.slice(cut)])):
+        assert encode_json(chunked) == by_kernels(chunked)
+
+
+def test_a_double_is_written_as_the_kernels_write_it() -> None:
+    rng = np.random.default_rng(7)
+    doubles = [*EDGE_DOUBLES, *rng.integers(0, 2**64, 20_000, dtype=np.uint64).view(np.float64).tolist(),
+               *(10.0 ** rng.uniform(-12, 25, 20_000) * rng.choice([-1, 1], 20_000)).tolist()]
+    written = [_double_json(value) for value in doubles]
+    kernels = [text[len(b'{"x":'):-1].decode() for text in by_kernels(pa.table({"x": doubles}))]
+    assert written == kernels
+
+
 # JSON texts of SCHEMA's fields: mostly of the field's own kind, sometimes odd in some way.
 ODD_TEXTS = [
     "-0", "-0.0", "-0e0", "9007199254740993", "-9007199254740993", "9223372036854775808",
@@ -171,11 +218,11 @@ def assert_read_as_by_the_reader(values: list[bytes], lenient: bool) -> None:
     from streamflow.processing import codec
 
     by_record = decode_json(values, SCHEMA, lenient=lenient)
-    plain_batch, codec.PLAIN_BATCH = codec.PLAIN_BATCH, 0
+    small_batch, codec.SMALL_BATCH = codec.SMALL_BATCH, 0
     try:
         by_reader = decode_json(values, SCHEMA, lenient=lenient)
     finally:
-        codec.PLAIN_BATCH = plain_batch
+        codec.SMALL_BATCH = small_batch
     assert by_record[0].schema == by_reader[0].schema
     assert repr(by_record[0].to_pylist()) == repr(by_reader[0].to_pylist())  # -0.0 is not 0.0
     assert [(row, repr(error)) for row, error in by_record[1]] == [
