@@ -59,6 +59,9 @@ class ValidationError(ValueError):
     """A record breaks a validation rule."""
 
 
+Broken = pa.ChunkedArray | pa.Array | np.ndarray  # per row, whether it breaks a rule
+
+
 class ValidateStep(Processor[ValidateConfig]):
     """Fails every record that breaks a rule, naming the field and the first rule it breaks."""
 
@@ -73,9 +76,7 @@ class ValidateStep(Processor[ValidateConfig]):
             for row, error in not_numbers:
                 failures.setdefault(row, error)
             for rule, broken in self._violations(name, column, rules):
-                if not pc.any(broken).as_py():  # most batches break no rule: one kernel tells
-                    continue
-                for row in pc.indices_nonzero(pc.fill_null(broken, False)).to_pylist():
+                for row in _broken_rows(broken):
                     failures.setdefault(row, ValidationError(
                         f"field {name!r} breaks rule {rule}: value {column[row].as_py()!r}"))
         if not failures:
@@ -111,35 +112,76 @@ class ValidateStep(Processor[ValidateConfig]):
     @staticmethod
     def _violations(
         name: str, column: pa.ChunkedArray | pa.Array, rules: Rules
-    ) -> list[tuple[str, pa.ChunkedArray | pa.Array]]:
+    ) -> list[tuple[str, Broken]]:
         """(rule, rows breaking it) per rule of the field; null means not broken."""
-        found = []
-        floats = pa.types.is_floating(column.type) and not rules.allow_nan
-        if rules.not_null:
-            absent = pc.is_null(column)
-            if floats:
-                absent = pc.or_kleene(absent, pc.invert(pc.is_finite(column)))
-            found.append(("not_null", absent))
-        if pa.types.is_null(column.type):
-            return found
-        nan = pc.is_nan(column) if floats else None
-        try:
-            if rules.min is not None:
-                below = pc.less(column, rules.min)
-                found.append((f"min {rules.min:g}", below if nan is None else pc.or_(below, nan)))
-            if rules.max is not None:
-                above = pc.greater(column, rules.max)
-                found.append((f"max {rules.max:g}", above if nan is None else pc.or_(above, nan)))
-            if rules.regex is not None:
-                matches = pc.match_substring_regex(column, f"^(?:{rules.regex})$")
-                found.append((f"regex {rules.regex!r}", pc.invert(matches)))
-            if rules.allowed is not None:
-                allowed = pa.array(rules.allowed).cast(column.type)
-                found.append((f"allowed {rules.allowed}", pc.invert(pc.is_in(column, allowed))))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-            raise TypeError(f"validate: the rules of field {name!r} do not apply to its type "
-                            f"{column.type}: {exc}") from None
+        if (not column.null_count and rules.regex is None and rules.allowed is None
+                and (pa.types.is_integer(column.type) or column.type in _NUMPY_FLOATS)):
+            return _numeric_violations(column, rules)
+        return _kernel_violations(name, column, rules)
+
+
+def _kernel_violations(
+    name: str, column: pa.ChunkedArray | pa.Array, rules: Rules
+) -> list[tuple[str, Broken]]:
+    """:meth:`ValidateStep._violations` by Arrow's kernels, for columns of any type."""
+    floats = pa.types.is_floating(column.type) and not rules.allow_nan
+    found: list[tuple[str, Broken]] = []
+    if rules.not_null:
+        absent = pc.is_null(column)
+        if floats:
+            absent = pc.or_kleene(absent, pc.invert(pc.is_finite(column)))
+        found.append(("not_null", absent))
+    if pa.types.is_null(column.type):
         return found
+    nan = pc.is_nan(column) if floats else None
+    # Integers are compared as doubles: the kernels' own cast refuses those beyond 2**53.
+    numbers = (pc.cast(column, pa.float64(), safe=False) if pa.types.is_integer(column.type)
+               and (rules.min is not None or rules.max is not None) else column)
+    try:
+        if rules.min is not None:
+            below = pc.less(numbers, rules.min)
+            found.append((f"min {rules.min:g}", below if nan is None else pc.or_(below, nan)))
+        if rules.max is not None:
+            above = pc.greater(numbers, rules.max)
+            found.append((f"max {rules.max:g}", above if nan is None else pc.or_(above, nan)))
+        if rules.regex is not None:
+            matches = pc.match_substring_regex(column, f"^(?:{rules.regex})$")
+            found.append((f"regex {rules.regex!r}", pc.invert(matches)))
+        if rules.allowed is not None:
+            allowed = pa.array(rules.allowed).cast(column.type)
+            found.append((f"allowed {rules.allowed}", pc.invert(pc.is_in(column, allowed))))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise TypeError(f"validate: the rules of field {name!r} do not apply to its type "
+                        f"{column.type}: {exc}") from None
+    return found
+
+
+_NUMPY_FLOATS = (pa.float32(), pa.float64())  # Arrow compares no float16
+
+
+def _numeric_violations(column: pa.ChunkedArray | pa.Array, rules: Rules) -> list[tuple[str, Broken]]:
+    """:func:`_kernel_violations` for numbers without nulls, found by NumPy (one call each, where
+    a small batch spent most of its time calling Arrow's kernels), as doubles like the kernels'."""
+    values = column.to_numpy().astype(np.float64, copy=False)
+    floats = pa.types.is_floating(column.type) and not rules.allow_nan
+    found: list[tuple[str, Broken]] = []
+    nan = np.isnan(values) if floats else np.zeros(len(values), dtype=bool)
+    if rules.not_null:
+        found.append(("not_null", ~np.isfinite(values) if floats else nan))
+    if rules.min is not None:
+        found.append((f"min {rules.min:g}", (values < rules.min) | nan))
+    if rules.max is not None:
+        found.append((f"max {rules.max:g}", (values > rules.max) | nan))
+    return found
+
+
+def _broken_rows(broken: Broken) -> list[int]:
+    """The rows that break a rule, in order."""
+    if isinstance(broken, np.ndarray):
+        return np.flatnonzero(broken).tolist()
+    if not pc.any(broken).as_py():  # most batches break no rule: one kernel tells
+        return []
+    return pc.indices_nonzero(pc.fill_null(broken, False)).to_pylist()
 
 
 class FilterConfig(RootModel[str]):
