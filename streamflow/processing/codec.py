@@ -563,9 +563,10 @@ def _double_json(value: float) -> str:
     ``null`` for NaN and infinities."""
     if not math.isfinite(value):
         return _NULL
-    if value == 0:
-        return "-0.0" if math.copysign(1.0, value) < 0 else "0.0"
-    sign, shortest = ("-", repr(-value)) if value < 0 else ("", repr(value))
+    shortest = repr(value)
+    if -1e10 < value < 1e10 and "e" not in shortest:  # Python's form is Arrow's: most doubles
+        return shortest
+    sign, shortest = ("-", shortest[1:]) if value < 0 else ("", shortest)
     mantissa, _, exponent = shortest.partition("e")
     whole, _, fraction = mantissa.partition(".")
     digits = (whole + fraction).lstrip("0")
