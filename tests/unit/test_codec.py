@@ -1,8 +1,11 @@
-"""JSON ↔ Arrow: arbitrary input never crashes decoding, and every record is accounted for."""
+"""JSON ↔ Arrow: arbitrary input never crashes decoding, every record is accounted for, and small
+batches are read and written exactly as the Arrow reader and kernels read and write them."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamflow.plugins import ROW_ID
+from streamflow.processing import codec
 from streamflow.processing.codec import _double_json, decode_json, encode_json
 
 SCHEMA = pa.schema([("id", pa.string()), ("x", pa.float64()), ("n", pa.int64()), ("ok", pa.bool_())])
@@ -130,15 +134,20 @@ def test_a_float_column_is_written_as_it_would_be_alone(
     assert encode_json(table) == expected
 
 
-def by_kernels(table: pa.Table) -> list[bytes]:
-    """encode_json's text for ``table`` as its Arrow kernels write a batch of any size."""
-    from streamflow.processing import codec
-
+@contextmanager
+def arrow_only() -> Iterator[None]:
+    """No batch is small: the Arrow reader and kernels take every one."""
     small_batch, codec.SMALL_BATCH = codec.SMALL_BATCH, 0
     try:
-        return encode_json(table)
+        yield
     finally:
         codec.SMALL_BATCH = small_batch
+
+
+def by_kernels(table: pa.Table) -> list[bytes]:
+    """encode_json's text for ``table`` as its Arrow kernels write a batch of any size."""
+    with arrow_only():
+        return encode_json(table)
 
 
 EDGE_DOUBLES = [0.0, -0.0, 5e-324, -2.2250738585072014e-308, 1.7976931348623157e308, 0.1, 1e-6,
@@ -215,14 +224,9 @@ def small_batches(draw: st.DrawFn) -> list[bytes]:
 
 
 def assert_read_as_by_the_reader(values: list[bytes], lenient: bool) -> None:
-    from streamflow.processing import codec
-
     by_record = decode_json(values, SCHEMA, lenient=lenient)
-    small_batch, codec.SMALL_BATCH = codec.SMALL_BATCH, 0
-    try:
+    with arrow_only():
         by_reader = decode_json(values, SCHEMA, lenient=lenient)
-    finally:
-        codec.SMALL_BATCH = small_batch
     assert by_record[0].schema == by_reader[0].schema
     assert repr(by_record[0].to_pylist()) == repr(by_reader[0].to_pylist())  # -0.0 is not 0.0
     assert [(row, repr(error)) for row, error in by_record[1]] == [
@@ -247,9 +251,7 @@ def test_each_odd_value_reads_as_the_arrow_reader_reads_it(name: str, lenient: b
         assert_read_as_by_the_reader([plain, b'{"%s":%s}' % (name.encode(), text)], lenient)
 
 
-def test_a_small_plain_batch_needs_no_arrow_reader(monkeypatch) -> None:
-    from streamflow.processing import codec
-
+def test_a_small_plain_batch_needs_no_arrow_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     def refused(*_args: object) -> pa.Table:
         raise AssertionError("the Arrow reader was called")
 
