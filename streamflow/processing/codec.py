@@ -126,11 +126,12 @@ def _read_plain(values: Sequence[bytes], schema: pa.Schema, buffer: bytes) -> pa
         documents = [_PLAIN_DECODER.decode(value.decode()) for value in values]
     except (ValueError, RecursionError):
         return None
+    signed_zero = b"-0" in buffer  # once a batch, not once a zero
     columns = []
     for field in schema:
         plain = _PLAIN_KINDS.get(field.type)
         column = [document.get(field.name) for document in documents]
-        if plain is None or not all(plain(value, buffer) for value in column):
+        if plain is None or not all(plain(value, signed_zero) for value in column):
             return None
         columns.append(pa.array(column, field.type))
     return pa.Table.from_arrays(columns, schema=schema)
@@ -157,20 +158,22 @@ def _maybe_too_large(buffer: bytes) -> bool:
     return b"0e" in shape or b"0E" in shape or b"0" * 309 in shape
 
 
-def _plain_double(value: object, buffer: bytes) -> bool:
+def _plain_double(value: object, signed_zero: bool) -> bool:
+    """``signed_zero``: the batch's text holds ``-0``, which the reader reads with its sign and
+    json.loads as the integer 0."""
     if type(value) is float:
         return True
-    if type(value) is int:  # the reader keeps the sign of -0, json.loads cannot
-        return 0 < abs(value) <= _EXACT_IN_DOUBLE or (value == 0 and b"-0" not in buffer)
+    if type(value) is int:
+        return 0 < abs(value) <= _EXACT_IN_DOUBLE or (value == 0 and not signed_zero)
     return value is None
 
 
 _PLAIN_KINDS = {
-    pa.string(): lambda value, _buffer: value is None or type(value) is str,
-    pa.int64(): lambda value, _buffer: value is None or (
+    pa.string(): lambda value, _signed_zero: value is None or type(value) is str,
+    pa.int64(): lambda value, _signed_zero: value is None or (
         type(value) is int and -(2**63) <= value < 2**63),
     pa.float64(): _plain_double,
-    pa.bool_(): lambda value, _buffer: value is None or type(value) is bool,
+    pa.bool_(): lambda value, _signed_zero: value is None or type(value) is bool,
 }
 
 
