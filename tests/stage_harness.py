@@ -299,7 +299,8 @@ def crashed(stage: StageRunner, injector: Injector) -> None:
     """Wait for ``stage`` to die of the injected crash."""
     stage.thread.join(TIMEOUT_S)
     assert not stage.thread.is_alive(), "the stage did not crash"
-    assert injector.crashed_at is not None, "the crash point was never reached"
+    assert injector.crashed_at is not None, (
+        f"the crash point was never reached; the stage failed of {stage.error!r}")
     assert isinstance(stage.error, Crash), f"the stage failed otherwise: {stage.error!r}"
 
 

@@ -31,6 +31,7 @@ import json
 import os
 import pickle
 import re
+import secrets
 import sys
 import time
 from collections.abc import Iterable
@@ -47,7 +48,16 @@ KEY_VARIABLE = "STREAMFLOW_CHECKPOINT_KEY"
 VERSIONS = "versions"  # the model registry's directory in a store (streamflow.ml.registry)
 NEW_VERSION_PREFIX = ".new-"  # a version being prepared there
 _LEFTOVER_AGE_S = 600.0  # temporary files older than this belong to no live writer
+_PROCESS_TOKEN = secrets.token_hex(4)  # see _writer
 _MANAGED_DICT = 1 << 4  # Py_TPFLAGS_MANAGED_DICT: the type's attributes may live outside a dict
+
+
+def _writer() -> str:
+    """This process among every writer of a store, for the names of its temporary files: the
+    replicas of a stage share one, and the owner of a partition that lost it may still be
+    writing there as the next owner starts. The pid, with a random token as pids repeat across
+    hosts (a forked child keeps the token, not the pid)."""
+    return f"{os.getpid()}-{_PROCESS_TOKEN}"
 
 
 class CheckpointError(RuntimeError):
@@ -133,7 +143,7 @@ def _private_directory(directory: Path) -> None:
 def _write_sidecar(path: Path, algorithm: str, tags: list[str]) -> None:
     """Record the tags the checkpoint ``path`` may have, atomically."""
     sidecar = _sidecar(path)
-    temporary = sidecar.with_name(sidecar.name + ".tmp")
+    temporary = sidecar.with_name(f"{sidecar.name}.{_writer()}.tmp")
     _write_private(temporary, json.dumps({"algorithm": algorithm, "tags": tags}).encode())
     os.replace(temporary, sidecar)
 
@@ -290,11 +300,13 @@ class Snapshot:
     evicted: dict[str, int] = field(default_factory=dict)
 
     def staged(self, sequence: int, keep_versions: int = 0) -> Staged:
-        """Where :meth:`write_staged` writes this snapshot, as checkpoint number ``sequence``;
-        with ``keep_versions``, it is part of a registry version (see :class:`Staged`)."""
-        version = (self.path.parent / VERSIONS / f"{NEW_VERSION_PREFIX}{os.getpid()}-{sequence}"
+        """Where :meth:`write_staged` writes this snapshot, as this process's checkpoint number
+        ``sequence`` (under names no other writer uses: see :func:`_writer`); with
+        ``keep_versions``, it is part of a registry version (see :class:`Staged`)."""
+        name = f"{_writer()}-{sequence}"
+        version = (self.path.parent / VERSIONS / f"{NEW_VERSION_PREFIX}{name}"
                    if keep_versions else None)
-        return Staged(self.path.with_suffix(f".{sequence}.tmp"), self.path, version, keep_versions)
+        return Staged(self.path.with_suffix(f".{name}.tmp"), self.path, version, keep_versions)
 
     @property
     def fields(self) -> dict[str, Any]:

@@ -428,14 +428,18 @@ def serve(connection: Connection) -> None:
     root.addHandler(_EffectsLogHandler(effects))
     root.setLevel(log_level)
     host: EngineHost | None = None
-    try:  # the first message: how building the engine went (EngineWorker.started)
+    first: tuple[str, Any]  # how building the engine went (EngineWorker.started)
+    try:
         host = EngineHost(spec, effects)
+        first = ("started", host.started)
     except ModelSpecError as exc:  # the spec names what river does not have
-        connection.send(("spec_error", str(exc)))
+        first = ("spec_error", str(exc))
     except Exception:
-        connection.send(("error", f"the model engine could not be built:\n{traceback.format_exc()}"))
-    else:
-        connection.send(("started", host.started))
+        first = ("error", f"the model engine could not be built:\n{traceback.format_exc()}")
+    try:
+        connection.send(first)
+    except OSError:
+        os._exit(0)  # the stage's process died while the engine was built (SIGKILL, say)
     gc.collect()  # then keep what exists now (modules, the engine) out of full collections,
     gc.freeze()  # which each batch's thousands of feature dicts would otherwise trigger
     replies = _Replies(connection)

@@ -55,6 +55,7 @@ from streamflow.ml.checkpoint import (
     _sidecar,
     _sync_directories,
     _write_private,
+    _writer,
     link_checkpoint,
     load_verified,
     read_verified,
@@ -98,7 +99,7 @@ class RollbackRequest:
 
 def _write_json(path: Path, document: Any) -> None:
     """Write ``document`` to ``path`` atomically, readable by its owner only."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.part")
+    temporary = path.with_name(f"{path.name}.{_writer()}.part")
     _write_private(temporary, json.dumps(document, indent=2).encode())
     os.replace(temporary, path)
 

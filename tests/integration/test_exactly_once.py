@@ -184,7 +184,9 @@ def test_a_replica_killed_mid_stream(
         exits = [replica.wait(60) for replica in replicas]
         watcher.close()
     dead = read_topic(bootstrap, f"{name}.dlq").values
-    assert exits == [0, 0]
+    assert exits == [0, 0], "\n".join(  # the replicas' own words on why
+        f"replica-{i}.log ends:\n{(tmp_path / f'replica-{i}.log').read_text()[-4000:]}"
+        for i, code in enumerate(exits) if code != 0)
     assert len(dead) >= COUNT // 100, "a dead letter was lost"
     if guarantee == "exactly_once":
         assert len(dead) == COUNT // 100, "a dead letter was produced twice"

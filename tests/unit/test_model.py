@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import stat
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -360,6 +361,30 @@ def test_an_interrupted_publish_leaves_a_checkpoint_that_loads(tmp_path: Path) -
         assert store.load("a", "model")[1] == {"w": expected}
 
 
+def test_two_writers_of_a_checkpoint_stage_it_under_names_of_their_own(tmp_path: Path) -> None:
+    """The owner of a partition that lost it (evicted from the group) drops its staged files as
+    the next owner, a replica of the stage, stages the same partition's checkpoint, each as its
+    first one: the next owner's files stay whole and publish."""
+    store = CheckpointStore(tmp_path, "p", "s")
+    evicted = store.snapshot("a", "partition-state", {"w": 1})
+    dropped = evicted.staged(1)
+    evicted.write_staged(dropped)
+    next_owner = subprocess.run([sys.executable, "-c", (
+        "import pickle, sys\n"
+        "from streamflow.ml.checkpoint import CheckpointStore\n"
+        f"snapshot = CheckpointStore({str(tmp_path)!r}, 'p', 's').snapshot("
+        "'a', 'partition-state', {'w': 2})\n"
+        "staged = snapshot.staged(1)\n"
+        "snapshot.write_staged(staged)\n"
+        "sys.stdout.buffer.write(pickle.dumps(staged))\n")],
+        capture_output=True, check=True).stdout
+    staged = pickle.loads(next_owner)
+    for file in (dropped.temporary, dropped.tag_file):  # as ModelStage._drop_in_flight does
+        file.unlink()
+    publish([staged])
+    assert store.load("a", "partition-state")[1] == {"w": 2}
+
+
 class Weights:
     """An instance with a plain ``__dict__``, as river's estimators have."""
 
@@ -498,7 +523,7 @@ def test_the_worker_writes_checkpoints_while_it_serves_and_replies_in_order(tmp_
         checkpointed = worker.receive()
         assert checkpointed.committable == {(TOPIC, 0): 3}
         written = sorted(path.name for path in directory.iterdir())  # written, not in place
-        assert [name.split(".", 1)[1] for name in written] == ["1.tag.tmp", "1.tmp"]
+        assert [name.rsplit("-", 1)[1] for name in written] == ["1.tag.tmp", "1.tmp"]
         publish(checkpointed.staged)
         assert sorted(path.suffix for path in directory.iterdir()) == [".ckpt", ".digest"]
         assert list(worker.receive().versions) == [3, 4, 5]
