@@ -279,8 +279,11 @@ class ModelStage(StageRunner):
         gone = {partition for _topic, partition in partitions}
         for partition in gone:
             self._restored_at.pop(partition, None)
-        if self.worker is None or self.error is not None:
-            return  # after a failure the state may be ahead of the output: it replays
+        if self.worker is None or self.error is not None or self._callback_error is not None:
+            # After a failure (or one of this revoke's checkpoint, raised at the next poll,
+            # with replies maybe still pending) the state may be ahead of the output: the
+            # stage restarts with a fresh worker and replays.
+            return
         if lost:
             self._drop_in_flight(gone)
         forgotten = sorted(gone & self._restored)

@@ -19,6 +19,7 @@ id order, a feature ``x`` and a target ``y``; every 25th is not JSON (a dead let
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections import Counter, defaultdict
@@ -41,7 +42,7 @@ from streamflow.runtime.changelog import PartitionSnapshot
 from streamflow.runtime.model_stage import ModelStage
 from streamflow.runtime.stages import StageIdentity, StageRunner, StepRunner, TopicStage
 from streamflow.runtime.window_stage import WindowStage
-from streamflow.transport import TopicSpec, Transport
+from streamflow.transport import TopicSpec, Transport, TransportError
 from tests import stage_harness as harness
 from tests.stage_harness import (
     COUNT,
@@ -60,9 +61,11 @@ SNAPSHOT_EVERY = 50  # records; batches are of 25 at most
 CHECKPOINT_EVERY = 20  # records of one partition: about every batch
 NEVER = 100_000  # records: only a stop or a rebalance checkpoints
 BATCH = BatchConfig(max_records=25, max_wait_ms=10)
-# A window stage polls every few milliseconds: a crashed one can be evicted sooner than
-# FAST_FAILURE allows for a model stage, which starts its worker between joining and polling.
+# A window stage polls every few milliseconds: a crashed one can be evicted sooner than one of
+# a model stage, which starts its worker process between joining and polling (the in-memory
+# group takes polls for heartbeats): seconds on a busy machine, on which 2 s evicted it.
 QUICK_FAILURE = {"session.timeout.ms": "1000", "transaction.timeout.ms": "1500"}
+MODEL_FAILURE = {"session.timeout.ms": "6000", "transaction.timeout.ms": "7000"}
 
 
 @pytest.fixture
@@ -485,7 +488,7 @@ def crash_in_turn(world: World, exactly_once: bool, points: list[tuple[str, int,
         if number:
             world.load(COUNT)
         injector = Injector(step, at=at, after=after)
-        stage = model_stage(world, InjectedTransport(world.transport(harness.FAST_FAILURE), injector),
+        stage = model_stage(world, InjectedTransport(world.transport(MODEL_FAILURE), injector),
                             exactly_once, checkpoints)
         injectors[stage.thread] = injector
         stage.start()
@@ -643,3 +646,44 @@ def test_a_model_zombie_evicted_mid_batch_leaves_the_new_owners_checkpoint_alone
             } == {f"{world.input}+{p}": {world.input: committed[(world.input, p)]}
                   for p in range(PARTITIONS)}, "the checkpoint does not cover the committed offsets"
     check_predictions(world, tmp_path, exactly_once)
+
+
+def test_a_model_stage_whose_checkpoint_on_revoke_fails_restarts(world: World, tmp_path: Path
+                                                                  ) -> None:
+    """A second replica joins while the first has a batch in flight (its replies held back),
+    and the first's produce of that batch, in the checkpoint before its partitions go, fails
+    (a broker error: transient). The stage must fail of that error, for the supervisor to
+    restart it, not of asking its worker to forget the partitions with replies still pending
+    (a fatal error, which stopped the pipeline)."""
+    transport = world.transport({"session.timeout.ms": "30000"})
+    first_replies_held: list[bool] = []
+    refused: list[str] = []
+
+    class RefusedOnRevoke(Injector):
+        """Holds the first's replies back from its third produce on; at its next poll with a
+        batch in flight, starts the second; refuses its produce in the revoke that follows."""
+
+        def __call__(self, step: str, action: Callable[[], Any]) -> Any:
+            if step == "consume" and first_replies_held and first._in_flight and not second.assigned:
+                if not second.thread.is_alive():
+                    second.start()
+            elif step == "produce" and first_replies_held and any(
+                    frame.function == "on_revoke" for frame in inspect.stack()):
+                refused.append(step)
+                raise TransportError("refused by the broker")
+            return super().__call__(step, action)
+
+    def hold_replies() -> None:
+        assert first.worker is not None
+        first.worker.ready = lambda: False  # type: ignore[method-assign]
+        first_replies_held.append(True)
+
+    first = model_stage(world, InjectedTransport(transport, RefusedOnRevoke(
+        "produce", 3, hook=hold_replies)), True, tmp_path, checkpoint_every=NEVER)
+    second = model_stage(world, transport, True, tmp_path, checkpoint_every=NEVER)
+    first.start()
+    first.thread.join(harness.TIMEOUT_S)
+    second.stop()
+    second.thread.join(harness.TIMEOUT_S)
+    assert refused, "no produce was refused in the revoke: nothing was in flight"
+    assert isinstance(first.error, TransportError), f"the stage failed of {first.error!r}"
