@@ -657,6 +657,7 @@ def test_a_model_stage_whose_checkpoint_on_revoke_fails_restarts(world: World, t
     (a fatal error, which stopped the pipeline)."""
     transport = world.transport({"session.timeout.ms": "30000"})
     first_replies_held: list[bool] = []
+    second_started: list[bool] = []
     refused: list[str] = []
 
     class RefusedOnRevoke(Injector):
@@ -664,9 +665,9 @@ def test_a_model_stage_whose_checkpoint_on_revoke_fails_restarts(world: World, t
         batch in flight, starts the second; refuses its produce in the revoke that follows."""
 
         def __call__(self, step: str, action: Callable[[], Any]) -> Any:
-            if step == "consume" and first_replies_held and first._in_flight and not second.assigned:
-                if not second.thread.is_alive():
-                    second.start()
+            if step == "consume" and first_replies_held and first._in_flight and not second_started:
+                second_started.append(True)
+                second.start()
             elif step == "produce" and first_replies_held and any(
                     frame.function == "on_revoke" for frame in inspect.stack()):
                 refused.append(step)
@@ -675,7 +676,7 @@ def test_a_model_stage_whose_checkpoint_on_revoke_fails_restarts(world: World, t
 
     def hold_replies() -> None:
         assert first.worker is not None
-        first.worker.ready = lambda: False  # type: ignore[method-assign]
+        first.worker.ready = lambda: False
         first_replies_held.append(True)
 
     first = model_stage(world, InjectedTransport(transport, RefusedOnRevoke(
