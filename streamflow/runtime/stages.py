@@ -75,10 +75,14 @@ TRANSACTION_INTERVAL_S = 0.1  # Kafka Streams' commit.interval.ms under exactly_
 # heartbeats queued behind the commits), which small batches at a few thousand records a second
 # reach. A crash replays what was acknowledged since the last commit.
 COMMIT_INTERVAL_S = 0.1
-# At least once, batches sent and not yet known acknowledged: the next batch goes without waiting
-# for the acknowledgement of those before it, unless this many are. Waiting for the last one
-# before sending each batch stalled a stage a fifth of its time at 5,000 records a second.
-MAX_UNACKNOWLEDGED = 4
+# At least once, batches are sent without waiting for the acknowledgement of those before it
+# (taken whenever the producer says all are acknowledged), unless those not yet known
+# acknowledged hold this many batches' worth of input records (``max_records`` each: memory),
+# or the oldest was sent this long ago (the commits' delay). Waiting for the last batch before
+# sending each one stalled a stage a fifth of its time at 5,000 records a second; waiting once
+# four small batches were out, as many as 38 times over 10 ms in 30 s.
+MAX_UNACKNOWLEDGED_BATCHES = 4
+MAX_UNACKNOWLEDGED_S = 0.5
 
 
 class StepOutputError(RuntimeError):
@@ -145,6 +149,7 @@ class StageRunner(Stage, RebalanceListener):
         self._uncommitted: dict[TopicPartition, int] = {}  # acknowledged, to commit when due
         self._committed_at = 0.0  # monotonic time of the last asynchronous commit
         self._unacknowledged: list[Unacknowledged] = []  # sent by deliver, oldest first
+        self._unacknowledged_records = 0  # input records of those
         self._callback_error: BaseException | None = None  # raised by a rebalance callback
         self._to_restore: list[TopicPartition] = []  # assigned, to restore before the next batch
         self._transactional_id = ""
@@ -266,21 +271,22 @@ class StageRunner(Stage, RebalanceListener):
         with the offsets (when given) sent at its commit, once ``transaction_interval_s`` has
         passed since it began (see :meth:`commit_transaction`); anything failing aborts it.
         Otherwise they are sent without waiting for the broker, which acknowledges them while
-        the next batches are handled: up to :data:`MAX_UNACKNOWLEDGED` batches are sent before
-        :meth:`acknowledge` waits, and it takes them as soon as the producer says all are
-        acknowledged. The offsets are then committed asynchronously, at most every
+        the next batches are handled: :meth:`acknowledge` takes them as soon as the producer
+        says all are acknowledged, and waits for them only past the bounds of
+        :meth:`_acknowledgement_due`. The offsets are then committed asynchronously, at most every
         :data:`COMMIT_INTERVAL_S` (see :meth:`commit_acknowledged`), and confirmed at
         checkpoints (on revoke and stop). Stages that commit at checkpoints of their own state
         pass no offsets under at_least_once.
         """
         if not self.transactional:
             assert self.producer is not None
-            if len(self._unacknowledged) >= MAX_UNACKNOWLEDGED or self.producer.acknowledged():
+            if self._acknowledgement_due() or self.producer.acknowledged():
                 self.acknowledge()
             letters = self.dead_letters(failures, batch)
             self.producer.send([*outgoing, *letters])
-            self._unacknowledged.append(
-                Unacknowledged(outgoing, letters, failures, batch, offsets, delivered))
+            self._unacknowledged.append(Unacknowledged(outgoing, letters, failures, batch, offsets,
+                                                       delivered, time.monotonic()))
+            self._unacknowledged_records += len(batch)
             return
         assert self.producer is not None
         if self._transaction_since is None:
@@ -300,7 +306,7 @@ class StageRunner(Stage, RebalanceListener):
         the order they were sent, leave each one's input offsets to :meth:`commit_acknowledged`
         and tell its ``delivered``. Output records Kafka refused for their size go to the dead
         letters (see :meth:`publish`)."""
-        sent, self._unacknowledged = self._unacknowledged, []
+        sent, self._unacknowledged, self._unacknowledged_records = self._unacknowledged, [], 0
         if not sent:
             return
         assert self.producer is not None
@@ -318,6 +324,15 @@ class StageRunner(Stage, RebalanceListener):
                 self._last_offsets.update(pending.offsets)
                 self._uncommitted.update(pending.offsets)
             pending.delivered(oversize)
+
+    def _acknowledgement_due(self) -> bool:
+        """Whether the batches sent and not known acknowledged must be waited for before the
+        next goes: they hold :data:`MAX_UNACKNOWLEDGED_BATCHES` batches' worth of input records,
+        or the oldest was sent :data:`MAX_UNACKNOWLEDGED_S` ago."""
+        return bool(self._unacknowledged) and (
+            self._unacknowledged_records
+            >= MAX_UNACKNOWLEDGED_BATCHES * self.batch_config.max_records
+            or time.monotonic() - self._unacknowledged[0].sent_at >= MAX_UNACKNOWLEDGED_S)
 
     def _dead_letter_refused_of_each(self, refused: RecordTooLargeError,
                                      sent: list[Unacknowledged]) -> list[int]:
@@ -677,6 +692,7 @@ class Unacknowledged:
     batch: ConsumedBatch
     offsets: dict[TopicPartition, int] | None
     delivered: Callable[[int], None]
+    sent_at: float  # monotonic
 
 
 @dataclass

@@ -19,6 +19,7 @@ import pytest
 from streamflow.config.models import BatchConfig
 from streamflow.metrics import PipelineMetrics
 from streamflow.plugins import ComponentContext, Sink, Source, SourceBatch
+from streamflow.runtime import stages
 from streamflow.runtime.sources import POSITIONS_TOPIC_SPEC, SourceRunner, read_positions
 from streamflow.runtime.stages import COMMIT_INTERVAL_S, SinkStage, StageIdentity, TopicStage
 from streamflow.transport import (
@@ -61,12 +62,14 @@ def world() -> Iterator[World]:
 
 
 def topic_stage(world: World, transport: Transport, exactly_once: bool,
-                transaction_interval_s: float = PER_BATCH, max_records: int = 25) -> TopicStage:
+                transaction_interval_s: float = PER_BATCH, max_records: int = 25,
+                max_wait_ms: int = 10) -> TopicStage:
     """A processor stage with no steps: each valid input goes out as it came, each other one to
     the dead letters."""
     metrics = PipelineMetrics(world.pipeline).stage("copy")
+    batch = BatchConfig(max_records=max_records, max_wait_ms=max_wait_ms)
     return TopicStage(StageIdentity(world.pipeline, "copy", world.input, world.dead_letters),
-                      transport, BatchConfig(max_records=max_records, max_wait_ms=10), metrics,
+                      transport, batch, metrics,
                       world.output, [], exactly_once=exactly_once,
                       transaction_interval_s=transaction_interval_s)
 
@@ -110,6 +113,48 @@ def test_small_batches_commit_their_offsets_at_most_every_interval(world: World)
                  if sample.name.endswith("_count")]
     assert batches == COUNT  # one a record
     assert commits <= elapsed / COMMIT_INTERVAL_S + 2, f"{commits} commits in {elapsed:.2f} s"
+
+
+def test_small_batches_go_out_before_those_sent_earlier_are_acknowledged(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At least once, a stage waits for the acknowledgement of the batches it sent only once
+    they hold MAX_UNACKNOWLEDGED_BATCHES batches' worth of records or the oldest was sent
+    MAX_UNACKNOWLEDGED_S ago: one-record batches, from a producer that never says all are
+    acknowledged, go out one after another until the oldest is that old."""
+    monkeypatch.setattr(MemoryProducer, "acknowledged", lambda _producer: False)
+    monkeypatch.setattr(stages, "MAX_UNACKNOWLEDGED_S", TIMEOUT_S)
+    # No wait for a batch ends empty (which would acknowledge what was sent, idle).
+    stage = topic_stage(world, world.transport(), False, max_records=COUNT,
+                        max_wait_ms=int(TIMEOUT_S * 1000))
+    waits: list[int] = []  # the records loaded at each wait for acknowledgements
+    flush = MemoryProducer.flush
+
+    def counted(producer: MemoryProducer) -> None:
+        if producer is stage.producer:
+            waits.append(world.loaded)
+        flush(producer)
+
+    def all_out() -> bool:
+        return len(world.read(world.output)) + len(world.read(world.dead_letters)) == world.loaded
+
+    monkeypatch.setattr(MemoryProducer, "flush", counted)
+    stage.start()
+    wait_until(all_out, "the first records out")
+    for _ in range(2 * stages.MAX_UNACKNOWLEDGED_BATCHES):
+        world.load(1)
+        wait_until(all_out, f"record {world.loaded - 1} out")
+    assert waits == []
+    assert not world.cluster.committed_offsets(group(world))
+    monkeypatch.setattr(stages, "MAX_UNACKNOWLEDGED_S", 0.0)
+    world.load(1)
+    wait_until(lambda: waits, "a wait for acknowledgements")
+    assert waits == [world.loaded]
+    stage.stop()
+    world.load(1)  # ends the wait for a batch
+    finish(stage)
+    assert world.all_committed(group(world))
+    check_topic_outputs(world, exactly_once=True)
 
 
 @pytest.mark.parametrize("exactly_once", GUARANTEES)
@@ -272,7 +317,7 @@ def test_a_refusal_among_several_unacknowledged_batches_dead_letters_its_own_inp
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """At least once, several batches go out before one acknowledgement (a producer that never
-    says all are acknowledged makes the stage wait only once MAX_UNACKNOWLEDGED are out): a
+    says all are acknowledged makes the stage wait only once MAX_UNACKNOWLEDGED_BATCHES are out): a
     record refused for its size is traced to its own batch among them, whose input goes to the
     dead letters once, and every batch is counted once."""
     monkeypatch.setattr(MemoryProducer, "acknowledged", lambda _producer: False)
