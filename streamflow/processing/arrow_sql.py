@@ -19,10 +19,13 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from streamflow.processing.schema_memo import PerSchema
 
 # DuckDB's keywords other than its unreserved ones (``duckdb_keywords()``): as a bare word they
 # are not a column (``true``, ``current_date``...), or not always. A test keeps it in step.
@@ -153,7 +156,11 @@ class _Literal(Expression):
     kind = "number"
 
     def evaluate(self, columns: dict[str, pa.ChunkedArray]) -> pa.Scalar:
-        return pa.scalar(self.value, pa.float64())
+        return self.scalar
+
+    @cached_property
+    def scalar(self) -> pa.Scalar:
+        return pa.scalar(self.value, pa.float64())  # made once: about 4 µs a batch
 
 
 @dataclass(frozen=True)
@@ -375,24 +382,29 @@ def _readable(kind: pa.DataType) -> bool:
     return False
 
 
-def _bound(table: pa.Table, names: frozenset[str]) -> dict[str, pa.ChunkedArray]:
-    """The columns ``names`` read, by lower-cased name, each one double column of ``table``;
-    :class:`Unsupported` for a table whose every column DuckDB would not read as it is."""
-    if not all(_plain(name) for name in table.column_names):
-        raise Unsupported("a column name DuckDB changes")
-    if not all(_readable(field.type) for field in table.schema):
-        raise Unsupported("a column DuckDB does not read")
+def _indices(schema: pa.Schema, names: frozenset[str]) -> dict[str, int] | None:
+    """The index of each column ``names`` reads, by lower-cased name, in a table of ``schema``:
+    one double column each. None when there is not, or when DuckDB would not read every column
+    of such a table as it is (a name it changes, a type it does not read)."""
+    column_names = schema.names
+    if not all(map(_plain, column_names)) or not all(map(_readable, schema.types)):
+        return None
     found: dict[str, list[int]] = {name: [] for name in names}
-    for index, column_name in enumerate(table.column_names):
+    for index, column_name in enumerate(column_names):
         folded = column_name.lower()
         if folded in found:
             found[folded].append(index)
-    bound = {}
-    for name, indices in found.items():
-        if len(indices) != 1 or table.schema.field(indices[0]).type != pa.float64():
-            raise Unsupported(f"column {name!r} is missing, named twice, or not a double")
-        bound[name] = table.column(indices[0])
-    return bound
+    indices = {}
+    for name, at in found.items():
+        if len(at) != 1 or schema.types[at[0]] != pa.float64():
+            return None
+        indices[name] = at[0]
+    return indices
+
+
+def _bound(table: pa.Table, indices: dict[str, int]) -> dict[str, pa.ChunkedArray]:
+    """The columns at ``indices`` (see :func:`_indices`), by lower-cased name."""
+    return {name: table.column(index) for name, index in indices.items()}
 
 
 class ArrowPredicate:
@@ -405,12 +417,16 @@ class ArrowPredicate:
             raise Unsupported("text after the predicate")
         if self.expression.kind != "boolean":
             raise Unsupported("a number as predicate")
-        self._reads = self.expression.columns
+        reads = self.expression.columns
+        self._indices = PerSchema(lambda schema: _indices(schema, reads))
 
     def keep(self, table: pa.Table) -> pa.ChunkedArray | None:
         """The predicate over ``table``'s rows (true, false or null), or None for DuckDB."""
+        indices = self._indices(table.schema)
+        if indices is None:
+            return None
         try:
-            return self.expression.evaluate(_bound(table, self._reads))
+            return self.expression.evaluate(_bound(table, indices))
         except Unsupported:
             return None
 
@@ -441,24 +457,31 @@ class ArrowProjection:
             raise Unsupported("a name given twice")
         self._aliases = frozenset(aliases)
         self._reads = frozenset().union(*(expression.columns for _, expression in self.fields))
+        self._indices = PerSchema(self._applicable)
+
+    def _applicable(self, schema: pa.Schema) -> dict[str, int] | None:
+        """:func:`_indices` for a table of ``schema``, or None when DuckDB's ``SELECT *`` would
+        change a column type or name of it, such as two names that differ only in case."""
+        names = {name.lower() for name in schema.names}
+        if (any(kind not in _KEPT_TYPES for kind in schema.types)
+                or len(names) != len(schema) or self._aliases & names):
+            return None
+        return _indices(schema, self._reads)
 
     def apply(self, table: pa.Table) -> pa.Table | None:
-        """``table`` with the derived fields appended, as DuckDB returns it, or None for DuckDB:
-        a column type or name DuckDB's ``SELECT *`` changes, such as two names that differ only
-        in case."""
-        names = {name.lower() for name in table.column_names}
-        if (any(field.type not in _KEPT_TYPES for field in table.schema)
-                or len(names) != table.num_columns or self._aliases & names):
+        """``table`` with the derived fields appended, as DuckDB returns it, or None for DuckDB
+        (see :meth:`_applicable`)."""
+        indices = self._indices(table.schema)
+        if indices is None:
             return None
         try:
-            columns = _bound(table, self._reads)
+            columns = _bound(table, indices)
             derived = [(name, expression.evaluate(columns)) for name, expression in self.fields]
         except Unsupported:
             return None
-        fields = [pa.field(field.name, field.type) for field in table.schema]
-        fields += [pa.field(name, values.type) for name, values in derived]
+        # Named, not given a schema: every field nullable and without metadata, as DuckDB's.
         return pa.Table.from_arrays([*table.columns, *(values for _, values in derived)],
-                                    schema=pa.schema(fields))
+                                    names=[*table.schema.names, *(name for name, _ in derived)])
 
 
 def compiled(build: Callable[[str], Compiled], sql: str) -> Compiled | None:

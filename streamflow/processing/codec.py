@@ -68,7 +68,7 @@ def _user_name(name: str) -> str:
 
 def with_row_ids(table: pa.Table, rows: Sequence[int] | np.ndarray) -> pa.Table:
     """Decoded records with their ``_sf_row`` ids, their fields named by :func:`escape_name`."""
-    names = table.column_names
+    names = table.schema.names
     escaped = [escape_name(name) for name in names]
     if escaped != names:
         table = table.rename_columns(escaped)
@@ -78,9 +78,10 @@ def with_row_ids(table: pa.Table, rows: Sequence[int] | np.ndarray) -> pa.Table:
 def user_fields(table: pa.Table) -> pa.Table:
     """The records' own fields: without ``_sf_row``, with the names :func:`escape_name` changed
     restored."""
-    if ROW_ID in table.column_names:
+    names = table.schema.names
+    if ROW_ID in names:
         table = table.drop_columns([ROW_ID])
-    names = table.column_names
+        names = table.schema.names
     restored = [_user_name(name) for name in names]
     return table if restored == names else table.rename_columns(restored)
 
@@ -128,12 +129,12 @@ def _read_plain(values: Sequence[bytes], schema: pa.Schema, buffer: bytes) -> pa
         return None
     signed_zero = b"-0" in buffer  # once a batch, not once a zero
     columns = []
-    for field in schema:
-        plain = _PLAIN_KINDS.get(field.type)
-        column = [document.get(field.name) for document in documents]
-        if plain is None or not all(plain(value, signed_zero) for value in column):
+    for name, kind in zip(schema.names, schema.types, strict=True):
+        plain = _PLAIN_KINDS.get(kind)
+        column = [document.get(name) for document in documents]
+        if plain is None or not plain(column, signed_zero):
             return None
-        columns.append(pa.array(column, field.type))
+        columns.append(pa.array(column, kind))
     return pa.Table.from_arrays(columns, schema=schema)
 
 
@@ -158,22 +159,39 @@ def _maybe_too_large(buffer: bytes) -> bool:
     return b"0e" in shape or b"0E" in shape or b"0" * 309 in shape
 
 
-def _plain_double(value: object, signed_zero: bool) -> bool:
+# Whether a column's values, as json.loads gave them, are plain for an Arrow type (see
+# _read_plain). The set of their Python types tells, at C speed, for all but integer doubles.
+_TEXT = frozenset([str, type(None)])
+_BOOLEANS = frozenset([bool, type(None)])
+_INTEGERS = frozenset([int, type(None)])
+_FLOATS = frozenset([float, type(None)])
+_NUMBERS = _FLOATS | _INTEGERS
+
+
+def _plain_integers(values: list[Any], _signed_zero: bool) -> bool:
+    kinds = set(map(type, values))
+    if not kinds <= _INTEGERS:
+        return False
+    numbers = [value for value in values if value is not None] if type(None) in kinds else values
+    return not numbers or (min(numbers) >= -(2**63) and max(numbers) < 2**63)
+
+
+def _plain_doubles(values: list[Any], signed_zero: bool) -> bool:
     """``signed_zero``: the batch's text holds ``-0``, which the reader reads with its sign and
-    json.loads as the integer 0."""
-    if type(value) is float:
+    json.loads as the integer 0. Integers are plain only where exact in a double."""
+    kinds = set(map(type, values))
+    if kinds <= _FLOATS:
         return True
-    if type(value) is int:
-        return 0 < abs(value) <= _EXACT_IN_DOUBLE or (value == 0 and not signed_zero)
-    return value is None
+    return kinds <= _NUMBERS and all(
+        type(value) is not int or 0 < abs(value) <= _EXACT_IN_DOUBLE or (value == 0 and not signed_zero)
+        for value in values)
 
 
-_PLAIN_KINDS = {
-    pa.string(): lambda value, _signed_zero: value is None or type(value) is str,
-    pa.int64(): lambda value, _signed_zero: value is None or (
-        type(value) is int and -(2**63) <= value < 2**63),
-    pa.float64(): _plain_double,
-    pa.bool_(): lambda value, _signed_zero: value is None or type(value) is bool,
+_PLAIN_KINDS: dict[pa.DataType, Callable[[list[Any], bool], bool]] = {
+    pa.string(): lambda values, _signed_zero: set(map(type, values)) <= _TEXT,
+    pa.int64(): _plain_integers,
+    pa.float64(): _plain_doubles,
+    pa.bool_(): lambda values, _signed_zero: set(map(type, values)) <= _BOOLEANS,
 }
 
 
@@ -516,7 +534,7 @@ def encode_json(table: pa.Table) -> list[bytes]:
     The constant text between values (braces, field names, commas, and the quotes of text
     columns without nulls) goes into a single element-wise join with the value columns.
     """
-    names = table.column_names
+    names = table.schema.names
     if table.num_rows == 0:
         return []
     if not names:
@@ -524,7 +542,7 @@ def encode_json(table: pa.Table) -> list[bytes]:
     for index, kind in enumerate(table.schema.types):  # one text type for the kernels' joins
         if pa.types.is_large_string(kind):
             table = table.set_column(index, names[index], pc.cast(table.column(index), pa.string()))
-    if table.num_rows <= SMALL_BATCH and (written := _write_plain(table)) is not None:
+    if table.num_rows <= SMALL_BATCH and (written := _write_plain(table, names)) is not None:
         return written
     floats = _json_float_columns(table)
     parts: list[pa.Scalar | pa.ChunkedArray] = []
@@ -544,16 +562,17 @@ def encode_json(table: pa.Table) -> list[bytes]:
     return pc.cast(joined, pa.binary()).to_pylist()
 
 
-def _write_plain(table: pa.Table) -> list[bytes] | None:
-    """What :func:`encode_json` writes for ``table``, value by value in Python, when its columns
-    are all text, integers, booleans or doubles; otherwise None."""
+def _write_plain(table: pa.Table, names: list[str]) -> list[bytes] | None:
+    """What :func:`encode_json` writes for ``table`` (its columns named ``names``), value by
+    value in Python, when its columns are all text, integers, booleans or doubles; otherwise
+    None."""
     writers = [_PLAIN_WRITERS.get(kind.id) for kind in table.schema.types]
     if None in writers:
         return None
     columns = [[_NULL if value is None else write(value) for value in column.to_pylist()]
                for write, column in zip(writers, table.columns, strict=True)]
-    names = [json.dumps(name) + ":" for name in table.column_names]
-    return [("{" + ",".join(map(str.__add__, names, row)) + "}").encode()
+    fields = [json.dumps(name) + ":" for name in names]
+    return [("{" + ",".join(map(str.__add__, fields, row)) + "}").encode()
             for row in zip(*columns, strict=True)]
 
 

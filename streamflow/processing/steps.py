@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
 from streamflow.plugins import ComponentContext, Processor, StepResult
 from streamflow.processing.arrow_sql import ArrowProjection, compiled
+from streamflow.processing.schema_memo import PerSchema
 
 if TYPE_CHECKING:
     import duckdb
@@ -90,7 +91,7 @@ class SchemaViolation(ValueError):
 
 def hidden_columns(table: pa.Table) -> list[str]:
     """The runtime's own columns (``_sf_row``, ``_sf_topic``), which every step carries along."""
-    return [name for name in table.column_names if name.startswith(HIDDEN_PREFIX)]
+    return [name for name in table.schema.names if name.startswith(HIDDEN_PREFIX)]
 
 
 def arrow_schema(fields: dict[str, FieldSpec]) -> pa.Schema:
@@ -193,6 +194,9 @@ class SchemaCheck(Processor[SchemaConfig]):
         super().__init__(config, context)
         self.fields = config.root
         self.schema = arrow_schema(self.fields)
+        self._declared = [(field.name, field.type, self.fields[field.name]) for field in self.schema]
+        self._hidden = PerSchema(lambda schema: [name for name in schema.names
+                                                 if name.startswith(HIDDEN_PREFIX)])
         self.input_schema = pa.schema(
             [pa.field(name, _input_type(spec)) for name, spec in self.fields.items()]
         )
@@ -204,35 +208,35 @@ class SchemaCheck(Processor[SchemaConfig]):
     def process(self, table: pa.Table) -> StepResult:
         failures: dict[int, BaseException] = {}
         columns: dict[str, pa.ChunkedArray] = {}
-        for field in self.schema:
-            spec = self.fields[field.name]
-            if field.name in table.column_names:
-                column = coerce(table.column(field.name), spec, field.name, failures)
+        present = table.schema.names
+        for name, kind, spec in self._declared:
+            if name in present:
+                column = coerce(table.column(name), spec, name, failures)
             else:
-                column = pa.chunked_array([pa.nulls(table.num_rows, field.type)])
-            if field.name in self.defaults:
-                column = pc.fill_null(column, self.defaults[field.name])
-            columns[field.name] = column
+                column = pa.chunked_array([pa.nulls(table.num_rows, kind)])
+            if name in self.defaults:
+                column = pc.fill_null(column, self.defaults[name])
+            columns[name] = column
             if spec.required:
                 # Most batches break no rule: the null count and two kernels tell.
                 rows = pc.indices_nonzero(pc.is_null(column)).to_pylist() if column.null_count else []
                 for row in rows:
                     failures.setdefault(
-                        row, SchemaViolation(f"required field {field.name!r} is missing or null")
+                        row, SchemaViolation(f"required field {name!r} is missing or null")
                     )
                 if spec.type == "float" and not spec.allow_nan and not _all_finite(column):
                     infinite = pc.invert(pc.fill_null(pc.is_finite(column), True))
                     for row in pc.indices_nonzero(infinite).to_pylist():
                         failures.setdefault(row, SchemaViolation(
-                            f"required field {field.name!r} is {column[row].as_py()}, not a "
+                            f"required field {name!r} is {column[row].as_py()}, not a "
                             "finite number (allow_nan: true accepts it)"))
-            if field.name in self.allowed:
-                allowed = self.allowed[field.name]
+            if name in self.allowed:
+                allowed = self.allowed[name]
                 outside = pc.invert(pc.fill_null(pc.is_in(column, value_set=allowed), True))
                 for row in pc.indices_nonzero(outside).to_pylist():
                     failures.setdefault(row, SchemaViolation(
-                        f"field {field.name!r}: {column[row].as_py()!r} is not one of {spec.enum}"))
-        for name in hidden_columns(table):
+                        f"field {name!r}: {column[row].as_py()!r} is not one of {spec.enum}"))
+        for name in self._hidden(table.schema):
             columns[name] = table.column(name)
         typed = pa.table(columns)
         if failures:
@@ -319,13 +323,14 @@ class BatchQuery:
     def __init__(self, statement: str, external_access: bool = True) -> None:
         self.statement = statement
         self._external_access = external_access
+        self._too_deep = PerSchema(lambda schema: [
+            column.name for column in schema if type_depth(column.type) > SQL_MAX_DEPTH])
 
-    @staticmethod
-    def fit(table: pa.Table) -> tuple[pa.Table, list[tuple[int, BaseException]]]:
+    def fit(self, table: pa.Table) -> tuple[pa.Table, list[tuple[int, BaseException]]]:
         """``table`` as DuckDB takes it, and the rows it cannot: a column typed deeper than
         :data:`SQL_MAX_DEPTH` is left out, and each row with a value in one fails (a
         :class:`NestingError`) instead of its whole batch."""
-        deep = [column.name for column in table.schema if type_depth(column.type) > SQL_MAX_DEPTH]
+        deep = self._too_deep(table.schema)
         if not deep:
             return table, []
         failures: dict[int, BaseException] = {}

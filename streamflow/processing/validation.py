@@ -70,8 +70,9 @@ class ValidateStep(Processor[ValidateConfig]):
 
     def process(self, table: pa.Table) -> StepResult:
         failures: dict[int, BaseException] = {}
+        present = table.schema.names
         for name, rules in self.config.root.items():
-            column = table.column(name) if name in table.column_names else pa.nulls(table.num_rows)
+            column = table.column(name) if name in present else pa.nulls(table.num_rows)
             column, not_numbers = self._as_numbers(name, column, rules)
             for row, error in not_numbers:
                 failures.setdefault(row, error)
@@ -177,11 +178,10 @@ def _numeric_violations(column: pa.ChunkedArray | pa.Array, rules: Rules) -> lis
 
 def _broken_rows(broken: Broken) -> list[int]:
     """The rows that break a rule, in order."""
-    if isinstance(broken, np.ndarray):
-        return np.flatnonzero(broken).tolist()
-    if not pc.any(broken).as_py():  # most batches break no rule: one kernel tells
-        return []
-    return pc.indices_nonzero(pc.fill_null(broken, False)).to_pylist()
+    if not isinstance(broken, np.ndarray):  # NumPy finds them faster than Arrow's kernels
+        broken = (pc.fill_null(broken, False) if broken.null_count else broken).to_numpy(
+            zero_copy_only=False)
+    return np.flatnonzero(broken).tolist()
 
 
 class FilterConfig(RootModel[str]):

@@ -17,7 +17,7 @@ import time
 from abc import abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ from streamflow.plugins import (
 )
 from streamflow.processing.codec import decode_json, encode_json, user_fields
 from streamflow.processing.parse import raw_table
+from streamflow.processing.schema_memo import PerSchema
 from streamflow.runtime import transactional_ids
 from streamflow.runtime.changelog import ChangelogFormatError, PartitionSnapshot, read_latest
 from streamflow.runtime.dead_letters import (
@@ -638,6 +639,11 @@ class StepRunner:
 
     step: Processor[Any]
     on_error: str = "dlq"
+    # Of the step's output: whether it holds the partition column and the row ids.
+    carries: PerSchema[tuple[bool, bool]] = field(
+        default_factory=lambda: PerSchema(lambda schema: (PARTITION_COLUMN in schema.names,
+                                                          ROW_ID in schema.names)),
+        compare=False, repr=False)
 
 
 def run_steps(steps: Sequence[StepRunner], table: pa.Table, failures: list[Failure],
@@ -657,9 +663,10 @@ def run_steps(steps: Sequence[StepRunner], table: pa.Table, failures: list[Failu
                                         pa.array(partitions[table[ROW_ID].to_numpy()]))
         try:
             result = step.process(given)
-            if PARTITION_COLUMN in result.table.column_names:
+            with_partition, with_row_ids = runner.carries(result.table.schema)
+            if with_partition:
                 result.table = result.table.drop_columns([PARTITION_COLUMN])
-            if ROW_ID not in result.table.column_names:
+            if not with_row_ids:
                 raise StepOutputError(
                     f"step {step.name!r} dropped the {ROW_ID} column; keep it (SELECT * does)"
                 )
@@ -1030,7 +1037,7 @@ def output_batches(
     """The rows of ``table`` as JSON records per topic (``_sf_topic``, else ``default_topic``),
     with the key and timestamp of the consumed record each came from (and with ``origins``, the
     consumed batch, its coordinates in an ``sf-origin`` header: row-level lineage)."""
-    if TOPIC_COLUMN not in table.column_names:
+    if TOPIC_COLUMN not in table.schema.names:
         groups = [(default_topic, table)]
     else:
         topics = pc.fill_null(table.column(TOPIC_COLUMN), default_topic)
