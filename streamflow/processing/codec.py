@@ -220,7 +220,8 @@ def _too_deep(value: bytes) -> bool:
 def _fits_reader(values: Sequence[bytes], buffer: bytes) -> bool:
     """Whether the Arrow reader may see ``buffer``, the values joined by line breaks: it does not
     check UTF-8, and its parser recurses (10,000 nested arrays overflow the stack). Counting the
-    opening brackets of each line clears nearly every batch without looking at its records."""
+    opening brackets, of the whole buffer and then of each line, clears nearly every batch
+    without looking at its records."""
     if not buffer.isascii():
         offsets = pa.py_buffer(np.array([0, len(buffer)], np.int64))
         text = pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(buffer)])
@@ -228,6 +229,8 @@ def _fits_reader(values: Sequence[bytes], buffer: bytes) -> bool:
             text.cast(pa.large_string())
         except pa.ArrowInvalid:
             return False
+    if buffer.count(b"[") + buffer.count(b"{") <= MAX_DEPTH:
+        return True
     opening = np.frombuffer(buffer.translate(None, _NOT_OPENING), np.uint8)  # and line breaks
     line_ends = np.flatnonzero(opening == ord("\n"))
     if np.diff(line_ends, prepend=-1, append=len(opening)).max() <= MAX_DEPTH + 1:
