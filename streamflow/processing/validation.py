@@ -209,4 +209,6 @@ class FilterStep(Processor[FilterConfig]):
         keep = self.predicate.keep(fitting) if self.predicate else None
         if keep is None:
             keep = self.query.run(fitting).column(0)
+        if not keep.null_count and keep.to_numpy().all():  # nothing filtered: no copy
+            return StepResult(fitting, failures)
         return StepResult(fitting.filter(keep, null_selection_behavior="drop"), failures)
