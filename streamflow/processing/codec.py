@@ -29,6 +29,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from json.encoder import encode_basestring
 from typing import Any, cast
 
 import numpy as np
@@ -573,6 +574,7 @@ def _write_plain(table: pa.Table, names: list[str]) -> list[bytes] | None:
     if None in writers:
         return None
     columns = [[_NULL if value is None else write(value) for value in column.to_pylist()]
+               if column.null_count else list(map(write, column.to_pylist()))
                for write, column in zip(writers, table.columns, strict=True)]
     fields = [json.dumps(name) + ":" for name in names]
     return [("{" + ",".join(map(str.__add__, fields, row)) + "}").encode()
@@ -608,7 +610,7 @@ def _double_json(value: float) -> str:
 
 
 _PLAIN_WRITERS: dict[int, Callable[[Any], str]] = {
-    pa.string().id: lambda text: json.dumps(text, ensure_ascii=False),
+    pa.string().id: encode_basestring,  # json.dumps(text, ensure_ascii=False), without its set-up
     **{kind.id: str for kind in (pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(),
                                  pa.uint16(), pa.uint32(), pa.uint64())},
     pa.bool_().id: lambda flag: "true" if flag else "false",
