@@ -301,6 +301,9 @@ class MlflowConfig(Strict):
     experiment: str | None = Field(None, min_length=1, description="default: the pipeline name")
     registered_model: str | None = Field(
         None, min_length=1, description="the registered model's name; default <pipeline>.<stage>")
+    close_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="how long a stop waits for the calls still queued; "
+        "those left then are counted in streamflow_model_mlflow_errors_total")
 
     @field_validator("tracking_uri")
     @classmethod

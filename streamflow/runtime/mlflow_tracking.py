@@ -31,7 +31,6 @@ from streamflow.ml.registry import Registry
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 100  # versions and alias changes waiting for MLflow; beyond, they are dropped
-CLOSE_TIMEOUT_S = 10.0  # the longest a stop waits for what is still queued
 CHAMPION = "champion"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter's value
 # Where the environment sets none: MLflow's HTTP defaults (7 retries with backoff, 120 s a
@@ -169,9 +168,12 @@ class MlflowTracker:
         version with them (``streamflow.promotions``) and point ``champion`` at it."""
         self._put(("promoted", (version, promotions)))
 
-    def close(self, failed: bool, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    def close(self, failed: bool, timeout_s: float | None = None) -> None:
         """Log what is queued and end the run (FAILED if ``failed``), waiting at most
-        ``timeout_s``; what is left then is counted as errors."""
+        ``timeout_s`` (by default the settings' ``close_timeout_s``); what is left then is
+        counted as errors."""
+        if timeout_s is None:
+            timeout_s = self.settings.close_timeout_s
         deadline = time.monotonic() + timeout_s
         try:
             self._queue.put(("end", failed), timeout=timeout_s)

@@ -44,8 +44,10 @@ def test_a_model_stage_logs_its_run_metrics_and_versions_to_mlflow(
                                   {"linear_model.LogisticRegression": {}}],
                     "metrics": ["Accuracy"], "batch": {"max_records": 100, "max_wait_ms": 10},
                     "checkpoint": {"path": str(tmp_path / "checkpoints"), "every_records": 500},
+                    # A server sharing two cores with the rest of the suite has taken 7 to
+                    # 10 s to log one version: the stop waits for the last ones.
                     "mlflow": {"tracking_uri": mlflow_uri, "experiment": experiment,
-                               "registered_model": name}}],
+                               "registered_model": name, "close_timeout_s": 120}}],
         "metrics": {"port": 0},
     }))
     runner = PipelineRunner(load_pipeline(path), until_idle_s=1.5)

@@ -38,7 +38,7 @@ from tests.unit.test_model_registry import (
 )
 
 
-def model_config(uri: str, **mlflow: str) -> ModelConfig:
+def model_config(uri: str, **mlflow: str | float) -> ModelConfig:
     return ModelConfig.model_validate({
         "name": "model", "input": TOPIC, "output": "scored", "target": "y",
         "estimator": [{"preprocessing.StandardScaler": {}}, {"linear_model.LinearRegression": {}}],
@@ -216,12 +216,12 @@ def test_a_server_that_never_answers_holds_a_stop_no_longer_than_its_timeout(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
-        logger, metrics = tracker(model_config(f"http://127.0.0.1:{silent.getsockname()[1]}"),
-                                  tmp_path)
+        logger, metrics = tracker(model_config(f"http://127.0.0.1:{silent.getsockname()[1]}",
+                                               close_timeout_s=0.5), tmp_path)
         for number in (1, 2):
             logger.version_published(number)
         started = time.monotonic()
-        logger.close(failed=False, timeout_s=0.5)
+        logger.close(failed=False)
         assert time.monotonic() - started < 1.0
         assert errors(metrics) == 3  # the call under way, the other version, and ending the run
         time.sleep(3)  # the call under way times out: it was counted already
