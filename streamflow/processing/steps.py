@@ -91,7 +91,12 @@ class SchemaViolation(ValueError):
 
 def hidden_columns(table: pa.Table) -> list[str]:
     """The runtime's own columns (``_sf_row``, ``_sf_topic``), which every step carries along."""
-    return [name for name in table.schema.names if name.startswith(HIDDEN_PREFIX)]
+    return hidden_names(table.schema)
+
+
+def hidden_names(schema: pa.Schema) -> list[str]:
+    """:func:`hidden_columns` of a table of ``schema``."""
+    return [name for name in schema.names if name.startswith(HIDDEN_PREFIX)]
 
 
 def arrow_schema(fields: dict[str, FieldSpec]) -> pa.Schema:
@@ -195,8 +200,7 @@ class SchemaCheck(Processor[SchemaConfig]):
         self.fields = config.root
         self.schema = arrow_schema(self.fields)
         self._declared = [(field.name, field.type, self.fields[field.name]) for field in self.schema]
-        self._hidden = PerSchema(lambda schema: [name for name in schema.names
-                                                 if name.startswith(HIDDEN_PREFIX)])
+        self._hidden = PerSchema(hidden_names)
         self.input_schema = pa.schema(
             [pa.field(name, _input_type(spec)) for name, spec in self.fields.items()]
         )
