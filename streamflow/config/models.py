@@ -714,6 +714,18 @@ class PipelineConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _mlflow_waits_within_the_shutdown(self) -> PipelineConfig:
+        limit = self.runtime.shutdown_timeout_s
+        for number, model in enumerate(self.models):
+            if model.mlflow is not None and model.mlflow.close_timeout_s >= limit:
+                raise ValueError(
+                    f"models[{number}].mlflow.close_timeout_s: {model.mlflow.close_timeout_s:g} s "
+                    f"is not shorter than runtime.shutdown_timeout_s ({limit:g} s), which would "
+                    "end the stop first; raise runtime.shutdown_timeout_s above it, or lower "
+                    "close_timeout_s")
+        return self
+
+    @model_validator(mode="after")
     def _schedules_fit(self) -> PipelineConfig:
         names = [schedule.name for schedule in self.schedules]
         if len(set(names)) != len(names):

@@ -49,6 +49,7 @@ def test_a_model_stage_logs_its_run_metrics_and_versions_to_mlflow(
                     "mlflow": {"tracking_uri": mlflow_uri, "experiment": experiment,
                                "registered_model": name, "close_timeout_s": 120}}],
         "metrics": {"port": 0},
+        "runtime": {"shutdown_timeout_s": 180},
     }))
     runner = PipelineRunner(load_pipeline(path), until_idle_s=1.5)
     assert runner.run().exit_code == 0

@@ -316,3 +316,23 @@ def test_exactly_once_covers_model_stages_but_not_a_labels_topic(
     assert main(["validate", str(path)]) == 2
     assert "exactly_once does not cover predict (a model stage with a labels topic)" \
         in capsys.readouterr().err
+
+
+def test_mlflow_close_timeout_must_end_before_the_shutdown_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pipeline = yaml.safe_load(QUICKSTART.read_text())
+    pipeline["kafka"]["bootstrap"] = "localhost:9092"
+    pipeline["models"][0]["mlflow"] = {"tracking_uri": "http://127.0.0.1:5000",
+                                       "close_timeout_s": 29}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    assert main(["validate", str(path)]) == 0
+    pipeline["models"][0]["mlflow"]["close_timeout_s"] = 30
+    path.write_text(yaml.safe_dump(pipeline))
+    assert main(["validate", str(path)]) == 2
+    assert ("models[0].mlflow.close_timeout_s: 30 s is not shorter than "
+            "runtime.shutdown_timeout_s (30 s)") in capsys.readouterr().err
+    pipeline["runtime"] = {"shutdown_timeout_s": 31}
+    path.write_text(yaml.safe_dump(pipeline))
+    assert main(["validate", str(path)]) == 0
