@@ -124,9 +124,8 @@ def _read_plain(values: Sequence[bytes], schema: pa.Schema, buffer: bytes) -> pa
     if (not buffer.isascii() or b"\\u" in buffer or buffer.count(b"\n") != len(values) - 1
             or _maybe_too_large(buffer)):
         return None
-    try:
-        documents = [_PLAIN_DECODER.decode(value.decode()) for value in values]
-    except (ValueError, RecursionError):
+    documents = _documents(values, buffer.decode())
+    if documents is None:
         return None
     signed_zero = b"-0" in buffer  # once a batch, not once a zero
     columns = []
@@ -137,6 +136,24 @@ def _read_plain(values: Sequence[bytes], schema: pa.Schema, buffer: bytes) -> pa
             return None
         columns.append(pa.array(column, kind))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _documents(values: Sequence[bytes], text: str) -> list[dict[str, Any]] | None:
+    """Each of ``values`` (objects, joined by line breaks into ``text``) parsed on its own by
+    ``json``, in place in ``text``; None when one is not exactly one valid object."""
+    documents = []
+    start = 0
+    try:
+        for value in values:
+            document, end = _PLAIN_DECODER.raw_decode(text, start)
+            start += len(value)
+            if end != start:  # spaces or more after the object: the Arrow reader's case
+                return None
+            documents.append(document)
+            start += 1  # the line break
+    except (ValueError, RecursionError):
+        return None
+    return documents
 
 
 def _fields_once(pairs: list[tuple[str, object]]) -> dict[str, object]:

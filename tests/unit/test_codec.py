@@ -251,6 +251,14 @@ def test_each_odd_value_reads_as_the_arrow_reader_reads_it(name: str, lenient: b
         assert_read_as_by_the_reader([plain, b'{"%s":%s}' % (name.encode(), text)], lenient)
 
 
+@pytest.mark.parametrize("lenient", [False, True])
+def test_records_that_are_not_exactly_one_object_read_as_by_the_reader(lenient: bool) -> None:
+    plain = b'{"id":"a","x":1.5,"n":2,"ok":false}'
+    for odd in ([b'{"id":"b"} ', b'{"id":"c"}\t'], [b'{"id":"b"},{"id":"c"}'], [b'{"id":"b"} 5'],
+                [b'{"id":"', b'{"n":"}', b'{},{}'], [b'{"id":"b"', b'}']):
+        assert_read_as_by_the_reader([plain, *odd], lenient)
+
+
 def test_a_small_plain_batch_needs_no_arrow_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     def refused(*_args: object) -> pa.Table:
         raise AssertionError("the Arrow reader was called")
