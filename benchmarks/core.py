@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, Producer
 
 from benchmarks.common import local_broker, measure_stage
 from benchmarks.processes import Measures
-from benchmarks.stats import medians
+from benchmarks.stats import medians, rotated
 from connectors.sources.generator import GeneratorConfig, sensor_event
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
@@ -134,16 +134,17 @@ def run_streamflow(bootstrap: str, source: str, records: int,
 
 def compare(systems: dict[str, Callable[[str, str, int], float | Measures]], workload: str,
             records: int, repeat: int, skipped: str | None = None) -> list[dict[str, Any]]:
-    """Run each system in turn, ``repeat`` rounds, on the same pre-loaded topic; report each
-    one's median events per second (and of its other measures, when it has some)."""
+    """Run each system in turn (see :func:`rotated`), ``repeat`` rounds, on the same pre-loaded
+    topic; report each one's median events per second (and of its other measures, when it has
+    some)."""
     runs: dict[str, list[Measures]] = {system: [] for system in systems}
     with local_broker() as bootstrap:
         source = "bench.input"
         create_transport("confluent", bootstrap).admin().create_topics([TopicSpec(source, PARTITIONS)])
         load_input(bootstrap, source, records)
-        for _round in range(repeat):
-            for system, run in systems.items():
-                measured = run(bootstrap, source, records)
+        for round_number in range(repeat):
+            for system in rotated(list(systems), round_number):
+                measured = systems[system](bootstrap, source, records)
                 if not isinstance(measured, dict):
                     measured = {"events_per_s": measured}
                 print(f"{system}: {measured['events_per_s']:,.0f} events/s"

@@ -33,7 +33,7 @@ from benchmarks.processes import (
     scratch,
     streamflow_command,
 )
-from benchmarks.stats import latency_summary, medians
+from benchmarks.stats import latency_summary, medians, rotated
 from connectors.sources.generator import GeneratorConfig, sensor_event
 from streamflow.transport import TopicSpec, create_transport
 
@@ -171,15 +171,16 @@ def measure(bootstrap: str, system: str, rate: int, seconds: float) -> Measures:
 
 
 def run_latency(rate: int, seconds: float, repeat: int) -> list[dict[str, Any]]:
-    """Each system in turn, ``repeat`` rounds; each one's median of every measure."""
+    """Each system in turn (see :func:`rotated`), ``repeat`` rounds; each one's median of every
+    measure."""
     systems = ["streamflow"]
     skipped = peers_missing()
     if not skipped:
         systems += PEERS
     runs: dict[str, list[Measures]] = {system: [] for system in systems}
     with local_broker() as bootstrap:
-        for _round in range(repeat):
-            for system in systems:
+        for round_number in range(repeat):
+            for system in rotated(systems, round_number):
                 found = measure(bootstrap, system, rate, seconds)
                 print(f"{system}: " + ", ".join(f"{k} {v:,.1f}" for k, v in found.items()),
                       flush=True)

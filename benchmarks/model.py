@@ -34,7 +34,7 @@ from benchmarks.processes import (
     scratch,
     streamflow_command,
 )
-from benchmarks.stats import medians
+from benchmarks.stats import medians, rotated
 from streamflow.transport import TopicSpec, create_transport
 
 WORKLOAD = "river-learn-one-regression"
@@ -132,7 +132,7 @@ def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
             producer.produce(spread, value, partition=index % 2)
             producer.poll(0)
         producer.flush()
-        for _round in range(repeat):
+        for round_number in range(repeat):
             systems: dict[str, Callable[[], float | dict[str, float]]] = {
                 "river": lambda: run_river(stream),
                 "streamflow": lambda: run_streamflow(bootstrap, topic, len(stream)),
@@ -142,7 +142,7 @@ def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
                 "streamflow-2-partitions": lambda: run_streamflow(bootstrap, spread, len(stream)),
                 "quix": lambda: run_quix(bootstrap, topic, expected),
             }
-            for system in runs:
+            for system in rotated(list(runs), round_number):
                 measured = systems[system]()
                 if not isinstance(measured, dict):
                     measured = {"events_per_s": measured}

@@ -1,10 +1,13 @@
-"""Pure helpers of the benchmarks: percentiles and medians of measurements."""
+"""Pure helpers of the benchmarks: percentiles and medians of measurements, the order of runs."""
 
 from __future__ import annotations
 
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -31,3 +34,12 @@ def medians(runs: Iterable[Mapping[str, float]]) -> dict[str, float]:
         for name, value in run.items():
             values.setdefault(name, []).append(value)
     return {name: statistics.median(found) for name, found in values.items()}
+
+
+def rotated(systems: Sequence[T], round_number: int) -> list[T]:
+    """``systems`` in the order of round ``round_number``: each round starts one system further
+    along, so that over as many rounds as systems each runs once in each place. The first run of
+    a round is at a disadvantage: the same build run first and second, four rounds, used more
+    CPU and had a higher p50 and p95 latency first in each of them (2 December)."""
+    shift = round_number % len(systems) if systems else 0
+    return [*systems[shift:], *systems[:shift]]

@@ -11,7 +11,7 @@ import pytest
 from benchmarks import processes
 from benchmarks.pipeline_latency import steadiness
 from benchmarks.report import latency_labels, load_rows, series, write_charts
-from benchmarks.stats import latency_summary, medians, percentile
+from benchmarks.stats import latency_summary, medians, percentile, rotated
 
 
 def test_nearest_rank_percentiles() -> None:
@@ -32,6 +32,13 @@ def test_medians_per_measure() -> None:
     runs = [{"events_per_s": 3.0, "rss_peak_mb": 10.0}, {"events_per_s": 1.0},
             {"events_per_s": 2.0, "rss_peak_mb": 30.0}]
     assert medians(runs) == {"events_per_s": 2.0, "rss_peak_mb": 20.0}
+
+
+def test_each_system_runs_once_in_each_place_over_as_many_rounds() -> None:
+    systems = ["streamflow", "quix", "bytewax"]
+    orders = [rotated(systems, round_number) for round_number in range(3)]
+    assert orders == [systems, ["quix", "bytewax", "streamflow"], ["bytewax", "streamflow", "quix"]]
+    assert rotated(systems, 3) == systems and rotated([], 1) == []
 
 
 def test_report_reads_rows_and_draws_charts(tmp_path: Path) -> None:
