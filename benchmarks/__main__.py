@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds, each running every system in turn, each starting one system further "
-                        "along; each one's median is kept")
+                        help="rounds, each running every system in turn, each round starting one "
+                             "system further along; each one's median is kept")
     parser.add_argument("--rate", type=int,
                         help="latency, pipeline-latency: records per second (default 5000); "
                              "serving: requests per second (default 500)")
