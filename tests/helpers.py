@@ -1,4 +1,4 @@
-"""Helpers for integration tests: read a whole topic back."""
+"""Helpers for integration tests: read a whole topic back, stamp records."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 
 from streamflow.transport import ConsumedBatch, create_transport
+
+
+def recent_timestamp_ms() -> int:
+    """A record timestamp an hour ago, to the second: well within a topic's retention (7 days by
+    default), past which Kafka deletes records at its next retention checks, even in tests."""
+    return (int(time.time()) - 3600) * 1000
 
 
 def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> ConsumedBatch:

@@ -13,12 +13,11 @@ from connectors.sources.kafka import KafkaSource, KafkaSourceConfig
 from streamflow.plugins import ComponentContext, TransientError
 from streamflow.transport import OutgoingBatch, TopicSpec, create_transport
 from streamflow.transport.broker import free_port
-from tests.helpers import read_topic
+from tests.helpers import read_topic, recent_timestamp_ms
 from tests.source_runs import TopicWatcher, kill_and_restart, running, source_pipeline, unique
 
-# Recent timestamps: the copies keep them, and Kafka deletes records older than the topic's
-# retention (7 days), as it did here with timestamps of 2023 before a read-back.
-STAMP_MS = (int(time.time()) - 3600) * 1000
+# The copies keep these timestamps: ones of 2023 had Kafka delete them before a read-back.
+STAMP_MS = recent_timestamp_ms()
 
 
 def external_topic(bootstrap: str, partitions: int) -> str:

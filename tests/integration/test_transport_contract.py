@@ -23,6 +23,7 @@ from streamflow.transport import (
     TransportError,
     create_transport,
 )
+from tests.helpers import recent_timestamp_ms
 
 CONTRACT_CLIENTS = (*CLIENTS, MEMORY)
 
@@ -95,7 +96,7 @@ def test_records_round_trip_with_keys_headers_and_timestamps(address: str, clien
     values = [f"value-{i}".encode() for i in range(50)]
     keys = [f"key-{i % 5}".encode() for i in range(50)]
     headers = [[("h", str(i).encode())] for i in range(50)]
-    stamps = [(int(time.time()) - 3600) * 1000 + i for i in range(50)]  # within retention
+    stamps = [recent_timestamp_ms() + i for i in range(50)]
     producer.produce([OutgoingBatch(name, values, keys, headers, stamps)])
     producer.close()
 
