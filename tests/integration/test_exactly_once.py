@@ -173,6 +173,8 @@ def test_a_replica_killed_mid_stream(
         wait_until(lambda: b"assigned" in log.read_bytes()[written:], 60,
                    "the restarted replica's assignment")
         watcher.wait_for(expected_out, timeout_s=180)
+        if kind == "window":  # replayed windows (at least once) count too: wait for each one
+            wait_until(lambda: len(set(watcher.read())) >= expected_out, 180, "every window")
         wait_until(lambda: len(read_topic(bootstrap, f"{name}.dlq").values) >= COUNT // 100, 60,
                    "the dead letters")
         if kind == "model":  # the output may be complete before the restored states caught up
