@@ -1,4 +1,4 @@
-"""Helpers for integration tests: read a whole topic back, stamp records."""
+"""Helpers for integration tests: read a whole topic back, stamp records, run commands."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from streamflow.transport import ConsumedBatch, create_transport
 
@@ -56,3 +57,27 @@ def run_on_terminal(command: Sequence[str], env: Mapping[str, str] | None = None
     code = process.wait(timeout=timeout_s)
     os.close(controller)
     return code, output
+
+
+def start_logged(command: Sequence[str], log: Path,
+                 env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``command`` with its stdout and stderr appended to the file ``log``. (A pipe that
+    nobody reads stops the process at its next write once 64 KiB wait in it.)"""
+    with log.open("ab") as output:
+        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                                stderr=subprocess.STDOUT)
+
+
+def finish_logged(process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    """Wait for ``process`` (started by :func:`start_logged`) to exit with 0; otherwise fail with
+    the end of its log, after killing it if it is still running at ``timeout_s``."""
+    try:
+        code = process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        code = None
+    if code != 0:
+        outcome = f"ran over {timeout_s} s" if code is None else f"exited with {code}"
+        tail = log.read_bytes()[-4000:].decode(errors="replace")
+        raise AssertionError(f"{list(process.args)} {outcome}; its log ends:\n{tail}")

@@ -7,8 +7,6 @@ import bisect
 import itertools
 import json
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -21,8 +19,13 @@ from streamflow.ml.registry import Registry
 from streamflow.runtime.pipeline import PipelineRunner
 from streamflow.transport.broker import free_port
 from tests.browser import Browser, chromium_binary
-from tests.helpers import read_topic
-from tests.integration.test_model_stage import pipeline_file, wait_for_checkpoint, write_dataset
+from tests.helpers import finish_logged, read_topic, start_logged
+from tests.integration.test_model_stage import (
+    pipeline_file,
+    stage_command,
+    wait_for_checkpoint,
+    write_dataset,
+)
 from tests.integration.test_operations import DashboardPage, base_url, wait_until
 from tests.unit.test_challengers import POLY_SPEC as POLY
 from tests.unit.test_challengers import own_predictions
@@ -138,22 +141,15 @@ def test_challengers_resume_from_the_checkpoint_after_a_sigkill(
         # the tree's MAE over 5,000 records is 0.13 below at 5,000, then 0.38 and 0.43 below
         promotion={"metric": "MAE", "by": 0.2, "over": 5000, "evaluations": 2},
         batch={"max_records": 100, "max_wait_ms": 10})
-
-    def run(*extra: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streamflow", "run", str(path), "--metrics-port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    assert run("--stage", "data", "--until-idle", "0.5").wait(timeout=120) == 0
+    log = tmp_path / "runs.log"
+    finish_logged(start_logged(stage_command(path, "data", "0.5"), log), log, timeout_s=120)
     store = CheckpointStore(tmp_path / "checkpoints", "learn", "model")
-    stage = run("--stage", "model")
+    stage = start_logged(stage_command(path, "model"), log)
     covered = wait_for_checkpoint(store, 2_000)
     stage.send_signal(signal.SIGKILL)
     stage.wait(timeout=30)
     assert 2_000 <= covered < 8_000, f"killed at {covered}: not well before the promotion"
-    restarted = run("--stage", "model", "--until-idle", "1")
-    log, _ = restarted.communicate(timeout=300)
-    assert restarted.returncode == 0, log.decode()[-3000:]
+    finish_logged(start_logged(stage_command(path, "model", "1"), log), log, timeout_s=300)
 
     by_linear = own_predictions(linear_model.LinearRegression(), stream)
     by_tree = own_predictions(tree.HoeffdingTreeRegressor(), stream)

@@ -25,7 +25,7 @@ from streamflow.ml.checkpoint import CheckpointStore
 from streamflow.runtime.model_stage import ModelStage
 from streamflow.runtime.pipeline import PipelineRunner, RunResult
 from streamflow.transport import TopicSpec, create_transport
-from tests.helpers import read_topic
+from tests.helpers import finish_logged, read_topic, start_logged
 
 
 def write_dataset(path: Path, stream: list[tuple[dict[str, Any], Any]]) -> None:
@@ -66,6 +66,13 @@ def scored_versions(bootstrap: str) -> set[int]:
     """The model versions in the output topic: with one model and every record labelled, a
     record's version is its position in the stream, so these say which records were scored."""
     return {json.loads(value)["model_version"] for value in read_topic(bootstrap, "scored").values}
+
+
+def stage_command(path: Path, stage: str, until_idle_s: str | None = None) -> list[str]:
+    """``streamflow run`` of one stage of the pipeline at ``path``, until idle if given."""
+    idle = ["--until-idle", until_idle_s] if until_idle_s else []
+    return [sys.executable, "-m", "streamflow", "run", str(path), "--metrics-port", "0",
+            "--stage", stage, *idle]
 
 
 def wait_for_checkpoint(store: CheckpointStore, offset: int, timeout_s: float = 120) -> int:
@@ -161,27 +168,15 @@ def test_sigkill_mid_stream_then_restart_learns_each_record_once(
     write_dataset(tmp_path / "data.jsonl", stream)
     path = pipeline_file(tmp_path, fresh_broker, [{"linear_model.LinearRegression": {}}], ["MAE"],
                          batch={"max_records": 100, "max_wait_ms": 10})
-    env = {**os.environ}
-
-    def run(*extra: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streamflow", "run", str(path), "--metrics-port", "0", *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-
-    loaded = run("--stage", "data", "--until-idle", "0.5")
-    assert loaded.wait(timeout=120) == 0
-
+    log = tmp_path / "runs.log"
+    finish_logged(start_logged(stage_command(path, "data", "0.5"), log), log, timeout_s=120)
     store = CheckpointStore(tmp_path / "checkpoints", "learn", "model")
-    stage = run("--stage", "model")
+    stage = start_logged(stage_command(path, "model"), log)
     covered = wait_for_checkpoint(store, 8_000)
     stage.send_signal(signal.SIGKILL)
     stage.wait(timeout=30)
     assert 8_000 <= covered < len(stream), f"killed at {covered}: not mid-stream"
-
-    restarted = run("--stage", "model", "--until-idle", "1")
-    log, _ = restarted.communicate(timeout=180)
-    assert restarted.returncode == 0, log.decode()[-3000:]
+    finish_logged(start_logged(stage_command(path, "model", "1"), log), log, timeout_s=180)
 
     model = linear_model.LinearRegression()
     expected = evaluate.progressive_val_score(stream, model, metrics.MAE())
