@@ -26,7 +26,13 @@ import pyarrow.parquet as pq
 from benchmarks.clean import clean_steps, expected_sets
 from benchmarks.common import local_broker
 from benchmarks.core import PARTITIONS
-from benchmarks.latency import PacedProducer, timed_latencies, wait_until_quiet
+from benchmarks.latency import (
+    WARM_UP_RUN_S,
+    PacedProducer,
+    timed_latencies,
+    wait_until_quiet,
+    warmed_up,
+)
 from benchmarks.peers.cleaning import LATENCY_FIELD
 from benchmarks.processes import Measures, running, scratch, streamflow_command
 from benchmarks.stats import latency_summary, medians, percentile
@@ -168,9 +174,10 @@ def measure(bootstrap: str, rate: int, seconds: float) -> Measures:
 
 
 def run_pipeline_latency(rate: int, seconds: float, repeat: int) -> list[dict[str, Any]]:
-    """``repeat`` runs; the median of each measure."""
+    """``repeat`` runs after a warm-up run; the median of each measure."""
     runs = []
     with local_broker() as bootstrap:
+        warmed_up("streamflow", measure(bootstrap, rate, min(seconds, WARM_UP_RUN_S)))
         for _round in range(repeat):
             found = measure(bootstrap, rate, seconds)
             print("streamflow: " + ", ".join(f"{k} {v:,.1f}" for k, v in found.items()), flush=True)
