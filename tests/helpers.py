@@ -59,13 +59,13 @@ def run_on_terminal(command: Sequence[str], env: Mapping[str, str] | None = None
     return code, output
 
 
-def start_logged(command: Sequence[str], log: Path,
-                 env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_logged(command: Sequence[str], log: Path, env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None) -> subprocess.Popen[bytes]:
     """Start ``command`` with its stdout and stderr appended to the file ``log``. (A pipe that
     nobody reads stops the process at its next write once 64 KiB wait in it.)"""
     with log.open("ab") as output:
-        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=output, stderr=subprocess.STDOUT)
 
 
 def finish_logged(process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:

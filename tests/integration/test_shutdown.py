@@ -12,13 +12,14 @@ from pathlib import Path
 import duckdb
 from confluent_kafka import Consumer, TopicPartition
 
-from tests.helpers import read_topic
+from tests.helpers import finish_logged, read_topic, start_logged
 
 QUICKSTART = Path(__file__).parents[2] / "examples" / "quickstart.yaml"
 COUNT = 12_000
 
 
-def run_quickstart(bootstrap: str, output: Path, *extra: str) -> subprocess.Popen[bytes]:
+def run_quickstart(bootstrap: str, output: Path, log: Path, *extra: str
+                   ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "STREAMFLOW_BOOTSTRAP": bootstrap,
@@ -29,7 +30,7 @@ def run_quickstart(bootstrap: str, output: Path, *extra: str) -> subprocess.Pope
     }
     command = [sys.executable, "-m", "streamflow", "run", str(QUICKSTART), "--metrics-port", "0",
                *extra]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return start_logged(command, log, env)
 
 
 def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> int:
@@ -43,8 +44,8 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int) -> 
 
 
 def test_sigterm_mid_run_then_restart_loses_nothing(fresh_broker: str, tmp_path: Path) -> None:
-    output = tmp_path / "lake"
-    process = run_quickstart(fresh_broker, output)
+    output, log = tmp_path / "lake", tmp_path / "runs.log"
+    process = run_quickstart(fresh_broker, output, log)
     deadline = time.monotonic() + 60
     while not list(output.rglob("*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -52,8 +53,7 @@ def test_sigterm_mid_run_then_restart_loses_nothing(fresh_broker: str, tmp_path:
 
     process.send_signal(signal.SIGTERM)
     started = time.monotonic()
-    log, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, log.decode()[-3000:]
+    finish_logged(process, log, timeout_s=60)
     assert time.monotonic() - started < 35
 
     assert not list(output.rglob("*.tmp")), "a partial file is visible"
@@ -62,9 +62,8 @@ def test_sigterm_mid_run_then_restart_loses_nothing(fresh_broker: str, tmp_path:
     # The sink committed exactly what its files hold.
     assert committed_total(fresh_broker, "quickstart.lake", "sensors.scored", 4) == rows_after_stop
 
-    restart = run_quickstart(fresh_broker, output, "--until-idle", "2")
-    log, _ = restart.communicate(timeout=180)
-    assert restart.returncode == 0, log.decode()[-3000:]
+    finish_logged(run_quickstart(fresh_broker, output, log, "--until-idle", "2"), log,
+                  timeout_s=180)
 
     dead = read_topic(fresh_broker, "quickstart.dlq")
     total = _rows(output)
