@@ -5,7 +5,6 @@ watcher of a topic (no consumer group to join)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
+from tests.helpers import start_logged
 
 
 def unique(prefix: str) -> str:
@@ -56,11 +56,8 @@ def start_process(pipeline: dict[str, Any], directory: Path) -> subprocess.Popen
     """``streamflow run`` of ``pipeline`` as a subprocess (its output goes to run.log)."""
     path = directory / f"{pipeline['pipeline']}.yaml"
     path.write_text(json.dumps(pipeline))  # JSON is YAML
-    log = open(directory / "run.log", "ab")  # noqa: SIM115 - kept open by the child
-    return subprocess.Popen(
-        [sys.executable, "-m", "streamflow", "run", str(path), "--metrics-port", "0"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
-    )
+    return start_logged([sys.executable, "-m", "streamflow", "run", str(path), "--metrics-port", "0"],
+                        directory / "run.log")
 
 
 def kill_and_restart(

@@ -18,7 +18,7 @@ import pytest
 from confluent_kafka import KafkaException, Producer
 
 from streamflow.transport import TopicSpec, create_transport
-from tests.helpers import read_topic
+from tests.helpers import read_topic, start_logged
 from tests.sink_tables import committed_offsets
 from tests.source_runs import TopicWatcher, unique, wait_until
 
@@ -135,9 +135,8 @@ def caught_up(bootstrap: str, name: str) -> bool:
 
 
 def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as output:
-        return subprocess.Popen([sys.executable, "-m", "streamflow", "run", str(config), "--stage",
-                                 "stage", "--metrics-port", "0"], stdout=output, stderr=subprocess.STDOUT)
+    return start_logged([sys.executable, "-m", "streamflow", "run", str(config), "--stage", "stage",
+                         "--metrics-port", "0"], log)
 
 
 @pytest.mark.parametrize("kind", STAGES)

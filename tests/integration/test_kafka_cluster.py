@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -33,7 +32,7 @@ from confluent_kafka.admin import AdminClient
 
 from connectors.sources.generator import GeneratorConfig, sensor_event
 from streamflow.transport.broker import free_port
-from tests.helpers import read_topic
+from tests.helpers import read_topic, start_logged
 from tests.kafka_broker import KafkaCluster
 from tests.source_runs import unique, wait_until
 
@@ -77,11 +76,8 @@ def pipeline(bootstrap: str, name: str, folder: Path, dsn: str) -> dict[str, Any
 
 
 def start_stage(config: Path, stage: str, log: Path, port: int = 0) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as output:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streamflow", "run", str(config), "--stage", stage,
-             "--metrics-port", str(port)], stdout=output, stderr=subprocess.STDOUT,
-            env={**os.environ})
+    return start_logged([sys.executable, "-m", "streamflow", "run", str(config), "--stage", stage,
+                         "--metrics-port", str(port)], log)
 
 
 class HealthWatcher(threading.Thread):

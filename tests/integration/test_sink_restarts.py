@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from streamflow.config import load_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
-from tests.helpers import read_topic
+from tests.helpers import read_topic, start_logged
 from tests.sink_tables import (
     FAST_GROUPS,
     append_records,
@@ -133,11 +133,8 @@ def test_sigkill_mid_stream_then_restart_writes_each_record_once(
 
         def run(*extra: str) -> subprocess.Popen[bytes]:
             logs.append(tmp_path / f"run-{len(logs)}.log")
-            with open(logs[-1], "wb") as log_file:  # a file: a full pipe would stall the console
-                return subprocess.Popen(
-                    [sys.executable, "-m", "streamflow", "run", str(path), "--metrics-port", "0",
-                     *extra], stdout=log_file, stderr=subprocess.STDOUT,
-                )
+            return start_logged([sys.executable, "-m", "streamflow", "run", str(path),
+                                 "--metrics-port", "0", *extra], logs[-1])
 
         def committed(name: str) -> int:
             offsets = committed_offsets(fresh_broker, f"{pipeline}.{name}", "raw", PARTITIONS)
