@@ -221,8 +221,9 @@ class Consumer(ABC):
     @abstractmethod
     def lag(self) -> dict[TopicPartition, int]:
         """Records between this member's position and the high watermark, per assigned partition;
-        TransportError when the brokers do not answer (with no partition assigned, the confluent
-        transport asks for a topic's metadata to find out)."""
+        TransportError when the brokers do not answer (the confluent transport also when a
+        partition's leader is down or silent by librdkafka's statistics, and, with no partition
+        assigned, asks for a topic's metadata to find out)."""
 
     @abstractmethod
     def close(self) -> None:

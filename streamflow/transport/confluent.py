@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -416,12 +417,76 @@ class ConfluentReader(Reader):
         self.raw.close()
 
 
+# How often librdkafka tells a consumer how its brokers are doing (see _Leaders), and how many of
+# those reports in a row must find a broker down or silent before its partitions count as
+# unreachable (a connection being set up, or one slow answer, is no outage).
+_STATISTICS_INTERVAL_MS = 1000
+_BAD_REPORTS = 2
+
+
+class _Leaders:
+    """Whether the leaders of a consumer's partitions answer, from librdkafka's statistics.
+
+    A broker counts as unreachable once :data:`_BAD_REPORTS` reports in a row found its
+    connection not up, or found requests waiting for it and none answered since the last report
+    (a broker that is paused or cut off keeps its connections, and fetches are answered within
+    ``fetch.wait.max.ms``, 0.5 s). Cached watermarks, which the lag is measured with, never
+    show either: they just stop moving.
+    """
+
+    def __init__(self, interval_ms: int) -> None:
+        self.interval_ms = interval_ms
+        self._leaders: dict[TopicPartition, int] = {}
+        self._bad: dict[int, tuple[int, str]] = {}  # broker id: reports in a row, and why
+
+    def update(self, report: str) -> None:
+        """Take one statistics report (librdkafka's ``stats_cb``)."""
+        statistics = json.loads(report)
+        bad = {}
+        for broker in statistics.get("brokers", {}).values():
+            node = broker.get("nodeid", -1)
+            if node < 0 or broker.get("source") != "learned":
+                continue  # a bootstrap address, or a coordinator's alias of a learned broker
+            if broker.get("state") != "UP":
+                why = f"its connection is {broker.get('state')}"
+            elif broker.get("waitresp_cnt", 0) and not broker.get("rtt", {}).get("cnt", 0):
+                why = "it answers no request"
+            else:
+                continue
+            bad[node] = (self._bad.get(node, (0, ""))[0] + 1, why)
+        self._bad = bad
+        self._leaders = {(topic, int(partition)): state.get("leader", -1)
+                         for topic, details in statistics.get("topics", {}).items()
+                         for partition, state in details.get("partitions", {}).items()
+                         if partition != "-1"}  # -1: the topic's queue of unassigned records
+
+    def unreachable(self, partitions: Iterable[TopicPartition]) -> str | None:
+        """Why the leaders of ``partitions`` are unreachable, if any is; None if all answer."""
+        troubles: dict[int, list[TopicPartition]] = {}
+        for place in partitions:
+            leader = self._leaders.get(place)
+            if leader is not None and (leader < 0 or self._bad.get(leader, (0,))[0] >= _BAD_REPORTS):
+                troubles.setdefault(leader, []).append(place)
+        reasons = []
+        for leader, places in sorted(troubles.items()):
+            named = ", ".join(f"{topic}[{partition}]" for topic, partition in sorted(places))
+            if leader < 0:
+                reasons.append(f"no leader for {named}")
+            else:
+                reports, why = self._bad[leader]
+                reasons.append(f"broker {leader}, leader of {named}: {why} "
+                               f"({reports} reports in a row, {self.interval_ms} ms apart)")
+        return "; ".join(reasons) or None
+
+
 class ConfluentConsumer(Consumer):
     def __init__(
         self, config: dict[str, Any], topics: Sequence[str], listener: RebalanceListener | None
     ) -> None:
         self._log: _ClientLog = config["logger"]
-        self.raw = _Consumer(config)
+        config = {"statistics.interval.ms": _STATISTICS_INTERVAL_MS, **config}
+        self._leaders = _Leaders(int(config["statistics.interval.ms"]))
+        self.raw = _Consumer({**config, "stats_cb": self._leaders.update})
         self._topics = list(topics)
         self._listener = listener
         self._listener_error: BaseException | None = None
@@ -525,9 +590,12 @@ class ConfluentConsumer(Consumer):
 
     def lag(self) -> dict[TopicPartition, int]:
         try:
-            return self._lag()
+            lags = self._lag()
         except KafkaException as exc:  # e.g. a partition whose leader is moving
             raise TransportError(str(exc)) from exc
+        if unreachable := self._leaders.unreachable(lags):
+            raise TransportError(unreachable)
+        return lags
 
     def _lag(self) -> dict[TopicPartition, int]:
         assigned = self.raw.assignment()

@@ -1,6 +1,7 @@
-"""A broker outage under a running pipeline: the daemon says so on /readyz and in
-``streamflow_broker_reachable``, keeps running, and carries on once the broker is back, with
-nothing lost."""
+"""A broker outage under a running pipeline, a crash (SIGKILL) or a broker that holds its
+connections and answers nothing (SIGSTOP): the daemon says so on /readyz, naming the
+partitions, and in ``streamflow_broker_reachable``, keeps running, and carries on once the
+broker is back, with nothing lost."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def produce(bootstrap: str, topic: str, numbers: range) -> None:
     assert producer.flush(30) == 0
 
 
-def test_an_outage_shows_on_readyz_and_in_metrics_and_the_stage_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("outage", ["killed", "paused"])
+def test_an_outage_shows_on_readyz_and_in_metrics_and_the_stage_resumes(
+        tmp_path: Path, outage: str) -> None:
     name = unique("outage")
     with KafkaCluster(1, log_dir=tmp_path) as cluster:
         runner = PipelineRunner(parse_pipeline({
@@ -52,14 +55,29 @@ def test_an_outage_shows_on_readyz_and_in_metrics_and_the_stage_resumes(tmp_path
             watcher.wait_for(100, timeout_s=60)
             wait_until(lambda: gauge() == 1, 10, "broker_reachable 1")
 
-            cluster.kill_node(0)
-            wait_until(lambda: not runner.readiness()[0], 60, "/readyz to report the outage")
-            reason = runner.readiness()[1]["components"]["copy"]
-            assert reason.startswith("brokers unreachable for its partitions"), reason
+            reasons: list[str] = []
+
+            def names_the_partitions() -> bool:
+                """The reason says which partitions: their leader is down, silent, or gone."""
+                reasons.append(runner.readiness()[1].get("components", {}).get("copy", ""))
+                return (reasons[-1].startswith("brokers unreachable for its partitions: ")
+                        and f"{name}.in[0], {name}.in[1]" in reasons[-1])
+
+            if outage == "killed":
+                cluster.kill_node(0)
+            else:
+                cluster.pause_node(0)
+            try:
+                wait_until(names_the_partitions, 30, "/readyz to name the unreachable partitions")
+            except TimeoutError as exc:
+                raise AssertionError(f"{exc}; it said {sorted(set(reasons))}") from exc
             wait_until(lambda: gauge() == 0, 10, "broker_reachable 0")
             assert thread.is_alive() and not results, "the daemon exited during the outage"
 
-            cluster.start_node(0)
+            if outage == "killed":
+                cluster.start_node(0)
+            else:
+                cluster.resume_node(0)
             wait_until(lambda: runner.readiness()[0], 120, "/readyz to recover")
             assert gauge() == 1
             produce(cluster.bootstrap, f"{name}.in", range(100, 200))

@@ -1,0 +1,85 @@
+"""The confluent consumer's view of whether its partitions' leaders answer, from librdkafka's
+statistics reports (shaped as STATISTICS.md documents them)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from streamflow.transport.confluent import _Leaders
+
+
+def broker(node: int, state: str = "UP", waiting: int = 1, answered: int = 2,
+           source: str = "learned") -> dict[str, Any]:
+    return {"name": f"127.0.0.1:{9000 + node}/{node}", "nodeid": node, "source": source,
+            "state": state, "waitresp_cnt": waiting, "rtt": {"cnt": answered}}
+
+
+def report(*brokers: dict[str, Any], leaders: dict[int, int] | None = None) -> str:
+    leaders = {0: 1, 1: 2, 2: 3} if leaders is None else leaders
+    return json.dumps({
+        "brokers": {entry["name"]: entry for entry in brokers},
+        "topics": {"raw": {"partitions": {
+            **{str(p): {"partition": p, "leader": leader} for p, leader in leaders.items()},
+            "-1": {"partition": -1, "leader": -1},
+        }}},
+    })
+
+
+ALL = [("raw", 0), ("raw", 1), ("raw", 2)]
+
+
+def test_brokers_that_answer_leave_every_partition_reachable() -> None:
+    leaders = _Leaders(1000)
+    for _ in range(3):
+        leaders.update(report(broker(1), broker(2), broker(3, waiting=0, answered=0)))
+    assert leaders.unreachable(ALL) is None
+
+
+def test_a_connection_down_in_two_reports_in_a_row_makes_its_partitions_unreachable() -> None:
+    leaders = _Leaders(1000)
+    leaders.update(report(broker(1), broker(2, state="TRY_CONNECT"), broker(3)))
+    assert leaders.unreachable(ALL) is None, "one report is no outage (a connection being set up)"
+    leaders.update(report(broker(1), broker(2, state="CONNECT"), broker(3)))
+    assert leaders.unreachable(ALL) == ("broker 2, leader of raw[1]: its connection is CONNECT "
+                                        "(2 reports in a row, 1000 ms apart)")
+    assert leaders.unreachable([("raw", 0), ("raw", 2)]) is None, "only its own partitions"
+    leaders.update(report(broker(1), broker(2), broker(3)))
+    assert leaders.unreachable(ALL) is None, "up again"
+
+
+def test_a_broker_that_holds_requests_and_answers_none_is_unreachable() -> None:
+    leaders = _Leaders(1000)
+    for _ in range(2):
+        leaders.update(report(broker(1, waiting=3, answered=0), broker(2), broker(3),
+                              leaders={0: 1, 1: 1, 2: 3}))
+    assert leaders.unreachable(ALL) == ("broker 1, leader of raw[0], raw[1]: it answers no "
+                                        "request (2 reports in a row, 1000 ms apart)")
+    leaders.update(report(broker(1, waiting=3, answered=1), broker(2), broker(3)))
+    assert leaders.unreachable(ALL) is None
+
+
+def test_bad_reports_must_come_in_a_row() -> None:
+    leaders = _Leaders(1000)
+    for state in ("TRY_CONNECT", "UP", "TRY_CONNECT"):
+        leaders.update(report(broker(1, state=state), broker(2), broker(3)))
+    assert leaders.unreachable(ALL) is None
+
+
+def test_a_partition_without_a_leader_is_unreachable_at_once() -> None:
+    leaders = _Leaders(1000)
+    leaders.update(report(broker(1), broker(2), broker(3), leaders={0: 1, 1: -1, 2: 3}))
+    assert leaders.unreachable(ALL) == "no leader for raw[1]"
+
+
+def test_bootstrap_and_coordinator_entries_do_not_count() -> None:
+    leaders = _Leaders(1000)
+    aliases = [{**broker(-1, state="TRY_CONNECT"), "name": "127.0.0.1:9092/bootstrap"},
+               {**broker(1, state="INIT", source="logical"), "name": "GroupCoordinator"}]
+    for _ in range(2):
+        leaders.update(report(*aliases, broker(1), broker(2), broker(3)))
+    assert leaders.unreachable(ALL) is None
+
+
+def test_before_any_report_nothing_is_known_unreachable() -> None:
+    assert _Leaders(1000).unreachable(ALL) is None
