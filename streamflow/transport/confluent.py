@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import groupby
@@ -45,6 +46,12 @@ from streamflow.transport.base import (
 )
 
 _FLUSH_TIMEOUT_S = 60.0
+# librdkafka can miss the timeout of send_offsets_to_transaction: it waits for the group
+# coordinator without checking the deadline, and forever once that broker has left the
+# cluster's metadata (librdkafka issues 5456 and 5511, open in 2.16). The call runs in a thread
+# of its own, given up this long after its timeout: the producer is then wedged, and replaced.
+_OFFSETS_TIMEOUT_S = 30.0
+_WEDGE_GRACE_S = 5.0
 # How often a transaction's flush looks for a refusal for size, after which it purges the rest.
 _REFUSAL_CHECK_S = 0.1
 # Delivery errors of records librdkafka purged unsent, in a transaction failed by a refusal.
@@ -98,6 +105,7 @@ class ConfluentProducer(Producer):
         self._sent: list[OutgoingBatch] = []
         self._refused_by_client: list[tuple[int, int]] = []
         self._stopped: _TransactionFailed | None = None
+        self._wedged: str | None = None  # why the producer can no longer be called, if so
         self._log: _ClientLog = config["logger"]
         # One delivery callback for the producer, not a keyword argument per record.
         self._producer = _Producer({**config, "on_delivery": self._on_delivery})
@@ -252,12 +260,39 @@ class ConfluentProducer(Producer):
                 continue
         return limits
 
-    @staticmethod
-    def _call(method: Any, *args: Any) -> Any:
+    def _call(self, method: Any, *args: Any) -> Any:
+        if self._wedged is not None:
+            raise TransportError(self._wedged)
         try:
             return method(*args)
         except KafkaException as exc:
             raise TransportError(str(exc)) from exc
+
+    def _call_bounded(self, method: Any, *args: Any, timeout_s: float) -> None:
+        """``method(*args, timeout_s)`` in a daemon thread, waited for until
+        :data:`_WEDGE_GRACE_S` past ``timeout_s``; if it has not returned by then, the producer
+        is wedged: every later call fails, and closing it leaves the native client to that
+        thread (destroying it under a call in progress would be unsafe)."""
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                self._call(method, *args, timeout_s)
+            except BaseException as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        thread = threading.Thread(target=run, name=f"streamflow-{method.__name__}", daemon=True)
+        thread.start()
+        thread.join(timeout_s + _WEDGE_GRACE_S)
+        if not outcome:
+            self._wedged = (f"{method.__name__} did not return within {timeout_s:g} s plus "
+                            f"{_WEDGE_GRACE_S:g} s (librdkafka issues 5456 and 5511): this "
+                            "producer is given up")
+            raise TransportError(self._wedged)
+        if outcome[0] is not None:
+            raise outcome[0]
 
     def begin_transaction(self) -> None:
         self._call(self._producer.begin_transaction)
@@ -268,7 +303,8 @@ class ConfluentProducer(Producer):
         assert isinstance(consumer, ConfluentConsumer)
         tps = [_TP(topic, partition, offset) for (topic, partition), offset in offsets.items()]
         metadata = consumer.raw.consumer_group_metadata()
-        self._call(self._producer.send_offsets_to_transaction, tps, metadata, 30)
+        self._call_bounded(self._producer.send_offsets_to_transaction, tps, metadata,
+                           timeout_s=_OFFSETS_TIMEOUT_S)
 
     def commit_transaction(self) -> None:
         self._call(self._producer.commit_transaction, 60)
@@ -279,7 +315,8 @@ class ConfluentProducer(Producer):
 
     def close(self) -> None:
         self._log.closing = True
-        self._producer.flush(_FLUSH_TIMEOUT_S)
+        if self._wedged is None:  # a wedged producer's records belong to a doomed transaction
+            self._producer.flush(_FLUSH_TIMEOUT_S)
 
 
 # A record batch's header (v2): base offset, length, leader epoch, magic, CRC, attributes, last

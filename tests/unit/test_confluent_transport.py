@@ -1,12 +1,19 @@
-"""The confluent consumer's view of whether its partitions' leaders answer, from librdkafka's
-statistics reports (shaped as STATISTICS.md documents them)."""
+"""Guards of the confluent transport around librdkafka: the consumer's view of whether its
+partitions' leaders answer, from librdkafka's statistics reports (shaped as STATISTICS.md
+documents them), and the producer's bound on a call that may never return."""
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
-from streamflow.transport.confluent import _Leaders
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from streamflow.transport import confluent
+from streamflow.transport.base import TransportError
+from streamflow.transport.confluent import ConfluentTransport, _Leaders
 
 
 def broker(node: int, state: str = "UP", waiting: int = 1, answered: int = 2,
@@ -83,3 +90,42 @@ def test_bootstrap_and_coordinator_entries_do_not_count() -> None:
 
 def test_before_any_report_nothing_is_known_unreachable() -> None:
     assert _Leaders(1000).unreachable(ALL) is None
+
+
+@pytest.fixture
+def producer(monkeypatch: pytest.MonkeyPatch) -> confluent.ConfluentProducer:
+    monkeypatch.setattr(confluent, "_WEDGE_GRACE_S", 0.2)
+    made = ConfluentTransport("127.0.0.1:9").producer()  # nothing listens: never connects
+    assert isinstance(made, confluent.ConfluentProducer)
+    return made
+
+
+def test_a_bounded_call_returns_or_raises_as_the_call_does(
+        producer: confluent.ConfluentProducer) -> None:
+    seen: list[float] = []
+    producer._call_bounded(lambda timeout_s: seen.append(timeout_s), timeout_s=0.1)
+    assert seen == [0.1], "the call gets its own timeout"
+
+    def refused(_timeout_s: float) -> None:
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "coordinator load in progress"))
+
+    with pytest.raises(TransportError, match="coordinator load in progress"):
+        producer._call_bounded(refused, timeout_s=0.1)
+    producer._call_bounded(lambda _timeout_s: None, timeout_s=0.1)  # not wedged by a failure
+
+
+def test_a_call_that_never_returns_wedges_the_producer(
+        producer: confluent.ConfluentProducer) -> None:
+    def send_offsets_to_transaction(_timeout_s: float) -> None:
+        time.sleep(30)  # as librdkafka 2.16 can, for a group coordinator that left the cluster
+
+    started = time.monotonic()
+    with pytest.raises(TransportError, match=r"send_offsets_to_transaction did not return "
+                                             r"within 0.1 s plus 0.2 s"):
+        producer._call_bounded(send_offsets_to_transaction, timeout_s=0.1)
+    assert time.monotonic() - started < 2
+    with pytest.raises(TransportError, match="did not return"):
+        producer.abort_transaction()  # fails at once: the stage fails and replaces it
+    started = time.monotonic()
+    producer.close()
+    assert time.monotonic() - started < 2, "closing a wedged producer waits for nothing"
