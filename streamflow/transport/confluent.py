@@ -50,7 +50,9 @@ _FLUSH_TIMEOUT_S = 60.0
 # coordinator without checking the deadline, and forever once that broker has left the
 # cluster's metadata (librdkafka issues 5456 and 5511, open in 2.16). The call runs in a thread
 # of its own, given up this long after its timeout: the producer is then wedged, and replaced.
-_OFFSETS_TIMEOUT_S = 30.0
+# In the three-broker test, each SIGKILL of a broker wedged one to three stages this way; the
+# timeout is short so that they restart soon (and within the default shutdown timeout, 30 s).
+_OFFSETS_TIMEOUT_S = 15.0
 _WEDGE_GRACE_S = 5.0
 # How often a transaction's flush looks for a refusal for size, after which it purges the rest.
 _REFUSAL_CHECK_S = 0.1
