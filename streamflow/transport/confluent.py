@@ -50,8 +50,8 @@ _FLUSH_TIMEOUT_S = 60.0
 # coordinator without checking the deadline, and forever once that broker has left the
 # cluster's metadata (librdkafka issues 5456 and 5511, open in 2.16). The call runs in a thread
 # of its own, given up this long after its timeout: the producer is then wedged, and replaced.
-# In the three-broker test, each SIGKILL of a broker wedged one to three stages this way; the
-# timeout is short so that they restart soon (and within the default shutdown timeout, 30 s).
+# In the three-broker test, a broker's SIGKILL wedged two stages this way in two runs of eight;
+# the timeout is short so that they restart soon (and within the default shutdown timeout, 30 s).
 _OFFSETS_TIMEOUT_S = 15.0
 _WEDGE_GRACE_S = 5.0
 # How often a transaction's flush looks for a refusal for size, after which it purges the rest.
@@ -458,7 +458,8 @@ class ConfluentReader(Reader):
 
 # How often librdkafka tells a consumer how its brokers are doing (see _Leaders), and how many of
 # those reports in a row must find a broker down or silent before its partitions count as
-# unreachable (a connection being set up, or one slow answer, is no outage).
+# unreachable (a connection being set up, or one slow answer, is no outage), besides the reports
+# a fetch may wait for data on the broker (``fetch.wait.max.ms``).
 _STATISTICS_INTERVAL_MS = 1000
 _BAD_REPORTS = 2
 
@@ -466,15 +467,15 @@ _BAD_REPORTS = 2
 class _Leaders:
     """Whether the leaders of a consumer's partitions answer, from librdkafka's statistics.
 
-    A broker counts as unreachable once :data:`_BAD_REPORTS` reports in a row found its
-    connection not up, or found requests waiting for it and none answered since the last report
-    (a broker that is paused or cut off keeps its connections, and fetches are answered within
-    ``fetch.wait.max.ms``, 0.5 s). Cached watermarks, which the lag is measured with, never
-    show either: they just stop moving.
+    A broker counts as unreachable once enough reports in a row found its connection not up, or
+    found requests waiting for it and none answered since the last report (a broker that is
+    paused or cut off keeps its connections; a fetch is answered within ``fetch_wait_ms``).
+    Cached watermarks, which the lag is measured with, never show either: they just stop moving.
     """
 
-    def __init__(self, interval_ms: int) -> None:
+    def __init__(self, interval_ms: int, fetch_wait_ms: int = 500) -> None:
         self.interval_ms = interval_ms
+        self.needed = _BAD_REPORTS + (fetch_wait_ms // interval_ms if interval_ms > 0 else 0)
         self._leaders: dict[TopicPartition, int] = {}
         self._bad: dict[int, tuple[int, str]] = {}  # broker id: reports in a row, and why
 
@@ -504,7 +505,7 @@ class _Leaders:
         troubles: dict[int, list[TopicPartition]] = {}
         for place in partitions:
             leader = self._leaders.get(place)
-            if leader is not None and (leader < 0 or self._bad.get(leader, (0,))[0] >= _BAD_REPORTS):
+            if leader is not None and (leader < 0 or self._bad.get(leader, (0,))[0] >= self.needed):
                 troubles.setdefault(leader, []).append(place)
         reasons = []
         for leader, places in sorted(troubles.items()):
@@ -524,7 +525,8 @@ class ConfluentConsumer(Consumer):
     ) -> None:
         self._log: _ClientLog = config["logger"]
         config = {"statistics.interval.ms": _STATISTICS_INTERVAL_MS, **config}
-        self._leaders = _Leaders(int(config["statistics.interval.ms"]))
+        self._leaders = _Leaders(int(config["statistics.interval.ms"]),
+                                 int(config.get("fetch.wait.max.ms", 500)))
         self.raw = _Consumer({**config, "stats_cb": self._leaders.update})
         self._topics = list(topics)
         self._listener = listener

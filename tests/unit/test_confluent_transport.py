@@ -66,6 +66,21 @@ def test_a_broker_that_holds_requests_and_answers_none_is_unreachable() -> None:
     assert leaders.unreachable(ALL) is None
 
 
+def test_a_long_fetch_wait_needs_more_silent_reports() -> None:
+    leaders = _Leaders(1000, fetch_wait_ms=3000)  # a fetch may go unanswered for 3 s
+    for _ in range(4):
+        leaders.update(report(broker(1, waiting=1, answered=0), broker(2), broker(3)))
+    assert leaders.unreachable(ALL) is None
+    leaders.update(report(broker(1, waiting=1, answered=0), broker(2), broker(3)))
+    assert leaders.unreachable(ALL) == ("broker 1, leader of raw[0]: it answers no request "
+                                        "(5 reports in a row, 1000 ms apart)")
+
+
+def test_without_statistics_reports_nothing_is_judged() -> None:
+    leaders = _Leaders(0)  # statistics.interval.ms 0: librdkafka sends none
+    assert leaders.unreachable(ALL) is None
+
+
 def test_bad_reports_must_come_in_a_row() -> None:
     leaders = _Leaders(1000)
     for state in ("TRY_CONNECT", "UP", "TRY_CONNECT"):
