@@ -50,8 +50,9 @@ _FLUSH_TIMEOUT_S = 60.0
 # coordinator without checking the deadline, and forever once that broker has left the
 # cluster's metadata (librdkafka issues 5456 and 5511, open in 2.16). The call runs in a thread
 # of its own, given up this long after its timeout: the producer is then wedged, and replaced.
-# In the three-broker test, a broker's SIGKILL wedged two stages this way in two runs of eight;
-# the timeout is short so that they restart soon (and within the default shutdown timeout, 30 s).
+# In the three-broker test, a broker's SIGKILL wedged two or three stages this way in three runs
+# of nine; the timeout is short so that they restart soon (and within the default shutdown
+# timeout, 30 s).
 _OFFSETS_TIMEOUT_S = 15.0
 _WEDGE_GRACE_S = 5.0
 # How often a transaction's flush looks for a refusal for size, after which it purges the rest.
