@@ -463,6 +463,7 @@ class ConfluentReader(Reader):
 # a fetch may wait for data on the broker (``fetch.wait.max.ms``).
 _STATISTICS_INTERVAL_MS = 1000
 _BAD_REPORTS = 2
+_DEFAULT_FETCH_WAIT_MS = 500  # librdkafka's fetch.wait.max.ms
 
 
 class _Leaders:
@@ -474,7 +475,7 @@ class _Leaders:
     Cached watermarks, which the lag is measured with, never show either: they just stop moving.
     """
 
-    def __init__(self, interval_ms: int, fetch_wait_ms: int = 500) -> None:
+    def __init__(self, interval_ms: int, fetch_wait_ms: int = _DEFAULT_FETCH_WAIT_MS) -> None:
         self.interval_ms = interval_ms
         self.needed = _BAD_REPORTS + (fetch_wait_ms // interval_ms if interval_ms > 0 else 0)
         self._leaders: dict[TopicPartition, int] = {}
@@ -527,7 +528,7 @@ class ConfluentConsumer(Consumer):
         self._log: _ClientLog = config["logger"]
         config = {"statistics.interval.ms": _STATISTICS_INTERVAL_MS, **config}
         self._leaders = _Leaders(int(config["statistics.interval.ms"]),
-                                 int(config.get("fetch.wait.max.ms", 500)))
+                                 int(config.get("fetch.wait.max.ms", _DEFAULT_FETCH_WAIT_MS)))
         self.raw = _Consumer({**config, "stats_cb": self._leaders.update})
         self._topics = list(topics)
         self._listener = listener
