@@ -1,5 +1,8 @@
 """Kafka: copies topics of another cluster into the pipeline's topic (keys, values, timestamps).
 
+A copy keeps its record's timestamp by default, as MirrorMaker does, or is stamped with the time
+of copying (``timestamps: copying``), which Kafka's retention then counts from.
+
 The position is the next offset to copy of every partition seen, checkpointed with the
 pipeline's source positions after the copies were acknowledged; records below it are skipped on
 a restart, so the copy resumes exactly where it stopped. The same offsets are then committed to
@@ -35,6 +38,11 @@ class KafkaSourceConfig(BaseModel):
     )
     group_id: str | None = Field(
         None, description="consumer group on the external cluster; default streamflow.PIPELINE.SOURCE"
+    )
+    timestamps: Literal["original", "copying"] = Field(
+        "original", description="the copies' timestamps: their records' own (original), or the "
+        "time of copying (copying), so that Kafka's retention never deletes a fresh copy of an "
+        "old record",
     )
 
     @field_validator("bootstrap")
@@ -86,6 +94,7 @@ class KafkaSource(Source[KafkaSourceConfig]):
         assert self._consumer is not None, "open() first"
         consumed = self._consumer.consume_batch(max_records, timeout_s)
         batch = SourceBatch([])
+        keep_timestamps = self.config.timestamps == "original"
         for index in range(len(consumed)):
             name = _partition_name((consumed.topics[index], consumed.partitions[index]))
             offset = consumed.offsets[index]
@@ -93,7 +102,8 @@ class KafkaSource(Source[KafkaSourceConfig]):
                 continue  # copied before the restart
             batch.values.append(consumed.values[index])  # type: ignore[arg-type]  # tombstones too
             batch.keys.append(consumed.keys[index])
-            batch.timestamps_ms.append(consumed.timestamps_ms[index])
+            if keep_timestamps:  # else none: the producer stamps each copy as it sends it
+                batch.timestamps_ms.append(consumed.timestamps_ms[index])
             self._next[name] = offset + 1
         return batch
 

@@ -54,8 +54,25 @@ def test_copies_keys_values_and_timestamps(bootstrap: str, fresh_broker: str) ->
     )
 
 
-def _pipeline(bootstrap: str, external: str, upstream: str, topic: str) -> dict[str, object]:
-    pipeline = source_pipeline(bootstrap, "kafka", topic, topics=[upstream])
+def test_copies_stamped_with_the_time_of_copying(bootstrap: str, fresh_broker: str) -> None:
+    upstream, topic = external_topic(fresh_broker, 2), unique("copy")
+    produce(fresh_broker, upstream, 0, 20)
+    started_ms = int(time.time() * 1000)
+    with running(_pipeline(bootstrap, fresh_broker, upstream, topic, timestamps="copying")):
+        watcher = TopicWatcher(bootstrap, topic)
+        watcher.wait_for(20)
+        watcher.close()
+    finished_ms = int(time.time() * 1000)
+    copied = read_topic(bootstrap, topic)
+    assert sorted(zip(copied.values, copied.keys, strict=True)) == sorted(
+        (f"value-{n}".encode(), f"key-{n % 7}".encode()) for n in range(20))
+    assert all(started_ms <= stamp <= finished_ms for stamp in copied.timestamps_ms), (
+        started_ms, copied.timestamps_ms, finished_ms)
+
+
+def _pipeline(bootstrap: str, external: str, upstream: str, topic: str,
+              **settings: object) -> dict[str, object]:
+    pipeline = source_pipeline(bootstrap, "kafka", topic, topics=[upstream], **settings)
     pipeline["sources"][0]["bootstrap"] = external  # type: ignore[index]
     return pipeline
 
