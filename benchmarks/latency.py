@@ -2,8 +2,10 @@
 (``sent_us``), into a topic → topic clean stage (benchmarks.clean's rules, the send time declared
 too); a reader takes arrival minus send time of every output record. Each system runs in a
 process of its own (streamflow through ``benchmarks.isolated``, the peers with .venv-peers'
-python) with its peak RSS sampled. Records sent before the measured period (one every 100 ms
-until the first comes out: the group join) are checked but not timed. ``startup_s`` is the
+python) with its peak RSS sampled; ``cpu_us_per_event`` is the CPU time it (with its
+descendants) used from the start of the timed sending until the output was complete, per record
+sent in that time. Records sent before the measured period (one every 100 ms until the first
+comes out: the group join) are checked but not timed. ``startup_s`` is the
 time from the process's start to the first output record's arrival (the first record is sent
 as the process starts): imports, group join and the first batch."""
 
@@ -121,6 +123,11 @@ class PacedProducer:
         return total
 
 
+def cpu_per_event(cpu_s: float, events: int) -> float:
+    """Microseconds of CPU per event, to 0.1: ``cpu_s`` seconds spent on ``events`` events."""
+    return round(cpu_s / events * 1e6, 1)
+
+
 def wait_until_quiet(arrivals: list[Any], expected: int, sending_ended: float) -> None:
     """Until ``expected`` arrivals, or nothing arrived for ``QUIET_S`` after the sending ended."""
     while len(arrivals) < expected and time.time() - max(
@@ -156,10 +163,12 @@ def measure(bootstrap: str, system: str, rate: int, seconds: float) -> Measures:
         spawned = time.time()
         with running(*command) as (process, sampler):
             producer.warm_up(lambda: bool(reader.arrivals), process)
+            cpu_before = sampler.cpu_seconds()
             total = producer.at_rate(rate, seconds)
             expected = expected_sets(0, producer.sent)
             wait_until_quiet(reader.arrivals, sum(expected[0].values()),
                              producer.started + producer.sending_s)
+            cpu_s = sampler.cpu_seconds() - cpu_before
             rss = sampler.stop()
         reader.stop()
     watch = TopicWatch(bootstrap)
@@ -171,6 +180,7 @@ def measure(bootstrap: str, system: str, rate: int, seconds: float) -> Measures:
                                  for arrival, value in reader.arrivals], producer.started)
     return {"events_per_s": total / producer.sending_s, **latency_summary(latencies),
             "rss_peak_mb": rss, "pss_peak_mb": sampler.pss_peak_mb,
+            "cpu_us_per_event": cpu_per_event(cpu_s, total),
             "startup_s": round(reader.arrivals[0][0] - spawned, 2)}
 
 

@@ -29,6 +29,7 @@ from benchmarks.core import PARTITIONS
 from benchmarks.latency import (
     WARM_UP_RUN_S,
     PacedProducer,
+    cpu_per_event,
     timed_latencies,
     wait_until_quiet,
     warmed_up,
@@ -151,11 +152,13 @@ def measure(bootstrap: str, rate: int, seconds: float) -> Measures:
         watch = ParquetWatch(folder / "lake")
         with running(*command) as (process, sampler):
             producer.warm_up(lambda: bool(watch.arrivals), process)
+            cpu_before = sampler.cpu_seconds()
             total = producer.at_rate(rate, seconds)
             expected = Counter(json.loads(record)[LATENCY_FIELD]
                                for record in expected_sets(0, producer.sent)[0].elements())
             wait_until_quiet(watch.arrivals, sum(expected.values()),
                              producer.started + producer.sending_s)
+            cpu_s = sampler.cpu_seconds() - cpu_before
             rss_peak = sampler.stop()
         watch.stop()
     found = Counter(sent for _, sent in watch.arrivals)
@@ -165,7 +168,8 @@ def measure(bootstrap: str, rate: int, seconds: float) -> Measures:
                              f"{sum(extra.values())} unexpected")
     latencies = timed_latencies(watch.arrivals, producer.started)
     row: Measures = {"events_per_s": total / producer.sending_s, **latency_summary(latencies),
-                     "rss_peak_mb": rss_peak, "pss_peak_mb": sampler.pss_peak_mb}
+                     "rss_peak_mb": rss_peak, "pss_peak_mb": sampler.pss_peak_mb,
+                     "cpu_us_per_event": cpu_per_event(cpu_s, total)}
     if seconds >= 2 * MINUTE_S:
         by_send = [(sent / 1e6, (arrival * 1e6 - sent) / 1000) for arrival, sent in watch.arrivals
                    if sent >= producer.started * 1e6]

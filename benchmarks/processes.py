@@ -65,7 +65,8 @@ def streamflow_command(config: dict[str, Any], stage: str, records: int | None,
 
 
 class RssSampler:
-    """The peak memory of a process and its descendants, sampled every ``SAMPLE_S``: the sum of
+    """The peak memory of a process and its descendants, sampled every ``SAMPLE_S`` (and their
+    CPU time, read when asked: :meth:`cpu_seconds`): the sum of
     their resident set sizes (RSS), and of their proportional set sizes (PSS: a page shared by
     n processes counts 1/n in each). A model worker forks a child to write each checkpoint, which
     shares the worker's pages: the RSS sum counts them twice while it lives, the PSS sum once."""
@@ -99,6 +100,19 @@ class RssSampler:
             self.peak_bytes = max(self.peak_bytes, rss)
             self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
             self._stop.wait(SAMPLE_S)
+
+    def cpu_seconds(self) -> float:
+        """The CPU time (user and system) the process and its descendants have used so far,
+        with that of the descendants they have waited for; one that ended unwaited for is
+        missed."""
+        used = 0.0
+        for process in (self._process, *self._process.children(recursive=True)):
+            try:
+                times = process.cpu_times()
+            except psutil.Error:  # ended between listing and reading
+                continue
+            used += times.user + times.system + times.children_user + times.children_system
+        return used
 
     def stop(self) -> float:
         """Stop sampling; the peak RSS sum in MB."""

@@ -25,8 +25,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from benchmarks.processes import ROOT, Measures, running, scratch
 from benchmarks.stats import latency_summary, medians
 from connectors.sources.generator import GeneratorConfig, sensor_event
@@ -166,10 +164,9 @@ def measure(rate: int, seconds: float) -> Measures:
             bodies = records(10_000)
             load_before = os.getloadavg()[0]
             asyncio.run(send(url, bodies, rate, WARMUP_S))
-            server = psutil.Process(process.pid)
-            cpu_before, own_before = sum(server.cpu_times()[:2]), time.process_time()
+            cpu_before, own_before = sampler.cpu_seconds(), time.process_time()
             latencies, failures, elapsed, versions = asyncio.run(send(url, bodies, rate, seconds))
-            server_cpu = sum(server.cpu_times()[:2]) - cpu_before
+            server_cpu = sampler.cpu_seconds() - cpu_before
             client_cpu = time.process_time() - own_before
             rss = sampler.stop()
     count = len(latencies) + sum(failures.values())

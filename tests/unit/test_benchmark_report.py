@@ -1,9 +1,12 @@
-"""The benchmarks' pure parts: percentiles, medians, and the report's reading of JSON results."""
+"""The benchmarks' parts that need no broker: percentiles, medians, the report's reading of JSON
+results, and the CPU time of a process tree."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,27 @@ def test_peers_skipped_without_their_venv(monkeypatch: pytest.MonkeyPatch) -> No
     assert "make bench-peers" in (processes.peers_missing() or "")
     monkeypatch.setattr(processes, "PEERS_PYTHON", Path(sys.executable))
     assert processes.peers_missing() is None
+
+
+def test_cpu_seconds_count_the_process_and_its_children() -> None:
+    """A process that burns 0.4 s of CPU in a child it waits for, then 0.4 s in a child it
+    leaves running, then 0.4 s itself: all three are counted."""
+    burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\n"
+    script = (
+        "import subprocess, sys\n"
+        f"burn = {burn!r}\n"
+        "subprocess.run([sys.executable, '-c', burn], check=True)\n"
+        "child = subprocess.Popen([sys.executable, '-c', burn + 'time.sleep(30)'])\n"
+        "exec(burn)\n"
+        "print('burnt', flush=True)\n"
+        "child.wait()\n")
+    with processes.running([sys.executable, "-c", script], dict(os.environ)) as (process, sampler):
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"burnt\n"
+        deadline = time.monotonic() + 10
+        while (used := sampler.cpu_seconds()) < 1.2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the running child may not have burnt its share yet
+    assert 1.2 <= used < 3.0
 
 
 def test_soak_steadiness_compares_the_first_and_last_minute() -> None:
