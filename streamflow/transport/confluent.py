@@ -45,6 +45,8 @@ from streamflow.transport.base import (
     TransportError,
 )
 
+log = logging.getLogger(__name__)
+
 _FLUSH_TIMEOUT_S = 60.0
 # librdkafka can miss the timeout of send_offsets_to_transaction: it waits for the group
 # coordinator without checking the deadline, and forever once that broker has left the
@@ -55,6 +57,9 @@ _FLUSH_TIMEOUT_S = 60.0
 # timeout, 30 s).
 _OFFSETS_TIMEOUT_S = 15.0
 _WEDGE_GRACE_S = 5.0
+# The threads of calls given up and still blocked, each holding its producer's native client:
+# librdkafka 5511 says such a call returns once some other broker changes state, maybe never.
+_STILL_BLOCKED: set[threading.Thread] = set()
 # How often a transaction's flush looks for a refusal for size, after which it purges the rest.
 _REFUSAL_CHECK_S = 0.1
 # Delivery errors of records librdkafka purged unsent, in a transaction failed by a refusal.
@@ -277,6 +282,8 @@ class ConfluentProducer(Producer):
         is wedged: every later call fails, and closing it leaves the native client to that
         thread (destroying it under a call in progress would be unsafe)."""
         outcome: list[BaseException | None] = []
+        given_up_at: list[float] = []
+        decided = threading.Lock()  # the call's end and its giving up, one at a time
 
         def run() -> None:
             try:
@@ -285,15 +292,26 @@ class ConfluentProducer(Producer):
                 outcome.append(exc)
             else:
                 outcome.append(None)
+            with decided:
+                if given_up_at:
+                    _STILL_BLOCKED.discard(thread)
+                    log.info("%s, given up %.0f s ago, returned: its producer is released "
+                              "(%d calls given up are still blocked)", method.__name__,
+                              time.monotonic() - given_up_at[0], len(_STILL_BLOCKED))
 
         thread = threading.Thread(target=run, name=f"streamflow-{method.__name__}", daemon=True)
         thread.start()
         thread.join(timeout_s + _WEDGE_GRACE_S)
-        if not outcome:
-            self._wedged = (f"{method.__name__} did not return within {timeout_s:g} s plus "
-                            f"{_WEDGE_GRACE_S:g} s (librdkafka issues 5456 and 5511): this "
-                            "producer is given up")
-            raise TransportError(self._wedged)
+        with decided:
+            if not outcome:
+                given_up_at.append(time.monotonic())
+                _STILL_BLOCKED.add(thread)
+                self._wedged = (
+                    f"{method.__name__} did not return within {timeout_s:g} s plus "
+                    f"{_WEDGE_GRACE_S:g} s (librdkafka issues 5456 and 5511): this producer is "
+                    f"given up, its native client left to the blocked call ({len(_STILL_BLOCKED)} "
+                    "calls given up in this process are still blocked)")
+                raise TransportError(self._wedged)
         if outcome[0] is not None:
             raise outcome[0]
 

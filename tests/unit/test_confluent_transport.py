@@ -5,6 +5,8 @@ documents them), and the producer's bound on a call that may never return."""
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from typing import Any
 
@@ -144,3 +146,20 @@ def test_a_call_that_never_returns_wedges_the_producer(
     started = time.monotonic()
     producer.close()
     assert time.monotonic() - started < 2, "closing a wedged producer waits for nothing"
+
+
+def test_a_given_up_call_that_returns_at_last_is_said_and_no_longer_counted(
+        producer: confluent.ConfluentProducer, caplog: pytest.LogCaptureFixture) -> None:
+    released = threading.Event()
+    before = len(confluent._STILL_BLOCKED)
+    with pytest.raises(TransportError, match=rf"\({before + 1} calls given up in this process "
+                                             r"are still blocked\)"):
+        producer._call_bounded(lambda _timeout_s: released.wait(30), timeout_s=0.1)
+    caplog.set_level(logging.INFO, logger=confluent.__name__)
+    released.set()  # as when another broker changes state (librdkafka 5511)
+    deadline = time.monotonic() + 5
+    while "returned: its producer is released" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert f"<lambda>, given up 0 s ago, returned: its producer is released ({before} calls " \
+        "given up are still blocked)" in caplog.text
+    assert len(confluent._STILL_BLOCKED) == before
