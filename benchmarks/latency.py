@@ -5,9 +5,9 @@ process of its own (streamflow through ``benchmarks.isolated``, the peers with .
 python) with its peak RSS sampled; ``cpu_us_per_event`` is the CPU time it (with its
 descendants) used from the start of the timed sending until the output was complete, per record
 sent in that time. Records sent before the measured period (one every 100 ms until the first
-comes out: the group join) are checked but not timed. ``startup_s`` is the
-time from the process's start to the first output record's arrival (the first record is sent
-as the process starts): imports, group join and the first batch."""
+comes out: the group join) are checked but not timed. ``startup_s`` is the time from the
+process's start to the first output record's arrival (the first record is sent as the process
+starts): imports, group join and the first batch."""
 
 from __future__ import annotations
 

@@ -296,8 +296,8 @@ class ConfluentProducer(Producer):
                 if given_up_at:
                     _STILL_BLOCKED.discard(thread)
                     log.info("%s, given up %.0f s ago, returned: its producer is released "
-                              "(%d calls given up are still blocked)", method.__name__,
-                              time.monotonic() - given_up_at[0], len(_STILL_BLOCKED))
+                             "(%d calls given up are still blocked)", method.__name__,
+                             time.monotonic() - given_up_at[0], len(_STILL_BLOCKED))
 
         thread = threading.Thread(target=run, name=f"streamflow-{method.__name__}", daemon=True)
         thread.start()

@@ -73,14 +73,15 @@ def test_peers_skipped_without_their_venv(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_cpu_seconds_count_the_process_and_its_children() -> None:
-    """A process that burns 0.4 s of CPU in a child it waits for, then 0.4 s in a child it
-    leaves running, then 0.4 s itself: all three are counted."""
+    """A process that burns 0.4 s of CPU in a child it waits for, then 0.4 s in a child that
+    lives as long as it does, then 0.4 s itself: all three are counted."""
     burn = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\n"
+    outlive = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: time.sleep(0.05)\n"
     script = (
         "import subprocess, sys\n"
         f"burn = {burn!r}\n"
         "subprocess.run([sys.executable, '-c', burn], check=True)\n"
-        "child = subprocess.Popen([sys.executable, '-c', burn + 'time.sleep(30)'])\n"
+        f"child = subprocess.Popen([sys.executable, '-c', burn + {outlive!r}])\n"
         "exec(burn)\n"
         "print('burnt', flush=True)\n"
         "child.wait()\n")
