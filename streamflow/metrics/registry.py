@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from streamflow import __version__
 from streamflow.metrics.letters import LatestDeadLetters
+from streamflow.transport import calls_still_blocked
 
 STAGE = ("pipeline", "stage")
 SOURCE = ("pipeline", "source")
@@ -47,6 +48,10 @@ CATALOG: list[tuple[str, type, str, tuple[str, ...], dict[str, Any]]] = [
     ("streamflow_broker_reachable", Gauge,
      "1 while a stage's consumer gets answers about its partitions from the brokers, 0 while "
      "they fail (a broker down, a partition leader moving).", STAGE, {}),
+    ("streamflow_kafka_calls_still_blocked", Gauge,
+     "Kafka client calls given up in this process after they ignored their timeout (librdkafka "
+     "issues 5456 and 5511), still blocked: each holds a replaced client's threads and buffers. "
+     "Restart the process if it keeps growing.", ("pipeline",), {}),
     ("streamflow_batch_size_records", Histogram, "Records per consumed micro-batch.", STAGE,
      {"buckets": SIZE_BUCKETS}),
     ("streamflow_batch_processing_seconds", Histogram, "Time to process one micro-batch.", STAGE,
@@ -278,6 +283,8 @@ class PipelineMetrics:
             for name, kind, text, labels, extra in CATALOG
         }
         self.families["streamflow_build_info"].labels(pipeline, __version__, config_hash).set(1)
+        self.families["streamflow_kafka_calls_still_blocked"].labels(pipeline).set_function(
+            calls_still_blocked)
         # by source or stage: kept across the restarts that build its handles anew
         self.reasons: dict[str, DeadLetterReasons] = {}
         self.latest_dead_letters = LatestDeadLetters()  # of every source and stage, for the dashboard

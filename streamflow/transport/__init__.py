@@ -19,6 +19,7 @@ from streamflow.transport.base import (
     TopicSpec,
     Transport,
     TransportError,
+    calls_still_blocked,
     read_until,
 )
 
@@ -63,6 +64,7 @@ __all__ = [
     "TopicSpec",
     "Transport",
     "TransportError",
+    "calls_still_blocked",
     "create_transport",
     "read_until",
 ]

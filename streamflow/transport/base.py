@@ -7,6 +7,7 @@ so that the runtime can hand them to Arrow without building one object per recor
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -365,3 +366,13 @@ def read_until(transport: Transport, start: Mapping[TopicPartition, int | None],
                 yield batch
     finally:
         reader.close()
+
+
+# Client calls a transport gave up on after they ignored their timeout, still blocked: each
+# holds its client's native resources (threads, buffers) until it returns, if ever.
+STILL_BLOCKED: set[threading.Thread] = set()
+
+
+def calls_still_blocked() -> int:
+    """How many client calls given up in this process are still blocked."""
+    return len(STILL_BLOCKED)

@@ -28,6 +28,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from streamflow.transport.base import (
+    STILL_BLOCKED,
     Admin,
     AuthenticationError,
     ConsumedBatch,
@@ -57,9 +58,6 @@ _FLUSH_TIMEOUT_S = 60.0
 # timeout, 30 s).
 _OFFSETS_TIMEOUT_S = 15.0
 _WEDGE_GRACE_S = 5.0
-# The threads of calls given up and still blocked, each holding its producer's native client:
-# librdkafka 5511 says such a call returns once some other broker changes state, maybe never.
-_STILL_BLOCKED: set[threading.Thread] = set()
 # How often a transaction's flush looks for a refusal for size, after which it purges the rest.
 _REFUSAL_CHECK_S = 0.1
 # Delivery errors of records librdkafka purged unsent, in a transaction failed by a refusal.
@@ -294,22 +292,24 @@ class ConfluentProducer(Producer):
                 outcome.append(None)
             with decided:
                 if given_up_at:
-                    _STILL_BLOCKED.discard(thread)
+                    STILL_BLOCKED.discard(thread)
                     log.info("%s, given up %.0f s ago, returned: its producer is released "
                              "(%d calls given up are still blocked)", method.__name__,
-                             time.monotonic() - given_up_at[0], len(_STILL_BLOCKED))
+                             time.monotonic() - given_up_at[0], len(STILL_BLOCKED))
 
+        # A given-up call joins STILL_BLOCKED: librdkafka 5511 says it returns once some other
+        # broker changes state, maybe never.
         thread = threading.Thread(target=run, name=f"streamflow-{method.__name__}", daemon=True)
         thread.start()
         thread.join(timeout_s + _WEDGE_GRACE_S)
         with decided:
             if not outcome:
                 given_up_at.append(time.monotonic())
-                _STILL_BLOCKED.add(thread)
+                STILL_BLOCKED.add(thread)
                 self._wedged = (
                     f"{method.__name__} did not return within {timeout_s:g} s plus "
                     f"{_WEDGE_GRACE_S:g} s (librdkafka issues 5456 and 5511): this producer is "
-                    f"given up, its native client left to the blocked call ({len(_STILL_BLOCKED)} "
+                    f"given up, its native client left to the blocked call ({len(STILL_BLOCKED)} "
                     "calls given up in this process are still blocked)")
                 raise TransportError(self._wedged)
         if outcome[0] is not None:

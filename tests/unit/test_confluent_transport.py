@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+from streamflow.metrics import PipelineMetrics
 from streamflow.transport import confluent
-from streamflow.transport.base import TransportError
+from streamflow.transport.base import STILL_BLOCKED, TransportError
 from streamflow.transport.confluent import ConfluentTransport, _Leaders
 
 
@@ -149,13 +150,16 @@ def test_a_call_that_never_returns_wedges_the_producer(
     assert time.monotonic() - started < 2, "closing a wedged producer waits for nothing"
 
 
-def test_a_given_up_call_that_returns_at_last_is_said_and_no_longer_counted(
+def test_a_given_up_call_is_counted_until_it_returns_at_last_which_is_said(
         producer: confluent.ConfluentProducer, caplog: pytest.LogCaptureFixture) -> None:
     released = threading.Event()
-    before = len(confluent._STILL_BLOCKED)
+    before = len(STILL_BLOCKED)
     with pytest.raises(TransportError, match=rf"\({before + 1} calls given up in this process "
                                              r"are still blocked\)"):
         producer._call_bounded(lambda _timeout_s: released.wait(30), timeout_s=0.1)
+    metrics = PipelineMetrics("p")
+    gauge = ("streamflow_kafka_calls_still_blocked", {"pipeline": "p"})
+    assert metrics.registry.get_sample_value(*gauge) == before + 1
     caplog.set_level(logging.INFO, logger=confluent.__name__)
     released.set()  # as when another broker changes state (librdkafka 5511)
     deadline = time.monotonic() + 5
@@ -163,4 +167,5 @@ def test_a_given_up_call_that_returns_at_last_is_said_and_no_longer_counted(
         time.sleep(0.01)
     assert re.search(rf"<lambda>, given up \d+ s ago, returned: its producer is released "
                      rf"\({before} calls given up are still blocked\)", caplog.text), caplog.text
-    assert len(confluent._STILL_BLOCKED) == before
+    assert len(STILL_BLOCKED) == before
+    assert metrics.registry.get_sample_value(*gauge) == before
