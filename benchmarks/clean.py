@@ -134,7 +134,7 @@ def checked(system: str, expected: tuple[Counter[str], Counter[bytes]],
 
 
 def run_native(bootstrap: str, source: str, name: str, records: int,
-               guarantee: str = "at_least_once") -> float:
+               guarantee: str = "at_least_once") -> Measures:
     return run_stage(bootstrap, source, records, {"steps": clean_steps()}, guarantee=guarantee,
                      name=name)
 
@@ -147,7 +147,7 @@ def run_isolated(bootstrap: str, source: str, name: str, records: int) -> Measur
             folder))
 
 
-def run_faust(bootstrap: str, source: str, name: str, records: int) -> float:
+def run_faust(bootstrap: str, source: str, name: str, records: int) -> Measures:
     return run_stage(bootstrap, source, records,
                      {"type": "faust", "agent": "benchmarks.clean:clean_agent"}, name=name)
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psutil
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from benchmarks.processes import Measures, tree_cpu_seconds
 from streamflow.runtime.pipeline import PipelineRunner
 from streamflow.transport import TopicSpec, create_transport
 from streamflow.transport.broker import EmbeddedBroker
@@ -19,6 +21,7 @@ POLL_S = 0.002
 MAX_POLL_S = 1.0  # an early estimate from a few records may be far too long
 BROKERS = ("tansu", "kafka")
 _chosen = {"broker": "tansu"}
+_running_brokers: list[psutil.Process] = []
 WARM_UP_TOPIC = "bench.warm-up"
 WARM_UP_TIMEOUT_S = 60.0
 
@@ -37,14 +40,32 @@ def chosen_broker() -> str:
 @contextmanager
 def local_broker(**kafka_settings: Any) -> Iterator[str]:
     """The bootstrap address of a broker of the chosen kind, started for this run and stopped
-    after it (``kafka_settings`` are extra broker settings, for Apache Kafka only)."""
+    after it (``kafka_settings`` are extra broker settings, for Apache Kafka only). While it
+    runs, :func:`broker_cpu_seconds` reads its CPU time."""
     if chosen_broker() == "kafka":
         with KafkaCluster(1, settings=kafka_settings) as cluster:
             _create_offsets_topic(cluster.bootstrap)
-            yield cluster.bootstrap
+            with _broker_processes(process.pid for process in cluster.processes if process):
+                yield cluster.bootstrap
     else:
-        with EmbeddedBroker() as broker:
+        with EmbeddedBroker() as broker, _broker_processes([broker.pid] if broker.pid else []):
             yield broker.bootstrap
+
+
+@contextmanager
+def _broker_processes(pids: Iterable[int]) -> Iterator[None]:
+    _running_brokers[:] = [psutil.Process(pid) for pid in pids]
+    try:
+        yield
+    finally:
+        _running_brokers.clear()
+
+
+def broker_cpu_seconds() -> float:
+    """The CPU time the running :func:`local_broker` has used so far."""
+    if not _running_brokers:
+        raise RuntimeError("no local_broker is running")
+    return sum(tree_cpu_seconds(process) for process in _running_brokers)
 
 
 def _create_offsets_topic(bootstrap: str) -> None:
@@ -69,8 +90,11 @@ def _create_offsets_topic(bootstrap: str) -> None:
 
 def measure_stage(runner: PipelineRunner, stage: str, records: int,
                   on_running: Callable[[PipelineRunner], None] = lambda runner: None,
-                  done: Callable[[PipelineRunner], float] | None = None) -> float:
-    """Run the pipeline until ``stage`` has handled ``records``; return its records per second.
+                  done: Callable[[PipelineRunner], float] | None = None,
+                  cpu_seconds: Callable[[], float] | None = None) -> Measures:
+    """Run the pipeline until ``stage`` has handled ``records``: its records per second, and
+    with ``cpu_seconds`` (the CPU time used so far by what runs the pipeline), the CPU each
+    record cost.
 
     Time runs from the first handled batch to the last one, so the consumer-group join is not
     counted, and neither are the records handled before the clock started.
@@ -92,6 +116,7 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
     count = done or handled
     started = finished = None
     at_start = counted = 0.0  # records handled when the clock started; records done now
+    cpu_at_start = cpu_at_end = 0.0
     notified = False
     interval = POLL_S
     while finished is None:
@@ -103,10 +128,12 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
             at_start = handled(runner)
             if at_start:
                 started = time.perf_counter()
+                cpu_at_start = cpu_seconds() if cpu_seconds else 0.0
             continue
         counted = count(runner)
         if counted >= records:
             finished = time.perf_counter()
+            cpu_at_end = cpu_seconds() if cpu_seconds else 0.0
         elif counted > at_start:  # sleep half the expected remaining time: few, short at the end
             elapsed = time.perf_counter() - started
             interval = min(MAX_POLL_S, max(
@@ -114,4 +141,7 @@ def measure_stage(runner: PipelineRunner, stage: str, records: int,
     runner.stop()
     thread.join()
     assert started is not None
-    return (counted - at_start) / (finished - started)
+    measures = {"events_per_s": (counted - at_start) / (finished - started)}
+    if cpu_seconds:
+        measures["cpu_us_per_event"] = (cpu_at_end - cpu_at_start) * 1e6 / (counted - at_start)
+    return measures

@@ -113,7 +113,7 @@ def stage_settings(bootstrap: str, source: str, name: str, stage: dict[str, Any]
 
 def run_stage(bootstrap: str, source: str, records: int, stage: dict[str, Any],
               on_running: Callable[[PipelineRunner], None] | None = None,
-              guarantee: str = "at_least_once", name: str | None = None) -> float:
+              guarantee: str = "at_least_once", name: str | None = None) -> Measures:
     """Events per second of one processor stage reading ``source`` (``stage``: its settings
     besides name, input and output) in pipeline ``name`` (a fresh one by default). With
     ``on_running``, the metrics endpoint and dashboard are served on a free port and
@@ -125,7 +125,7 @@ def run_stage(bootstrap: str, source: str, records: int, stage: dict[str, Any],
 
 def run_streamflow(bootstrap: str, source: str, records: int,
                    on_running: Callable[[PipelineRunner], None] | None = None,
-                   guarantee: str = "at_least_once") -> float:
+                   guarantee: str = "at_least_once") -> Measures:
     """The same work as a streamflow processor stage: schema step, then a SQL derived field."""
     return run_stage(bootstrap, source, records, {"steps": [
         schema_step(), {"sql": "SELECT *, temperature * 1.8 + 32 AS temperature_f FROM batch"},

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from benchmarks.core import WORKLOAD, compare, run_streamflow
+from benchmarks.processes import Measures
 from streamflow.runtime.pipeline import PipelineRunner
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -45,7 +46,7 @@ def run_dashboard(records: int, repeat: int) -> list[dict[str, Any]]:
                                             url], stdout=subprocess.DEVNULL,
                                            stderr=subprocess.DEVNULL))
 
-        def with_dashboard(bootstrap: str, source: str, count: int) -> float:
+        def with_dashboard(bootstrap: str, source: str, count: int) -> Measures:
             return run_streamflow(bootstrap, source, count, open_dashboard)
 
         return compare({"streamflow": run_streamflow, "streamflow-dashboard-open": with_dashboard},

@@ -1,7 +1,7 @@
 """A streamflow pipeline in a process of its own, so that its peak RSS is measured alone:
 ``python -m benchmarks.isolated SETTINGS.json STAGE [--records N]``. With ``--records`` it
-prints ``{"events_per_s": ...}`` once STAGE handled N records (``measure_stage``) and exits;
-without, it runs until SIGTERM."""
+prints ``{"events_per_s": ..., "cpu_us_per_event": ...}`` once STAGE handled N records
+(``measure_stage``) and exits; without, it runs until SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import json
 import sys
 from pathlib import Path
 
+import psutil
+
 from benchmarks.common import measure_stage
+from benchmarks.processes import tree_cpu_seconds
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner, install_signal_handlers
 from streamflow.runtime.process import lean_process
@@ -30,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         install_signal_handlers(runner)
         runner.run()
     else:
-        print(json.dumps({"events_per_s": measure_stage(runner, args.stage, args.records)}),
-              flush=True)
+        # the CPU of this process and its workers: the whole pipeline, no broker
+        tree = psutil.Process()
+        print(json.dumps(measure_stage(runner, args.stage, args.records,
+                                       cpu_seconds=lambda: tree_cpu_seconds(tree))), flush=True)
     return 0
 
 

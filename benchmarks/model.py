@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any
 from confluent_kafka import Producer
 from river import datasets, linear_model, metrics, preprocessing
 
-from benchmarks.common import local_broker
+from benchmarks.common import broker_cpu_seconds, local_broker
 from benchmarks.processes import (
     Measures,
     TopicWatch,
@@ -45,15 +46,32 @@ def records(count: int) -> list[tuple[dict[str, float], float]]:
             for x, y in itertools.islice(datasets.synth.Friedman(seed=42), count)]
 
 
-def run_river(stream: list[tuple[dict[str, float], float]]) -> float:
+def run_river(stream: list[tuple[dict[str, float], float]]) -> Measures:
     model = preprocessing.StandardScaler() | linear_model.LinearRegression()
     metric = metrics.MAE()
-    started = time.perf_counter()
+    started, cpu_at_start = time.perf_counter(), time.thread_time()
     for x, y in stream:
         y_pred = model.predict_one(x)
         metric.update(y, y_pred)
         model.learn_one(x, y)
-    return len(stream) / (time.perf_counter() - started)
+    return {"events_per_s": len(stream) / (time.perf_counter() - started),
+            "cpu_us_per_event": (time.thread_time() - cpu_at_start) * 1e6 / len(stream)}
+
+
+def with_broker_cpu(run: Callable[[], Measures], count: int) -> Measures:
+    """``run()``'s measures, with the broker's CPU time over the whole run per record of the
+    ``count`` it reads (``broker_cpu_us_per_event``)."""
+    cpu_at_start = broker_cpu_seconds()
+    measures = run()
+    measures["broker_cpu_us_per_event"] = (broker_cpu_seconds() - cpu_at_start) * 1e6 / count
+    return measures
+
+
+def cpu_bound(measures: Measures) -> float:
+    """The most records per second this machine's cores allow a stage with ``measures``: its
+    processes' CPU per record and the broker's."""
+    per_event_us = measures["cpu_us_per_event"] + measures["broker_cpu_us_per_event"]
+    return (os.cpu_count() or 1) * 1e6 / per_event_us
 
 
 def river_predictions(stream: list[tuple[dict[str, float], float]]) -> list[float]:
@@ -133,7 +151,7 @@ def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
             producer.poll(0)
         producer.flush()
         for round_number in range(repeat):
-            systems: dict[str, Callable[[], float | dict[str, float]]] = {
+            systems: dict[str, Callable[[], Measures]] = {
                 "river": lambda: run_river(stream),
                 "streamflow": lambda: run_streamflow(bootstrap, topic, len(stream)),
                 "streamflow-exactly-once":
@@ -143,10 +161,11 @@ def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
                 "quix": lambda: run_quix(bootstrap, topic, expected),
             }
             for system in rotated(list(runs), round_number):
-                measured = systems[system]()
-                if not isinstance(measured, dict):
-                    measured = {"events_per_s": measured}
-                print(f"{system}: {measured['events_per_s']:,.0f} events/s", flush=True)
+                run = systems[system]
+                measured = run() if system == "river" else with_broker_cpu(run, len(stream))
+                print(f"{system}: {measured['events_per_s']:,.0f} events/s"
+                      + "".join(f", {name} {value:,.1f}" for name, value in measured.items()
+                                if name != "events_per_s"), flush=True)
                 runs[system].append(measured)
     if skipped:
         print(skipped, flush=True)
@@ -154,6 +173,15 @@ def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
     if results["streamflow"]["events_per_s"]:  # 0 when its first batch held every record
         overhead = results["river"]["events_per_s"] / results["streamflow"]["events_per_s"] - 1
         print(f"stage overhead vs plain river: {overhead:.1%}", flush=True)
+    # Issue 16's "1.6x plain river on 2 cores" against what the CPU each record costs allows:
+    # the stage's processes and the broker share this machine's cores.
+    spread_out = results["streamflow-2-partitions"]
+    if spread_out.get("cpu_us_per_event"):
+        spread_out["cpu_bound_events_per_s"] = bound = cpu_bound(spread_out)
+        print(f"streamflow-2-partitions: {spread_out['cpu_us_per_event']:.1f} µs of CPU a record "
+              f"in its processes and {spread_out['broker_cpu_us_per_event']:.1f} µs in the "
+              f"broker allow at most {bound:,.0f} events/s on {os.cpu_count()} cores, "
+              f"{bound / results['river']['events_per_s']:.2f}x plain river", flush=True)
     return [{"system": system, "workload": WORKLOAD, **{k: round(v, 1) for k, v in found.items()},
              "events_per_s": round(found["events_per_s"]), "records": records_count}
             for system, found in results.items()]

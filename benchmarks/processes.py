@@ -64,6 +64,19 @@ def streamflow_command(config: dict[str, Any], stage: str, records: int | None,
     return command, {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+def tree_cpu_seconds(root: psutil.Process) -> float:
+    """The CPU time (user and system) ``root`` and its descendants have used so far, with that
+    of the descendants they have waited for; one that ended unwaited for is missed."""
+    used = 0.0
+    for process in (root, *root.children(recursive=True)):
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # ended between listing and reading
+            continue
+        used += times.user + times.system + times.children_user + times.children_system
+    return used
+
+
 class RssSampler:
     """The peak memory of a process and its descendants, sampled every ``SAMPLE_S`` (and their
     CPU time, read when asked: :meth:`cpu_seconds`): the sum of
@@ -102,17 +115,9 @@ class RssSampler:
             self._stop.wait(SAMPLE_S)
 
     def cpu_seconds(self) -> float:
-        """The CPU time (user and system) the process and its descendants have used so far,
-        with that of the descendants they have waited for; one that ended unwaited for is
-        missed."""
-        used = 0.0
-        for process in (self._process, *self._process.children(recursive=True)):
-            try:
-                times = process.cpu_times()
-            except psutil.Error:  # ended between listing and reading
-                continue
-            used += times.user + times.system + times.children_user + times.children_system
-        return used
+        """The CPU time the process and its descendants have used so far (see
+        :func:`tree_cpu_seconds`)."""
+        return tree_cpu_seconds(self._process)
 
     def stop(self) -> float:
         """Stop sampling; the peak RSS sum in MB."""

@@ -21,6 +21,7 @@ import psycopg
 
 from benchmarks.common import measure_stage
 from benchmarks.core import PARTITIONS, compare
+from benchmarks.processes import Measures
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
 from tests.services import postgres
@@ -53,7 +54,8 @@ def sink_settings(sink_type: str, postgres_dsn: str) -> Iterator[dict[str, Any]]
                 connection.execute(f'DROP TABLE IF EXISTS "{table}"')
 
 
-def run_sink(bootstrap: str, source: str, records: int, sink_type: str, postgres_dsn: str) -> float:
+def run_sink(bootstrap: str, source: str, records: int, sink_type: str, postgres_dsn: str
+             ) -> Measures:
     """Rows per second the sink ``sink_type`` makes durable, reading ``source`` from the start."""
     name = f"sink{uuid.uuid4().hex[:8]}"
     with sink_settings(sink_type, postgres_dsn) as settings:

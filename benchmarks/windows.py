@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.core import compare, run_stage, run_streamflow, schema_step
+from benchmarks.processes import Measures
 
 WORKLOAD = "json-schema-tumbling-window"
 
 
-def run_windowed(bootstrap: str, source: str, records: int) -> float:
+def run_windowed(bootstrap: str, source: str, records: int) -> Measures:
     return run_stage(bootstrap, source, records, {
         "steps": [schema_step()],
         "window": {

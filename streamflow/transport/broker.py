@@ -90,6 +90,11 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id, once started."""
+        return self._process.pid if self._process is not None else None
+
     def start(self, timeout_s: float = 30.0) -> EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
         command = [
