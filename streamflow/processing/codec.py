@@ -1,6 +1,6 @@
 """JSON ↔ Arrow for whole micro-batches.
 
-A small batch (up to :data:`SMALL_BATCH` records) of plain records (see :func:`_read_plain`) is
+A small batch (up to :data:`SMALL_READ` records) of plain records (see :func:`_read_plain`) is
 read record by record with exactly the reader's result: pyarrow's reader starts a thread for
 each call, which costs more than such a batch's parsing on a busy machine. Otherwise decoding
 hands the batch to pyarrow's NDJSON reader in one call, once cheap checks showed that
@@ -18,8 +18,9 @@ The runtime's own columns start with ``_sf_``: a record field whose name starts 
 or steers the runtime.
 
 Encoding builds the JSON text column-wise with Arrow compute kernels instead of a per-record
-``json.dumps``; a small batch of text, integer, boolean and double columns is written value by
-value in Python instead, to the same bytes (the kernel calls cost more than such a batch).
+``json.dumps``; a small batch (up to :data:`SMALL_WRITE` records) of text, integer, boolean and
+double columns is written value by value in Python instead, to the same bytes (the kernel calls
+cost more than such a batch).
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ from streamflow.processing.steps import HIDDEN_PREFIX
 Failures = list[tuple[int, BaseException]]
 
 MAX_DEPTH = 128  # nested arrays and objects in a record (as serde_json's default limit)
-# Batches of up to this many records are read and written value by value where they can be
-# (see _read_plain and _write_plain): about where Arrow's fixed cost per call stops dominating.
-SMALL_BATCH = 32
+# Batches of up to this many records are read, and written, value by value where they can be
+# (see _read_plain and _write_plain): about where Arrow's fixed cost per call stops dominating,
+# timed in a stage's loop of decode, steps and encode (in a loop of one call alone, Arrow's code
+# stays in the CPU's caches and seems cheaper than it is there).
+SMALL_READ = 96
+SMALL_WRITE = 128
 ESCAPE = "_sf~"  # prefixed to record fields named like the runtime's columns
 
 _NOT_OPENING = bytes(byte for byte in range(256) if byte not in b"[{\n")
@@ -281,7 +285,7 @@ def decode_json(
         buffer = b"\n".join(objects)
         if _fits_reader(objects, buffer):
             plain = (_read_plain(objects, schema, buffer)
-                     if schema is not None and len(objects) <= SMALL_BATCH else None)
+                     if schema is not None and len(objects) <= SMALL_READ else None)
             if plain is not None:
                 return with_row_ids(plain, range(len(objects))), []
             try:
@@ -563,7 +567,7 @@ def encode_json(table: pa.Table) -> list[bytes]:
     for index, kind in enumerate(table.schema.types):  # one text type for the kernels' joins
         if pa.types.is_large_string(kind):
             table = table.set_column(index, names[index], pc.cast(table.column(index), pa.string()))
-    if table.num_rows <= SMALL_BATCH and (written := _write_plain(table, names)) is not None:
+    if table.num_rows <= SMALL_WRITE and (written := _write_plain(table, names)) is not None:
         return written
     floats = _json_float_columns(table)
     parts: list[pa.Scalar | pa.ChunkedArray] = []

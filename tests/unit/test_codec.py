@@ -137,11 +137,11 @@ def test_a_float_column_is_written_as_it_would_be_alone(
 @contextmanager
 def arrow_only() -> Iterator[None]:
     """No batch is small: the Arrow reader and kernels take every one."""
-    small_batch, codec.SMALL_BATCH = codec.SMALL_BATCH, 0
+    small, codec.SMALL_READ, codec.SMALL_WRITE = (codec.SMALL_READ, codec.SMALL_WRITE), 0, 0
     try:
         yield
     finally:
-        codec.SMALL_BATCH = small_batch
+        codec.SMALL_READ, codec.SMALL_WRITE = small
 
 
 def by_kernels(table: pa.Table) -> list[bytes]:
@@ -164,7 +164,7 @@ plain_columns = st.sampled_from([
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.text(max_size=4), plain_columns), min_size=1, max_size=5),
-       st.integers(1, 32), st.data())
+       st.integers(1, codec.SMALL_WRITE), st.data())
 def test_small_batches_are_written_value_by_value_as_the_kernels_write_them(
         columns: list[tuple[str, tuple[pa.DataType, st.SearchStrategy[object]]]], rows: int,
         data: st.DataObject) -> None:
