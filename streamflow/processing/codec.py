@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
 from streamflow.plugins import ROW_ID
+from streamflow.processing.schema_memo import PerSchema
 from streamflow.processing.steps import HIDDEN_PREFIX
 
 Failures = list[tuple[int, BaseException]]
@@ -567,7 +568,7 @@ def encode_json(table: pa.Table) -> list[bytes]:
     for index, kind in enumerate(table.schema.types):  # one text type for the kernels' joins
         if pa.types.is_large_string(kind):
             table = table.set_column(index, names[index], pc.cast(table.column(index), pa.string()))
-    if table.num_rows <= SMALL_WRITE and (written := _write_plain(table, names)) is not None:
+    if table.num_rows <= SMALL_WRITE and (written := _write_plain(table)) is not None:
         return written
     floats = _json_float_columns(table)
     parts: list[pa.Scalar | pa.ChunkedArray] = []
@@ -587,21 +588,33 @@ def encode_json(table: pa.Table) -> list[bytes]:
     return pc.cast(joined, pa.binary()).to_pylist()
 
 
-def _write_plain(table: pa.Table, names: list[str]) -> list[bytes] | None:
-    """What :func:`encode_json` writes for ``table`` (its columns named ``names``), value by
-    value in Python, when its columns are all text, integers, booleans or doubles; otherwise
-    None."""
-    writers = [_PLAIN_WRITERS.get(kind.id) for kind in table.schema.types]
-    if None in writers:
+def _write_plain(table: pa.Table) -> list[bytes] | None:
+    """What :func:`encode_json` writes for ``table``, value by value in Python, when its columns
+    are all text, integers, booleans or doubles; otherwise None."""
+    found = _ROW_WRITERS(table.schema)
+    if found is None:
         return None
-    columns = [[_NULL if value is None else write(value) for value in column.to_pylist()]
-               if column.null_count else list(map(write, column.to_pylist()))
-               for write, column in zip(writers, table.columns, strict=True)]
-    fields = [json.dumps(name) + ":" for name in names]
-    return [("{" + ",".join(map(str.__add__, fields, row)) + "}").encode()
-            for row in zip(*columns, strict=True)]
+    template, writers = found
+    # A record batch's arrays give their values faster than a table's chunked arrays.
+    batches = table.to_batches()
+    columns = (batches[0] if len(batches) == 1 else table.combine_chunks().to_batches()[0]).columns
+    texts = [[_NULL if value is None else write(value) for value in column.to_pylist()]
+             if column.null_count else list(map(write, column.to_pylist()))
+             for write, column in zip(writers, columns, strict=True)]
+    return [(template % row).encode() for row in zip(*texts, strict=True)]
 
 
+def _row_writer(schema: pa.Schema) -> tuple[str, list[Callable[[Any], str]]] | None:
+    """For :func:`_write_plain`: a row's JSON text as a ``%`` template, a ``%s`` for each value,
+    and each column's writer; None when a column has none."""
+    writers = [_PLAIN_WRITERS.get(kind.id) for kind in schema.types]
+    if any(writer is None for writer in writers):
+        return None
+    fields = [json.dumps(name).replace("%", "%%") + ":%s" for name in schema.names]
+    return "{" + ",".join(fields) + "}", cast(list[Callable[[Any], str]], writers)
+
+
+_ROW_WRITERS = PerSchema(_row_writer)
 _NULL = "null"
 
 
