@@ -134,8 +134,7 @@ def _read_plain(values: Sequence[bytes], schema: pa.Schema, buffer: bytes) -> pa
         return None
     signed_zero = b"-0" in buffer  # once a batch, not once a zero
     columns = []
-    for name, kind in zip(schema.names, schema.types, strict=True):
-        plain = _PLAIN_KINDS.get(kind)
+    for name, kind, plain in _PLAIN_FIELDS(schema):
         column = [document.get(name) for document in documents]
         if plain is None or not plain(column, signed_zero):
             return None
@@ -216,6 +215,11 @@ _PLAIN_KINDS: dict[pa.DataType, Callable[[list[Any], bool], bool]] = {
     pa.float64(): _plain_doubles,
     pa.bool_(): lambda values, _signed_zero: set(map(type, values)) <= _BOOLEANS,
 }
+
+
+# Each field of a schema with its type's check (None for a type never plain), derived once.
+_PLAIN_FIELDS = PerSchema(lambda schema: [(name, kind, _PLAIN_KINDS.get(kind))
+                                          for name, kind in zip(schema.names, schema.types, strict=True)])
 
 
 def _null_items_as_text(kind: pa.DataType, in_list: bool = False) -> pa.DataType:
