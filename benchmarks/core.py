@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, Producer
 
 from benchmarks.common import local_broker, measure_stage
 from benchmarks.processes import Measures
-from benchmarks.stats import medians, rotated
+from benchmarks.stats import measures_line, medians, rotated
 from connectors.sources.generator import GeneratorConfig, sensor_event
 from streamflow.config import parse_pipeline
 from streamflow.runtime.pipeline import PipelineRunner
@@ -147,9 +147,7 @@ def compare(systems: dict[str, Callable[[str, str, int], float | Measures]], wor
                 measured = systems[system](bootstrap, source, records)
                 if not isinstance(measured, dict):
                     measured = {"events_per_s": measured}
-                print(f"{system}: {measured['events_per_s']:,.0f} events/s"
-                      + "".join(f", {name} {value:,.1f}" for name, value in measured.items()
-                                if name != "events_per_s"), flush=True)
+                print(measures_line(system, measured), flush=True)
                 runs[system].append(measured)
     if skipped:
         print(skipped, flush=True)

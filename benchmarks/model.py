@@ -35,7 +35,7 @@ from benchmarks.processes import (
     scratch,
     streamflow_command,
 )
-from benchmarks.stats import medians, rotated
+from benchmarks.stats import measures_line, medians, rotated
 from streamflow.transport import TopicSpec, create_transport
 
 WORKLOAD = "river-learn-one-regression"
@@ -163,9 +163,7 @@ def run_model(records_count: int, repeat: int) -> list[dict[str, Any]]:
             for system in rotated(list(runs), round_number):
                 run = systems[system]
                 measured = run() if system == "river" else with_broker_cpu(run, len(stream))
-                print(f"{system}: {measured['events_per_s']:,.0f} events/s"
-                      + "".join(f", {name} {value:,.1f}" for name, value in measured.items()
-                                if name != "events_per_s"), flush=True)
+                print(measures_line(system, measured), flush=True)
                 runs[system].append(measured)
     if skipped:
         print(skipped, flush=True)

@@ -43,3 +43,9 @@ def rotated(systems: Sequence[T], round_number: int) -> list[T]:
     CPU and had a higher p50 and p95 latency first in each of them (2 December)."""
     shift = round_number % len(systems) if systems else 0
     return [*systems[shift:], *systems[:shift]]
+
+
+def measures_line(system: str, measured: Mapping[str, float]) -> str:
+    """One run's measures as printed: events per second first, then the others."""
+    return f"{system}: {measured['events_per_s']:,.0f} events/s" + "".join(
+        f", {name} {value:,.1f}" for name, value in measured.items() if name != "events_per_s")
