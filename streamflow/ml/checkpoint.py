@@ -341,8 +341,9 @@ class CheckpointStore:
         _private_directory(self.directory)
         self.integrity = Integrity.from_environment()
         for leftover in self.directory.rglob("*.tmp"):
-            if time.time() - leftover.stat().st_mtime > _LEFTOVER_AGE_S:
-                leftover.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # another writer may publish it meanwhile
+                if time.time() - leftover.stat().st_mtime > _LEFTOVER_AGE_S:
+                    leftover.unlink()
 
     def path(self, name: str) -> Path:
         return self.directory / f"{_safe(name)}{SUFFIX}"

@@ -385,6 +385,20 @@ def test_two_writers_of_a_checkpoint_stage_it_under_names_of_their_own(tmp_path:
     assert store.load("a", "partition-state")[1] == {"w": 2}
 
 
+def test_a_leftover_another_writer_publishes_meanwhile_does_not_stop_the_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica opening the store lists a staged file another replica renames before it is
+    looked at (seen in CI: the model worker failed with FileNotFoundError); old ones still go."""
+    store = CheckpointStore(tmp_path, "p", "s")
+    stale = store.directory / "stale.tmp"
+    stale.write_bytes(b"")
+    os.utime(stale, (0, 0))
+    listed = [store.directory / "published-meanwhile.tmp", stale]
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: iter(listed))
+    CheckpointStore(tmp_path, "p", "s")
+    assert not stale.exists()
+
+
 class Weights:
     """An instance with a plain ``__dict__``, as river's estimators have."""
 
