@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from river import linear_model
@@ -23,3 +24,17 @@ class Picky(linear_model.LinearRegression):
 
 def picky() -> Picky:
     return Picky()
+
+
+class Slow(linear_model.LinearRegression):
+    """Takes ``LEARN_S`` to learn each record: its worker stays busy for a while."""
+
+    LEARN_S = 0.3
+
+    def learn_one(self, x: dict[str, Any], y: float, **kwargs: Any) -> None:
+        time.sleep(self.LEARN_S)
+        super().learn_one(x, y, **kwargs)
+
+
+def slow() -> Slow:
+    return Slow()

@@ -152,6 +152,13 @@ class EngineWorkers:
             return False
         return all(self._workers[index].ready() for index, _rows in self._pending[0][1])
 
+    def saturated(self) -> bool:
+        """Whether every worker holding partitions has a request queued behind the one it is
+        working on: reading further ahead would keep none of them from waiting."""
+        holding = set(self._owner.values()) or {0}
+        return all(self._workers[index].unanswered() >= 2 for index in holding
+                   if index < len(self._workers))
+
     def receive(self) -> Any:
         """The oldest pending request's reply, merged from its workers' (waiting for them)."""
         method, parts = self._pending.popleft()

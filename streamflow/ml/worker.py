@@ -26,6 +26,7 @@ import logging
 import socket
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -193,6 +194,7 @@ class EngineWorker:
         self._on_effects = on_effects
         self._started: tuple[str, Any] | None = None  # the worker's first message
         self.pending = 0  # requests sent whose reply was not received yet
+        self._arrived: deque[Any] = deque()  # of those, replies read off the connection
 
     @property
     def pid(self) -> int:
@@ -232,13 +234,21 @@ class EngineWorker:
 
     def ready(self) -> bool:
         """Whether the oldest pending reply has arrived."""
-        return self.pending > 0 and self._connection.poll()
+        return self.pending > 0 and (bool(self._arrived) or self._connection.poll())
+
+    def unanswered(self) -> int:
+        """How many requests sent the worker has not answered yet (its work queue)."""
+        with contextlib.suppress(EOFError, OSError):  # an exit is raised by receive
+            while self.pending > len(self._arrived) and self._connection.poll():
+                self._arrived.append(self._connection.recv())
+        return self.pending - len(self._arrived)
 
     def receive(self) -> Any:
         """The oldest pending reply (waiting for it); raises :class:`ModelWorkerError` if the
         request failed in the worker."""
         try:
-            status, payload, effects = self._connection.recv()
+            status, payload, effects = (
+                self._arrived.popleft() if self._arrived else self._connection.recv())
         except (EOFError, OSError) as exc:
             raise self._exited() from exc
         self.pending -= 1

@@ -2,12 +2,13 @@
 
 The engine runs in worker processes (:mod:`streamflow.ml.worker`), one per core, each learning
 some of the input partitions (:mod:`streamflow.ml.pool`). This thread decodes each batch, hands
-it over, and produces the output of the batch before it while the workers learn:
-one batch is always queued ahead of the worker. A checkpoint request queues behind the batches
-before it, and its files are put in place when its reply comes: replies are handled in order, so
-by then the output of those batches is out. (A checkpoint in place before that output would have
-a restarted stage skip those records.) A restored partition state skips the records below the
-offsets it covers, so no record is learned twice.
+it over, and produces the output of batches before it while the workers learn: each worker
+holding partitions gets a request queued behind the one it works on, when the input allows it
+(see READ_AHEAD_BATCHES). A checkpoint request queues behind the batches before it, and its
+files are put in place when its reply comes: replies are handled in order, so by then the output
+of those batches is out. (A checkpoint in place before that output would have a restarted stage
+skip those records.) A restored partition state skips the records below the offsets it covers,
+so no record is learned twice.
 
 - Under at_least_once, input offsets are committed only at checkpoints, right after the model
   states covering them were put in place. After a crash the stage resumes from the checkpoint;
@@ -69,6 +70,11 @@ from streamflow.transport import (
 )
 
 log = logging.getLogger(__name__)
+
+# Batches consumed ahead while a worker has no request queued behind the one it works on: a
+# fetch brings each partition's records in one piece, so a run of one worker's batches may come
+# before the next of another's. Bounded in records (memory): this many batches' worth.
+READ_AHEAD_BATCHES = 4
 
 # A closing brace right after a value: an added field can go before it, after a comma.
 _SPLICEABLE = r"[^{\s]}$"
@@ -351,8 +357,15 @@ class ModelStage(StageRunner):
         self._in_flight.append(in_flight)
         if self._checkpoint_due:
             self._request_checkpoint()
-        while self._in_flight[0] is not in_flight:  # keep this batch queued for the worker
+        while self.worker.ready():
             self._finish()
+        read_ahead = READ_AHEAD_BATCHES * self.batch_config.max_records
+        while self._in_flight and (self.worker.saturated()
+                                   or self._records_in_flight() > read_ahead):
+            self._finish()
+
+    def _records_in_flight(self) -> int:
+        return sum(len(queued.batch) for queued in self._in_flight if isinstance(queued, InFlight))
 
     def _prepare(self, batch: ConsumedBatch) -> tuple[BatchRequest, InFlight]:
         """Decode a batch into the worker's request; decoding failures stay here."""

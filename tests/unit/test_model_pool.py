@@ -3,6 +3,8 @@ them, each one's predictions those of a single worker, one registry version per 
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from streamflow.ml.checkpoint import publish
 from streamflow.ml.pool import EngineWorkers
 from streamflow.ml.registry import Registry
 from streamflow.ml.worker import BatchReply, BatchRequest, EngineSpec, EngineWorker
+from tests.estimators import Slow
 from tests.model_versions import TOPIC, settings
 
 PARTITIONS = 4
@@ -100,4 +103,42 @@ def test_two_workers_predict_as_one_and_checkpoint_one_version(tmp_path: Path) -
             assert by_row(two) == by_row(one) and len(two.rows) == 30
     finally:
         single.close()
+        pool.close()
+
+
+def records_of(partition: int, offsets: list[int]) -> BatchRequest:
+    """Records of one partition at ``offsets``, with x = 1 and y = 3."""
+    count = len(offsets)
+    return BatchRequest(features=pa.table({"x": [1.0] * count}),
+                        partitions=np.full(count, partition), offsets=np.asarray(offsets),
+                        targets=[3.0] * count)
+
+
+def test_saturated_once_every_worker_holding_partitions_has_a_request_queued(
+        tmp_path: Path) -> None:
+    """The stage reads ahead while a worker has nothing queued: saturated() tells when not to."""
+    slow = replace(spec(tmp_path), estimator="tests.estimators:slow")  # 0.3 s a record learned
+    pool = EngineWorkers(slow, "slow", lambda effects: None, 2)
+    try:
+        start(pool)  # worker 0 holds partitions 0 and 2, worker 1 holds 1 and 3
+        pool.submit("handle", records_of(1, [0]))
+        pool.submit("handle", records_of(1, [1]))
+        assert not pool.saturated()  # worker 0 has nothing to do
+        pool.submit("handle", records_of(0, [0]))
+        assert not pool.saturated()  # nor anything queued behind this one
+        pool.submit("handle", records_of(0, [1, 2]))
+        assert pool.saturated()
+        replies = [pool.receive() for _ in range(4)]
+        assert [reply.rows for reply in replies] == [[0], [0], [0], [0, 1]]
+        assert not pool.saturated()
+
+        # answered requests are not queued work, though their replies are not received yet
+        pool.submit("handle", records_of(1, [2, 3]))
+        pool.submit("handle", records_of(1, [4]))
+        pool.submit("handle", records_of(0, [3]))
+        pool.submit("handle", records_of(0, [4]))
+        time.sleep(6 * Slow.LEARN_S)
+        assert not pool.saturated()
+        assert [pool.receive().rows for _ in range(4)] == [[0, 1], [0], [0], [0]]
+    finally:
         pool.close()
