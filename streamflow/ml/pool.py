@@ -126,17 +126,19 @@ class EngineWorkers:
     def _submit_batch(self, request: BatchRequest) -> None:
         rows: dict[int, np.ndarray] = {}
         if request.partitions is not None:
-            owners = np.fromiter((self._owner.get(int(p), 0) for p in request.partitions),
-                                 dtype=np.int64, count=len(request.partitions))
+            partitions, row_partition = np.unique(request.partitions, return_inverse=True)
+            owners = np.asarray([self._owner.get(int(p), 0) for p in partitions],
+                                dtype=np.int64)[row_partition]
             rows = {int(index): np.flatnonzero(owners == index) for index in np.unique(owners)}
         labels: dict[int, list[Any]] = {}
         for label in request.labels:  # a labels topic shares the features topic's partitioning
             labels.setdefault(self._owner.get(label[1], 0), []).append(label)
         involved = sorted({*rows, *labels} if not request.metric_values
                           else range(len(self._workers)))
-        if len(involved) <= 1 and len(self._workers) <= 1:
-            self._worker(0).submit("handle", request)
-            self._pending.append(("handle", [(0, None)]))
+        if len(involved) <= 1:  # the whole request to one worker
+            index = involved[0] if involved else 0
+            self._worker(index).submit("handle", request)
+            self._pending.append(("handle", [(index, None)]))
         else:
             parts: Parts = []
             for index in involved:
