@@ -509,6 +509,12 @@ class RuntimeConfig(Strict):
         "commits. 0: a transaction per batch. Keep it well below transaction.timeout.ms",
     )
     dead_letter_warning: DeadLetterWarningConfig = Field(default_factory=DeadLetterWarningConfig)
+    max_blocked_client_calls: int = Field(
+        8, ge=1,
+        description="stop the run (exit code 1) once this many Kafka client calls given up "
+        "after ignoring their timeout are still blocked, each holding its client's threads and "
+        "buffers (librdkafka issues 5456 and 5511); a restart policy then starts a fresh process",
+    )
     schedule_state_dir: str = Field(
         "./state", description="where the scheduler keeps each schedule's last tick "
         "(<dir>/<pipeline>.schedules.json), to tell a missed tick at start-up"

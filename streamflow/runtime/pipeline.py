@@ -104,7 +104,7 @@ class PipelineRunner:
         self.bootstrap: str | None = None
         self.metrics_server: MetricsServer | None = None
         self.model_servers: list[ModelServer] = []  # of the model stages with serving:
-        self.supervisor = Supervisor()
+        self.supervisor = Supervisor(config.runtime.max_blocked_client_calls)
         # the schedules run in the whole daemon, not in a one-stage container (--stage)
         self.scheduler: Scheduler | None = None
         if config.schedules and stage is None:

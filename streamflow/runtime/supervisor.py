@@ -1,5 +1,5 @@
 """Keeping sources and stages running: restarts with exponential backoff for transient failures,
-a clean stop for fatal ones."""
+a clean stop for fatal ones, and for too many client calls given up and still blocked."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from prometheus_client import Counter
 from streamflow.plugins import TransientError
 from streamflow.runtime.fatal import describe
 from streamflow.runtime.stage import Stage
-from streamflow.transport import AuthenticationError, TransportError
+from streamflow.transport import AuthenticationError, TransportError, calls_still_blocked
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,12 @@ class Supervised:
 
 
 class Supervisor:
-    """Restarts failed runners with backoff; reports a fatal failure for the pipeline to stop."""
+    """Restarts failed runners with backoff; reports a fatal failure for the pipeline to stop,
+    or too many client calls given up and still blocked (``max_blocked_calls``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_blocked_calls: int) -> None:
         self.supervised: list[Supervised] = []
+        self.max_blocked_calls = max_blocked_calls
 
     def add(self, factory: Callable[[], Stage], restarts: Counter) -> Supervised:
         entry = Supervised(factory, restarts)
@@ -74,6 +76,12 @@ class Supervisor:
 
     def check(self) -> str | None:
         """Handle failed runners; return a reason to stop the pipeline on a fatal failure."""
+        blocked = calls_still_blocked()
+        if blocked >= self.max_blocked_calls:
+            return (f"{blocked} Kafka client calls given up after ignoring their timeout are "
+                    "still blocked, each holding its client's threads and buffers (librdkafka "
+                    "issues 5456 and 5511); a fresh process frees them: run it under a restart "
+                    "policy (runtime.max_blocked_client_calls sets how many are borne)")
         now = time.monotonic()
         for entry in self.supervised:
             runner = entry.runner

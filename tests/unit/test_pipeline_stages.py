@@ -3,12 +3,14 @@ the dashboard's running flags and the shutdown order, without a broker."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import ClassVar
 
 from streamflow.config import parse_pipeline
-from streamflow.runtime.pipeline import PipelineRunner
+from streamflow.runtime.pipeline import PipelineRunner, RunResult
 from streamflow.runtime.stage import Stage
+from streamflow.transport.base import STILL_BLOCKED
 
 CONFIG = parse_pipeline({
     "pipeline": "p",
@@ -101,3 +103,36 @@ def test_sources_stop_before_stages_and_a_hung_stage_is_reported() -> None:
     result = runner._shutdown()
     assert result.exit_code == 1 and "clean" in result.errors[0]
     hung._stop.set()
+
+
+def test_the_run_stops_once_too_many_client_calls_given_up_are_still_blocked() -> None:
+    """Each such call holds a Kafka client's threads and buffers: past the bound, only a fresh
+    process frees them, so the run ends with exit code 1 and says why."""
+    config = CONFIG.model_copy(update={"runtime": CONFIG.runtime.model_copy(
+        update={"max_blocked_client_calls": 2})})
+    runner = PipelineRunner(config, metrics_port=0)
+    stage = FakeStage("clean")
+    runner.supervisor.add(lambda: stage, runner.metrics.stage("clean").restarts)
+    runner.supervisor.start()
+    runner._started = True
+    released = threading.Event()
+    blocked = [threading.Thread(target=released.wait, daemon=True) for _ in range(2)]
+    try:
+        for thread in blocked:
+            thread.start()
+        STILL_BLOCKED.add(blocked[0])
+        assert runner.supervisor.check() is None
+        STILL_BLOCKED.add(blocked[1])
+        results: list[RunResult] = []
+        supervising = threading.Thread(target=lambda: results.append(runner._supervise()))
+        supervising.start()
+        supervising.join(10)
+        went_on = supervising.is_alive()
+    finally:
+        STILL_BLOCKED.difference_update(blocked)
+        released.set()
+        runner.stop("the test is over")
+    supervising.join()
+    assert not went_on and results[0].exit_code == 1 and not stage.is_alive()
+    assert results[0].errors[0].startswith("2 Kafka client calls given up after ignoring their "
+                                       "timeout are still blocked")

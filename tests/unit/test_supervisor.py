@@ -60,7 +60,7 @@ def test_transient_failures_restart_with_backoff_and_are_counted() -> None:
         return runner
 
     restarts, registry = counter()
-    supervisor = Supervisor()
+    supervisor = Supervisor(max_blocked_calls=8)
     supervisor.add(factory, restarts)
     supervisor.start()
     started = time.monotonic()
@@ -74,7 +74,7 @@ def test_transient_failures_restart_with_backoff_and_are_counted() -> None:
 
 
 def test_a_fatal_failure_stops_with_one_clear_reason() -> None:
-    supervisor = Supervisor()
+    supervisor = Supervisor(max_blocked_calls=8)
     supervisor.add(lambda: FailingRunner("clean", AuthenticationError("bad password")), counter()[0])
     supervisor.start()
     assert supervisor.check() == ("clean failed: AuthenticationError: bad password; check the "
