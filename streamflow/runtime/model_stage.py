@@ -357,11 +357,13 @@ class ModelStage(StageRunner):
         self._in_flight.append(in_flight)
         if self._checkpoint_due:
             self._request_checkpoint()
-        while self.worker.ready():
-            self._finish()
+        # Only requests older than this batch are finished here: the poll that brought it
+        # came after them, so a member evicted meanwhile (a stall) has learned it, and never
+        # publishes a checkpoint queued behind it over its partitions' next owner's.
         read_ahead = READ_AHEAD_BATCHES * self.batch_config.max_records
-        while self._in_flight and (self.worker.saturated()
-                                   or self._records_in_flight() > read_ahead):
+        while self._in_flight[0] is not in_flight and (
+                self.worker.ready() or self.worker.saturated()
+                or self._records_in_flight() > read_ahead):
             self._finish()
 
     def _records_in_flight(self) -> int:
