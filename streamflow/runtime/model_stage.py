@@ -272,7 +272,7 @@ class ModelStage(StageRunner):
             in_flight.replay = True
             self.worker.submit("handle", request)
             self._in_flight.append(in_flight)
-            while len(self._in_flight) > 1:  # one queued ahead, as in handle
+            while len(self._in_flight) > 1:  # one batch queued behind the one learned
                 self._finish()
             replayed += len(replayed_batch)
         log.info("stage %s learned %d records again to bring partitions %s from their checkpoint "
